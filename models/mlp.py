@@ -37,7 +37,7 @@ class MLPConfig:
 
 
 class MLP(nnx.Module):
-    """x_BxD -> y_BxD through `depth` dense layers; activation between layers, not after the last."""
+    """x_BxD -> y_BxD through `depth` dense layers, activation between them (not after the last)."""
 
     def __init__(self, cfg: MLPConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg

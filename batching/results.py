@@ -1,0 +1,148 @@
+"""The workdir's files: config.json, results.jsonl (one row per point), samples.jsonl, summary.json.
+
+Rows are appended, flushed and fsynced one at a time, so an interrupted sweep
+keeps every point it finished. A rerun resumes: a point whose run, batch size
+and run fingerprint are already in results.jsonl is not measured again.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterable
+from typing import Any
+
+CONFIG = "config.json"
+RESULTS = "results.jsonl"
+SAMPLES = "samples.jsonl"
+SUMMARY = "summary.json"
+# Files and folders a run writes; `overwrite` moves them to archive/<time>/.
+OUTPUTS = (CONFIG, RESULTS, SAMPLES, SUMMARY, "plots", "tb", "report.md", "report.html")
+
+
+class WorkdirError(ValueError):
+    """The workdir cannot be used as asked; the message says why in one line."""
+
+
+def fingerprint(run_measurement_cfg: dict[str, Any]) -> str:
+    """Short stable hash of what decides a run's measurements."""
+    blob = json.dumps(run_measurement_cfg, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def check_writable(workdir: str) -> None:
+    """Raises WorkdirError unless `workdir` exists writable or can be created; writes nothing."""
+    if not workdir:
+        raise WorkdirError("workdir is missing: pass --workdir=<dir>")
+    path = os.path.abspath(workdir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise WorkdirError(f"workdir is not a directory: {workdir!r}")
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise WorkdirError(f"workdir is not writable: {workdir!r}")
+
+
+def _read_jsonl(path: str) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines file; a torn last line (killed mid-write) is ignored."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break
+            rows.append(json.loads(line))
+    return rows
+
+
+def _drop_torn_tail(path: str) -> None:
+    # A torn last line would glue itself to the next row appended after it.
+    if not os.path.exists(path):
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+class Store:
+    """Reads and writes one workdir."""
+
+    def __init__(self, workdir: str):
+        self.workdir = os.path.abspath(workdir)
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.workdir, *parts)
+
+    def conflicts(self, fingerprints: dict[str, str]) -> list[str]:
+        """Runs already in the workdir whose fingerprint differs from the one asked for."""
+        if not os.path.exists(self.path(CONFIG)):
+            return []
+        with open(self.path(CONFIG)) as f:
+            old = json.load(f).get("fingerprints", {})
+        return sorted(r for r, fp in fingerprints.items() if r in old and old[r] != fp)
+
+    def has_outputs(self) -> bool:
+        return any(os.path.exists(self.path(name)) for name in OUTPUTS)
+
+    def archive(self) -> str:
+        """Moves every previous output to archive/<time>/ and returns that folder."""
+        dest = self.path("archive", time.strftime("%Y%m%d-%H%M%S"))
+        os.makedirs(dest, exist_ok=True)
+        for name in OUTPUTS:
+            if os.path.exists(self.path(name)):
+                shutil.move(self.path(name), os.path.join(dest, name))
+        return dest
+
+    def write_config(self, config: dict[str, Any], fingerprints: dict[str, str]) -> None:
+        os.makedirs(self.workdir, exist_ok=True)
+        old = {}
+        if os.path.exists(self.path(CONFIG)):
+            with open(self.path(CONFIG)) as f:
+                old = json.load(f).get("fingerprints", {})
+        # Keep the fingerprints of runs this config no longer lists: their rows stay valid.
+        merged = {**old, **fingerprints}
+        self._write_json(CONFIG, {"config": config, "fingerprints": merged})
+
+    def rows(self) -> list[dict[str, Any]]:
+        return _read_jsonl(self.path(RESULTS))
+
+    def samples(self) -> dict[tuple[str, int], list[float]]:
+        return {
+            (s["run"], s["batch_size"]): s["samples_s"] for s in _read_jsonl(self.path(SAMPLES))
+        }
+
+    def measured(self, fingerprints: dict[str, str]) -> set[tuple[str, int]]:
+        return {
+            (r["run"], r["batch_size"])
+            for r in self.rows()
+            if fingerprints.get(r["run"]) == r.get("fingerprint")
+        }
+
+    def append(self, row: dict[str, Any], samples_s: Iterable[float]) -> None:
+        """Appends the point's samples, then its row; the row is what marks a point done."""
+        os.makedirs(self.workdir, exist_ok=True)
+        sample_record = {"run": row["run"], "batch_size": row["batch_size"]}
+        sample_record["samples_s"] = [float(s) for s in samples_s]
+        for name, record in ((SAMPLES, sample_record), (RESULTS, row)):
+            _drop_torn_tail(self.path(name))
+            with open(self.path(name), "a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+    def write_summary(self, summary: list[dict[str, Any]]) -> None:
+        self._write_json(SUMMARY, summary)
+
+    def _write_json(self, name: str, obj: Any) -> None:
+        # Write then rename, so a reader never sees half a file.
+        tmp = self.path(name + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path(name))

@@ -1,0 +1,130 @@
+"""From a config to validated runs: expand `config.runs`, check every field, fingerprint.
+
+Everything here runs before anything is written, so bad input leaves the
+workdir untouched.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import ml_collections
+
+from batching import workload
+from batching.timing import TimingSettings
+from models.dtypes import resolve_dtype
+
+MATMUL_PRECISIONS = ("default", "high", "highest")
+# Fields that do not change what a point measures: a rerun may change them and resume.
+NOT_MEASUREMENT = ("name", "overwrite", "runs", "output", "compilation_cache_dir", "sweep")
+
+
+class ConfigError(ValueError):
+    """A config field has a bad value; the message names the field and the value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    name: str
+    config: ml_collections.ConfigDict  # the base config with the run's overrides applied
+
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        return tuple(self.config.sweep.batch_sizes)
+
+
+def expand(config: ml_collections.ConfigDict) -> list[Run]:
+    """One Run per entry of `config.runs` (or one run named `config.name`)."""
+    base = config.copy_and_resolve_references()
+    with base.unlocked():
+        overrides = base.runs.to_dict()
+        base.runs = ml_collections.ConfigDict()
+    if not overrides:
+        return [Run(config.name, base)]
+    runs = []
+    for name, override in overrides.items():
+        cfg = base.copy_and_resolve_references()
+        with cfg.unlocked():
+            model = override.get("model", {})
+            if "name" in model and model["name"] != cfg.model.name:
+                # A run of another model family replaces the model section instead of
+                # inheriting fields that family does not have.
+                cfg.model = ml_collections.ConfigDict(model)
+                override = {k: v for k, v in override.items() if k != "model"}
+            cfg.update(override)
+        runs.append(Run(name, cfg))
+    return runs
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def validate(config: ml_collections.ConfigDict, runs: list[Run]) -> None:
+    """Raises ConfigError on the first bad field, naming it and its value."""
+    try:
+        for run in runs:
+            _validate_run(run)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def _validate_run(run: Run) -> None:
+    cfg = run.config
+    where = f" (run {run.name!r})" if run.name != cfg.name else ""
+    if not run.name or not all(c.isalnum() or c in "-_.=" for c in run.name):
+        raise ConfigError(f"runs has a bad run name {run.name!r}; use letters, digits, -_.=")
+    sizes = cfg.sweep.batch_sizes
+    if isinstance(sizes, int) and not isinstance(sizes, bool):
+        sizes = (sizes,)
+    if not isinstance(sizes, (tuple, list)) or len(sizes) == 0:
+        raise ConfigError(f"sweep.batch_sizes must be a non-empty tuple of ints, got {sizes!r}")
+    for b in sizes:
+        if not _positive_int(b):
+            raise ConfigError(f"sweep.batch_sizes must hold positive integers, got {b!r}{where}")
+    if len(set(sizes)) != len(sizes):
+        raise ConfigError(f"sweep.batch_sizes has a repeated batch size: {tuple(sizes)!r}{where}")
+    with cfg.unlocked():
+        cfg.sweep.batch_sizes = tuple(sizes)
+    for field in ("dtype", "param_dtype"):
+        if field in cfg.model:
+            try:
+                resolve_dtype(cfg.model[field])
+            except ValueError:
+                raise ConfigError(
+                    f"model.{field} is not a known dtype, got {cfg.model[field]!r}{where}"
+                ) from None
+    if cfg.model.get("matmul_precision", "default") not in MATMUL_PRECISIONS:
+        raise ConfigError(
+            f"model.matmul_precision must be one of {MATMUL_PRECISIONS}, "
+            f"got {cfg.model.matmul_precision!r}{where}"
+        )
+    timing_settings(cfg)
+    try:
+        workload.workload_module(cfg.model.name).validate(cfg.model)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{e}{where}") from None
+    device(cfg)
+
+
+def timing_settings(cfg: ml_collections.ConfigDict) -> TimingSettings:
+    return TimingSettings(**cfg.timing.to_dict())
+
+
+def device(cfg: ml_collections.ConfigDict) -> jax.Device:
+    """The first device of the configured platform (JAX's default backend when unset)."""
+    try:
+        return jax.devices(cfg.platform)[0] if cfg.platform else jax.devices()[0]
+    except RuntimeError:
+        raise ConfigError(f"platform is not available here, got {cfg.platform!r}") from None
+
+
+def measurement_view(run: Run) -> dict[str, Any]:
+    """The part of a run's config (and the device) that decides its measurements."""
+    view = {k: v for k, v in run.config.to_dict().items() if k not in NOT_MEASUREMENT}
+    dev = device(run.config)
+    view["device"] = {"platform": dev.platform, "device_kind": dev.device_kind}
+    view["jax_version"] = jax.__version__
+    return view

@@ -1,0 +1,50 @@
+"""Run-level numbers from a run's rows: the summary.json objects and the printed table."""
+
+from typing import Any
+
+import numpy as np
+
+
+def run_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One object per run: size, the ends of the sweep and where throughput peaks."""
+    rows = sorted(rows, key=lambda r: r["batch_size"])
+    first, last = rows[0], rows[-1]
+    best = max(rows, key=lambda r: r["throughput_per_s"])
+    return {
+        "run": first["run"],
+        "experiment": first["experiment"],
+        "model": first["model"],
+        "platform": first["platform"],
+        "device_kind": first["device_kind"],
+        "dtype": first["dtype"],
+        "params": first["params"],
+        "param_bytes": first["param_bytes"],
+        "batch_sizes": [r["batch_size"] for r in rows],
+        "points": len(rows),
+        "points_converged": sum(bool(r["converged"]) for r in rows),
+        "latency_first_s": first["latency_s"],
+        "latency_last_s": last["latency_s"],
+        # How much slower the largest batch is than the smallest, per call.
+        "slowdown_last_vs_first": last["latency_s"] / first["latency_s"],
+        "best_throughput_per_s": best["throughput_per_s"],
+        "best_throughput_batch_size": best["batch_size"],
+        "compile_s_total": float(np.sum([r["compile_s"] for r in rows])),
+    }
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table of every point, one line per (run, batch size)."""
+    header = (
+        f"{'run':<24} {'batch':>6} {'latency ms':>11} {'95% CI ms':>19} "
+        f"{'examples/s':>12} {'GFLOP/s':>9} {'runs':>6} {'compile s':>9}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in sorted(rows, key=lambda r: (r["run"], r["batch_size"])):
+        gflops = r["achieved_flops_per_s"]
+        ci = f"[{r['latency_ci_low_s'] * 1e3:.4g}, {r['latency_ci_high_s'] * 1e3:.4g}]"
+        lines.append(
+            f"{r['run']:<24} {r['batch_size']:>6} {r['latency_s'] * 1e3:>11.4g} {ci:>19} "
+            f"{r['throughput_per_s']:>12.4g} "
+            f"{(gflops or float('nan')) / 1e9:>9.4g} {r['n_runs']:>6} {r['compile_s']:>9.3f}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,103 @@
+"""TensorBoard output: one event directory per run under <workdir>/tb/<run>.
+
+Point scalars (step = batch size) stream into the run's directory as points are
+measured. Run-level summaries (the config as text, hparams, plots, summary
+scalars) go into one file per run with the suffix `.run_summary`, replaced on
+every rerun so a resumed sweep never shows them twice.
+"""
+
+import glob
+import json
+import os
+from typing import Any
+
+import numpy as np
+import tensorboardX
+from tensorboardX import summary as tbx_summary
+
+RUN_SUMMARY_SUFFIX = ".run_summary"
+
+# Row field -> (tag, scale) of the scalars written per point.
+POINT_SCALARS = {
+    "latency_s": ("latency/median_ms", 1e3),
+    "latency_p10_s": ("latency/p10_ms", 1e3),
+    "latency_p90_s": ("latency/p90_ms", 1e3),
+    "latency_min_s": ("latency/min_ms", 1e3),
+    "per_example_s": ("latency/per_example_us", 1e6),
+    "throughput_per_s": ("throughput/examples_per_s", 1.0),
+    "achieved_flops_per_s": ("achieved/gflops_per_s", 1e-9),
+    "achieved_bytes_per_s": ("achieved/gbytes_per_s", 1e-9),
+    "compile_s": ("compile/seconds", 1.0),
+    "n_runs": ("timing/n_runs", 1.0),
+}
+
+
+def run_dir(workdir: str, run: str) -> str:
+    return os.path.join(workdir, "tb", run)
+
+
+class PointWriter:
+    """Streams one run's per-point scalars."""
+
+    def __init__(self, workdir: str, run: str):
+        self._writer = tensorboardX.SummaryWriter(logdir=run_dir(workdir, run), flush_secs=5)
+
+    def write(self, row: dict[str, Any], extra_scalars: dict[str, tuple[str, float]] | None = None):
+        step = int(row["batch_size"])
+        for field, (tag, scale) in {**POINT_SCALARS, **(extra_scalars or {})}.items():
+            value = row.get(field)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._writer.add_scalar(tag, value * scale, step)
+        self._writer.flush()
+
+    def close(self):
+        self._writer.close()
+
+
+def _hparam_value(value: Any) -> Any:
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    return json.dumps(value, default=str)
+
+
+def write_run_summary(
+    workdir: str,
+    run: str,
+    config: dict[str, Any],
+    hparams: dict[str, Any],
+    metrics: dict[str, float],
+    images: dict[str, np.ndarray],
+    histograms: dict[str, np.ndarray] | None = None,
+) -> None:
+    """Writes the run's config text, hparams, final metrics and images, replacing older ones.
+
+    The hparams summaries go into the run's own event file (not tensorboardX's
+    add_hparams, which makes a separate timestamped run): the HParams tab then
+    lists one row per run with `metrics` read from the scalars of the same tags.
+    """
+    logdir = run_dir(workdir, run)
+    for old in glob.glob(os.path.join(logdir, f"*{RUN_SUMMARY_SUFFIX}")):
+        os.remove(old)
+    writer = tensorboardX.SummaryWriter(logdir=logdir, filename_suffix=RUN_SUMMARY_SUFFIX)
+    try:
+        text = "```\n" + json.dumps(config, indent=2, sort_keys=True, default=str) + "\n```"
+        writer.add_text("config", text, 0)
+        clean_metrics = {k: float(v) for k, v in metrics.items() if _finite(v)}
+        exp, ssi, sei = tbx_summary.hparams(
+            {k: _hparam_value(v) for k, v in hparams.items()}, clean_metrics
+        )
+        file_writer = writer._get_file_writer()
+        for s in (exp, ssi, sei):
+            file_writer.add_summary(s)
+        for tag, value in clean_metrics.items():
+            writer.add_scalar(tag, value, 0)
+        for tag, image_HxWxC in images.items():
+            writer.add_image(tag, image_HxWxC, 0, dataformats="HWC")
+        for tag, values in (histograms or {}).items():
+            writer.add_histogram(tag, np.asarray(values), 0)
+    finally:
+        writer.close()
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)

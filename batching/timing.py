@@ -1,0 +1,167 @@
+"""The one timer: compile separated from run, adaptive repetition, honest blocking.
+
+A measured call is `out = compiled(*args)` followed by blocking on every output
+leaf; the clock brackets exactly that. Inputs are already on the device, and
+nothing moves to the host inside the timed region.
+"""
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from batching import stats
+
+
+@dataclasses.dataclass(frozen=True)
+class TimingSettings:
+    """How long and how precisely to time one point (seconds and fractions)."""
+
+    warmup_runs: int = 3
+    warmup_s: float = 0.05
+    min_runs: int = 10
+    max_runs: int = 5000
+    target_rel_ci: float = 0.03
+    confidence: float = 0.95
+    budget_s: float = 2.0
+
+    def __post_init__(self):
+        checks = {
+            "warmup_runs": self.warmup_runs >= 0,
+            "warmup_s": self.warmup_s >= 0,
+            "min_runs": self.min_runs >= 3,
+            "max_runs": self.max_runs >= self.min_runs,
+            "target_rel_ci": self.target_rel_ci > 0,
+            "confidence": 0 < self.confidence < 1,
+            "budget_s": self.budget_s > 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"timing.{name} is out of range, got {getattr(self, name)!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+    """An executable with what compiling it cost and what XLA says it does."""
+
+    executable: Any
+    compile_s: float
+    lower_s: float
+    flops: float | None
+    bytes_accessed: float | None
+    memory: dict[str, int]
+
+
+def _cost_value(cost: Any, key: str) -> float | None:
+    # cost_analysis() is best effort: a dict, a one-element list in old JAX, or None;
+    # -1 or a missing key means XLA did not count it (ANCHORS §3).
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    if not cost or key not in cost:
+        return None
+    value = float(cost[key])
+    return value if value >= 0 and math.isfinite(value) else None
+
+
+def compile_fn(fn: Callable, args: Sequence[Any], donate_argnums: tuple[int, ...] = ()) -> Compiled:
+    """Lowers and compiles `fn` for `args`, timing each stage separately."""
+    t0 = time.perf_counter()
+    lowered = jax.jit(fn, donate_argnums=donate_argnums).lower(*args)
+    t1 = time.perf_counter()
+    executable = lowered.compile()
+    t2 = time.perf_counter()
+    try:
+        cost = executable.cost_analysis()
+    except Exception:  # noqa: BLE001 - some backends raise instead of returning None
+        cost = None
+    memory = {}
+    try:
+        mem = executable.memory_analysis()
+        for field in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes"):
+            if mem is not None and hasattr(mem, field):
+                memory[field] = int(getattr(mem, field))
+    except Exception:  # noqa: BLE001
+        pass
+    return Compiled(
+        executable=executable,
+        compile_s=t2 - t1,
+        lower_s=t1 - t0,
+        flops=_cost_value(cost, "flops"),
+        bytes_accessed=_cost_value(cost, "bytes accessed"),
+        memory=memory,
+    )
+
+
+def _block(out: Any) -> None:
+    if isinstance(out, jax.Array):
+        out.block_until_ready()
+    else:
+        for leaf in jax.tree.leaves(out):
+            if isinstance(leaf, jax.Array):
+                leaf.block_until_ready()
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    samples_s: np.ndarray
+    converged: bool
+    stop_reason: str  # "precision", "budget" or "max_runs"
+    wall_s: float
+
+
+def measure(
+    call: Callable[..., Any],
+    args: Sequence[Any],
+    settings: TimingSettings,
+    next_args: Callable[[Sequence[Any], Any], Sequence[Any]] | None = None,
+) -> Measurement:
+    """Times `call(*args)` until the median is known to `target_rel_ci` or the budget is spent.
+
+    `next_args(args, out)` feeds a call's output back in (a donated KV cache, say);
+    it runs outside the timed region.
+    """
+    args = tuple(args)
+    clock = time.perf_counter
+    start = clock()
+    runs = 0
+    while runs < settings.warmup_runs or clock() - start < settings.warmup_s:
+        out = call(*args)
+        _block(out)
+        if next_args is not None:
+            args = tuple(next_args(args, out))
+        runs += 1
+        if runs >= settings.warmup_runs and clock() - start >= settings.budget_s:
+            break
+
+    samples = np.empty(settings.max_runs, dtype=np.float64)
+    n = 0
+    next_check = settings.min_runs
+    stop_reason = "max_runs"
+    t_begin = clock()
+    while n < settings.max_runs:
+        t0 = clock()
+        out = call(*args)
+        _block(out)
+        samples[n] = clock() - t0
+        n += 1
+        if next_args is not None:
+            args = tuple(next_args(args, out))
+        if n >= next_check:
+            # Checking costs a sort, so look again only after ~10% more samples.
+            next_check = n + max(1, n // 10)
+            if stats.relative_halfwidth(samples[:n], settings.confidence) <= settings.target_rel_ci:
+                stop_reason = "precision"
+                break
+            if clock() - t_begin >= settings.budget_s:
+                stop_reason = "budget"
+                break
+    return Measurement(
+        samples_s=samples[:n].copy(),
+        converged=stop_reason == "precision",
+        stop_reason=stop_reason,
+        wall_s=clock() - start,
+    )

@@ -1,0 +1,62 @@
+"""What the sweep times: a model bound to its inputs, its costs and its run-level facts.
+
+Each model family has a module `batching/workloads/<model.name>.py` with
+`validate(model_cfg)` (raises ValueError naming the field) and
+`build(run_cfg, device) -> Workload`. The sweep picks it by name, so adding a
+model touches no dispatcher.
+"""
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    """Analytic work of one call: FLOPs, bytes moved to and from memory, weight bytes."""
+
+    flops: float
+    bytes: float
+    weight_bytes: float
+
+
+@dataclasses.dataclass
+class Workload:
+    """A pure function to time and everything the sweep needs to know about it.
+
+    `make_args(batch_size)` returns the call's arguments already on the device;
+    `next_args(args, out)` feeds outputs back in (a donated cache) between calls;
+    `cost(batch_size)` is the analytic work; `examples(batch_size)` the number of
+    examples (or tokens) one call processes; `fields` are run-level facts that go
+    on every row and into the hparams.
+    """
+
+    fn: Callable[..., Any]
+    make_args: Callable[[int], Sequence[Any]]
+    params: int
+    param_bytes: int
+    cost: Callable[[int], Cost] | None = None
+    donate_argnums: tuple[int, ...] = ()
+    next_args: Callable[[Sequence[Any], Any], Sequence[Any]] | None = None
+    examples: Callable[[int], int] = lambda batch_size: batch_size
+    fields: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def workload_module(name: str):
+    """The module that binds model family `name`; ValueError if there is none."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"model.name is not a known model, got {name!r}")
+    try:
+        return importlib.import_module(f"batching.workloads.{name}")
+    except ModuleNotFoundError as e:
+        if e.name == f"batching.workloads.{name}":
+            raise ValueError(f"model.name is not a known model, got {name!r}") from None
+        raise
+
+
+def build(run_cfg: ml_collections.ConfigDict, device: jax.Device) -> Workload:
+    return workload_module(run_cfg.model.name).build(run_cfg, device)

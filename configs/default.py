@@ -1,0 +1,59 @@
+"""Every field of a batching-lab run with a sensible value; model configs override `model`.
+
+python main.py --config=configs/default.py --workdir=/tmp/lab
+"""
+
+from ml_collections import config_dict
+
+POWERS_OF_TWO_TO_512 = tuple(2**i for i in range(10))
+
+
+def get_config(arg: str | None = None) -> config_dict.ConfigDict:
+    del arg
+    config = config_dict.ConfigDict()
+    # Name of the experiment; also the run's name when `runs` is empty.
+    config.name = "mlp"
+    config.seed = 0
+    # Platform to run on ("cpu", "gpu", "tpu"); None takes JAX's default backend.
+    config.platform = config_dict.placeholder(str)
+    # Refuse to reuse a workdir measured under another config unless this is True;
+    # the old files are then moved to <workdir>/archive/<time>/, never deleted.
+    config.overwrite = False
+    # JAX's persistent compilation cache; "" disables it. compile_s then
+    # includes loading a cached executable, which is much faster than compiling.
+    config.compilation_cache_dir = ""
+
+    config.model = config_dict.ConfigDict()
+    config.model.name = "mlp"
+    config.model.width = 1024
+    config.model.depth = 8
+    config.model.activation = "relu"
+    config.model.dtype = "float32"
+    config.model.param_dtype = "float32"
+    config.model.use_bias = True
+    # "default" lets XLA pick (TF32 for fp32 matmuls on A100/H100); "highest" forces fp32.
+    config.model.matmul_precision = "default"
+
+    config.sweep = config_dict.ConfigDict()
+    config.sweep.batch_sizes = POWERS_OF_TWO_TO_512
+    # Visit batch sizes in a random order so slow drift is not read as a trend.
+    config.sweep.shuffle = True
+
+    config.timing = config_dict.ConfigDict()
+    config.timing.warmup_runs = 3
+    config.timing.warmup_s = 0.05
+    config.timing.min_runs = 10
+    config.timing.max_runs = 5000
+    # Stop once the 95% interval of the median is within ±3% of it, or the budget is spent.
+    config.timing.target_rel_ci = 0.03
+    config.timing.confidence = 0.95
+    config.timing.budget_s = 2.0
+
+    # Runs of an experiment: run name -> nested overrides of the fields above.
+    # Empty means one run called `name`.
+    config.runs = config_dict.ConfigDict()
+
+    config.output = config_dict.ConfigDict()
+    config.output.progress_bar = True
+    config.output.plots = True
+    return config

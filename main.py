@@ -1,0 +1,36 @@
+"""Launches a batching-lab config or experiment.
+
+python main.py --config=configs/mlp.py --workdir=/tmp/mlp
+python main.py --config=experiments/mlp_widths.py --workdir=/tmp/widths
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from batching import app as lab
+from batching.results import WorkdirError
+from batching.runs import ConfigError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory for results, TensorBoard events and plots.")
+config_flags.DEFINE_config_file("config", None, "Config or experiment file.", lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        lab.run(FLAGS.config, FLAGS.workdir)
+    except (ConfigError, WorkdirError) as e:
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from batching import stats
+
+
+def test_summarize_on_known_samples():
+    x = np.arange(1, 101, dtype=float)  # 1..100
+    s = stats.summarize(x)
+    assert s["latency_s"] == pytest.approx(50.5)
+    assert s["latency_min_s"] == 1.0
+    assert s["latency_p10_s"] == pytest.approx(np.percentile(x, 10))
+    assert s["latency_p90_s"] == pytest.approx(np.percentile(x, 90))
+    assert s["latency_iqr_s"] == pytest.approx(np.percentile(x, 75) - np.percentile(x, 25))
+    assert s["n_runs"] == 100
+    assert s["latency_ci_low_s"] < 50.5 < s["latency_ci_high_s"]
+
+
+def test_median_interval_has_binomial_coverage():
+    # The interval's exact coverage from the binomial must be at least the confidence.
+    for n in (10, 31, 200):
+        x = np.arange(n, dtype=float)
+        lo, hi = stats.median_interval(x, 0.95)
+        j, k = int(lo) + 1, int(hi) + 1  # 1-based ranks
+        coverage = scipy_stats.binom.cdf(k - 1, n, 0.5) - scipy_stats.binom.cdf(j - 1, n, 0.5)
+        assert coverage >= 0.95
+        # and it is not the trivial interval
+        assert j > 1 and k < n
+
+
+def test_median_interval_covers_true_median_empirically():
+    rng = np.random.default_rng(0)
+    true_median = np.exp(0.0)  # lognormal(0, s) has median 1
+    hits = 0
+    trials = 400
+    for _ in range(trials):
+        lo, hi = stats.median_interval(rng.lognormal(0.0, 0.5, size=40), 0.95)
+        hits += lo <= true_median <= hi
+    assert hits / trials >= 0.93
+
+
+def test_relative_halfwidth_shrinks_with_more_samples():
+    rng = np.random.default_rng(1)
+    small = stats.relative_halfwidth(rng.lognormal(0, 0.2, 20))
+    large = stats.relative_halfwidth(rng.lognormal(0, 0.2, 2000))
+    assert large < small / 4
+
+
+def test_slower_than_detects_a_shift_and_not_noise():
+    rng = np.random.default_rng(2)
+    base = rng.normal(1.0, 0.05, 200)
+    same = rng.normal(1.0, 0.05, 200)
+    slower = rng.normal(1.05, 0.05, 200)
+    assert stats.slower_than(base, slower)[0]
+    assert not stats.slower_than(base, same)[0]
+    assert not stats.slower_than(slower, base)[0]

@@ -1,0 +1,249 @@
+"""The spine end to end on a tiny MLP: rows, resume, refusal, TensorBoard, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing import plugin_event_accumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from batching import app, results
+from batching.runs import ConfigError
+from tests.conftest import ROOT, tiny
+
+ROW_FIELDS = (
+    "run model batch_size dtype platform device_kind latency_s latency_p10_s latency_p90_s "
+    "latency_min_s n_runs compile_s params param_bytes flops bytes_accessed "
+    "achieved_flops_per_s achieved_bytes_per_s throughput_per_s per_example_s"
+).split()
+
+
+def read_rows(workdir):
+    with open(os.path.join(workdir, "results.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_sweep_writes_one_row_per_point_with_every_field(tmp_path, capsys):
+    config = tiny()
+    summaries = app.run(config, str(tmp_path))
+    rows = read_rows(tmp_path)
+    assert sorted(r["batch_size"] for r in rows) == [1, 2, 4]
+    for r in rows:
+        for field in ROW_FIELDS:
+            assert field in r, field
+        assert r["params"] == 2 * (16 * 16 + 16)
+        assert r["param_bytes"] == 4 * r["params"]
+        assert r["latency_p10_s"] <= r["latency_s"] <= r["latency_p90_s"]
+        assert r["latency_min_s"] <= r["latency_p10_s"]
+        assert r["throughput_per_s"] == pytest.approx(r["batch_size"] / r["latency_s"])
+        assert r["per_example_s"] == pytest.approx(r["latency_s"] / r["batch_size"])
+        assert r["flops"] > 0 and r["bytes_accessed"] > 0
+    # samples.jsonl keeps every timing sample behind each row's median
+    samples = results.Store(str(tmp_path)).samples()
+    for r in rows:
+        s = samples[(r["run"], r["batch_size"])]
+        assert len(s) == r["n_runs"]
+        assert np.median(s) == pytest.approx(r["latency_s"])
+    assert [s["run"] for s in summaries] == ["tiny"]
+    with open(tmp_path / "summary.json") as f:
+        assert json.load(f)[0]["points"] == 3
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["config"]["model"]["width"] == 16
+    for name in ("latency", "throughput", "per_example"):
+        assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 1000
+    assert "latency ms" in capsys.readouterr().out
+
+
+def test_rerun_resumes_without_duplicates_and_extends(tmp_path):
+    config = tiny()
+    app.run(config, str(tmp_path))
+    first = read_rows(tmp_path)
+    app.run(config, str(tmp_path))
+    assert read_rows(tmp_path) == first
+    # More batch sizes under the same measurement config: only the new ones are measured.
+    config.sweep.batch_sizes = (1, 2, 4, 8)
+    app.run(config, str(tmp_path))
+    rows = read_rows(tmp_path)
+    assert sorted(r["batch_size"] for r in rows) == [1, 2, 4, 8]
+    assert rows[:3] == first
+
+
+def test_interrupted_sweep_keeps_finished_points(tmp_path, monkeypatch):
+    from batching import sweep
+
+    calls = {"n": 0}
+    real = sweep.measure_point
+
+    def dies_on_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweep, "measure_point", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        app.run(tiny(), str(tmp_path))
+    assert len(read_rows(tmp_path)) == 2
+    monkeypatch.setattr(sweep, "measure_point", real)
+    app.run(tiny(), str(tmp_path))
+    assert sorted(r["batch_size"] for r in read_rows(tmp_path)) == [1, 2, 4]
+
+
+def test_torn_last_line_is_ignored_and_repaired(tmp_path):
+    app.run(tiny(), str(tmp_path))
+    with open(tmp_path / "results.jsonl", "a") as f:
+        f.write('{"run": "tiny", "batch_si')  # killed mid-write
+    config = tiny()
+    config.sweep.batch_sizes = (1, 2, 4, 8)
+    app.run(config, str(tmp_path))
+    rows = read_rows(tmp_path)  # every line parses
+    assert sorted(r["batch_size"] for r in rows) == [1, 2, 4, 8]
+
+
+def test_different_config_is_refused_then_overwrite_archives(tmp_path):
+    app.run(tiny(), str(tmp_path))
+    before = (tmp_path / "results.jsonl").read_text()
+    changed = tiny(width=32)
+    with pytest.raises(results.WorkdirError, match="another config"):
+        app.run(changed, str(tmp_path))
+    assert (tmp_path / "results.jsonl").read_text() == before
+    changed.overwrite = True
+    app.run(changed, str(tmp_path))
+    assert all(r["width"] == 32 for r in read_rows(tmp_path))
+    (archived,) = (tmp_path / "archive").iterdir()
+    assert (archived / "results.jsonl").read_text() == before
+
+
+def test_experiment_runs_overlay_in_one_workdir(tmp_path):
+    config = tiny()
+    config.runs = {"w8": {"model": {"width": 8}}, "w16": {}}
+    summaries = app.run(config, str(tmp_path))
+    assert {s["run"] for s in summaries} == {"w8", "w16"}
+    rows = read_rows(tmp_path)
+    assert {(r["run"], r["width"]) for r in rows} == {("w8", 8), ("w16", 16)}
+    assert sorted(os.listdir(tmp_path / "tb")) == ["w16", "w8"]
+
+
+def _accumulator(run_dir):
+    # The plugin accumulator is what `tensorboard --logdir` itself reads with.
+    acc = plugin_event_accumulator.EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def test_tensorboard_events_hold_scalars_images_text_and_hparams(tmp_path):
+    app.run(tiny(), str(tmp_path))
+    app.run(tiny(), str(tmp_path))  # a resume must not duplicate run summaries
+    acc = _accumulator(tmp_path / "tb" / "tiny")
+    scalars = set(acc.PluginTagToContent("scalars"))
+    for tag in ("latency/median_ms", "throughput/examples_per_s", "achieved/gflops_per_s"):
+        assert tag in scalars
+        assert sorted(e.step for e in acc.Tensors(tag)) == [1, 2, 4]
+    assert "hparams/best_throughput_per_s" in scalars
+    images = set(acc.PluginTagToContent("images"))
+    assert {"plots/latency", "plots/throughput", "plots/per_example"} <= images
+    assert len(acc.Tensors("plots/latency")) == 1
+    assert "config/text_summary" in acc.PluginTagToContent("text")
+    hparams = acc.PluginTagToContent("hparams")
+    assert set(hparams) == {
+        "_hparams_/experiment",
+        "_hparams_/session_start_info",
+        "_hparams_/session_end_info",
+    }
+    # the hparams record names the run's model fields and its metrics
+    start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"])
+    assert start.session_start_info.hparams["model.width"].number_value == 16
+    exp = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
+    assert "hparams/best_throughput_per_s" in {m.name.tag for m in exp.metric_infos}
+
+
+@pytest.mark.parametrize(
+    "config_mod, field",
+    [
+        (lambda c: setattr(c.sweep, "batch_sizes", (1, 0)), "sweep.batch_sizes"),
+        (lambda c: setattr(c.sweep, "batch_sizes", (1, 2.5)), "sweep.batch_sizes"),
+        (lambda c: setattr(c.sweep, "batch_sizes", ()), "sweep.batch_sizes"),
+        (lambda c: setattr(c.model, "width", 0), "model.width"),
+        (lambda c: setattr(c.model, "depth", -3), "model.depth"),
+        (lambda c: setattr(c.model, "name", "nosuchmodel"), "model.name"),
+        (lambda c: setattr(c.model, "dtype", "float7"), "model.dtype"),
+        (lambda c: setattr(c.timing, "min_runs", 1), "timing.min_runs"),
+    ],
+)
+def test_bad_config_is_refused_before_writing(tmp_path, config_mod, field):
+    config = tiny()
+    config_mod(config)
+    workdir = tmp_path / "wd"
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        app.run(config, str(workdir))
+    assert not workdir.exists()
+
+
+def run_main(*args, cwd=ROOT):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "main.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=120,
+    )
+
+
+TINY_FLAGS = [
+    "--config=" + os.path.join(ROOT, "configs", "mlp.py") + ":width=16,depth=2",
+    "--config.sweep.batch_sizes=(1,2)",
+    "--config.timing.min_runs=3",
+    "--config.timing.budget_s=0.02",
+]
+
+
+def test_main_end_to_end(tmp_path):
+    proc = run_main(*TINY_FLAGS, f"--workdir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = read_rows(tmp_path)
+    assert {r["batch_size"] for r in rows} == {1, 2}
+    assert {r["width"] for r in rows} == {16}
+    assert "latency ms" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "flag, field",
+    [
+        ("--config.sweep.batch_sizes=(1,-2)", "sweep.batch_sizes"),
+        ("--config.sweep.batch_sizes=(1,2.5)", "sweep.batch_sizes"),
+        ("--config.model.width=0", "model.width"),
+        ("--config.model.name=resnet9000", "model.name"),
+        ("--config.model.dtype=float7", "model.dtype"),
+    ],
+)
+def test_main_bad_input_is_one_line_and_writes_nothing(tmp_path, flag, field):
+    workdir = tmp_path / "wd"
+    proc = run_main(*TINY_FLAGS, flag, f"--workdir={workdir}")
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and field in errors[0], proc.stderr[-2000:]
+    assert not workdir.exists()
+
+
+def test_main_unwritable_workdir(tmp_path):
+    # A regular file where a parent folder should be: no one, root included, can create it.
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    proc = run_main(*TINY_FLAGS, f"--workdir={blocker / 'wd'}")
+    assert proc.returncode != 0
+    assert "workdir is not writable" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert blocker.read_text() == "not a folder"
+
+
+def test_main_missing_workdir_fails_cleanly():
+    proc = run_main(*TINY_FLAGS)
+    assert proc.returncode != 0
+    assert "workdir" in proc.stderr
+    assert "Traceback" not in proc.stderr
