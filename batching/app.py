@@ -5,9 +5,10 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 
-from batching import plots, results, runs, summary, sweep
+from batching import analysis, plots, report, results, runs, summary, sweep
 from batching.tensorboard_writer import write_run_summary
 
 
@@ -57,30 +58,118 @@ def finalize(
     fingerprints: dict[str, str],
     store: results.Store,
 ) -> list[dict[str, Any]]:
-    """Summaries, plots, TensorBoard run summaries and the printed table, from the stored rows."""
-    rows = [r for r in store.rows() if fingerprints.get(r["run"]) == r.get("fingerprint")]
-    grouped = plots.by_run(rows)
-    summaries = [summary.run_summary(grouped[r.name]) for r in all_runs if r.name in grouped]
+    """Analysis, summaries, plots, TensorBoard run summaries, the report and the printed table."""
+    all_rows = store.rows()
+    current = [r for r in all_rows if fingerprints.get(r["run"]) == r.get("fingerprint")]
+    grouped = plots.by_run(current)
+    done = [r for r in all_runs if r.name in grouped]
+    all_samples = store.samples()
+    summaries, analyzed_rows = [], []
+    peak_source = analysis.PeakSource(
+        config.roofline.peaks_cache_dir, config.roofline.refresh_peaks
+    )
+    for run in done:
+        rows = grouped[run.name]
+        s = summary.run_summary(rows)
+        if config.roofline.enabled:
+            samples = {
+                r["batch_size"]: np.asarray(all_samples[(run.name, r["batch_size"])])
+                for r in rows
+                if (run.name, r["batch_size"]) in all_samples
+            }
+            rows, roof = analysis.analyze_run(
+                rows, samples, runs.device(run.config), run.config.roofline, peak_source
+            )
+            s.update(roof)
+        summaries.append(s)
+        analyzed_rows.extend(rows)
+    if config.roofline.enabled:
+        by_key = {(r["run"], r["batch_size"]): r for r in analyzed_rows}
+        store.rewrite_rows([by_key.get((r["run"], r["batch_size"]), r) for r in all_rows])
     store.write_summary(summaries)
-    images = {}
-    if config.output.plots and rows:
-        images = plots.save_all(plots.sweep_figures(rows, config.name), store.path("plots"))
-    for run, s in zip([r for r in all_runs if r.name in grouped], summaries, strict=True):
+
+    figures, images = {}, {}
+    if config.output.plots and analyzed_rows:
+        figures = plots.sweep_figures(analyzed_rows, config.name)
+        if config.roofline.enabled:
+            figures["roofline"] = plots.roofline_figure(analyzed_rows, summaries)
+            for s in summaries:
+                run_rows = [r for r in analyzed_rows if r["run"] == s["run"]]
+                figures[f"fit_{s['run']}"] = plots.fit_figure(run_rows, s)
+                figures[f"whatif_{s['run']}"] = plots.whatif_figure(run_rows, s)
+        images = plots.save_all(figures, store.path("plots"))
+    for run, s in zip(done, summaries, strict=True):
+        own = {
+            name: image
+            for name, image in images.items()
+            if not name.startswith(("fit_", "whatif_")) or name.endswith("_" + run.name)
+        }
         write_run_summary(
             store.workdir,
             run.name,
             config=run.config.to_dict(),
             hparams=hparams(run, s),
-            metrics={
-                "hparams/latency_first_ms": s["latency_first_s"] * 1e3,
-                "hparams/latency_last_ms": s["latency_last_s"] * 1e3,
-                "hparams/slowdown_last_vs_first": s["slowdown_last_vs_first"],
-                "hparams/best_throughput_per_s": s["best_throughput_per_s"],
-            },
-            images={f"plots/{name}": image for name, image in images.items()},
+            metrics=metrics(s),
+            images={f"plots/{name}": image for name, image in own.items()},
+            point_scalars=derived_point_scalars([r for r in analyzed_rows if r["run"] == run.name]),
         )
-    print(summary.format_table(rows), flush=True)
+    plot_paths = {name: store.path("plots", f"{name}.png") for name in images}
+    verdicts = report.write(
+        store.workdir,
+        config.name,
+        tuple(config.report.claims),
+        summaries,
+        analyzed_rows,
+        plot_paths,
+    )
+    for s in summaries:
+        s["verdicts"] = verdicts
+    store.write_summary(summaries)
+    print(summary.format_table(analyzed_rows), flush=True)
+    for cid, v in verdicts.items():
+        print(f"{cid}: {v['verdict']}")
     return summaries
+
+
+METRICS = {
+    "latency_first_s": ("hparams/latency_first_ms", 1e3),
+    "latency_last_s": ("hparams/latency_last_ms", 1e3),
+    "slowdown_last_vs_first": ("hparams/slowdown_last_vs_first", 1.0),
+    "best_throughput_per_s": ("hparams/best_throughput_per_s", 1.0),
+    "predicted_critical_batch": ("roofline/predicted_critical_batch", 1.0),
+    "spec_critical_batch": ("roofline/spec_critical_batch", 1.0),
+    "knee_batch_size": ("roofline/knee_batch_size", 1.0),
+    "knee_low": ("roofline/knee_low", 1.0),
+    "knee_high": ("roofline/knee_high", 1.0),
+    "free_batching_limit": ("roofline/free_batching_limit", 1.0),
+    "overhead_s": ("roofline/overhead_us", 1e6),
+    "effective_flops_per_s": ("roofline/effective_gflops_per_s", 1e-9),
+    "effective_bytes_per_s": ("roofline/effective_gbytes_per_s", 1e-9),
+    "peak_flops_per_s": ("roofline/peak_gflops_per_s", 1e-9),
+    "peak_bytes_per_s": ("roofline/peak_gbytes_per_s", 1e-9),
+    "prediction_error_median": ("roofline/prediction_error_median", 1.0),
+    "fit_error_median": ("roofline/fit_error_median", 1.0),
+}
+
+
+def metrics(s: dict[str, Any]) -> dict[str, float]:
+    """The run's final numbers as hparams metrics (scalar tags the HParams tab reads)."""
+    return {
+        tag: s[field] * scale for field, (tag, scale) in METRICS.items() if s.get(field) is not None
+    }
+
+
+def derived_point_scalars(rows: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
+    """Per-point predicted and fitted latencies (ms), step = batch size."""
+    out = {}
+    for field, tag in (
+        ("predicted_latency_s", "latency/predicted_ms"),
+        ("fitted_latency_s", "latency/fitted_ms"),
+    ):
+        values = {r["batch_size"]: r[field] * 1e3 for r in rows if r.get(field) is not None}
+        if values:
+            out[tag] = values
+    return out
 
 
 def hparams(run: runs.Run, s: dict[str, Any]) -> dict[str, Any]:

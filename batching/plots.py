@@ -67,3 +67,89 @@ def save_all(figures: dict[str, plt.Figure], plots_dir: str) -> dict[str, np.nda
 
 def sweep_figures(rows: list[dict[str, Any]], experiment: str) -> dict[str, plt.Figure]:
     return {name: curve_figure(rows, name, f"{experiment}: {name}") for name in CURVES}
+
+
+def fit_figure(rows: list[dict[str, Any]], s: dict[str, Any]) -> plt.Figure:
+    """Measured latency with the a-priori prediction, the fit, the knee and the predicted B*."""
+    rows = sorted(rows, key=lambda r: r["batch_size"])
+    b = np.array([r["batch_size"] for r in rows])
+    ms = lambda field: np.array([r[field] for r in rows]) * 1e3
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    y, lo, hi = ms("latency_s"), ms("latency_p10_s"), ms("latency_p90_s")
+    ax.errorbar(b, y, yerr=[y - lo, hi - y], fmt="o", ms=4, capsize=2, label="measured (median)")
+    label = "predicted a priori" + (" (GEMMs at their shapes)" if s.get("shape_aware") else "")
+    ax.plot(b, ms("predicted_latency_s"), "--", label=label)
+    ax.plot(b, ms("predicted_peak_latency_s"), ":", label="predicted with square-matmul peak")
+    ax.plot(b, ms("fitted_latency_s"), "-", alpha=0.7, label="fitted three-limit model")
+    knee = s["knee_batch_size"]
+    if np.isfinite(knee):
+        ax.axvline(knee, color="C3", lw=1, label=f"fitted knee {knee:.3g}")
+        ax.axvspan(
+            max(s["knee_low"], b.min() / 2), min(s["knee_high"], b.max() * 2), color="C3", alpha=0.1
+        )
+    ax.axvline(
+        s["predicted_critical_batch"],
+        color="k",
+        lw=1,
+        ls="-.",
+        label=f"predicted B* {s['predicted_critical_batch']:.3g}",
+    )
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title(f"{s['run']} on {s['device_kind']}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def roofline_figure(rows: list[dict[str, Any]], summaries: list[dict[str, Any]]) -> plt.Figure:
+    """Achieved FLOP/s against arithmetic intensity, under the device's measured roofs."""
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for run, rs in by_run(rows).items():
+        intensity = [r["analytic_flops"] / r["analytic_bytes"] for r in rs]
+        achieved = [r["achieved_flops_per_s"] / 1e9 for r in rs]
+        ax.plot(intensity, achieved, "o-", ms=3, label=run)
+    s = summaries[0]
+    peak_f, bw = s["peak_flops_per_s"] / 1e9, s["peak_bytes_per_s"] / 1e9
+    lo = min(r["analytic_flops"] / r["analytic_bytes"] for r in rows) / 2
+    hi = max(r["analytic_flops"] / r["analytic_bytes"] for r in rows) * 2
+    x = np.geomspace(min(lo, peak_f / bw / 4), max(hi, peak_f / bw * 4), 200)
+    ax.plot(
+        x,
+        np.minimum(peak_f, x * bw),
+        "k-",
+        lw=1.5,
+        label=f"measured roofs: {peak_f:.3g} GFLOP/s, {bw:.3g} GB/s",
+    )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (FLOP/byte, analytic)")
+    ax.set_ylabel("achieved GFLOP/s")
+    ax.set_title(f"roofline on {s['device_kind']}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def whatif_figure(rows: list[dict[str, Any]], s: dict[str, Any]) -> plt.Figure:
+    """This run measured here, and its roofline prediction on spec-table devices."""
+    rows = sorted(rows, key=lambda r: r["batch_size"])
+    b = np.array([r["batch_size"] for r in rows])
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    ax.plot(b, [r["latency_s"] * 1e3 for r in rows], "o-", label=f"measured on {s['device_kind']}")
+    for name, w in s["whatif"].items():
+        curve = [w["latency_s"][r["batch_size"]] * 1e3 for r in rows]
+        ax.plot(b, curve, "--", label=f"{name} predicted (B*={w['critical_batch']:.3g})")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title(f"{s['run']}: what-if on spec devices (memory and compute limits only)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig

@@ -134,6 +134,16 @@ class Store:
                 f.flush()
                 os.fsync(f.fileno())
 
+    def rewrite_rows(self, rows: list[dict[str, Any]]) -> None:
+        """Replaces results.jsonl atomically (analysis fields are recomputed on every run)."""
+        tmp = self.path(RESULTS + ".tmp")
+        with open(tmp, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path(RESULTS))
+
     def write_summary(self, summary: list[dict[str, Any]]) -> None:
         self._write_json(SUMMARY, summary)
 

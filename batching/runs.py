@@ -10,13 +10,23 @@ from typing import Any
 import jax
 import ml_collections
 
-from batching import workload
+from batching import claims, hardware, workload
 from batching.timing import TimingSettings
 from models.dtypes import resolve_dtype
 
 MATMUL_PRECISIONS = ("default", "high", "highest")
 # Fields that do not change what a point measures: a rerun may change them and resume.
-NOT_MEASUREMENT = ("name", "overwrite", "runs", "output", "compilation_cache_dir", "sweep")
+NOT_MEASUREMENT = (
+    "name",
+    "overwrite",
+    "runs",
+    "output",
+    "compilation_cache_dir",
+    "sweep",
+    "roofline",
+    "profile",
+    "report",
+)
 
 
 class ConfigError(ValueError):
@@ -102,6 +112,20 @@ def _validate_run(run: Run) -> None:
             f"got {cfg.model.matmul_precision!r}{where}"
         )
     timing_settings(cfg)
+    for name in cfg.roofline.whatif_devices:
+        if name not in hardware.SPECS:
+            raise ConfigError(
+                f"roofline.whatif_devices has an unknown device {name!r}; "
+                f"known: {sorted(hardware.SPECS)}"
+            )
+    if not isinstance(cfg.roofline.bootstrap, int) or cfg.roofline.bootstrap < 0:
+        raise ConfigError(f"roofline.bootstrap must be an int >= 0, got {cfg.roofline.bootstrap!r}")
+    for b in cfg.profile.batch_sizes:
+        if b not in sizes:
+            raise ConfigError(f"profile.batch_sizes must be among sweep.batch_sizes, got {b!r}")
+    for claim in cfg.report.claims:
+        if claim not in claims.CLAIMS:
+            raise ConfigError(f"report.claims has an unknown claim {claim!r}")
     try:
         workload.workload_module(cfg.model.name).validate(cfg.model)
     except (ValueError, TypeError) as e:

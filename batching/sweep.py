@@ -38,7 +38,7 @@ def measure_point(
     )
     with ctx:
         compiled = timing.compile_fn(wl.fn, args, wl.donate_argnums)
-    m = timing.measure(compiled.executable, args, settings, wl.next_args)
+    m = timing.measure(compiled.call, args, settings, wl.next_args)
     del args
     summary = stats.summarize(m.samples_s, settings.confidence)
     latency = summary["latency_s"]
@@ -75,12 +75,34 @@ def measure_point(
         "examples": examples,
         "throughput_per_s": examples / latency,
         "per_example_s": latency / examples,
+        "gemm_shapes": wl.gemm_shapes(batch_size) if wl.gemm_shapes else None,
         "fingerprint": fingerprint,
         "jax_version": jax.__version__,
         "timestamp": time.time(),
         **wl.fields,
     }
     return row, m.samples_s
+
+
+def trace_point(wl: workload.Workload, batch_size: int, steps: int, logdir: str) -> None:
+    """Captures a jax.profiler trace of `steps` calls, after the point was timed, never during.
+
+    The trace lands in <logdir>/plugins/profile/<time>/, where TensorBoard's
+    Profile tab (the `profile` extra, xprof) finds it.
+    """
+    call = jax.jit(wl.fn, donate_argnums=wl.donate_argnums)
+    args = tuple(wl.make_args(batch_size))
+    out = call(*args)  # compiled already: this only warms the dispatch path
+    jax.block_until_ready(out)
+    if wl.next_args is not None:
+        args = tuple(wl.next_args(args, out))
+    with jax.profiler.trace(logdir):
+        for step in range(steps):
+            with jax.profiler.StepTraceAnnotation(f"batch_{batch_size}", step_num=step):
+                out = call(*args)
+                jax.block_until_ready(out)
+            if wl.next_args is not None:
+                args = tuple(wl.next_args(args, out))
 
 
 def run_sweep(
@@ -121,6 +143,8 @@ def run_sweep(
                     )
                     store.append(row, samples)
                     writer.write(row)
+                    if batch_size in run.config.profile.batch_sizes:
+                        trace_point(wl, batch_size, run.config.profile.steps, writer.logdir)
                     measured += 1
                     bar.update(1)
                     logging.log_if(

@@ -40,7 +40,8 @@ class PointWriter:
     """Streams one run's per-point scalars."""
 
     def __init__(self, workdir: str, run: str):
-        self._writer = tensorboardX.SummaryWriter(logdir=run_dir(workdir, run), flush_secs=5)
+        self.logdir = run_dir(workdir, run)
+        self._writer = tensorboardX.SummaryWriter(logdir=self.logdir, flush_secs=5)
 
     def write(self, row: dict[str, Any], extra_scalars: dict[str, tuple[str, float]] | None = None):
         step = int(row["batch_size"])
@@ -68,6 +69,7 @@ def write_run_summary(
     metrics: dict[str, float],
     images: dict[str, np.ndarray],
     histograms: dict[str, np.ndarray] | None = None,
+    point_scalars: dict[str, dict[int, float]] | None = None,
 ) -> None:
     """Writes the run's config text, hparams, final metrics and images, replacing older ones.
 
@@ -93,6 +95,9 @@ def write_run_summary(
             writer.add_scalar(tag, value, 0)
         for tag, image_HxWxC in images.items():
             writer.add_image(tag, image_HxWxC, 0, dataformats="HWC")
+        for tag, by_step in (point_scalars or {}).items():
+            for step, value in sorted(by_step.items()):
+                writer.add_scalar(tag, value, step)
         for tag, values in (histograms or {}).items():
             writer.add_histogram(tag, np.asarray(values), 0)
     finally:

@@ -31,7 +31,7 @@ class TimingSettings:
 
     def __post_init__(self):
         checks = {
-            "warmup_runs": self.warmup_runs >= 0,
+            "warmup_runs": self.warmup_runs >= 1,
             "warmup_s": self.warmup_s >= 0,
             "min_runs": self.min_runs >= 3,
             "max_runs": self.max_runs >= self.min_runs,
@@ -46,8 +46,14 @@ class TimingSettings:
 
 @dataclasses.dataclass(frozen=True)
 class Compiled:
-    """An executable with what compiling it cost and what XLA says it does."""
+    """An executable with what compiling it cost and what XLA says it does.
 
+    `call` is the `jax.jit` function the executable was compiled from: JAX reuses
+    the compiled executable for it, and its C++ dispatch path is faster per call
+    than calling the AOT executable object (~1 µs on a 2-core CPU).
+    """
+
+    call: Callable[..., Any]
     executable: Any
     compile_s: float
     lower_s: float
@@ -69,8 +75,9 @@ def _cost_value(cost: Any, key: str) -> float | None:
 
 def compile_fn(fn: Callable, args: Sequence[Any], donate_argnums: tuple[int, ...] = ()) -> Compiled:
     """Lowers and compiles `fn` for `args`, timing each stage separately."""
+    jitted = jax.jit(fn, donate_argnums=donate_argnums)
     t0 = time.perf_counter()
-    lowered = jax.jit(fn, donate_argnums=donate_argnums).lower(*args)
+    lowered = jitted.lower(*args)
     t1 = time.perf_counter()
     executable = lowered.compile()
     t2 = time.perf_counter()
@@ -87,6 +94,7 @@ def compile_fn(fn: Callable, args: Sequence[Any], donate_argnums: tuple[int, ...
     except Exception:  # noqa: BLE001
         pass
     return Compiled(
+        call=jitted,
         executable=executable,
         compile_s=t2 - t1,
         lower_s=t1 - t0,
@@ -137,16 +145,28 @@ def measure(
         if runs >= settings.warmup_runs and clock() - start >= settings.budget_s:
             break
 
+    if isinstance(out, jax.Array):
+        # One array out: block on it directly, nothing else inside the clock.
+        def once(args):
+            t0 = clock()
+            out = call(*args)
+            out.block_until_ready()
+            return clock() - t0, out
+    else:
+
+        def once(args):
+            t0 = clock()
+            out = call(*args)
+            _block(out)
+            return clock() - t0, out
+
     samples = np.empty(settings.max_runs, dtype=np.float64)
     n = 0
     next_check = settings.min_runs
     stop_reason = "max_runs"
     t_begin = clock()
     while n < settings.max_runs:
-        t0 = clock()
-        out = call(*args)
-        _block(out)
-        samples[n] = clock() - t0
+        samples[n], out = once(args)
         n += 1
         if next_args is not None:
             args = tuple(next_args(args, out))

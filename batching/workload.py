@@ -30,9 +30,11 @@ class Workload:
 
     `make_args(batch_size)` returns the call's arguments already on the device;
     `next_args(args, out)` feeds outputs back in (a donated cache) between calls;
-    `cost(batch_size)` is the analytic work; `examples(batch_size)` the number of
-    examples (or tokens) one call processes; `fields` are run-level facts that go
-    on every row and into the hparams.
+    `cost(batch_size)` is the analytic work; `gemm_shapes(batch_size)` lists the
+    call's matrix products as (m, k, n, count) so the roofline can measure the
+    device at the shapes the model really runs; `examples(batch_size)` is the
+    number of examples (or tokens) one call processes; `fields` are run-level
+    facts that go on every row and into the hparams.
     """
 
     fn: Callable[..., Any]
@@ -42,6 +44,7 @@ class Workload:
     cost: Callable[[int], Cost] | None = None
     donate_argnums: tuple[int, ...] = ()
     next_args: Callable[[Sequence[Any], Any], Sequence[Any]] | None = None
+    gemm_shapes: Callable[[int], list[tuple[int, int, int, int]]] | None = None
     examples: Callable[[int], int] = lambda batch_size: batch_size
     fields: dict[str, Any] = dataclasses.field(default_factory=dict)
 

@@ -53,6 +53,30 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     # Empty means one run called `name`.
     config.runs = config_dict.ConfigDict()
 
+    config.roofline = config_dict.ConfigDict()
+    config.roofline.enabled = True
+    # Measured device peaks are cached here per device; refresh re-measures them.
+    config.roofline.peaks_cache_dir = "~/.cache/batching_lab"
+    config.roofline.refresh_peaks = False
+    # Compute time from matmuls measured at the model's own shapes (True) or one square peak.
+    config.roofline.shape_aware = True
+    # Spec-table devices whose predicted curves are drawn next to the measured one.
+    config.roofline.whatif_devices = ("T4", "A100 80GB SXM", "H100 SXM")
+    config.roofline.bootstrap = 200
+    config.roofline.free_batching_alpha = 0.01
+    # XLA's counted FLOPs/bytes further than this from the analytic ones get flagged.
+    config.roofline.cost_tolerance = 0.10
+
+    # jax.profiler traces of these batch sizes, captured after their timing, into the run's
+    # TensorBoard folder (Profile tab; needs the `profile` extra).
+    config.profile = config_dict.ConfigDict()
+    config.profile.batch_sizes = ()
+    config.profile.steps = 3
+
+    # Claims of the post (shared/ANCHORS.md §1) this config's report gives a verdict on.
+    config.report = config_dict.ConfigDict()
+    config.report.claims = ()
+
     config.output = config_dict.ConfigDict()
     config.output.progress_bar = True
     config.output.plots = True

@@ -1,7 +1,9 @@
 """Shared fixtures: a tiny, fast config so sweeps finish in a second or two."""
 
+import json
 import os
 import sys
+import tempfile
 
 import pytest
 
@@ -10,6 +12,19 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from configs import default  # noqa: E402
+
+# Device peaks for tests: seeded so sweeps do not spend seconds on the 256 MiB
+# bandwidth benchmark. These are inputs to the analysis under test, not results;
+# tests/test_hardware.py measures real peaks at small sizes.
+PEAKS_DIR = tempfile.mkdtemp(prefix="lab_peaks_")
+SEEDED_PEAKS = {
+    "matmul_flops_per_s": {"float32": 1e11},
+    "bandwidth": {"read_bytes_per_s": 2e10, "copy_bytes_per_s": 1e10, "buffer_bytes": 1.0},
+    "dispatch_floor_s": 1e-5,
+    "gemm_flops_per_s": {},
+}
+with open(os.path.join(PEAKS_DIR, "device_peaks.json"), "w") as f:
+    json.dump({"cpu:cpu": SEEDED_PEAKS}, f)
 
 
 def tiny(**model) -> "default.config_dict.ConfigDict":
@@ -25,6 +40,8 @@ def tiny(**model) -> "default.config_dict.ConfigDict":
     config.timing.max_runs = 50
     config.timing.budget_s = 0.02
     config.output.progress_bar = False
+    config.roofline.peaks_cache_dir = PEAKS_DIR
+    config.roofline.bootstrap = 30
     return config
 
 

@@ -49,7 +49,7 @@ def test_blocks_on_every_output_leaf():
     x = jnp.ones((256, 256))
     slow = jax.jit(lambda x: (x[0, 0], jnp.linalg.matrix_power(x / 256, 64)))
     compiled = timing.compile_fn(slow, (x,))
-    m = timing.measure(compiled.executable, (x,), fast_settings(budget_s=0.2))
+    m = timing.measure(compiled.call, (x,), fast_settings(budget_s=0.2))
     ref = timing.measure(
         lambda x: jax.block_until_ready(compiled.executable(x)), (x,), fast_settings(budget_s=0.2)
     )

@@ -63,5 +63,6 @@ def build(run_cfg: ml_collections.ConfigDict, device: jax.Device) -> Workload:
         params=params,
         param_bytes=params * resolve_dtype(cfg.param_dtype).itemsize,
         cost=lambda batch_size: cost(cfg, batch_size),
+        gemm_shapes=lambda batch_size: [(batch_size, cfg.width, cfg.width, cfg.depth)],
         fields={"width": cfg.width, "depth": cfg.depth, "activation": cfg.activation},
     )

@@ -1,0 +1,160 @@
+"""Roofline analysis of a finished sweep: per-row predictions and fits, per-run summaries.
+
+Reads rows and samples, measures (or loads cached) device peaks, and returns
+rows augmented with `predicted_latency_s`, `regime`, `fitted_latency_s` and the
+XLA-vs-analytic cost check, plus the roofline fields of each run's summary.
+"""
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from batching import hardware, roofline
+from models.dtypes import resolve_dtype
+
+
+class PeakSource:
+    """Measured peaks per (device, dtype), measured at most once per process when refreshing."""
+
+    def __init__(self, cache_dir: str, refresh: bool):
+        self.cache_dir = cache_dir
+        self._refresh = refresh
+        self._refreshed: set[str] = set()
+
+    def peaks(self, device: jax.Device, dtype: str) -> hardware.MeasuredPeaks:
+        key = f"{device.platform}:{device.device_kind}"
+        refresh = self._refresh and key not in self._refreshed
+        self._refreshed.add(key)
+        return hardware.measured_peaks(device, (dtype,), self.cache_dir, refresh=refresh)
+
+    def gemm(self, device: jax.Device, dtype: str):
+        return lambda shape: hardware.gemm_flops(device, dtype, shape, self.cache_dir)
+
+
+def _ratio(xla: float | None, analytic: float | None) -> float | None:
+    if xla is None or not analytic:
+        return None
+    return xla / analytic
+
+
+def analyze_run(
+    rows: list[dict[str, Any]],
+    samples: dict[int, np.ndarray],
+    device: jax.Device,
+    roofline_cfg: Any,
+    peak_source: PeakSource,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Returns (rows with roofline fields, the run's roofline summary fields)."""
+    rows = sorted(rows, key=lambda r: r["batch_size"])
+    dtype = rows[0]["dtype"] or "float32"
+    param_dtype = rows[0].get("param_dtype") or dtype
+    precision = rows[0].get("matmul_precision", "default")
+    peaks = peak_source.peaks(device, dtype)
+    peak_f = peaks.matmul_flops_per_s[dtype]
+    bw = peaks.bandwidth_bytes_per_s
+    gemm = peak_source.gemm(device, dtype) if roofline_cfg.shape_aware else None
+    fit = roofline.fit_knee(rows, samples, n_bootstrap=roofline_cfg.bootstrap)
+    tol = roofline_cfg.cost_tolerance
+    out = []
+    for r in rows:
+        flops = r["analytic_flops"] or r["flops"]
+        bytes_moved = r["analytic_bytes"] or r["bytes_accessed"]
+        compute_s = roofline.compute_time(flops, r.get("gemm_shapes"), peak_f, gemm)
+        predicted, regime = roofline.predict(
+            flops, bytes_moved, peaks.dispatch_floor_s, bw, compute_s
+        )
+        naive, _ = roofline.predict(flops, bytes_moved, peaks.dispatch_floor_s, bw, flops / peak_f)
+        flops_ratio = _ratio(r["flops"], r["analytic_flops"])
+        bytes_ratio = _ratio(r["bytes_accessed"], r["analytic_bytes"])
+        mismatch = any(x is not None and abs(x - 1) > tol for x in (flops_ratio, bytes_ratio))
+        out.append(
+            {
+                **r,
+                "predicted_latency_s": predicted,
+                "predicted_peak_latency_s": naive,
+                "regime": regime,
+                "fitted_latency_s": fit.fitted_latency_s[r["batch_size"]],
+                "xla_flops_ratio": flops_ratio,
+                "xla_bytes_ratio": bytes_ratio,
+                "cost_mismatch": mismatch,
+            }
+        )
+    bytes_per_param = resolve_dtype(param_dtype).itemsize
+    spec = hardware.detect(device.device_kind)
+    spec_f = hardware.spec_flops(spec, dtype, precision) if spec else None
+    measured = np.array([r["latency_s"] for r in out])
+    summary = {
+        "peak_flops_per_s": peak_f,
+        "peak_bytes_per_s": bw,
+        "dispatch_floor_s": peaks.dispatch_floor_s,
+        "predicted_critical_batch": hardware.critical_batch_size(peak_f, bw, bytes_per_param),
+        "spec_device": spec.name if spec else None,
+        "spec_critical_batch": (
+            hardware.critical_batch_size(spec_f, spec.bandwidth_bytes_per_s, bytes_per_param)
+            if spec and spec_f
+            else None
+        ),
+        "knee_batch_size": fit.knee_batch_size,
+        "knee_low": fit.knee_low,
+        "knee_high": fit.knee_high,
+        "free_batching_limit": (
+            roofline.free_batching_limit(samples, roofline_cfg.free_batching_alpha)
+            if len(samples) == len(rows)
+            else None
+        ),
+        "overhead_s": fit.overhead_s,
+        "effective_flops_per_s": fit.effective_flops_per_s,
+        "effective_bytes_per_s": fit.effective_bytes_per_s,
+        "prediction_error_median": float(
+            np.median(np.abs(np.array([r["predicted_latency_s"] for r in out]) / measured - 1))
+        ),
+        "peak_prediction_error_median": float(
+            np.median(np.abs(np.array([r["predicted_peak_latency_s"] for r in out]) / measured - 1))
+        ),
+        "fit_error_median": float(
+            np.median(np.abs(np.array([r["fitted_latency_s"] for r in out]) / measured - 1))
+        ),
+        "cost_mismatches": sum(r["cost_mismatch"] for r in out),
+        "regimes": {b: r["regime"] for b, r in ((r["batch_size"], r) for r in out)},
+        "shape_aware": bool(roofline_cfg.shape_aware),
+        "bytes_per_param": bytes_per_param,
+        "whatif": whatif(out, roofline_cfg.whatif_devices, dtype, precision, bytes_per_param),
+    }
+    return out, summary
+
+
+def whatif(
+    rows: list[dict[str, Any]],
+    devices: tuple[str, ...],
+    dtype: str,
+    precision: str,
+    bytes_per_param: float,
+) -> dict[str, Any]:
+    """Predicted latency per batch size on spec-table devices, from this run's FLOPs and bytes.
+
+    Only the memory and compute limits: per-call overhead on a device we did not
+    run on is unknown, so these curves are lower bounds.
+    """
+    result = {}
+    for name in devices:
+        spec = hardware.SPECS[name]
+        f = hardware.spec_flops(spec, dtype, precision)
+        if f is None:
+            # The device has no unit for this dtype (a TPU has no fp32 peak): use its bf16 peak.
+            f = spec.flops_per_s.get("bfloat16") or max(spec.flops_per_s.values())
+        curve = {}
+        for r in rows:
+            flops = r["analytic_flops"] or r["flops"]
+            bytes_moved = r["analytic_bytes"] or r["bytes_accessed"]
+            curve[r["batch_size"]] = max(bytes_moved / spec.bandwidth_bytes_per_s, flops / f)
+        result[name] = {
+            "flops_per_s": f,
+            "bandwidth_bytes_per_s": spec.bandwidth_bytes_per_s,
+            "critical_batch": hardware.critical_batch_size(
+                f, spec.bandwidth_bytes_per_s, bytes_per_param
+            ),
+            "latency_s": curve,
+            "source": spec.source,
+        }
+    return result

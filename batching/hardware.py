@@ -1,0 +1,360 @@
+"""Device peaks: a cited spec table, detection from `device_kind`, and measured peaks.
+
+The spec figures are dense (no 2:4 sparsity) peaks from the vendors' datasheets
+and the jax-ml scaling book, as collected in shared/ANCHORS.md §2. Measured
+peaks come from microbenchmarks timed with the lab's own harness and are cached
+per device in a JSON file, so sweeps do not re-measure every time.
+"""
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from batching import timing
+
+TFLOPS = 1e12
+GBPS = 1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceSpec:
+    """Datasheet peaks: FLOP/s per dtype and memory bandwidth in bytes/s."""
+
+    name: str
+    flops_per_s: dict[str, float]
+    bandwidth_bytes_per_s: float
+    source: str
+    kinds: tuple[str, ...]  # lower-case substrings of jax's device_kind that mean this device
+
+
+NVIDIA_A100 = "NVIDIA A100 datasheet (2021), dense Tensor Core figures"
+NVIDIA_H100 = "NVIDIA H100 Tensor Core GPU datasheet (2023), dense (without sparsity)"
+SPECS: dict[str, DeviceSpec] = {
+    s.name: s
+    for s in [
+        DeviceSpec(
+            "T4",
+            {"float32": 8.1 * TFLOPS, "float16": 65 * TFLOPS, "int8": 130 * TFLOPS},
+            320 * GBPS,
+            "NVIDIA T4 datasheet: 8.1 TFLOPS fp32, 65 TFLOPS fp16 mixed, 320 GB/s",
+            ("t4",),
+        ),
+        DeviceSpec(
+            "V100 SXM2",
+            {"float32": 15.7 * TFLOPS, "float16": 125 * TFLOPS},
+            900 * GBPS,
+            "NVIDIA V100 datasheet: 15.7 TFLOPS fp32, 125 TFLOPS tensor, 900 GB/s",
+            ("v100",),
+        ),
+        DeviceSpec(
+            "A10",
+            {
+                "float32": 31.2 * TFLOPS,
+                "tf32": 62.5 * TFLOPS,
+                "bfloat16": 125 * TFLOPS,
+                "float16": 125 * TFLOPS,
+                "int8": 250 * TFLOPS,
+            },
+            600 * GBPS,
+            "NVIDIA A10 datasheet: dense figures, 600 GB/s GDDR6",
+            ("a10",),
+        ),
+        DeviceSpec(
+            "A100 40GB SXM",
+            {
+                "float32": 19.5 * TFLOPS,
+                "tf32": 156 * TFLOPS,
+                "bfloat16": 312 * TFLOPS,
+                "float16": 312 * TFLOPS,
+                "int8": 624 * TFLOPS,
+            },
+            1555 * GBPS,
+            NVIDIA_A100 + ", 1,555 GB/s HBM2",
+            ("a100-sxm4-40gb", "a100 40gb", "a100-pcie-40gb"),
+        ),
+        DeviceSpec(
+            "A100 80GB SXM",
+            {
+                "float32": 19.5 * TFLOPS,
+                "tf32": 156 * TFLOPS,
+                "bfloat16": 312 * TFLOPS,
+                "float16": 312 * TFLOPS,
+                "int8": 624 * TFLOPS,
+            },
+            2039 * GBPS,
+            NVIDIA_A100 + ", 2,039 GB/s HBM2e",
+            ("a100-sxm4-80gb", "a100 80gb", "a100"),
+        ),
+        DeviceSpec(
+            "L4",
+            {
+                "float32": 30.3 * TFLOPS,
+                "tf32": 60 * TFLOPS,
+                "bfloat16": 121 * TFLOPS,
+                "float16": 121 * TFLOPS,
+                "int8": 242 * TFLOPS,
+            },
+            300 * GBPS,
+            "NVIDIA L4 datasheet: dense figures (half the sparsity numbers), 300 GB/s",
+            ("l4",),
+        ),
+        DeviceSpec(
+            "H100 SXM",
+            {
+                "float32": 67 * TFLOPS,
+                "tf32": 495 * TFLOPS,
+                "bfloat16": 989 * TFLOPS,
+                "float16": 989 * TFLOPS,
+                "int8": 1979 * TFLOPS,
+            },
+            3350 * GBPS,
+            NVIDIA_H100 + ", SXM5 3.35 TB/s",
+            ("h100 80gb hbm3", "h100 sxm", "h100"),
+        ),
+        DeviceSpec(
+            "H100 PCIe",
+            {
+                "float32": 51 * TFLOPS,
+                "tf32": 378 * TFLOPS,
+                "bfloat16": 756 * TFLOPS,
+                "float16": 756 * TFLOPS,
+                "int8": 1513 * TFLOPS,
+            },
+            2000 * GBPS,
+            NVIDIA_H100 + ", PCIe 2.0 TB/s",
+            ("h100 pcie",),
+        ),
+        DeviceSpec(
+            "H200",
+            {
+                "float32": 67 * TFLOPS,
+                "tf32": 495 * TFLOPS,
+                "bfloat16": 989 * TFLOPS,
+                "float16": 989 * TFLOPS,
+                "int8": 1979 * TFLOPS,
+            },
+            4800 * GBPS,
+            "NVIDIA H200 datasheet: H100 SXM compute, 4.8 TB/s HBM3e",
+            ("h200",),
+        ),
+        DeviceSpec(
+            "B200",
+            {
+                "float32": 75 * TFLOPS,
+                "tf32": 1100 * TFLOPS,
+                "bfloat16": 2250 * TFLOPS,
+                "float16": 2250 * TFLOPS,
+                "int8": 4500 * TFLOPS,
+            },
+            8000 * GBPS,
+            "NVIDIA HGX B200 datasheet: dense (half the sparsity figures), 8 TB/s",
+            ("b200",),
+        ),
+        DeviceSpec(
+            "TPU v4",
+            {"bfloat16": 275 * TFLOPS, "int8": 275 * TFLOPS},
+            1200 * GBPS,
+            "Google Cloud TPU v4 docs; jax-ml scaling book tpus.md: 2.75e14 bf16, 1.2e12 B/s",
+            ("tpu v4",),
+        ),
+        DeviceSpec(
+            "TPU v5e",
+            {"bfloat16": 197 * TFLOPS, "int8": 394 * TFLOPS},
+            819 * GBPS,
+            "Google Cloud TPU v5e docs; scaling book tpus.md: 1.97e14 bf16, 8.1e11 B/s",
+            ("tpu v5 lite", "tpu v5e"),
+        ),
+        DeviceSpec(
+            "TPU v5p",
+            {"bfloat16": 459 * TFLOPS, "int8": 918 * TFLOPS},
+            2765 * GBPS,
+            "Google Cloud TPU v5p docs; scaling book tpus.md: 4.59e14 bf16, 2.8e12 B/s",
+            ("tpu v5p", "tpu v5"),
+        ),
+    ]
+}
+
+# The post's own T4 inputs: "65 TFLOPS" (really the fp16 tensor-core peak), 300 GB/s, 2 bytes.
+POST_T4_FLOPS = 65 * TFLOPS
+POST_T4_BANDWIDTH = 300 * GBPS
+
+
+def critical_batch_size(peak_flops: float, bandwidth: float, bytes_per_param: float) -> float:
+    """Batch size at which a dense layer turns from memory- to compute-bound.
+
+    A dense layer does 2 FLOPs per parameter per example and reads each parameter
+    (`bytes_per_param` bytes) once per call, so compute time 2·P·B/F equals
+    memory time P·bytes/BW at B* = F·bytes_per_param / (2·BW). The post's
+    "FLOPS / bandwidth" is this only for 2-byte weights.
+    """
+    if peak_flops <= 0 or bandwidth <= 0 or bytes_per_param <= 0:
+        raise ValueError("critical_batch_size needs positive peak_flops, bandwidth and bytes")
+    return peak_flops * bytes_per_param / (2.0 * bandwidth)
+
+
+def detect(device_kind: str) -> DeviceSpec | None:
+    """The spec entry whose name matches JAX's `device_kind`, most specific match first."""
+    kind = device_kind.lower()
+    best, best_len = None, 0
+    for spec in SPECS.values():
+        for pattern in spec.kinds:
+            if pattern in kind and len(pattern) > best_len:
+                best, best_len = spec, len(pattern)
+    return best
+
+
+def spec_flops(spec: DeviceSpec, dtype: str, matmul_precision: str = "default") -> float | None:
+    """Peak FLOP/s for `dtype`; fp32 matmuls run as TF32 on GPUs that have it unless 'highest'."""
+    if dtype == "float32" and matmul_precision == "default" and "tf32" in spec.flops_per_s:
+        return spec.flops_per_s["tf32"]
+    return spec.flops_per_s.get(dtype)
+
+
+# ---------------------------------------------------------------- measured peaks
+
+
+@dataclasses.dataclass(frozen=True)
+class MeasuredPeaks:
+    """What the device reached in microbenchmarks (FLOP/s, bytes/s, seconds)."""
+
+    device_kind: str
+    platform: str
+    matmul_flops_per_s: dict[str, float]
+    bandwidth_bytes_per_s: float
+    dispatch_floor_s: float
+    details: dict[str, Any]
+
+
+QUICK = timing.TimingSettings(warmup_runs=2, min_runs=5, max_runs=200, budget_s=0.5)
+
+
+def _median_time(fn, args, settings: timing.TimingSettings = QUICK) -> float:
+    compiled = timing.compile_fn(fn, args)
+    m = timing.measure(compiled.call, args, settings)
+    return float(sorted(m.samples_s)[len(m.samples_s) // 2])
+
+
+def _matmul_size(platform: str) -> int:
+    # Large enough to reach the peak, small enough to time quickly on a 2-core CPU.
+    return 2048 if platform == "cpu" else 8192
+
+
+def measure_matmul_flops(device: jax.Device, dtype: str, n: int | None = None) -> float:
+    """FLOP/s of an n×n by n×n product in `dtype` (2·n³ FLOPs per call)."""
+    n = n or _matmul_size(device.platform)
+    a = jax.device_put(jnp.ones((n, n), jnp.dtype(dtype)), device)
+    b = jax.device_put(jnp.ones((n, n), jnp.dtype(dtype)), device)
+    return 2.0 * n**3 / _median_time(lambda a, b: a @ b, (a, b))
+
+
+def measure_gemm_flops(device: jax.Device, dtype: str, m: int, k: int, n: int) -> float:
+    """FLOP/s of one [m, k] × [k, n] product: what the device reaches at a model's real shape."""
+    a = jax.device_put(jnp.ones((m, k), jnp.dtype(dtype)), device)
+    b = jax.device_put(jnp.ones((k, n), jnp.dtype(dtype)), device)
+    return 2.0 * m * k * n / _median_time(lambda a, b: a @ b, (a, b))
+
+
+def measure_bandwidth(device: jax.Device, buffer_bytes: int | None = None) -> dict[str, float]:
+    """Streaming bandwidth (bytes/s): a full read (sum) and a read+write (scale) of a big buffer.
+
+    The buffer is 256 MiB on a CPU (8x a 32 MiB last-level cache) and 2 GiB on an
+    accelerator, so neither fits in a cache.
+    """
+    buffer_bytes = buffer_bytes or (256 << 20 if device.platform == "cpu" else 2 << 30)
+    x = jax.device_put(jnp.ones((buffer_bytes // 4,), jnp.float32), device)
+    read_s = _median_time(lambda x: jnp.sum(x), (x,))
+    copy_s = _median_time(lambda x: x * 2.0, (x,))
+    return {
+        "read_bytes_per_s": buffer_bytes / read_s,
+        "copy_bytes_per_s": 2 * buffer_bytes / copy_s,
+        "buffer_bytes": float(buffer_bytes),
+    }
+
+
+def measure_dispatch_floor(device: jax.Device) -> float:
+    """Median seconds of a trivial jitted call: the per-call overhead no batch can avoid."""
+    x = jax.device_put(jnp.ones((8,), jnp.float32), device)
+    settings = timing.TimingSettings(warmup_runs=50, min_runs=200, max_runs=5000, budget_s=0.5)
+    return _median_time(lambda x: x + 1.0, (x,), settings)
+
+
+def cache_path(cache_dir: str) -> str:
+    return os.path.join(os.path.expanduser(cache_dir), "device_peaks.json")
+
+
+def _device_key(device: jax.Device) -> str:
+    return f"{device.platform}:{device.device_kind}"
+
+
+def measured_peaks(
+    device: jax.Device, dtypes: tuple[str, ...], cache_dir: str, refresh: bool = False
+) -> MeasuredPeaks:
+    """Measured peaks for `device`, from the cache file unless missing, incomplete or `refresh`."""
+    path = cache_path(cache_dir)
+    cache: dict[str, Any] = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            cache = json.load(f)
+    key = _device_key(device)
+    entry = {} if refresh else dict(cache.get(key, {}))
+    flops = dict(entry.get("matmul_flops_per_s", {}))
+    changed = False
+    for dtype in dtypes:
+        if dtype not in flops:
+            flops[dtype] = measure_matmul_flops(device, dtype)
+            changed = True
+    if "bandwidth" not in entry:
+        entry["bandwidth"] = measure_bandwidth(device)
+        changed = True
+    if "dispatch_floor_s" not in entry:
+        entry["dispatch_floor_s"] = measure_dispatch_floor(device)
+        changed = True
+    entry["matmul_flops_per_s"] = flops
+    entry.setdefault("gemm_flops_per_s", {})
+    if changed:
+        entry["measured_at"] = time.time()
+        entry["jax_version"] = jax.__version__
+        _save(path, cache, key, entry)
+    bw = entry["bandwidth"]
+    return MeasuredPeaks(
+        device_kind=device.device_kind,
+        platform=device.platform,
+        matmul_flops_per_s=flops,
+        bandwidth_bytes_per_s=max(bw["read_bytes_per_s"], bw["copy_bytes_per_s"]),
+        dispatch_floor_s=entry["dispatch_floor_s"],
+        details=entry,
+    )
+
+
+def gemm_flops(
+    device: jax.Device, dtype: str, shape: tuple[int, int, int], cache_dir: str
+) -> float:
+    """Measured FLOP/s of one GEMM shape (m, k, n), cached beside the peaks."""
+    path = cache_path(cache_dir)
+    cache: dict[str, Any] = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            cache = json.load(f)
+    key = _device_key(device)
+    entry = dict(cache.get(key, {}))
+    table = dict(entry.get("gemm_flops_per_s", {}))
+    name = f"{dtype}:{shape[0]}x{shape[1]}x{shape[2]}"
+    if name not in table:
+        table[name] = measure_gemm_flops(device, dtype, *shape)
+        entry["gemm_flops_per_s"] = table
+        _save(path, cache, key, entry)
+    return table[name]
+
+
+def _save(path: str, cache: dict[str, Any], key: str, entry: dict[str, Any]) -> None:
+    cache = {**cache, key: entry}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(cache, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)

@@ -1,0 +1,125 @@
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from batching import app, roofline, timing
+from batching.workloads import mlp as mlp_workload
+from tests.conftest import tiny
+
+
+def synthetic(knee_true, noise=0.05, n=300, seed=0):
+    """Rows and samples from a three-limit model whose knee is known."""
+    rng = np.random.default_rng(seed)
+    W, f1 = 33.5e6, 2 * 8.4e6
+    bw, overhead = 25e9, 2e-4
+    f = knee_true * f1 / (W / bw)  # compute overtakes memory at knee_true
+    rows, samples = [], {}
+    for b in 2 ** np.arange(11):
+        t = max(overhead, W / bw, f1 * b / f)
+        s = t * rng.lognormal(0, noise, n)
+        samples[int(b)] = s
+        rows.append(
+            {
+                "batch_size": int(b),
+                "latency_s": float(np.median(s)),
+                "analytic_flops": f1 * b,
+                "analytic_bytes": W,
+                "flops": None,
+                "bytes_accessed": None,
+            }
+        )
+    return rows, samples
+
+
+@pytest.mark.parametrize("knee_true", [12.0, 100.0])
+def test_knee_fit_recovers_a_known_knee_with_its_interval(knee_true):
+    rows, samples = synthetic(knee_true)
+    fit = roofline.fit_knee(rows, samples, n_bootstrap=100)
+    assert fit.knee_low <= knee_true <= fit.knee_high
+    assert fit.knee_batch_size == pytest.approx(knee_true, rel=0.15)
+    assert fit.knee_high / fit.knee_low < 1.5  # the interval says something
+
+
+def test_knee_interval_widens_with_noise():
+    quiet = roofline.fit_knee(*synthetic(50.0, noise=0.01), n_bootstrap=100)
+    noisy = roofline.fit_knee(*synthetic(50.0, noise=0.3, n=20), n_bootstrap=100)
+    assert noisy.knee_high / noisy.knee_low > quiet.knee_high / quiet.knee_low
+
+
+def test_regime_labels_on_synthetic_points():
+    # 1 µs of overhead, 1 ms of memory traffic at 1 GB/s, compute 10 ms or 0.1 µs
+    assert roofline.predict(1e6, 1e6, 1e-6, 1e9, 1e-2) == (1e-2, "compute")
+    assert roofline.predict(1e6, 1e6, 1e-6, 1e9, 1e-7) == (1e-3, "memory")
+    assert roofline.predict(1e6, 1e3, 1e-3, 1e9, 1e-7) == (1e-3, "overhead")
+
+
+def test_compute_time_uses_per_shape_rates():
+    # Two GEMM shapes at different measured rates, plus non-GEMM flops at the peak.
+    rates = {(1, 8, 8): 1e9, (64, 8, 8): 1e10}
+    shapes = [[1, 8, 8, 2], [64, 8, 8, 1]]
+    gemm_flops = 2 * 1 * 8 * 8 * 2 + 2 * 64 * 8 * 8
+    t = roofline.compute_time(gemm_flops + 1000, shapes, 1e11, rates.__getitem__)
+    expected = 256 / 1e9 + 8192 / 1e10 + 1000 / 1e11
+    assert t == pytest.approx(expected)
+
+
+def test_free_batching_limit_stops_at_the_first_significant_slowdown():
+    rng = np.random.default_rng(0)
+    base = lambda scale: scale * rng.lognormal(0, 0.02, 200)
+    samples = {1: base(1.0), 2: base(1.0), 4: base(1.0), 8: base(1.1), 16: base(1.0)}
+    assert roofline.free_batching_limit(samples) == 4
+
+
+@pytest.mark.parametrize("batch", [1, 16, 128])
+def test_mlp_analytic_flops_match_xla(batch):
+    config = tiny(width=128, depth=3)
+    wl = mlp_workload.build(config, jax.devices()[0])
+    compiled = timing.compile_fn(wl.fn, wl.make_args(batch))
+    analytic = mlp_workload.cost(mlp_workload.model_config(config.model), batch)
+    assert compiled.flops == pytest.approx(analytic.flops, rel=0.10)
+
+
+def test_sweep_rows_and_summary_carry_the_roofline(tmp_path):
+    config = tiny()
+    config.report.claims = ("C3", "C5")
+    config.profile.batch_sizes = (2,)
+    summaries = app.run(config, str(tmp_path))
+    s = summaries[0]
+    for field in (
+        "predicted_critical_batch",
+        "spec_critical_batch",
+        "knee_batch_size",
+        "knee_low",
+        "knee_high",
+        "free_batching_limit",
+        "overhead_s",
+        "effective_flops_per_s",
+        "effective_bytes_per_s",
+        "peak_flops_per_s",
+        "peak_bytes_per_s",
+    ):
+        assert field in s, field
+    # seeded peaks: 1e11 FLOP/s, 2e10 B/s, 4-byte params
+    assert s["predicted_critical_batch"] == pytest.approx(1e11 * 4 / (2 * 2e10))
+    assert s["spec_critical_batch"] is None  # a CPU is not in the spec table
+    assert set(s["whatif"]) == {"T4", "A100 80GB SXM", "H100 SXM"}
+    with open(tmp_path / "results.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert len(rows) == 3
+    for r in rows:
+        assert r["regime"] in roofline.REGIMES
+        assert r["predicted_latency_s"] > 0 and r["fitted_latency_s"] > 0
+        assert isinstance(r["cost_mismatch"], bool)
+    # trace files where TensorBoard's profile plugin looks for them
+    profile_root = tmp_path / "tb" / "tiny" / "plugins" / "profile"
+    traces = [f for d in profile_root.iterdir() for f in os.listdir(d)]
+    assert any(f.endswith(".xplane.pb") for f in traces)
+    report = (tmp_path / "report.md").read_text()
+    assert "### C3:" in report and "### C5:" in report
+    assert "216.7" in report  # the post's own B* reproduced from its inputs
+    html = (tmp_path / "report.html").read_text()
+    assert "data:image/png;base64," in html
+    assert set(s["verdicts"]) == {"C3", "C5"}
