@@ -1,0 +1,201 @@
+"""Mixture-of-experts layer (GShard-style capacity-padded einsums) and an MoE MLP for sweeps.
+
+Routing stats come out of `with_stats`, which returns (y, stats) as plain values instead of
+sowing them into the module: a pure function of (params, x) can then return them from
+`jax.jit` with no state to pop, and repeated calls in a timing loop do not grow an
+`nnx.Intermediate` tuple (which would change the state's structure and retrace). Only the
+small stats dict leaves the layer, not the [G, S, E, C] masks. `__call__` is `with_stats`
+without the stats; under jit XLA drops their computation.
+
+Letters in array names: B batch, L length, G groups, S tokens per group, E experts,
+C capacity, D model dim, F expert hidden dim, T tokens.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.dtypes import resolve_dtype
+from models.routers import check_router_args, expert_capacity, route, routing_stats
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """One MoE layer. group_size is tokens per routing group; 0 puts all of a call's tokens in
+    one group."""
+
+    d_model: int = 512
+    mlp_dim: int = 1024
+    num_experts: int = 8
+    top_k: int = 2
+    capacity_factor: float = 1.25
+    router: str = "token_choice"
+    renormalize: bool = False
+    group_size: int = 0
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("d_model", "mlp_dim", "num_experts"):
+            _check_int(name, getattr(self, name), minimum=1)
+        _check_int("group_size", self.group_size, minimum=0)
+        check_router_args(self.router, self.num_experts, self.top_k, self.capacity_factor)
+        if not isinstance(self.renormalize, bool):
+            raise ValueError(f"model.renormalize must be a bool, got {self.renormalize!r}")
+        resolve_dtype(self.dtype)
+        resolve_dtype(self.param_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEMLPConfig(MoEConfig):
+    """`depth` MoE layers of width d_model; each example of the batch is one token."""
+
+    depth: int = 2
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_int("depth", self.depth, minimum=1)
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"model.{name} must be an integer >= {minimum}, got {value!r}")
+
+
+class MoELayer(nnx.Module):
+    """x_...xD -> y_...xD: router (fp32) -> dispatch -> E SwiGLU experts -> combine.
+
+    Tokens are flattened in order and cut into groups of `group_size`. A dropped token gets
+    zeros (the caller's residual carries it).
+    """
+
+    def __init__(self, cfg: MoEConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        E, D, F = cfg.num_experts, cfg.d_model, cfg.mlp_dim
+        param_dtype = resolve_dtype(cfg.param_dtype)
+        # HIGHEST so routing decisions do not depend on the backend's fp32 matmul shortcuts.
+        self.router = nnx.Linear(
+            D,
+            E,
+            use_bias=False,
+            dtype=jnp.float32,
+            param_dtype=param_dtype,
+            precision=jax.lax.Precision.HIGHEST,
+            rngs=rngs,
+        )
+        # Fan-in init per expert: axis 0 indexes experts and is not part of the fan.
+        init = nnx.initializers.variance_scaling(
+            1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,)
+        )
+        self.w_gate_ExDxF = nnx.Param(init(rngs.params(), (E, D, F), param_dtype))
+        self.w_up_ExDxF = nnx.Param(init(rngs.params(), (E, D, F), param_dtype))
+        self.w_down_ExFxD = nnx.Param(init(rngs.params(), (E, F, D), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.with_stats(x)[0]
+
+    def with_stats(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Returns (y, routing_stats) for x of shape [..., D]; see routers.routing_stats.
+
+        stats["aux_loss"] and stats["z_loss"] are differentiable w.r.t. the router weights.
+        """
+        cfg = self.cfg
+        D = cfg.d_model
+        if x.shape[-1] != D:
+            raise ValueError(f"MoE input must end in model.d_model={D}, got shape {x.shape}")
+        T = x.size // D
+        S = cfg.group_size or T
+        if T % S != 0:
+            raise ValueError(
+                f"tokens per call ({T}) must be a multiple of model.group_size ({cfg.group_size})"
+            )
+        dtype = resolve_dtype(cfg.dtype)
+        x_GxSxD = x.reshape(T // S, S, D)
+
+        logits_GxSxE = self.router(x_GxSxD)
+        routing = route(cfg.router, logits_GxSxE, cfg.top_k, cfg.capacity_factor, cfg.renormalize)
+
+        x_GxSxD = x_GxSxD.astype(dtype)
+        x_ExGxCxD = jnp.einsum("GSD,GSEC->EGCD", x_GxSxD, routing.dispatch_GxSxExC.astype(dtype))
+        gate_ExGxCxF = jnp.einsum("EGCD,EDF->EGCF", x_ExGxCxD, self.w_gate_ExDxF[...].astype(dtype))
+        up_ExGxCxF = jnp.einsum("EGCD,EDF->EGCF", x_ExGxCxD, self.w_up_ExDxF[...].astype(dtype))
+        h_ExGxCxF = jax.nn.silu(gate_ExGxCxF) * up_ExGxCxF
+        out_ExGxCxD = jnp.einsum("EGCF,EFD->EGCD", h_ExGxCxF, self.w_down_ExFxD[...].astype(dtype))
+        y_GxSxD = jnp.einsum("EGCD,GSEC->GSD", out_ExGxCxD, routing.combine_GxSxExC.astype(dtype))
+        return y_GxSxD.reshape(x.shape), routing_stats(routing)
+
+
+class MoEMLP(nnx.Module):
+    """x_BxD -> y_BxD through `depth` MoE layers, each with a residual connection.
+
+    One example is one token, so the routing group is the whole batch unless group_size is set:
+    under expert-choice an example's output then depends on the rest of the batch.
+    """
+
+    def __init__(self, cfg: MoEMLPConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.layers = nnx.List([MoELayer(cfg, rngs=rngs) for _ in range(cfg.depth)])
+
+    def __call__(self, x_BxD: jax.Array) -> jax.Array:
+        return self.with_stats(x_BxD)[0]
+
+    def with_stats(self, x_BxD: jax.Array) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
+        """Returns (y_BxD, one routing_stats dict per layer)."""
+        stats = []
+        for layer in self.layers:
+            y_BxD, layer_stats = layer.with_stats(x_BxD)
+            x_BxD = x_BxD + y_BxD
+            stats.append(layer_stats)
+        return x_BxD, stats
+
+
+def _layer_params(cfg: MoEConfig, experts: float) -> float:
+    router = cfg.d_model * cfg.num_experts
+    return router + experts * 3 * cfg.d_model * cfg.mlp_dim
+
+
+def num_params(cfg: MoEMLPConfig) -> int:
+    """All parameters: per layer the router (D*E) and E SwiGLU experts (3*D*F each)."""
+    return int(cfg.depth * _layer_params(cfg, cfg.num_experts))
+
+
+def num_active_params(cfg: MoEMLPConfig) -> int:
+    """Parameters one token uses: per layer the router and the experts it reaches.
+
+    Token-choice: top_k experts (fewer if dropped). Expert-choice: E*C/S experts on average,
+    which is capacity_factor up to the rounding of C; capacity_factor is used, rounded down.
+    """
+    if cfg.router == "token_choice":
+        experts = cfg.top_k
+    else:
+        experts = min(cfg.capacity_factor, cfg.num_experts)
+    return int(cfg.depth * _layer_params(cfg, experts))
+
+
+def moe_layer_cost(cfg: MoEConfig, tokens: int, param_bytes: int) -> dict[str, int]:
+    """Analytic cost of one MoELayer call on `tokens` tokens: {"flops": FLOP, "bytes": bytes}.
+
+    The capacity-padded einsums compute all E*C slots of every group whatever the balance:
+    an empty slot costs as much as a full one, so imbalance shows up as dropped tokens, not as
+    time. FLOPs count a multiply-add as 2 and include the router (2*T*D*E), dispatch and combine
+    (2*G*S*E*C*D each) and the three expert matmuls (6*G*E*C*D*F); softmax, top-k and SwiGLU
+    elementwise work is left out. Bytes are the weights read once (router and every expert,
+    used or not) plus the input and output activations, all at `param_bytes` per element;
+    the [G, S, E, C] masks and expert intermediates are assumed to stay on chip.
+    """
+    D, E, F = cfg.d_model, cfg.num_experts, cfg.mlp_dim
+    S = cfg.group_size or tokens
+    if tokens % S != 0:
+        raise ValueError(
+            f"tokens per call ({tokens}) must be a multiple of model.group_size ({cfg.group_size})"
+        )
+    G = tokens // S
+    top_k = cfg.top_k if cfg.router == "token_choice" else 1
+    C = expert_capacity(S, E, cfg.capacity_factor, top_k)
+    slots = G * E * C
+    flops = 2 * tokens * D * E + 2 * 2 * slots * S * D + 3 * 2 * slots * D * F
+    weight_bytes = int(_layer_params(cfg, E)) * param_bytes
+    activation_bytes = 2 * tokens * D * param_bytes
+    return {"flops": flops, "bytes": weight_bytes + activation_bytes}

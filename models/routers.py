@@ -1,0 +1,219 @@
+"""MoE routers as pure functions of the router logits, and the load-balance statistics.
+
+Both routers return the same `RoutingResult`, so the MoE layer and `routing_stats` never ask
+which router ran. Rules and formulas follow ANCHORS.md §5.
+
+Letters in array names: G groups, S tokens per group, E experts, C capacity (slots per expert
+per group), K top-k choices per token, T tokens (G*S).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+ROUTERS = ("token_choice", "expert_choice")
+
+
+@struct.dataclass
+class RoutingResult:
+    """What a router decided for one call; a pytree of fp32 arrays.
+
+    dispatch_GxSxExC: 1 where token s of group g sits in slot c of expert e, else 0.
+    combine_GxSxExC: the weight that slot's expert output gets in token s's output.
+    probs_GxSxE, logits_GxSxE: router softmax and the fp32 logits it came from.
+    assigned_GxSxE: the assignments the router wanted before capacity (the top-k mask for
+      token-choice; for expert-choice the same as what was dispatched, as nothing is dropped).
+    """
+
+    dispatch_GxSxExC: jax.Array
+    combine_GxSxExC: jax.Array
+    probs_GxSxE: jax.Array
+    logits_GxSxE: jax.Array
+    assigned_GxSxE: jax.Array
+
+
+def expert_capacity(
+    group_size: int, num_experts: int, capacity_factor: float, top_k: int = 1
+) -> int:
+    """Slots per expert per group: clamp(ceil(cf * S * k / E), 1, S).
+
+    Expert-choice uses top_k=1. The 1e-9 keeps float noise (1.1 * 10 = 11.000000000000002)
+    from adding a slot.
+    """
+    wanted = capacity_factor * group_size * top_k / num_experts
+    return min(max(math.ceil(wanted - 1e-9), 1), group_size)
+
+
+def check_router_args(router: str, num_experts: int, top_k: int, capacity_factor: float) -> None:
+    """Raises a ValueError naming the config field (model.*) and its bad value."""
+    if router not in ROUTERS:
+        raise ValueError(f"model.router must be one of {list(ROUTERS)}, got {router!r}")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise ValueError(f"model.top_k must be a positive integer, got {top_k!r}")
+    if top_k > num_experts:
+        raise ValueError(f"model.top_k must be <= model.num_experts ({num_experts}), got {top_k}")
+    if (
+        not isinstance(capacity_factor, (int, float))
+        or isinstance(capacity_factor, bool)
+        or not capacity_factor > 0
+    ):
+        raise ValueError(f"model.capacity_factor must be > 0, got {capacity_factor!r}")
+
+
+def _check_logits(logits_GxSxE: jax.Array) -> None:
+    if logits_GxSxE.ndim != 3:
+        raise ValueError(f"router logits must be [G, S, E], got shape {logits_GxSxE.shape}")
+
+
+def token_choice(
+    logits_GxSxE: jax.Array, top_k: int, capacity_factor: float, renormalize: bool = False
+) -> RoutingResult:
+    """Each token picks its top-k experts; an expert keeps the first C choices it gets.
+
+    Every token's first choice is ranked before any token's second choice (GShard / flaxformer
+    `TokensChooseMaskedRouter`), and within one rank tokens go in group order; a choice past
+    capacity is dropped. With k=1 a token's routing depends only on the tokens before it in the
+    group; with k>1 a later token's first choice can take the slot an earlier token's second
+    choice wanted, so only routing with no drops is causal.
+    The combine weight is the router prob, or with `renormalize` the prob divided by the sum of
+    the token's k chosen probs (dropped choices still count in that sum).
+    """
+    _check_logits(logits_GxSxE)
+    _, S, E = logits_GxSxE.shape
+    check_router_args("token_choice", E, top_k, capacity_factor)
+    C = expert_capacity(S, E, capacity_factor, top_k)
+
+    logits_GxSxE = logits_GxSxE.astype(jnp.float32)
+    probs_GxSxE = jax.nn.softmax(logits_GxSxE, axis=-1)
+    gate_GxSxK, expert_GxSxK = jax.lax.top_k(probs_GxSxE, top_k)
+    if renormalize:
+        gate_GxSxK = gate_GxSxK / jnp.sum(gate_GxSxK, axis=-1, keepdims=True)
+    choice_GxSxKxE = jax.nn.one_hot(expert_GxSxK, E, dtype=jnp.float32)
+
+    # Rank all first choices before all second choices: lay the choices out k-major, count
+    # down the group how many earlier choices each expert already took.
+    choice_GxKxSxE = jnp.swapaxes(choice_GxSxKxE, 1, 2)
+    flat_GxKSxE = choice_GxKxSxE.reshape(choice_GxKxSxE.shape[0], top_k * S, E)
+    position_GxKSxE = jnp.cumsum(flat_GxKSxE, axis=1) * flat_GxKSxE - 1.0
+    position_GxSxKxE = jnp.swapaxes(position_GxKSxE.reshape(choice_GxKxSxE.shape), 1, 2)
+    # One-hot of a position >= C (or of -1 for "not chosen") is all zeros: that is the drop.
+    slot_GxSxKxExC = jax.nn.one_hot(position_GxSxKxE.astype(jnp.int32), C, dtype=jnp.float32)
+
+    # A token's k choices are distinct experts, so summing over k keeps dispatch 0/1.
+    dispatch_GxSxExC = jnp.sum(slot_GxSxKxExC, axis=2)
+    # A broadcast product, not an einsum: matmul precision on TPU/GPU would round the gates.
+    combine_GxSxExC = jnp.sum(gate_GxSxK[..., None, None] * slot_GxSxKxExC, axis=2)
+    return RoutingResult(
+        dispatch_GxSxExC=dispatch_GxSxExC,
+        combine_GxSxExC=combine_GxSxExC,
+        probs_GxSxE=probs_GxSxE,
+        logits_GxSxE=logits_GxSxE,
+        assigned_GxSxE=jnp.sum(choice_GxSxKxE, axis=2),
+    )
+
+
+def expert_choice(logits_GxSxE: jax.Array, capacity_factor: float) -> RoutingResult:
+    """Each expert takes its top-C tokens of the group by router prob (Zhou et al. 2022).
+
+    A token may get 0..E experts; the combine weight is the prob. Slot c of an expert holds its
+    c-th most confident token. Not causal: a token's routing depends on the whole group.
+    """
+    _check_logits(logits_GxSxE)
+    _, S, E = logits_GxSxE.shape
+    check_router_args("expert_choice", E, 1, capacity_factor)
+    C = expert_capacity(S, E, capacity_factor)
+
+    logits_GxSxE = logits_GxSxE.astype(jnp.float32)
+    probs_GxSxE = jax.nn.softmax(logits_GxSxE, axis=-1)
+    _, token_GxExC = jax.lax.top_k(jnp.swapaxes(probs_GxSxE, 1, 2), C)
+    dispatch_GxExCxS = jax.nn.one_hot(token_GxExC, S, dtype=jnp.float32)
+    dispatch_GxSxExC = jnp.transpose(dispatch_GxExCxS, (0, 3, 1, 2))
+    return RoutingResult(
+        dispatch_GxSxExC=dispatch_GxSxExC,
+        combine_GxSxExC=dispatch_GxSxExC * probs_GxSxE[..., None],
+        probs_GxSxE=probs_GxSxE,
+        logits_GxSxE=logits_GxSxE,
+        assigned_GxSxE=jnp.sum(dispatch_GxSxExC, axis=-1),
+    )
+
+
+def route(
+    kind: str,
+    logits_GxSxE: jax.Array,
+    top_k: int,
+    capacity_factor: float,
+    renormalize: bool = False,
+) -> RoutingResult:
+    """Runs the router called `kind`; expert-choice ignores `top_k` and `renormalize`.
+
+    `top_k` is still checked against E for both kinds, as it is one config for both.
+    """
+    _check_logits(logits_GxSxE)
+    check_router_args(kind, logits_GxSxE.shape[-1], top_k, capacity_factor)
+    if kind == "token_choice":
+        return token_choice(logits_GxSxE, top_k, capacity_factor, renormalize)
+    return expert_choice(logits_GxSxE, capacity_factor)
+
+
+def routing_stats(result: RoutingResult) -> dict[str, jax.Array]:
+    """Load-balance statistics of one routing, from the result alone (ANCHORS.md §5).
+
+    Loads are token counts. The number of wanted assignments per token k is read off the
+    result as sum(assigned) / T: top_k for token-choice, E*C/S for expert-choice. So:
+      aux_loss: E * sum_e f_e * P_e (Switch eq. 4-6; k at perfect balance). Gradient flows
+        through P_e only. Constant for expert-choice, which has no aux loss.
+      z_loss: mean over tokens of logsumexp(z)^2 (ST-MoE).
+      tokens_per_expert [E]: load after capacity; tokens_per_expert_wanted [E]: before.
+      load_cv: population std / mean of tokens_per_expert (after capacity).
+      max_mean_load: max_e wanted load / (T*k/E), on loads before capacity, so it is the
+        capacity factor that would drop nothing (after capacity it is capped near cf). Exactly
+        1 for expert-choice, whose assignments are its dispatch.
+      drop_fraction: 1 - sum(dispatched) / (T*k), the assignments lost to capacity; 0 for
+        expert-choice (no assignment is wanted and then dropped).
+      token_drop_fraction: fraction of tokens with no expert at all (flaxformer
+        `fraction_tokens_left_behind`); for expert-choice the tokens no expert picked.
+      expert_usage: slots filled / slots available (E*C*G).
+      router_confidence: sum(combine) / sum(dispatch), the mean weight of a dispatched slot.
+      router_entropy: mean over tokens of -sum_e p log p (nats).
+      experts_per_token [T]: experts each token reached, in token order.
+      f_e [E]: fraction of tokens whose wanted assignments include e (sums to k).
+      p_e [E]: mean router prob of e (sums to 1).
+    """
+    G, S, E, C = result.dispatch_GxSxExC.shape
+    T = G * S
+    assigned_GxSxE = result.assigned_GxSxE.astype(jnp.float32)
+    dispatched_GxSxE = jnp.sum(result.dispatch_GxSxExC, axis=-1)
+    logits_GxSxE = result.logits_GxSxE.astype(jnp.float32)
+
+    load_E = jnp.sum(dispatched_GxSxE, axis=(0, 1))
+    wanted_E = jnp.sum(assigned_GxSxE, axis=(0, 1))
+    total_wanted = jnp.sum(wanted_E)
+    total_dispatched = jnp.sum(load_E)
+    f_E = wanted_E / T
+    p_E = jnp.mean(result.probs_GxSxE, axis=(0, 1))
+    experts_per_token_T = jnp.sum(dispatched_GxSxE, axis=-1).reshape(T)
+    log_probs_GxSxE = jax.nn.log_softmax(logits_GxSxE, axis=-1)
+
+    return {
+        "aux_loss": E * jnp.sum(f_E * p_E),
+        "z_loss": jnp.mean(jax.nn.logsumexp(logits_GxSxE, axis=-1) ** 2),
+        "tokens_per_expert": load_E,
+        "tokens_per_expert_wanted": wanted_E,
+        "load_cv": jnp.std(load_E) / _nonzero(jnp.mean(load_E)),
+        "max_mean_load": jnp.max(wanted_E) / _nonzero(total_wanted / E),
+        "drop_fraction": 1.0 - total_dispatched / _nonzero(total_wanted),
+        "token_drop_fraction": jnp.mean((experts_per_token_T == 0).astype(jnp.float32)),
+        "expert_usage": total_dispatched / (G * E * C),
+        "router_confidence": jnp.sum(result.combine_GxSxExC) / _nonzero(total_dispatched),
+        "router_entropy": jnp.mean(-jnp.sum(result.probs_GxSxE * log_probs_GxSxE, axis=-1)),
+        "experts_per_token": experts_per_token_T,
+        "f_e": f_E,
+        "p_e": p_E,
+    }
+
+
+def _nonzero(x: jax.Array) -> jax.Array:
+    # Counts are >= 0; a zero denominator only happens when its numerator is zero too.
+    return jnp.maximum(x, jnp.finfo(jnp.float32).tiny)
