@@ -15,6 +15,7 @@ from configs import default
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     config = default.get_config()
     config.name = "mlp"
+    config.report.claims = ("C3",)
     if arg:
         for item in arg.split(","):
             key, sep, value = item.partition("=")

@@ -16,4 +16,5 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     config.model.depth = 8
     config.sweep.batch_sizes = default.POWERS_OF_TWO_TO_512
     config.runs = {"mlp_d8_w1024": {}}
+    config.report.claims = ("C3",)
     return config

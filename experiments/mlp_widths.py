@@ -24,4 +24,5 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     config.model.depth = 8
     config.sweep.batch_sizes = default.POWERS_OF_TWO_TO_512
     config.runs = runs(widths)
+    config.report.claims = ("C4", "C5")
     return config

@@ -84,6 +84,7 @@ def test_mlp_analytic_flops_match_xla(batch):
 
 def test_sweep_rows_and_summary_carry_the_roofline(tmp_path):
     config = tiny()
+    config.roofline.shape_aware = True
     config.report.claims = ("C3", "C5")
     config.profile.batch_sizes = (2,)
     summaries = app.run(config, str(tmp_path))
