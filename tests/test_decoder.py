@@ -1,0 +1,327 @@
+"""Tests for the decoder and its KV cache: cached inference must agree with the full forward.
+
+Letters in array names: B batch, L prompt length, T total length, V vocab.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models import decoder
+from models.decoder import Decoder, DecoderConfig
+
+CFG = DecoderConfig(
+    vocab_size=61,
+    d_model=32,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=8,
+    mlp_dim=48,
+    max_seq_len=32,
+)
+MAX_LEN = 16
+PROMPT_LEN = 7
+LENGTHS = (5, 1, 7)  # different prompt lengths in one batch; 1 covers position 0
+TOTAL_LEN = MAX_LEN  # decode fills the cache of the longest prompt
+TOL = 1e-4
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef: nnx.GraphDef, params: nnx.State, tokens_BxT) -> jax.Array:
+    return nnx.merge(graphdef, params)(tokens_BxT)
+
+
+def _split_random_model(cfg: DecoderConfig, seed: int = 0):
+    """nnx.split of a Decoder whose weights are drawn by numpy.
+
+    The module is built abstractly: drawing its weights with jax.random would compile one
+    program per weight shape, seconds of a test this small.
+    """
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(seed)
+
+    def draw(x):
+        if x.ndim == 1:  # RMSNorm scales
+            return (1 + 0.1 * rng.standard_normal(x.shape)).astype(x.dtype)
+        return (rng.standard_normal(x.shape) / np.sqrt(x.shape[0])).astype(x.dtype)
+
+    return graphdef, jax.device_put(jax.tree.map(draw, abstract))
+
+
+def _with_cache(graphdef: nnx.GraphDef, params: nnx.State, batch: int, max_len: int):
+    model = nnx.merge(graphdef, params, copy=True)
+    model.init_cache(batch, max_len)
+    return nnx.split(model, nnx.Param, nnx.Cache)
+
+
+def _setup(n_kv_heads: int = CFG.n_kv_heads, n_layers: int = CFG.n_layers):
+    return _setup_once(n_kv_heads, n_layers)  # one cache key however it is called
+
+
+@functools.cache
+def _setup_once(n_kv_heads: int, n_layers: int):
+    """A model without a cache, its jitted cached functions and reference sequences.
+
+    Glue is numpy: eager jnp ops would each compile once, which dominates a test this small.
+    """
+    cfg = dataclasses.replace(CFG, n_kv_heads=n_kv_heads, n_layers=n_layers)
+    graphdef, params = _split_random_model(cfg)
+    cached_graphdef, _, _ = _with_cache(graphdef, params, len(LENGTHS), MAX_LEN)
+    rng = np.random.default_rng(1)
+    tokens_BxT = rng.integers(0, cfg.vocab_size, (len(LENGTHS), TOTAL_LEN), dtype=np.int32)
+    # Padding differs from the tokens that decode later writes at those positions.
+    pad_BxL = rng.integers(0, cfg.vocab_size, (len(LENGTHS), PROMPT_LEN), dtype=np.int32)
+    lengths_B = np.array(LENGTHS, np.int32)
+    prompt_BxL = np.where(
+        np.arange(PROMPT_LEN) < lengths_B[:, None], tokens_BxT[:, :PROMPT_LEN], pad_BxL
+    )
+    return dict(
+        graphdef=graphdef,
+        params=params,
+        prefill_fn=decoder.make_prefill_fn(cached_graphdef),
+        decode_fn=decoder.make_decode_fn(cached_graphdef),
+        tokens_BxT=tokens_BxT,
+        prompt_BxL=prompt_BxL,
+        lengths_B=lengths_B,
+        full_BxTxV=np.asarray(_forward(graphdef, params, tokens_BxT)),
+    )
+
+
+def _run_cached(s, batch: int, cache_batch: int = len(LENGTHS)):
+    """Prefill then teacher-forced decode; returns per-position errors and the final cache."""
+    _, params, cache = _with_cache(s["graphdef"], s["params"], cache_batch, MAX_LEN)
+    lengths_B = s["lengths_B"][:batch]
+    rows_B = np.arange(batch)
+    full_BxTxV = s["full_BxTxV"][:batch]
+    logits_BxV, cache = s["prefill_fn"](params, cache, s["prompt_BxL"][:batch], lengths_B)
+    errors = [np.abs(np.asarray(logits_BxV) - full_BxTxV[rows_B, lengths_B - 1]).max()]
+    for step in range(TOTAL_LEN - max(LENGTHS)):
+        positions_B = lengths_B + step
+        token_B = s["tokens_BxT"][rows_B, positions_B]
+        logits_BxV, cache = s["decode_fn"](params, cache, token_B)
+        errors.append(np.abs(np.asarray(logits_BxV) - full_BxTxV[rows_B, positions_B]).max())
+    return errors, cache
+
+
+# The extremes of grouped-query attention use one layer: the grouping is what they test.
+@pytest.mark.parametrize(
+    "n_kv_heads, n_layers",
+    [(4, 1), (CFG.n_kv_heads, CFG.n_layers), (1, 1)],
+    ids=["mha", "gqa", "mqa"],
+)
+def test_prefill_and_decode_match_full_forward(n_kv_heads, n_layers):
+    s = _setup(n_kv_heads, n_layers)
+    errors, cache = _run_cached(s, batch=len(LENGTHS))
+    assert max(errors) < TOL, errors
+    steps = TOTAL_LEN - max(LENGTHS)
+    for layer in cache["blocks"].values():
+        np.testing.assert_array_equal(
+            layer["attn"]["cache"]["lengths"][...], np.array(LENGTHS) + steps
+        )
+
+
+def test_bfloat16_compute_and_cache_stay_close_to_float32():
+    s = _setup()
+    cfg = dataclasses.replace(CFG, dtype="bfloat16", cache_dtype="bfloat16")
+    graphdef, _ = _split_random_model(cfg)  # float32 weights: _setup's params fit
+    graphdef, _, cache = _with_cache(graphdef, s["params"], len(LENGTHS), MAX_LEN)
+    assert cache["blocks"][0]["attn"]["cache"]["k"].dtype == jnp.bfloat16
+    bf16 = dict(
+        s, prefill_fn=decoder.make_prefill_fn(graphdef), decode_fn=decoder.make_decode_fn(graphdef)
+    )
+    errors, _ = _run_cached(bf16, batch=len(LENGTHS))
+    # bfloat16 keeps ~3 significant digits; these logits have std ~1, a cache bug errs by ~1.
+    assert max(errors) < 0.2, errors
+
+
+def test_grouped_query_heads_share_kv_head_n_over_g():
+    """Query head n reads kv head n // G, the layout of repeating K/V heads G times."""
+    rng = np.random.default_rng(2)
+    B, L, S, K, G, H = 2, 3, 5, 2, 3, 4
+    q_BxLxNxH = rng.standard_normal((B, L, K * G, H)).astype(np.float32)
+    k_BxSxKxH, v_BxSxKxH = rng.standard_normal((2, B, S, K, H)).astype(np.float32)
+    mask_BxLxS = rng.random((B, L, S)) < 0.6
+    mask_BxLxS[..., 0] = True
+    out_BxLxNxH = jax.jit(decoder.attend)(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxLxS)
+
+    k_BxSxNxH, v_BxSxNxH = np.repeat(k_BxSxKxH, G, axis=2), np.repeat(v_BxSxKxH, G, axis=2)
+    scores_BxNxLxS = np.einsum("blnh,bsnh->bnls", q_BxLxNxH, k_BxSxNxH) / np.sqrt(H)
+    scores_BxNxLxS = np.where(mask_BxLxS[:, None], scores_BxNxLxS, -np.inf)
+    probs_BxNxLxS = np.exp(scores_BxNxLxS - scores_BxNxLxS.max(axis=-1, keepdims=True))
+    probs_BxNxLxS /= probs_BxNxLxS.sum(axis=-1, keepdims=True)
+    expected_BxLxNxH = np.einsum("bnls,bsnh->blnh", probs_BxNxLxS, v_BxSxNxH)
+    np.testing.assert_allclose(out_BxLxNxH, expected_BxLxNxH, atol=1e-5)
+
+
+def test_smaller_batch_uses_the_first_cache_slots():
+    s = _setup()
+    errors, cache = _run_cached(s, batch=2, cache_batch=3)
+    assert max(errors) < TOL, errors
+    steps = TOTAL_LEN - max(LENGTHS)
+    lengths = cache["blocks"][0]["attn"]["cache"]["lengths"][...]
+    np.testing.assert_array_equal(lengths, [LENGTHS[0] + steps, LENGTHS[1] + steps, 0])
+
+
+def test_full_forward_is_causal():
+    s = _setup()
+    t = 6
+    tokens_BxT = s["tokens_BxT"].copy()
+    tokens_BxT[:, t] = (tokens_BxT[:, t] + 1) % CFG.vocab_size
+    perturbed_BxTxV = np.asarray(_forward(s["graphdef"], s["params"], tokens_BxT))
+    np.testing.assert_allclose(perturbed_BxTxV[:, :t], s["full_BxTxV"][:, :t], atol=1e-6)
+    changed_BxT = np.abs(perturbed_BxTxV - s["full_BxTxV"]).max(axis=-1)[:, t:] > 1e-3
+    assert changed_BxT.all()
+
+
+def test_cached_greedy_generation_matches_recomputing_the_full_forward():
+    s = _setup()
+    steps = TOTAL_LEN - PROMPT_LEN
+    graphdef, params, cache = _with_cache(s["graphdef"], s["params"], len(LENGTHS), MAX_LEN)
+    generate_fn = decoder.make_generate_fn(graphdef, steps)
+    generated_BxS, cache = generate_fn(params, cache, s["prompt_BxL"], s["lengths_B"])
+    assert generated_BxS.shape == (len(LENGTHS), steps)
+
+    rows_B = np.arange(len(LENGTHS))
+    tokens_BxT = np.zeros((len(LENGTHS), TOTAL_LEN), np.int32)
+    tokens_BxT[:, :PROMPT_LEN] = s["prompt_BxL"]
+    expected = []
+    for step in range(steps):
+        positions_B = s["lengths_B"] + step
+        logits_BxTxV = _forward(s["graphdef"], s["params"], tokens_BxT)
+        token_B = np.asarray(logits_BxTxV)[rows_B, positions_B - 1].argmax(axis=-1)
+        tokens_BxT[rows_B, positions_B] = token_B
+        expected.append(token_B)
+    np.testing.assert_array_equal(generated_BxS, np.stack(expected, axis=1))
+    np.testing.assert_array_equal(
+        cache["blocks"][1]["attn"]["cache"]["lengths"][...], np.array(LENGTHS) + steps - 1
+    )
+
+
+def test_decode_compiles_once_as_the_cache_fills():
+    s = _setup()
+    _, params, cache = _with_cache(s["graphdef"], s["params"], len(LENGTHS), MAX_LEN)
+    decode_fn = s["decode_fn"]  # other tests may have compiled it for other shapes
+    _, cache = decode_fn(params, cache, np.zeros((len(LENGTHS),), np.int32))
+    compiled = decode_fn._cache_size()
+    for step in range(1, MAX_LEN):  # the cache fills from empty to full
+        _, cache = decode_fn(params, cache, np.full((len(LENGTHS),), step, np.int32))
+    assert decode_fn._cache_size() == compiled
+    np.testing.assert_array_equal(cache["blocks"][0]["attn"]["cache"]["lengths"][...], MAX_LEN)
+
+
+def test_jitted_prefill_and_decode_donate_the_cache():
+    s = _setup()
+    _, params, cache = _with_cache(s["graphdef"], s["params"], len(LENGTHS), MAX_LEN)
+    _, new_cache = s["prefill_fn"](params, cache, s["prompt_BxL"], s["lengths_B"])
+    assert all(x.is_deleted() for x in jax.tree.leaves(cache))
+    _, newer_cache = s["decode_fn"](params, new_cache, s["tokens_BxT"][:, 0])
+    assert all(x.is_deleted() for x in jax.tree.leaves(new_cache))
+    assert not any(x.is_deleted() for x in jax.tree.leaves(newer_cache))
+    assert not any(x.is_deleted() for x in jax.tree.leaves(params))
+
+
+def test_cache_exists_only_after_init_cache_and_stores_kv_heads():
+    model = nnx.merge(*_split_random_model(dataclasses.replace(CFG, n_kv_heads=1)))
+    assert not jax.tree.leaves(nnx.state(model, nnx.Cache))
+    model.init_cache(3, MAX_LEN, dtype="bfloat16")
+    cache = model.blocks[0].attn.cache
+    assert cache.k.shape == cache.v.shape == (3, MAX_LEN, 1, CFG.head_dim)
+    assert cache.k.dtype == jnp.bfloat16
+    assert cache.lengths.shape == (3,) and cache.lengths.dtype == jnp.int32
+    assert len(jax.tree.leaves(nnx.state(model, nnx.Cache))) == 3 * CFG.n_layers
+
+
+def test_named_scopes_appear_in_the_lowered_decode_step():
+    s = _setup()
+    _, params, cache = _with_cache(s["graphdef"], s["params"], len(LENGTHS), MAX_LEN)
+    text = s["decode_fn"].lower(params, cache, s["tokens_BxT"][:, 0]).as_text(debug_info=True)
+    for scope in ("attention", "kv_cache_update", "mlp"):
+        assert f"{scope}/" in text, scope
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [dict(tie_embeddings=True), dict(tie_embeddings=False), dict(n_kv_heads=1, n_layers=3)],
+)
+def test_num_params_matches_the_module(changes):
+    cfg = dataclasses.replace(CFG, **changes)
+    state = nnx.state(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    sizes = {jax.tree_util.keystr(path): x.size for path, x in jax.tree.leaves_with_path(state)}
+    assert decoder.num_params(cfg) == sum(sizes.values())
+    non_embedding = sum(n for path, n in sizes.items() if "embed" not in path)
+    assert decoder.num_non_embedding_params(cfg) == non_embedding
+    has_unembed = any("unembed" in path for path in sizes)
+    assert has_unembed == (not cfg.tie_embeddings)
+
+
+def test_tied_embeddings_save_one_table():
+    tied = dataclasses.replace(CFG, tie_embeddings=True)
+    untied = dataclasses.replace(CFG, tie_embeddings=False)
+    assert decoder.num_params(untied) - decoder.num_params(tied) == CFG.vocab_size * CFG.d_model
+    assert decoder.num_non_embedding_params(untied) == decoder.num_non_embedding_params(tied)
+
+
+def test_decode_step_cost_follows_the_anchor_formula():
+    cfg, batch, cache_len = CFG, 8, 100
+    p = decoder.num_non_embedding_params(cfg)
+    dv = cfg.d_model * cfg.vocab_size
+    cost = decoder.decode_step_cost(cfg, batch, cache_len, param_bytes=2, cache_bytes=1)
+    attention_flops = 4 * batch * cfg.n_layers * cfg.n_heads * cfg.head_dim * cache_len
+    assert cost["flops"] == 2 * batch * (p + dv) + attention_flops
+    kv_per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim
+    assert cost["bytes"] == 2 * (p + dv) + batch * kv_per_token * (cache_len + 1)
+    # Weights are read once per step; the cache once per sequence.
+    double = decoder.decode_step_cost(cfg, 2 * batch, cache_len, param_bytes=2, cache_bytes=1)
+    assert double["bytes"] - cost["bytes"] == batch * kv_per_token * (cache_len + 1)
+
+
+def test_prefill_cost_counts_tokens_and_the_square_score_matrix():
+    cfg = CFG
+    one = decoder.prefill_cost(cfg, 1, 10, param_bytes=4, cache_bytes=4)
+    two = decoder.prefill_cost(cfg, 1, 20, param_bytes=4, cache_bytes=4)
+    p = decoder.num_non_embedding_params(cfg)
+    attention_flops_10 = 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * 10**2
+    assert two["flops"] - one["flops"] == 2 * 10 * p + 3 * attention_flops_10
+    kv_bytes_10 = 4 * 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 10
+    assert two["bytes"] - one["bytes"] == kv_bytes_10
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        (dict(n_heads=6, n_kv_heads=4), "n_heads must be a multiple of model.n_kv_heads"),
+        (dict(d_model=0), "d_model must be a positive integer, got 0"),
+        (dict(head_dim=7), "head_dim must be even"),
+        (dict(cache_dtype="int8"), "unknown dtype 'int8'"),
+    ],
+)
+def test_bad_config_is_rejected(changes, match):
+    with pytest.raises(ValueError, match=match):
+        dataclasses.replace(CFG, **changes)
+
+
+def test_bad_inputs_are_rejected():
+    model = nnx.merge(*_split_random_model(CFG))
+    lengths_B = np.ones((3,), np.int32)
+    with pytest.raises(ValueError, match="no KV cache"):
+        model.prefill(np.zeros((3, 4), np.int32), lengths_B)
+    with pytest.raises(ValueError, match="max_len must be <= model.max_seq_len=32, got 33"):
+        model.init_cache(3, 33)
+    model.init_cache(3, MAX_LEN)
+    with pytest.raises(ValueError, match="prompt length 17 is longer than the cache's max_len 16"):
+        model.prefill(np.zeros((3, MAX_LEN + 1), np.int32), lengths_B)
+    with pytest.raises(ValueError, match="batch 4 is larger than the cache's batch 3"):
+        model.prefill(np.zeros((4, 4), np.int32), np.ones((4,), np.int32))
+    with pytest.raises(ValueError, match="batch 4 is larger than the cache's batch 3"):
+        model.decode_step(np.zeros((4,), np.int32))
+    with pytest.raises(ValueError, match="lengths must have shape"):
+        model.prefill(np.zeros((3, 4), np.int32), np.ones((2,), np.int32))
+    graphdef, params, cache = nnx.split(model, nnx.Param, nnx.Cache)
+    with pytest.raises(ValueError, match="does not fit the cache's max_len 16"):
+        decoder.generate(graphdef, params, cache, np.zeros((3, 8), np.int32), lengths_B, 10)
