@@ -28,8 +28,8 @@ class PeakSource:
         self._refreshed.add(key)
         return hardware.measured_peaks(device, (dtype,), self.cache_dir, refresh=refresh)
 
-    def gemm(self, device: jax.Device, dtype: str):
-        return lambda shape: hardware.gemm_flops(device, dtype, shape, self.cache_dir)
+    def gemm(self, device: jax.Device, dtype: str, cold: bool):
+        return lambda shape: hardware.gemm_flops(device, dtype, shape, self.cache_dir, cold)
 
 
 def _ratio(xla: float | None, analytic: float | None) -> float | None:
@@ -53,7 +53,10 @@ def analyze_run(
     peaks = peak_source.peaks(device, dtype)
     peak_f = peaks.matmul_flops_per_s[dtype]
     bw = peaks.bandwidth_bytes_per_s
-    gemm = peak_source.gemm(device, dtype) if roofline_cfg.shape_aware else None
+    # Weights bigger than the last-level cache stream from DRAM on every call: time the
+    # GEMMs the same way, or small batches look faster than they can be.
+    cold = (rows[0].get("weight_bytes") or 0) > hardware.last_level_cache_bytes(device)
+    gemm = peak_source.gemm(device, dtype, cold) if roofline_cfg.shape_aware else None
     fit = roofline.fit_knee(rows, samples, n_bootstrap=roofline_cfg.bootstrap)
     tol = roofline_cfg.cost_tolerance
     out = []
@@ -61,10 +64,11 @@ def analyze_run(
         flops = r["analytic_flops"] or r["flops"]
         bytes_moved = r["analytic_bytes"] or r["bytes_accessed"]
         compute_s = roofline.compute_time(flops, r.get("gemm_shapes"), peak_f, gemm)
-        predicted, regime = roofline.predict(
-            flops, bytes_moved, peaks.dispatch_floor_s, bw, compute_s
+        overhead_s = roofline.overhead_time(
+            r.get("gemm_shapes"), peaks.dispatch_floor_s, peaks.kernel_overhead_s
         )
-        naive, _ = roofline.predict(flops, bytes_moved, peaks.dispatch_floor_s, bw, flops / peak_f)
+        predicted, regime = roofline.predict(flops, bytes_moved, overhead_s, bw, compute_s)
+        naive, _ = roofline.predict(flops, bytes_moved, overhead_s, bw, flops / peak_f)
         flops_ratio = _ratio(r["flops"], r["analytic_flops"])
         bytes_ratio = _ratio(r["bytes_accessed"], r["analytic_bytes"])
         mismatch = any(x is not None and abs(x - 1) > tol for x in (flops_ratio, bytes_ratio))
@@ -84,11 +88,24 @@ def analyze_run(
     spec = hardware.detect(device.device_kind)
     spec_f = hardware.spec_flops(spec, dtype, precision) if spec else None
     measured = np.array([r["latency_s"] for r in out])
+    linear = roofline.LinearCost.from_rows(
+        np.array([r["batch_size"] for r in out], dtype=float),
+        np.array([r["analytic_flops"] or r["flops"] for r in out], dtype=float),
+        np.array([r["analytic_bytes"] or r["bytes_accessed"] for r in out], dtype=float),
+    )
+    a_priori = np.log([peaks.dispatch_floor_s, bw, peak_f])
+    first_bytes = out[0]["achieved_bytes_per_s"]
     summary = {
         "peak_flops_per_s": peak_f,
         "peak_bytes_per_s": bw,
         "dispatch_floor_s": peaks.dispatch_floor_s,
+        "kernel_overhead_s": peaks.kernel_overhead_s,
         "predicted_critical_batch": hardware.critical_batch_size(peak_f, bw, bytes_per_param),
+        # Where the a-priori three limits cross, with this workload's own bytes per example
+        # (activations, a KV cache) rather than the weights-only formula above.
+        "predicted_knee_batch_size": roofline.knee_of(a_priori, linear),
+        # Achieved bytes/s at the smallest batch as a fraction of the measured bandwidth.
+        "bandwidth_fraction_first": first_bytes / bw if first_bytes else None,
         "spec_device": spec.name if spec else None,
         "spec_critical_batch": (
             hardware.critical_batch_size(spec_f, spec.bandwidth_bytes_per_s, bytes_per_param)
@@ -118,6 +135,7 @@ def analyze_run(
         "cost_mismatches": sum(r["cost_mismatch"] for r in out),
         "regimes": {b: r["regime"] for b, r in ((r["batch_size"], r) for r in out)},
         "shape_aware": bool(roofline_cfg.shape_aware),
+        "cold_weights": bool(cold),
         "bytes_per_param": bytes_per_param,
         "whatif": whatif(out, roofline_cfg.whatif_devices, dtype, precision, bytes_per_param),
     }

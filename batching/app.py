@@ -97,6 +97,7 @@ def finalize(
                 run_rows = [r for r in analyzed_rows if r["run"] == s["run"]]
                 figures[f"fit_{s['run']}"] = plots.fit_figure(run_rows, s)
                 figures[f"whatif_{s['run']}"] = plots.whatif_figure(run_rows, s)
+            figures.update(plots.extra_figures(analyzed_rows, summaries))
         images = plots.save_all(figures, store.path("plots"))
     for run, s in zip(done, summaries, strict=True):
         own = {

@@ -227,6 +227,7 @@ class MeasuredPeaks:
     matmul_flops_per_s: dict[str, float]
     bandwidth_bytes_per_s: float
     dispatch_floor_s: float
+    kernel_overhead_s: float
     details: dict[str, Any]
 
 
@@ -252,11 +253,55 @@ def measure_matmul_flops(device: jax.Device, dtype: str, n: int | None = None) -
     return 2.0 * n**3 / _median_time(lambda a, b: a @ b, (a, b))
 
 
-def measure_gemm_flops(device: jax.Device, dtype: str, m: int, k: int, n: int) -> float:
-    """FLOP/s of one [m, k] × [k, n] product: what the device reaches at a model's real shape."""
+GEMM_SETTINGS = timing.TimingSettings(warmup_runs=3, min_runs=10, max_runs=2000, budget_s=1.0)
+
+
+def last_level_cache_bytes(device: jax.Device) -> int:
+    """Size of the cache that warm weights can sit in: L3 from sysfs on a CPU.
+
+    Accelerators do not report theirs through JAX; 64 MiB bounds the L2 of every GPU
+    in the spec table (A100 40 MB, H100 50 MB).
+    """
+    if device.platform == "cpu":
+        try:
+            with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+                text = f.read().strip()
+            units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+            return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+        except (OSError, ValueError):
+            pass
+    return 64 << 20
+
+
+def measure_gemm_flops(
+    device: jax.Device,
+    dtype: str,
+    m: int,
+    k: int,
+    n: int,
+    dispatch_floor_s: float = 0.0,
+    cold: bool = False,
+) -> float:
+    """FLOP/s of one [m, k] × [k, n] product: what the device reaches at a model's real shape.
+
+    The call's dispatch floor is taken off its time: inside a model the product is one
+    kernel among many and pays no dispatch of its own. With `cold`, one call runs the
+    product against enough distinct [k, n] weights to overflow the last-level cache
+    twice, so every weight comes from DRAM, as in a model whose weights exceed the cache.
+    """
+    item = jnp.dtype(dtype).itemsize
+    copies = 1
+    if cold:
+        copies = max(1, min(64, -(-2 * last_level_cache_bytes(device) // (k * n * item))))
     a = jax.device_put(jnp.ones((m, k), jnp.dtype(dtype)), device)
-    b = jax.device_put(jnp.ones((k, n), jnp.dtype(dtype)), device)
-    return 2.0 * m * k * n / _median_time(lambda a, b: a @ b, (a, b))
+    bs = [jax.device_put(jnp.full((k, n), i + 1, jnp.dtype(dtype)), device) for i in range(copies)]
+
+    def products(a, *bs):
+        # Each product is kept (summed after), so none can be skipped or merged.
+        return sum(a @ b for b in bs)
+
+    t = _median_time(products, (a, *bs), GEMM_SETTINGS)
+    return 2.0 * m * k * n * copies / max(t - dispatch_floor_s, 0.05 * t)
 
 
 def measure_bandwidth(device: jax.Device, buffer_bytes: int | None = None) -> dict[str, float]:
@@ -276,11 +321,38 @@ def measure_bandwidth(device: jax.Device, buffer_bytes: int | None = None) -> di
     }
 
 
+FLOOR_SETTINGS = timing.TimingSettings(
+    warmup_runs=50, min_runs=500, max_runs=5000, target_rel_ci=0.01, budget_s=1.0
+)
+
+
 def measure_dispatch_floor(device: jax.Device) -> float:
     """Median seconds of a trivial jitted call: the per-call overhead no batch can avoid."""
     x = jax.device_put(jnp.ones((8,), jnp.float32), device)
-    settings = timing.TimingSettings(warmup_runs=50, min_runs=200, max_runs=5000, budget_s=0.5)
-    return _median_time(lambda x: x + 1.0, (x,), settings)
+    return _median_time(lambda x: x + 1.0, (x,), FLOOR_SETTINGS)
+
+
+def measure_kernel_overhead(device: jax.Device, chain: int = 32) -> float:
+    """Seconds each extra kernel in a program costs when it does almost no work.
+
+    Times a chain of `chain` dependent 8x8 matmuls (XLA cannot fuse them) against a
+    single one; the difference per link is the launch/scheduling cost per kernel,
+    which is what keeps small networks flat (overhead-bound) as the batch grows.
+    """
+    x = jax.device_put(jnp.eye(8, dtype=jnp.float32), device)
+
+    def chained(n):
+        def f(x):
+            y = x
+            for _ in range(n):
+                y = y @ x
+            return y
+
+        return f
+
+    one = _median_time(chained(1), (x,), FLOOR_SETTINGS)
+    many = _median_time(chained(chain), (x,), FLOOR_SETTINGS)
+    return max(many - one, 0.0) / (chain - 1)
 
 
 def cache_path(cache_dir: str) -> str:
@@ -296,10 +368,7 @@ def measured_peaks(
 ) -> MeasuredPeaks:
     """Measured peaks for `device`, from the cache file unless missing, incomplete or `refresh`."""
     path = cache_path(cache_dir)
-    cache: dict[str, Any] = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            cache = json.load(f)
+    cache = _load(path)
     key = _device_key(device)
     entry = {} if refresh else dict(cache.get(key, {}))
     flops = dict(entry.get("matmul_flops_per_s", {}))
@@ -314,6 +383,9 @@ def measured_peaks(
     if "dispatch_floor_s" not in entry:
         entry["dispatch_floor_s"] = measure_dispatch_floor(device)
         changed = True
+    if "kernel_overhead_s" not in entry:
+        entry["kernel_overhead_s"] = measure_kernel_overhead(device)
+        changed = True
     entry["matmul_flops_per_s"] = flops
     entry.setdefault("gemm_flops_per_s", {})
     if changed:
@@ -327,28 +399,39 @@ def measured_peaks(
         matmul_flops_per_s=flops,
         bandwidth_bytes_per_s=max(bw["read_bytes_per_s"], bw["copy_bytes_per_s"]),
         dispatch_floor_s=entry["dispatch_floor_s"],
+        kernel_overhead_s=entry["kernel_overhead_s"],
         details=entry,
     )
 
 
 def gemm_flops(
-    device: jax.Device, dtype: str, shape: tuple[int, int, int], cache_dir: str
+    device: jax.Device,
+    dtype: str,
+    shape: tuple[int, int, int],
+    cache_dir: str,
+    cold: bool = False,
 ) -> float:
-    """Measured FLOP/s of one GEMM shape (m, k, n), cached beside the peaks."""
+    """Measured FLOP/s of one GEMM shape (m, k, n), warm or with cold weights, cached."""
     path = cache_path(cache_dir)
-    cache: dict[str, Any] = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            cache = json.load(f)
+    cache = _load(path)
     key = _device_key(device)
     entry = dict(cache.get(key, {}))
     table = dict(entry.get("gemm_flops_per_s", {}))
-    name = f"{dtype}:{shape[0]}x{shape[1]}x{shape[2]}"
+    name = f"{dtype}:{shape[0]}x{shape[1]}x{shape[2]}" + (":cold" if cold else "")
     if name not in table:
-        table[name] = measure_gemm_flops(device, dtype, *shape)
+        table[name] = measure_gemm_flops(
+            device, dtype, *shape, dispatch_floor_s=entry.get("dispatch_floor_s", 0.0), cold=cold
+        )
         entry["gemm_flops_per_s"] = table
         _save(path, cache, key, entry)
     return table[name]
+
+
+def _load(path: str) -> dict[str, Any]:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def _save(path: str, cache: dict[str, Any], key: str, entry: dict[str, Any]) -> None:

@@ -153,3 +153,82 @@ def whatif_figure(rows: list[dict[str, Any]], s: dict[str, Any]) -> plt.Figure:
     ax.legend(fontsize="small")
     fig.tight_layout()
     return fig
+
+
+def knee_vs_context_figure(summaries: list[dict[str, Any]]) -> plt.Figure:
+    """Decode runs: fitted knee (with interval) and a-priori knee against cache length."""
+    decode = sorted(
+        (s for s in summaries if s.get("phase") == "decode"), key=lambda s: s["cache_len"]
+    )
+    L = np.array([s["cache_len"] for s in decode])
+    knee = np.array([s["knee_batch_size"] for s in decode])
+    # The full fit's knee can sit just outside its bootstrap percentiles, and a run with
+    # no knee has an infinite one: draw what is finite, never a negative error bar.
+    lo = np.minimum([s["knee_low"] for s in decode], knee)
+    hi = np.maximum([s["knee_high"] for s in decode], knee)
+    ok = np.isfinite(knee) & np.isfinite(lo) & np.isfinite(hi)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    ax.errorbar(
+        L[ok],
+        knee[ok],
+        yerr=[knee[ok] - lo[ok], hi[ok] - knee[ok]],
+        fmt="o-",
+        capsize=3,
+        label="fitted knee",
+    )
+    ax.plot(
+        L,
+        [s["predicted_knee_batch_size"] for s in decode],
+        "s--",
+        label="a-priori knee (weights + KV cache)",
+    )
+    ax.plot(
+        L,
+        [s["predicted_critical_batch"] for s in decode],
+        "k:",
+        label="weights-only B* (the MLP formula)",
+    )
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("cache length (positions per sequence)")
+    ax.set_ylabel("critical batch size")
+    ax.set_title("decode step: where batching stops being free, by context")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def prefill_figure(rows: list[dict[str, Any]]) -> plt.Figure:
+    """Prefill latency against prompt length, one line per batch size."""
+    prefill = [r for r in rows if r.get("phase") == "prefill"]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for b in sorted({r["batch_size"] for r in prefill}):
+        rs = sorted((r for r in prefill if r["batch_size"] == b), key=lambda r: r["prompt_len"])
+        ax.plot(
+            [r["prompt_len"] for r in rs],
+            [r["latency_s"] * 1e3 for r in rs],
+            "o-",
+            label=f"batch {b}",
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("prefill latency (ms)")
+    ax.set_title("prefill latency vs prompt length")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def extra_figures(
+    rows: list[dict[str, Any]], summaries: list[dict[str, Any]]
+) -> dict[str, plt.Figure]:
+    """Figures that only some experiments have data for."""
+    figures = {}
+    if sum(s.get("phase") == "decode" for s in summaries) >= 2:
+        figures["knee_vs_context"] = knee_vs_context_figure(summaries)
+    if any(r.get("phase") == "prefill" for r in rows):
+        figures["prefill_vs_prompt"] = prefill_figure(rows)
+    return figures

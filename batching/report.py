@@ -126,7 +126,8 @@ def write(
             text += (
                 f" Measured here: matmul {_fmt(a['peak_flops_per_s'] / 1e9)} GFLOP/s "
                 f"({s0['dtype']}), streaming bandwidth {_fmt(a['peak_bytes_per_s'] / 1e9)} GB/s, "
-                f"dispatch floor {_fmt(a['dispatch_floor_s'] * 1e6)} µs per call."
+                f"dispatch floor {_fmt(a['dispatch_floor_s'] * 1e6)} µs per call, "
+                f"{_fmt(a['kernel_overhead_s'] * 1e6)} µs per extra kernel."
             )
             if a["spec_device"]:
                 text += f" Spec table entry: {a['spec_device']}."

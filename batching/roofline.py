@@ -57,6 +57,18 @@ def compute_time(
     return seconds + max(flops - gemm_total, 0.0) / peak_flops
 
 
+def overhead_time(
+    gemm_shapes: list[list[int]] | None, dispatch_floor_s: float, kernel_overhead_s: float
+) -> float:
+    """Seconds a call costs even with no work: one dispatch plus a launch per kernel.
+
+    The kernels are counted as the call's matrix products (XLA fuses the elementwise
+    work around them); a call without known GEMMs counts as one kernel.
+    """
+    kernels = sum(count for *_, count in gemm_shapes) if gemm_shapes else 1
+    return dispatch_floor_s + kernels * kernel_overhead_s
+
+
 # ---------------------------------------------------------------- the fit
 
 

@@ -4,6 +4,8 @@ from typing import Any
 
 import numpy as np
 
+RUN_FIELDS = ("width", "depth", "phase", "cache_len", "prompt_len", "image_size", "intensity_b1")
+
 
 def run_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """One object per run: size, the ends of the sweep and where throughput peaks."""
@@ -29,6 +31,8 @@ def run_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "best_throughput_per_s": best["throughput_per_s"],
         "best_throughput_batch_size": best["batch_size"],
         "compile_s_total": float(np.sum([r["compile_s"] for r in rows])),
+        # Workload facts that name the run (MLP width, decoder phase and context, ...).
+        **{k: first[k] for k in RUN_FIELDS if k in first},
     }
 
 

@@ -74,6 +74,7 @@ def measure_point(
         "achieved_bytes_per_s": work_bytes / latency if work_bytes else None,
         "examples": examples,
         "throughput_per_s": examples / latency,
+        f"{wl.example_unit}_per_s": examples / latency,
         "per_example_s": latency / examples,
         "gemm_shapes": wl.gemm_shapes(batch_size) if wl.gemm_shapes else None,
         "fingerprint": fingerprint,

@@ -46,6 +46,8 @@ class Workload:
     next_args: Callable[[Sequence[Any], Any], Sequence[Any]] | None = None
     gemm_shapes: Callable[[int], list[tuple[int, int, int, int]]] | None = None
     examples: Callable[[int], int] = lambda batch_size: batch_size
+    # What `examples` counts; rows also get `<unit>_per_s` (tokens_per_s for a decoder).
+    example_unit: str = "examples"
     fields: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 

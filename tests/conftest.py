@@ -21,6 +21,7 @@ SEEDED_PEAKS = {
     "matmul_flops_per_s": {"float32": 1e11},
     "bandwidth": {"read_bytes_per_s": 2e10, "copy_bytes_per_s": 1e10, "buffer_bytes": 1.0},
     "dispatch_floor_s": 1e-5,
+    "kernel_overhead_s": 1e-6,
     "gemm_flops_per_s": {},
 }
 with open(os.path.join(PEAKS_DIR, "device_peaks.json"), "w") as f:

@@ -91,6 +91,14 @@ def test_microbenchmarks_measure_something_plausible():
     bw = hardware.measure_bandwidth(dev, buffer_bytes=8 << 20)
     assert 1e8 < bw["read_bytes_per_s"] < 1e13
     assert 0 < hardware.measure_dispatch_floor(dev) < 0.01
+    assert 0 <= hardware.measure_kernel_overhead(dev, chain=4) < 0.01
+    warm = hardware.measure_gemm_flops(dev, "float32", 4, 64, 64)
+    cold = hardware.measure_gemm_flops(dev, "float32", 4, 64, 64, cold=True)
+    assert 1e6 < warm < 1e15 and 1e6 < cold < 1e15
+
+
+def test_last_level_cache_is_read_or_bounded():
+    assert (1 << 20) <= hardware.last_level_cache_bytes(jax.devices()[0]) <= (1 << 30)
 
 
 def test_peaks_are_cached_per_device(tmp_path, monkeypatch):
@@ -103,6 +111,7 @@ def test_peaks_are_cached_per_device(tmp_path, monkeypatch):
         lambda d: {"read_bytes_per_s": 2e10, "copy_bytes_per_s": 1e10, "buffer_bytes": 1.0},
     )
     monkeypatch.setattr(hardware, "measure_dispatch_floor", lambda d: 1e-5)
+    monkeypatch.setattr(hardware, "measure_kernel_overhead", lambda d: 1e-6)
     p = hardware.measured_peaks(dev, ("float32",), str(tmp_path))
     hardware.measured_peaks(dev, ("float32",), str(tmp_path))
     assert calls == ["float32"]  # second call read the cache

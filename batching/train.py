@@ -1,0 +1,453 @@
+"""Trains a small MoE decoder on standard-library bytes and logs its routing to TensorBoard.
+
+    from batching import train
+    from configs import moe_decoder
+    summary = train.run(moe_decoder.get_config("expert_choice"), "/tmp/moe")
+
+Loss = mean cross-entropy + train.aux_loss_weight * (aux loss averaged over MoE layers)
++ train.z_loss_weight * (z-loss averaged over MoE layers); adamw with a warmup and an
+optional cosine decay. The train step is a pure function of (params, opt_state, batch) over
+`nnx.split`, jitted with params and optimizer state donated.
+
+Outputs under workdir:
+  tb/<name>/            TensorBoard events (file suffix .train): train/*, moe/*, eval/*
+  params/<name>.npz     trained params, one array per nnx path joined by "/"
+  params/<name>.json    the model config they belong to (DecoderConfig fields)
+  train_summary.json    the dict `run` returns
+
+Routing statistics (models.routers.routing_stats) are logged as `moe/<stat>`, the mean over
+MoE layers, and `moe/layer_<i>/<stat>` with i the block index. Held-out ones are means over
+a fixed set of held-out batches of each batch's statistic, under `eval/`.
+
+Letters in array names: B batch, L length, V vocab.
+"""
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tensorboardX
+from flax import nnx
+
+from batching import text_data
+from batching.tensorboard_writer import run_dir
+from models import decoder
+
+ROUTING_SCALARS = (
+    "aux_loss",
+    "z_loss",
+    "load_cv",
+    "max_mean_load",
+    "drop_fraction",
+    "token_drop_fraction",
+    "expert_usage",
+    "router_confidence",
+    "router_entropy",
+)
+SCHEDULES = ("cosine", "constant")
+EVENT_SUFFIX = ".train"
+SUMMARY_FILE = "train_summary.json"
+
+Batch = tuple[np.ndarray, np.ndarray]
+Stats = dict[str, Any]
+
+
+# Config.
+
+
+def model_config(model_cfg: Mapping | ml_collections.ConfigDict) -> decoder.DecoderConfig:
+    """The DecoderConfig fields present in `model_cfg`; other keys (name, phase, ...) are
+    ignored and missing ones keep their defaults. Bad values raise ValueError naming model.*."""
+    fields = [f.name for f in dataclasses.fields(decoder.DecoderConfig)]
+    return decoder.DecoderConfig(**{name: model_cfg[name] for name in fields if name in model_cfg})
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_float(name: str, value: Any, positive: bool) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if (positive and not value > 0) or value < 0:
+        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
+
+
+def validate(config: ml_collections.ConfigDict) -> decoder.DecoderConfig:
+    """Checks the fields training reads; returns the model config. Raises ValueError naming
+    the bad field (config.train.*, config.name, config.seed or model.*)."""
+    t = config.get("train")
+    if t is None:
+        raise ValueError("config.train is missing: see configs/moe_decoder.py for its fields")
+    ints = {"steps": 1, "batch_size": 1, "seq_len": 1, "warmup_steps": 0, "log_every": 1}
+    ints |= {"eval_every": 1, "eval_batches": 1, "max_text_bytes": 1}
+    floats = {"learning_rate": True, "weight_decay": False, "grad_clip_norm": False}
+    floats |= {"aux_loss_weight": False, "z_loss_weight": False, "heldout_fraction": True}
+    for name in [*ints, *floats, "schedule"]:
+        if name not in t:
+            raise ValueError(f"config.train.{name} is missing")
+    for name, minimum in ints.items():
+        _check_int(f"config.train.{name}", t[name], minimum)
+    for name, positive in floats.items():
+        _check_float(f"config.train.{name}", t[name], positive)
+    if t.warmup_steps >= t.steps:
+        raise ValueError(
+            f"config.train.warmup_steps must be < config.train.steps={t.steps}, "
+            f"got {t.warmup_steps}"
+        )
+    if not t.heldout_fraction < 1:
+        raise ValueError(
+            f"config.train.heldout_fraction must lie in (0, 1), got {t.heldout_fraction!r}"
+        )
+    if t.schedule not in SCHEDULES:
+        raise ValueError(f"config.train.schedule must be one of {SCHEDULES}, got {t.schedule!r}")
+    _check_int("config.seed", config.get("seed"), 0)
+    name = config.get("name")
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name:
+        raise ValueError(f"config.name must be a plain file name, got {name!r}")
+    cfg = model_config(config.model)
+    if cfg.vocab_size < text_data.VOCAB_SIZE:
+        raise ValueError(
+            f"model.vocab_size must be >= {text_data.VOCAB_SIZE} for byte-level text, "
+            f"got {cfg.vocab_size}"
+        )
+    if t.seq_len > cfg.max_seq_len:
+        raise ValueError(
+            f"config.train.seq_len must be <= model.max_seq_len={cfg.max_seq_len}, got {t.seq_len}"
+        )
+    if cfg.moe_group_size and (t.batch_size * t.seq_len) % cfg.moe_group_size:
+        raise ValueError(
+            f"model.moe_group_size={cfg.moe_group_size} must divide config.train.batch_size * "
+            f"config.train.seq_len = {t.batch_size * t.seq_len}"
+        )
+    return cfg
+
+
+# Optimizer, loss and steps.
+
+
+def make_optimizer(t: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Callable]:
+    """adamw (b2 0.95, decay on matrices only) after optional global-norm clipping; returns
+    (optimizer, learning-rate schedule of the step count)."""
+    lr, warmup = t.learning_rate, t.warmup_steps
+    if t.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(lr, t.steps - warmup, alpha=0.1)
+    else:
+        decay = optax.constant_schedule(lr)
+    schedule = decay
+    if warmup:
+        ramp = optax.linear_schedule(lr / warmup, lr, warmup)
+        schedule = optax.join_schedules([ramp, decay], [warmup])
+    # Norm scales stay out of weight decay: decaying them towards 0 fights the normalisation.
+    matrices = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)
+    adamw = optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=t.weight_decay, mask=matrices)
+    if t.grad_clip_norm:
+        return optax.chain(optax.clip_by_global_norm(t.grad_clip_norm), adamw), schedule
+    return adamw, schedule
+
+
+def _layer_mean(stats: list[Stats], key: str) -> jax.Array:
+    if not stats:
+        return jnp.zeros((), jnp.float32)
+    return jnp.mean(jnp.stack([s[key] for s in stats]))
+
+
+def loss_fn(
+    params: nnx.State,
+    graphdef: nnx.GraphDef,
+    batch: Batch,
+    aux_loss_weight: float,
+    z_loss_weight: float,
+) -> tuple[jax.Array, tuple[jax.Array, list[Stats]]]:
+    """(total loss, (mean cross-entropy in nats per byte, routing stats per MoE layer))."""
+    inputs_BxL, targets_BxL = batch
+    logits_BxLxV, stats = decoder.forward_with_stats(graphdef, params, inputs_BxL)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL).mean()
+    aux = _layer_mean(stats, "aux_loss")
+    z = _layer_mean(stats, "z_loss")
+    return ce + aux_loss_weight * aux + z_loss_weight * z, (ce, stats)
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    optimizer: optax.GradientTransformation,
+    aux_loss_weight: float,
+    z_loss_weight: float,
+) -> Callable:
+    """jit of step(params, opt_state, batch) -> (params, opt_state, metrics, stats); params
+    and opt_state are donated."""
+
+    def step(params: nnx.State, opt_state: optax.OptState, batch: Batch):
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (ce, stats)), grads = grad_fn(
+            params, graphdef, batch, aux_loss_weight, z_loss_weight
+        )
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {"loss": loss, "ce_loss": ce, "grad_norm": optax.global_norm(grads)}
+        return params, opt_state, metrics, stats
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
+    """jit of eval(params, batch) -> (mean cross-entropy, routing stats per MoE layer)."""
+
+    def step(params: nnx.State, batch: Batch):
+        _, (ce, stats) = loss_fn(params, graphdef, batch, 0.0, 0.0)
+        return ce, stats
+
+    return jax.jit(step)
+
+
+def evaluate(
+    eval_step: Callable, params: nnx.State, batches: list[Batch]
+) -> tuple[float, list[Stats]]:
+    """Held-out loss and per-layer stats over `batches`: scalar stats are means over batches
+    of each batch's value; tokens_per_expert is summed and experts_per_token concatenated."""
+    losses, per_batch = [], []
+    for batch in batches:
+        loss, stats = jax.device_get(eval_step(params, batch))
+        losses.append(float(loss))
+        per_batch.append(stats)
+    layers = []
+    for i in range(len(per_batch[0])):
+        runs = [stats[i] for stats in per_batch]
+        layer = {key: float(np.mean([s[key] for s in runs])) for key in ROUTING_SCALARS}
+        layer["tokens_per_expert"] = np.sum([s["tokens_per_expert"] for s in runs], axis=0)
+        layer["experts_per_token"] = np.concatenate([s["experts_per_token"] for s in runs])
+        layers.append(layer)
+    return float(np.mean(losses)), layers
+
+
+# TensorBoard.
+
+
+def write_routing(
+    writer: tensorboardX.SummaryWriter,
+    prefix: str,
+    stats: list[Stats],
+    layers: tuple[int, ...],
+    step: int,
+    router: str,
+) -> None:
+    """Scalars `<prefix>moe/<stat>` (mean over layers) and `<prefix>moe/layer_<i>/<stat>`;
+    histograms of tokens per expert (all layers, and per layer) and, for expert-choice,
+    experts per token."""
+    if not stats:
+        return
+    for key in ROUTING_SCALARS:
+        values = [float(s[key]) for s in stats]
+        writer.add_scalar(f"{prefix}moe/{key}", float(np.mean(values)), step)
+        for layer, value in zip(layers, values, strict=True):
+            writer.add_scalar(f"{prefix}moe/layer_{layer}/{key}", value, step)
+    loads = [np.asarray(s["tokens_per_expert"], np.float64) for s in stats]
+    writer.add_histogram(f"{prefix}moe/tokens_per_expert", np.concatenate(loads), step)
+    for layer, load in zip(layers, loads, strict=True):
+        writer.add_histogram(f"{prefix}moe/layer_{layer}/tokens_per_expert", load, step)
+    if router == "expert_choice":
+        experts = np.concatenate([np.asarray(s["experts_per_token"], np.float64) for s in stats])
+        writer.add_histogram(f"{prefix}moe/experts_per_token", experts, step)
+
+
+def _archive_old_events(logdir: str, workdir: str) -> None:
+    """Moves a previous training's event files to <workdir>/archive/<time>/: a rerun starts
+    clean curves and nothing is deleted. Other writers' files in the folder stay."""
+    old = [f for f in os.listdir(logdir) if f.endswith(EVENT_SUFFIX)]
+    if not old:
+        return
+    dest = os.path.join(
+        workdir, "archive", time.strftime("%Y%m%d-%H%M%S"), os.path.relpath(logdir, workdir)
+    )
+    os.makedirs(dest, exist_ok=True)
+    for name in old:
+        shutil.move(os.path.join(logdir, name), os.path.join(dest, name))
+
+
+# Params on disk.
+
+
+def param_arrays(params: nnx.State) -> dict[str, np.ndarray]:
+    """The state's arrays keyed by their nnx path joined with "/" (e.g. blocks/1/mlp/...)."""
+    arrays = {}
+    for path, leaf in nnx.to_flat_state(params):
+        value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+        arrays["/".join(str(part) for part in path)] = np.asarray(value)
+    return arrays
+
+
+def _write_atomic(path: str, write: Callable) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def save_params(path: str, params: nnx.State, cfg: decoder.DecoderConfig) -> None:
+    """Writes params to `path` (.npz) and cfg to the .json beside it, each written then
+    renamed, so a reader never sees a half-written file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _write_atomic(path, lambda f: np.savez(f, **param_arrays(params)))
+    sidecar = {"model": dataclasses.asdict(cfg), "num_params": decoder.num_params(cfg)}
+    text = json.dumps(sidecar, indent=2, sort_keys=True).encode()
+    _write_atomic(os.path.splitext(path)[0] + ".json", lambda f: f.write(text))
+
+
+def load_params(
+    path: str, model_cfg: decoder.DecoderConfig | Mapping | ml_collections.ConfigDict
+) -> nnx.State:
+    """Params saved by `save_params`, as the nnx.State of Decoder(model_cfg)'s nnx.Param.
+
+    Restore with `nnx.merge(graphdef, load_params(path, cfg))` or `nnx.update(model, ...)`.
+    Arrays are cast to model.param_dtype. Routing fields (router, top_k, capacity_factor,
+    group size) may differ from training's; a missing, extra or misshapen array raises
+    ValueError.
+    """
+    cfg = model_cfg if isinstance(model_cfg, decoder.DecoderConfig) else model_config(model_cfg)
+    abstract = nnx.eval_shape(lambda: decoder.Decoder(cfg, rngs=nnx.Rngs(0)))
+    flat = list(nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
+    with np.load(path) as npz:
+        arrays = {key: npz[key] for key in npz.files}
+    keys = {"/".join(str(part) for part in p): p for p, _ in flat}
+    missing, extra = sorted(set(keys) - set(arrays)), sorted(set(arrays) - set(keys))
+    if missing or extra:
+        raise ValueError(
+            f"{path} does not fit this model config: missing {missing[:5]}, unexpected "
+            f"{extra[:5]} ({len(missing)} and {len(extra)} in all)"
+        )
+    restored = []
+    for p, leaf in flat:
+        key = "/".join(str(part) for part in p)
+        like = leaf.get_value()
+        if arrays[key].shape != like.shape:
+            raise ValueError(
+                f"{path}: {key} has shape {arrays[key].shape}, this model config wants {like.shape}"
+            )
+        restored.append((p, leaf.replace(jnp.asarray(arrays[key], like.dtype))))
+    return nnx.from_flat_state(restored)
+
+
+def params_path(workdir: str, name: str) -> str:
+    return os.path.join(workdir, "params", f"{name}.npz")
+
+
+# The run.
+
+
+def _layer_summary(layer: Stats) -> dict[str, Any]:
+    out = {key: layer[key] for key in ROUTING_SCALARS}
+    out["tokens_per_expert"] = [float(x) for x in layer["tokens_per_expert"]]
+    return out
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains config.model on stdlib bytes per config.train; returns the summary it also
+    writes to <workdir>/train_summary.json.
+
+    Summary: train_loss / train_ce_loss (last step), heldout_loss (nats per byte),
+    heldout_stats (each routing scalar averaged over MoE layers; tokens_per_expert a list of
+    per-layer lists of E counts summed over the held-out batches), heldout_stats_per_layer,
+    steps, seconds (whole run) and train_seconds (the step loop, compiles and evals included).
+    """
+    t0 = time.perf_counter()
+    cfg = validate(config)
+    t = config.train
+    layers = decoder.moe_layers(cfg)
+    split = text_data.load_split(t.max_text_bytes, t.heldout_fraction)
+
+    abstract = nnx.eval_shape(lambda: decoder.Decoder(cfg, rngs=nnx.Rngs(0)))
+    graphdef, _ = nnx.split(abstract, nnx.Param)
+    # One jitted init instead of one eager compile per weight shape.
+    params = jax.jit(
+        lambda: nnx.state(decoder.Decoder(cfg, rngs=nnx.Rngs(config.seed)), nnx.Param)
+    )()
+    optimizer, schedule = make_optimizer(t)
+    opt_state = jax.jit(optimizer.init)(params)
+    train_step = make_train_step(graphdef, optimizer, t.aux_loss_weight, t.z_loss_weight)
+    eval_step = make_eval_step(graphdef)
+
+    rng = np.random.default_rng(config.seed)
+    eval_rng = np.random.default_rng([config.seed, 1])
+    eval_batches = [
+        text_data.sample_batch(split.heldout, t.batch_size, t.seq_len, eval_rng)
+        for _ in range(t.eval_batches)
+    ]
+
+    logdir = run_dir(workdir, config.name)
+    os.makedirs(logdir, exist_ok=True)
+    _archive_old_events(logdir, workdir)
+    writer = tensorboardX.SummaryWriter(logdir=logdir, filename_suffix=EVENT_SUFFIX, flush_secs=10)
+    writer.add_text("config", "```\n" + config.to_json_best_effort(indent=2) + "\n```", 0)
+
+    precision = config.model.get("matmul_precision", "default")
+    ctx = (
+        jax.default_matmul_precision(precision)
+        if precision != "default"
+        else contextlib.nullcontext()
+    )
+    loop_start = time.perf_counter()
+    try:
+        with ctx:
+            for step in range(1, t.steps + 1):
+                batch = text_data.sample_batch(split.train, t.batch_size, t.seq_len, rng)
+                params, opt_state, metrics, stats = train_step(params, opt_state, batch)
+                if step % t.log_every == 0 or step in (1, t.steps):
+                    metrics, stats = jax.device_get((metrics, stats))
+                    for key, value in metrics.items():
+                        writer.add_scalar(f"train/{key}", float(value), step)
+                    writer.add_scalar("train/learning_rate", float(schedule(step - 1)), step)
+                    write_routing(writer, "", stats, layers, step, cfg.router)
+                if step % t.eval_every == 0 or step == t.steps:
+                    heldout_loss, heldout = evaluate(eval_step, params, eval_batches)
+                    writer.add_scalar("eval/loss", heldout_loss, step)
+                    write_routing(writer, "eval/", heldout, layers, step, cfg.router)
+        train_seconds = time.perf_counter() - loop_start
+    finally:
+        writer.close()
+
+    path = params_path(workdir, config.name)
+    save_params(path, params, cfg)
+    per_layer = {
+        f"layer_{i}": _layer_summary(layer) for i, layer in zip(layers, heldout, strict=True)
+    }
+    heldout_stats: dict[str, Any] = (
+        {key: float(np.mean([layer[key] for layer in heldout])) for key in ROUTING_SCALARS}
+        if heldout
+        else {}
+    )
+    if heldout:
+        heldout_stats["tokens_per_expert"] = [s["tokens_per_expert"] for s in per_layer.values()]
+    summary = {
+        "name": config.name,
+        "router": cfg.router,
+        "top_k": cfg.top_k,
+        "steps": t.steps,
+        "train_loss": float(metrics["loss"]),
+        "train_ce_loss": float(metrics["ce_loss"]),
+        "heldout_loss": heldout_loss,
+        "heldout_stats": heldout_stats,
+        "heldout_stats_per_layer": per_layer,
+        "moe_layers": list(layers),
+        "num_params": decoder.num_params(cfg),
+        "num_active_params": decoder.num_active_params(cfg),
+        "tokens_per_step": t.batch_size * t.seq_len,
+        "train_bytes": int(split.train.size),
+        "heldout_bytes": int(split.heldout.size),
+        "params_path": path,
+        "train_seconds": train_seconds,
+        "seconds": time.perf_counter() - t0,
+    }
+    text = json.dumps(summary, indent=2).encode()
+    _write_atomic(os.path.join(workdir, SUMMARY_FILE), lambda f: f.write(text))
+    return summary

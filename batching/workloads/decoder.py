@@ -1,0 +1,155 @@
+"""The decoder as a workload: one decode step or one prefill, timed with the cache donated.
+
+- phase "decode": B sequences whose caches hold `cache_len` positions; one step writes
+  position cache_len-1 and attends over all cache_len slots. Between timed steps the
+  lengths are set back, so every step costs the same and the cache never overflows.
+- phase "prefill": B prompts of `prompt_len` tokens written into an empty cache.
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from batching.workload import Cost, Workload
+from models import decoder
+from models.dtypes import resolve_dtype
+
+PHASES = ("decode", "prefill")
+
+
+def model_config(model_cfg: ml_collections.ConfigDict) -> decoder.DecoderConfig:
+    return decoder.DecoderConfig(
+        vocab_size=model_cfg.vocab_size,
+        d_model=model_cfg.d_model,
+        n_layers=model_cfg.n_layers,
+        n_heads=model_cfg.n_heads,
+        n_kv_heads=model_cfg.n_kv_heads,
+        head_dim=model_cfg.head_dim,
+        mlp_dim=model_cfg.mlp_dim,
+        max_seq_len=model_cfg.max_seq_len,
+        rope_theta=model_cfg.rope_theta,
+        tie_embeddings=model_cfg.tie_embeddings,
+        dtype=model_cfg.dtype,
+        param_dtype=model_cfg.param_dtype,
+        cache_dtype=model_cfg.cache_dtype,
+    )
+
+
+def validate(model_cfg: ml_collections.ConfigDict) -> None:
+    cfg = model_config(model_cfg)
+    if model_cfg.phase not in PHASES:
+        raise ValueError(f"model.phase must be one of {PHASES}, got {model_cfg.phase!r}")
+    length = model_cfg.cache_len if model_cfg.phase == "decode" else model_cfg.prompt_len
+    name = "cache_len" if model_cfg.phase == "decode" else "prompt_len"
+    if not isinstance(length, int) or isinstance(length, bool) or length <= 0:
+        raise ValueError(f"model.{name} must be a positive integer, got {length!r}")
+    if length > cfg.max_seq_len:
+        raise ValueError(
+            f"model.{name} must be <= model.max_seq_len={cfg.max_seq_len}, got {length!r}"
+        )
+
+
+def gemm_shapes(cfg: decoder.DecoderConfig, tokens: int, logits_rows: int) -> list:
+    """The step's weight matmuls as (m, k, n, count); attention over the cache is not a GEMM."""
+    D, N, K, H, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim
+    L = cfg.n_layers
+    return [
+        (tokens, D, N * H, L),  # query
+        (tokens, D, K * H, 2 * L),  # key, value
+        (tokens, N * H, D, L),  # out
+        (tokens, D, F, 2 * L),  # gate, up
+        (tokens, F, D, L),  # down
+        (logits_rows, D, cfg.vocab_size, 1),  # unembedding
+    ]
+
+
+def _set_lengths(cache: nnx.State, lengths_B: np.ndarray) -> nnx.State:
+    def put(path, leaf):
+        names = {getattr(p, "key", getattr(p, "name", None)) for p in path}
+        return jnp.asarray(lengths_B) if "lengths" in names else leaf
+
+    return jax.tree_util.tree_map_with_path(put, cache)
+
+
+def build(run_cfg: ml_collections.ConfigDict, device: jax.Device) -> Workload:
+    m = run_cfg.model
+    cfg = model_config(m)
+    model = decoder.Decoder(cfg, rngs=nnx.Rngs(run_cfg.seed))
+    param_bytes = resolve_dtype(cfg.param_dtype).itemsize
+    cache_bytes = resolve_dtype(cfg.cache_dtype).itemsize
+    model.init_cache(1, 1)
+    graphdef, params, _ = nnx.split(model, nnx.Param, nnx.Cache)
+    params = jax.device_put(params, device)
+    decode = m.phase == "decode"
+    length = m.cache_len if decode else m.prompt_len
+
+    def empty_cache(batch: int) -> nnx.State:
+        model.init_cache(batch, length)
+        cache = nnx.state(model, nnx.Cache)
+        model.init_cache(1, 1)  # the model keeps no big buffers between points
+        return jax.device_put(cache, device)
+
+    if decode:
+
+        def fn(params, cache, tokens_B):
+            return decoder.decode_step(graphdef, params, cache, tokens_B)
+
+        def make_args(batch: int):
+            lengths = np.full((batch,), length - 1, np.int32)
+            cache = _set_lengths(empty_cache(batch), lengths)
+            return params, cache, jax.device_put(jnp.zeros((batch,), jnp.int32), device)
+
+        def next_args(args, out):
+            # The step advanced every length to cache_len: set them back so the next step
+            # writes the same slot and costs the same.
+            lengths = np.full((args[2].shape[0],), length - 1, np.int32)
+            return args[0], _set_lengths(out[1], lengths), args[2]
+
+        def cost(batch: int) -> Cost:
+            c = decoder.decode_step_cost(cfg, batch, length, param_bytes, cache_bytes)
+            return Cost(c["flops"], c["bytes"], decoder.num_params(cfg) * param_bytes)
+
+        shapes = lambda batch: gemm_shapes(cfg, batch, batch)
+        examples = lambda batch: batch
+    else:
+
+        def fn(params, cache, tokens_BxL, lengths_B):
+            return decoder.prefill(graphdef, params, cache, tokens_BxL, lengths_B)
+
+        def make_args(batch: int):
+            tokens = jnp.zeros((batch, length), jnp.int32)
+            lengths = jnp.full((batch,), length, jnp.int32)
+            return params, empty_cache(batch), *jax.device_put((tokens, lengths), device)
+
+        def next_args(args, out):
+            return args[0], out[1], args[2], args[3]
+
+        def cost(batch: int) -> Cost:
+            c = decoder.prefill_cost(cfg, batch, length, param_bytes, cache_bytes)
+            return Cost(c["flops"], c["bytes"], decoder.num_params(cfg) * param_bytes)
+
+        shapes = lambda batch: gemm_shapes(cfg, batch * length, batch)
+        examples = lambda batch: batch * length
+
+    n_params = decoder.num_params(cfg)
+    return Workload(
+        fn=fn,
+        make_args=make_args,
+        params=n_params,
+        param_bytes=n_params * param_bytes,
+        cost=cost,
+        donate_argnums=(1,),
+        next_args=next_args,
+        gemm_shapes=shapes,
+        examples=examples,
+        example_unit="tokens",
+        fields={
+            "phase": m.phase,
+            "cache_len": length if decode else None,
+            "prompt_len": None if decode else length,
+            "kv_bytes_per_token": 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * cache_bytes,
+            "cache_dtype": cfg.cache_dtype,
+        },
+    )

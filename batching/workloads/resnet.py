@@ -1,0 +1,64 @@
+"""A ResNet as a workload: logits = ResNet(images) for images [batch, size, size, 3]."""
+
+import jax
+import ml_collections
+from flax import nnx
+
+from batching.workload import Cost, Workload
+from models import resnet
+from models.dtypes import resolve_dtype
+
+
+def model_config(model_cfg: ml_collections.ConfigDict) -> resnet.ResNetConfig:
+    return resnet.ResNetConfig(
+        depth=model_cfg.depth,
+        num_classes=model_cfg.num_classes,
+        image_size=model_cfg.image_size,
+        width=model_cfg.width,
+        dtype=model_cfg.dtype,
+        param_dtype=model_cfg.param_dtype,
+        small_input=model_cfg.small_input,
+    )
+
+
+def validate(model_cfg: ml_collections.ConfigDict) -> None:
+    model_config(model_cfg)
+
+
+def build(run_cfg: ml_collections.ConfigDict, device: jax.Device) -> Workload:
+    cfg = model_config(run_cfg.model)
+    # An rbg key: threefry's sampler compiles a program per kernel shape, ~5x slower on a CPU.
+    model = resnet.ResNet(cfg, rngs=nnx.Rngs(jax.random.key(run_cfg.seed, impl="rbg")))
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(state, device)
+    dtype = resolve_dtype(cfg.dtype)
+
+    def forward(state, images_BxHxWx3):
+        return nnx.merge(graphdef, state)(images_BxHxWx3)
+
+    def make_args(batch_size: int):
+        key = jax.random.key(run_cfg.seed + batch_size)
+        shape = (batch_size, cfg.image_size, cfg.image_size, 3)
+        return state, jax.device_put(jax.random.normal(key, shape, dtype), device)
+
+    def cost(batch_size: int) -> Cost:
+        c = resnet.model_costs(cfg, batch_size)
+        return Cost(c["flops"], c["bytes"], c["weight_bytes"])
+
+    intensity = resnet.arithmetic_intensity_by_kind(cfg, 1)
+    params = resnet.num_params(cfg)
+    return Workload(
+        fn=forward,
+        make_args=make_args,
+        params=params,
+        param_bytes=params * resolve_dtype(cfg.param_dtype).itemsize,
+        cost=cost,
+        fields={
+            "depth": cfg.depth,
+            "image_size": cfg.image_size,
+            "width": cfg.width,
+            "num_classes": cfg.num_classes,
+            # FLOPs per byte of each layer kind at batch 1 (claim C6).
+            "intensity_b1": intensity,
+        },
+    )

@@ -1,0 +1,61 @@
+"""The post's first figures: ResNet50 at 224x224 on every platform JAX sees, plus small networks.
+
+    python main.py --config=experiments/resnet_cpu_vs_gpu.py --workdir=/tmp/resnet
+
+Runs ResNet50 over batch 1..64 on the CPU and, when there is one, on the GPU (or
+TPU), drawn side by side; on a CPU-only machine the report shows the roofline's
+predicted curves for spec devices (T4 first), labelled as predictions. Then a
+small CNN (ResNet18, width 16, 32x32 images) and a small MLP over batch 1..512
+for claim C5. JAX's persistent compilation cache is on: ResNet50 compiles once
+per batch size and a second run loads them.
+"""
+
+import jax
+from ml_collections import config_dict
+
+from configs import default, resnet
+
+RESNET50_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+SMALL_BATCHES = tuple(2**i for i in range(10))  # 1 .. 512
+
+
+def platforms() -> list[str]:
+    """Every platform with a device here, the CPU first."""
+    found = ["cpu"]
+    for name in ("gpu", "tpu"):
+        try:
+            if jax.devices(name):
+                found.append(name)
+        except RuntimeError:
+            pass
+    return found
+
+
+def get_config(arg: str | None = None) -> config_dict.ConfigDict:
+    del arg
+    config = default.get_config()
+    config.name = "resnet_cpu_vs_gpu"
+    config.model = resnet.model(50)
+    config.sweep.batch_sizes = RESNET50_BATCHES
+    config.timing.min_runs = 5
+    config.timing.budget_s = 1.0
+    config.roofline.shape_aware = False
+    config.compilation_cache_dir = "~/.cache/batching_lab/xla"
+    small_mlp = {"name": "mlp", "width": 64, "depth": 2, "activation": "relu",
+                 "dtype": "float32", "param_dtype": "float32", "use_bias": True,
+                 "matmul_precision": "default"}  # fmt: skip
+    runs = {f"resnet50_{p}": {"platform": p} for p in platforms()}
+    runs["resnet18_32px_w16"] = {
+        "model": {"depth": 18, "image_size": 32, "width": 16, "small_input": True,
+                  "num_classes": 10},
+        "sweep": {"batch_sizes": SMALL_BATCHES},
+        "timing": {"min_runs": 10},
+    }  # fmt: skip
+    runs["mlp_w64_d2"] = {
+        "model": small_mlp,
+        "sweep": {"batch_sizes": SMALL_BATCHES},
+        "timing": {"min_runs": 10},
+    }
+    config.runs = runs
+    config.report.claims = ("C1", "C2", "C5", "C6")
+    return config

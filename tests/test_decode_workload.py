@@ -1,0 +1,107 @@
+"""The decoder bound to the sweep: decode and prefill points, donation, no recompiles, C7."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from batching import app, runs, timing
+from batching.workloads import decoder as decoder_workload
+from configs import decoder as decoder_config
+from tests.conftest import tiny
+
+TINY_MODEL = dict(
+    vocab_size=64,
+    d_model=32,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=8,
+    mlp_dim=64,
+    max_seq_len=256,
+)
+
+
+def tiny_decoder(phase="decode", **model):
+    config = tiny()
+    config.model = decoder_config.model(phase)
+    config.model.update({**TINY_MODEL, "cache_len": 32, "prompt_len": 16, **model})
+    config.name = "tiny_decoder"
+    return config
+
+
+def test_decode_steps_never_recompile_and_reuse_the_donated_cache():
+    config = tiny_decoder()
+    wl = decoder_workload.build(config, jax.devices()[0])
+    compiled = timing.compile_fn(wl.fn, wl.make_args(4), wl.donate_argnums)
+    args = tuple(wl.make_args(4))
+    for _ in range(1000):
+        old_cache = args[1]
+        out = compiled.call(*args)
+        assert all(leaf.is_deleted() for leaf in jax.tree.leaves(old_cache))
+        args = tuple(wl.next_args(args, out))
+    jax.block_until_ready(out)
+    assert compiled.call._cache_size() == 1
+    # the lengths were set back every step: the cache never overflowed
+    lengths = [
+        leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(args[1])
+        if "lengths" in jax.tree_util.keystr(path)
+    ]
+    assert all((np.asarray(x) == 31).all() for x in lengths)
+
+
+@pytest.mark.parametrize("phase", ["decode", "prefill"])
+def test_analytic_flops_match_xla(phase):
+    config = tiny_decoder(phase)
+    wl = decoder_workload.build(config, jax.devices()[0])
+    compiled = timing.compile_fn(wl.fn, wl.make_args(4), wl.donate_argnums)
+    assert compiled.flops == pytest.approx(wl.cost(4).flops, rel=0.25)
+
+
+def test_bad_decoder_fields_are_named():
+    config = tiny_decoder(cache_len=0)
+    with pytest.raises(runs.ConfigError, match="model.cache_len"):
+        runs.validate(config, runs.expand(config))
+    config = tiny_decoder(cache_len=1000)
+    with pytest.raises(runs.ConfigError, match="max_seq_len"):
+        runs.validate(config, runs.expand(config))
+    config = tiny_decoder(n_heads=3)
+    with pytest.raises(runs.ConfigError, match="n_heads"):
+        runs.validate(config, runs.expand(config))
+    config = tiny_decoder(phase="train")
+    with pytest.raises(runs.ConfigError, match="model.phase"):
+        runs.validate(config, runs.expand(config))
+
+
+def test_decode_experiment_rows_report_and_plots(tmp_path):
+    config = tiny_decoder()
+    config.sweep.batch_sizes = (1, 2, 4)
+    config.runs = {
+        "decode_L0016": {"model": {"cache_len": 16}},
+        "decode_L0064": {"model": {"cache_len": 64}},
+        "prefill_P0016": {"model": {"phase": "prefill"}, "sweep": {"batch_sizes": (1, 2)}},
+    }
+    config.report.claims = ("C7",)
+    summaries = app.run(config, str(tmp_path))
+    with open(tmp_path / "results.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    decode = [r for r in rows if r["phase"] == "decode"]
+    prefill = [r for r in rows if r["phase"] == "prefill"]
+    assert len(decode) == 6 and len(prefill) == 2
+    for r in decode:
+        assert r["cache_len"] in (16, 64) and r["prompt_len"] is None
+        assert r["tokens_per_s"] == pytest.approx(r["batch_size"] / r["latency_s"])
+    for r in prefill:
+        assert r["prompt_len"] == 16
+        assert r["tokens_per_s"] == pytest.approx(16 * r["batch_size"] / r["latency_s"])
+    # more context, more bytes per sequence: the a-priori knee moves out
+    by_run = {s["run"]: s for s in summaries}
+    assert (
+        by_run["decode_L0064"]["predicted_knee_batch_size"]
+        > by_run["decode_L0016"]["predicted_knee_batch_size"]
+    )
+    assert (tmp_path / "plots" / "knee_vs_context.png").exists()
+    assert (tmp_path / "plots" / "prefill_vs_prompt.png").exists()
+    assert "### C7:" in (tmp_path / "report.md").read_text()
