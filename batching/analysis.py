@@ -85,6 +85,7 @@ def analyze_run(
             }
         )
     bytes_per_param = resolve_dtype(param_dtype).itemsize
+    uses = rows[0].get("weight_uses_per_example") or 1.0
     spec = hardware.detect(device.device_kind)
     spec_f = hardware.spec_flops(spec, dtype, precision) if spec else None
     measured = np.array([r["latency_s"] for r in out])
@@ -100,7 +101,10 @@ def analyze_run(
         "peak_bytes_per_s": bw,
         "dispatch_floor_s": peaks.dispatch_floor_s,
         "kernel_overhead_s": peaks.kernel_overhead_s,
-        "predicted_critical_batch": hardware.critical_batch_size(peak_f, bw, bytes_per_param),
+        # A weight serving only a fraction of the batch (an expert: k/E) needs that much
+        # larger a batch to be reused as often: B* / weight_uses_per_example.
+        "predicted_critical_batch": hardware.critical_batch_size(peak_f, bw, bytes_per_param)
+        / uses,
         # Where the a-priori three limits cross, with this workload's own bytes per example
         # (activations, a KV cache) rather than the weights-only formula above.
         "predicted_knee_batch_size": roofline.knee_of(a_priori, linear),
@@ -108,7 +112,7 @@ def analyze_run(
         "bandwidth_fraction_first": first_bytes / bw if first_bytes else None,
         "spec_device": spec.name if spec else None,
         "spec_critical_batch": (
-            hardware.critical_batch_size(spec_f, spec.bandwidth_bytes_per_s, bytes_per_param)
+            hardware.critical_batch_size(spec_f, spec.bandwidth_bytes_per_s, bytes_per_param) / uses
             if spec and spec_f
             else None
         ),

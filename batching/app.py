@@ -1,5 +1,6 @@
 """What main.py hands off to: validate, prepare the workdir, sweep, then write every output."""
 
+import math
 import os
 from typing import Any
 
@@ -167,7 +168,11 @@ def derived_point_scalars(rows: list[dict[str, Any]]) -> dict[str, dict[int, flo
         ("predicted_latency_s", "latency/predicted_ms"),
         ("fitted_latency_s", "latency/fitted_ms"),
     ):
-        values = {r["batch_size"]: r[field] * 1e3 for r in rows if r.get(field) is not None}
+        values = {
+            r["batch_size"]: r[field] * 1e3
+            for r in rows
+            if r.get(field) is not None and math.isfinite(r[field])
+        }
         if values:
             out[tag] = values
     return out

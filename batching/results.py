@@ -7,6 +7,7 @@ and run fingerprint are already in results.jsonl is not measured again.
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -19,6 +20,17 @@ SAMPLES = "samples.jsonl"
 SUMMARY = "summary.json"
 # Files and folders a run writes; `overwrite` moves them to archive/<time>/.
 OUTPUTS = (CONFIG, RESULTS, SAMPLES, SUMMARY, "plots", "tb", "report.md", "report.html")
+
+
+def _finite_or_null(obj: Any) -> Any:
+    """NaN and infinity as null: strict JSON readers (a browser's) reject them."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    return obj
 
 
 class WorkdirError(ValueError):
@@ -127,7 +139,7 @@ class Store:
         os.makedirs(self.workdir, exist_ok=True)
         sample_record = {"run": row["run"], "batch_size": row["batch_size"]}
         sample_record["samples_s"] = [float(s) for s in samples_s]
-        for name, record in ((SAMPLES, sample_record), (RESULTS, row)):
+        for name, record in ((SAMPLES, sample_record), (RESULTS, _finite_or_null(row))):
             _drop_torn_tail(self.path(name))
             with open(self.path(name), "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -139,7 +151,7 @@ class Store:
         tmp = self.path(RESULTS + ".tmp")
         with open(tmp, "w") as f:
             for row in rows:
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps(_finite_or_null(row)) + "\n")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path(RESULTS))
@@ -151,7 +163,7 @@ class Store:
         # Write then rename, so a reader never sees half a file.
         tmp = self.path(name + ".tmp")
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=str)
+            json.dump(_finite_or_null(obj), f, indent=2, sort_keys=True, default=str)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())

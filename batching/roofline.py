@@ -25,6 +25,7 @@ from scipy import optimize
 from batching import stats
 
 REGIMES = ("overhead", "memory", "compute")
+MIN_POINTS_TO_FIT = 4
 
 
 def predict(
@@ -162,6 +163,10 @@ def fit_knee(
     rows = sorted(rows, key=lambda r: r["batch_size"])
     b = np.array([r["batch_size"] for r in rows], dtype=float)
     t = np.array([r["latency_s"] for r in rows])
+    if b.size < MIN_POINTS_TO_FIT:
+        # Three free parameters from fewer points would fit anything: report no knee.
+        nan = math.nan
+        return KneeFit(nan, nan, nan, nan, nan, nan, {int(bi): nan for bi in b})
     cost = LinearCost.from_rows(
         b,
         np.array([r["analytic_flops"] or r["flops"] for r in rows], dtype=float),

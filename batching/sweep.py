@@ -40,6 +40,7 @@ def measure_point(
         compiled = timing.compile_fn(wl.fn, args, wl.donate_argnums)
     m = timing.measure(compiled.call, args, settings, wl.next_args)
     del args
+    extra = wl.point_fields(batch_size) if wl.point_fields else {}
     summary = stats.summarize(m.samples_s, settings.confidence)
     latency = summary["latency_s"]
     examples = wl.examples(batch_size)
@@ -81,6 +82,7 @@ def measure_point(
         "jax_version": jax.__version__,
         "timestamp": time.time(),
         **wl.fields,
+        **extra,
     }
     return row, m.samples_s
 
@@ -133,7 +135,7 @@ def run_sweep(
                 continue
             if run.config.sweep.shuffle:
                 random.Random(f"{run.config.seed}/{run.name}").shuffle(sizes)
-            wl = workload.build(run.config, runs.device(run.config))
+            wl = workload.build(run.config, runs.device(run.config), store.workdir)
             settings = runs.timing_settings(run.config)
             writer = PointWriter(store.workdir, run.name)
             try:

@@ -32,6 +32,20 @@ POINT_SCALARS = {
 }
 
 
+# Routing statistics of MoE rows (the row field without the `moe/` prefix of the tag).
+MOE_STATS = (
+    "aux_loss",
+    "z_loss",
+    "load_cv",
+    "max_mean_load",
+    "drop_fraction",
+    "token_drop_fraction",
+    "expert_usage",
+    "router_confidence",
+    "router_entropy",
+)
+
+
 def run_dir(workdir: str, run: str) -> str:
     return os.path.join(workdir, "tb", run)
 
@@ -49,6 +63,12 @@ class PointWriter:
             value = row.get(field)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self._writer.add_scalar(tag, value * scale, step)
+        for field, value in row.items():
+            if field in MOE_STATS or (field.startswith("layer_") and "/" in field):
+                self._writer.add_scalar(f"moe/{field}", value, step)
+        for field in ("tokens_per_expert", "experts_per_token"):
+            if row.get(field) is not None:
+                self._writer.add_histogram(f"moe/{field}", np.asarray(row[field]), step)
         self._writer.flush()
 
     def close(self):

@@ -2,7 +2,8 @@
 
 Each model family has a module `batching/workloads/<model.name>.py` with
 `validate(model_cfg)` (raises ValueError naming the field) and
-`build(run_cfg, device) -> Workload`. The sweep picks it by name, so adding a
+`build(run_cfg, device, workdir) -> Workload` (workdir: where a workload finds files
+an earlier step wrote, such as trained parameters). The sweep picks it by name, so adding a
 model touches no dispatcher.
 """
 
@@ -45,6 +46,8 @@ class Workload:
     donate_argnums: tuple[int, ...] = ()
     next_args: Callable[[Sequence[Any], Any], Sequence[Any]] | None = None
     gemm_shapes: Callable[[int], list[tuple[int, int, int, int]]] | None = None
+    # Per-point facts measured after the timing, never inside it (MoE routing statistics).
+    point_fields: Callable[[int], dict[str, Any]] | None = None
     examples: Callable[[int], int] = lambda batch_size: batch_size
     # What `examples` counts; rows also get `<unit>_per_s` (tokens_per_s for a decoder).
     example_unit: str = "examples"
@@ -63,5 +66,5 @@ def workload_module(name: str):
         raise
 
 
-def build(run_cfg: ml_collections.ConfigDict, device: jax.Device) -> Workload:
-    return workload_module(run_cfg.model.name).build(run_cfg, device)
+def build(run_cfg: ml_collections.ConfigDict, device: jax.Device, workdir: str) -> Workload:
+    return workload_module(run_cfg.model.name).build(run_cfg, device, workdir)

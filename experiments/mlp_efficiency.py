@@ -41,7 +41,7 @@ def main() -> None:
     device = jax.devices()[0]
     config = default.get_config()
     config.model.width, config.model.depth = args.width, args.depth
-    wl = mlp_workload.build(config, device)
+    wl = mlp_workload.build(config, device, "")
     n = args.square
     a = jax.device_put(jnp.ones((n, n), jnp.float32), device)
     b = jax.device_put(jnp.ones((n, n), jnp.float32), device)

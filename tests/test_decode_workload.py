@@ -33,7 +33,7 @@ def tiny_decoder(phase="decode", **model):
 
 def test_decode_steps_never_recompile_and_reuse_the_donated_cache():
     config = tiny_decoder()
-    wl = decoder_workload.build(config, jax.devices()[0])
+    wl = decoder_workload.build(config, jax.devices()[0], "")
     compiled = timing.compile_fn(wl.fn, wl.make_args(4), wl.donate_argnums)
     args = tuple(wl.make_args(4))
     for _ in range(1000):
@@ -55,7 +55,7 @@ def test_decode_steps_never_recompile_and_reuse_the_donated_cache():
 @pytest.mark.parametrize("phase", ["decode", "prefill"])
 def test_analytic_flops_match_xla(phase):
     config = tiny_decoder(phase)
-    wl = decoder_workload.build(config, jax.devices()[0])
+    wl = decoder_workload.build(config, jax.devices()[0], "")
     compiled = timing.compile_fn(wl.fn, wl.make_args(4), wl.donate_argnums)
     assert compiled.flops == pytest.approx(wl.cost(4).flops, rel=0.25)
 

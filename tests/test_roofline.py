@@ -76,7 +76,7 @@ def test_free_batching_limit_stops_at_the_first_significant_slowdown():
 @pytest.mark.parametrize("batch", [1, 16, 128])
 def test_mlp_analytic_flops_match_xla(batch):
     config = tiny(width=128, depth=3)
-    wl = mlp_workload.build(config, jax.devices()[0])
+    wl = mlp_workload.build(config, jax.devices()[0], "")
     compiled = timing.compile_fn(wl.fn, wl.make_args(batch))
     analytic = mlp_workload.cost(mlp_workload.model_config(config.model), batch)
     assert compiled.flops == pytest.approx(analytic.flops, rel=0.10)
@@ -85,6 +85,7 @@ def test_mlp_analytic_flops_match_xla(batch):
 def test_sweep_rows_and_summary_carry_the_roofline(tmp_path):
     config = tiny()
     config.roofline.shape_aware = True
+    config.sweep.batch_sizes = (1, 2, 4, 8)  # a knee needs more points than parameters
     config.report.claims = ("C3", "C5")
     config.profile.batch_sizes = (2,)
     summaries = app.run(config, str(tmp_path))
@@ -109,7 +110,7 @@ def test_sweep_rows_and_summary_carry_the_roofline(tmp_path):
     assert set(s["whatif"]) == {"T4", "A100 80GB SXM", "H100 SXM"}
     with open(tmp_path / "results.jsonl") as f:
         rows = [json.loads(line) for line in f]
-    assert len(rows) == 3
+    assert len(rows) == 4
     for r in rows:
         assert r["regime"] in roofline.REGIMES
         assert r["predicted_latency_s"] > 0 and r["fitted_latency_s"] > 0

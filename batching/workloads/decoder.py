@@ -73,7 +73,8 @@ def _set_lengths(cache: nnx.State, lengths_B: np.ndarray) -> nnx.State:
     return jax.tree_util.tree_map_with_path(put, cache)
 
 
-def build(run_cfg: ml_collections.ConfigDict, device: jax.Device) -> Workload:
+def build(run_cfg: ml_collections.ConfigDict, device: jax.Device, workdir: str) -> Workload:
+    del workdir
     m = run_cfg.model
     cfg = model_config(m)
     model = decoder.Decoder(cfg, rngs=nnx.Rngs(run_cfg.seed))

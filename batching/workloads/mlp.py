@@ -40,7 +40,8 @@ def cost(cfg: mlp.MLPConfig, batch_size: int) -> Cost:
     return Cost(flops=flops, bytes=weight_bytes + activation_bytes, weight_bytes=weight_bytes)
 
 
-def build(run_cfg: ml_collections.ConfigDict, device: jax.Device) -> Workload:
+def build(run_cfg: ml_collections.ConfigDict, device: jax.Device, workdir: str) -> Workload:
+    del workdir
     cfg = model_config(run_cfg.model)
     model = mlp.MLP(cfg, rngs=nnx.Rngs(run_cfg.seed))
     # Split once: timing nnx.jit in graph mode would add ~250 µs of Python per call.

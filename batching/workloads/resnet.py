@@ -25,7 +25,8 @@ def validate(model_cfg: ml_collections.ConfigDict) -> None:
     model_config(model_cfg)
 
 
-def build(run_cfg: ml_collections.ConfigDict, device: jax.Device) -> Workload:
+def build(run_cfg: ml_collections.ConfigDict, device: jax.Device, workdir: str) -> Workload:
+    del workdir
     cfg = model_config(run_cfg.model)
     # An rbg key: threefry's sampler compiles a program per kernel shape, ~5x slower on a CPU.
     model = resnet.ResNet(cfg, rngs=nnx.Rngs(jax.random.key(run_cfg.seed, impl="rbg")))

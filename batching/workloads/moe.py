@@ -1,0 +1,106 @@
+"""A Mixture-of-Experts MLP as a workload: y = MoEMLP(x) for x [batch, d_model].
+
+Each example is one token and, with `group_size` 0, the whole batch is one routing
+group. The timed call computes y only; the routing statistics of the same inputs
+are computed after the timing (untimed) and go on the row without the `moe/` prefix.
+"""
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from batching.workload import Cost, Workload
+from models import moe
+from models.dtypes import resolve_dtype
+
+# Routing statistics that go on each row (scalars; per-expert arrays stay out of rows).
+ROW_STATS = (
+    "aux_loss",
+    "z_loss",
+    "load_cv",
+    "max_mean_load",
+    "drop_fraction",
+    "token_drop_fraction",
+    "expert_usage",
+    "router_confidence",
+    "router_entropy",
+)
+
+
+def model_config(model_cfg: ml_collections.ConfigDict) -> moe.MoEMLPConfig:
+    return moe.MoEMLPConfig(
+        d_model=model_cfg.d_model,
+        mlp_dim=model_cfg.mlp_dim,
+        num_experts=model_cfg.num_experts,
+        top_k=model_cfg.top_k,
+        capacity_factor=model_cfg.capacity_factor,
+        router=model_cfg.router,
+        renormalize=model_cfg.renormalize,
+        group_size=model_cfg.group_size,
+        dtype=model_cfg.dtype,
+        param_dtype=model_cfg.param_dtype,
+        depth=model_cfg.depth,
+    )
+
+
+def validate(model_cfg: ml_collections.ConfigDict) -> None:
+    model_config(model_cfg)
+
+
+def mean_stats(stats: list[dict]) -> dict[str, float]:
+    """Scalar routing statistics averaged over layers, plus per-layer values."""
+    out = {k: float(np.mean([np.asarray(s[k]) for s in stats])) for k in ROW_STATS}
+    for i, s in enumerate(stats):
+        for k in ("load_cv", "max_mean_load", "drop_fraction"):
+            out[f"layer_{i}/{k}"] = float(np.asarray(s[k]))
+    out["tokens_per_expert"] = np.asarray(stats[0]["tokens_per_expert"]).tolist()
+    return out
+
+
+def build(run_cfg: ml_collections.ConfigDict, device: jax.Device, workdir: str) -> Workload:
+    del workdir
+    cfg = model_config(run_cfg.model)
+    model = moe.MoEMLP(cfg, rngs=nnx.Rngs(run_cfg.seed))
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(state, device)
+    dtype = resolve_dtype(cfg.dtype)
+    param_bytes = resolve_dtype(cfg.param_dtype).itemsize
+
+    def forward(state, x_BxD):
+        return nnx.merge(graphdef, state)(x_BxD)
+
+    stats_fn = jax.jit(lambda state, x_BxD: nnx.merge(graphdef, state).with_stats(x_BxD)[1])
+
+    def make_args(batch_size: int):
+        key = jax.random.key(run_cfg.seed + batch_size)
+        x_BxD = jax.random.normal(key, (batch_size, cfg.d_model), dtype)
+        return state, jax.device_put(x_BxD, device)
+
+    def cost(batch_size: int) -> Cost:
+        layer = moe.moe_layer_cost(cfg, batch_size, param_bytes)
+        weight_bytes = moe.num_params(cfg) * param_bytes
+        return Cost(cfg.depth * layer["flops"], cfg.depth * layer["bytes"], weight_bytes)
+
+    def point_fields(batch_size: int) -> dict:
+        return mean_stats(stats_fn(*make_args(batch_size)))
+
+    params = moe.num_params(cfg)
+    top_k = cfg.top_k if cfg.router == "token_choice" else cfg.capacity_factor
+    return Workload(
+        fn=forward,
+        make_args=make_args,
+        params=params,
+        param_bytes=params * param_bytes,
+        cost=cost,
+        point_fields=point_fields,
+        fields={
+            "router": cfg.router,
+            "num_experts": cfg.num_experts,
+            "top_k": cfg.top_k,
+            "capacity_factor": cfg.capacity_factor,
+            "active_params": moe.num_active_params(cfg),
+            # Each expert weight serves ~k/E of the batch, so B* grows by E/k (ANCHORS §5).
+            "weight_uses_per_example": min(top_k / cfg.num_experts, 1.0),
+        },
+    )
