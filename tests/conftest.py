@@ -11,7 +11,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import jax  # noqa: E402
+
 from configs import default  # noqa: E402
+
+# Many tests compile the same tiny programs; a session-wide persistent cache turns the
+# repeats into loads. Timings in tests are never asserted, so this hides nothing.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="lab_xla_"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 # Device peaks for tests: seeded so sweeps do not spend seconds on the 256 MiB
 # bandwidth benchmark. These are inputs to the analysis under test, not results;

@@ -15,7 +15,7 @@ def tiny_moe(**model):
     config.name = "tiny_moe"
     config.model = moe_config.model()
     config.model.update({**dict(d_model=16, mlp_dim=32, depth=2, num_experts=4, top_k=2), **model})
-    config.sweep.batch_sizes = (2, 8, 32)
+    config.sweep.batch_sizes = (4, 16)
     return config
 
 
