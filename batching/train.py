@@ -231,6 +231,18 @@ def evaluate(
     return float(np.mean(losses)), layers
 
 
+def heldout_batches(
+    split: text_data.TextSplit, t: ml_collections.ConfigDict, seed: int
+) -> list[Batch]:
+    """The fixed held-out batches every evaluation of a run uses: train.eval_batches batches
+    of train.batch_size x train.seq_len, drawn from a generator of their own."""
+    rng = np.random.default_rng([seed, 1])
+    return [
+        text_data.sample_batch(split.heldout, t.batch_size, t.seq_len, rng)
+        for _ in range(t.eval_batches)
+    ]
+
+
 # TensorBoard.
 
 
@@ -378,11 +390,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     eval_step = make_eval_step(graphdef)
 
     rng = np.random.default_rng(config.seed)
-    eval_rng = np.random.default_rng([config.seed, 1])
-    eval_batches = [
-        text_data.sample_batch(split.heldout, t.batch_size, t.seq_len, eval_rng)
-        for _ in range(t.eval_batches)
-    ]
+    eval_batches = heldout_batches(split, t, config.seed)
 
     logdir = run_dir(workdir, config.name)
     os.makedirs(logdir, exist_ok=True)

@@ -12,6 +12,19 @@ Blocks are pre-norm: RMSNorm -> grouped-query self-attention with rotary positio
 The cache exists only after `model.init_cache(batch, max_len)`. The harness jits the pure
 functions at the bottom over `graphdef, params, cache = nnx.split(model, nnx.Param, nnx.Cache)`.
 
+Mixture of experts: with `moe_every = n > 0`, block `layer` uses an MoE layer instead of SwiGLU
+when (layer + 1) % n == 0 (blocks n-1, 2n-1, ...). Each has `num_experts` SwiGLU experts of
+hidden dim `mlp_dim`. Its routing group, the tokens a router sees together, is:
+
+- full forward and prefill of a [B, L] batch: the tokens flattened in order (sequence by
+  sequence) and cut into groups of `moe_group_size`; 0 means one group per sequence (L tokens),
+  so no sequence's routing depends on another's. Prefill's padding tokens route too, so they
+  can take expert capacity that real tokens of their group would otherwise get;
+- decode step: the B tokens of the step, one per sequence, whatever `moe_group_size`.
+
+`with_stats`, `prefill_with_stats` and `decode_step_with_stats` also return one routing
+statistics dict per MoE block (models.routers.routing_stats), in block order.
+
 Letters in array names: B batch, L length, S cache slots per sequence (max_len), D model dim,
 K kv heads, G query heads per kv head, N query heads (N = K*G), H head dim, V vocab,
 F mlp dim, T generated steps.
@@ -25,8 +38,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models import moe
 from models.dtypes import resolve_dtype
 from models.kv_cache import KVCache
+from models.moe import MoEConfig, MoELayer
+from models.routers import route, routing_stats
+
+Stats = dict[str, jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +62,15 @@ class DecoderConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     cache_dtype: str = "float32"
+    # Mixture of experts (see the module docstring); 0 keeps every block dense. The MoE fields
+    # are checked even then, so a typo does not wait for moe_every to be set.
+    moe_every: int = 0
+    num_experts: int = 8
+    top_k: int = 2
+    capacity_factor: float = 1.25
+    router: str = "token_choice"
+    renormalize: bool = False
+    moe_group_size: int = 0
 
     def __post_init__(self):
         for name in (
@@ -74,6 +101,38 @@ class DecoderConfig:
             raise ValueError(f"model.tie_embeddings must be a bool, got {self.tie_embeddings!r}")
         for name in ("dtype", "param_dtype", "cache_dtype"):
             resolve_dtype(getattr(self, name))
+        for name in ("moe_every", "moe_group_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"model.{name} must be an integer >= 0, got {value!r}")
+        if self.moe_every > self.n_layers:
+            raise ValueError(
+                f"model.moe_every must be <= model.n_layers={self.n_layers} (or 0 for no MoE), "
+                f"got {self.moe_every}: no block would be an MoE"
+            )
+        self.moe_config()  # MoEConfig checks the router fields and names them model.*
+
+    def moe_config(self) -> MoEConfig:
+        """The config of this decoder's MoE layers (expert hidden dim = mlp_dim)."""
+        return MoEConfig(
+            d_model=self.d_model,
+            mlp_dim=self.mlp_dim,
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            capacity_factor=self.capacity_factor,
+            router=self.router,
+            renormalize=self.renormalize,
+            group_size=self.moe_group_size,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+
+
+def moe_layers(cfg: DecoderConfig) -> tuple[int, ...]:
+    """Indices of the blocks that use an MoE layer: (layer + 1) % moe_every == 0."""
+    if not cfg.moe_every:
+        return ()
+    return tuple(i for i in range(cfg.n_layers) if (i + 1) % cfg.moe_every == 0)
 
 
 def apply_rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
@@ -206,10 +265,53 @@ class SwiGLU(nnx.Module):
         return self.down(h_BxLxF)
 
 
+class DecoderMoE(MoELayer):
+    """An MoELayer whose routing group size the decoder picks per call.
+
+    MoELayer fixes its group size in its config, but a decoder routes L tokens per group in a
+    full forward of any length L and the B tokens of a decode step. The computation is
+    MoELayer's (same router, same weights, same einsums); only where S comes from differs.
+    Letters here follow models/moe.py: G groups, S tokens per group, E experts, C capacity.
+    """
+
+    def with_stats(self, x: jax.Array, group_size: int | None = None) -> tuple[jax.Array, Stats]:
+        """(y, routing_stats) for x of shape [..., D], its tokens flattened in order and cut
+        into groups of `group_size` (None: cfg.group_size; 0: one group of all tokens)."""
+        cfg = self.cfg
+        D = cfg.d_model
+        if x.shape[-1] != D:
+            raise ValueError(f"MoE input must end in model.d_model={D}, got shape {x.shape}")
+        T = x.size // D
+        S = (cfg.group_size if group_size is None else group_size) or T
+        if T % S != 0:
+            raise ValueError(
+                f"tokens per call ({T}) must be a multiple of the routing group size ({S}, "
+                f"model.moe_group_size={cfg.group_size})"
+            )
+        dtype = resolve_dtype(cfg.dtype)
+        x_GxSxD = x.reshape(T // S, S, D)
+
+        logits_GxSxE = self.router(x_GxSxD)
+        routing = route(cfg.router, logits_GxSxE, cfg.top_k, cfg.capacity_factor, cfg.renormalize)
+
+        x_GxSxD = x_GxSxD.astype(dtype)
+        x_ExGxCxD = jnp.einsum("GSD,GSEC->EGCD", x_GxSxD, routing.dispatch_GxSxExC.astype(dtype))
+        gate_ExGxCxF = jnp.einsum("EGCD,EDF->EGCF", x_ExGxCxD, self.w_gate_ExDxF[...].astype(dtype))
+        up_ExGxCxF = jnp.einsum("EGCD,EDF->EGCF", x_ExGxCxD, self.w_up_ExDxF[...].astype(dtype))
+        h_ExGxCxF = jax.nn.silu(gate_ExGxCxF) * up_ExGxCxF
+        out_ExGxCxD = jnp.einsum("EGCF,EFD->EGCD", h_ExGxCxF, self.w_down_ExFxD[...].astype(dtype))
+        y_GxSxD = jnp.einsum("EGCD,GSEC->GSD", out_ExGxCxD, routing.combine_GxSxExC.astype(dtype))
+        return y_GxSxD.reshape(x.shape), routing_stats(routing)
+
+
 class Block(nnx.Module):
-    """Pre-norm block: x + attention(norm(x)), then x + mlp(norm(x)); x_BxLxD -> x_BxLxD."""
+    """Pre-norm block: x + attention(norm(x)), then x + mlp(norm(x)); x_BxLxD -> x_BxLxD.
+
+    The `*_with_stats` methods also return the MoE layer's routing stats, or None for SwiGLU.
+    """
 
     def __init__(self, cfg: DecoderConfig, layer: int, *, rngs: nnx.Rngs):
+        self.cfg = cfg
         self.attn_norm = _rms_norm(cfg, rngs)
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = _rms_norm(cfg, rngs)
@@ -218,25 +320,48 @@ class Block(nnx.Module):
     def make_mlp(self, cfg: DecoderConfig, layer: int, *, rngs: nnx.Rngs) -> nnx.Module:
         """The one place a block picks its MLP: any module mapping x_BxLxD -> y_BxLxD fits.
 
-        `layer` is the block's index, so a mixture of experts can replace every n-th MLP here
-        (num_params must then count it).
+        Blocks in `moe_layers(cfg)` get a mixture of experts, the others SwiGLU.
         """
-        del layer
+        if layer in moe_layers(cfg):
+            return DecoderMoE(cfg.moe_config(), rngs=rngs)
         return SwiGLU(cfg, rngs=rngs)
 
-    def _mlp(self, x_BxLxD: jax.Array) -> jax.Array:
+    def _mlp(self, x_BxLxD: jax.Array, group_size: int) -> tuple[jax.Array, Stats | None]:
         with jax.named_scope("mlp"):
-            return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
+            h_BxLxD = self.mlp_norm(x_BxLxD)
+            if isinstance(self.mlp, DecoderMoE):
+                y_BxLxD, stats = self.mlp.with_stats(h_BxLxD, group_size)
+            else:
+                y_BxLxD, stats = self.mlp(h_BxLxD), None
+            return x_BxLxD + y_BxLxD, stats
+
+    def _sequence_group(self, length: int) -> int:
+        return self.cfg.moe_group_size or length
+
+    def with_stats(self, x_BxLxD: jax.Array) -> tuple[jax.Array, Stats | None]:
+        x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD))
+        return self._mlp(x_BxLxD, self._sequence_group(x_BxLxD.shape[1]))
+
+    def prefill_with_stats(
+        self, x_BxLxD: jax.Array, lengths_B: jax.Array
+    ) -> tuple[jax.Array, Stats | None]:
+        x_BxLxD = x_BxLxD + self.attn.prefill(self.attn_norm(x_BxLxD), lengths_B)
+        return self._mlp(x_BxLxD, self._sequence_group(x_BxLxD.shape[1]))
+
+    def decode_with_stats(self, x_BxD: jax.Array) -> tuple[jax.Array, Stats | None]:
+        """One token per sequence; the MoE routes the step's B tokens as one group."""
+        x_BxD = x_BxD + self.attn.decode(self.attn_norm(x_BxD))
+        x_Bx1xD, stats = self._mlp(x_BxD[:, None], group_size=x_BxD.shape[0])
+        return x_Bx1xD[:, 0], stats
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-        return self._mlp(x_BxLxD + self.attn(self.attn_norm(x_BxLxD)))
+        return self.with_stats(x_BxLxD)[0]
 
     def prefill(self, x_BxLxD: jax.Array, lengths_B: jax.Array) -> jax.Array:
-        return self._mlp(x_BxLxD + self.attn.prefill(self.attn_norm(x_BxLxD), lengths_B))
+        return self.prefill_with_stats(x_BxLxD, lengths_B)[0]
 
     def decode(self, x_BxD: jax.Array) -> jax.Array:
-        x_BxD = x_BxD + self.attn.decode(self.attn_norm(x_BxD))
-        return self._mlp(x_BxD[:, None])[:, 0]
+        return self.decode_with_stats(x_BxD)[0]
 
 
 class Decoder(nnx.Module):
@@ -290,8 +415,12 @@ class Decoder(nnx.Module):
         unembed = self.embed.attend if self.unembed is None else self.unembed
         return unembed(x_BxLxD).astype(jnp.float32)
 
-    def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
-        """Full causal forward without a cache: tokens_BxL -> logits_BxLxV."""
+    def with_stats(self, tokens_BxL: jax.Array) -> tuple[jax.Array, list[Stats]]:
+        """Full causal forward without a cache: tokens_BxL -> (logits_BxLxV, stats).
+
+        stats holds one routing_stats dict per MoE block, in block order ([] if dense). Each
+        MoE routes groups of model.moe_group_size tokens (0: one group per sequence).
+        """
         if tokens_BxL.ndim != 2:
             raise ValueError(f"tokens must be [batch, length], got shape {tokens_BxL.shape}")
         if tokens_BxL.shape[1] > self.cfg.max_seq_len:
@@ -300,16 +429,22 @@ class Decoder(nnx.Module):
                 f"model.max_seq_len={self.cfg.max_seq_len}"
             )
         x_BxLxD = self.embed(tokens_BxL)
+        all_stats = []
         for block in self.blocks:
-            x_BxLxD = block(x_BxLxD)
-        return self._logits(x_BxLxD)
+            x_BxLxD, stats = block.with_stats(x_BxLxD)
+            _collect(all_stats, stats)
+        return self._logits(x_BxLxD), all_stats
 
-    def prefill(self, tokens_BxL: jax.Array, lengths_B: jax.Array) -> jax.Array:
-        """Writes a right-padded prompt batch into the cache; returns logits_BxV at each
-        sequence's last real token, position lengths_B[b] - 1.
+    def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
+        """Full causal forward without a cache: tokens_BxL -> logits_BxLxV."""
+        return self.with_stats(tokens_BxL)[0]
 
-        Each length must lie in [1, L]; inside jit that cannot be checked. Sequences go to cache
-        slots [0, B) and the prompt to positions [0, L): prefill starts sequences afresh.
+    def prefill_with_stats(
+        self, tokens_BxL: jax.Array, lengths_B: jax.Array
+    ) -> tuple[jax.Array, list[Stats]]:
+        """`prefill` that also returns one routing_stats dict per MoE block.
+
+        The stats count every prompt position, padding included: padding routes like any token.
         """
         if tokens_BxL.ndim != 2:
             raise ValueError(f"prompt must be [batch, length], got shape {tokens_BxL.shape}")
@@ -322,27 +457,87 @@ class Decoder(nnx.Module):
                 f"prompt length {length} is longer than the cache's max_len {cache.max_len}"
             )
         x_BxLxD = self.embed(tokens_BxL)
+        all_stats = []
         for block in self.blocks:
-            x_BxLxD = block.prefill(x_BxLxD, lengths_B)
+            x_BxLxD, stats = block.prefill_with_stats(x_BxLxD, lengths_B)
+            _collect(all_stats, stats)
         last_B = jnp.clip(lengths_B - 1, 0, length - 1)
         x_BxD = jnp.take_along_axis(x_BxLxD, last_B[:, None, None], axis=1)[:, 0]
-        return self._logits(x_BxD)
+        return self._logits(x_BxD), all_stats
+
+    def prefill(self, tokens_BxL: jax.Array, lengths_B: jax.Array) -> jax.Array:
+        """Writes a right-padded prompt batch into the cache; returns logits_BxV at each
+        sequence's last real token, position lengths_B[b] - 1.
+
+        Each length must lie in [1, L]; inside jit that cannot be checked. Sequences go to cache
+        slots [0, B) and the prompt to positions [0, L): prefill starts sequences afresh.
+        """
+        return self.prefill_with_stats(tokens_BxL, lengths_B)[0]
+
+    def decode_step_with_stats(self, tokens_B: jax.Array) -> tuple[jax.Array, list[Stats]]:
+        """`decode_step` that also returns one routing_stats dict per MoE block.
+
+        Each MoE routes the step's B tokens (one per sequence) as one group: under
+        expert-choice a sequence's next token then depends on the other sequences in the batch.
+        """
+        if tokens_B.ndim != 1:
+            raise ValueError(f"decode tokens must be [batch], got shape {tokens_B.shape}")
+        self._check_batch(tokens_B.shape[0])
+        x_BxD = self.embed(tokens_B)
+        all_stats = []
+        for block in self.blocks:
+            x_BxD, stats = block.decode_with_stats(x_BxD)
+            _collect(all_stats, stats)
+        return self._logits(x_BxD), all_stats
 
     def decode_step(self, tokens_B: jax.Array) -> jax.Array:
         """Appends one token per sequence at its own position; returns the next logits_BxV.
 
         The caller keeps every length below the cache's max_len (see KVCache).
         """
-        if tokens_B.ndim != 1:
-            raise ValueError(f"decode tokens must be [batch], got shape {tokens_B.shape}")
-        self._check_batch(tokens_B.shape[0])
-        x_BxD = self.embed(tokens_B)
-        for block in self.blocks:
-            x_BxD = block.decode(x_BxD)
-        return self._logits(x_BxD)
+        return self.decode_step_with_stats(tokens_B)[0]
+
+
+def _collect(all_stats: list[Stats], stats: Stats | None) -> None:
+    if stats is not None:
+        all_stats.append(stats)
 
 
 # Pure functions over (params, cache) for the harness to jit.
+
+
+def forward_with_stats(
+    graphdef: nnx.GraphDef, params: nnx.State, tokens_BxL: jax.Array
+) -> tuple[jax.Array, list[Stats]]:
+    """Decoder.with_stats as a pure function: returns (logits_BxLxV, stats per MoE block).
+
+    Differentiable in params, stats["aux_loss"] and stats["z_loss"] included: the train step.
+    """
+    model = nnx.merge(graphdef, params, copy=True)
+    return model.with_stats(tokens_BxL)
+
+
+def prefill_with_stats(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    cache: nnx.State,
+    tokens_BxL: jax.Array,
+    lengths_B: jax.Array,
+) -> tuple[jax.Array, nnx.State, list[Stats]]:
+    """Decoder.prefill_with_stats as a pure function: returns (logits_BxV, new cache, stats)."""
+    model = nnx.merge(graphdef, params, cache, copy=True)
+    logits_BxV, stats = model.prefill_with_stats(tokens_BxL, lengths_B)
+    return logits_BxV, nnx.state(model, nnx.Cache), stats
+
+
+def decode_step_with_stats(
+    graphdef: nnx.GraphDef, params: nnx.State, cache: nnx.State, tokens_B: jax.Array
+) -> tuple[jax.Array, nnx.State, list[Stats]]:
+    """Decoder.decode_step_with_stats as a pure function: returns (logits_BxV, new cache,
+    stats per MoE block)."""
+    model = nnx.merge(graphdef, params, cache, copy=True)
+    logits_BxV, stats = model.decode_step_with_stats(tokens_B)
+    return logits_BxV, nnx.state(model, nnx.Cache), stats
 
 
 def prefill(
@@ -435,14 +630,39 @@ def make_generate_fn(graphdef: nnx.GraphDef, steps: int) -> Callable:
 # Counts and costs, pure math on the config.
 
 
+def _moe_stack(cfg: DecoderConfig) -> moe.MoEMLPConfig | None:
+    """The decoder's MoE layers as models.moe counts them (depth = number of MoE blocks)."""
+    n_moe = len(moe_layers(cfg))
+    if not n_moe:
+        return None
+    return moe.MoEMLPConfig(**dataclasses.asdict(cfg.moe_config()), depth=n_moe)
+
+
 def num_params(cfg: DecoderConfig) -> int:
-    """Exact parameter count of Decoder(cfg), embedding and unembedding included."""
+    """Exact parameter count of Decoder(cfg), embedding and unembedding included.
+
+    An MoE block counts its router (D*E) and all E experts (3*D*F each) instead of SwiGLU.
+    """
     D, V = cfg.d_model, cfg.vocab_size
     attn = D * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
     mlp = 3 * D * cfg.mlp_dim
     per_block = attn + mlp + 2 * D
     unembed = 0 if cfg.tie_embeddings else D * V
-    return V * D + cfg.n_layers * per_block + D + unembed
+    dense = V * D + cfg.n_layers * per_block + D + unembed
+    stack = _moe_stack(cfg)
+    if stack is None:
+        return dense
+    return dense - stack.depth * mlp + moe.num_params(stack)
+
+
+def num_active_params(cfg: DecoderConfig) -> int:
+    """Parameters one token uses: num_params with each MoE block's experts counted only as
+    many as a token reaches (models.moe.num_active_params: top_k for token-choice, about
+    capacity_factor for expert-choice). Equals num_params for a dense decoder."""
+    stack = _moe_stack(cfg)
+    if stack is None:
+        return num_params(cfg)
+    return num_params(cfg) - moe.num_params(stack) + moe.num_active_params(stack)
 
 
 def num_non_embedding_params(cfg: DecoderConfig) -> int:
@@ -463,7 +683,11 @@ def decode_step_cost(
     Activations, the B embedding rows and the logits are left out (O(B·(D + V)) bytes).
     `param_bytes` and `cache_bytes` are bytes per element. Our decode step attends over the
     whole static cache, so pass max_len to model this implementation, or the filled length
-    to model an ideal kernel.
+    to model an ideal kernel. With MoE blocks P counts every expert, so the flops are those of
+    the dense-equivalent model, B slots per expert: exact at batch 1, where each expert computes
+    one slot; above, an expert computes C = min(ceil(cf·B·k/E), B) <= B slots, so this is an
+    upper bound (dispatch and combine left out; see models.moe.moe_layer_cost). The weight
+    bytes stay right: the capacity-padded einsums read every expert's weights.
     """
     P, DV = num_non_embedding_params(cfg), cfg.d_model * cfg.vocab_size
     kv_per_position = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim
@@ -484,6 +708,7 @@ def prefill_cost(
     bytes (B) = param_bytes·(P + D·V) weights read once
               + B·2·n_layers·K·H·L·cache_bytes K/V written to the cache.
     Activations are left out. `param_bytes` and `cache_bytes` are bytes per element.
+    With MoE blocks the flops count every expert for every token (see decode_step_cost).
     """
     P, DV = num_non_embedding_params(cfg), cfg.d_model * cfg.vocab_size
     L = prompt_len

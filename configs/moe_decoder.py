@@ -1,0 +1,93 @@
+"""A small byte-level decoder with an MoE layer in every second block, trained on stdlib text.
+
+Train it from Python (about a minute and a half on 2 CPU cores; batching/train.py):
+
+    from batching import train
+    from configs import moe_decoder
+    summary = train.run(moe_decoder.get_config(), "/tmp/moe")  # or get_config("expert_choice")
+
+The trained weights land in <workdir>/params/<name>.npz; `train.load_params` restores them for
+inference sweeps, which read `model.phase`, `model.cache_len` and `model.prompt_len`.
+
+arg: "token_choice_k1" (Switch), "token_choice_k2" (GShard, the default) or "expert_choice".
+"""
+
+from ml_collections import config_dict
+
+from configs import default
+
+ROUTER_ARGS = {
+    "token_choice_k1": ("token_choice", 1),
+    "token_choice_k2": ("token_choice", 2),
+    "expert_choice": ("expert_choice", 2),  # top_k is unused by expert-choice
+}
+
+
+def model(router: str = "token_choice", top_k: int = 2) -> config_dict.ConfigDict:
+    m = config_dict.ConfigDict()
+    m.name = "moe_decoder"
+    m.phase = "decode"
+    m.vocab_size = 256  # bytes
+    m.d_model = 128
+    m.n_layers = 4
+    m.n_heads = 4
+    m.n_kv_heads = 2
+    m.head_dim = 32
+    m.mlp_dim = 256
+    m.max_seq_len = 512
+    m.rope_theta = 10000.0
+    m.tie_embeddings = False
+    # Blocks 1 and 3 are MoE: (layer + 1) % moe_every == 0.
+    m.moe_every = 2
+    m.num_experts = 8
+    m.top_k = top_k
+    m.capacity_factor = 1.25
+    m.router = router
+    m.renormalize = False
+    # Tokens per routing group in a full forward; 0 = one group per sequence.
+    m.moe_group_size = 0
+    m.dtype = "float32"
+    m.param_dtype = "float32"
+    m.cache_dtype = "float32"
+    m.matmul_precision = "default"
+    # Inference sweeps: decode positions per sequence's cache; prefill tokens per prompt.
+    m.cache_len = 128
+    m.prompt_len = 64
+    return m
+
+
+def train() -> config_dict.ConfigDict:
+    t = config_dict.ConfigDict()
+    t.steps = 300
+    t.batch_size = 16
+    t.seq_len = 64
+    t.learning_rate = 3e-3
+    t.warmup_steps = 30
+    # "cosine" decays to 10% of learning_rate by the last step; "constant" holds it.
+    t.schedule = "cosine"
+    t.weight_decay = 0.01
+    t.grad_clip_norm = 1.0  # 0 disables clipping
+    # Loss = cross-entropy + aux_loss_weight * mean aux loss + z_loss_weight * mean z-loss.
+    t.aux_loss_weight = 0.01
+    t.z_loss_weight = 0.001
+    t.log_every = 10
+    t.eval_every = 100
+    t.eval_batches = 8
+    t.max_text_bytes = 8_000_000
+    t.heldout_fraction = 0.05
+    return t
+
+
+def get_config(arg: str | None = None) -> config_dict.ConfigDict:
+    if arg is not None and arg not in ROUTER_ARGS:
+        raise ValueError(
+            f"moe_decoder config arg must be one of {sorted(ROUTER_ARGS)}, got {arg!r}"
+        )
+    router, top_k = ROUTER_ARGS[arg or "token_choice_k2"]
+    config = default.get_config()
+    config.name = "moe_decoder"
+    config.model = model(router, top_k)
+    config.train = train()
+    config.sweep.batch_sizes = (1, 2, 4, 8, 16, 32, 64)
+    config.timing.budget_s = 1.0
+    return config
