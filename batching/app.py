@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from batching import analysis, plots, report, results, runs, summary, sweep
+from batching import analysis, plots, report, results, runs, summary, sweep, workload
 from batching.tensorboard_writer import write_run_summary
 
 
@@ -38,12 +38,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     if config.compilation_cache_dir:
         enable_compilation_cache(config.compilation_cache_dir)
     store.write_config(config.to_dict(), fingerprints)
+    prepared = prepare_runs(all_runs, store.workdir)
     try:
         sweep.run_sweep(all_runs, fingerprints, store, config.output.progress_bar)
     except KeyboardInterrupt:
         logging.warning("interrupted: every finished point is in %s; rerun to resume", workdir)
         raise
-    return finalize(config, all_runs, fingerprints, store)
+    return finalize(config, all_runs, fingerprints, store, prepared)
+
+
+def prepare_runs(all_runs: list[runs.Run], workdir: str) -> dict[str, dict[str, Any]]:
+    """Steps a workload needs before it can be timed (training an MoE decoder), per run."""
+    done = {}
+    for run in all_runs:
+        module = workload.workload_module(run.config.model.name)
+        if hasattr(module, "prepare"):
+            logging.info("preparing run %s", run.name)
+            done[run.name] = module.prepare(run.config, run.name, workdir)
+    return done
 
 
 def enable_compilation_cache(path: str) -> None:
@@ -58,6 +70,7 @@ def finalize(
     all_runs: list[runs.Run],
     fingerprints: dict[str, str],
     store: results.Store,
+    prepared: dict[str, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Analysis, summaries, plots, TensorBoard run summaries, the report and the printed table."""
     all_rows = store.rows()
@@ -82,6 +95,8 @@ def finalize(
                 rows, samples, runs.device(run.config), run.config.roofline, peak_source
             )
             s.update(roof)
+        if prepared and run.name in prepared:
+            s.update(summary.training_fields(prepared[run.name]))
         summaries.append(s)
         analyzed_rows.extend(rows)
     if config.roofline.enabled:
@@ -151,6 +166,16 @@ METRICS = {
     "peak_bytes_per_s": ("roofline/peak_gbytes_per_s", 1e-9),
     "prediction_error_median": ("roofline/prediction_error_median", 1.0),
     "fit_error_median": ("roofline/fit_error_median", 1.0),
+    "heldout_loss": ("hparams/heldout_loss", 1.0),
+    "heldout_load_cv": ("hparams/heldout_load_cv", 1.0),
+    "heldout_drop_fraction": ("hparams/heldout_drop_fraction", 1.0),
+    "heldout_max_mean_load": ("hparams/heldout_max_mean_load", 1.0),
+    "drop_fraction_first": ("hparams/drop_fraction_first_batch", 1.0),
+    "drop_fraction_last": ("hparams/drop_fraction_last_batch", 1.0),
+    "max_mean_load_first": ("hparams/max_mean_load_first_batch", 1.0),
+    "max_mean_load_last": ("hparams/max_mean_load_last_batch", 1.0),
+    "load_cv_first": ("hparams/load_cv_first_batch", 1.0),
+    "load_cv_last": ("hparams/load_cv_last_batch", 1.0),
 }
 
 
@@ -181,6 +206,8 @@ def derived_point_scalars(rows: list[dict[str, Any]]) -> dict[str, dict[int, flo
 def hparams(run: runs.Run, s: dict[str, Any]) -> dict[str, Any]:
     """Run-level hyperparameters: every model field plus where the run ran."""
     hp = {f"model.{k}": v for k, v in run.config.model.to_dict().items()}
+    if "train" in run.config:
+        hp.update({f"train.{k}": v for k, v in run.config.train.to_dict().items()})
     hp.update(
         run=run.name,
         platform=s["platform"],

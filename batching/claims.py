@@ -260,6 +260,46 @@ def c6_convolutions_reuse_weights(
     return {"verdict": "confirmed" if ok else "refuted on this device", "evidence": evidence}
 
 
+def c8_moe_routers(summaries: list[dict[str, Any]], rows: list[dict[str, Any]]) -> Verdict:
+    del rows
+    moe = [s for s in summaries if s.get("router")]
+    tc = [s for s in moe if s["router"] == "token_choice"]
+    ec = [s for s in moe if s["router"] == "expert_choice"]
+    if not tc or not ec:
+        return {"verdict": "not tested here", "evidence": "needs token- and expert-choice runs"}
+
+    def line(s):
+        return (
+            f"{s['run']}: held-out loss {_fmt(s.get('heldout_loss'))}, held-out load CV "
+            f"{_fmt(s.get('heldout_load_cv'))}, decode drop fraction "
+            f"{_fmt(s.get('drop_fraction_first'))} at batch {min(s['batch_sizes'])} and "
+            f"{_fmt(s.get('drop_fraction_last'))} at batch {max(s['batch_sizes'])}, max/mean "
+            f"load {_fmt(s.get('max_mean_load_first'))} → {_fmt(s.get('max_mean_load_last'))}, "
+            f"cross-sequence logit change {_fmt(s.get('cross_sequence_logit_change'))}"
+        )
+
+    uneven = max(s.get("load_cv_last") or 0 for s in tc)
+    ec_cv = max(s.get("load_cv_last") or 0 for s in ec)
+    ec_coupled = min(s.get("cross_sequence_logit_change") or 0 for s in ec)
+    evidence = (
+        "; ".join(line(s) for s in moe)
+        + ". Expert-choice gives every expert exactly C tokens, so its load CV is zero by "
+        "construction, but a decode step routes the batch's tokens as one group: changing "
+        "another sequence's token changes this sequence's logits, which breaks the "
+        "independence autoregressive serving relies on."
+    )
+    with_aux = [s for s in tc if (s.get("aux_loss_weight") or 0) > 0]
+    without = [s for s in tc if not s.get("aux_loss_weight")]
+    if with_aux and without:
+        evidence += (
+            f" Aux loss on vs off (token-choice): held-out load CV "
+            f"{_fmt(min(s['heldout_load_cv'] for s in with_aux))} vs "
+            f"{_fmt(min(s['heldout_load_cv'] for s in without))}."
+        )
+    confirmed = uneven > 0.05 and ec_cv < 0.05 and ec_coupled > 1e-4
+    return {"verdict": "confirmed" if confirmed else "partly confirmed", "evidence": evidence}
+
+
 VERDICTS: dict[str, Callable[[list[dict[str, Any]], list[dict[str, Any]]], Verdict]] = {
     "C1": c1_resnet_cpu_linear,
     "C2": c2_accelerator_flat,
@@ -268,6 +308,7 @@ VERDICTS: dict[str, Callable[[list[dict[str, Any]], list[dict[str, Any]]], Verdi
     "C5": c5_small_networks,
     "C6": c6_convolutions_reuse_weights,
     "C7": c7_decode_like_mlp,
+    "C8": c8_moe_routers,
 }
 
 

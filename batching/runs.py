@@ -50,6 +50,8 @@ def expand(config: ml_collections.ConfigDict) -> list[Run]:
         overrides = base.runs.to_dict()
         base.runs = ml_collections.ConfigDict()
     if not overrides:
+        with base.unlocked():
+            base.run_name = config.name
         return [Run(config.name, base)]
     runs = []
     for name, override in overrides.items():
@@ -62,6 +64,8 @@ def expand(config: ml_collections.ConfigDict) -> list[Run]:
                 cfg.model = ml_collections.ConfigDict(model)
                 override = {k: v for k, v in override.items() if k != "model"}
             cfg.update(override)
+            # A workload that keeps files per run (trained params) finds them by this name.
+            cfg.run_name = name
         runs.append(Run(name, cfg))
     return runs
 

@@ -4,7 +4,22 @@ from typing import Any
 
 import numpy as np
 
-RUN_FIELDS = ("width", "depth", "phase", "cache_len", "prompt_len", "image_size", "intensity_b1")
+ROUTING_ENDS = ("drop_fraction", "max_mean_load", "load_cv", "token_drop_fraction")
+RUN_FIELDS = (
+    "width",
+    "depth",
+    "phase",
+    "cache_len",
+    "prompt_len",
+    "image_size",
+    "intensity_b1",
+    "router",
+    "num_experts",
+    "top_k",
+    "capacity_factor",
+    "aux_loss_weight",
+    "trained",
+)
 
 
 def run_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -33,6 +48,24 @@ def run_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "compile_s_total": float(np.sum([r["compile_s"] for r in rows])),
         # Workload facts that name the run (MLP width, decoder phase and context, ...).
         **{k: first[k] for k in RUN_FIELDS if k in first},
+        # Routing statistics at the ends of the sweep (MoE runs).
+        **{f"{k}_first": first[k] for k in ROUTING_ENDS if k in first},
+        **{f"{k}_last": last[k] for k in ROUTING_ENDS if k in last},
+    }
+
+
+def training_fields(train_summary: dict[str, Any]) -> dict[str, Any]:
+    """Held-out loss and routing statistics of a run's training, for its summary and hparams."""
+    held = train_summary.get("heldout_stats", {})
+    return {
+        "train_loss": train_summary.get("train_loss"),
+        "heldout_loss": train_summary.get("heldout_loss"),
+        "heldout_load_cv": held.get("load_cv"),
+        "heldout_drop_fraction": held.get("drop_fraction"),
+        "heldout_max_mean_load": held.get("max_mean_load"),
+        "heldout_tokens_per_expert": held.get("tokens_per_expert"),
+        "cross_sequence_logit_change": train_summary.get("cross_sequence_logit_change"),
+        "train_seconds": train_summary.get("train_seconds"),
     }
 
 

@@ -38,7 +38,11 @@ def model_config(model_cfg: ml_collections.ConfigDict) -> decoder.DecoderConfig:
 
 
 def validate(model_cfg: ml_collections.ConfigDict) -> None:
-    cfg = model_config(model_cfg)
+    check_phase(model_cfg, model_config(model_cfg))
+
+
+def check_phase(model_cfg: ml_collections.ConfigDict, cfg: decoder.DecoderConfig) -> None:
+    """The sweep fields every decoder workload shares: phase and its length."""
     if model_cfg.phase not in PHASES:
         raise ValueError(f"model.phase must be one of {PHASES}, got {model_cfg.phase!r}")
     length = model_cfg.cache_len if model_cfg.phase == "decode" else model_cfg.prompt_len
@@ -65,6 +69,16 @@ def gemm_shapes(cfg: decoder.DecoderConfig, tokens: int, logits_rows: int) -> li
     ]
 
 
+def abstract_decoder(cfg: decoder.DecoderConfig) -> decoder.Decoder:
+    """Decoder(cfg) with shape-only weights: its graph, without running an initialiser."""
+    return nnx.eval_shape(lambda: decoder.Decoder(cfg, rngs=nnx.Rngs(0)))
+
+
+def random_params(cfg: decoder.DecoderConfig, seed: int) -> nnx.State:
+    """Freshly initialised weights in one jitted program (eager init compiles per shape)."""
+    return jax.jit(lambda: nnx.state(decoder.Decoder(cfg, rngs=nnx.Rngs(seed)), nnx.Param))()
+
+
 def _set_lengths(cache: nnx.State, lengths_B: np.ndarray) -> nnx.State:
     def put(path, leaf):
         names = {getattr(p, "key", getattr(p, "name", None)) for p in path}
@@ -75,14 +89,36 @@ def _set_lengths(cache: nnx.State, lengths_B: np.ndarray) -> nnx.State:
 
 def build(run_cfg: ml_collections.ConfigDict, device: jax.Device, workdir: str) -> Workload:
     del workdir
+    return build_decoder(run_cfg, model_config(run_cfg.model), device)
+
+
+def build_decoder(
+    run_cfg: ml_collections.ConfigDict,
+    cfg: decoder.DecoderConfig,
+    device: jax.Device,
+    params: nnx.State | None = None,
+    tokens: np.ndarray | None = None,
+) -> Workload:
+    """The decode or prefill workload of Decoder(cfg); `params` replace the random init
+    (trained weights), and `tokens` (int32) are drawn for the inputs instead of zeros."""
     m = run_cfg.model
-    cfg = model_config(m)
-    model = decoder.Decoder(cfg, rngs=nnx.Rngs(run_cfg.seed))
+    model = abstract_decoder(cfg)
     param_bytes = resolve_dtype(cfg.param_dtype).itemsize
     cache_bytes = resolve_dtype(cfg.cache_dtype).itemsize
     model.init_cache(1, 1)
-    graphdef, params, _ = nnx.split(model, nnx.Param, nnx.Cache)
+    graphdef = nnx.split(model, nnx.Param, nnx.Cache)[0]
+    if params is None:
+        params = random_params(cfg, run_cfg.seed)
     params = jax.device_put(params, device)
+    rng = np.random.default_rng(run_cfg.seed)
+
+    def input_tokens(shape: tuple[int, ...]) -> jax.Array:
+        if tokens is None:
+            return jax.device_put(jnp.zeros(shape, jnp.int32), device)
+        start = rng.integers(0, tokens.size - int(np.prod(shape)))
+        flat = tokens[start : start + int(np.prod(shape))].astype(np.int32)
+        return jax.device_put(flat.reshape(shape), device)
+
     decode = m.phase == "decode"
     length = m.cache_len if decode else m.prompt_len
 
@@ -100,7 +136,7 @@ def build(run_cfg: ml_collections.ConfigDict, device: jax.Device, workdir: str) 
         def make_args(batch: int):
             lengths = np.full((batch,), length - 1, np.int32)
             cache = _set_lengths(empty_cache(batch), lengths)
-            return params, cache, jax.device_put(jnp.zeros((batch,), jnp.int32), device)
+            return params, cache, input_tokens((batch,))
 
         def next_args(args, out):
             # The step advanced every length to cache_len: set them back so the next step
@@ -120,9 +156,9 @@ def build(run_cfg: ml_collections.ConfigDict, device: jax.Device, workdir: str) 
             return decoder.prefill(graphdef, params, cache, tokens_BxL, lengths_B)
 
         def make_args(batch: int):
-            tokens = jnp.zeros((batch, length), jnp.int32)
             lengths = jnp.full((batch,), length, jnp.int32)
-            return params, empty_cache(batch), *jax.device_put((tokens, lengths), device)
+            prompt = input_tokens((batch, length))
+            return params, empty_cache(batch), prompt, jax.device_put(lengths, device)
 
         def next_args(args, out):
             return args[0], out[1], args[2], args[3]
