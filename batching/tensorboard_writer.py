@@ -15,6 +15,8 @@ import numpy as np
 import tensorboardX
 from tensorboardX import summary as tbx_summary
 
+from models.routers import SCALAR_STATS
+
 RUN_SUMMARY_SUFFIX = ".run_summary"
 
 # Row field -> (tag, scale) of the scalars written per point.
@@ -30,20 +32,6 @@ POINT_SCALARS = {
     "compile_s": ("compile/seconds", 1.0),
     "n_runs": ("timing/n_runs", 1.0),
 }
-
-
-# Routing statistics of MoE rows (the row field without the `moe/` prefix of the tag).
-MOE_STATS = (
-    "aux_loss",
-    "z_loss",
-    "load_cv",
-    "max_mean_load",
-    "drop_fraction",
-    "token_drop_fraction",
-    "expert_usage",
-    "router_confidence",
-    "router_entropy",
-)
 
 
 def run_dir(workdir: str, run: str) -> str:
@@ -64,7 +52,7 @@ class PointWriter:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self._writer.add_scalar(tag, value * scale, step)
         for field, value in row.items():
-            if field in MOE_STATS or (field.startswith("layer_") and "/" in field):
+            if field in SCALAR_STATS or (field.startswith("layer_") and "/" in field):
                 self._writer.add_scalar(f"moe/{field}", value, step)
         for field in ("tokens_per_expert", "experts_per_token"):
             if row.get(field) is not None:

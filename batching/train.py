@@ -42,18 +42,8 @@ from flax import nnx
 from batching import text_data
 from batching.tensorboard_writer import run_dir
 from models import decoder
+from models.routers import SCALAR_STATS
 
-ROUTING_SCALARS = (
-    "aux_loss",
-    "z_loss",
-    "load_cv",
-    "max_mean_load",
-    "drop_fraction",
-    "token_drop_fraction",
-    "expert_usage",
-    "router_confidence",
-    "router_entropy",
-)
 SCHEDULES = ("cosine", "constant")
 EVENT_SUFFIX = ".train"
 SUMMARY_FILE = "train_summary.json"
@@ -224,7 +214,7 @@ def evaluate(
     layers = []
     for i in range(len(per_batch[0])):
         runs = [stats[i] for stats in per_batch]
-        layer = {key: float(np.mean([s[key] for s in runs])) for key in ROUTING_SCALARS}
+        layer = {key: float(np.mean([s[key] for s in runs])) for key in SCALAR_STATS}
         layer["tokens_per_expert"] = np.sum([s["tokens_per_expert"] for s in runs], axis=0)
         layer["experts_per_token"] = np.concatenate([s["experts_per_token"] for s in runs])
         layers.append(layer)
@@ -259,7 +249,7 @@ def write_routing(
     experts per token."""
     if not stats:
         return
-    for key in ROUTING_SCALARS:
+    for key in SCALAR_STATS:
         values = [float(s[key]) for s in stats]
         writer.add_scalar(f"{prefix}moe/{key}", float(np.mean(values)), step)
         for layer, value in zip(layers, values, strict=True):
@@ -358,7 +348,7 @@ def params_path(workdir: str, name: str) -> str:
 
 
 def _layer_summary(layer: Stats) -> dict[str, Any]:
-    out = {key: layer[key] for key in ROUTING_SCALARS}
+    out = {key: layer[key] for key in SCALAR_STATS}
     out["tokens_per_expert"] = [float(x) for x in layer["tokens_per_expert"]]
     return out
 
@@ -430,7 +420,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         f"layer_{i}": _layer_summary(layer) for i, layer in zip(layers, heldout, strict=True)
     }
     heldout_stats: dict[str, Any] = (
-        {key: float(np.mean([layer[key] for layer in heldout])) for key in ROUTING_SCALARS}
+        {key: float(np.mean([layer[key] for layer in heldout])) for key in SCALAR_STATS}
         if heldout
         else {}
     )

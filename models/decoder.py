@@ -42,7 +42,6 @@ from models import moe
 from models.dtypes import resolve_dtype
 from models.kv_cache import KVCache
 from models.moe import MoEConfig, MoELayer
-from models.routers import route, routing_stats
 
 Stats = dict[str, jax.Array]
 
@@ -266,42 +265,8 @@ class SwiGLU(nnx.Module):
 
 
 class DecoderMoE(MoELayer):
-    """An MoELayer whose routing group size the decoder picks per call.
-
-    MoELayer fixes its group size in its config, but a decoder routes L tokens per group in a
-    full forward of any length L and the B tokens of a decode step. The computation is
-    MoELayer's (same router, same weights, same einsums); only where S comes from differs.
-    Letters here follow models/moe.py: G groups, S tokens per group, E experts, C capacity.
-    """
-
-    def with_stats(self, x: jax.Array, group_size: int | None = None) -> tuple[jax.Array, Stats]:
-        """(y, routing_stats) for x of shape [..., D], its tokens flattened in order and cut
-        into groups of `group_size` (None: cfg.group_size; 0: one group of all tokens)."""
-        cfg = self.cfg
-        D = cfg.d_model
-        if x.shape[-1] != D:
-            raise ValueError(f"MoE input must end in model.d_model={D}, got shape {x.shape}")
-        T = x.size // D
-        S = (cfg.group_size if group_size is None else group_size) or T
-        if T % S != 0:
-            raise ValueError(
-                f"tokens per call ({T}) must be a multiple of the routing group size ({S}, "
-                f"model.moe_group_size={cfg.group_size})"
-            )
-        dtype = resolve_dtype(cfg.dtype)
-        x_GxSxD = x.reshape(T // S, S, D)
-
-        logits_GxSxE = self.router(x_GxSxD)
-        routing = route(cfg.router, logits_GxSxE, cfg.top_k, cfg.capacity_factor, cfg.renormalize)
-
-        x_GxSxD = x_GxSxD.astype(dtype)
-        x_ExGxCxD = jnp.einsum("GSD,GSEC->EGCD", x_GxSxD, routing.dispatch_GxSxExC.astype(dtype))
-        gate_ExGxCxF = jnp.einsum("EGCD,EDF->EGCF", x_ExGxCxD, self.w_gate_ExDxF[...].astype(dtype))
-        up_ExGxCxF = jnp.einsum("EGCD,EDF->EGCF", x_ExGxCxD, self.w_up_ExDxF[...].astype(dtype))
-        h_ExGxCxF = jax.nn.silu(gate_ExGxCxF) * up_ExGxCxF
-        out_ExGxCxD = jnp.einsum("EGCF,EFD->EGCD", h_ExGxCxF, self.w_down_ExFxD[...].astype(dtype))
-        y_GxSxD = jnp.einsum("EGCD,GSEC->GSD", out_ExGxCxD, routing.combine_GxSxExC.astype(dtype))
-        return y_GxSxD.reshape(x.shape), routing_stats(routing)
+    """The MoE a decoder block uses: an MoELayer whose routing group the block picks per
+    call (L tokens of a sequence in a full forward, the B tokens of a decode step)."""
 
 
 class Block(nnx.Module):

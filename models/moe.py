@@ -96,9 +96,14 @@ class MoELayer(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.with_stats(x)[0]
 
-    def with_stats(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def with_stats(
+        self, x: jax.Array, group_size: int | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Returns (y, routing_stats) for x of shape [..., D]; see routers.routing_stats.
 
+        Tokens are flattened in order and cut into groups of `group_size` (None: the
+        config's; 0: one group of all tokens): a decoder routes the L tokens of a sequence,
+        or the B tokens of a decode step, as one group whatever its config says.
         stats["aux_loss"] and stats["z_loss"] are differentiable w.r.t. the router weights.
         """
         cfg = self.cfg
@@ -106,10 +111,11 @@ class MoELayer(nnx.Module):
         if x.shape[-1] != D:
             raise ValueError(f"MoE input must end in model.d_model={D}, got shape {x.shape}")
         T = x.size // D
-        S = cfg.group_size or T
+        S = (cfg.group_size if group_size is None else group_size) or T
         if T % S != 0:
             raise ValueError(
-                f"tokens per call ({T}) must be a multiple of model.group_size ({cfg.group_size})"
+                f"tokens per call ({T}) must be a multiple of the routing group size "
+                f"({S}, model.group_size ({cfg.group_size}))"
             )
         dtype = resolve_dtype(cfg.dtype)
         x_GxSxD = x.reshape(T // S, S, D)

@@ -157,6 +157,20 @@ def route(
     return expert_choice(logits_GxSxE, capacity_factor)
 
 
+# The scalar statistics of `routing_stats`; the others are per-expert or per-token arrays.
+SCALAR_STATS = (
+    "aux_loss",
+    "z_loss",
+    "load_cv",
+    "max_mean_load",
+    "drop_fraction",
+    "token_drop_fraction",
+    "expert_usage",
+    "router_confidence",
+    "router_entropy",
+)
+
+
 def routing_stats(result: RoutingResult) -> dict[str, jax.Array]:
     """Load-balance statistics of one routing, from the result alone (ANCHORS.md §5).
 

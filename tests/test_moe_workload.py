@@ -21,8 +21,8 @@ def tiny_moe(**model):
 
 def test_moe_rows_carry_routing_stats_and_tensorboard_shows_them(tmp_path):
     config = tiny_moe()
-    config.runs = {"tc": {}, "ec": {"model": {"router": "expert_choice"}},
-                   "dense": {"model": {"num_experts": 2, "capacity_factor": 1.0}}}  # fmt: skip
+    # Expert-choice's zero assignment drops are checked in tests/test_moe.py.
+    config.runs = {"tc": {}, "dense": {"model": {"num_experts": 2, "capacity_factor": 1.0}}}
     summaries = app.run(config, str(tmp_path))
     with open(tmp_path / "results.jsonl") as f:
         rows = [json.loads(line) for line in f]
@@ -34,8 +34,6 @@ def test_moe_rows_carry_routing_stats_and_tensorboard_shows_them(tmp_path):
     for r in (r for r in rows if r["run"] == "dense"):
         assert r["drop_fraction"] == pytest.approx(0.0)
         assert r["load_cv"] == pytest.approx(0.0, abs=1e-6)
-    # expert-choice never drops an assignment it wanted
-    assert all(r["drop_fraction"] == 0 for r in rows if r["run"] == "ec")
     by_run = {s["run"]: s for s in summaries}
     # each expert weight serves k/E of the batch: B* grows by E/k = 2 over the dense layer's 1
     assert by_run["tc"]["predicted_critical_batch"] == pytest.approx(

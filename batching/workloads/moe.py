@@ -13,19 +13,7 @@ from flax import nnx
 from batching.workload import Cost, Workload
 from models import moe
 from models.dtypes import resolve_dtype
-
-# Routing statistics that go on each row (scalars; per-expert arrays stay out of rows).
-ROW_STATS = (
-    "aux_loss",
-    "z_loss",
-    "load_cv",
-    "max_mean_load",
-    "drop_fraction",
-    "token_drop_fraction",
-    "expert_usage",
-    "router_confidence",
-    "router_entropy",
-)
+from models.routers import SCALAR_STATS
 
 
 def model_config(model_cfg: ml_collections.ConfigDict) -> moe.MoEMLPConfig:
@@ -50,7 +38,7 @@ def validate(model_cfg: ml_collections.ConfigDict) -> None:
 
 def mean_stats(stats: list[dict]) -> dict[str, float]:
     """Scalar routing statistics averaged over layers, plus per-layer values."""
-    out = {k: float(np.mean([np.asarray(s[k]) for s in stats])) for k in ROW_STATS}
+    out = {k: float(np.mean([np.asarray(s[k]) for s in stats])) for k in SCALAR_STATS}
     for i, s in enumerate(stats):
         for k in ("load_cv", "max_mean_load", "drop_fraction"):
             out[f"layer_{i}/{k}"] = float(np.asarray(s[k]))
