@@ -253,7 +253,10 @@ def measure_matmul_flops(device: jax.Device, dtype: str, n: int | None = None) -
     return 2.0 * n**3 / _median_time(lambda a, b: a @ b, (a, b))
 
 
-GEMM_SETTINGS = timing.TimingSettings(warmup_runs=3, min_runs=10, max_runs=2000, budget_s=1.0)
+# A sweep measures one GEMM shape per batch size: keep each short (cold start <= 30 s).
+GEMM_SETTINGS = timing.TimingSettings(
+    warmup_runs=1, warmup_s=0.0, min_runs=5, max_runs=1000, budget_s=0.4
+)
 
 
 def last_level_cache_bytes(device: jax.Device) -> int:
@@ -322,7 +325,7 @@ def measure_bandwidth(device: jax.Device, buffer_bytes: int | None = None) -> di
 
 
 FLOOR_SETTINGS = timing.TimingSettings(
-    warmup_runs=50, min_runs=500, max_runs=5000, target_rel_ci=0.01, budget_s=1.0
+    warmup_runs=50, min_runs=300, max_runs=5000, target_rel_ci=0.01, budget_s=0.4
 )
 
 
