@@ -18,6 +18,28 @@ CURVES = {
 }
 
 
+def _finish(
+    fig: plt.Figure,
+    ax: plt.Axes,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    xbase: int = 10,
+    ybase: int = 10,
+    ncol: int = 1,
+) -> plt.Figure:
+    """The lab's figure style: log-log axes, labels, a light grid, a small legend."""
+    ax.set_xscale("log", base=xbase)
+    ax.set_yscale("log", base=ybase)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small", ncol=ncol)
+    fig.tight_layout()
+    return fig
+
+
 def by_run(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     runs = defaultdict(list)
     for row in rows:
@@ -37,15 +59,7 @@ def curve_figure(rows: list[dict[str, Any]], name: str, title: str) -> plt.Figur
             ax.errorbar(b, y, yerr=[y - lo, hi - y], marker="o", ms=3, capsize=2, label=run)
         else:
             ax.plot(b, y, marker="o", ms=3, label=run)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("batch size")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small", ncol=2)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "batch size", ylabel, title, xbase=2, ncol=2)
 
 
 def to_image(fig: plt.Figure) -> np.ndarray:
@@ -80,7 +94,7 @@ def fit_figure(rows: list[dict[str, Any]], s: dict[str, Any]) -> plt.Figure:
     label = "predicted a priori" + (" (GEMMs at their shapes)" if s.get("shape_aware") else "")
     ax.plot(b, ms("predicted_latency_s"), "--", label=label)
     ax.plot(b, ms("predicted_peak_latency_s"), ":", label="predicted with square-matmul peak")
-    ax.plot(b, ms("fitted_latency_s"), "-", alpha=0.7, label="fitted three-limit model")
+    ax.plot(b, ms("fitted_latency_s"), "-", color="C2", alpha=0.7, label="fitted three-limit model")
     knee = s["knee_batch_size"]
     if np.isfinite(knee):
         ax.axvline(knee, color="C3", lw=1, label=f"fitted knee {knee:.3g}")
@@ -94,15 +108,9 @@ def fit_figure(rows: list[dict[str, Any]], s: dict[str, Any]) -> plt.Figure:
         ls="-.",
         label=f"predicted B* {s['predicted_critical_batch']:.3g}",
     )
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("latency (ms)")
-    ax.set_title(f"{s['run']} on {s['device_kind']}")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    return fig
+    return _finish(
+        fig, ax, "batch size", "latency (ms)", f"{s['run']} on {s['device_kind']}", xbase=2
+    )
 
 
 def roofline_figure(rows: list[dict[str, Any]], summaries: list[dict[str, Any]]) -> plt.Figure:
@@ -124,15 +132,13 @@ def roofline_figure(rows: list[dict[str, Any]], summaries: list[dict[str, Any]])
         lw=1.5,
         label=f"measured roofs: {peak_f:.3g} GFLOP/s, {bw:.3g} GB/s",
     )
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("arithmetic intensity (FLOP/byte, analytic)")
-    ax.set_ylabel("achieved GFLOP/s")
-    ax.set_title(f"roofline on {s['device_kind']}")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    return fig
+    return _finish(
+        fig,
+        ax,
+        "arithmetic intensity (FLOP/byte, analytic)",
+        "achieved GFLOP/s",
+        f"roofline on {s['device_kind']}",
+    )
 
 
 def whatif_figure(rows: list[dict[str, Any]], s: dict[str, Any]) -> plt.Figure:
@@ -144,15 +150,14 @@ def whatif_figure(rows: list[dict[str, Any]], s: dict[str, Any]) -> plt.Figure:
     for name, w in s["whatif"].items():
         curve = [w["latency_s"][r["batch_size"]] * 1e3 for r in rows]
         ax.plot(b, curve, "--", label=f"{name} predicted (B*={w['critical_batch']:.3g})")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("latency (ms)")
-    ax.set_title(f"{s['run']}: what-if on spec devices (memory and compute limits only)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    return fig
+    return _finish(
+        fig,
+        ax,
+        "batch size",
+        "latency (ms)",
+        f"{s['run']}: what-if on spec devices (memory and compute limits only)",
+        xbase=2,
+    )
 
 
 def knee_vs_context_figure(summaries: list[dict[str, Any]]) -> plt.Figure:
@@ -188,15 +193,15 @@ def knee_vs_context_figure(summaries: list[dict[str, Any]]) -> plt.Figure:
         "k:",
         label="weights-only B* (the MLP formula)",
     )
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log", base=2)
-    ax.set_xlabel("cache length (positions per sequence)")
-    ax.set_ylabel("critical batch size")
-    ax.set_title("decode step: where batching stops being free, by context")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    return fig
+    return _finish(
+        fig,
+        ax,
+        "cache length (positions per sequence)",
+        "critical batch size",
+        "decode step: where batching stops being free, by context",
+        xbase=2,
+        ybase=2,
+    )
 
 
 def prefill_figure(rows: list[dict[str, Any]]) -> plt.Figure:
@@ -211,15 +216,14 @@ def prefill_figure(rows: list[dict[str, Any]]) -> plt.Figure:
             "o-",
             label=f"batch {b}",
         )
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("prompt length (tokens)")
-    ax.set_ylabel("prefill latency (ms)")
-    ax.set_title("prefill latency vs prompt length")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    return fig
+    return _finish(
+        fig,
+        ax,
+        "prompt length (tokens)",
+        "prefill latency (ms)",
+        "prefill latency vs prompt length",
+        xbase=2,
+    )
 
 
 def extra_figures(
