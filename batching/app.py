@@ -102,7 +102,6 @@ def finalize(
     if config.roofline.enabled:
         by_key = {(r["run"], r["batch_size"]): r for r in analyzed_rows}
         store.rewrite_rows([by_key.get((r["run"], r["batch_size"]), r) for r in all_rows])
-    store.write_summary(summaries)
 
     figures, images = {}, {}
     if config.output.plots and analyzed_rows:
@@ -116,11 +115,8 @@ def finalize(
             figures.update(plots.extra_figures(analyzed_rows, summaries))
         images = plots.save_all(figures, store.path("plots"))
     for run, s in zip(done, summaries, strict=True):
-        own = {
-            name: image
-            for name, image in images.items()
-            if not name.startswith(("fit_", "whatif_")) or name.endswith("_" + run.name)
-        }
+        others = {f"{kind}_{r.name}" for r in done if r is not run for kind in ("fit", "whatif")}
+        own = {name: image for name, image in images.items() if name not in others}
         write_run_summary(
             store.workdir,
             run.name,
