@@ -61,8 +61,7 @@ def analyze_run(
     tol = roofline_cfg.cost_tolerance
     out = []
     for r in rows:
-        flops = r["analytic_flops"] or r["flops"]
-        bytes_moved = r["analytic_bytes"] or r["bytes_accessed"]
+        flops, bytes_moved = roofline.work(r)
         compute_s = roofline.compute_time(flops, r.get("gemm_shapes"), peak_f, gemm)
         overhead_s = roofline.overhead_time(
             r.get("gemm_shapes"), peaks.dispatch_floor_s, peaks.kernel_overhead_s
@@ -89,11 +88,7 @@ def analyze_run(
     spec = hardware.detect(device.device_kind)
     spec_f = hardware.spec_flops(spec, dtype, precision) if spec else None
     measured = np.array([r["latency_s"] for r in out])
-    linear = roofline.LinearCost.from_rows(
-        np.array([r["batch_size"] for r in out], dtype=float),
-        np.array([r["analytic_flops"] or r["flops"] for r in out], dtype=float),
-        np.array([r["analytic_bytes"] or r["bytes_accessed"] for r in out], dtype=float),
-    )
+    linear = roofline.LinearCost.from_rows(out)
     a_priori = np.log([peaks.dispatch_floor_s, bw, peak_f])
     first_bytes = out[0]["achieved_bytes_per_s"]
     summary = {
@@ -167,8 +162,7 @@ def whatif(
             f = spec.flops_per_s.get("bfloat16") or max(spec.flops_per_s.values())
         curve = {}
         for r in rows:
-            flops = r["analytic_flops"] or r["flops"]
-            bytes_moved = r["analytic_bytes"] or r["bytes_accessed"]
+            flops, bytes_moved = roofline.work(r)
             curve[r["batch_size"]] = max(bytes_moved / spec.bandwidth_bytes_per_s, flops / f)
         result[name] = {
             "flops_per_s": f,

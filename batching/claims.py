@@ -88,7 +88,7 @@ def c4_knee_across_widths(summaries: list[dict[str, Any]], rows: list[dict[str, 
 
 def c5_small_networks(summaries: list[dict[str, Any]], rows: list[dict[str, Any]]) -> Verdict:
     s = min(summaries, key=lambda s: s["params"])
-    small = sorted((r for r in rows if r["run"] == s["run"]), key=lambda r: r["batch_size"])
+    small = _run_rows(rows, s["run"])
     first, last = small[0], small[-1]
     slowdown = last["latency_s"] / first["latency_s"]
     evidence = (

@@ -28,6 +28,11 @@ REGIMES = ("overhead", "memory", "compute")
 MIN_POINTS_TO_FIT = 4
 
 
+def work(row: dict[str, Any]) -> tuple[float, float]:
+    """A row's FLOPs and bytes: the analytic count, or XLA's where the workload has none."""
+    return row["analytic_flops"] or row["flops"], row["analytic_bytes"] or row["bytes_accessed"]
+
+
 def predict(
     flops: float,
     bytes_moved: float,
@@ -83,7 +88,9 @@ class LinearCost:
     a: float
 
     @classmethod
-    def from_rows(cls, batch: np.ndarray, flops: np.ndarray, bytes_: np.ndarray) -> "LinearCost":
+    def from_rows(cls, rows: list[dict[str, Any]]) -> "LinearCost":
+        batch = np.array([r["batch_size"] for r in rows], dtype=float)
+        flops, bytes_ = np.array([work(r) for r in rows], dtype=float).T
         if batch.size == 1:
             return cls(0.0, float(flops[0] / batch[0]), float(bytes_[0]), 0.0)
         f1, f0 = np.polyfit(batch, flops, 1)
@@ -167,11 +174,7 @@ def fit_knee(
         # Three free parameters from fewer points would fit anything: report no knee.
         nan = math.nan
         return KneeFit(nan, nan, nan, nan, nan, nan, {int(bi): nan for bi in b})
-    cost = LinearCost.from_rows(
-        b,
-        np.array([r["analytic_flops"] or r["flops"] for r in rows], dtype=float),
-        np.array([r["analytic_bytes"] or r["bytes_accessed"] for r in rows], dtype=float),
-    )
+    cost = LinearCost.from_rows(rows)
     params = fit_three_limits(b, t, cost)
     knee = knee_of(params, cost)
     rng = np.random.default_rng(seed)
