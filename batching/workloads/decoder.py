@@ -6,6 +6,8 @@
 - phase "prefill": B prompts of `prompt_len` tokens written into an empty cache.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -13,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from batching.workload import Cost, Workload
-from models import decoder
+from models import decoder, kv_cache
 from models.dtypes import resolve_dtype
 
 PHASES = ("decode", "prefill")
@@ -34,6 +36,7 @@ def model_config(model_cfg: ml_collections.ConfigDict) -> decoder.DecoderConfig:
         dtype=model_cfg.dtype,
         param_dtype=model_cfg.param_dtype,
         cache_dtype=model_cfg.cache_dtype,
+        cache_layout=model_cfg.get("cache_layout", "auto"),
     )
 
 
@@ -102,6 +105,8 @@ def build_decoder(
     """The decode or prefill workload of Decoder(cfg); `params` replace the random init
     (trained weights), and `tokens` (int32) are drawn for the inputs instead of zeros."""
     m = run_cfg.model
+    layout = kv_cache.resolve_layout(cfg.cache_layout, device.platform)
+    cfg = dataclasses.replace(cfg, cache_layout=layout)
     model = abstract_decoder(cfg)
     param_bytes = resolve_dtype(cfg.param_dtype).itemsize
     cache_bytes = resolve_dtype(cfg.cache_dtype).itemsize
@@ -188,5 +193,6 @@ def build_decoder(
             "prompt_len": None if decode else length,
             "kv_bytes_per_token": 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * cache_bytes,
             "cache_dtype": cfg.cache_dtype,
+            "cache_layout": layout,
         },
     )
