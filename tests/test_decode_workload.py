@@ -52,6 +52,22 @@ def test_decode_steps_never_recompile_and_reuse_the_donated_cache():
     assert all((np.asarray(x) == 31).all() for x in lengths)
 
 
+@pytest.mark.parametrize("layout", ["bksh", "bskh"])
+def test_decode_step_xla_bytes_match_the_analytic_count_with_the_cache_read_once(layout):
+    """A cache big enough to dominate the step: XLA's bytes stay near the analytic count in the
+    streaming layout (the cache read once, the new token written in place); the transposing
+    layout shows up as extra bytes, which is what the rows flag."""
+    # head_dim 64 as in the default model: the scores (G per position) stay small next to K.
+    config = tiny_decoder(cache_len=256, head_dim=64, cache_layout=layout)
+    wl = decoder_workload.build(config, jax.devices()[0], "")
+    compiled = timing.compile_fn(wl.fn, wl.make_args(16), wl.donate_argnums)
+    ratio = compiled.bytes_accessed / wl.cost(16).bytes
+    if layout == "bksh":
+        assert 0.9 < ratio < 1.5, ratio
+    else:
+        assert ratio > 1.5, ratio
+
+
 @pytest.mark.parametrize("phase", ["decode", "prefill"])
 def test_analytic_flops_match_xla(phase):
     config = tiny_decoder(phase)
@@ -92,6 +108,9 @@ def test_decode_experiment_rows_report_and_plots(tmp_path):
     assert len(decode) == 6 and len(prefill) == 2
     for r in decode:
         assert r["cache_len"] in (16, 64) and r["prompt_len"] is None
+        assert r["cache_layout"] in ("bksh", "bskh")
+        (attention,) = r["attention_shapes"]
+        assert attention["cache_len"] == r["cache_len"] and attention["batch"] == r["batch_size"]
         assert r["tokens_per_s"] == pytest.approx(r["batch_size"] / r["latency_s"])
     for r in prefill:
         assert r["prompt_len"] == 16

@@ -154,6 +154,19 @@ def build_decoder(
             return Cost(c["flops"], c["bytes"], decoder.num_params(cfg) * param_bytes)
 
         shapes = lambda batch: gemm_shapes(cfg, batch, batch)
+        attention_shapes = lambda batch: [
+            {
+                "batch": batch,
+                "kv_heads": cfg.n_kv_heads,
+                "cache_len": length,
+                "q_per_kv": cfg.n_heads // cfg.n_kv_heads,
+                "head_dim": cfg.head_dim,
+                "count": cfg.n_layers,
+                "layout": layout,
+                "dtype": cfg.cache_dtype,
+                "bytes": cache_bytes,
+            }
+        ]
         examples = lambda batch: batch
     else:
 
@@ -173,6 +186,7 @@ def build_decoder(
             return Cost(c["flops"], c["bytes"], decoder.num_params(cfg) * param_bytes)
 
         shapes = lambda batch: gemm_shapes(cfg, batch * length, batch)
+        attention_shapes = None  # attention over the prompt itself: in the FLOPs at peak
         examples = lambda batch: batch * length
 
     n_params = decoder.num_params(cfg)
@@ -185,6 +199,7 @@ def build_decoder(
         donate_argnums=(1,),
         next_args=next_args,
         gemm_shapes=shapes,
+        attention_shapes=attention_shapes,
         examples=examples,
         example_unit="tokens",
         fields={
