@@ -123,4 +123,6 @@ def test_decode_experiment_rows_report_and_plots(tmp_path):
     )
     assert (tmp_path / "plots" / "knee_vs_context.png").exists()
     assert (tmp_path / "plots" / "prefill_vs_prompt.png").exists()
-    assert "### C7:" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "### C7:" in report
+    assert "The cache was stored as bksh" in report and "analytic bytes" in report
