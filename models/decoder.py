@@ -7,7 +7,8 @@ Blocks are pre-norm: RMSNorm -> grouped-query self-attention with rotary positio
 - prefill, `model.prefill(tokens_BxL, lengths_B) -> logits_BxV`: a right-padded prompt batch
   writes the cache and returns the logits at each sequence's last real token;
 - decode, `model.decode_step(tokens_B) -> logits_BxV`: one token per sequence, written at that
-  sequence's own position; attention runs over the whole static cache under a length mask.
+  sequence's own position; attention runs over the whole static cache under a length mask,
+  in the cache's own layout (`cache_layout`, models.kv_cache.attend_cache).
 
 The cache exists only after `model.init_cache(batch, max_len)`. The harness jits the pure
 functions at the bottom over `graphdef, params, cache = nnx.split(model, nnx.Param, nnx.Cache)`.

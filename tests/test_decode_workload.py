@@ -86,6 +86,9 @@ def test_bad_decoder_fields_are_named():
     config = tiny_decoder(n_heads=3)
     with pytest.raises(runs.ConfigError, match="n_heads"):
         runs.validate(config, runs.expand(config))
+    config = tiny_decoder(cache_layout="bhsk")
+    with pytest.raises(runs.ConfigError, match="model.cache_layout must be 'auto' or one of"):
+        runs.validate(config, runs.expand(config))
     config = tiny_decoder(phase="train")
     with pytest.raises(runs.ConfigError, match="model.phase"):
         runs.validate(config, runs.expand(config))

@@ -4,6 +4,10 @@
   position cache_len-1 and attends over all cache_len slots. Between timed steps the
   lengths are set back, so every step costs the same and the cache never overflows.
 - phase "prefill": B prompts of `prompt_len` tokens written into an empty cache.
+
+The cache's layout is `model.cache_layout`, "auto" resolved for the device's platform
+(models.kv_cache.DEFAULT_LAYOUT); rows carry the resolved `cache_layout`, and decode rows the
+`attention_shapes` the roofline times (roofline.attention_time).
 """
 
 import dataclasses
