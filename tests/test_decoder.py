@@ -156,6 +156,30 @@ def test_decode_is_the_same_in_every_cache_layout():
         np.testing.assert_allclose(k_bskh, np.swapaxes(k_bksh, 1, 2), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("layout", kv_cache.LAYOUTS)
+@pytest.mark.parametrize("batch", [1, 3, 4])
+def test_cache_writes_agree_on_every_platform_path(layout, batch, monkeypatch):
+    """The CPU loop and the accelerators' scatter write the same positions, for a batch that
+    fills the cache (4), a smaller one (3) and one sequence; other slots stay untouched."""
+    K, S, H = 2, 6, 3
+    rng = np.random.default_rng(0)
+    shape = (4 * K, S, H) if layout == "bksh" else (4, S, K, H)
+    cache = rng.standard_normal(shape).astype(np.float32)
+    new_BxKxH = rng.standard_normal((batch, K, H)).astype(np.float32)
+    positions_B = np.array([5, 0, 3, 2][:batch], np.int32)
+    expected = cache.reshape(4, K, S, H).copy() if layout == "bksh" else cache.copy()
+    for b, p in enumerate(positions_B):
+        if layout == "bksh":
+            expected[b, :, p] = new_BxKxH[b]
+        else:
+            expected[b, p] = new_BxKxH[b]
+    for platform in ("cpu", "gpu"):
+        monkeypatch.setattr(jax, "default_backend", lambda p=platform: p)
+        args = (jnp.asarray(cache), jnp.asarray(new_BxKxH), jnp.asarray(positions_B))
+        out = kv_cache.write_positions(*args, layout)
+        np.testing.assert_array_equal(np.asarray(out).reshape(expected.shape), expected)
+
+
 @pytest.mark.parametrize("layout, batch", [("bskh", 8), ("bksh", 8), ("bksh", 1)])
 def test_decode_step_writes_the_donated_cache_in_place(layout, batch):
     """The compiled step aliases every cache buffer to its output; with "bksh" it also makes no
