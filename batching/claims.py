@@ -172,23 +172,26 @@ def _c7_cache_reads(decode: list[dict[str, Any]], rows: list[dict[str, Any]]) ->
     if not points:
         return ""
     layouts = sorted({str(r.get("cache_layout")) for r in points})
-    ratios = [r["xla_bytes_ratio"] for r in points if r.get("xla_bytes_ratio") is not None]
-    worst = min(
-        (r for r in points if r.get("achieved_bytes_per_s")),
-        key=lambda r: r["achieved_bytes_per_s"] / runs[r["run"]]["peak_bytes_per_s"],
-        default=None,
-    )
-    text = f"The cache was stored as {', '.join(layouts)} (model.cache_layout)"
-    if ratios:
-        text += f"; XLA counts at most {_fmt(max(ratios))}x the analytic bytes of a step"
-    if worst is None:
-        return text + "."
-    fraction = worst["achieved_bytes_per_s"] / runs[worst["run"]]["peak_bytes_per_s"]
+    text = f"The cache was stored as {', '.join(layouts)} (model.cache_layout)."
+    # Compute-bound points move few bytes per second by nature, and their activations (which
+    # the analytic count leaves out) add to XLA's bytes: judge the cache reads where the
+    # a-priori roofline says bytes set the time.
+    memory = [r for r in points if r.get("regime") == "memory" and r.get("achieved_bytes_per_s")]
+    if not memory:
+        return text
+    fraction = {
+        id(r): r["achieved_bytes_per_s"] / runs[r["run"]]["peak_bytes_per_s"] for r in memory
+    }
+    worst = min(memory, key=lambda r: fraction[id(r)])
+    ratios = [r["xla_bytes_ratio"] for r in memory if r.get("xla_bytes_ratio") is not None]
     text += (
-        f", and the slowest point (cache {worst['cache_len']}, batch {worst['batch_size']}) "
-        f"still moves its analytic bytes at {_fmt(fraction)} of the measured bandwidth"
+        f" At the {len(memory)} memory-bound points the step moves its analytic bytes at "
+        f">= {_fmt(fraction[id(worst)])} of the measured bandwidth (cache {worst['cache_len']}, "
+        f"batch {worst['batch_size']})"
     )
-    clean = fraction >= 0.2 and (not ratios or max(ratios) <= 1.5)
+    if ratios:
+        text += f" and XLA counts at most {_fmt(max(ratios))}x the analytic bytes"
+    clean = fraction[id(worst)] >= 0.2 and (not ratios or max(ratios) <= 1.5)
     return text + (
         ": the attention reads each sequence's cache once, so the KV-cache growth above is "
         "the cache's own bytes, not a copy made by the implementation (before issue 9 the "
