@@ -5,6 +5,7 @@ rows augmented with `predicted_latency_s`, `regime`, `fitted_latency_s` and the
 XLA-vs-analytic cost check, plus the roofline fields of each run's summary.
 """
 
+import functools
 from typing import Any
 
 import jax
@@ -30,6 +31,17 @@ class PeakSource:
 
     def gemm(self, device: jax.Device, dtype: str, cold: bool):
         return lambda shape: hardware.gemm_flops(device, dtype, shape, self.cache_dir, cold)
+
+    def attention(self, device: jax.Device):
+        """Seconds of one attention shape (a row's `attention_shapes` entry), cached."""
+
+        def seconds(s: dict[str, Any]) -> float:
+            shape = (s["batch"], s["kv_heads"], s["cache_len"], s["q_per_kv"], s["head_dim"])
+            return hardware.attention_seconds(
+                device, s["dtype"], s["layout"], shape, self.cache_dir
+            )
+
+        return seconds
 
 
 def _ratio(xla: float | None, analytic: float | None) -> float | None:
@@ -57,16 +69,28 @@ def analyze_run(
     # GEMMs the same way, or small batches look faster than they can be.
     cold = (rows[0].get("weight_bytes") or 0) > hardware.last_level_cache_bytes(device)
     gemm = peak_source.gemm(device, dtype, cold) if roofline_cfg.shape_aware else None
+    attention = peak_source.attention(device) if roofline_cfg.shape_aware else None
     fit = roofline.fit_knee(rows, samples, n_bootstrap=roofline_cfg.bootstrap)
     tol = roofline_cfg.cost_tolerance
     out = []
     for r in rows:
         flops, bytes_moved = roofline.work(r)
-        compute_s = roofline.compute_time(flops, r.get("gemm_shapes"), peak_f, gemm)
         overhead_s = roofline.overhead_time(
             r.get("gemm_shapes"), peaks.dispatch_floor_s, peaks.kernel_overhead_s
         )
-        predicted, regime = roofline.predict(flops, bytes_moved, overhead_s, bw, compute_s)
+        predicted, regime = roofline.predict_with_attention(
+            flops,
+            bytes_moved,
+            overhead_s,
+            bw,
+            functools.partial(
+                roofline.compute_time,
+                gemm_shapes=r.get("gemm_shapes"),
+                peak_flops=peak_f,
+                gemm_flops=gemm,
+            ),
+            roofline.attention_time(r.get("attention_shapes"), attention),
+        )
         naive, _ = roofline.predict(flops, bytes_moved, overhead_s, bw, flops / peak_f)
         flops_ratio = _ratio(r["flops"], r["analytic_flops"])
         bytes_ratio = _ratio(r["bytes_accessed"], r["analytic_bytes"])

@@ -114,7 +114,6 @@ def c5_small_networks(summaries: list[dict[str, Any]], rows: list[dict[str, Any]
 
 
 def c7_decode_like_mlp(summaries: list[dict[str, Any]], rows: list[dict[str, Any]]) -> Verdict:
-    del rows
     decode = sorted(
         (s for s in summaries if s.get("phase") == "decode"), key=lambda s: s["cache_len"]
     )
@@ -147,6 +146,7 @@ def c7_decode_like_mlp(summaries: list[dict[str, Any]], rows: list[dict[str, Any
         "KV-cache bytes, which never amortise, so at long context latency grows with the "
         "batch from the start and the step stays memory-bound."
     )
+    evidence += " " + _c7_cache_reads(decode, rows)
     if like_mlp and breaks:
         verdict = (
             "partly confirmed: like the MLP at short context; the KV-cache term breaks the "
@@ -157,6 +157,50 @@ def c7_decode_like_mlp(summaries: list[dict[str, Any]], rows: list[dict[str, Any
     else:
         verdict = "refuted on this device"
     return {"verdict": verdict, "evidence": evidence}
+
+
+def _c7_cache_reads(decode: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
+    """Whether the KV-cache term above is the cache's bytes or the attention's implementation.
+
+    Until the cache layout became a choice (issue 9) the decode attention over a
+    [B, S, K, H] cache made XLA transpose the cache before each product: 4-5x the analytic
+    bytes and 1-2 GB/s where the cache dominated, so the knee moving in with the context was
+    mostly that. The rows say how the attention that ran here reads the cache.
+    """
+    runs = {s["run"]: s for s in decode}
+    points = [r for r in rows if r.get("run") in runs and r.get("phase") == "decode"]
+    if not points:
+        return ""
+    layouts = sorted({str(r.get("cache_layout")) for r in points})
+    text = f"The cache was stored as {', '.join(layouts)} (model.cache_layout)."
+    # Judge at the longest context, where the cache outweighs everything else a step moves; at
+    # short context and large batch XLA's bytes also count activations, which the analytic
+    # count leaves out, and the weight matmuls' arithmetic sets the time.
+    longest = decode[-1]
+    own = [r for r in points if r["run"] == longest["run"] and r.get("achieved_bytes_per_s")]
+    if not own:
+        return text
+    fractions = [r["achieved_bytes_per_s"] / longest["peak_bytes_per_s"] for r in own]
+    ratios = [r["xla_bytes_ratio"] for r in own if r.get("xla_bytes_ratio") is not None]
+    text += (
+        f" At cache {longest['cache_len']} the step moves its analytic bytes at "
+        f"{_fmt(min(fractions))}-{_fmt(max(fractions))} of the measured bandwidth"
+    )
+    if not ratios:
+        return text + "."
+    text += f" and XLA counts at most {_fmt(max(ratios))}x the analytic bytes"
+    if max(ratios) <= 1.5:
+        return text + (
+            ": the attention reads each sequence's cache once, so the KV-cache growth above "
+            "is the cache's own bytes, not a copy made by the implementation (before issue 9 "
+            "the [B, S, K, H] layout made XLA transpose the cache before each product: 4-5x "
+            "the analytic bytes at 1-2 GB/s where the cache dominated, on a 2-core CPU)."
+        )
+    return text + (
+        ": the attention moves the cache more than once (copies or transposes), so part of "
+        "the growth with context is the implementation, not the cache's bytes; judge the "
+        "knee with that in mind."
+    )
 
 
 def _loglog_slope(rows: list[dict[str, Any]]) -> float:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from batching import timing
+from models import kv_cache
 
 TFLOPS = 1e12
 GBPS = 1e9
@@ -305,6 +306,69 @@ def measure_gemm_flops(
 
     t = _median_time(products, (a, *bs), GEMM_SETTINGS)
     return 2.0 * m * k * n * copies / max(t - dispatch_floor_s, 0.05 * t)
+
+
+def measure_attention_seconds(
+    device: jax.Device,
+    dtype: str,
+    layout: str,
+    shape: tuple[int, int, int, int, int],
+    dispatch_floor_s: float = 0.0,
+) -> float:
+    """Seconds of one layer's decode attention at `shape` = (batch, kv_heads, cache_len,
+    q_per_kv, head_dim): models.kv_cache.attend_cache, the decoder's own code, over a cache in
+    `layout` and `dtype`.
+
+    Attention over a cache is neither a weight GEMM nor a plain streaming read (skinny
+    products, a softmax between them), so it is timed as it runs. The cache is cold, as in a
+    decode step where every layer's weights pass through the last-level cache between two
+    attentions: one call attends over enough distinct caches to overflow it twice, and the
+    time per cache is returned, the call's dispatch floor taken off.
+    """
+    B, K, S, G, H = shape
+    dt = jnp.dtype(dtype)
+    kv_shape = (B * K, S, H) if layout == "bksh" else (B, S, K, H)
+    kv_bytes = 2 * B * K * S * H * dt.itemsize
+    copies = max(1, min(64, -(-2 * last_level_cache_bytes(device) // kv_bytes)))
+    q = jax.device_put(jnp.ones((B, K, G, H), dt), device)
+    lengths = jax.device_put(jnp.full((B,), S, jnp.int32), device)
+    kvs = [
+        jax.device_put(jnp.full(kv_shape, 1 + i / copies, dt), device) for i in range(2 * copies)
+    ]
+
+    def attend_all(q, lengths, *kvs):
+        # Every output is kept (summed), so no attention can be skipped.
+        outs = [
+            kv_cache.attend_cache(q, kvs[i], kvs[i + 1], lengths, layout)
+            for i in range(0, len(kvs), 2)
+        ]
+        return sum(outs)
+
+    t = _median_time(attend_all, (q, lengths, *kvs), GEMM_SETTINGS)
+    return max(t - dispatch_floor_s, 0.05 * t) / copies
+
+
+def attention_seconds(
+    device: jax.Device,
+    dtype: str,
+    layout: str,
+    shape: tuple[int, int, int, int, int],
+    cache_dir: str,
+) -> float:
+    """measure_attention_seconds of one (dtype, layout, shape), cached with the device's peaks."""
+    path = cache_path(cache_dir)
+    cache = _load(path)
+    key = _device_key(device)
+    entry = dict(cache.get(key, {}))
+    table = dict(entry.get("attention_s", {}))
+    name = f"{dtype}:{layout}:" + "x".join(str(int(n)) for n in shape)
+    if name not in table:
+        table[name] = measure_attention_seconds(
+            device, dtype, layout, shape, dispatch_floor_s=entry.get("dispatch_floor_s", 0.0)
+        )
+        entry["attention_s"] = table
+        _save(path, cache, key, entry)
+    return table[name]
 
 
 def measure_bandwidth(device: jax.Device, buffer_bytes: int | None = None) -> dict[str, float]:

@@ -63,6 +63,52 @@ def compute_time(
     return seconds + max(flops - gemm_total, 0.0) / peak_flops
 
 
+def attention_time(
+    shapes: list[dict[str, Any]] | None,
+    seconds_of: Callable[[dict[str, Any]], float] | None,
+) -> tuple[float, float, float]:
+    """(seconds, FLOPs, bytes) of a call's decode attention over its KV cache.
+
+    Each shape is one layer's attention (batch, kv_heads, cache_len, q_per_kv, head_dim,
+    bytes per element) run `count` times; its seconds come from a microbenchmark of that
+    very shape (hardware.attention_seconds), its FLOPs are 4·B·K·G·S·H (QKᵀ and AV) and its
+    bytes 2·B·K·S·H·bytes (K and V read once), as in models.decoder.decode_step_cost. A call
+    without shapes, or without a microbenchmark, has (0, 0, 0).
+    """
+    if not shapes or seconds_of is None:
+        return 0.0, 0.0, 0.0
+    seconds, flops, bytes_moved = 0.0, 0.0, 0.0
+    for s in shapes:
+        elements = s["batch"] * s["kv_heads"] * s["cache_len"] * s["head_dim"] * s["count"]
+        seconds += seconds_of(s) * s["count"]
+        flops += 4.0 * elements * s["q_per_kv"]
+        bytes_moved += 2.0 * elements * s["bytes"]
+    return seconds, flops, bytes_moved
+
+
+def predict_with_attention(
+    flops: float,
+    bytes_moved: float,
+    overhead_s: float,
+    bandwidth: float,
+    compute_s: Callable[[float], float],
+    attention: tuple[float, float, float],
+) -> tuple[float, str]:
+    """`predict` for a call that also attends over a KV cache: the three limits bound the
+    rest of the call (its work less the attention's), and the attention's measured seconds
+    add to them, since the layers run one after another. The regime is the larger part's;
+    attention over a cache reads it once per step, so it counts as "memory".
+
+    `compute_s(flops)` gives the seconds of arithmetic for the rest's FLOPs.
+    """
+    attn_s, attn_flops, attn_bytes = attention
+    rest_flops = max(flops - attn_flops, 0.0)
+    rest_s, regime = predict(
+        rest_flops, max(bytes_moved - attn_bytes, 0.0), overhead_s, bandwidth, compute_s(rest_flops)
+    )
+    return rest_s + attn_s, regime if rest_s >= attn_s else "memory"
+
+
 def overhead_time(
     gemm_shapes: list[list[int]] | None, dispatch_floor_s: float, kernel_overhead_s: float
 ) -> float:

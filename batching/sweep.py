@@ -78,6 +78,7 @@ def measure_point(
         f"{wl.example_unit}_per_s": examples / latency,
         "per_example_s": latency / examples,
         "gemm_shapes": wl.gemm_shapes(batch_size) if wl.gemm_shapes else None,
+        "attention_shapes": wl.attention_shapes(batch_size) if wl.attention_shapes else None,
         "fingerprint": fingerprint,
         "jax_version": jax.__version__,
         "timestamp": time.time(),

@@ -33,7 +33,8 @@ class Workload:
     `next_args(args, out)` feeds outputs back in (a donated cache) between calls;
     `cost(batch_size)` is the analytic work; `gemm_shapes(batch_size)` lists the
     call's matrix products as (m, k, n, count) so the roofline can measure the
-    device at the shapes the model really runs; `examples(batch_size)` is the
+    device at the shapes the model really runs; `attention_shapes(batch_size)` does the same
+    for a decode step's attention over its KV cache; `examples(batch_size)` is the
     number of examples (or tokens) one call processes; `fields` are run-level
     facts that go on every row and into the hparams.
     """
@@ -46,6 +47,8 @@ class Workload:
     donate_argnums: tuple[int, ...] = ()
     next_args: Callable[[Sequence[Any], Any], Sequence[Any]] | None = None
     gemm_shapes: Callable[[int], list[tuple[int, int, int, int]]] | None = None
+    # Attention over a KV cache, timed at its own shape by the roofline (roofline.attention_time).
+    attention_shapes: Callable[[int], list[dict[str, Any]]] | None = None
     # Per-point facts measured after the timing, never inside it (MoE routing statistics).
     point_fields: Callable[[int], dict[str, Any]] | None = None
     examples: Callable[[int], int] = lambda batch_size: batch_size

@@ -30,6 +30,9 @@ def model(phase: str = "decode") -> config_dict.ConfigDict:
     m.dtype = "float32"
     m.param_dtype = "float32"
     m.cache_dtype = "float32"
+    # KV-cache axis order: "bksh" [B, K, S, H], "bskh" [B, S, K, H], or "auto" for the
+    # platform's default (models/kv_cache.py DEFAULT_LAYOUT; README, "KV-cache layout").
+    m.cache_layout = "auto"
     m.matmul_precision = "default"
     # Decode: positions held by each sequence's cache; prefill: tokens per prompt.
     m.cache_len = 1024

@@ -7,7 +7,8 @@ Blocks are pre-norm: RMSNorm -> grouped-query self-attention with rotary positio
 - prefill, `model.prefill(tokens_BxL, lengths_B) -> logits_BxV`: a right-padded prompt batch
   writes the cache and returns the logits at each sequence's last real token;
 - decode, `model.decode_step(tokens_B) -> logits_BxV`: one token per sequence, written at that
-  sequence's own position; attention runs over the whole static cache under a length mask.
+  sequence's own position; attention runs over the whole static cache under a length mask,
+  in the cache's own layout (`cache_layout`, models.kv_cache.attend_cache).
 
 The cache exists only after `model.init_cache(batch, max_len)`. The harness jits the pure
 functions at the bottom over `graphdef, params, cache = nnx.split(model, nnx.Param, nnx.Cache)`.
@@ -38,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models import moe
+from models import kv_cache, moe
 from models.dtypes import resolve_dtype
 from models.kv_cache import KVCache
 from models.moe import MoEConfig, MoELayer
@@ -61,6 +62,9 @@ class DecoderConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     cache_dtype: str = "float32"
+    # "bksh" [B, K, S, H], "bskh" [B, S, K, H], or "auto": the platform's default
+    # (models.kv_cache.DEFAULT_LAYOUT), resolved when the cache is made.
+    cache_layout: str = "auto"
     # Mixture of experts (see the module docstring); 0 keeps every block dense. The MoE fields
     # are checked even then, so a typo does not wait for moe_every to be set.
     moe_every: int = 0
@@ -100,6 +104,7 @@ class DecoderConfig:
             raise ValueError(f"model.tie_embeddings must be a bool, got {self.tie_embeddings!r}")
         for name in ("dtype", "param_dtype", "cache_dtype"):
             resolve_dtype(getattr(self, name))
+        kv_cache.resolve_layout(self.cache_layout, "cpu")  # raises naming model.cache_layout
         for name in ("moe_every", "moe_group_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -199,8 +204,9 @@ class Attention(nnx.Module):
         self.out = _dense(cfg, N * H, D, rngs)
         self.cache = nnx.data(None)
 
-    def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> None:
-        self.cache = KVCache(batch, max_len, self.cfg.n_kv_heads, self.cfg.head_dim, dtype)
+    def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype, layout: str) -> None:
+        cfg = self.cfg
+        self.cache = KVCache(batch, max_len, cfg.n_kv_heads, cfg.head_dim, dtype, layout)
 
     def _project(self, x_BxLxD: jax.Array, positions_BxL: jax.Array):
         B, L, _ = x_BxLxD.shape
@@ -245,10 +251,13 @@ class Attention(nnx.Module):
         with jax.named_scope("attention"):
             positions_Bx1 = self.cache.lengths[...][: x_BxD.shape[0], None]
             q_Bx1xNxH, k_Bx1xKxH, v_Bx1xKxH = self._project(x_BxD[:, None], positions_Bx1)
-        k_BxSxKxH, v_BxSxKxH, lengths_B = self.cache.append(k_Bx1xKxH[:, 0], v_Bx1xKxH[:, 0])
+        k, v, lengths_B = self.cache.append(k_Bx1xKxH[:, 0], v_Bx1xKxH[:, 0])
         with jax.named_scope("attention"):
-            mask_Bx1xS = (jnp.arange(self.cache.max_len) < lengths_B[:, None])[:, None]
-            return self._output(attend(q_Bx1xNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xS))[:, 0]
+            B, _, N, H = q_Bx1xNxH.shape
+            K = self.cfg.n_kv_heads
+            q_BxKxGxH = q_Bx1xNxH.reshape(B, K, N // K, H)
+            out_BxKxGxH = kv_cache.attend_cache(q_BxKxGxH, k, v, lengths_B, self.cache.layout)
+            return self._output(out_BxKxGxH.astype(q_Bx1xNxH.dtype).reshape(B, 1, N, H))[:, 0]
 
 
 class SwiGLU(nnx.Module):
@@ -350,7 +359,8 @@ class Decoder(nnx.Module):
     def init_cache(self, batch: int, max_len: int, dtype: str | None = None) -> None:
         """Gives every attention layer an empty KVCache of `batch` x `max_len` positions.
 
-        `dtype` names the cache's dtype (default `cfg.cache_dtype`). Replaces any earlier cache.
+        `dtype` names the cache's dtype (default `cfg.cache_dtype`); its layout is
+        `cfg.cache_layout`, "auto" resolved for jax.default_backend(). Replaces any earlier cache.
         """
         for name, value in (("batch", batch), ("max_len", max_len)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -360,8 +370,9 @@ class Decoder(nnx.Module):
                 f"cache max_len must be <= model.max_seq_len={self.cfg.max_seq_len}, got {max_len}"
             )
         cache_dtype = resolve_dtype(self.cfg.cache_dtype if dtype is None else dtype)
+        layout = kv_cache.resolve_layout(self.cfg.cache_layout, jax.default_backend())
         for block in self.blocks:
-            block.attn.init_cache(batch, max_len, cache_dtype)
+            block.attn.init_cache(batch, max_len, cache_dtype, layout)
 
     def _cache(self) -> KVCache:
         cache = self.blocks[0].attn.cache

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import decoder
+from models import decoder, kv_cache
 from models.decoder import Decoder, DecoderConfig
 
 CFG = DecoderConfig(
@@ -126,6 +126,82 @@ def test_prefill_and_decode_match_full_forward(n_kv_heads, n_layers):
         )
 
 
+def _layout_run(s, layout: str):
+    """Prefill and teacher-forced decode with the cache in `layout`: (logits per call, cache)."""
+    graphdef, _ = _split_random_model(dataclasses.replace(CFG, cache_layout=layout))
+    graphdef, params, cache = _with_cache(graphdef, s["params"], len(LENGTHS), MAX_LEN)
+    prefill_fn, decode_fn = decoder.make_prefill_fn(graphdef), decoder.make_decode_fn(graphdef)
+    logits_BxV, cache = prefill_fn(params, cache, s["prompt_BxL"], s["lengths_B"])
+    logits = [np.asarray(logits_BxV)]
+    rows_B = np.arange(len(LENGTHS))
+    for step in range(TOTAL_LEN - max(LENGTHS)):
+        token_B = s["tokens_BxT"][rows_B, s["lengths_B"] + step]
+        logits_BxV, cache = decode_fn(params, cache, token_B)
+        logits.append(np.asarray(logits_BxV))
+    return np.stack(logits), cache
+
+
+def test_decode_is_the_same_in_every_cache_layout():
+    s = _setup()
+    runs = {layout: _layout_run(s, layout) for layout in kv_cache.LAYOUTS}
+    (logits_a, cache_a), (logits_b, cache_b) = runs["bskh"], runs["bksh"]
+    # Same products summed in another order: equal to float32 rounding, not bit for bit.
+    np.testing.assert_allclose(logits_a, logits_b, rtol=1e-5, atol=1e-5)
+    assert np.abs(logits_a - s["full_BxTxV"][0, 0]).max() > 1e-2  # the logits are not trivial
+    for layer_a, layer_b in zip(
+        cache_a["blocks"].values(), cache_b["blocks"].values(), strict=True
+    ):
+        k_bskh, k_bksh = layer_a["attn"]["cache"]["k"][...], layer_b["attn"]["cache"]["k"][...]
+        k_bksh = k_bksh.reshape(len(LENGTHS), CFG.n_kv_heads, MAX_LEN, CFG.head_dim)
+        np.testing.assert_allclose(k_bskh, np.swapaxes(k_bksh, 1, 2), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", kv_cache.LAYOUTS)
+@pytest.mark.parametrize("batch", [1, 3, 4])
+def test_cache_writes_agree_on_every_platform_path(layout, batch, monkeypatch):
+    """The CPU loop and the accelerators' scatter write the same positions, for a batch that
+    fills the cache (4), a smaller one (3) and one sequence; other slots stay untouched."""
+    K, S, H = 2, 6, 3
+    rng = np.random.default_rng(0)
+    shape = (4 * K, S, H) if layout == "bksh" else (4, S, K, H)
+    cache = rng.standard_normal(shape).astype(np.float32)
+    new_BxKxH = rng.standard_normal((batch, K, H)).astype(np.float32)
+    positions_B = np.array([5, 0, 3, 2][:batch], np.int32)
+    expected = cache.reshape(4, K, S, H).copy() if layout == "bksh" else cache.copy()
+    for b, p in enumerate(positions_B):
+        if layout == "bksh":
+            expected[b, :, p] = new_BxKxH[b]
+        else:
+            expected[b, p] = new_BxKxH[b]
+    for platform in ("cpu", "gpu"):
+        monkeypatch.setattr(jax, "default_backend", lambda p=platform: p)
+        args = (jnp.asarray(cache), jnp.asarray(new_BxKxH), jnp.asarray(positions_B))
+        out = kv_cache.write_positions(*args, layout)
+        np.testing.assert_array_equal(np.asarray(out).reshape(expected.shape), expected)
+
+
+@pytest.mark.parametrize("layout, batch", [("bskh", 8), ("bksh", 8), ("bksh", 1)])
+def test_decode_step_writes_the_donated_cache_in_place(layout, batch):
+    """The compiled step aliases every cache buffer to its output; with "bksh" it also makes no
+    cache-sized temporary, so neither a copy of the cache nor a transposed one can hide (at
+    batch 1 a [B, K, S, H] cache was copied every step: XLA drops the size-1 axis)."""
+    cfg = dataclasses.replace(CFG, cache_layout=layout)
+    model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+    max_len = CFG.max_seq_len
+    model.init_cache(batch, max_len)
+    graphdef, params, cache = nnx.split(model, nnx.Param, nnx.Cache)
+    zeros = lambda x: jnp.zeros(x.shape, x.dtype)  # noqa: E731
+    params, cache = jax.tree.map(zeros, params), jax.tree.map(zeros, cache)
+    tokens_B = jnp.zeros((batch,), jnp.int32)
+    memory = decoder.make_decode_fn(graphdef).lower(params, cache, tokens_B).compile()
+    memory = memory.memory_analysis()
+    cache_bytes = sum(x.nbytes for x in jax.tree.leaves(cache))
+    assert memory.alias_size_in_bytes == cache_bytes
+    one_k_bytes = batch * max_len * CFG.n_kv_heads * CFG.head_dim * 4
+    if layout == "bksh":
+        assert memory.temp_size_in_bytes < one_k_bytes, (memory.temp_size_in_bytes, one_k_bytes)
+
+
 def test_bfloat16_compute_and_cache_stay_close_to_float32():
     s = _setup()
     cfg = dataclasses.replace(CFG, dtype="bfloat16", cache_dtype="bfloat16")
@@ -226,12 +302,18 @@ def test_jitted_prefill_and_decode_donate_the_cache():
     assert not any(x.is_deleted() for x in jax.tree.leaves(params))
 
 
-def test_cache_exists_only_after_init_cache_and_stores_kv_heads():
-    model = nnx.merge(*_split_random_model(dataclasses.replace(CFG, n_kv_heads=1)))
+@pytest.mark.parametrize(
+    "layout, shape",
+    [("bskh", (3, MAX_LEN, 1, CFG.head_dim)), ("bksh", (3 * 1, MAX_LEN, CFG.head_dim))],
+)
+def test_cache_exists_only_after_init_cache_and_stores_kv_heads(layout, shape):
+    cfg = dataclasses.replace(CFG, n_kv_heads=1, cache_layout=layout)
+    model = nnx.merge(*_split_random_model(cfg))
     assert not jax.tree.leaves(nnx.state(model, nnx.Cache))
     model.init_cache(3, MAX_LEN, dtype="bfloat16")
     cache = model.blocks[0].attn.cache
-    assert cache.k.shape == cache.v.shape == (3, MAX_LEN, 1, CFG.head_dim)
+    assert cache.k.shape == cache.v.shape == shape
+    assert cache.max_len == MAX_LEN and cache.layout == layout
     assert cache.k.dtype == jnp.bfloat16
     assert cache.lengths.shape == (3,) and cache.lengths.dtype == jnp.int32
     assert len(jax.tree.leaves(nnx.state(model, nnx.Cache))) == 3 * CFG.n_layers

@@ -1,3 +1,5 @@
+import json
+
 import jax
 import pytest
 
@@ -95,6 +97,21 @@ def test_microbenchmarks_measure_something_plausible():
     warm = hardware.measure_gemm_flops(dev, "float32", 4, 64, 64)
     cold = hardware.measure_gemm_flops(dev, "float32", 4, 64, 64, cold=True)
     assert 1e6 < warm < 1e15 and 1e6 < cold < 1e15
+
+
+def test_attention_microbenchmark_is_cached_and_slower_for_a_longer_cache(tmp_path):
+    dev = jax.devices()[0]
+    short = hardware.attention_seconds(dev, "float32", "bksh", (4, 2, 256, 2, 64), str(tmp_path))
+    long = hardware.attention_seconds(dev, "float32", "bksh", (4, 2, 8192, 2, 64), str(tmp_path))
+    assert 0 < short < long < 1.0
+    with open(hardware.cache_path(str(tmp_path))) as f:
+        table = next(iter(json.load(f).values()))["attention_s"]
+    assert table["float32:bksh:4x2x8192x2x64"] == long
+    # cached: a second call measures nothing
+    assert (
+        hardware.attention_seconds(dev, "float32", "bksh", (4, 2, 8192, 2, 64), str(tmp_path))
+        == long
+    )
 
 
 def test_last_level_cache_is_read_or_bounded():

@@ -140,10 +140,13 @@ def test_blocks_every_moe_every_are_moe_layers():
     assert model.blocks[1].mlp.w_gate_ExDxF.shape == (4, MOE.d_model, MOE.mlp_dim)
 
 
-def test_prefill_and_decode_match_the_full_forward_when_nothing_drops():
+@pytest.mark.parametrize("layout", ["bksh", "bskh"])
+def test_prefill_and_decode_match_the_full_forward_when_nothing_drops(layout):
     """Full forward routes groups of T tokens, prefill groups of L, decode the B tokens of a
-    step: with no drops under token-choice the logits still agree at every position."""
-    graphdef, params, tokens_BxT, full_BxTxV, full_stats = _moe_setup()
+    step: with no drops under token-choice the logits still agree at every position, whatever
+    the cache layout (the MoE decoder shares the dense decoder's attention)."""
+    _, params, tokens_BxT, full_BxTxV, full_stats = _moe_setup()
+    graphdef, _ = _random_model(dataclasses.replace(MOE, cache_layout=layout))
     for stats in full_stats:
         assert stats["drop_fraction"] == 0.0
     cached_graphdef, params, cache = _with_cache(graphdef, params, len(LENGTHS), MAX_LEN)
@@ -280,6 +283,7 @@ def test_named_scopes_appear_in_the_lowered_moe_decode_step():
         (dict(moe_group_size=-2), "model.moe_group_size must be an integer >= 0, got -2"),
         (dict(renormalize="yes"), "model.renormalize must be a bool"),
         (dict(moe_every=0, router="switch"), "model.router must be one of"),
+        (dict(cache_layout="sbkh"), "model.cache_layout must be 'auto' or one of"),
     ],
 )
 def test_bad_moe_config_is_rejected(changes, match):

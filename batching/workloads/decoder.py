@@ -4,7 +4,13 @@
   position cache_len-1 and attends over all cache_len slots. Between timed steps the
   lengths are set back, so every step costs the same and the cache never overflows.
 - phase "prefill": B prompts of `prompt_len` tokens written into an empty cache.
+
+The cache's layout is `model.cache_layout`, "auto" resolved for the device's platform
+(models.kv_cache.DEFAULT_LAYOUT); rows carry the resolved `cache_layout`, and decode rows the
+`attention_shapes` the roofline times (roofline.attention_time).
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from batching.workload import Cost, Workload
-from models import decoder
+from models import decoder, kv_cache
 from models.dtypes import resolve_dtype
 
 PHASES = ("decode", "prefill")
@@ -34,6 +40,7 @@ def model_config(model_cfg: ml_collections.ConfigDict) -> decoder.DecoderConfig:
         dtype=model_cfg.dtype,
         param_dtype=model_cfg.param_dtype,
         cache_dtype=model_cfg.cache_dtype,
+        cache_layout=model_cfg.get("cache_layout", "auto"),
     )
 
 
@@ -102,6 +109,8 @@ def build_decoder(
     """The decode or prefill workload of Decoder(cfg); `params` replace the random init
     (trained weights), and `tokens` (int32) are drawn for the inputs instead of zeros."""
     m = run_cfg.model
+    layout = kv_cache.resolve_layout(cfg.cache_layout, device.platform)
+    cfg = dataclasses.replace(cfg, cache_layout=layout)
     model = abstract_decoder(cfg)
     param_bytes = resolve_dtype(cfg.param_dtype).itemsize
     cache_bytes = resolve_dtype(cfg.cache_dtype).itemsize
@@ -149,6 +158,19 @@ def build_decoder(
             return Cost(c["flops"], c["bytes"], decoder.num_params(cfg) * param_bytes)
 
         shapes = lambda batch: gemm_shapes(cfg, batch, batch)
+        attention_shapes = lambda batch: [
+            {
+                "batch": batch,
+                "kv_heads": cfg.n_kv_heads,
+                "cache_len": length,
+                "q_per_kv": cfg.n_heads // cfg.n_kv_heads,
+                "head_dim": cfg.head_dim,
+                "count": cfg.n_layers,
+                "layout": layout,
+                "dtype": cfg.cache_dtype,
+                "bytes": cache_bytes,
+            }
+        ]
         examples = lambda batch: batch
     else:
 
@@ -168,6 +190,7 @@ def build_decoder(
             return Cost(c["flops"], c["bytes"], decoder.num_params(cfg) * param_bytes)
 
         shapes = lambda batch: gemm_shapes(cfg, batch * length, batch)
+        attention_shapes = None  # attention over the prompt itself: in the FLOPs at peak
         examples = lambda batch: batch * length
 
     n_params = decoder.num_params(cfg)
@@ -180,6 +203,7 @@ def build_decoder(
         donate_argnums=(1,),
         next_args=next_args,
         gemm_shapes=shapes,
+        attention_shapes=attention_shapes,
         examples=examples,
         example_unit="tokens",
         fields={
@@ -188,5 +212,6 @@ def build_decoder(
             "prompt_len": None if decode else length,
             "kv_bytes_per_token": 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * cache_bytes,
             "cache_dtype": cfg.cache_dtype,
+            "cache_layout": layout,
         },
     )
