@@ -165,6 +165,7 @@ def finalize(
         rows = grouped[run.name]
         s = summary.run_summary(rows)
         s.update(summary.memory_summary([r for r in current_all if r["run"] == run.name]))
+        s["whatif_max_batch"] = summary.whatif_max_batch(s, run.config.roofline.whatif_devices)
         if config.roofline.enabled:
             samples = {
                 r["batch_size"]: np.asarray(all_samples[(run.name, r["batch_size"])])
@@ -193,6 +194,8 @@ def finalize(
                 figures[f"fit_{s['run']}"] = plots.fit_figure(run_rows, s)
                 figures[f"whatif_{s['run']}"] = plots.whatif_figure(run_rows, s)
             figures.update(plots.extra_figures(analyzed_rows, summaries))
+        if any(r.get("memory_bytes") for r in current_all):
+            figures["memory"] = plots.memory_figure(current_all, summaries)
         images = plots.save_all(figures, store.path("plots"))
     for run, s in zip(done, summaries, strict=True):
         others = {f"{kind}_{r.name}" for r in done if r is not run for kind in ("fit", "whatif")}

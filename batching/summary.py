@@ -4,6 +4,8 @@ from typing import Any
 
 import numpy as np
 
+from batching import hardware
+
 ROUTING_ENDS = ("drop_fraction", "max_mean_load", "load_cv", "token_drop_fraction")
 RUN_FIELDS = (
     "width",
@@ -121,4 +123,18 @@ def memory_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out["memory_fixed_bytes"] = float(fixed)
         if device and slope > 0:
             out["max_batch_predicted"] = int(max(0.0, (device - fixed) / slope))
+    return out
+
+
+def whatif_max_batch(s: dict[str, Any], devices: tuple[str, ...]) -> dict[str, int | None]:
+    """Largest batch whose program fits each spec device: (memory - fixed) / bytes per example.
+
+    Uses this run's fitted memory line (weights and fixed buffers + bytes per example),
+    so it holds for the same dtype and program on the other device; None without a fit.
+    """
+    per, fixed = s.get("bytes_per_example"), s.get("memory_fixed_bytes")
+    out = {}
+    for name in devices:
+        memory = hardware.SPEC_MEMORY[name][0]
+        out[name] = int(max(0.0, (memory - fixed) / per)) if per and per > 0 else None
     return out
