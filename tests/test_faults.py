@@ -150,14 +150,28 @@ def test_claims_on_degenerate_sweeps_never_raise(sizes):
     assert {v["verdict"] for v in out.values()} == {"not enough points"}
 
 
-@pytest.mark.parametrize("sizes", [(1,), (1, 2)])
-def test_one_and_two_point_sweeps_write_every_output(tmp_path, sizes):
-    config = tiny()
-    config.sweep.batch_sizes = sizes
+def family_config(family):
+    from tests.test_decode_workload import tiny_decoder
+    from tests.test_moe_workload import tiny_moe
+    from tests.test_resnet_workload import tiny_resnet
+
+    return {"mlp": tiny, "decoder": tiny_decoder, "moe": tiny_moe, "resnet": tiny_resnet}[family]()
+
+
+@pytest.mark.parametrize("family", ["mlp", "decoder", "moe", "resnet"])
+def test_one_and_two_point_sweeps_write_every_output(tmp_path, family):
+    # Measured once with two points, then analysed from the stored rows as 1 and 2 points.
+    config = family_config(family)
+    config.sweep.batch_sizes = (1, 2)
     config.report.claims = tuple(claims.VERDICTS)
     app.run(config, str(tmp_path))
-    report = (tmp_path / "report.md").read_text()
-    assert "not enough points" in report
+    assert "not enough points" in (tmp_path / "report.md").read_text()
+    config.sweep.batch_sizes = (1,)
+    rows = [r for r in read_rows(tmp_path) if r["batch_size"] == 1]
+    results.Store(str(tmp_path)).rewrite_rows(rows)
+    (s,) = app.run(config, str(tmp_path))
+    assert s["points"] == 1 and s["bytes_per_example"] is None
+    assert "not enough points" in (tmp_path / "report.md").read_text()
 
 
 def test_corrupt_peaks_cache_is_remeasured_and_parallel_writers_keep_every_entry(tmp_path):
