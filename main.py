@@ -28,9 +28,17 @@ def main(argv):
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except lab.PointsFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except lab.Terminated:
+        sys.exit(143)
     except KeyboardInterrupt:
         sys.exit(130)
 
 
 if __name__ == "__main__":
+    if problem := lab.check_config_file(sys.argv[1:]):
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     app.run(main)

@@ -1,7 +1,10 @@
 """What main.py hands off to: validate, prepare the workdir, sweep, then write every output."""
 
+import collections
+import fcntl
 import math
 import os
+import signal
 from typing import Any
 
 import jax
@@ -29,9 +32,71 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[list[runs.
     return all_runs, fingerprints
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (preemption): handled like Ctrl-C, finished points kept; exit 143."""
+
+
+class PointsFailed(RuntimeError):
+    """Some points raised (status "error"); every output was still written. Exit 1."""
+
+
+def _terminate(signum, frame):
+    del signum, frame
+    raise Terminated()
+
+
+def check_config_file(argv: list[str]) -> str | None:
+    """One line if --config names a missing file or one Python cannot parse, else None.
+
+    config_flags reads the file while absl parses flags, where its errors are tracebacks.
+    """
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if path is None:
+        return None
+    path = path.split(":", 1)[0]
+    if not os.path.isfile(path):
+        return f"config file not found: {path!r}"
+    try:
+        with open(path) as f:
+            compile(f.read(), path, "exec")
+    except SyntaxError as e:
+        return f"config file {path!r} line {e.lineno}: {e.msg}"
+    except (OSError, ValueError) as e:
+        return f"config file {path!r} is unreadable: {e}"
+    return None
+
+
+def lock_workdir(workdir: str):
+    """An OS-level lock on the workdir (released when the process dies); WorkdirError if held."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, ".lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise results.WorkdirError(
+            f"workdir {workdir!r} is in use by process {holder}; wait or use another workdir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
     """Runs the experiment described by `config` into `workdir`; returns the run summaries."""
     all_runs, fingerprints = prepare(config, workdir)
+    lock = lock_workdir(workdir)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _run_locked(config, workdir, all_runs, fingerprints)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        os.close(lock)
+
+
+def _run_locked(config, workdir, all_runs, fingerprints) -> list[dict[str, Any]]:
     store = results.Store(workdir)
     if config.overwrite and store.has_outputs():
         logging.info("overwrite: previous outputs moved to %s", store.archive())
@@ -44,7 +109,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     except KeyboardInterrupt:
         logging.warning("interrupted: every finished point is in %s; rerun to resume", workdir)
         raise
-    return finalize(config, all_runs, fingerprints, store, prepared)
+    except OSError as e:
+        where = e.filename or workdir
+        raise results.WorkdirError(
+            f"cannot write {where!r}: {e.strerror or e}; the rows already written are intact"
+        ) from None
+    summaries = finalize(config, all_runs, fingerprints, store, prepared)
+    failed = [
+        f"{r['run']}@{r['batch_size']} ({r.get('error_type')}: {r.get('message')})"
+        for r in results.latest(store.rows())
+        if r.get("status") == "error" and fingerprints.get(r["run"]) == r.get("fingerprint")
+    ]
+    if failed:
+        raise PointsFailed(f"{len(failed)} points failed: " + "; ".join(failed))
+    return summaries
 
 
 def prepare_runs(all_runs: list[runs.Run], workdir: str) -> dict[str, dict[str, Any]]:
@@ -73,8 +151,9 @@ def finalize(
     prepared: dict[str, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Analysis, summaries, plots, TensorBoard run summaries, the report and the printed table."""
-    all_rows = store.rows()
-    current = [r for r in all_rows if fingerprints.get(r["run"]) == r.get("fingerprint")]
+    all_rows = results.latest(store.rows())
+    current_all = [r for r in all_rows if fingerprints.get(r["run"]) == r.get("fingerprint")]
+    current = [r for r in current_all if results.is_ok(r)]
     grouped = plots.by_run(current)
     done = [r for r in all_runs if r.name in grouped]
     all_samples = store.samples()
@@ -85,6 +164,8 @@ def finalize(
     for run in done:
         rows = grouped[run.name]
         s = summary.run_summary(rows)
+        s.update(summary.memory_summary([r for r in current_all if r["run"] == run.name]))
+        s["whatif_max_batch"] = summary.whatif_max_batch(s, run.config.roofline.whatif_devices)
         if config.roofline.enabled:
             samples = {
                 r["batch_size"]: np.asarray(all_samples[(run.name, r["batch_size"])])
@@ -99,7 +180,7 @@ def finalize(
             s.update(summary.training_fields(prepared[run.name]))
         summaries.append(s)
         analyzed_rows.extend(rows)
-    if config.roofline.enabled:
+    if config.roofline.enabled or len(all_rows) < len(store.rows()):
         by_key = {(r["run"], r["batch_size"]): r for r in analyzed_rows}
         store.rewrite_rows([by_key.get((r["run"], r["batch_size"]), r) for r in all_rows])
 
@@ -113,6 +194,8 @@ def finalize(
                 figures[f"fit_{s['run']}"] = plots.fit_figure(run_rows, s)
                 figures[f"whatif_{s['run']}"] = plots.whatif_figure(run_rows, s)
             figures.update(plots.extra_figures(analyzed_rows, summaries))
+        if any(r.get("memory_bytes") for r in current_all):
+            figures["memory"] = plots.memory_figure(current_all, summaries)
         images = plots.save_all(figures, store.path("plots"))
     for run, s in zip(done, summaries, strict=True):
         others = {f"{kind}_{r.name}" for r in done if r is not run for kind in ("fit", "whatif")}
@@ -141,7 +224,18 @@ def finalize(
     print(summary.format_table(analyzed_rows), flush=True)
     for cid, v in verdicts.items():
         print(f"{cid}: {v['verdict']}")
+    print(closing_line(store, current_all), flush=True)
     return summaries
+
+
+def closing_line(store: results.Store, rows: list[dict[str, Any]]) -> str:
+    """Where the report is, how to open TensorBoard, and how many points were not ok and why."""
+    line = f"report: {store.path('report.md')} | tensorboard --logdir {store.path('tb')}"
+    why = collections.Counter(r["status"] for r in rows if not results.is_ok(r))
+    if why:
+        counts = ", ".join(f"{n} {status}" for status, n in sorted(why.items()))
+        line += f" | {sum(why.values())} of {len(rows)} points not ok: {counts}"
+    return line
 
 
 METRICS = {

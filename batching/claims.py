@@ -361,10 +361,28 @@ def verdicts(
 ) -> dict[str, Verdict]:
     """A verdict per requested claim; a claim without a verdict function is 'not tested'."""
     out = {}
+    fewest = min((s.get("points", 0) for s in summaries), default=0)
     for cid in claim_ids:
         fn = VERDICTS.get(cid)
         if fn is None or not summaries or "knee_batch_size" not in summaries[0]:
             out[cid] = {"verdict": "not tested here", "evidence": "no analysis for this claim"}
+        elif fewest < MIN_POINTS:
+            out[cid] = not_enough_points(f"a run has {fewest} measured batch sizes")
         else:
-            out[cid] = fn(summaries, rows)
+            try:
+                out[cid] = fn(summaries, rows)
+            except (np.linalg.LinAlgError, ValueError, ZeroDivisionError, FloatingPointError) as e:
+                # A degenerate sweep (equal latencies, one size per run) must not end the report.
+                out[cid] = not_enough_points(f"{type(e).__name__}: {e}")
     return out
+
+
+# A verdict fits a trend: fewer measured batch sizes in a run than this give none.
+MIN_POINTS = 3
+
+
+def not_enough_points(why: str) -> Verdict:
+    return {
+        "verdict": "not enough points",
+        "evidence": f"{why}; a verdict needs at least {MIN_POINTS} ok points per run",
+    }

@@ -7,13 +7,16 @@ per device in a JSON file, so sweeps do not re-measure every time.
 """
 
 import dataclasses
+import fcntl
 import json
 import os
+import tempfile
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 from batching import timing
 from models import kv_cache
@@ -179,6 +182,37 @@ SPECS: dict[str, DeviceSpec] = {
         ),
     ]
 }
+
+GB = 1e9
+GIB = 2**30
+# Device memory per device in bytes, with its source (vendor datasheets / Cloud TPU docs).
+SPEC_MEMORY: dict[str, tuple[float, str]] = {
+    "T4": (16 * GB, "NVIDIA T4 datasheet: 16 GB GDDR6"),
+    "V100 SXM2": (32 * GB, "NVIDIA V100 datasheet: 32 GB HBM2 (16 GB variant also sold)"),
+    "A10": (24 * GB, "NVIDIA A10 datasheet: 24 GB GDDR6"),
+    "A100 40GB SXM": (40 * GB, "NVIDIA A100 datasheet (2021): 40 GB HBM2"),
+    "A100 80GB SXM": (80 * GB, "NVIDIA A100 datasheet (2021): 80 GB HBM2e"),
+    "L4": (24 * GB, "NVIDIA L4 datasheet: 24 GB GDDR6"),
+    "H100 SXM": (80 * GB, "NVIDIA H100 datasheet (2023): 80 GB HBM3"),
+    "H100 PCIe": (80 * GB, "NVIDIA H100 datasheet (2023): 80 GB HBM2e"),
+    "H200": (141 * GB, "NVIDIA H200 datasheet: 141 GB HBM3e"),
+    "B200": (180 * GB, "NVIDIA DGX B200 datasheet: 1,440 GB HBM3e over 8 GPUs"),
+    "TPU v4": (32 * GIB, "Google Cloud TPU v4 docs: 32 GiB HBM per chip"),
+    "TPU v5e": (16 * GIB, "Google Cloud TPU v5e docs: 16 GiB HBM per chip"),
+    "TPU v5p": (95 * GIB, "Google Cloud TPU v5p docs: 95 GiB HBM per chip"),
+}
+
+
+def device_memory_bytes(device: jax.Device) -> int:
+    """What the device can hold: JAX's reported `bytes_limit`, else physical RAM (a CPU)."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - some backends raise instead of returning None
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
 
 # The post's own T4 inputs: "65 TFLOPS" (really the fp16 tensor-core peak), 300 GB/s, 2 bytes.
 POST_T4_FLOPS = 65 * TFLOPS
@@ -495,16 +529,34 @@ def gemm_flops(
 
 
 def _load(path: str) -> dict[str, Any]:
+    """The peaks cache; a corrupt or unreadable one reads as empty (re-measured) with a warning."""
     if not os.path.exists(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            cache = json.load(f)
+    except (OSError, ValueError) as e:
+        logging.warning("peaks cache %s is unreadable (%s); measuring the peaks again", path, e)
+        return {}
+    if not isinstance(cache, dict):
+        logging.warning("peaks cache %s is not a JSON object; measuring the peaks again", path)
+        return {}
+    return cache
 
 
 def _save(path: str, cache: dict[str, Any], key: str, entry: dict[str, Any]) -> None:
-    cache = {**cache, key: entry}
+    """Merges `entry` into the cache on disk under a lock; written to a temp file, then renamed.
+
+    Two processes measuring at once both keep their entries and never leave half a file.
+    """
+    del cache  # re-read under the lock: another process may have written since
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(cache, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cache = {**_load(path), key: entry}
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".peaks-", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(cache, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)

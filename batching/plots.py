@@ -108,9 +108,37 @@ def fit_figure(rows: list[dict[str, Any]], s: dict[str, Any]) -> plt.Figure:
         ls="-.",
         label=f"predicted B* {s['predicted_critical_batch']:.3g}",
     )
+    draw_wall(ax, s)
     return _finish(
         fig, ax, "batch size", "latency (ms)", f"{s['run']} on {s['device_kind']}", xbase=2
     )
+
+
+def draw_wall(ax: plt.Axes, s: dict[str, Any]) -> None:
+    """The memory wall: the first batch that hit OOM here, shaded from there on."""
+    wall = s.get("first_oom_batch")
+    if wall:
+        ax.axvline(wall, color="C1", lw=2, label=f"memory wall (OOM at {wall})")
+        ax.axvspan(wall, wall * 2, color="C1", alpha=0.15)
+
+
+def memory_figure(rows: list[dict[str, Any]], summaries: list[dict[str, Any]]) -> plt.Figure:
+    """memory_bytes (XLA's need) against batch per run, the fitted line and the device's memory."""
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for i, (run, rs) in enumerate(by_run(rows).items()):
+        pts = sorted((r["batch_size"], r["memory_bytes"]) for r in rs if r.get("memory_bytes"))
+        if pts:
+            b, m = np.array(pts, dtype=float).T
+            ax.plot(b, m / 2**20, "o", ms=4, color=f"C{i % 10}", label=run)
+        s = next((s for s in summaries if s["run"] == run), {})
+        if s.get("bytes_per_example") and pts:
+            fit = s["memory_fixed_bytes"] + s["bytes_per_example"] * b
+            ax.plot(b, fit / 2**20, "-", color=f"C{i % 10}", alpha=0.5)
+        draw_wall(ax, s)
+    device = next((r["device_memory_bytes"] for r in rows if r.get("device_memory_bytes")), None)
+    if device:
+        ax.axhline(device / 2**20, color="k", ls="--", lw=1, label="device memory")
+    return _finish(fig, ax, "batch size", "memory needed (MiB)", "memory per point", xbase=2)
 
 
 def roofline_figure(rows: list[dict[str, Any]], summaries: list[dict[str, Any]]) -> plt.Figure:

@@ -105,6 +105,63 @@ def post_corrections(doc: Doc) -> None:
     )
 
 
+def memory_wall(doc: Doc, summaries: list[dict[str, Any]]) -> None:
+    """Where each run's memory wall is here, and where it would be on the spec devices."""
+    doc.heading("Memory wall")
+    doc.para(
+        "memory_bytes is what XLA's memory analysis says a point's compiled program needs "
+        "(arguments + outputs + temporaries − aliased). A line through it against the batch "
+        "gives bytes per example (per sequence for a decoder) and the fixed bytes (weights, "
+        "buffers); the largest batch that fits is (device memory − fixed) / bytes per example."
+    )
+    table = []
+    for s in summaries:
+        wall = (
+            f"OOM at batch {s['first_oom_batch']}"
+            if s.get("first_oom_batch")
+            else "not reached in this sweep"
+        )
+        table.append(
+            [
+                s["run"],
+                s.get("max_batch_measured"),
+                wall,
+                s.get("bytes_per_example"),
+                s.get("memory_fixed_bytes"),
+                s.get("max_batch_predicted"),
+                ", ".join(f"{n} {k}" for k, n in s.get("status_counts", {}).items()),
+            ]
+        )
+    doc.table(
+        [
+            "run",
+            "largest ok batch",
+            "memory wall here",
+            "bytes/example",
+            "fixed bytes",
+            "largest batch that fits here",
+            "points",
+        ],
+        table,
+    )
+    lines, ends_at_memory = [], []
+    for s in summaries:
+        crit = {name: w["critical_batch"] for name, w in s.get("whatif", {}).items()}
+        for name, fits in (s.get("whatif_max_batch") or {}).items():
+            memory, source = hardware.SPEC_MEMORY[name]
+            lines.append([s["run"], name, memory / 1e9, fits, crit.get(name), source])
+            if fits is not None and crit.get(name) is not None and fits < crit[name]:
+                ends_at_memory.append(f"{s['run']} on {name} (fits {fits} < B* {_fmt(crit[name])})")
+    if not lines:
+        doc.para("Not enough points for a memory fit (it needs two batch sizes).")
+        return
+    doc.table(
+        ["run", "spec device", "memory (GB)", "largest batch that fits", "B*", "source"], lines
+    )
+    if ends_at_memory:
+        doc.para("Batching ends at memory, not at compute, for: " + "; ".join(ends_at_memory) + ".")
+
+
 def write(
     workdir: str,
     experiment: str,
@@ -228,6 +285,7 @@ def write(
                 for name, w in a["whatif"].items()
             ],
         )
+    memory_wall(doc, summaries)
     doc.heading("Plots")
     for name, path in plot_paths.items():
         doc.image(path, name)

@@ -14,6 +14,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from absl import logging
+
 CONFIG = "config.json"
 RESULTS = "results.jsonl"
 SAMPLES = "samples.jsonl"
@@ -58,16 +60,30 @@ def check_writable(workdir: str) -> None:
 
 
 def _read_jsonl(path: str) -> list[dict[str, Any]]:
-    """Rows of a JSON-lines file; a torn last line (killed mid-write) is ignored."""
+    """Rows of a JSON-lines file; a torn last line (killed mid-write) is ignored with a warning."""
     if not os.path.exists(path):
         return []
     rows = []
     with open(path) as f:
         for line in f:
-            if not line.endswith("\n"):
+            try:
+                if not line.endswith("\n"):
+                    raise ValueError("no newline")
+                rows.append(json.loads(line))
+            except ValueError:
+                logging.warning("%s: ignoring a torn line (that point is measured again)", path)
                 break
-            rows.append(json.loads(line))
     return rows
+
+
+def latest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (run, batch size): the last written (a retried point replaces its error)."""
+    return list({(r["run"], r["batch_size"]): r for r in rows}.values())
+
+
+def is_ok(row: dict[str, Any]) -> bool:
+    """A measured point; rows written before statuses existed are measured points."""
+    return row.get("status", "ok") == "ok"
 
 
 def _drop_torn_tail(path: str) -> None:
@@ -127,19 +143,34 @@ class Store:
             (s["run"], s["batch_size"]): s["samples_s"] for s in _read_jsonl(self.path(SAMPLES))
         }
 
-    def measured(self, fingerprints: dict[str, str]) -> set[tuple[str, int]]:
+    def measured(
+        self, fingerprints: dict[str, str], statuses: tuple[str, ...] = ("ok",)
+    ) -> set[tuple[str, int]]:
+        """Points of the current runs whose latest row has one of `statuses` (none reads ok)."""
         return {
             (r["run"], r["batch_size"])
-            for r in self.rows()
+            for r in latest(self.rows())
             if fingerprints.get(r["run"]) == r.get("fingerprint")
+            and r.get("status", "ok") in statuses
         }
 
-    def append(self, row: dict[str, Any], samples_s: Iterable[float]) -> None:
-        """Appends the point's samples, then its row; the row is what marks a point done."""
+    def first_oom(self, fingerprints: dict[str, str]) -> dict[str, int]:
+        """Per current run, the smallest batch size that hit OOM."""
+        out: dict[str, int] = {}
+        for r in latest(self.rows()):
+            if r.get("status") == "oom" and fingerprints.get(r["run"]) == r.get("fingerprint"):
+                out[r["run"]] = min(r["batch_size"], out.get(r["run"], r["batch_size"]))
+        return out
+
+    def append(self, row: dict[str, Any], samples_s: Iterable[float] | None) -> None:
+        """Appends the point's samples (if timed), then its row; the row marks a point done."""
         os.makedirs(self.workdir, exist_ok=True)
-        sample_record = {"run": row["run"], "batch_size": row["batch_size"]}
-        sample_record["samples_s"] = [float(s) for s in samples_s]
-        for name, record in ((SAMPLES, sample_record), (RESULTS, _finite_or_null(row))):
+        records = [(RESULTS, _finite_or_null(row))]
+        if samples_s is not None:
+            sample_record = {"run": row["run"], "batch_size": row["batch_size"]}
+            sample_record["samples_s"] = [float(s) for s in samples_s]
+            records.insert(0, (SAMPLES, sample_record))
+        for name, record in records:
             _drop_torn_tail(self.path(name))
             with open(self.path(name), "a") as f:
                 f.write(json.dumps(record) + "\n")

@@ -20,6 +20,7 @@ NOT_MEASUREMENT = (
     "name",
     "overwrite",
     "runs",
+    "memory",
     "output",
     "compilation_cache_dir",
     "sweep",
@@ -116,6 +117,12 @@ def _validate_run(run: Run) -> None:
             f"got {cfg.model.matmul_precision!r}{where}"
         )
     timing_settings(cfg)
+    mem = cfg.get("memory")
+    if mem is not None:
+        if not 0 < mem.max_fraction <= 1:
+            raise ConfigError(f"memory.max_fraction must be in (0, 1], got {mem.max_fraction!r}")
+        if mem.max_bytes is not None and not _positive_int(mem.max_bytes):
+            raise ConfigError(f"memory.max_bytes must be a positive int, got {mem.max_bytes!r}")
     for name in cfg.roofline.whatif_devices:
         if name not in hardware.SPECS:
             raise ConfigError(

@@ -4,6 +4,8 @@ from typing import Any
 
 import numpy as np
 
+from batching import hardware
+
 ROUTING_ENDS = ("drop_fraction", "max_mean_load", "load_cv", "token_drop_fraction")
 RUN_FIELDS = (
     "width",
@@ -85,3 +87,54 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{(gflops or float('nan')) / 1e9:>9.4g} {r['n_runs']:>6} {r['compile_s']:>9.3f}"
         )
     return "\n".join(lines)
+
+
+def memory_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's memory wall from all its rows, any status.
+
+    memory_bytes is linear in the batch (weights + bytes per example x batch): a
+    least-squares line through the compiled programs' needs gives `bytes_per_example`
+    and `memory_fixed_bytes`, and `max_batch_predicted` is the largest batch whose
+    need fits the device's memory. Fewer than two batch sizes with a known need
+    give no fit (None).
+    """
+    sized = sorted(
+        (r["batch_size"], r["memory_bytes"]) for r in rows if r.get("memory_bytes") is not None
+    )
+    ok = [r["batch_size"] for r in rows if r.get("status", "ok") == "ok"]
+    oom = [r["batch_size"] for r in rows if r.get("status") == "oom"]
+    device = next((r["device_memory_bytes"] for r in rows if r.get("device_memory_bytes")), None)
+    out = {
+        "max_batch_measured": max(ok) if ok else None,
+        "first_oom_batch": min(oom) if oom else None,
+        "device_memory_bytes": device,
+        "bytes_per_example": None,
+        "memory_fixed_bytes": None,
+        "max_batch_predicted": None,
+        "status_counts": {
+            s: sum(r.get("status", "ok") == s for r in rows)
+            for s in sorted({r.get("status", "ok") for r in rows})
+        },
+    }
+    if len({b for b, _ in sized}) >= 2:
+        b, m = np.array(sized, dtype=np.float64).T
+        slope, fixed = np.polyfit(b, m, 1)
+        out["bytes_per_example"] = float(slope)
+        out["memory_fixed_bytes"] = float(fixed)
+        if device and slope > 0:
+            out["max_batch_predicted"] = int(max(0.0, (device - fixed) / slope))
+    return out
+
+
+def whatif_max_batch(s: dict[str, Any], devices: tuple[str, ...]) -> dict[str, int | None]:
+    """Largest batch whose program fits each spec device: (memory - fixed) / bytes per example.
+
+    Uses this run's fitted memory line (weights and fixed buffers + bytes per example),
+    so it holds for the same dtype and program on the other device; None without a fit.
+    """
+    per, fixed = s.get("bytes_per_example"), s.get("memory_fixed_bytes")
+    out = {}
+    for name in devices:
+        memory = hardware.SPEC_MEMORY[name][0]
+        out[name] = int(max(0.0, (memory - fixed) / per)) if per and per > 0 else None
+    return out

@@ -15,8 +15,68 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from batching import results, runs, stats, timing, workload
+from batching import hardware, results, runs, stats, timing, workload
 from batching.tensorboard_writer import PointWriter
+
+# A row's status: "ok" (measured), "skipped_memory" (its program needs more than the memory
+# budget, not run), "oom" (RESOURCE_EXHAUSTED), "skipped_after_oom" (a larger batch of a run
+# that hit OOM), "error" (any other exception). Rows without one are ok. A rerun retries
+# "error" and "skipped_memory" points (the budget may have changed; skipping costs a compile).
+NOT_RETRIED = ("ok", "oom", "skipped_after_oom")
+
+
+class OverBudget(Exception):
+    """A compiled point needs more memory than the budget; it is recorded, not run."""
+
+    def __init__(self, fields: dict[str, Any]):
+        super().__init__("over the memory budget")
+        self.fields = fields
+
+
+def is_oom(e: BaseException) -> bool:
+    """XLA's out-of-memory: an XlaRuntimeError (or MemoryError) saying RESOURCE_EXHAUSTED."""
+    return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e)
+
+
+def memory_fields(compiled: timing.Compiled, dev: jax.Device) -> dict[str, Any]:
+    """What the program needs (arguments + outputs + temporaries - aliased, bytes) and has."""
+    m = compiled.memory
+    parts = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes")
+    need = None
+    if all(k in m for k in parts):
+        need = sum(m[k] for k in parts) - m.get("alias_size_in_bytes", 0)
+    return {"memory_bytes": need, "device_memory_bytes": hardware.device_memory_bytes(dev)}
+
+
+def memory_budget(cfg, device_bytes: int) -> float:
+    """Bytes a point may need: config.memory.max_bytes, else max_fraction of the device."""
+    mem = cfg.get("memory")
+    if mem is None:
+        return 0.9 * device_bytes
+    if mem.get("max_bytes") is not None:
+        return float(mem.max_bytes)
+    return mem.max_fraction * device_bytes
+
+
+def status_row(
+    run: runs.Run, batch_size: int, fingerprint: str, status: str, **fields: Any
+) -> dict[str, Any]:
+    """The row of a point that was not measured: who, what status, why."""
+    cfg = run.config
+    dev = runs.device(cfg)
+    return {
+        "experiment": cfg.name,
+        "run": run.name,
+        "model": cfg.model.name,
+        "batch_size": batch_size,
+        "platform": dev.platform,
+        "device_kind": dev.device_kind,
+        "status": status,
+        "fingerprint": fingerprint,
+        "jax_version": jax.__version__,
+        "timestamp": time.time(),
+        **fields,
+    }
 
 
 def measure_point(
@@ -38,6 +98,10 @@ def measure_point(
     )
     with ctx:
         compiled = timing.compile_fn(wl.fn, args, wl.donate_argnums)
+    memory = memory_fields(compiled, dev)
+    budget = memory_budget(cfg, memory["device_memory_bytes"])
+    if memory["memory_bytes"] is not None and memory["memory_bytes"] > budget:
+        raise OverBudget({**memory, "memory_budget_bytes": budget})
     m = timing.measure(compiled.call, args, settings, wl.next_args)
     del args
     extra = wl.point_fields(batch_size) if wl.point_fields else {}
@@ -71,6 +135,8 @@ def measure_point(
         "analytic_bytes": cost.bytes if cost else None,
         "weight_bytes": cost.weight_bytes if cost else None,
         "temp_bytes": compiled.memory.get("temp_size_in_bytes"),
+        **memory,
+        "status": "ok",
         "achieved_flops_per_s": work_flops / latency if work_flops else None,
         "achieved_bytes_per_s": work_bytes / latency if work_bytes else None,
         "examples": examples,
@@ -116,8 +182,9 @@ def run_sweep(
     progress_bar: bool,
 ) -> int:
     """Measures every (run, batch size) not yet in the store; returns how many it measured."""
-    done = store.measured(fingerprints)
+    done = store.measured(fingerprints, NOT_RETRIED)
     todo = {r.name: [b for b in r.batch_sizes if (r.name, b) not in done] for r in all_runs}
+    oom_at = store.first_oom(fingerprints)
     total = sum(len(v) for v in todo.values())
     skipped = sum(len(r.batch_sizes) for r in all_runs) - total
     if skipped:
@@ -136,21 +203,39 @@ def run_sweep(
                 continue
             if run.config.sweep.shuffle:
                 random.Random(f"{run.config.seed}/{run.name}").shuffle(sizes)
-            wl = workload.build(run.config, runs.device(run.config), store.workdir)
+            try:
+                wl = workload.build(run.config, runs.device(run.config), store.workdir)
+            except Exception as e:  # noqa: BLE001 - a broken run is rows, not a crash
+                for batch_size in sizes:
+                    store.append(
+                        status_row(run, batch_size, fingerprints[run.name], "error", **_why(e)),
+                        None,
+                    )
+                logging.warning("run %s could not be built: %s", run.name, _why(e)["message"])
+                continue
             settings = runs.timing_settings(run.config)
             writer = PointWriter(store.workdir, run.name)
             try:
                 for batch_size in sizes:
                     bar.set_postfix_str(f"{run.name} batch={batch_size}")
-                    row, samples = measure_point(
-                        run, wl, batch_size, fingerprints[run.name], settings
+                    row, samples = guarded_point(
+                        run, wl, batch_size, fingerprints[run.name], settings, oom_at
                     )
                     store.append(row, samples)
+                    measured += 1
+                    bar.update(1)
+                    if row["status"] != "ok":
+                        logging.warning(
+                            "%s batch=%d: %s %s",
+                            run.name,
+                            batch_size,
+                            row["status"],
+                            row.get("message", ""),
+                        )
+                        continue
                     writer.write(row)
                     if batch_size in run.config.profile.batch_sizes:
                         trace_point(wl, batch_size, run.config.profile.steps, writer.logdir)
-                    measured += 1
-                    bar.update(1)
                     logging.log_if(
                         logging.INFO,
                         "%s batch=%d latency=%.4g ms (n=%d, %s) [%d/%d]",
@@ -169,3 +254,37 @@ def run_sweep(
     finally:
         bar.close()
     return measured
+
+
+def _why(e: BaseException) -> dict[str, str]:
+    return {"error_type": type(e).__name__, "message": str(e).strip().splitlines()[0][:500]}
+
+
+def guarded_point(
+    run: runs.Run,
+    wl: workload.Workload,
+    batch_size: int,
+    fingerprint: str,
+    settings: timing.TimingSettings,
+    oom_at: dict[str, int],
+) -> tuple[dict[str, Any], np.ndarray | None]:
+    """One point's row whatever happens; an OOM records the run's wall in `oom_at`."""
+    wall = oom_at.get(run.name)
+    if wall is not None and batch_size > wall:
+        return status_row(
+            run, batch_size, fingerprint, "skipped_after_oom", message=f"batch {wall} hit OOM"
+        ), None
+    try:
+        return measure_point(run, wl, batch_size, fingerprint, settings)
+    except OverBudget as e:
+        need, budget = e.fields["memory_bytes"], e.fields["memory_budget_bytes"]
+        msg = f"needs {need} bytes > budget {budget:.0f}"
+        return status_row(
+            run, batch_size, fingerprint, "skipped_memory", message=msg, **e.fields
+        ), None
+    except Exception as e:  # noqa: BLE001 - every failure becomes a row; the sweep goes on
+        if is_oom(e):
+            oom_at[run.name] = min(batch_size, wall if wall is not None else batch_size)
+            return status_row(run, batch_size, fingerprint, "oom", **_why(e)), None
+        logging.exception("%s batch=%d failed", run.name, batch_size)
+        return status_row(run, batch_size, fingerprint, "error", **_why(e)), None

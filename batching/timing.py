@@ -88,7 +88,12 @@ def compile_fn(fn: Callable, args: Sequence[Any], donate_argnums: tuple[int, ...
     memory = {}
     try:
         mem = executable.memory_analysis()
-        for field in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes"):
+        for field in (
+            "argument_size_in_bytes",
+            "output_size_in_bytes",
+            "temp_size_in_bytes",
+            "alias_size_in_bytes",
+        ):
             if mem is not None and hasattr(mem, field):
                 memory[field] = int(getattr(mem, field))
     except Exception:  # noqa: BLE001

@@ -77,6 +77,12 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     config.report = config_dict.ConfigDict()
     config.report.claims = ()
 
+    # The memory wall: a point whose compiled program needs more than max_bytes (if set)
+    # or max_fraction of the device's memory is recorded as status "skipped_memory", not run.
+    config.memory = config_dict.ConfigDict()
+    config.memory.max_fraction = 0.9
+    config.memory.max_bytes = config_dict.placeholder(int)
+
     config.output = config_dict.ConfigDict()
     config.output.progress_bar = True
     config.output.plots = True

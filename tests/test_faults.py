@@ -1,0 +1,329 @@
+"""Fault injection: the memory wall, failing points, kills, locks and broken files."""
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from batching import app, claims, hardware, results, sweep
+from tests.conftest import ROOT, tiny
+from tests.test_sweep import _accumulator, read_rows, run_main
+
+OOM_MESSAGE = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1099511627776 bytes."
+
+
+def failing_build(monkeypatch, fails):
+    """Wraps the real workload so that make_args raises `fails(batch_size)` when not None."""
+    real = sweep.workload.build
+
+    def build(*args, **kwargs):
+        wl = real(*args, **kwargs)
+        make_args = wl.make_args
+
+        def make(batch_size):
+            error = fails(batch_size)
+            if error is not None:
+                raise error
+            return make_args(batch_size)
+
+        wl.make_args = make
+        return wl
+
+    monkeypatch.setattr(sweep.workload, "build", build)
+
+
+def statuses(workdir):
+    return {r["batch_size"]: r.get("status", "ok") for r in results.latest(read_rows(workdir))}
+
+
+def test_oom_ends_the_run_at_the_wall_and_exits_cleanly(tmp_path, monkeypatch, capsys):
+    # A real XlaRuntimeError (jax.errors.JaxRuntimeError) saying RESOURCE_EXHAUSTED.
+    failing_build(
+        monkeypatch,
+        lambda b: jax.errors.JaxRuntimeError(OOM_MESSAGE) if b >= 64 else None,
+    )
+    config = tiny()
+    config.sweep.batch_sizes = (8, 128, 16, 64, 32, 256)
+    summaries = app.run(config, str(tmp_path))
+    # Sizes are visited shuffled: a larger batch visited before 64 really ran and hit OOM
+    # too; every larger one visited after it is skipped by size.
+    order = list(config.sweep.batch_sizes)
+    random.Random(f"{config.seed}/tiny").shuffle(order)
+    after = order[order.index(64) :]
+    assert statuses(tmp_path) == {
+        8: "ok",
+        16: "ok",
+        32: "ok",
+        64: "oom",
+        **{b: "skipped_after_oom" if b in after else "oom" for b in (128, 256)},
+    }
+    oom = next(r for r in read_rows(tmp_path) if r["batch_size"] == 64)
+    assert "RESOURCE_EXHAUSTED" in oom["message"]
+    (s,) = summaries
+    assert s["max_batch_measured"] == 32 and s["first_oom_batch"] == 64
+    assert s["batch_sizes"] == [8, 16, 32]
+    assert (tmp_path / "report.md").exists()
+    assert "memory wall" in (tmp_path / "report.md").read_text()
+    steps = [e.step for e in _accumulator(tmp_path / "tb" / "tiny").Tensors("latency/median_ms")]
+    assert sorted(steps) == [8, 16, 32]
+    out = capsys.readouterr().out
+    assert "3 of 6 points not ok" in out
+    # A rerun keeps the wall: nothing is measured again.
+    before = len(read_rows(tmp_path))
+    app.run(config, str(tmp_path))
+    assert len(read_rows(tmp_path)) == before
+
+
+def test_memory_budget_skips_points_that_do_not_fit(tmp_path):
+    config = tiny()
+    config.sweep.batch_sizes = (1, 64, 4096)
+    app.run(config, str(tmp_path / "free"))
+    need = {r["batch_size"]: r["memory_bytes"] for r in read_rows(tmp_path / "free")}
+    assert need[1] < need[64] < need[4096]
+    assert all(r["device_memory_bytes"] > 0 for r in read_rows(tmp_path / "free"))
+    config.memory.max_bytes = need[64]
+    (s,) = app.run(config, str(tmp_path / "capped"))
+    assert statuses(tmp_path / "capped") == {1: "ok", 64: "ok", 4096: "skipped_memory"}
+    assert s["max_batch_measured"] == 64
+    # Memory is linear in the batch: the fit predicts the need of the skipped point.
+    predicted = s["memory_fixed_bytes"] + s["bytes_per_example"] * 4096
+    assert predicted == pytest.approx(need[4096], rel=0.05)
+
+
+def test_an_erroring_point_is_a_row_and_a_rerun_retries_it(tmp_path, monkeypatch):
+    broken = {2}
+    failing_build(monkeypatch, lambda b: ValueError("boom") if b in broken else None)
+    config = tiny()
+    with pytest.raises(app.PointsFailed, match=r"1 points failed: tiny@2 \(ValueError: boom\)"):
+        app.run(config, str(tmp_path))
+    assert statuses(tmp_path) == {1: "ok", 2: "error", 4: "ok"}
+    assert (tmp_path / "report.md").exists()
+    broken.clear()
+    app.run(config, str(tmp_path))
+    assert statuses(tmp_path) == {1: "ok", 2: "ok", 4: "ok"}
+    assert sorted(r["batch_size"] for r in read_rows(tmp_path)) == [1, 2, 4]
+
+
+def test_every_point_failing_still_writes_the_report(tmp_path, monkeypatch):
+    failing_build(monkeypatch, lambda b: jax.errors.JaxRuntimeError(OOM_MESSAGE))
+    config = tiny()
+    config.report.claims = ("C3", "C5")
+    assert app.run(config, str(tmp_path)) == []
+    assert set(statuses(tmp_path).values()) == {"oom", "skipped_after_oom"}
+    assert (tmp_path / "report.md").exists()
+
+
+def test_unwritable_workdir_mid_sweep_is_one_error_and_keeps_rows(tmp_path, monkeypatch):
+    real = results.Store.append
+    calls = []
+
+    def append(self, row, samples):
+        calls.append(row["batch_size"])
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device", self.path("results.jsonl"))
+        real(self, row, samples)
+
+    monkeypatch.setattr(results.Store, "append", append)
+    with pytest.raises(results.WorkdirError, match="results.jsonl.*No space left"):
+        app.run(tiny(), str(tmp_path))
+    assert len(read_rows(tmp_path)) == 2
+
+
+@pytest.mark.parametrize("sizes", [(1,), (1, 2)])
+def test_claims_on_degenerate_sweeps_never_raise(sizes):
+    rows = [
+        {"run": "r", "batch_size": b, "latency_s": 1e-3, "platform": "cpu", "status": "ok"}
+        for b in sizes
+    ]
+    summaries = [{"run": "r", "points": len(sizes), "knee_batch_size": None, "model": "mlp"}]
+    out = claims.verdicts(tuple(claims.VERDICTS), summaries, rows)
+    assert set(out) == set(claims.VERDICTS)
+    assert {v["verdict"] for v in out.values()} == {"not enough points"}
+
+
+def family_config(family):
+    from tests.test_decode_workload import tiny_decoder
+    from tests.test_moe_workload import tiny_moe
+    from tests.test_resnet_workload import tiny_resnet
+
+    return {"mlp": tiny, "decoder": tiny_decoder, "moe": tiny_moe, "resnet": tiny_resnet}[family]()
+
+
+@pytest.mark.parametrize("family", ["mlp", "decoder", "moe", "resnet"])
+def test_one_and_two_point_sweeps_write_every_output(tmp_path, family):
+    # Measured once with two points, then analysed from the stored rows as 1 and 2 points.
+    config = family_config(family)
+    config.sweep.batch_sizes = (1, 2)
+    config.report.claims = tuple(claims.VERDICTS)
+    app.run(config, str(tmp_path))
+    assert "not enough points" in (tmp_path / "report.md").read_text()
+    config.sweep.batch_sizes = (1,)
+    rows = [r for r in read_rows(tmp_path) if r["batch_size"] == 1]
+    results.Store(str(tmp_path)).rewrite_rows(rows)
+    (s,) = app.run(config, str(tmp_path))
+    assert s["points"] == 1 and s["bytes_per_example"] is None
+    assert "not enough points" in (tmp_path / "report.md").read_text()
+
+
+def test_corrupt_peaks_cache_is_remeasured_and_parallel_writers_keep_every_entry(tmp_path):
+    path = hardware.cache_path(str(tmp_path))
+    with open(path, "w") as f:
+        f.write('{"cpu:cpu": {"matmul')  # killed mid-write by an older version
+    assert hardware._load(path) == {}
+
+    def save(i):
+        hardware._save(path, {}, f"dev{i}", {"i": i})
+
+    threads = [threading.Thread(target=save, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with open(path) as f:
+        cache = json.load(f)
+    assert cache == {f"dev{i}": {"i": i} for i in range(8)}
+
+
+def test_truncated_samples_line_is_tolerated_and_the_point_measured_again(tmp_path):
+    config = tiny()
+    app.run(config, str(tmp_path))
+    rows = read_rows(tmp_path)
+    # Killed while writing the last point: its samples line is torn and it has no row.
+    with open(tmp_path / "results.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows[:-1])
+    with open(tmp_path / "samples.jsonl", "a") as f:
+        f.write('{"run": "tiny", "batch_size": 99, "samp')
+    app.run(config, str(tmp_path))
+    assert sorted(r["batch_size"] for r in read_rows(tmp_path)) == [1, 2, 4]
+    assert set(results.Store(str(tmp_path)).samples()) == {("tiny", b) for b in (1, 2, 4)}
+
+
+FAST = [
+    "--config=" + os.path.join(ROOT, "configs", "mlp.py") + ":width=16,depth=2",
+    "--config.timing.min_runs=3",
+    "--config.timing.warmup_runs=1",
+    "--config.timing.warmup_s=0",
+    "--config.timing.budget_s=0.05",
+    "--config.roofline.enabled=false",
+    "--config.output.plots=false",
+]
+MANY = "--config.sweep.batch_sizes=(" + ",".join(str(b) for b in range(1, 13)) + ")"
+
+
+def start_main(*args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, os.path.join(ROOT, "main.py"), *args]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for_rows(workdir, n, proc, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if os.path.exists(workdir / "results.jsonl") and len(read_rows(workdir)) >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no {n} rows: {proc.poll()} {proc.stderr.read()[-2000:]}")
+
+
+def test_sigterm_keeps_points_exits_143_and_resumes(tmp_path):
+    proc = start_main(*FAST, MANY, f"--workdir={tmp_path}")
+    wait_for_rows(tmp_path, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 143, proc.stderr.read()[-2000:]
+    kept = len(read_rows(tmp_path))
+    assert 2 <= kept < 12
+    done = run_main(*FAST, MANY, f"--workdir={tmp_path}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(r["batch_size"] for r in read_rows(tmp_path)) == list(range(1, 13))
+
+
+def test_second_run_into_a_busy_workdir_is_refused(tmp_path):
+    # This process holds the workdir's OS lock, as a running sweep does.
+    lock = app.lock_workdir(str(tmp_path))
+    try:
+        listing = sorted(os.listdir(tmp_path))
+        second = run_main(*FAST, MANY, f"--workdir={tmp_path}")
+    finally:
+        os.close(lock)
+    assert second.returncode == 2
+    errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"in use by process {os.getpid()}" in errors[0], second.stderr
+    assert sorted(os.listdir(tmp_path)) == listing
+    # Closing the descriptor (or dying) frees it: no stale lock.
+    os.close(app.lock_workdir(str(tmp_path)))
+
+
+def test_sigkill_at_random_moments_loses_and_repeats_nothing(tmp_path):
+    rng = random.Random(0)
+    sizes = "--config.sweep.batch_sizes=(" + ",".join(str(b) for b in range(1, 13)) + ")"
+    for _ in range(10):
+        proc = start_main(*FAST, sizes, f"--workdir={tmp_path}")
+        if os.path.exists(tmp_path / "results.jsonl"):
+            wait_for_rows(tmp_path, len(read_rows(tmp_path)), proc)
+        time.sleep(rng.uniform(0.0, 0.4))
+        proc.kill()
+        proc.wait()
+    done = run_main(*FAST, sizes, f"--workdir={tmp_path}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(tmp_path / "results.jsonl") as f:
+        batch_sizes = [json.loads(line)["batch_size"] for line in f]
+    assert sorted(batch_sizes) == list(range(1, 13))
+    steps = [e.step for e in _accumulator(tmp_path / "tb" / "mlp").Tensors("latency/median_ms")]
+    assert len(steps) == len(set(steps))
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (None, "config file not found"),
+        ("def get_config(:\n", "line 1"),
+    ],
+)
+def test_bad_config_file_is_one_line(tmp_path, content, expected):
+    path = tmp_path / "cfg.py"
+    if content is not None:
+        path.write_text(content)
+    proc = run_main(f"--config={path}", f"--workdir={tmp_path / 'wd'}")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0] and str(path) in errors[0]
+    assert not (tmp_path / "wd").exists()
+
+
+def heavy(x):
+    """About 50 ms of device work on two cores: repeated matmuls of a 512x512 matrix."""
+    for _ in range(40):
+        x = jax.numpy.tanh(x @ x)
+    return x
+
+
+@pytest.mark.parametrize("pytree", [False, True])
+def test_the_timer_brackets_the_device_work(pytree):
+    from batching import timing
+
+    fn = jax.jit(lambda x: {"a": heavy(x), "b": [x[0]]} if pytree else heavy(x))
+    x = jax.numpy.ones((512, 512), jax.numpy.float32) / 512
+    jax.block_until_ready(fn(x))
+    settings = timing.TimingSettings(
+        warmup_runs=1, warmup_s=0.0, min_runs=3, max_runs=3, budget_s=10.0
+    )
+    harness = np.median(timing.measure(fn, (x,), settings).samples_s)
+    blocked = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(x))
+        blocked.append(time.perf_counter() - t0)
+    # Without the block inside the clock the harness sees only the dispatch (~100x less).
+    assert harness / np.median(blocked) > 0.5
