@@ -359,21 +359,35 @@ VERDICTS: dict[str, Callable[[list[dict[str, Any]], list[dict[str, Any]]], Verdi
 def verdicts(
     claim_ids: tuple[str, ...], summaries: list[dict[str, Any]], rows: list[dict[str, Any]]
 ) -> dict[str, Verdict]:
-    """A verdict per requested claim; a claim without a verdict function is 'not tested'."""
+    """A verdict per requested claim; a claim without a verdict function is 'not tested'.
+
+    A verdict fits trends within runs, so runs with fewer than MIN_POINTS ok batch sizes are
+    left out of what it reads (named in its evidence); with none left it is 'not enough points'.
+    """
     out = {}
-    fewest = min((s.get("points", 0) for s in summaries), default=0)
+    enough = [s for s in summaries if s.get("points", 0) >= MIN_POINTS]
+    short = sorted(s["run"] for s in summaries if s not in enough)
+    kept = {s["run"] for s in enough}
+    enough_rows = [r for r in rows if r["run"] in kept]
     for cid in claim_ids:
         fn = VERDICTS.get(cid)
         if fn is None or not summaries or "knee_batch_size" not in summaries[0]:
             out[cid] = {"verdict": "not tested here", "evidence": "no analysis for this claim"}
-        elif fewest < MIN_POINTS:
+        elif not enough:
+            fewest = min(s.get("points", 0) for s in summaries)
             out[cid] = not_enough_points(f"a run has {fewest} measured batch sizes")
         else:
             try:
-                out[cid] = fn(summaries, rows)
+                out[cid] = fn(enough, enough_rows)
             except (np.linalg.LinAlgError, ValueError, ZeroDivisionError, FloatingPointError) as e:
                 # A degenerate sweep (equal latencies, one size per run) must not end the report.
                 out[cid] = not_enough_points(f"{type(e).__name__}: {e}")
+                continue
+            if short:
+                out[cid]["evidence"] += (
+                    f" (runs with fewer than {MIN_POINTS} ok batch sizes left out: "
+                    f"{', '.join(short)})"
+                )
     return out
 
 

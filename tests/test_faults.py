@@ -327,3 +327,22 @@ def test_the_timer_brackets_the_device_work(pytree):
         blocked.append(time.perf_counter() - t0)
     # Without the block inside the clock the harness sees only the dispatch (~100x less).
     assert harness / np.median(blocked) > 0.5
+
+
+def test_a_short_run_is_left_out_of_a_verdict_not_the_whole_claim(monkeypatch):
+    long_rows = [{"run": "long", "batch_size": b} for b in (1, 2, 4)]
+    short_rows = [{"run": "short", "batch_size": 1}]
+    summaries = [
+        {"run": "long", "points": 3, "knee_batch_size": 1.0},
+        {"run": "short", "points": 1},
+    ]
+    seen = {}
+
+    def verdict(s, r):
+        seen["runs"] = [x["run"] for x in s] + sorted({x["run"] for x in r})
+        return {"verdict": "confirmed", "evidence": "e"}
+
+    monkeypatch.setitem(claims.VERDICTS, "C1", verdict)
+    out = claims.verdicts(("C1",), summaries, long_rows + short_rows)
+    assert seen["runs"] == ["long", "long"]
+    assert out["C1"]["verdict"] == "confirmed" and "left out: short" in out["C1"]["evidence"]
