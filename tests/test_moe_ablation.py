@@ -32,11 +32,18 @@ def tiny_ablation():
 
 
 def test_default_grid_and_full_grid():
-    assert len(moe_router_ablation.grid(False)) == 6
+    assert len(moe_router_ablation.grid(False)) == 7
     full = moe_router_ablation.grid(True)
-    assert len(full) == 3 * 3 * 2 - 3  # expert-choice has no aux loss to switch on
+    # expert-choice has no aux loss to switch on; one run trains the global-batch aux loss
+    assert len(full) == 3 * 3 * 2 - 3 + 1
     names = set(moe_router_ablation.get_config("full").runs.keys())
     assert "tc_k1_cf125_noaux" in names and "ec_cf200_noaux" in names
+    runs = moe_router_ablation.get_config().runs
+    # the scope axis: same router, k, capacity and weight, only the scope differs
+    group, batch = runs["tc_k2_cf100_aux"], runs["tc_k2_cf100_auxbatch"]
+    assert group.model == batch.model
+    assert (group.train.aux_loss_scope, batch.train.aux_loss_scope) == ("group", "batch")
+    assert group.train.aux_loss_weight == batch.train.aux_loss_weight > 0
 
 
 def test_ablation_trains_sweeps_judges_and_resumes(tmp_path):
