@@ -10,7 +10,7 @@ import numpy as np
 from absl import logging
 
 from batching import analysis, plots, report, results, runs, summary, sweep, workload
-from batching.tensorboard_writer import write_run_summary
+from batching.tensorboard_writer import write_experiment_config, write_run_summary
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[list[runs.Run], dict]:
@@ -125,6 +125,12 @@ def finalize(
             metrics=metrics(s),
             images={f"plots/{name}": image for name, image in own.items()},
             point_scalars=derived_point_scalars([r for r in analyzed_rows if r["run"] == run.name]),
+        )
+    if done:
+        write_experiment_config(
+            store.workdir,
+            {run.name: hparams(run, s) for run, s in zip(done, summaries, strict=True)},
+            sorted({tag for s in summaries for tag in metrics(s)}),
         )
     plot_paths = {name: store.path("plots", f"{name}.png") for name in images}
     verdicts = report.write(

@@ -150,15 +150,13 @@ def test_tensorboard_events_hold_scalars_images_text_and_hparams(tmp_path):
     assert len(acc.Tensors("plots/latency")) == 1
     assert "config/text_summary" in acc.PluginTagToContent("text")
     hparams = acc.PluginTagToContent("hparams")
-    assert set(hparams) == {
-        "_hparams_/experiment",
-        "_hparams_/session_start_info",
-        "_hparams_/session_end_info",
-    }
+    assert set(hparams) == {"_hparams_/session_start_info", "_hparams_/session_end_info"}
     # the hparams record names the run's model fields and its metrics
     start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"])
     assert start.session_start_info.hparams["model.width"].number_value == 16
-    exp = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
+    # the experiment config is written once, for all runs, in the tb root
+    root = _accumulator(tmp_path / "tb").PluginTagToContent("hparams")
+    exp = plugin_data_pb2.HParamsPluginData.FromString(root["_hparams_/experiment"]).experiment
     assert "hparams/best_throughput_per_s" in {m.name.tag for m in exp.metric_infos}
 
 
