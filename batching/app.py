@@ -113,6 +113,7 @@ def finalize(
                 figures[f"fit_{s['run']}"] = plots.fit_figure(run_rows, s)
                 figures[f"whatif_{s['run']}"] = plots.whatif_figure(run_rows, s)
             figures.update(plots.extra_figures(analyzed_rows, summaries))
+        figures.update(plots.routing_figures(analyzed_rows, summaries))
         images = plots.save_all(figures, store.path("plots"))
     for run, s in zip(done, summaries, strict=True):
         others = {f"{kind}_{r.name}" for r in done if r is not run for kind in ("fit", "whatif")}
