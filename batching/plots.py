@@ -266,7 +266,7 @@ def tokens_per_expert_figure(rows: list[dict[str, Any]]) -> plt.Figure:
             label=f"{run} (batch {last['batch_size']})",
         )
     ax.axhline(1.0, color="k", lw=0.8, ls=":")
-    _finish(
+    return _finish(
         fig,
         ax,
         "expert, most loaded first",
@@ -285,7 +285,7 @@ def loss_vs_load_cv_figure(summaries: list[dict[str, Any]]) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     for s in trained:
         ax.plot(s["heldout_load_cv"], s["heldout_loss"], "o", label=s["run"])
-    _finish(
+    return _finish(
         fig,
         ax,
         "held-out load CV (std/mean tokens per expert)",

@@ -129,6 +129,7 @@ def test_only_figures_that_apply_are_drawn():
     assert set(figures) == {f"routing_{n}" for n in ROUTING_FIGURES[:3]} | {
         "routing_latency_vs_dense"
     }
+    assert all(isinstance(f, plt.Figure) for f in figures.values())
     assert plots.routing_figures([dict(r, drop_fraction=None) for r in rows], []) == {}
     # two decode runs with one cache length: no knee-vs-context figure
     decode = [{"phase": "decode", "cache_len": 128}] * 2

@@ -126,7 +126,10 @@ def test_experiment_runs_overlay_in_one_workdir(tmp_path):
     assert {s["run"] for s in summaries} == {"w8", "w16"}
     rows = read_rows(tmp_path)
     assert {(r["run"], r["width"]) for r in rows} == {("w8", 8), ("w16", 16)}
-    assert sorted(os.listdir(tmp_path / "tb")) == ["w16", "w8"]
+    # one event folder per run, beside the experiment's one HParams config file
+    tb = sorted(os.listdir(tmp_path / "tb"))
+    assert [n for n in tb if os.path.isdir(tmp_path / "tb" / n)] == ["w16", "w8"]
+    assert sum(n.endswith(".hparams_experiment") for n in tb) == 1
 
 
 def _accumulator(run_dir):
