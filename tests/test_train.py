@@ -164,7 +164,8 @@ def test_saved_params_load_back_to_identical_logits(trained, tmp_path):
         assert json.load(f)["model"]["num_experts"] == config.model.num_experts
     cfg = train.model_config(config.model)
     params = train.load_params(path, config.model)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: decoder.Decoder(cfg, rngs=nnx.Rngs(0))))
+    abstract = nnx.eval_shape(lambda: decoder.Decoder(cfg, rngs=nnx.Rngs(0)))
+    graphdef, _ = nnx.split(abstract, nnx.Param)
 
     @jax.jit
     def logits(params, tokens_BxL):
@@ -206,10 +207,14 @@ def test_aux_loss_scope_picks_the_trained_balancing_loss(scope):
     config = tiny_config(aux_loss_scope=scope)
     config.model.update(dict(moe_group_size=8))
     cfg = train.validate(config)
-    graphdef, params = nnx.split(decoder.Decoder(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    abstract = nnx.eval_shape(lambda: decoder.Decoder(cfg, rngs=nnx.Rngs(0)))
+    graphdef, _ = nnx.split(abstract, nnx.Param)
+    # Jitted: eager ops would compile one by one.
+    params = jax.jit(lambda: nnx.state(decoder.Decoder(cfg, rngs=nnx.Rngs(0)), nnx.Param))()
     tokens_BxL = np.random.default_rng(0).integers(0, 256, (8, 33)).astype(np.int32)
     batch = (jnp.asarray(tokens_BxL[:, :-1]), jnp.asarray(tokens_BxL[:, 1:]))
-    loss, (ce, stats) = train.loss_fn(params, graphdef, batch, 1.0, 0.0, scope)
+    loss_fn = jax.jit(train.loss_fn, static_argnums=(1, 5))
+    loss, (ce, stats) = loss_fn(params, graphdef, batch, 1.0, 0.0, scope)
     group = np.mean([float(s["aux_loss"]) for s in stats])
     pooled = np.mean([float(s["aux_loss_batch"]) for s in stats])
     assert abs(group - pooled) > 1e-4
