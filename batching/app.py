@@ -13,7 +13,7 @@ import numpy as np
 from absl import logging
 
 from batching import analysis, plots, report, results, runs, summary, sweep, workload
-from batching.tensorboard_writer import write_run_summary
+from batching.tensorboard_writer import write_experiment_config, write_run_summary
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[list[runs.Run], dict]:
@@ -196,6 +196,7 @@ def finalize(
             figures.update(plots.extra_figures(analyzed_rows, summaries))
         if any(r.get("memory_bytes") for r in current_all):
             figures["memory"] = plots.memory_figure(current_all, summaries)
+        figures.update(plots.routing_figures(analyzed_rows, summaries))
         images = plots.save_all(figures, store.path("plots"))
     for run, s in zip(done, summaries, strict=True):
         others = {f"{kind}_{r.name}" for r in done if r is not run for kind in ("fit", "whatif")}
@@ -208,6 +209,12 @@ def finalize(
             metrics=metrics(s),
             images={f"plots/{name}": image for name, image in own.items()},
             point_scalars=derived_point_scalars([r for r in analyzed_rows if r["run"] == run.name]),
+        )
+    if done:
+        write_experiment_config(
+            store.workdir,
+            {run.name: hparams(run, s) for run, s in zip(done, summaries, strict=True)},
+            sorted({tag for s in summaries for tag in metrics(s)}),
         )
     plot_paths = {name: store.path("plots", f"{name}.png") for name in images}
     verdicts = report.write(

@@ -305,6 +305,7 @@ def c6_convolutions_reuse_weights(
 
 
 def c8_moe_routers(summaries: list[dict[str, Any]], rows: list[dict[str, Any]]) -> Verdict:
+    """Two or three sentences; the report's router table holds every run's numbers."""
     del rows
     moe = [s for s in summaries if s.get("router")]
     tc = [s for s in moe if s["router"] == "token_choice"]
@@ -312,36 +313,54 @@ def c8_moe_routers(summaries: list[dict[str, Any]], rows: list[dict[str, Any]]) 
     if not tc or not ec:
         return {"verdict": "not tested here", "evidence": "needs token- and expert-choice runs"}
 
-    def line(s):
-        return (
-            f"{s['run']}: held-out loss {_fmt(s.get('heldout_loss'))}, held-out load CV "
-            f"{_fmt(s.get('heldout_load_cv'))}, decode drop fraction "
-            f"{_fmt(s.get('drop_fraction_first'))} at batch {min(s['batch_sizes'])} and "
-            f"{_fmt(s.get('drop_fraction_last'))} at batch {max(s['batch_sizes'])}, max/mean "
-            f"load {_fmt(s.get('max_mean_load_first'))} → {_fmt(s.get('max_mean_load_last'))}, "
-            f"cross-sequence logit change {_fmt(s.get('cross_sequence_logit_change'))}"
-        )
-
-    uneven = max(s.get("load_cv_last") or 0 for s in tc)
+    uneven = max(tc, key=lambda s: s.get("load_cv_last") or 0)
+    dropping = max(tc, key=lambda s: s.get("drop_fraction_last") or 0)
     ec_cv = max(s.get("load_cv_last") or 0 for s in ec)
-    ec_coupled = min(s.get("cross_sequence_logit_change") or 0 for s in ec)
+    coupled = min(ec, key=lambda s: s.get("cross_sequence_logit_change") or 0)
+    ec_coupled = coupled.get("cross_sequence_logit_change") or 0
+    last_b = max(uneven["batch_sizes"])
     evidence = (
-        "; ".join(line(s) for s in moe)
-        + ". Expert-choice gives every expert exactly C tokens, so its load CV is zero by "
-        "construction, but a decode step routes the batch's tokens as one group: changing "
-        "another sequence's token changes this sequence's logits, which breaks the "
-        "independence autoregressive serving relies on."
+        f"Token-choice spread the decode batch unevenly: load CV up to "
+        f"{_fmt(uneven.get('load_cv_last'))} ({uneven['run']}) and up to "
+        f"{_fmt(dropping.get('drop_fraction_last'))} of assignments dropped "
+        f"({dropping['run']}) at batch {last_b}, while expert-choice's load CV is "
+        f"{_fmt(ec_cv)} by construction. But expert-choice routes a decode step's tokens as one "
+        f"group: changing another sequence's token moved this sequence's logits by "
+        f"{_fmt(ec_coupled)} ({coupled['run']}), which breaks the independence autoregressive "
+        "serving relies on."
     )
-    with_aux = [s for s in tc if (s.get("aux_loss_weight") or 0) > 0]
-    without = [s for s in tc if not s.get("aux_loss_weight")]
-    if with_aux and without:
-        evidence += (
-            f" Aux loss on vs off (token-choice): held-out load CV "
-            f"{_fmt(min(s['heldout_load_cv'] for s in with_aux))} vs "
-            f"{_fmt(min(s['heldout_load_cv'] for s in without))}."
-        )
-    confirmed = uneven > 0.05 and ec_cv < 0.05 and ec_coupled > 1e-4
+    aux = _aux_comparison(tc)
+    if aux:
+        evidence += " " + aux
+    confirmed = (uneven.get("load_cv_last") or 0) > 0.05 and ec_cv < 0.05 and ec_coupled > 1e-4
     return {"verdict": "confirmed" if confirmed else "partly confirmed", "evidence": evidence}
+
+
+def _aux_comparison(tc: list[dict[str, Any]]) -> str:
+    """One sentence on aux off / per group / over the batch, among token-choice runs that
+    share router, k and capacity factor (the ablation's scope axis); '' if fewer than two."""
+    by_setting: dict[tuple, dict[str, dict[str, Any]]] = {}
+    for s in tc:
+        label = (
+            "over the batch"
+            if s.get("aux_loss_weight") and s.get("aux_loss_scope") == "batch"
+            else "per group"
+            if s.get("aux_loss_weight")
+            else "off"
+        )
+        key = (s.get("top_k"), s.get("capacity_factor"))
+        by_setting.setdefault(key, {}).setdefault(label, s)
+    (k, cf), runs = max(by_setting.items(), key=lambda kv: len(kv[1]))
+    if len(runs) < 2:
+        return ""
+    order = [label for label in ("off", "per group", "over the batch") if label in runs]
+    return (
+        f"Aux loss {' / '.join(order)} (token-choice k={k}, capacity {_fmt(cf)}, same seed): "
+        f"held-out loss {' / '.join(_fmt(runs[o].get('heldout_loss')) for o in order)}, "
+        f"held-out load CV {' / '.join(_fmt(runs[o].get('heldout_load_cv')) for o in order)}, "
+        f"drop fraction at the last batch "
+        f"{' / '.join(_fmt(runs[o].get('drop_fraction_last')) for o in order)}."
+    )
 
 
 VERDICTS: dict[str, Callable[[list[dict[str, Any]], list[dict[str, Any]]], Verdict]] = {

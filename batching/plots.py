@@ -27,10 +27,12 @@ def _finish(
     xbase: int = 10,
     ybase: int = 10,
     ncol: int = 1,
+    linear: str = "",
 ) -> plt.Figure:
-    """The lab's figure style: log-log axes, labels, a light grid, a small legend."""
-    ax.set_xscale("log", base=xbase)
-    ax.set_yscale("log", base=ybase)
+    """The lab's figure style: log-log axes (`linear` names those that are not: "x", "y",
+    "xy"), labels, a light grid, a small legend."""
+    ax.set_xscale("linear") if "x" in linear else ax.set_xscale("log", base=xbase)
+    ax.set_yscale("linear") if "y" in linear else ax.set_yscale("log", base=ybase)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -259,8 +261,116 @@ def extra_figures(
 ) -> dict[str, plt.Figure]:
     """Figures that only some experiments have data for."""
     figures = {}
-    if sum(s.get("phase") == "decode" for s in summaries) >= 2:
+    # One cache length has no knee-vs-context line to draw.
+    if len({s.get("cache_len") for s in summaries if s.get("phase") == "decode"}) >= 2:
         figures["knee_vs_context"] = knee_vs_context_figure(summaries)
     if any(r.get("phase") == "prefill" for r in rows):
         figures["prefill_vs_prompt"] = prefill_figure(rows)
+    return figures
+
+
+def _routing_curve(rows: list[dict[str, Any]], field: str, ylabel: str, title: str) -> plt.Figure:
+    """One routing statistic against batch size, every run overlaid; linear y (it can be 0)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for run, rs in by_run(rows).items():
+        rs = [r for r in rs if r.get(field) is not None]
+        ax.plot([r["batch_size"] for r in rs], [r[field] for r in rs], marker="o", ms=3, label=run)
+    return _finish(fig, ax, "batch size", ylabel, title, xbase=2, ncol=2, linear="y")
+
+
+def tokens_per_expert_figure(rows: list[dict[str, Any]]) -> plt.Figure:
+    """First MoE layer's load per expert at each run's largest batch, sorted, over the mean."""
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for run, rs in by_run(rows).items():
+        last = [r for r in rs if r.get("tokens_per_expert") is not None][-1]
+        load_E = np.sort(np.asarray(last["tokens_per_expert"], float))[::-1]
+        ratio_E = load_E / max(load_E.mean(), 1e-12)
+        ax.plot(
+            np.arange(1, load_E.size + 1),
+            ratio_E,
+            marker="o",
+            ms=3,
+            drawstyle="steps-mid",
+            label=f"{run} (batch {last['batch_size']})",
+        )
+    ax.axhline(1.0, color="k", lw=0.8, ls=":")
+    return _finish(
+        fig,
+        ax,
+        "expert, most loaded first",
+        "tokens / mean tokens per expert",
+        "tokens per expert at the largest batch (layer 0, after capacity)",
+        ncol=2,
+        linear="xy",
+    )
+
+
+def loss_vs_load_cv_figure(summaries: list[dict[str, Any]]) -> plt.Figure:
+    """Held-out loss against held-out load CV, one point per trained run."""
+    trained = [
+        s for s in summaries if None not in (s.get("heldout_loss"), s.get("heldout_load_cv"))
+    ]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for s in trained:
+        ax.plot(s["heldout_load_cv"], s["heldout_loss"], "o", label=s["run"])
+    return _finish(
+        fig,
+        ax,
+        "held-out load CV (std/mean tokens per expert)",
+        "held-out loss (nats/byte)",
+        "quality vs balance, one point per run",
+        ncol=2,
+        linear="xy",
+    )
+
+
+def moe_latency_figure(rows: list[dict[str, Any]]) -> plt.Figure:
+    """Latency vs batch; a run with num_experts == top_k (every token reaches every expert:
+    the dense model of the same active params) is drawn dashed."""
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for run, rs in by_run(rows).items():
+        dense = rs[0].get("num_experts") == rs[0].get("top_k")
+        ax.plot(
+            [r["batch_size"] for r in rs],
+            [r["latency_s"] * 1e3 for r in rs],
+            "o--" if dense else "o-",
+            ms=3,
+            label=f"{run} (dense, same active params)" if dense else run,
+        )
+    return _finish(
+        fig, ax, "batch size", "latency (ms, median)", "MoE vs dense latency", xbase=2, ncol=2
+    )
+
+
+def routing_figures(
+    rows: list[dict[str, Any]], summaries: list[dict[str, Any]]
+) -> dict[str, plt.Figure]:
+    """Router ablation figures, drawn only from what the runs carry: the per-batch ones when
+    rows hold routing statistics, loss vs load CV when at least one run was trained, the
+    MoE vs dense latency when one run is the dense model of the same active params."""
+    routed = [r for r in rows if r.get("drop_fraction") is not None]
+    if not routed:
+        return {}
+    figures = {
+        "routing_drop_fraction": _routing_curve(
+            routed,
+            "drop_fraction",
+            "drop fraction (assignments lost to capacity)",
+            "drop fraction vs batch",
+        ),
+        "routing_max_mean_load": _routing_curve(
+            routed,
+            "max_mean_load",
+            "max/mean expert load (before capacity)",
+            "max/mean expert load vs batch",
+        ),
+    }
+    if any(r.get("tokens_per_expert") is not None for r in routed):
+        figures["routing_tokens_per_expert"] = tokens_per_expert_figure(
+            [r for r in routed if r.get("tokens_per_expert") is not None]
+        )
+    if any(s.get("heldout_loss") is not None for s in summaries):
+        figures["routing_loss_vs_load_cv"] = loss_vs_load_cv_figure(summaries)
+    if any(r.get("num_experts") == r.get("top_k") for r in routed):
+        figures["routing_latency_vs_dense"] = moe_latency_figure(routed)
     return figures

@@ -162,6 +162,67 @@ def memory_wall(doc: Doc, summaries: list[dict[str, Any]]) -> None:
         doc.para("Batching ends at memory, not at compute, for: " + "; ".join(ends_at_memory) + ".")
 
 
+ROUTER_COLUMNS = (
+    "run",
+    "router",
+    "k",
+    "capacity factor",
+    "aux weight",
+    "aux scope",
+    "held-out loss",
+    "held-out load CV",
+    "drop first B",
+    "drop last B",
+    "max/mean load first→last B",
+    "latency first B (ms)",
+    "latency last B (ms)",
+    "cross-seq logit change",
+)
+
+
+def router_section(doc: Doc, summaries: list[dict[str, Any]], with_verdict: bool) -> None:
+    """The router ablation as a table, one row per run that routes, then (`with_verdict`)
+    the C8 verdict in two or three sentences."""
+    moe = [s for s in summaries if s.get("router")]
+    if not moe:
+        return
+    doc.heading("Routers")
+    doc.table(
+        list(ROUTER_COLUMNS),
+        [
+            [
+                s["run"],
+                s["router"],
+                s.get("top_k") if s["router"] == "token_choice" else "–",
+                s.get("capacity_factor"),
+                s.get("aux_loss_weight", "–"),
+                s.get("aux_loss_scope", "–") if s.get("aux_loss_weight") else "–",
+                s.get("heldout_loss", "–"),
+                s.get("heldout_load_cv", "–"),
+                s.get("drop_fraction_first"),
+                s.get("drop_fraction_last"),
+                f"{_fmt(s.get('max_mean_load_first'))}→{_fmt(s.get('max_mean_load_last'))}",
+                s["latency_first_s"] * 1e3,
+                s["latency_last_s"] * 1e3,
+                s.get("cross_sequence_logit_change", "–"),
+            ]
+            for s in moe
+        ],
+    )
+    doc.para(
+        f"Batches {min(moe[0]['batch_sizes'])} (first) and {max(moe[0]['batch_sizes'])} (last). "
+        "Held-out loss in nats/byte and held-out load CV (std/mean tokens per expert, pooled "
+        "over the batch) from training; drop fraction (assignments lost to capacity) and "
+        "max/mean load (before capacity: the capacity factor that drops nothing) measured on "
+        "the decode step at each batch. aux scope: group = load-balancing loss per routing "
+        "group, averaged (GShard/Switch/flaxformer/MaxText); batch = over the global batch "
+        "(Qwen 2025, OLMo-core)."
+    )
+    if with_verdict:
+        verdict = claims.c8_moe_routers(summaries, [])
+        doc.para(f"Verdict on C8 ({verdict['verdict']}): {verdict['evidence']}")
+
+
 def write(
     workdir: str,
     experiment: str,
@@ -286,6 +347,8 @@ def write(
             ],
         )
     memory_wall(doc, summaries)
+
+    router_section(doc, summaries, with_verdict="C8" in claim_ids)
     doc.heading("Plots")
     for name, path in plot_paths.items():
         doc.image(path, name)

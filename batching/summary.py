@@ -20,6 +20,7 @@ RUN_FIELDS = (
     "top_k",
     "capacity_factor",
     "aux_loss_weight",
+    "aux_loss_scope",
     "trained",
 )
 

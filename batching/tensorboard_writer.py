@@ -13,11 +13,14 @@ from typing import Any
 
 import numpy as np
 import tensorboardX
+from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from tensorboardX import summary as tbx_summary
+from tensorboardX.proto import summary_pb2 as tbx_summary_pb2
 
 from models.routers import SCALAR_STATS
 
 RUN_SUMMARY_SUFFIX = ".run_summary"
+EXPERIMENT_SUFFIX = ".hparams_experiment"
 
 # Row field -> (tag, scale) of the scalars written per point.
 POINT_SCALARS = {
@@ -93,11 +96,13 @@ def write_run_summary(
         text = "```\n" + json.dumps(config, indent=2, sort_keys=True, default=str) + "\n```"
         writer.add_text("config", text, 0)
         clean_metrics = {k: float(v) for k, v in metrics.items() if _finite(v)}
-        exp, ssi, sei = tbx_summary.hparams(
+        # The experiment summary tensorboardX makes here would describe this run alone;
+        # write_experiment_config writes the one for all runs.
+        _, ssi, sei = tbx_summary.hparams(
             {k: _hparam_value(v) for k, v in hparams.items()}, clean_metrics
         )
         file_writer = writer._get_file_writer()
-        for s in (exp, ssi, sei):
+        for s in (ssi, sei):
             file_writer.add_summary(s)
         for tag, value in clean_metrics.items():
             writer.add_scalar(tag, value, 0)
@@ -114,3 +119,68 @@ def write_run_summary(
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def hparam_infos(hparams_by_run: dict[str, dict[str, Any]]) -> list[api_pb2.HParamInfo]:
+    """One HParamInfo per hparam, with its domain over the runs and whether it differs.
+
+    Strings, bools and numbers from the config (model.*, train.*: the ablated axes) get the
+    discrete set of values the runs took; other numbers (params, batch_min, ...) an interval.
+    A value that is not a bool, number or string counts as its JSON string.
+    """
+    infos = []
+    for name in sorted({k for hp in hparams_by_run.values() for k in hp}):
+        values = [_hparam_value(hp[name]) for hp in hparams_by_run.values() if name in hp]
+        distinct = sorted(set(values), key=repr)
+        info = api_pb2.HParamInfo(name=name, differs=len(distinct) > 1)
+        if all(isinstance(v, bool) for v in values):
+            info.type = api_pb2.DATA_TYPE_BOOL
+            info.domain_discrete.extend(distinct)
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            info.type = api_pb2.DATA_TYPE_FLOAT64
+            if name.startswith(("model.", "train.")):
+                info.domain_discrete.extend(sorted(float(v) for v in distinct))
+            else:
+                info.domain_interval.min_value = float(min(values))
+                info.domain_interval.max_value = float(max(values))
+        else:
+            info.type = api_pb2.DATA_TYPE_STRING
+            info.domain_discrete.extend(sorted({str(v) for v in values}))
+        infos.append(info)
+    return infos
+
+
+def write_experiment_config(
+    workdir: str, hparams_by_run: dict[str, dict[str, Any]], metric_tags: list[str]
+) -> None:
+    """Writes the experiment's one HParams config into <workdir>/tb, replacing an older one.
+
+    Each hparam carries its domain across `hparams_by_run` (see hparam_infos) and `differs`,
+    so the HParams tab offers a filter per value and lists the differing columns first; the
+    metrics are the run-level scalar tags write_run_summary writes (read per run).
+    """
+    logdir = os.path.join(workdir, "tb")
+    for old in glob.glob(os.path.join(logdir, f"*{EXPERIMENT_SUFFIX}")):
+        os.remove(old)
+    metric_infos = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=t)) for t in metric_tags]
+    experiment = api_pb2.Experiment(
+        hparam_infos=hparam_infos(hparams_by_run), metric_infos=metric_infos
+    )
+    # What tensorboard.plugins.hparams.summary.experiment_pb builds (that module needs
+    # TensorFlow), in tensorboardX's Summary proto.
+    content = plugin_data_pb2.HParamsPluginData(
+        experiment=experiment, version=metadata.PLUGIN_DATA_VERSION
+    )
+    meta = tbx_summary_pb2.SummaryMetadata(
+        plugin_data=tbx_summary_pb2.SummaryMetadata.PluginData(
+            plugin_name=metadata.PLUGIN_NAME, content=content.SerializeToString()
+        )
+    )
+    summary = tbx_summary_pb2.Summary(
+        value=[tbx_summary_pb2.Summary.Value(tag=metadata.EXPERIMENT_TAG, metadata=meta)]
+    )
+    writer = tensorboardX.SummaryWriter(logdir=logdir, filename_suffix=EXPERIMENT_SUFFIX)
+    try:
+        writer._get_file_writer().add_summary(summary)
+    finally:
+        writer.close()

@@ -4,7 +4,8 @@
     from configs import moe_decoder
     summary = train.run(moe_decoder.get_config("expert_choice"), "/tmp/moe")
 
-Loss = mean cross-entropy + train.aux_loss_weight * (aux loss averaged over MoE layers)
+Loss = mean cross-entropy + train.aux_loss_weight * (load-balancing loss averaged over MoE
+layers; train.aux_loss_scope picks the per-group or the global-batch one, AUX_LOSS_STAT)
 + train.z_loss_weight * (z-loss averaged over MoE layers); adamw with a warmup and an
 optional cosine decay. The train step is a pure function of (params, opt_state, batch) over
 `nnx.split`, jitted with params and optimizer state donated.
@@ -45,6 +46,10 @@ from models import decoder
 from models.routers import SCALAR_STATS
 
 SCHEDULES = ("cosine", "constant")
+# train.aux_loss_scope -> the routing statistic that is the trained load-balancing loss:
+# "group" balances within each routing group (GShard/Switch/flaxformer/MaxText), "batch" over
+# the pooled global batch (Qwen 2025 "Demons in the Detail", OLMo-core). See routers.routing_stats.
+AUX_LOSS_STAT = {"group": "aux_loss", "batch": "aux_loss_batch"}
 EVENT_SUFFIX = ".train"
 SUMMARY_FILE = "train_summary.json"
 
@@ -84,7 +89,7 @@ def validate(config: ml_collections.ConfigDict) -> decoder.DecoderConfig:
     ints |= {"eval_every": 1, "eval_batches": 1, "max_text_bytes": 1}
     floats = {"learning_rate": True, "weight_decay": False, "grad_clip_norm": False}
     floats |= {"aux_loss_weight": False, "z_loss_weight": False, "heldout_fraction": True}
-    for name in [*ints, *floats, "schedule"]:
+    for name in [*ints, *floats, "schedule", "aux_loss_scope"]:
         if name not in t:
             raise ValueError(f"config.train.{name} is missing")
     for name, minimum in ints.items():
@@ -99,6 +104,11 @@ def validate(config: ml_collections.ConfigDict) -> decoder.DecoderConfig:
     if not t.heldout_fraction < 1:
         raise ValueError(
             f"config.train.heldout_fraction must lie in (0, 1), got {t.heldout_fraction!r}"
+        )
+    if t.aux_loss_scope not in AUX_LOSS_STAT:
+        raise ValueError(
+            f"config.train.aux_loss_scope must be one of {list(AUX_LOSS_STAT)}, "
+            f"got {t.aux_loss_scope!r}"
         )
     if t.schedule not in SCHEDULES:
         raise ValueError(f"config.train.schedule must be one of {SCHEDULES}, got {t.schedule!r}")
@@ -159,12 +169,15 @@ def loss_fn(
     batch: Batch,
     aux_loss_weight: float,
     z_loss_weight: float,
+    aux_loss_scope: str = "group",
 ) -> tuple[jax.Array, tuple[jax.Array, list[Stats]]]:
-    """(total loss, (mean cross-entropy in nats per byte, routing stats per MoE layer))."""
+    """(total loss, (mean cross-entropy in nats per byte, routing stats per MoE layer)).
+
+    The aux term is the routing statistic AUX_LOSS_STAT[aux_loss_scope]."""
     inputs_BxL, targets_BxL = batch
     logits_BxLxV, stats = decoder.forward_with_stats(graphdef, params, inputs_BxL)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL).mean()
-    aux = _layer_mean(stats, "aux_loss")
+    aux = _layer_mean(stats, AUX_LOSS_STAT[aux_loss_scope])
     z = _layer_mean(stats, "z_loss")
     return ce + aux_loss_weight * aux + z_loss_weight * z, (ce, stats)
 
@@ -174,6 +187,7 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     aux_loss_weight: float,
     z_loss_weight: float,
+    aux_loss_scope: str = "group",
 ) -> Callable:
     """jit of step(params, opt_state, batch) -> (params, opt_state, metrics, stats); params
     and opt_state are donated."""
@@ -181,7 +195,7 @@ def make_train_step(
     def step(params: nnx.State, opt_state: optax.OptState, batch: Batch):
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, (ce, stats)), grads = grad_fn(
-            params, graphdef, batch, aux_loss_weight, z_loss_weight
+            params, graphdef, batch, aux_loss_weight, z_loss_weight, aux_loss_scope
         )
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -376,7 +390,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     )()
     optimizer, schedule = make_optimizer(t)
     opt_state = jax.jit(optimizer.init)(params)
-    train_step = make_train_step(graphdef, optimizer, t.aux_loss_weight, t.z_loss_weight)
+    train_step = make_train_step(
+        graphdef, optimizer, t.aux_loss_weight, t.z_loss_weight, t.aux_loss_scope
+    )
     eval_step = make_eval_step(graphdef)
 
     rng = np.random.default_rng(config.seed)

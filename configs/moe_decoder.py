@@ -72,6 +72,10 @@ def train() -> config_dict.ConfigDict:
     t.grad_clip_norm = 1.0  # 0 disables clipping
     # Loss = cross-entropy + aux_loss_weight * mean aux loss + z_loss_weight * mean z-loss.
     t.aux_loss_weight = 0.01
+    # Which load-balancing loss trains: "group" (f and P within each routing group, then
+    # averaged: GShard/Switch/flaxformer/MaxText) or "batch" (f and P pooled over the global
+    # batch: Qwen 2025 "Demons in the Detail", OLMo-core). Both are logged either way.
+    t.aux_loss_scope = "group"
     t.z_loss_weight = 0.001
     t.log_every = 10
     t.eval_every = 100

@@ -160,6 +160,7 @@ def route(
 # The scalar statistics of `routing_stats`; the others are per-expert or per-token arrays.
 SCALAR_STATS = (
     "aux_loss",
+    "aux_loss_batch",
     "z_loss",
     "load_cv",
     "max_mean_load",
@@ -176,9 +177,16 @@ def routing_stats(result: RoutingResult) -> dict[str, jax.Array]:
 
     Loads are token counts. The number of wanted assignments per token k is read off the
     result as sum(assigned) / T: top_k for token-choice, E*C/S for expert-choice. So:
-      aux_loss: E * sum_e f_e * P_e (Switch eq. 4-6; k at perfect balance). Gradient flows
-        through P_e only. Constant for expert-choice, which has no aux loss.
+      aux_loss: the load-balancing loss per group, averaged over groups: E * sum_e f_ge * P_ge
+        with f and P taken within group g (Switch eq. 4-6, GShard, flaxformer
+        `_load_balancing_loss`, MaxText per sequence; k at perfect balance). Gradient flows
+        through P only. Constant for expert-choice, which has no aux loss.
+      aux_loss_batch: the global-batch load-balancing loss E * sum_e f_e * P_e with f and P
+        pooled over all groups first (Qwen team 2025, "Demons in the Detail"; OLMo-core).
+        Groups imbalanced in opposite directions cancel here; with one group it equals aux_loss.
       z_loss: mean over tokens of logsumexp(z)^2 (ST-MoE).
+    The remaining statistics are pooled over all G groups (a count or fraction over all T
+    tokens), not averaged per group:
       tokens_per_expert [E]: load after capacity; tokens_per_expert_wanted [E]: before.
       load_cv: population std / mean of tokens_per_expert (after capacity).
       max_mean_load: max_e wanted load / (T*k/E), on loads before capacity, so it is the
@@ -206,12 +214,15 @@ def routing_stats(result: RoutingResult) -> dict[str, jax.Array]:
     total_wanted = jnp.sum(wanted_E)
     total_dispatched = jnp.sum(load_E)
     f_E = wanted_E / T
+    f_GxE = jnp.mean(assigned_GxSxE, axis=1)
+    p_GxE = jnp.mean(result.probs_GxSxE, axis=1)
     p_E = jnp.mean(result.probs_GxSxE, axis=(0, 1))
     experts_per_token_T = jnp.sum(dispatched_GxSxE, axis=-1).reshape(T)
     log_probs_GxSxE = jax.nn.log_softmax(logits_GxSxE, axis=-1)
 
     return {
-        "aux_loss": E * jnp.sum(f_E * p_E),
+        "aux_loss": E * jnp.mean(jnp.sum(f_GxE * p_GxE, axis=-1)),
+        "aux_loss_batch": E * jnp.sum(f_E * p_E),
         "z_loss": jnp.mean(jax.nn.logsumexp(logits_GxSxE, axis=-1) ** 2),
         "tokens_per_expert": load_E,
         "tokens_per_expert_wanted": wanted_E,

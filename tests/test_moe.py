@@ -109,8 +109,10 @@ def _np_stats(dispatch, combine, assigned, logits):
     P = p.mean((0, 1))
     per_token = dispatch.sum((2, 3)).reshape(T)
     lse = np.log(np.exp(logits.astype(np.float64)).sum(-1))
+    f_group, P_group = assigned.mean(1), p.mean(1)
     return {
-        "aux_loss": E * np.sum(f * P),
+        "aux_loss": E * np.mean(np.sum(f_group * P_group, -1)),
+        "aux_loss_batch": E * np.sum(f * P),
         "z_loss": np.mean(lse**2),
         "tokens_per_expert": load,
         "tokens_per_expert_wanted": wanted,
@@ -280,6 +282,7 @@ def test_stats_perfectly_balanced():
         s,
         {
             "aux_loss": 1.0,  # E * sum_e (1/4)(1/4)
+            "aux_loss_batch": 1.0,  # one group: the two losses agree
             "z_loss": math.log(math.exp(a) + 3) ** 2,
             "tokens_per_expert": [1, 1, 1, 1],
             "tokens_per_expert_wanted": [1, 1, 1, 1],
@@ -308,6 +311,7 @@ def test_stats_all_tokens_to_one_expert(cf, dispatched):
         s,
         {
             "aux_loss": 4 * p_max,  # E * f_0 * P_0 with f_0 = 1
+            "aux_loss_batch": 4 * p_max,
             "z_loss": math.log(math.exp(a) + 3) ** 2,
             "tokens_per_expert": load,
             "tokens_per_expert_wanted": [4, 0, 0, 0],
@@ -480,6 +484,35 @@ def test_jit_pure_function_matches_eager(router):
             np.testing.assert_allclose(layer_jit[name], layer[name], rtol=1e-5, atol=1e-6)
 
 
+def _two_group_aux(p_first: float) -> dict[str, jax.Array]:
+    # Two groups of two tokens, E=2, k=1: group 0 routes (p, 1-p) for both tokens, group 1
+    # (1-p, p). Each group sends all its tokens to one expert; pooled, the batch is balanced.
+    p = jnp.array([p_first, 1.0 - p_first])
+    probs_GxSxE = jnp.stack([jnp.stack([p, p]), jnp.stack([p[::-1], p[::-1]])])
+    s = token_choice_stats(jnp.log(probs_GxSxE), 1, 2.0)
+    return {"aux_loss": s["aux_loss"], "aux_loss_batch": s["aux_loss_batch"]}
+
+
+def test_aux_loss_per_group_sees_what_pooling_hides():
+    s = _two_group_aux(0.9)
+    # Per group: E * (1 * 0.9 + 0 * 0.1) = 1.8; pooled: f = P = (1/2, 1/2), E * 2 * 1/4 = 1.
+    np.testing.assert_allclose(s["aux_loss"], 1.8, rtol=1e-6)
+    np.testing.assert_allclose(s["aux_loss_batch"], 1.0, rtol=1e-6)
+    grads = jax.grad(lambda q: _two_group_aux(q)["aux_loss"])(0.9)
+    grads_batch = jax.grad(lambda q: _two_group_aux(q)["aux_loss_batch"])(0.9)
+    # d/dp E * p (f held, as the top-k mask has no gradient) = 2 per group.
+    np.testing.assert_allclose(grads, 2.0, rtol=1e-5)
+    np.testing.assert_allclose(grads_batch, 0.0, atol=1e-6)
+
+
+def test_aux_losses_agree_on_one_group():
+    logits_GxSxE = _normal(3, (1, 16, 4)) * 2.0
+    s = token_choice_stats(logits_GxSxE, 2, 1.0)
+    np.testing.assert_allclose(s["aux_loss"], s["aux_loss_batch"], rtol=1e-6)
+    many = token_choice_stats(_normal(3, (8, 4, 4)) * 2.0, 2, 1.0)
+    assert abs(float(many["aux_loss"]) - float(many["aux_loss_batch"])) > 1e-3
+
+
 def test_aux_and_z_loss_gradients_reach_the_router():
     cfg = MoEMLPConfig(d_model=8, mlp_dim=16, num_experts=4, depth=2)
     graphdef, params = nnx.split(MoEMLP(cfg, rngs=nnx.Rngs(0)))
@@ -489,7 +522,7 @@ def test_aux_and_z_loss_gradients_reach_the_router():
         _, stats = nnx.merge(graphdef, params).with_stats(x_BxD)
         return sum(s[name] for s in stats)
 
-    for name in ("aux_loss", "z_loss"):
+    for name in ("aux_loss", "aux_loss_batch", "z_loss"):
         grads = jax.jit(jax.grad(loss), static_argnums=1)(params, name)
         for i in range(cfg.depth):
             g = np.asarray(grads["layers"][i]["router"]["kernel"][...])

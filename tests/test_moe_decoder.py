@@ -36,6 +36,7 @@ LENGTHS = (5, 1, 7)
 TOL = 1e-4
 STAT_KEYS = {
     "aux_loss",
+    "aux_loss_batch",
     "z_loss",
     "tokens_per_expert",
     "tokens_per_expert_wanted",

@@ -126,7 +126,10 @@ def test_experiment_runs_overlay_in_one_workdir(tmp_path):
     assert {s["run"] for s in summaries} == {"w8", "w16"}
     rows = read_rows(tmp_path)
     assert {(r["run"], r["width"]) for r in rows} == {("w8", 8), ("w16", 16)}
-    assert sorted(os.listdir(tmp_path / "tb")) == ["w16", "w8"]
+    # one event folder per run, beside the experiment's one HParams config file
+    tb = sorted(os.listdir(tmp_path / "tb"))
+    assert [n for n in tb if os.path.isdir(tmp_path / "tb" / n)] == ["w16", "w8"]
+    assert sum(n.endswith(".hparams_experiment") for n in tb) == 1
 
 
 def _accumulator(run_dir):
@@ -150,15 +153,13 @@ def test_tensorboard_events_hold_scalars_images_text_and_hparams(tmp_path):
     assert len(acc.Tensors("plots/latency")) == 1
     assert "config/text_summary" in acc.PluginTagToContent("text")
     hparams = acc.PluginTagToContent("hparams")
-    assert set(hparams) == {
-        "_hparams_/experiment",
-        "_hparams_/session_start_info",
-        "_hparams_/session_end_info",
-    }
+    assert set(hparams) == {"_hparams_/session_start_info", "_hparams_/session_end_info"}
     # the hparams record names the run's model fields and its metrics
     start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"])
     assert start.session_start_info.hparams["model.width"].number_value == 16
-    exp = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
+    # the experiment config is written once, for all runs, in the tb root
+    root = _accumulator(tmp_path / "tb").PluginTagToContent("hparams")
+    exp = plugin_data_pb2.HParamsPluginData.FromString(root["_hparams_/experiment"]).experiment
     assert "hparams/best_throughput_per_s" in {m.name.tag for m in exp.metric_infos}
 
 

@@ -8,6 +8,7 @@ import math
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -163,7 +164,8 @@ def test_saved_params_load_back_to_identical_logits(trained, tmp_path):
         assert json.load(f)["model"]["num_experts"] == config.model.num_experts
     cfg = train.model_config(config.model)
     params = train.load_params(path, config.model)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: decoder.Decoder(cfg, rngs=nnx.Rngs(0))))
+    abstract = nnx.eval_shape(lambda: decoder.Decoder(cfg, rngs=nnx.Rngs(0)))
+    graphdef, _ = nnx.split(abstract, nnx.Param)
 
     @jax.jit
     def logits(params, tokens_BxL):
@@ -199,6 +201,26 @@ def test_aux_loss_enters_the_training_loss(trained):
     assert 0.01 < _aux_and_z_part(summary) < 0.1
 
 
+@pytest.mark.parametrize("scope", ["group", "batch"])
+def test_aux_loss_scope_picks_the_trained_balancing_loss(scope):
+    # Routing groups of 8 tokens: 32 groups in a batch, so the two losses differ.
+    config = tiny_config(aux_loss_scope=scope)
+    config.model.update(dict(moe_group_size=8))
+    cfg = train.validate(config)
+    abstract = nnx.eval_shape(lambda: decoder.Decoder(cfg, rngs=nnx.Rngs(0)))
+    graphdef, _ = nnx.split(abstract, nnx.Param)
+    # Jitted: eager ops would compile one by one.
+    params = jax.jit(lambda: nnx.state(decoder.Decoder(cfg, rngs=nnx.Rngs(0)), nnx.Param))()
+    tokens_BxL = np.random.default_rng(0).integers(0, 256, (8, 33)).astype(np.int32)
+    batch = (jnp.asarray(tokens_BxL[:, :-1]), jnp.asarray(tokens_BxL[:, 1:]))
+    loss_fn = jax.jit(train.loss_fn, static_argnums=(1, 5))
+    loss, (ce, stats) = loss_fn(params, graphdef, batch, 1.0, 0.0, scope)
+    group = np.mean([float(s["aux_loss"]) for s in stats])
+    pooled = np.mean([float(s["aux_loss_batch"]) for s in stats])
+    assert abs(group - pooled) > 1e-4
+    np.testing.assert_allclose(float(loss - ce), group if scope == "group" else pooled, rtol=1e-5)
+
+
 @pytest.mark.parametrize("arg", ["token_choice_k1", "expert_choice"])
 def test_training_runs_without_aux_loss(arg, tmp_path):
     config = tiny_config(arg, aux_loss_weight=0.0, steps=10, eval_every=10, log_every=5)
@@ -222,6 +244,7 @@ def test_training_runs_without_aux_loss(arg, tmp_path):
         ("train", dict(aux_loss_weight=-0.1), "config.train.aux_loss_weight must be >= 0"),
         ("train", dict(heldout_fraction=1.0), "config.train.heldout_fraction must lie in"),
         ("train", dict(schedule="linear"), "config.train.schedule must be one of"),
+        ("train", dict(aux_loss_scope="seq"), "config.train.aux_loss_scope must be one of"),
         ("train", dict(seq_len=65), "config.train.seq_len must be <= model.max_seq_len=64"),
         ("model", dict(top_k=0), "model.top_k must be a positive integer"),
         ("model", dict(router="switch"), "model.router must be one of"),

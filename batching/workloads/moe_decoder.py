@@ -114,6 +114,7 @@ def build(run_cfg: ml_collections.ConfigDict, device: jax.Device, workdir: str) 
         top_k=cfg.top_k,
         capacity_factor=cfg.capacity_factor,
         aux_loss_weight=t.aux_loss_weight,
+        aux_loss_scope=t.aux_loss_scope,
         trained=trained,
         active_params=decoder.num_active_params(cfg),
     )
