@@ -192,9 +192,7 @@ def _c7_cache_reads(decode: list[dict[str, Any]], rows: list[dict[str, Any]]) ->
     if max(ratios) <= 1.5:
         return text + (
             ": the attention reads each sequence's cache once, so the KV-cache growth above "
-            "is the cache's own bytes, not a copy made by the implementation (before issue 9 "
-            "the [B, S, K, H] layout made XLA transpose the cache before each product: 4-5x "
-            "the analytic bytes at 1-2 GB/s where the cache dominated, on a 2-core CPU)."
+            "is the cache's own bytes, not a copy made by the implementation."
         )
     return text + (
         ": the attention moves the cache more than once (copies or transposes), so part of "
