@@ -6,12 +6,13 @@ XLA-vs-analytic cost check, plus the roofline fields of each run's summary.
 """
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 
-from batching import hardware, roofline
+from batching import hardware, roofline, workload
 from models.dtypes import resolve_dtype
 
 
@@ -32,13 +33,14 @@ class PeakSource:
     def gemm(self, device: jax.Device, dtype: str, cold: bool):
         return lambda shape: hardware.gemm_flops(device, dtype, shape, self.cache_dir, cold)
 
-    def attention(self, device: jax.Device):
-        """Seconds of one attention shape (a row's `attention_shapes` entry), cached."""
+    def attention(self, device: jax.Device, attend: Callable[..., jax.Array]):
+        """Seconds of one attention shape (a row's `attention_shapes` entry), cached;
+        `attend` is the model's attention over its cache (the workload module's ATTEND)."""
 
         def seconds(s: dict[str, Any]) -> float:
             shape = (s["batch"], s["kv_heads"], s["cache_len"], s["q_per_kv"], s["head_dim"])
             return hardware.attention_seconds(
-                device, s["dtype"], s["layout"], shape, self.cache_dir
+                device, s["dtype"], s["layout"], shape, self.cache_dir, attend
             )
 
         return seconds
@@ -69,7 +71,13 @@ def analyze_run(
     # GEMMs the same way, or small batches look faster than they can be.
     cold = (rows[0].get("weight_bytes") or 0) > hardware.last_level_cache_bytes(device)
     gemm = peak_source.gemm(device, dtype, cold) if roofline_cfg.shape_aware else None
-    attention = peak_source.attention(device) if roofline_cfg.shape_aware else None
+    # A workload whose rows carry attention_shapes names its attention as ATTEND.
+    attend = None
+    if any(r.get("attention_shapes") for r in rows):
+        attend = getattr(workload.workload_module(rows[0]["model"]), "ATTEND", None)
+    attention = (
+        peak_source.attention(device, attend) if roofline_cfg.shape_aware and attend else None
+    )
     fit = roofline.fit_knee(rows, samples, n_bootstrap=roofline_cfg.bootstrap)
     tol = roofline_cfg.cost_tolerance
     out = []

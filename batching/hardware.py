@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -19,7 +20,6 @@ import jax.numpy as jnp
 from absl import logging
 
 from batching import timing
-from models import kv_cache
 
 TFLOPS = 1e12
 GBPS = 1e9
@@ -347,11 +347,13 @@ def measure_attention_seconds(
     dtype: str,
     layout: str,
     shape: tuple[int, int, int, int, int],
+    attend: Callable[..., jax.Array],
     dispatch_floor_s: float = 0.0,
 ) -> float:
     """Seconds of one layer's decode attention at `shape` = (batch, kv_heads, cache_len,
-    q_per_kv, head_dim): models.kv_cache.attend_cache, the decoder's own code, over a cache in
-    `layout` and `dtype`.
+    q_per_kv, head_dim) over a cache in `layout` and `dtype`. `attend(q_BxKxGxH, k, v,
+    lengths_B, layout)` is the model's own attention, handed in by the workload (the decoder's
+    `models.kv_cache.attend_cache`), so the lab times what the model runs without importing it.
 
     Attention over a cache is neither a weight GEMM nor a plain streaming read (skinny
     products, a softmax between them), so it is timed as it runs. The cache is cold, as in a
@@ -372,10 +374,7 @@ def measure_attention_seconds(
 
     def attend_all(q, lengths, *kvs):
         # Every output is kept (summed), so no attention can be skipped.
-        outs = [
-            kv_cache.attend_cache(q, kvs[i], kvs[i + 1], lengths, layout)
-            for i in range(0, len(kvs), 2)
-        ]
+        outs = [attend(q, kvs[i], kvs[i + 1], lengths, layout) for i in range(0, len(kvs), 2)]
         return sum(outs)
 
     t = _median_time(attend_all, (q, lengths, *kvs), GEMM_SETTINGS)
@@ -388,6 +387,7 @@ def attention_seconds(
     layout: str,
     shape: tuple[int, int, int, int, int],
     cache_dir: str,
+    attend: Callable[..., jax.Array],
 ) -> float:
     """measure_attention_seconds of one (dtype, layout, shape), cached with the device's peaks."""
     path = cache_path(cache_dir)
@@ -398,7 +398,12 @@ def attention_seconds(
     name = f"{dtype}:{layout}:" + "x".join(str(int(n)) for n in shape)
     if name not in table:
         table[name] = measure_attention_seconds(
-            device, dtype, layout, shape, dispatch_floor_s=entry.get("dispatch_floor_s", 0.0)
+            device,
+            dtype,
+            layout,
+            shape,
+            attend,
+            dispatch_floor_s=entry.get("dispatch_floor_s", 0.0),
         )
         entry["attention_s"] = table
         _save(path, cache, key, entry)

@@ -1,6 +1,8 @@
 """The decoder bound to the sweep: decode and prefill points, donation, no recompiles, C7."""
 
 import json
+import os
+import shutil
 
 import jax
 import numpy as np
@@ -164,3 +166,22 @@ def test_c7_says_whether_the_cache_was_read_once(xla_ratio, clean):
     assert "At cache 4096 the step moves its analytic bytes at 0.4-0.4" in text
     assert ("reads each sequence's cache once" in text) == clean
     assert ("moves the cache more than once" in text) != clean
+
+
+def test_shape_aware_prediction_times_the_decoders_own_attention(tmp_path):
+    # The workload module names its attention (ATTEND); the analysis must find it and time
+    # every decode row's attention shape into the peaks cache.
+    from tests.conftest import PEAKS_DIR
+
+    peaks = tmp_path / "peaks"
+    peaks.mkdir()
+    shutil.copy(os.path.join(PEAKS_DIR, "device_peaks.json"), peaks)
+    config = tiny_decoder()
+    config.sweep.batch_sizes = (1, 2)
+    config.roofline.shape_aware = True
+    config.roofline.peaks_cache_dir = str(peaks)
+    app.run(config, str(tmp_path / "run"))
+    timed = next(iter(json.loads((peaks / "device_peaks.json").read_text()).values()))
+    layout = json.loads((tmp_path / "run" / "results.jsonl").read_text().splitlines()[0])
+    names = set(timed["attention_s"])
+    assert len(names) == 2 and all(f":{layout['cache_layout']}:" in n for n in names)

@@ -23,6 +23,8 @@ from models import decoder, kv_cache
 from models.dtypes import resolve_dtype
 
 PHASES = ("decode", "prefill")
+# The attention the roofline times at each row's attention_shapes (hardware.attention_seconds).
+ATTEND = kv_cache.attend_cache
 
 
 def model_config(model_cfg: ml_collections.ConfigDict) -> decoder.DecoderConfig:

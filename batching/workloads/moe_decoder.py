@@ -24,6 +24,9 @@ from batching.workloads import decoder as decoder_workload
 from batching.workloads import moe as moe_workload
 from models import decoder
 
+# Its decode step shares the dense decoder's attention over the cache.
+ATTEND = decoder_workload.ATTEND
+
 
 def model_config(model_cfg: ml_collections.ConfigDict) -> decoder.DecoderConfig:
     return train.model_config(model_cfg)
