@@ -151,7 +151,8 @@ def finalize(
     prepared: dict[str, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Analysis, summaries, plots, TensorBoard run summaries, the report and the printed table."""
-    all_rows = results.latest(store.rows())
+    stored = store.rows()
+    all_rows = results.latest(stored)
     current_all = [r for r in all_rows if fingerprints.get(r["run"]) == r.get("fingerprint")]
     current = [r for r in current_all if results.is_ok(r)]
     grouped = plots.by_run(current)
@@ -180,7 +181,7 @@ def finalize(
             s.update(summary.training_fields(prepared[run.name]))
         summaries.append(s)
         analyzed_rows.extend(rows)
-    if config.roofline.enabled or len(all_rows) < len(store.rows()):
+    if config.roofline.enabled or len(all_rows) < len(stored):
         by_key = {(r["run"], r["batch_size"]): r for r in analyzed_rows}
         store.rewrite_rows([by_key.get((r["run"], r["batch_size"]), r) for r in all_rows])
 

@@ -61,7 +61,7 @@ def memory_budget(cfg, device_bytes: int) -> float:
 def status_row(
     run: runs.Run, batch_size: int, fingerprint: str, status: str, **fields: Any
 ) -> dict[str, Any]:
-    """The row of a point that was not measured: who, what status, why."""
+    """A point's row: who, where, its status, then `fields` (what was measured, or why not)."""
     cfg = run.config
     dev = runs.device(cfg)
     return {
@@ -111,16 +111,10 @@ def measure_point(
     cost = wl.cost(batch_size) if wl.cost else None
     work_flops = cost.flops if cost else compiled.flops
     work_bytes = cost.bytes if cost else compiled.bytes_accessed
-    row = {
-        "experiment": cfg.name,
-        "run": run.name,
-        "model": cfg.model.name,
-        "batch_size": batch_size,
+    fields = {
         "dtype": cfg.model.get("dtype"),
         "param_dtype": cfg.model.get("param_dtype"),
         "matmul_precision": precision,
-        "platform": dev.platform,
-        "device_kind": dev.device_kind,
         "device_count": len(jax.devices(dev.platform)),
         **summary,
         "converged": m.converged,
@@ -136,7 +130,6 @@ def measure_point(
         "weight_bytes": cost.weight_bytes if cost else None,
         "temp_bytes": compiled.memory.get("temp_size_in_bytes"),
         **memory,
-        "status": "ok",
         "achieved_flops_per_s": work_flops / latency if work_flops else None,
         "achieved_bytes_per_s": work_bytes / latency if work_bytes else None,
         "examples": examples,
@@ -145,13 +138,10 @@ def measure_point(
         "per_example_s": latency / examples,
         "gemm_shapes": wl.gemm_shapes(batch_size) if wl.gemm_shapes else None,
         "attention_shapes": wl.attention_shapes(batch_size) if wl.attention_shapes else None,
-        "fingerprint": fingerprint,
-        "jax_version": jax.__version__,
-        "timestamp": time.time(),
         **wl.fields,
         **extra,
     }
-    return row, m.samples_s
+    return status_row(run, batch_size, fingerprint, "ok", **fields), m.samples_s
 
 
 def trace_point(wl: workload.Workload, batch_size: int, steps: int, logdir: str) -> None:
