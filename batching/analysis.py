@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from batching import hardware, roofline, workload
+from batching import peaks, roofline, specs, workload
 from models.dtypes import resolve_dtype
 
 
@@ -24,14 +24,14 @@ class PeakSource:
         self._refresh = refresh
         self._refreshed: set[str] = set()
 
-    def peaks(self, device: jax.Device, dtype: str) -> hardware.MeasuredPeaks:
+    def peaks(self, device: jax.Device, dtype: str) -> peaks.MeasuredPeaks:
         key = f"{device.platform}:{device.device_kind}"
         refresh = self._refresh and key not in self._refreshed
         self._refreshed.add(key)
-        return hardware.measured_peaks(device, (dtype,), self.cache_dir, refresh=refresh)
+        return peaks.measured_peaks(device, (dtype,), self.cache_dir, refresh=refresh)
 
     def gemm(self, device: jax.Device, dtype: str, cold: bool):
-        return lambda shape: hardware.gemm_flops(device, dtype, shape, self.cache_dir, cold)
+        return lambda shape: peaks.gemm_flops(device, dtype, shape, self.cache_dir, cold)
 
     def attention(self, device: jax.Device, attend: Callable[..., jax.Array]):
         """Seconds of one attention shape (a row's `attention_shapes` entry), cached;
@@ -39,7 +39,7 @@ class PeakSource:
 
         def seconds(s: dict[str, Any]) -> float:
             shape = (s["batch"], s["kv_heads"], s["cache_len"], s["q_per_kv"], s["head_dim"])
-            return hardware.attention_seconds(
+            return peaks.attention_seconds(
                 device, s["dtype"], s["layout"], shape, self.cache_dir, attend
             )
 
@@ -64,12 +64,12 @@ def analyze_run(
     dtype = rows[0]["dtype"] or "float32"
     param_dtype = rows[0].get("param_dtype") or dtype
     precision = rows[0].get("matmul_precision", "default")
-    peaks = peak_source.peaks(device, dtype)
-    peak_f = peaks.matmul_flops_per_s[dtype]
-    bw = peaks.bandwidth_bytes_per_s
+    device_peaks = peak_source.peaks(device, dtype)
+    peak_f = device_peaks.matmul_flops_per_s[dtype]
+    bw = device_peaks.bandwidth_bytes_per_s
     # Weights bigger than the last-level cache stream from DRAM on every call: time the
     # GEMMs the same way, or small batches look faster than they can be.
-    cold = (rows[0].get("weight_bytes") or 0) > hardware.last_level_cache_bytes(device)
+    cold = (rows[0].get("weight_bytes") or 0) > peaks.last_level_cache_bytes(device)
     gemm = peak_source.gemm(device, dtype, cold) if roofline_cfg.shape_aware else None
     # A workload whose rows carry attention_shapes names its attention as ATTEND.
     attend = None
@@ -84,7 +84,7 @@ def analyze_run(
     for r in rows:
         flops, bytes_moved = roofline.work(r)
         overhead_s = roofline.overhead_time(
-            r.get("gemm_shapes"), peaks.dispatch_floor_s, peaks.kernel_overhead_s
+            r.get("gemm_shapes"), device_peaks.dispatch_floor_s, device_peaks.kernel_overhead_s
         )
         predicted, regime = roofline.predict_with_attention(
             flops,
@@ -117,21 +117,20 @@ def analyze_run(
         )
     bytes_per_param = resolve_dtype(param_dtype).itemsize
     uses = rows[0].get("weight_uses_per_example") or 1.0
-    spec = hardware.detect(device.device_kind)
-    spec_f = hardware.spec_flops(spec, dtype, precision) if spec else None
+    spec = specs.detect(device.device_kind)
+    spec_f = specs.spec_flops(spec, dtype, precision) if spec else None
     measured = np.array([r["latency_s"] for r in out])
     linear = roofline.LinearCost.from_rows(out)
-    a_priori = np.log([peaks.dispatch_floor_s, bw, peak_f])
+    a_priori = np.log([device_peaks.dispatch_floor_s, bw, peak_f])
     first_bytes = out[0]["achieved_bytes_per_s"]
     summary = {
         "peak_flops_per_s": peak_f,
         "peak_bytes_per_s": bw,
-        "dispatch_floor_s": peaks.dispatch_floor_s,
-        "kernel_overhead_s": peaks.kernel_overhead_s,
+        "dispatch_floor_s": device_peaks.dispatch_floor_s,
+        "kernel_overhead_s": device_peaks.kernel_overhead_s,
         # A weight serving only a fraction of the batch (an expert: k/E) needs that much
         # larger a batch to be reused as often: B* / weight_uses_per_example.
-        "predicted_critical_batch": hardware.critical_batch_size(peak_f, bw, bytes_per_param)
-        / uses,
+        "predicted_critical_batch": specs.critical_batch_size(peak_f, bw, bytes_per_param) / uses,
         # Where the a-priori three limits cross, with this workload's own bytes per example
         # (activations, a KV cache) rather than the weights-only formula above.
         "predicted_knee_batch_size": roofline.knee_of(a_priori, linear),
@@ -139,7 +138,7 @@ def analyze_run(
         "bandwidth_fraction_first": first_bytes / bw if first_bytes else None,
         "spec_device": spec.name if spec else None,
         "spec_critical_batch": (
-            hardware.critical_batch_size(spec_f, spec.bandwidth_bytes_per_s, bytes_per_param) / uses
+            specs.critical_batch_size(spec_f, spec.bandwidth_bytes_per_s, bytes_per_param) / uses
             if spec and spec_f
             else None
         ),
@@ -187,8 +186,8 @@ def whatif(
     """
     result = {}
     for name in devices:
-        spec = hardware.SPECS[name]
-        f = hardware.spec_flops(spec, dtype, precision)
+        spec = specs.SPECS[name]
+        f = specs.spec_flops(spec, dtype, precision)
         if f is None:
             # The device has no unit for this dtype (a TPU has no fp32 peak): use its bf16 peak.
             f = spec.flops_per_s.get("bfloat16") or max(spec.flops_per_s.values())
@@ -199,7 +198,7 @@ def whatif(
         result[name] = {
             "flops_per_s": f,
             "bandwidth_bytes_per_s": spec.bandwidth_bytes_per_s,
-            "critical_batch": hardware.critical_batch_size(
+            "critical_batch": specs.critical_batch_size(
                 f, spec.bandwidth_bytes_per_s, bytes_per_param
             ),
             "latency_s": curve,

@@ -10,7 +10,7 @@ import math
 import os
 from typing import Any
 
-from batching import claims, hardware
+from batching import claims, specs
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -88,10 +88,10 @@ class Doc:
 
 
 def post_corrections(doc: Doc) -> None:
-    t4 = hardware.SPECS["T4"]
-    post = hardware.critical_batch_size(hardware.POST_T4_FLOPS, hardware.POST_T4_BANDWIDTH, 2)
-    t4_fp32 = hardware.critical_batch_size(t4.flops_per_s["float32"], t4.bandwidth_bytes_per_s, 4)
-    t4_fp16 = hardware.critical_batch_size(t4.flops_per_s["float16"], t4.bandwidth_bytes_per_s, 2)
+    t4 = specs.SPECS["T4"]
+    post = specs.critical_batch_size(specs.POST_T4_FLOPS, specs.POST_T4_BANDWIDTH, 2)
+    t4_fp32 = specs.critical_batch_size(t4.flops_per_s["float32"], t4.bandwidth_bytes_per_s, 4)
+    t4_fp16 = specs.critical_batch_size(t4.flops_per_s["float16"], t4.bandwidth_bytes_per_s, 2)
     doc.heading("What the post's arithmetic gets wrong")
     doc.para(
         f"The critical batch size of a dense layer is B* = peak FLOP/s × bytes per parameter / "
@@ -148,7 +148,7 @@ def memory_wall(doc: Doc, summaries: list[dict[str, Any]]) -> None:
     for s in summaries:
         crit = {name: w["critical_batch"] for name, w in s.get("whatif", {}).items()}
         for name, fits in (s.get("whatif_max_batch") or {}).items():
-            memory, source = hardware.SPEC_MEMORY[name]
+            memory, source = specs.SPECS[name].memory_bytes, specs.SPECS[name].memory_source
             lines.append([s["run"], name, memory / 1e9, fits, crit.get(name), source])
             if fits is not None and crit.get(name) is not None and fits < crit[name]:
                 ends_at_memory.append(f"{s['run']} on {name} (fits {fits} < B* {_fmt(crit[name])})")

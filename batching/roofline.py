@@ -71,7 +71,7 @@ def attention_time(
 
     Each shape is one layer's attention (batch, kv_heads, cache_len, q_per_kv, head_dim,
     bytes per element) run `count` times; its seconds come from a microbenchmark of that
-    very shape (hardware.attention_seconds), its FLOPs are 4·B·K·G·S·H (QKᵀ and AV) and its
+    very shape (peaks.attention_seconds), its FLOPs are 4·B·K·G·S·H (QKᵀ and AV) and its
     bytes 2·B·K·S·H·bytes (K and V read once), as in models.decoder.decode_step_cost. A call
     without shapes, or without a microbenchmark, has (0, 0, 0).
     """

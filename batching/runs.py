@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from batching import claims, hardware, workload
+from batching import claims, specs, workload
 from batching.timing import TimingSettings
 from models.dtypes import resolve_dtype
 
@@ -124,10 +124,10 @@ def _validate_run(run: Run) -> None:
         if mem.max_bytes is not None and not _positive_int(mem.max_bytes):
             raise ConfigError(f"memory.max_bytes must be a positive int, got {mem.max_bytes!r}")
     for name in cfg.roofline.whatif_devices:
-        if name not in hardware.SPECS:
+        if name not in specs.SPECS:
             raise ConfigError(
                 f"roofline.whatif_devices has an unknown device {name!r}; "
-                f"known: {sorted(hardware.SPECS)}"
+                f"known: {sorted(specs.SPECS)}"
             )
     if not isinstance(cfg.roofline.bootstrap, int) or cfg.roofline.bootstrap < 0:
         raise ConfigError(f"roofline.bootstrap must be an int >= 0, got {cfg.roofline.bootstrap!r}")

@@ -4,7 +4,7 @@ from typing import Any
 
 import numpy as np
 
-from batching import hardware
+from batching import specs
 
 ROUTING_ENDS = ("drop_fraction", "max_mean_load", "load_cv", "token_drop_fraction")
 RUN_FIELDS = (
@@ -136,6 +136,6 @@ def whatif_max_batch(s: dict[str, Any], devices: tuple[str, ...]) -> dict[str, i
     per, fixed = s.get("bytes_per_example"), s.get("memory_fixed_bytes")
     out = {}
     for name in devices:
-        memory = hardware.SPEC_MEMORY[name][0]
+        memory = specs.SPECS[name].memory_bytes
         out[name] = int(max(0.0, (memory - fixed) / per)) if per and per > 0 else None
     return out

@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from batching import hardware, results, runs, stats, timing, workload
+from batching import results, runs, specs, stats, timing, workload
 from batching.tensorboard_writer import PointWriter
 
 # A row's status: "ok" (measured), "skipped_memory" (its program needs more than the memory
@@ -45,7 +45,7 @@ def memory_fields(compiled: timing.Compiled, dev: jax.Device) -> dict[str, Any]:
     need = None
     if all(k in m for k in parts):
         need = sum(m[k] for k in parts) - m.get("alias_size_in_bytes", 0)
-    return {"memory_bytes": need, "device_memory_bytes": hardware.device_memory_bytes(dev)}
+    return {"memory_bytes": need, "device_memory_bytes": specs.device_memory_bytes(dev)}
 
 
 def memory_budget(cfg, device_bytes: int) -> float:

@@ -23,7 +23,7 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 # Device peaks for tests: seeded so sweeps do not spend seconds on the 256 MiB
 # bandwidth benchmark. These are inputs to the analysis under test, not results;
-# tests/test_hardware.py measures real peaks at small sizes.
+# tests/test_peaks.py measures real peaks at small sizes.
 PEAKS_DIR = tempfile.mkdtemp(prefix="lab_peaks_")
 SEEDED_PEAKS = {
     "matmul_flops_per_s": {"float32": 1e11},

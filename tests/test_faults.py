@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from batching import app, claims, hardware, results, sweep
+from batching import app, claims, peaks, results, sweep
 from tests.conftest import ROOT, tiny
 from tests.test_sweep import _accumulator, read_rows, run_main
 
@@ -175,13 +175,13 @@ def test_one_and_two_point_sweeps_write_every_output(tmp_path, family):
 
 
 def test_corrupt_peaks_cache_is_remeasured_and_parallel_writers_keep_every_entry(tmp_path):
-    path = hardware.cache_path(str(tmp_path))
+    path = peaks.cache_path(str(tmp_path))
     with open(path, "w") as f:
         f.write('{"cpu:cpu": {"matmul')  # killed mid-write by an older version
-    assert hardware._load(path) == {}
+    assert peaks._load(path) == {}
 
     def save(i):
-        hardware._save(path, {}, f"dev{i}", {"i": i})
+        peaks._save(path, {}, f"dev{i}", {"i": i})
 
     threads = [threading.Thread(target=save, args=(i,)) for i in range(8)]
     for t in threads:

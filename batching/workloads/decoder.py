@@ -23,7 +23,7 @@ from models import decoder, kv_cache
 from models.dtypes import resolve_dtype
 
 PHASES = ("decode", "prefill")
-# The attention the roofline times at each row's attention_shapes (hardware.attention_seconds).
+# The attention the roofline times at each row's attention_shapes (peaks.attention_seconds).
 ATTEND = kv_cache.attend_cache
 
 

@@ -1,0 +1,250 @@
+"""Devices on paper: a cited spec table, detection from `device_kind`, the critical batch.
+
+The spec figures are dense (no 2:4 sparsity) peaks from the vendors' datasheets
+and the jax-ml scaling book, as collected in shared/ANCHORS.md §2. What a device
+reaches in microbenchmarks lives in `batching.peaks`.
+"""
+
+import dataclasses
+import os
+
+import jax
+
+TFLOPS = 1e12
+GBPS = 1e9
+GB = 1e9
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceSpec:
+    """Datasheet figures: FLOP/s per dtype, memory bandwidth (bytes/s), memory (bytes)."""
+
+    name: str
+    flops_per_s: dict[str, float]
+    bandwidth_bytes_per_s: float
+    source: str
+    kinds: tuple[str, ...]  # lower-case substrings of jax's device_kind that mean this device
+    memory_bytes: float  # device memory per device
+    memory_source: str
+
+
+NVIDIA_A100 = "NVIDIA A100 datasheet (2021), dense Tensor Core figures"
+NVIDIA_H100 = "NVIDIA H100 Tensor Core GPU datasheet (2023), dense (without sparsity)"
+SPECS: dict[str, DeviceSpec] = {
+    s.name: s
+    for s in [
+        DeviceSpec(
+            "T4",
+            {"float32": 8.1 * TFLOPS, "float16": 65 * TFLOPS, "int8": 130 * TFLOPS},
+            320 * GBPS,
+            "NVIDIA T4 datasheet: 8.1 TFLOPS fp32, 65 TFLOPS fp16 mixed, 320 GB/s",
+            ("t4",),
+            16 * GB,
+            "NVIDIA T4 datasheet: 16 GB GDDR6",
+        ),
+        DeviceSpec(
+            "V100 SXM2",
+            {"float32": 15.7 * TFLOPS, "float16": 125 * TFLOPS},
+            900 * GBPS,
+            "NVIDIA V100 datasheet: 15.7 TFLOPS fp32, 125 TFLOPS tensor, 900 GB/s",
+            ("v100",),
+            32 * GB,
+            "NVIDIA V100 datasheet: 32 GB HBM2 (16 GB variant also sold)",
+        ),
+        DeviceSpec(
+            "A10",
+            {
+                "float32": 31.2 * TFLOPS,
+                "tf32": 62.5 * TFLOPS,
+                "bfloat16": 125 * TFLOPS,
+                "float16": 125 * TFLOPS,
+                "int8": 250 * TFLOPS,
+            },
+            600 * GBPS,
+            "NVIDIA A10 datasheet: dense figures, 600 GB/s GDDR6",
+            ("a10",),
+            24 * GB,
+            "NVIDIA A10 datasheet: 24 GB GDDR6",
+        ),
+        DeviceSpec(
+            "A100 40GB SXM",
+            {
+                "float32": 19.5 * TFLOPS,
+                "tf32": 156 * TFLOPS,
+                "bfloat16": 312 * TFLOPS,
+                "float16": 312 * TFLOPS,
+                "int8": 624 * TFLOPS,
+            },
+            1555 * GBPS,
+            NVIDIA_A100 + ", 1,555 GB/s HBM2",
+            ("a100-sxm4-40gb", "a100 40gb", "a100-pcie-40gb"),
+            40 * GB,
+            "NVIDIA A100 datasheet (2021): 40 GB HBM2",
+        ),
+        DeviceSpec(
+            "A100 80GB SXM",
+            {
+                "float32": 19.5 * TFLOPS,
+                "tf32": 156 * TFLOPS,
+                "bfloat16": 312 * TFLOPS,
+                "float16": 312 * TFLOPS,
+                "int8": 624 * TFLOPS,
+            },
+            2039 * GBPS,
+            NVIDIA_A100 + ", 2,039 GB/s HBM2e",
+            ("a100-sxm4-80gb", "a100 80gb", "a100"),
+            80 * GB,
+            "NVIDIA A100 datasheet (2021): 80 GB HBM2e",
+        ),
+        DeviceSpec(
+            "L4",
+            {
+                "float32": 30.3 * TFLOPS,
+                "tf32": 60 * TFLOPS,
+                "bfloat16": 121 * TFLOPS,
+                "float16": 121 * TFLOPS,
+                "int8": 242 * TFLOPS,
+            },
+            300 * GBPS,
+            "NVIDIA L4 datasheet: dense figures (half the sparsity numbers), 300 GB/s",
+            ("l4",),
+            24 * GB,
+            "NVIDIA L4 datasheet: 24 GB GDDR6",
+        ),
+        DeviceSpec(
+            "H100 SXM",
+            {
+                "float32": 67 * TFLOPS,
+                "tf32": 495 * TFLOPS,
+                "bfloat16": 989 * TFLOPS,
+                "float16": 989 * TFLOPS,
+                "int8": 1979 * TFLOPS,
+            },
+            3350 * GBPS,
+            NVIDIA_H100 + ", SXM5 3.35 TB/s",
+            ("h100 80gb hbm3", "h100 sxm", "h100"),
+            80 * GB,
+            "NVIDIA H100 datasheet (2023): 80 GB HBM3",
+        ),
+        DeviceSpec(
+            "H100 PCIe",
+            {
+                "float32": 51 * TFLOPS,
+                "tf32": 378 * TFLOPS,
+                "bfloat16": 756 * TFLOPS,
+                "float16": 756 * TFLOPS,
+                "int8": 1513 * TFLOPS,
+            },
+            2000 * GBPS,
+            NVIDIA_H100 + ", PCIe 2.0 TB/s",
+            ("h100 pcie",),
+            80 * GB,
+            "NVIDIA H100 datasheet (2023): 80 GB HBM2e",
+        ),
+        DeviceSpec(
+            "H200",
+            {
+                "float32": 67 * TFLOPS,
+                "tf32": 495 * TFLOPS,
+                "bfloat16": 989 * TFLOPS,
+                "float16": 989 * TFLOPS,
+                "int8": 1979 * TFLOPS,
+            },
+            4800 * GBPS,
+            "NVIDIA H200 datasheet: H100 SXM compute, 4.8 TB/s HBM3e",
+            ("h200",),
+            141 * GB,
+            "NVIDIA H200 datasheet: 141 GB HBM3e",
+        ),
+        DeviceSpec(
+            "B200",
+            {
+                "float32": 75 * TFLOPS,
+                "tf32": 1100 * TFLOPS,
+                "bfloat16": 2250 * TFLOPS,
+                "float16": 2250 * TFLOPS,
+                "int8": 4500 * TFLOPS,
+            },
+            8000 * GBPS,
+            "NVIDIA HGX B200 datasheet: dense (half the sparsity figures), 8 TB/s",
+            ("b200",),
+            180 * GB,
+            "NVIDIA DGX B200 datasheet: 1,440 GB HBM3e over 8 GPUs",
+        ),
+        DeviceSpec(
+            "TPU v4",
+            {"bfloat16": 275 * TFLOPS, "int8": 275 * TFLOPS},
+            1200 * GBPS,
+            "Google Cloud TPU v4 docs; jax-ml scaling book tpus.md: 2.75e14 bf16, 1.2e12 B/s",
+            ("tpu v4",),
+            32 * GIB,
+            "Google Cloud TPU v4 docs: 32 GiB HBM per chip",
+        ),
+        DeviceSpec(
+            "TPU v5e",
+            {"bfloat16": 197 * TFLOPS, "int8": 394 * TFLOPS},
+            819 * GBPS,
+            "Google Cloud TPU v5e docs; scaling book tpus.md: 1.97e14 bf16, 8.1e11 B/s",
+            ("tpu v5 lite", "tpu v5e"),
+            16 * GIB,
+            "Google Cloud TPU v5e docs: 16 GiB HBM per chip",
+        ),
+        DeviceSpec(
+            "TPU v5p",
+            {"bfloat16": 459 * TFLOPS, "int8": 918 * TFLOPS},
+            2765 * GBPS,
+            "Google Cloud TPU v5p docs; scaling book tpus.md: 4.59e14 bf16, 2.8e12 B/s",
+            ("tpu v5p", "tpu v5"),
+            95 * GIB,
+            "Google Cloud TPU v5p docs: 95 GiB HBM per chip",
+        ),
+    ]
+}
+
+
+def device_memory_bytes(device: jax.Device) -> int:
+    """What the device can hold: JAX's reported `bytes_limit`, else physical RAM (a CPU)."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - some backends raise instead of returning None
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+# The post's own T4 inputs: "65 TFLOPS" (really the fp16 tensor-core peak), 300 GB/s, 2 bytes.
+POST_T4_FLOPS = 65 * TFLOPS
+POST_T4_BANDWIDTH = 300 * GBPS
+
+
+def critical_batch_size(peak_flops: float, bandwidth: float, bytes_per_param: float) -> float:
+    """Batch size at which a dense layer turns from memory- to compute-bound.
+
+    A dense layer does 2 FLOPs per parameter per example and reads each parameter
+    (`bytes_per_param` bytes) once per call, so compute time 2·P·B/F equals
+    memory time P·bytes/BW at B* = F·bytes_per_param / (2·BW). The post's
+    "FLOPS / bandwidth" is this only for 2-byte weights.
+    """
+    if peak_flops <= 0 or bandwidth <= 0 or bytes_per_param <= 0:
+        raise ValueError("critical_batch_size needs positive peak_flops, bandwidth and bytes")
+    return peak_flops * bytes_per_param / (2.0 * bandwidth)
+
+
+def detect(device_kind: str) -> DeviceSpec | None:
+    """The spec entry whose name matches JAX's `device_kind`, most specific match first."""
+    kind = device_kind.lower()
+    best, best_len = None, 0
+    for spec in SPECS.values():
+        for pattern in spec.kinds:
+            if pattern in kind and len(pattern) > best_len:
+                best, best_len = spec, len(pattern)
+    return best
+
+
+def spec_flops(spec: DeviceSpec, dtype: str, matmul_precision: str = "default") -> float | None:
+    """Peak FLOP/s for `dtype`; fp32 matmuls run as TF32 on GPUs that have it unless 'highest'."""
+    if dtype == "float32" and matmul_precision == "default" and "tf32" in spec.flops_per_s:
+        return spec.flops_per_s["tf32"]
+    return spec.flops_per_s.get(dtype)
