@@ -33,7 +33,7 @@ class Topology:
     """The mesh a run shards over, its logical-axis rules, and the device peaks are taken on."""
 
     mesh: Mesh
-    axis_rules: tuple[tuple[str, str | None], ...]
+    axis_rules: tuple[tuple[str, str | tuple[str, ...] | None], ...]
     # The first addressable device: microbenchmarks, memory limits and row labels use it.
     device: jax.Device
 
@@ -63,6 +63,11 @@ class Topology:
     def put(self, x: Any, logical: Sequence[str | None]) -> jax.Array:
         """`x` placed on the mesh with its dims sharded by their logical names."""
         return jax.device_put(x, self.sharding(logical))
+
+    @property
+    def token_shards(self) -> int:
+        """Devices holding distinct tokens (data x expert): an MoE's routing groups per call."""
+        return token_shards(self.shape)
 
     def put_batch(self, x: Any) -> jax.Array:
         """An input whose leading dim is the batch: split over `data`, the rest replicated."""
@@ -111,23 +116,25 @@ def mesh_shape(run_cfg: ml_collections.ConfigDict) -> dict[str, int]:
     return shape
 
 
-def axis_rules(run_cfg: ml_collections.ConfigDict) -> tuple[tuple[str, str | None], ...]:
-    """`config.mesh.axis_rules` as a tuple of (logical name, mesh axis or None) pairs."""
+def axis_rules(
+    run_cfg: ml_collections.ConfigDict,
+) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+    """`config.mesh.axis_rules` as (logical name, mesh axis, tuple of mesh axes, or None)."""
     mesh_cfg = run_cfg.get("mesh")
     rules = mesh_cfg.get("axis_rules", ()) if mesh_cfg is not None else ()
     out = []
     for rule in rules:
-        if (
-            not isinstance(rule, (tuple, list))
-            or len(rule) != 2
-            or not isinstance(rule[0], str)
-            or (rule[1] is not None and rule[1] not in MESH_AXES)
-        ):
+        ok = isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+        target = rule[1] if ok else None
+        if isinstance(target, list):
+            target = tuple(target)
+        axes = target if isinstance(target, tuple) else (target,)
+        if not ok or not all(a is None or a in MESH_AXES for a in axes):
             raise MeshError(
-                f"mesh.axis_rules must hold (logical name, one of {MESH_AXES} or None) pairs, "
-                f"got {rule!r}"
+                f"mesh.axis_rules must hold (logical name, mesh axis of {MESH_AXES}, a tuple "
+                f"of them, or None) pairs, got {rule!r}"
             )
-        out.append((rule[0], rule[1]))
+        out.append((rule[0], target))
     return tuple(out)
 
 
@@ -156,7 +163,31 @@ def validate(run_cfg: ml_collections.ConfigDict) -> dict[str, int]:
         raise MeshError(
             f"mesh.expert must divide model.num_experts={experts}, got {shape['expert']}"
         )
+    shards = token_shards(shape)
+    if experts is not None and shards > 1:
+        for b in run_cfg.sweep.batch_sizes:
+            if b % shards:
+                raise MeshError(
+                    f"sweep.batch_sizes must be divisible by mesh.data*mesh.expert={shards} "
+                    f"(an MoE's routing groups are per-device token shards), got {b}"
+                )
+    if shape["model"] > 1 and run_cfg.model.get("cache_layout") == "bksh":
+        raise MeshError(
+            "model.cache_layout 'bksh' merges kv heads into the batch axis and cannot be "
+            f"split over mesh.model={shape['model']}; use 'bskh' or 'auto'"
+        )
+    for name in ("n_heads", "n_kv_heads", "mlp_dim", "width"):
+        value = run_cfg.model.get(name)
+        if isinstance(value, int) and value % shape["model"]:
+            raise MeshError(
+                f"mesh.model={shape['model']} must divide model.{name}, got {name}={value}"
+            )
     return shape
+
+
+def token_shards(shape: dict[str, int]) -> int:
+    """Devices holding distinct tokens: an MoE's routing groups per call (GShard)."""
+    return shape["data"] * shape["expert"]
 
 
 def build(run_cfg: ml_collections.ConfigDict) -> Topology:

@@ -26,13 +26,15 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     # The device mesh: data * expert * model must equal the number of devices JAX sees
     # (all 1: one device, today's single-device runs). Parameters and activations carry
     # logical axis names; axis_rules maps each to a mesh axis or None (replicated), as
-    # MaxText's logical_axis_rules do. Names without a rule are replicated.
+    # MaxText's logical_axis_rules do. Names without a rule are replicated. An MoE's routing
+    # `groups` are the token shards of every device holding tokens (GShard).
     config.mesh = config_dict.ConfigDict()
     config.mesh.data = 1
     config.mesh.expert = 1
     config.mesh.model = 1
     config.mesh.axis_rules = (
         ("batch", "data"),
+        ("groups", ("data", "expert")),
         ("experts", "expert"),
         ("heads", "model"),
         ("kv_heads", "model"),

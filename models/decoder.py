@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models import kv_cache, moe
+from models import kv_cache, moe, partitioning
 from models.dtypes import resolve_dtype
 from models.kv_cache import KVCache
 from models.moe import MoEConfig, MoELayer
@@ -74,6 +74,10 @@ class DecoderConfig:
     router: str = "token_choice"
     renormalize: bool = False
     moe_group_size: int = 0
+    # A decode step routes its B tokens in this many groups of B / decode_groups (1: one
+    # group). Under expert parallelism it is the number of devices holding token shards, so a
+    # group is one device's tokens (GShard); the run sets it, not the config.
+    decode_groups: int = 1
 
     def __post_init__(self):
         for name in (
@@ -105,6 +109,10 @@ class DecoderConfig:
         for name in ("dtype", "param_dtype", "cache_dtype"):
             resolve_dtype(getattr(self, name))
         kv_cache.resolve_layout(self.cache_layout, "cpu")  # raises naming model.cache_layout
+        if not isinstance(self.decode_groups, int) or self.decode_groups <= 0:
+            raise ValueError(
+                f"decode_groups must be a positive integer, got {self.decode_groups!r}"
+            )
         for name in ("moe_every", "moe_group_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -172,13 +180,23 @@ def attend(
     return out_BxLxKxGxH.reshape(B, L, N, H)
 
 
-def _dense(cfg: DecoderConfig, d_in: int, d_out: int, rngs: nnx.Rngs) -> nnx.Linear:
+# nnx.Linear's and nnx.Embed's own default initialisers, named so their weights carry axes.
+_KERNEL_INIT = nnx.initializers.lecun_normal()
+_EMBED_INIT = nnx.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
+
+
+def _dense(
+    cfg: DecoderConfig, d_in: int, d_out: int, rngs: nnx.Rngs, axes: tuple[str, str]
+) -> nnx.Linear:
+    """A bias-free projection whose kernel [d_in, d_out] carries logical `axes` (Megatron
+    tensor parallelism: `heads`/`mlp` out of the column-parallel ones, into the row-parallel)."""
     return nnx.Linear(
         d_in,
         d_out,
         use_bias=False,
         dtype=resolve_dtype(cfg.dtype),
         param_dtype=resolve_dtype(cfg.param_dtype),
+        kernel_init=partitioning.param_init(_KERNEL_INIT, *axes),
         rngs=rngs,
     )
 
@@ -188,6 +206,7 @@ def _rms_norm(cfg: DecoderConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
         cfg.d_model,
         dtype=resolve_dtype(cfg.dtype),
         param_dtype=resolve_dtype(cfg.param_dtype),
+        scale_init=partitioning.param_init(nnx.initializers.ones_init(), "embed"),
         rngs=rngs,
     )
 
@@ -198,10 +217,11 @@ class Attention(nnx.Module):
     def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.query = _dense(cfg, D, N * H, rngs)
-        self.key = _dense(cfg, D, K * H, rngs)
-        self.value = _dense(cfg, D, K * H, rngs)
-        self.out = _dense(cfg, N * H, D, rngs)
+        # The N·H and K·H columns are head-major, so splitting them over `model` splits heads.
+        self.query = _dense(cfg, D, N * H, rngs, ("embed", "heads"))
+        self.key = _dense(cfg, D, K * H, rngs, ("embed", "kv_heads"))
+        self.value = _dense(cfg, D, K * H, rngs, ("embed", "kv_heads"))
+        self.out = _dense(cfg, N * H, D, rngs, ("heads", "embed"))
         self.cache = nnx.data(None)
 
     def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype, layout: str) -> None:
@@ -264,9 +284,9 @@ class SwiGLU(nnx.Module):
     """x_BxLxD -> y_BxLxD as down(silu(gate(x)) * up(x))."""
 
     def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
-        self.gate = _dense(cfg, cfg.d_model, cfg.mlp_dim, rngs)
-        self.up = _dense(cfg, cfg.d_model, cfg.mlp_dim, rngs)
-        self.down = _dense(cfg, cfg.mlp_dim, cfg.d_model, rngs)
+        self.gate = _dense(cfg, cfg.d_model, cfg.mlp_dim, rngs, ("embed", "mlp"))
+        self.up = _dense(cfg, cfg.d_model, cfg.mlp_dim, rngs, ("embed", "mlp"))
+        self.down = _dense(cfg, cfg.mlp_dim, cfg.d_model, rngs, ("mlp", "embed"))
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         h_BxLxF = jax.nn.silu(self.gate(x_BxLxD)) * self.up(x_BxLxD)
@@ -323,9 +343,11 @@ class Block(nnx.Module):
         return self._mlp(x_BxLxD, self._sequence_group(x_BxLxD.shape[1]))
 
     def decode_with_stats(self, x_BxD: jax.Array) -> tuple[jax.Array, Stats | None]:
-        """One token per sequence; the MoE routes the step's B tokens as one group."""
+        """One token per sequence; the MoE routes the step's B tokens in cfg.decode_groups
+        groups (1: one group)."""
         x_BxD = x_BxD + self.attn.decode(self.attn_norm(x_BxD))
-        x_Bx1xD, stats = self._mlp(x_BxD[:, None], group_size=x_BxD.shape[0])
+        group_size = x_BxD.shape[0] // self.cfg.decode_groups
+        x_Bx1xD, stats = self._mlp(x_BxD[:, None], group_size=group_size)
         return x_Bx1xD[:, 0], stats
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
@@ -348,12 +370,15 @@ class Decoder(nnx.Module):
             cfg.d_model,
             dtype=resolve_dtype(cfg.dtype),
             param_dtype=resolve_dtype(cfg.param_dtype),
+            embedding_init=partitioning.param_init(_EMBED_INIT, "vocab", "embed"),
             rngs=rngs,
         )
         self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
         self.final_norm = _rms_norm(cfg, rngs)
         self.unembed = (
-            None if cfg.tie_embeddings else _dense(cfg, cfg.d_model, cfg.vocab_size, rngs)
+            None
+            if cfg.tie_embeddings
+            else _dense(cfg, cfg.d_model, cfg.vocab_size, rngs, ("embed", "vocab"))
         )
 
     def init_cache(self, batch: int, max_len: int, dtype: str | None = None) -> None:

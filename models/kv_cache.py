@@ -154,13 +154,17 @@ class KVCache(nnx.Module):
         if layout not in LAYOUTS:
             raise ValueError(f"cache layout must be one of {LAYOUTS}, got {layout!r}")
         self.layout = layout
+        # Logical axes: "bskh" splits over sequences and kv heads; "bksh"'s merged B·K axis is
+        # sequence-major, so it can be split over sequences only (never by head).
         if layout == "bksh":
-            shape = (batch * n_kv_heads, max_len, head_dim)
+            shape, axes = (batch * n_kv_heads, max_len, head_dim), ("batch", None, None)
         else:
-            shape = (batch, max_len, n_kv_heads, head_dim)
-        self.k = nnx.Cache(jnp.zeros(shape, dtype))
-        self.v = nnx.Cache(jnp.zeros(shape, dtype))
-        self.lengths = nnx.Cache(jnp.zeros((batch,), jnp.int32))
+            shape, axes = (batch, max_len, n_kv_heads, head_dim), ("batch", None, "kv_heads", None)
+        self.k = nnx.Cache(jnp.zeros(shape, dtype), out_sharding=axes, eager_sharding=False)
+        self.v = nnx.Cache(jnp.zeros(shape, dtype), out_sharding=axes, eager_sharding=False)
+        self.lengths = nnx.Cache(
+            jnp.zeros((batch,), jnp.int32), out_sharding=("batch",), eager_sharding=False
+        )
 
     @property
     def batch(self) -> int:

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models import partitioning
 from models.dtypes import resolve_dtype
 from models.routers import check_router_args, expert_capacity, route, routing_stats
 
@@ -83,15 +84,19 @@ class MoELayer(nnx.Module):
             dtype=jnp.float32,
             param_dtype=param_dtype,
             precision=jax.lax.Precision.HIGHEST,
+            kernel_init=partitioning.param_init(nnx.initializers.lecun_normal(), "embed", None),
             rngs=rngs,
         )
         # Fan-in init per expert: axis 0 indexes experts and is not part of the fan.
         init = nnx.initializers.variance_scaling(
             1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,)
         )
-        self.w_gate_ExDxF = nnx.Param(init(rngs.params(), (E, D, F), param_dtype))
-        self.w_up_ExDxF = nnx.Param(init(rngs.params(), (E, D, F), param_dtype))
-        self.w_down_ExFxD = nnx.Param(init(rngs.params(), (E, F, D), param_dtype))
+        # Experts over `experts` (expert parallelism), each expert's hidden dim over `mlp`.
+        in_init = partitioning.param_init(init, "experts", "embed", "mlp")
+        out_init = partitioning.param_init(init, "experts", "mlp", "embed")
+        self.w_gate_ExDxF = nnx.Param(in_init(rngs.params(), (E, D, F), param_dtype))
+        self.w_up_ExDxF = nnx.Param(in_init(rngs.params(), (E, D, F), param_dtype))
+        self.w_down_ExFxD = nnx.Param(out_init(rngs.params(), (E, F, D), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.with_stats(x)[0]
@@ -118,18 +123,31 @@ class MoELayer(nnx.Module):
                 f"({S}, model.group_size ({cfg.group_size}))"
             )
         dtype = resolve_dtype(cfg.dtype)
-        x_GxSxD = x.reshape(T // S, S, D)
+        # Expert parallelism (GShard, Lepikhin et al. 2020 §3.2): groups live where their
+        # tokens are (`groups`: every device holding a token shard), experts on the `experts`
+        # axis. The dispatched [E, G, C, D] is constrained expert-major, so XLA moves it with
+        # an all-to-all, and back after the experts. Without a mesh these are no-ops.
+        x_GxSxD = partitioning.constrain(x.reshape(T // S, S, D), "groups", None, "embed")
 
         logits_GxSxE = self.router(x_GxSxD)
-        routing = route(cfg.router, logits_GxSxE, cfg.top_k, cfg.capacity_factor, cfg.renormalize)
+        # Routing never looks across groups, so each device routes its own groups.
+        routing = partitioning.shard_local(
+            lambda logits: route(
+                cfg.router, logits, cfg.top_k, cfg.capacity_factor, cfg.renormalize
+            ),
+            "groups",
+        )(logits_GxSxE)
 
         x_GxSxD = x_GxSxD.astype(dtype)
         x_ExGxCxD = jnp.einsum("GSD,GSEC->EGCD", x_GxSxD, routing.dispatch_GxSxExC.astype(dtype))
+        x_ExGxCxD = partitioning.constrain(x_ExGxCxD, "experts", "batch", "capacity", "embed")
         gate_ExGxCxF = jnp.einsum("EGCD,EDF->EGCF", x_ExGxCxD, self.w_gate_ExDxF[...].astype(dtype))
         up_ExGxCxF = jnp.einsum("EGCD,EDF->EGCF", x_ExGxCxD, self.w_up_ExDxF[...].astype(dtype))
         h_ExGxCxF = jax.nn.silu(gate_ExGxCxF) * up_ExGxCxF
         out_ExGxCxD = jnp.einsum("EGCF,EFD->EGCD", h_ExGxCxF, self.w_down_ExFxD[...].astype(dtype))
+        out_ExGxCxD = partitioning.constrain(out_ExGxCxD, "experts", "batch", "capacity", "embed")
         y_GxSxD = jnp.einsum("EGCD,GSEC->GSD", out_ExGxCxD, routing.combine_GxSxExC.astype(dtype))
+        y_GxSxD = partitioning.constrain(y_GxSxD, "groups", None, "embed")
         return y_GxSxD.reshape(x.shape), routing_stats(routing)
 
 
@@ -144,14 +162,16 @@ class MoEMLP(nnx.Module):
         self.cfg = cfg
         self.layers = nnx.List([MoELayer(cfg, rngs=rngs) for _ in range(cfg.depth)])
 
-    def __call__(self, x_BxD: jax.Array) -> jax.Array:
-        return self.with_stats(x_BxD)[0]
+    def __call__(self, x_BxD: jax.Array, group_size: int | None = None) -> jax.Array:
+        return self.with_stats(x_BxD, group_size)[0]
 
-    def with_stats(self, x_BxD: jax.Array) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
-        """Returns (y_BxD, one routing_stats dict per layer)."""
+    def with_stats(
+        self, x_BxD: jax.Array, group_size: int | None = None
+    ) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
+        """Returns (y_BxD, one routing_stats dict per layer); `group_size` None: the config's."""
         stats = []
         for layer in self.layers:
-            y_BxD, layer_stats = layer.with_stats(x_BxD)
+            y_BxD, layer_stats = layer.with_stats(x_BxD, group_size)
             x_BxD = x_BxD + y_BxD
             stats.append(layer_stats)
         return x_BxD, stats

@@ -24,3 +24,19 @@ def param_init(init: Callable, *names: str | None) -> Callable:
 def constrain(x: jax.Array, *names: str | None) -> jax.Array:
     """A sharding constraint by logical names, active only under a topology's mesh and rules."""
     return nn.with_logical_constraint(x, names)
+
+
+def shard_local(fn: Callable, name: str) -> Callable:
+    """`fn` run on each device's shard of the leading dim named `name` of every argument and
+    output, for work that never crosses that dim (an MoE's routing, within each group).
+
+    XLA's partitioner gathers some ops (top_k) instead of splitting their batch dims, and
+    then everything after them is replicated; shard_map states the locality instead. Outside a
+    topology's mesh and rules it is `fn` itself.
+    """
+    rules = nn.get_logical_axis_rules()
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty:
+        return fn
+    spec = nn.logical_to_mesh_axes((name,), rules)
+    return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec)

@@ -97,6 +97,15 @@ def _set_lengths(cache: nnx.State, lengths_B: np.ndarray) -> nnx.State:
     return jax.tree_util.tree_map_with_path(put, cache)
 
 
+def cache_layout(cfg: decoder.DecoderConfig, topo: Topology) -> str:
+    """The resolved cache layout: "auto" is the platform's, except under tensor parallelism,
+    where it is "bskh": "bksh" merges kv heads into the batch axis, so it cannot be split by
+    head over `model` (topology.validate refuses an explicit "bksh" there)."""
+    if cfg.cache_layout == "auto" and topo.shape["model"] > 1:
+        return "bskh"
+    return kv_cache.resolve_layout(cfg.cache_layout, topo.device.platform)
+
+
 def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> Workload:
     del workdir
     return build_decoder(run_cfg, model_config(run_cfg.model), topo)
@@ -112,7 +121,7 @@ def build_decoder(
     """The decode or prefill workload of Decoder(cfg); `params` replace the random init
     (trained weights), and `tokens` (int32) are drawn for the inputs instead of zeros."""
     m = run_cfg.model
-    layout = kv_cache.resolve_layout(cfg.cache_layout, topo.device.platform)
+    layout = cache_layout(cfg, topo)
     cfg = dataclasses.replace(cfg, cache_layout=layout)
     model = abstract_decoder(cfg)
     param_bytes = resolve_dtype(cfg.param_dtype).itemsize
@@ -143,7 +152,8 @@ def build_decoder(
     if decode:
 
         def fn(params, cache, tokens_B):
-            return decoder.decode_step(graphdef, params, cache, tokens_B)
+            with topo.activate():
+                return decoder.decode_step(graphdef, params, cache, tokens_B)
 
         def make_args(batch: int):
             lengths = np.full((batch,), length - 1, np.int32)
@@ -178,7 +188,8 @@ def build_decoder(
     else:
 
         def fn(params, cache, tokens_BxL, lengths_B):
-            return decoder.prefill(graphdef, params, cache, tokens_BxL, lengths_B)
+            with topo.activate():
+                return decoder.prefill(graphdef, params, cache, tokens_BxL, lengths_B)
 
         def make_args(batch: int):
             lengths = jnp.full((batch,), length, jnp.int32)

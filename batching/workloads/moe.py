@@ -1,8 +1,10 @@
 """A Mixture-of-Experts MLP as a workload: y = MoEMLP(x) for x [batch, d_model].
 
 Each example is one token and, with `group_size` 0, the whole batch is one routing
-group. The timed call computes y only; the routing statistics of the same inputs
-are computed after the timing (untimed) and go on the row without the `moe/` prefix.
+group; on a mesh whose data x expert axes hold several token shards, each device's shard
+is one group (GShard), and the experts are split over `expert` (expert parallelism).
+The timed call computes y only; the routing statistics of the same inputs are computed
+after the timing (untimed) and go on the row without the `moe/` prefix.
 """
 
 import jax
@@ -37,14 +39,40 @@ def validate(model_cfg: ml_collections.ConfigDict) -> None:
     model_config(model_cfg)
 
 
-def mean_stats(stats: list[dict]) -> dict[str, float]:
-    """Scalar routing statistics averaged over layers, plus per-layer values."""
+def device_loads(wanted_E: np.ndarray, expert_devices: int) -> np.ndarray:
+    """Tokens routed to each expert-axis device (its E / expert_devices experts), before
+    capacity: what a dropless layer would compute there."""
+    return np.asarray(wanted_E, np.float64).reshape(expert_devices, -1).sum(axis=1)
+
+
+def max_mean(loads: np.ndarray) -> float:
+    mean = float(np.mean(loads))
+    return float(np.max(loads)) / mean if mean > 0 else float("nan")
+
+
+def mean_stats(stats: list[dict], expert_devices: int = 1) -> dict[str, float]:
+    """Scalar routing statistics averaged over layers, plus per-layer values.
+
+    `device_loads` is the layer-mean load of each of the `expert_devices` devices of the
+    expert axis, and `device_max_mean_load` its max over mean: under expert parallelism a
+    layer waits for its most-loaded device (ANCHORS §5).
+    """
     out = {k: float(np.mean([np.asarray(s[k]) for s in stats])) for k in SCALAR_STATS}
+    loads = [device_loads(np.asarray(s["tokens_per_expert_wanted"]), expert_devices) for s in stats]
     for i, s in enumerate(stats):
         for k in ("load_cv", "max_mean_load", "drop_fraction"):
             out[f"layer_{i}/{k}"] = float(np.asarray(s[k]))
+        out[f"layer_{i}/device_max_mean_load"] = max_mean(loads[i])
     out["tokens_per_expert"] = np.asarray(stats[0]["tokens_per_expert"]).tolist()
+    mean_loads = np.mean(loads, axis=0)
+    out["device_loads"] = mean_loads.tolist()
+    out["device_max_mean_load"] = max_mean(mean_loads)
     return out
+
+
+def group_size(cfg: moe.MoEMLPConfig, topo: Topology, batch_size: int) -> int:
+    """Tokens per routing group: the config's, else one group per device's token shard."""
+    return cfg.group_size or batch_size // topo.token_shards
 
 
 def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> Workload:
@@ -57,14 +85,21 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
     param_bytes = resolve_dtype(cfg.param_dtype).itemsize
 
     def forward(state, x_BxD):
-        return nnx.merge(graphdef, state)(x_BxD)
+        with topo.activate():
+            return nnx.merge(graphdef, state)(x_BxD, group_size(cfg, topo, x_BxD.shape[0]))
 
-    stats_fn = jax.jit(lambda state, x_BxD: nnx.merge(graphdef, state).with_stats(x_BxD)[1])
+    def stats(state, x_BxD):
+        with topo.activate():
+            model = nnx.merge(graphdef, state)
+            return model.with_stats(x_BxD, group_size(cfg, topo, x_BxD.shape[0]))[1]
+
+    stats_fn = jax.jit(stats)
 
     def make_args(batch_size: int):
         key = jax.random.key(run_cfg.seed + batch_size)
         x_BxD = jax.random.normal(key, (batch_size, cfg.d_model), dtype)
-        return state, topo.put_batch(x_BxD)
+        # Tokens split over every device that routes its own group (data x expert).
+        return state, topo.put(x_BxD, ("groups", "embed"))
 
     def cost(batch_size: int) -> Cost:
         layer = moe.moe_layer_cost(cfg, batch_size, param_bytes)
@@ -72,7 +107,11 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
         return Cost(cfg.depth * layer["flops"], cfg.depth * layer["bytes"], weight_bytes)
 
     def point_fields(batch_size: int) -> dict:
-        return mean_stats(stats_fn(*make_args(batch_size)))
+        stats = jax.device_get(stats_fn(*make_args(batch_size)))
+        return {
+            **mean_stats(stats, topo.shape["expert"]),
+            "routing_group_size": group_size(cfg, topo, batch_size),
+        }
 
     params = moe.num_params(cfg)
     top_k = cfg.top_k if cfg.router == "token_choice" else cfg.capacity_factor

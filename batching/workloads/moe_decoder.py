@@ -8,6 +8,7 @@ measured on held-out text (B held-out windows prefilled, then one step), so drop
 fraction and max/mean load are seen as functions of the batch size.
 """
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -81,7 +82,8 @@ def cross_sequence_dependence(run_cfg: ml_collections.ConfigDict, workdir: str, 
 
 
 def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> Workload:
-    cfg = model_config(run_cfg.model)
+    # A decode step's routing groups are the devices' token shards (GShard); 1 on one device.
+    cfg = dataclasses.replace(model_config(run_cfg.model), decode_groups=topo.token_shards)
     path = train.params_path(workdir, run_cfg.run_name) if workdir else ""
     params = train.load_params(path, cfg) if path and os.path.exists(path) else None
     t = run_cfg.train
@@ -109,7 +111,10 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
         _, cache = prefill(graphdef, params, cache, prompt, lengths)
         _, _, stats = step_stats(graphdef, params, cache, nxt)
         model.init_cache(1, 1)
-        return moe_workload.mean_stats(jax.device_get(stats))
+        return {
+            **moe_workload.mean_stats(jax.device_get(stats), topo.shape["expert"]),
+            "routing_group_size": batch // cfg.decode_groups,
+        }
 
     wl.point_fields = point_fields
     wl.fields.update(

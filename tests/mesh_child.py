@@ -1,0 +1,176 @@
+"""Run by tests/test_mesh.py in a child process that sees 8 forced host devices.
+
+Each check builds a workload (or the decoder's pure functions) on a one-device mesh and on
+a sharded mesh of the 8 devices, runs both at fp32 with matmul precision "highest", and
+prints one JSON line: the largest relative difference of every output, and which
+collectives the compiled sharded programs contain.
+"""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import json  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
+
+from batching import timing, topology  # noqa: E402
+from batching.workloads import decoder as decoder_workload  # noqa: E402
+from batching.workloads import mlp as mlp_workload  # noqa: E402
+from batching.workloads import moe as moe_workload  # noqa: E402
+from configs import decoder as decoder_configs  # noqa: E402
+from configs import default  # noqa: E402
+from configs import moe as moe_configs  # noqa: E402
+from models import decoder  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def rel_diff(a, b) -> float:
+    """max |a - b| / max |b| over every leaf."""
+    diffs = [
+        float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+        / max(float(np.max(np.abs(np.asarray(y, np.float64)))), 1e-30)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    ]
+    return max(diffs)
+
+
+def one_device(cfg) -> topology.Topology:
+    """The reference: a mesh of the first device alone, the same code path."""
+    dev = jax.devices()[0]
+    mesh = Mesh(np.array([dev]).reshape(1, 1, 1), topology.MESH_AXES)
+    return topology.Topology(mesh=mesh, axis_rules=topology.axis_rules(cfg), device=dev)
+
+
+def config(model, batch_sizes, data=1, expert=1, tp=1):
+    cfg = default.get_config()
+    cfg.model = model
+    cfg.sweep.batch_sizes = batch_sizes
+    cfg.mesh.data, cfg.mesh.expert, cfg.mesh.model = data, expert, tp
+    with cfg.unlocked():
+        cfg.run_name = "mesh"
+    return cfg
+
+
+def collectives(text: str) -> list[str]:
+    return sorted(k for k in ("all-reduce", "all-to-all", "all-gather") if k in text)
+
+
+def run(module, cfg, topo, batch):
+    wl = module.build(cfg, topo, "")
+    args = wl.make_args(batch)
+    compiled = timing.compile_fn(wl.fn, args, wl.donate_argnums)
+    out = jax.device_get(compiled.call(*args))
+    return wl, out, compiled
+
+
+def check_mlp() -> dict:
+    model = default.get_config().model
+    model.width, model.depth = 32, 3
+    cfg = config(model, (16,), data=8)
+    _, ref, _ = run(mlp_workload, cfg, one_device(cfg), 16)
+    _, out, compiled = run(mlp_workload, cfg, topology.build(cfg), 16)
+    return {"mlp_dp": rel_diff(out, ref), "mlp_dp_hlo": collectives(compiled.executable.as_text())}
+
+
+def check_moe() -> dict:
+    result = {}
+    for router in ("token_choice", "expert_choice"):
+        model = moe_configs.model(router)
+        model.d_model, model.mlp_dim, model.depth = 16, 32, 1
+        ref = None
+        for name, mesh in (("dp", dict(data=8)), ("ep", dict(expert=8))):
+            cfg = config(model.copy_and_resolve_references(), (32,), **mesh)
+            topo = topology.build(cfg)
+            if ref is None:
+                # The same groups (one per device's token shard) routed on one device.
+                ref_cfg = cfg.copy_and_resolve_references()
+                ref_cfg.model.group_size = 32 // topo.token_shards
+                _, ref, _ = run(moe_workload, ref_cfg, one_device(ref_cfg), 32)
+            wl, out, compiled = run(moe_workload, cfg, topo, 32)
+            fields = wl.point_fields(32)
+            key = f"moe_{router}_{name}"
+            result[key] = rel_diff(out, ref)
+            result[f"{key}_hlo"] = collectives(compiled.executable.as_text())
+            result[f"{key}_device_loads"] = fields["device_loads"]
+            result[f"{key}_device_max_mean_load"] = fields["device_max_mean_load"]
+            result[f"{key}_routing_group_size"] = fields["routing_group_size"]
+    return result
+
+
+def decoder_config(**mesh):
+    model = decoder_configs.model("decode")
+    model.update(
+        vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8,
+        mlp_dim=64, max_seq_len=16, cache_len=8,
+    )  # fmt: skip
+    return config(model, (8,), **mesh)
+
+
+def prefill_then_decode(cfg, topo, layout: str, tokens_BxL, steps: int = 2):
+    """Logits of a prefill of tokens_BxL[:, :-steps] and then `steps` decode steps."""
+    dcfg = decoder_workload.model_config(cfg.model)
+    dcfg = decoder.DecoderConfig(**{**dcfg.__dict__, "cache_layout": layout})
+    params = topo.put_state(decoder_workload.random_params(dcfg, 0))
+    model = decoder_workload.abstract_decoder(dcfg)
+    model.init_cache(tokens_BxL.shape[0], dcfg.max_seq_len)
+    graphdef, _, cache = nnx.split(model, nnx.Param, nnx.Cache)
+    cache = topo.put_state(cache)
+
+    def prefill(params, cache, tokens, lengths):
+        with topo.activate():
+            return decoder.prefill(graphdef, params, cache, tokens, lengths)
+
+    def step(params, cache, tokens):
+        with topo.activate():
+            return decoder.decode_step(graphdef, params, cache, tokens)
+
+    B, L = tokens_BxL.shape
+    prompt = topo.put_batch(tokens_BxL[:, : L - steps])
+    lengths = topo.put_batch(jnp.full((B,), L - steps, jnp.int32))
+    logits, cache = jax.jit(prefill, donate_argnums=1)(params, cache, prompt, lengths)
+    outs = [jax.device_get(logits)]
+    decode = jax.jit(step, donate_argnums=1)
+    for t in range(L - steps, L):
+        logits, cache = decode(params, cache, topo.put_batch(tokens_BxL[:, t]))
+        outs.append(jax.device_get(logits))
+    return outs
+
+
+def check_decoder() -> dict:
+    result = {}
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (8, 6)), jnp.int32)
+    for name, mesh, layout in (
+        ("dp", dict(data=8), "bksh"),
+        ("tp", dict(tp=2, expert=4), "bskh"),
+    ):
+        cfg = decoder_config(**mesh)
+        ref = prefill_then_decode(cfg, one_device(cfg), layout, tokens)
+        out = prefill_then_decode(cfg, topology.build(cfg), layout, tokens)
+        result[f"decoder_{name}"] = rel_diff(out, ref)
+    # The timed tensor-parallel decode step: its collectives, and the cache still donated.
+    cfg = decoder_config(tp=2, expert=4)
+    topo = topology.build(cfg)
+    wl = decoder_workload.build(cfg, topo, "")
+    args = wl.make_args(8)
+    compiled = timing.compile_fn(wl.fn, args, wl.donate_argnums)
+    result["decoder_tp_decode_hlo"] = collectives(compiled.executable.as_text())
+    result["decoder_tp_alias_bytes"] = compiled.memory.get("alias_size_in_bytes", 0)
+    cache_bytes = sum(x.nbytes for x in jax.tree.leaves(args[1]))
+    result["decoder_tp_cache_bytes_per_device"] = cache_bytes // topo.shape["model"]
+    result["decoder_tp_cache_spec"] = str(jax.tree.leaves(args[1])[0].sharding.spec)  # k of layer 0
+    return result
+
+
+if __name__ == "__main__":
+    assert jax.device_count() == 8, jax.devices()
+    checks = {"mlp": check_mlp, "moe": check_moe, "decoder": check_decoder}
+    for name in sys.argv[1:] or checks:
+        print(json.dumps(checks[name]()), flush=True)
