@@ -250,6 +250,12 @@ def write(
             if a["spec_device"]:
                 text += f" Spec table entry: {a['spec_device']}."
         doc.para(text)
+        if any(r.get("num_devices", 1) > 1 and r.get("platform") == "cpu" for r in rows):
+            doc.para(
+                "Functional simulation: these runs use several forced host devices "
+                "(XLA_FLAGS=--xla_force_host_platform_device_count), which share the same "
+                "CPU cores, so their timings say nothing about accelerators."
+            )
     doc.heading("Runs")
     header = [
         "run",

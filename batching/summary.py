@@ -6,8 +6,16 @@ import numpy as np
 
 from batching import specs
 
-ROUTING_ENDS = ("drop_fraction", "max_mean_load", "load_cv", "token_drop_fraction")
+ROUTING_ENDS = (
+    "drop_fraction",
+    "max_mean_load",
+    "load_cv",
+    "token_drop_fraction",
+    "device_max_mean_load",
+)
 RUN_FIELDS = (
+    "num_devices",
+    "process_count",
     "width",
     "depth",
     "phase",

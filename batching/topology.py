@@ -54,8 +54,23 @@ class Topology:
         return jax.process_index()
 
     def spec(self, logical: Sequence[str | None]) -> PartitionSpec:
-        """The mesh PartitionSpec of an array whose dims carry these logical names."""
-        return nn.logical_to_mesh_axes(tuple(logical), self.axis_rules)
+        """The mesh PartitionSpec of an array whose dims carry these logical names.
+
+        Mesh axes of size 1 and trailing unsplit dims are left out: they split nothing, and
+        XLA reports a program's outputs without them, so an input placed with them would not
+        match the same array coming back (a recompile when a donated cache is fed back in).
+        """
+        spec = nn.logical_to_mesh_axes(tuple(logical), self.axis_rules)
+
+        def used(axes):
+            axes = axes if isinstance(axes, tuple) else (axes,)
+            kept = tuple(a for a in axes if a is not None and self.mesh.shape[a] > 1)
+            return kept[0] if len(kept) == 1 else (kept or None)
+
+        dims = [used(axes) for axes in spec]
+        while dims and dims[-1] is None:  # P('data') is how XLA reports P('data', None)
+            dims.pop()
+        return PartitionSpec(*dims)
 
     def sharding(self, logical: Sequence[str | None]) -> NamedSharding:
         return NamedSharding(self.mesh, self.spec(logical))
@@ -64,10 +79,23 @@ class Topology:
         """`x` placed on the mesh with its dims sharded by their logical names."""
         return jax.device_put(x, self.sharding(logical))
 
+    def axis_size(self, logical: str) -> int:
+        """How many ways the rules split a dim named `logical` (1: not split)."""
+        axes = self.spec((logical,))
+        axes = axes[0] if len(axes) else None
+        axes = axes if isinstance(axes, tuple) else (axes,)
+        return math.prod(self.mesh.shape[a] for a in axes if a is not None)
+
     @property
     def token_shards(self) -> int:
-        """Devices holding distinct tokens (data x expert): an MoE's routing groups per call."""
-        return token_shards(self.shape)
+        """Devices holding distinct tokens (what `groups` maps to, by default data x expert):
+        an MoE's routing groups per call."""
+        return self.axis_size("groups")
+
+    @property
+    def expert_shards(self) -> int:
+        """Devices an MoE's experts are split over (what `experts` maps to)."""
+        return self.axis_size("experts")
 
     def put_batch(self, x: Any) -> jax.Array:
         """An input whose leading dim is the batch: split over `data`, the rest replicated."""
@@ -163,13 +191,14 @@ def validate(run_cfg: ml_collections.ConfigDict) -> dict[str, int]:
         raise MeshError(
             f"mesh.expert must divide model.num_experts={experts}, got {shape['expert']}"
         )
-    shards = token_shards(shape)
+    shards = token_shards(shape, axis_rules(run_cfg))
     if experts is not None and shards > 1:
         for b in run_cfg.sweep.batch_sizes:
             if b % shards:
                 raise MeshError(
-                    f"sweep.batch_sizes must be divisible by mesh.data*mesh.expert={shards} "
-                    f"(an MoE's routing groups are per-device token shards), got {b}"
+                    f"sweep.batch_sizes must be divisible by the {shards} devices that "
+                    f"mesh.axis_rules' 'groups' maps to (an MoE routes one group per "
+                    f"device's token shard), got {b}"
                 )
     if shape["model"] > 1 and run_cfg.model.get("cache_layout") == "bksh":
         raise MeshError(
@@ -185,9 +214,12 @@ def validate(run_cfg: ml_collections.ConfigDict) -> dict[str, int]:
     return shape
 
 
-def token_shards(shape: dict[str, int]) -> int:
-    """Devices holding distinct tokens: an MoE's routing groups per call (GShard)."""
-    return shape["data"] * shape["expert"]
+def token_shards(shape: dict[str, int], rules) -> int:
+    """Devices holding distinct tokens, the mesh axes logical `groups` maps to (the first
+    rule for a name wins, as in flax): an MoE's routing groups per call (GShard)."""
+    target = next((axes for name, axes in rules if name == "groups"), None)
+    axes = target if isinstance(target, tuple) else (target,)
+    return math.prod(shape[a] for a in axes if a is not None)
 
 
 def build(run_cfg: ml_collections.ConfigDict) -> Topology:

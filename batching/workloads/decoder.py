@@ -89,10 +89,14 @@ def random_params(cfg: decoder.DecoderConfig, seed: int) -> nnx.State:
     return jax.jit(lambda: nnx.state(decoder.Decoder(cfg, rngs=nnx.Rngs(seed)), nnx.Param))()
 
 
-def _set_lengths(cache: nnx.State, lengths_B: np.ndarray) -> nnx.State:
+def _set_lengths(cache: nnx.State, lengths_B: np.ndarray, topo: Topology) -> nnx.State:
+    """`cache` with every layer's lengths set to lengths_B, placed as the cache's own (split
+    over `data`), so the step's argument shardings, and its compiled program, never change.
+    One array per layer: a donated argument may not appear twice."""
+
     def put(path, leaf):
         names = {getattr(p, "key", getattr(p, "name", None)) for p in path}
-        return jnp.asarray(lengths_B) if "lengths" in names else leaf
+        return topo.put_batch(lengths_B) if "lengths" in names else leaf
 
     return jax.tree_util.tree_map_with_path(put, cache)
 
@@ -140,6 +144,11 @@ def build_decoder(
         flat = tokens[start : start + int(np.prod(shape))].astype(np.int32)
         return topo.put_batch(flat.reshape(shape))
 
+    def keep_placement(cache: nnx.State) -> nnx.State:
+        # The new cache leaves as the old one came in (XLA would otherwise pick its own
+        # placement), so feeding it back neither recompiles nor moves it.
+        return jax.lax.with_sharding_constraint(cache, topo.state_shardings(cache))
+
     decode = m.phase == "decode"
     length = m.cache_len if decode else m.prompt_len
 
@@ -153,18 +162,19 @@ def build_decoder(
 
         def fn(params, cache, tokens_B):
             with topo.activate():
-                return decoder.decode_step(graphdef, params, cache, tokens_B)
+                logits_BxV, cache = decoder.decode_step(graphdef, params, cache, tokens_B)
+            return logits_BxV, keep_placement(cache)
 
         def make_args(batch: int):
             lengths = np.full((batch,), length - 1, np.int32)
-            cache = _set_lengths(empty_cache(batch), lengths)
+            cache = _set_lengths(empty_cache(batch), lengths, topo)
             return params, cache, input_tokens((batch,))
 
         def next_args(args, out):
             # The step advanced every length to cache_len: set them back so the next step
             # writes the same slot and costs the same.
             lengths = np.full((args[2].shape[0],), length - 1, np.int32)
-            return args[0], _set_lengths(out[1], lengths), args[2]
+            return args[0], _set_lengths(out[1], lengths, topo), args[2]
 
         def cost(batch: int) -> Cost:
             c = decoder.decode_step_cost(cfg, batch, length, param_bytes, cache_bytes)
@@ -189,7 +199,8 @@ def build_decoder(
 
         def fn(params, cache, tokens_BxL, lengths_B):
             with topo.activate():
-                return decoder.prefill(graphdef, params, cache, tokens_BxL, lengths_B)
+                logits_BxV, cache = decoder.prefill(graphdef, params, cache, tokens_BxL, lengths_B)
+            return logits_BxV, keep_placement(cache)
 
         def make_args(batch: int):
             lengths = jnp.full((batch,), length, jnp.int32)

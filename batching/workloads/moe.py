@@ -109,7 +109,7 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
     def point_fields(batch_size: int) -> dict:
         stats = jax.device_get(stats_fn(*make_args(batch_size)))
         return {
-            **mean_stats(stats, topo.shape["expert"]),
+            **mean_stats(stats, topo.expert_shards),
             "routing_group_size": group_size(cfg, topo, batch_size),
         }
 

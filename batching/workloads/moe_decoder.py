@@ -112,7 +112,7 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
         _, _, stats = step_stats(graphdef, params, cache, nxt)
         model.init_cache(1, 1)
         return {
-            **moe_workload.mean_stats(jax.device_get(stats), topo.shape["expert"]),
+            **moe_workload.mean_stats(jax.device_get(stats), topo.expert_shards),
             "routing_group_size": batch // cfg.decode_groups,
         }
 
