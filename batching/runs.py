@@ -166,6 +166,9 @@ def device(cfg: ml_collections.ConfigDict) -> jax.Device:
 def measurement_view(run: Run) -> dict[str, Any]:
     """The part of a run's config (and the device) that decides its measurements."""
     view = {k: v for k, v in run.config.to_dict().items() if k not in NOT_MEASUREMENT}
+    if sum(topology.mesh_shape(run.config).values()) == len(topology.MESH_AXES):
+        # A one-device mesh measures what runs before meshes did: their workdirs resume.
+        view.pop("mesh", None)
     dev = device(run.config)
     view["device"] = {"platform": dev.platform, "device_kind": dev.device_kind}
     view["jax_version"] = jax.__version__

@@ -81,10 +81,7 @@ class Topology:
 
     def axis_size(self, logical: str) -> int:
         """How many ways the rules split a dim named `logical` (1: not split)."""
-        axes = self.spec((logical,))
-        axes = axes[0] if len(axes) else None
-        axes = axes if isinstance(axes, tuple) else (axes,)
-        return math.prod(self.mesh.shape[a] for a in axes if a is not None)
+        return split_size(self.shape, self.axis_rules, logical)
 
     @property
     def token_shards(self) -> int:
@@ -191,7 +188,7 @@ def validate(run_cfg: ml_collections.ConfigDict) -> dict[str, int]:
         raise MeshError(
             f"mesh.expert must divide model.num_experts={experts}, got {shape['expert']}"
         )
-    shards = token_shards(shape, axis_rules(run_cfg))
+    shards = split_size(shape, axis_rules(run_cfg), "groups")
     if experts is not None and shards > 1:
         for b in run_cfg.sweep.batch_sizes:
             if b % shards:
@@ -214,10 +211,10 @@ def validate(run_cfg: ml_collections.ConfigDict) -> dict[str, int]:
     return shape
 
 
-def token_shards(shape: dict[str, int], rules) -> int:
-    """Devices holding distinct tokens, the mesh axes logical `groups` maps to (the first
-    rule for a name wins, as in flax): an MoE's routing groups per call (GShard)."""
-    target = next((axes for name, axes in rules if name == "groups"), None)
+def split_size(shape: dict[str, int], rules, logical: str) -> int:
+    """How many ways the rules split a dim named `logical`: the product of the mesh axes its
+    first rule maps it to (the first rule for a name wins, as in flax)."""
+    target = next((axes for name, axes in rules if name == logical), None)
     axes = target if isinstance(target, tuple) else (target,)
     return math.prod(shape[a] for a in axes if a is not None)
 
