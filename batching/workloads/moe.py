@@ -7,6 +7,8 @@ The timed call computes y only; the routing statistics of the same inputs are co
 after the timing (untimed) and go on the row without the `moe/` prefix.
 """
 
+import dataclasses
+
 import jax
 import ml_collections
 import numpy as np
@@ -88,12 +90,12 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
         with topo.activate():
             return nnx.merge(graphdef, state)(x_BxD, group_size(cfg, topo, x_BxD.shape[0]))
 
-    def stats(state, x_BxD):
+    def routing(state, x_BxD):
         with topo.activate():
             model = nnx.merge(graphdef, state)
             return model.with_stats(x_BxD, group_size(cfg, topo, x_BxD.shape[0]))[1]
 
-    stats_fn = jax.jit(stats)
+    stats_fn = jax.jit(routing)
 
     def make_args(batch_size: int):
         key = jax.random.key(run_cfg.seed + batch_size)
@@ -102,7 +104,9 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
         return state, topo.put(x_BxD, ("groups", "embed"))
 
     def cost(batch_size: int) -> Cost:
-        layer = moe.moe_layer_cost(cfg, batch_size, param_bytes)
+        # Capacity is per routing group, so the groups the mesh makes set the padded work.
+        grouped = dataclasses.replace(cfg, group_size=group_size(cfg, topo, batch_size))
+        layer = moe.moe_layer_cost(grouped, batch_size, param_bytes)
         weight_bytes = moe.num_params(cfg) * param_bytes
         return Cost(cfg.depth * layer["flops"], cfg.depth * layer["bytes"], weight_bytes)
 
