@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models import partitioning
+
 LAYOUTS = ("bksh", "bskh")
 # jax.default_backend() -> layout. CPU: measured (module docstring, README). GPU and TPU are
 # not measured here: "bksh" is chosen because it keeps each (sequence, head) slab contiguous,
@@ -127,6 +129,11 @@ def attend_cache(
     raise ValueError(f"cache layout must be one of {LAYOUTS}, got {layout!r}")
 
 
+# Logical axes of the stored k and v: "bskh" splits over sequences and kv heads; "bksh"'s
+# merged B·K axis is sequence-major, so it can be split over sequences only (never by head).
+CACHE_AXES = {"bksh": ("batch", None, None), "bskh": ("batch", None, "kv_heads", None)}
+
+
 class KVCache(nnx.Module):
     """Keys and values of one attention layer for `batch` sequences of up to `max_len` tokens.
 
@@ -154,12 +161,11 @@ class KVCache(nnx.Module):
         if layout not in LAYOUTS:
             raise ValueError(f"cache layout must be one of {LAYOUTS}, got {layout!r}")
         self.layout = layout
-        # Logical axes: "bskh" splits over sequences and kv heads; "bksh"'s merged B·K axis is
-        # sequence-major, so it can be split over sequences only (never by head).
+        axes = CACHE_AXES[layout]
         if layout == "bksh":
-            shape, axes = (batch * n_kv_heads, max_len, head_dim), ("batch", None, None)
+            shape = (batch * n_kv_heads, max_len, head_dim)
         else:
-            shape, axes = (batch, max_len, n_kv_heads, head_dim), ("batch", None, "kv_heads", None)
+            shape = (batch, max_len, n_kv_heads, head_dim)
         self.k = nnx.Cache(jnp.zeros(shape, dtype), out_sharding=axes, eager_sharding=False)
         self.v = nnx.Cache(jnp.zeros(shape, dtype), out_sharding=axes, eager_sharding=False)
         self.lengths = nnx.Cache(
@@ -211,11 +217,23 @@ class KVCache(nnx.Module):
         with jax.named_scope("kv_cache_update"):
             positions_B = self.lengths[...][:batch]
             dtype = self.k.dtype
-            self.k[...] = write_positions(
-                self.k[...], k_BxKxH.astype(dtype), positions_B, self.layout
-            )
-            self.v[...] = write_positions(
-                self.v[...], v_BxKxH.astype(dtype), positions_B, self.layout
+
+            def write(k, v, k_BxKxH, v_BxKxH, positions_B):
+                return (
+                    write_positions(k, k_BxKxH, positions_B, self.layout),
+                    write_positions(v, v_BxKxH, positions_B, self.layout),
+                )
+
+            if batch == self.batch:
+                # Each sequence's write is its own: on a mesh, each device writes its own
+                # sequences (and kv heads) in place, instead of XLA gathering the cache.
+                axes = CACHE_AXES[self.layout]
+                new = ("batch", axes[2], None)  # kv heads split as the cache splits them
+                write = partitioning.shard_local(
+                    write, in_axes=[axes, axes, new, new, ("batch",)], out_axes=[axes, axes]
+                )
+            self.k[...], self.v[...] = write(
+                self.k[...], self.v[...], k_BxKxH.astype(dtype), v_BxKxH.astype(dtype), positions_B
             )
             lengths_B = positions_B + 1
             self.lengths[...] = jax.lax.dynamic_update_slice(self.lengths[...], lengths_B, (0,))

@@ -135,7 +135,8 @@ class MoELayer(nnx.Module):
             lambda logits: route(
                 cfg.router, logits, cfg.top_k, cfg.capacity_factor, cfg.renormalize
             ),
-            "groups",
+            in_axes=[("groups",)],
+            out_axes=("groups",),
         )(logits_GxSxE)
 
         x_GxSxD = x_GxSxD.astype(dtype)

@@ -26,17 +26,27 @@ def constrain(x: jax.Array, *names: str | None) -> jax.Array:
     return nn.with_logical_constraint(x, names)
 
 
-def shard_local(fn: Callable, name: str) -> Callable:
-    """`fn` run on each device's shard of the leading dim named `name` of every argument and
-    output, for work that never crosses that dim (an MoE's routing, within each group).
+def shard_local(fn: Callable, in_axes: list[tuple], out_axes: list[tuple] | tuple) -> Callable:
+    """`fn` run on each device's own shard, for work that never crosses devices (an MoE's
+    routing within each group, a KV-cache write within each sequence).
 
-    XLA's partitioner gathers some ops (top_k) instead of splitting their batch dims, and
-    then everything after them is replicated; shard_map states the locality instead. Outside a
-    topology's mesh and rules it is `fn` itself.
+    `in_axes` holds the logical names of each argument's dims; `out_axes` those of each
+    output (a list), or one tuple of names for the leading dims of every output leaf.
+    XLA's partitioner gathers some ops instead of splitting them (top_k over a split batch
+    dim; a loop of dynamic-index writes into a split cache), and what follows them is then
+    replicated; shard_map states the locality instead. Outside a topology's mesh and rules
+    it is `fn` itself.
     """
     rules = nn.get_logical_axis_rules()
     mesh = jax.sharding.get_abstract_mesh()
     if not rules or mesh.empty:
         return fn
-    spec = nn.logical_to_mesh_axes((name,), rules)
-    return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec)
+
+    def spec(names: tuple) -> jax.sharding.PartitionSpec:
+        return nn.logical_to_mesh_axes(names, rules)
+
+    in_specs = tuple(spec(names) for names in in_axes)
+    out_specs = (
+        tuple(spec(names) for names in out_axes) if isinstance(out_axes, list) else spec(out_axes)
+    )
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)

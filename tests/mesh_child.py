@@ -168,6 +168,13 @@ def check_decoder() -> dict:
     result["decoder_tp_compiles"] = compiled.call._cache_size()
     result["decoder_tp_alias_bytes"] = compiled.memory.get("alias_size_in_bytes", 0)
     result["decoder_tp_cache_bytes_per_device"] = cache_bytes // topo.shape["model"]
+    # The data-parallel decode step in the CPU's default layout: each device writes its own
+    # sequences' cache rows, so no collective at all (XLA alone gathered the cache there).
+    cfg = decoder_config(data=8)
+    cfg.model.cache_layout = "bksh"
+    wl = decoder_workload.build(cfg, topology.build(cfg), "")
+    dp = timing.compile_fn(wl.fn, wl.make_args(8), wl.donate_argnums)
+    result["decoder_dp_decode_hlo"] = collectives(dp.executable.as_text())
     result["decoder_tp_cache_spec"] = str(jax.tree.leaves(out[1])[0].sharding.spec)  # layer 0 k
     return result
 

@@ -54,7 +54,8 @@ def test_collectives_in_compiled_programs(checks):
         assert checks[f"moe_{router}_ep_hlo"] == ["all-to-all"], router
         assert checks[f"moe_{router}_dp_hlo"] == [], router
     # Tensor parallelism: the row-parallel projections' partial sums are all-reduced.
-    assert "all-reduce" in checks["decoder_tp_decode_hlo"]
+    assert checks["decoder_tp_decode_hlo"] == ["all-reduce"]
+    assert checks["decoder_dp_decode_hlo"] == []
 
 
 def test_tensor_parallel_cache_is_split_by_kv_head_and_donated(checks):
