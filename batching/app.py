@@ -119,18 +119,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     error, lock = None, None
     try:
         all_runs, fingerprints = prepare(config, workdir, writer)
-        if writer:
-            lock = lock_workdir(workdir)
     except (runs.ConfigError, results.WorkdirError) as e:
         error = e
-    try:
-        # A process that refused the config must not leave the others waiting for it.
-        distributed.agree_on_failure(error)
-        distributed.check_same_config(agreement(config, all_runs, fingerprints))
-    except BaseException:
-        if lock is not None:
-            os.close(lock)
-        raise
+    # A process that refused the config must not leave the others waiting for it.
+    distributed.agree_on_failure(error)
+    distributed.check_same_config(agreement(config, all_runs, fingerprints))
+    if writer:
+        try:
+            lock = lock_workdir(workdir)
+        except results.WorkdirError as e:
+            error = e
+    distributed.agree_on_failure(error)
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return _run_locked(config, workdir, all_runs, fingerprints, writer)

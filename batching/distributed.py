@@ -221,7 +221,7 @@ def agree_on_failure(error: BaseException | None) -> None:
         raise error
     if failed.any():
         bad = ", ".join(str(int(p)) for p in np.flatnonzero(failed))
-        raise ConfigError(f"distributed: process {bad} refused the config; see its error")
+        raise ConfigError(f"distributed: process {bad} stopped before the sweep; see its error")
 
 
 def exit_now(code: int) -> None:
