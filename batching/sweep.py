@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from batching import distributed, results, runs, specs, stats, timing, workload
+from batching import distributed, results, runs, specs, stats, timing, topology, workload
 from batching.tensorboard_writer import PointWriter
 
 # A row's status: "ok" (measured), "skipped_memory" (its program needs more than the memory
@@ -60,6 +60,22 @@ def memory_budget(cfg, device_bytes: int) -> float:
     return mem.max_fraction * device_bytes
 
 
+def mesh_fields(run: runs.Run, batch_size: int) -> dict[str, Any]:
+    """Where a point runs: the mesh, and the batch as a global and a per-device size.
+
+    `batch_size` is the global batch (the swept size); each data-parallel replica holds
+    batch_size / mesh.data of it (runs.validate checked that it divides).
+    """
+    shape = topology.mesh_shape(run.config)
+    return {
+        "global_batch_size": batch_size,
+        "per_device_batch_size": batch_size // shape["data"],
+        "num_devices": shape["data"] * shape["expert"] * shape["model"],
+        "process_count": jax.process_count(),
+        "mesh_shape": shape,
+    }
+
+
 def status_row(
     run: runs.Run, batch_size: int, fingerprint: str, status: str, **fields: Any
 ) -> dict[str, Any]:
@@ -73,6 +89,7 @@ def status_row(
         "batch_size": batch_size,
         "platform": dev.platform,
         "device_kind": dev.device_kind,
+        **mesh_fields(run, batch_size),
         "status": status,
         "fingerprint": fingerprint,
         "jax_version": jax.__version__,
@@ -83,6 +100,7 @@ def status_row(
 
 def measure_point(
     run: runs.Run,
+    topo: topology.Topology,
     wl: workload.Workload,
     batch_size: int,
     fingerprint: str,
@@ -94,7 +112,6 @@ def measure_point(
     `share` (several processes) makes the memory-budget and timer decisions process 0's.
     """
     cfg = run.config
-    dev = runs.device(cfg)
     args = wl.make_args(batch_size)
     precision = cfg.model.get("matmul_precision", "default")
     ctx = (
@@ -104,7 +121,8 @@ def measure_point(
     )
     with ctx:
         compiled = timing.compile_fn(wl.fn, args, wl.donate_argnums)
-    memory = memory_fields(compiled, dev)
+    # Per device: an SPMD program's memory analysis is one device's share.
+    memory = memory_fields(compiled, topo.device)
     budget = memory_budget(cfg, memory["device_memory_bytes"])
     over = memory["memory_bytes"] is not None and memory["memory_bytes"] > budget
     if share is not None:
@@ -124,7 +142,7 @@ def measure_point(
         "dtype": cfg.model.get("dtype"),
         "param_dtype": cfg.model.get("param_dtype"),
         "matmul_precision": precision,
-        "device_count": len(jax.devices(dev.platform)),
+        "device_count": len(jax.devices(topo.device.platform)),
         **summary,
         "converged": m.converged,
         "stop_reason": m.stop_reason,
@@ -217,7 +235,8 @@ def run_sweep(
                 random.Random(f"{run.config.seed}/{run.name}").shuffle(sizes)
             wl, failure = None, None
             try:
-                wl = workload.build(run.config, runs.device(run.config), store.workdir)
+                topo = topology.build(run.config)
+                wl = workload.build(run.config, topo, store.workdir)
             except Exception as e:  # noqa: BLE001 - a broken run is rows, not a crash
                 failure = _why(e)
             if share is not None:
@@ -238,7 +257,14 @@ def run_sweep(
                 for batch_size in sizes:
                     bar.set_postfix_str(f"{run.name} batch={batch_size}")
                     row, samples = guarded_point(
-                        run, wl, batch_size, fingerprints[run.name], settings, oom_at, share
+                        run,
+                        topo,
+                        wl,
+                        batch_size,
+                        fingerprints[run.name],
+                        settings,
+                        oom_at,
+                        share,
                     )
                     if share is not None:
                         row, samples = agree_on_outcome(run, row, samples, oom_at)
@@ -288,6 +314,7 @@ def _why(e: BaseException) -> dict[str, str]:
 
 def guarded_point(
     run: runs.Run,
+    topo: topology.Topology,
     wl: workload.Workload,
     batch_size: int,
     fingerprint: str,
@@ -305,7 +332,7 @@ def guarded_point(
             run, batch_size, fingerprint, "skipped_after_oom", message=f"batch {wall} hit OOM"
         ), None
     try:
-        return measure_point(run, wl, batch_size, fingerprint, settings, share)
+        return measure_point(run, topo, wl, batch_size, fingerprint, settings, share)
     except distributed.DistributedError:
         raise
     except OverBudget as e:

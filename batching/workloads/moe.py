@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from batching.topology import Topology
 from batching.workload import Cost, Workload
 from models import moe
 from models.dtypes import resolve_dtype
@@ -46,12 +47,12 @@ def mean_stats(stats: list[dict]) -> dict[str, float]:
     return out
 
 
-def build(run_cfg: ml_collections.ConfigDict, device: jax.Device, workdir: str) -> Workload:
+def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> Workload:
     del workdir
     cfg = model_config(run_cfg.model)
     model = moe.MoEMLP(cfg, rngs=nnx.Rngs(run_cfg.seed))
     graphdef, state = nnx.split(model)
-    state = jax.device_put(state, device)
+    state = topo.put_state(state)
     dtype = resolve_dtype(cfg.dtype)
     param_bytes = resolve_dtype(cfg.param_dtype).itemsize
 
@@ -63,7 +64,7 @@ def build(run_cfg: ml_collections.ConfigDict, device: jax.Device, workdir: str) 
     def make_args(batch_size: int):
         key = jax.random.key(run_cfg.seed + batch_size)
         x_BxD = jax.random.normal(key, (batch_size, cfg.d_model), dtype)
-        return state, jax.device_put(x_BxD, device)
+        return state, topo.put_batch(x_BxD)
 
     def cost(batch_size: int) -> Cost:
         layer = moe.moe_layer_cost(cfg, batch_size, param_bytes)
