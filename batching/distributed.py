@@ -14,6 +14,10 @@ the mesh then spans every process's devices. The lab keeps them in lockstep:
 
 A single process never reaches a collective here: `share` is None there and the
 callers keep today's path.
+
+Not covered: a call that fails on one process only while its program runs a collective
+(the others wait inside XLA's collective until the failed process exits or JAX's
+heartbeat gives up); SPMD programs fail alike on every process, so this is rare.
 """
 
 import hashlib
@@ -48,6 +52,7 @@ TAGS = {
 }
 
 Share = Callable[[str, int], int]
+SHUTDOWN_TIMEOUT_S = 3600
 
 
 class DistributedError(RuntimeError):
@@ -93,6 +98,11 @@ def settings(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
             raise ConfigError(f"distributed.{field} must be a positive int, got {value!r}")
     kwargs["initialization_timeout"] = d.initialization_timeout_s
     kwargs["heartbeat_timeout_seconds"] = d.heartbeat_timeout_s
+    # At exit every process waits at JAX's shutdown barrier for the others: the other
+    # processes wait there while process 0 alone analyses and writes (peaks, plots,
+    # report), which can outlast JAX's 300 s default. A dead process still ends the wait
+    # at once (the coordinator or its heartbeat notices).
+    kwargs["shutdown_timeout_seconds"] = SHUTDOWN_TIMEOUT_S
     return kwargs
 
 

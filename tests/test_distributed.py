@@ -112,6 +112,7 @@ def test_settings_explicit_and_auto():
     assert set(distributed.settings(auto)) == {
         "initialization_timeout",
         "heartbeat_timeout_seconds",
+        "shutdown_timeout_seconds",
     }
 
 
