@@ -127,6 +127,7 @@ def test_settings_explicit_and_auto():
 )
 def test_settings_partial_or_bad_names_the_field(fields, named):
     config = default.get_config()
+    config.name = "tiny"
     config.distributed.update(fields)
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         distributed.settings(config)
@@ -154,6 +155,7 @@ TIMER_WORKER = textwrap.dedent(
 
     pid, port = int(sys.argv[1]), int(sys.argv[2])
     config = default.get_config()
+    config.name = "tiny"
     config.distributed.update(
         coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid,
         initialization_timeout_s=30, heartbeat_timeout_s=10,
@@ -188,11 +190,17 @@ TIMER_WORKER = textwrap.dedent(
         distributed.check_same_config({"fingerprints": fingerprints, "points": run.batch_sizes})
     except runs.ConfigError as e:
         print("MISMATCH", e, flush=True)
+    # A point that hit OOM on process 1 only is an OOM in process 0's row too.
+    from batching import sweep
+    row = {"batch_size": 8, "status": "oom" if pid else "ok", "fingerprint": "f"}
+    oom_at = {}
+    row, samples = sweep.agree_on_outcome(run, row, None if pid else np.ones(3), oom_at)
+    print("OUTCOME", row["status"], samples is None, oom_at, row.get("message"), flush=True)
     """
 )
 
 
-def test_timer_decisions_and_config_check_are_shared_between_processes():
+def test_timer_stop_config_check_and_point_outcome_are_shared_between_processes():
     port = free_port()
     t0 = time.perf_counter()
     results = finish(start([["-c", TIMER_WORKER, str(pid), str(port)] for pid in (0, 1)]), 60)
@@ -213,6 +221,8 @@ def test_timer_decisions_and_config_check_are_shared_between_processes():
         assert line["MISMATCH"].startswith(
             "MISMATCH distributed: process 1 runs another config than process 0 (fingerprints "
         ), line["MISMATCH"]
+    assert lines[0]["OUTCOME"] == "OUTCOME oom True {'tiny': 8} process 1: oom"
+    assert lines[1]["OUTCOME"].startswith("OUTCOME oom True {}")
     print(f"two-process timer test: {wall_s:.1f} s wall")
 
 
