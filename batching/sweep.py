@@ -256,6 +256,7 @@ def run_sweep(
             try:
                 for batch_size in sizes:
                     bar.set_postfix_str(f"{run.name} batch={batch_size}")
+                    wall_before = oom_at.get(run.name)
                     row, samples = guarded_point(
                         run,
                         topo,
@@ -267,7 +268,7 @@ def run_sweep(
                         share,
                     )
                     if share is not None:
-                        row, samples = agree_on_outcome(run, row, samples, oom_at)
+                        row, samples = agree_on_outcome(run, row, samples, oom_at, wall_before)
                     if writer:
                         store.append(row, samples)
                     measured += 1
@@ -350,13 +351,18 @@ def guarded_point(
 
 
 def agree_on_outcome(
-    run: runs.Run, row: dict[str, Any], samples: np.ndarray | None, oom_at: dict[str, int]
+    run: runs.Run,
+    row: dict[str, Any],
+    samples: np.ndarray | None,
+    oom_at: dict[str, int],
+    wall_before: int | None,
 ) -> tuple[dict[str, Any], np.ndarray | None]:
-    """A point that failed on any process is recorded as failed by every process.
+    """A point that failed on any process is recorded alike by every process.
 
-    Processes exchange (batch size, status); one that measured fine while another hit an
-    OOM or an error takes the first failing process's status, so process 0's row, the
-    OOM wall and what a rerun retries are the same everywhere.
+    Processes exchange (batch size, status); when any failed, every process takes the
+    status of the first one that did (lowest index), so process 0's row, the run's OOM
+    wall (`oom_at`, which was `wall_before` before this point) and what a rerun retries
+    are the same everywhere, and the processes go on making the same calls.
     """
     batch_size = row["batch_size"]
     table = distributed.gather_codes("outcome", [batch_size, STATUS_CODES[row["status"]]])
@@ -364,12 +370,19 @@ def agree_on_outcome(
         raise distributed.DistributedError(
             f"distributed: processes are out of step (batch sizes {table[:, 0].tolist()})"
         )
-    if row["status"] != "ok" or not table[:, 1].any():
+    failed = np.flatnonzero(table[:, 1])
+    if not failed.size:
         return row, samples
-    p = int(np.flatnonzero(table[:, 1])[0])
+    p = int(failed[0])
     status = {code: name for name, code in STATUS_CODES.items()}[int(table[p, 1])]
     if status == "oom":
-        wall = oom_at.get(run.name, batch_size)
-        oom_at[run.name] = min(batch_size, wall)
-    message = f"process {p}: {status}"
-    return status_row(run, batch_size, row["fingerprint"], status, message=message), None
+        oom_at[run.name] = min(batch_size, wall_before if wall_before is not None else batch_size)
+    elif wall_before is None:
+        oom_at.pop(run.name, None)
+    else:
+        oom_at[run.name] = wall_before
+    if p == jax.process_index():
+        return row, samples
+    return status_row(
+        run, batch_size, row["fingerprint"], status, message=f"process {p}: {status}"
+    ), None

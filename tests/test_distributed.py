@@ -193,9 +193,13 @@ TIMER_WORKER = textwrap.dedent(
     # A point that hit OOM on process 1 only is an OOM in process 0's row too.
     from batching import sweep
     row = {"batch_size": 8, "status": "oom" if pid else "ok", "fingerprint": "f"}
-    oom_at = {}
-    row, samples = sweep.agree_on_outcome(run, row, None if pid else np.ones(3), oom_at)
+    oom_at = {"tiny": 8} if pid else {}  # guarded_point set process 1's wall
+    row, samples = sweep.agree_on_outcome(run, row, None if pid else np.ones(3), oom_at, None)
     print("OUTCOME", row["status"], samples is None, oom_at, row.get("message"), flush=True)
+    # Failures that differ: every process takes the first failing process's status.
+    row = {"batch_size": 16, "status": "error" if pid else "skipped_memory", "fingerprint": "f"}
+    row, _ = sweep.agree_on_outcome(run, row, None, oom_at, 8)
+    print("FIRST", row["status"], oom_at, flush=True)
     """
 )
 
@@ -222,7 +226,8 @@ def test_timer_stop_config_check_and_point_outcome_are_shared_between_processes(
             "MISMATCH distributed: process 1 runs another config than process 0 (fingerprints "
         ), line["MISMATCH"]
     assert lines[0]["OUTCOME"] == "OUTCOME oom True {'tiny': 8} process 1: oom"
-    assert lines[1]["OUTCOME"].startswith("OUTCOME oom True {}")
+    assert lines[1]["OUTCOME"].startswith("OUTCOME oom True {'tiny': 8}")
+    assert all(line["FIRST"] == "FIRST skipped_memory {'tiny': 8}" for line in lines)
     print(f"two-process timer test: {wall_s:.1f} s wall")
 
 
