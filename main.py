@@ -10,6 +10,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from batching import app as lab
+from batching import distributed
 from batching.results import WorkdirError
 from batching.runs import ConfigError
 
@@ -28,6 +29,10 @@ def main(argv):
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except distributed.DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        # JAX's shutdown barrier would wait for the process that is gone.
+        distributed.exit_now(1)
     except lab.PointsFailed as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -12,16 +12,40 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from batching import analysis, plots, report, results, runs, summary, sweep, workload
+from batching import (
+    analysis,
+    distributed,
+    plots,
+    report,
+    results,
+    runs,
+    summary,
+    sweep,
+    workload,
+)
 from batching.tensorboard_writer import write_experiment_config, write_run_summary
 
 
-def prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[list[runs.Run], dict]:
-    """Checks everything that can be checked before writing; raises ConfigError/WorkdirError."""
+def prepare(
+    config: ml_collections.ConfigDict, workdir: str, writer: bool = True
+) -> tuple[list[runs.Run], dict]:
+    """Checks everything that can be checked before writing; raises ConfigError/WorkdirError.
+
+    Only the writer (process 0) looks at the workdir: the others never touch it.
+    """
     all_runs = runs.expand(config)
     runs.validate(config, all_runs)
-    results.check_writable(workdir)
+    if distributed.is_multiprocess():
+        for r in all_runs:
+            if hasattr(workload.workload_module(r.config.model.name), "prepare"):
+                raise runs.ConfigError(
+                    f"model.name {r.config.model.name!r} trains before it is timed, which "
+                    "runs in one process only; unset distributed.* for this run"
+                )
     fingerprints = {r.name: results.fingerprint(runs.measurement_view(r)) for r in all_runs}
+    if not writer:
+        return all_runs, fingerprints
+    results.check_writable(workdir)
     store = results.Store(workdir)
     clashing = store.conflicts(fingerprints)
     if clashing and not config.overwrite:
@@ -85,23 +109,60 @@ def lock_workdir(workdir: str):
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
-    """Runs the experiment described by `config` into `workdir`; returns the run summaries."""
-    all_runs, fingerprints = prepare(config, workdir)
-    lock = lock_workdir(workdir)
+    """Runs the experiment described by `config` into `workdir`; returns the run summaries.
+
+    With several processes (config.distributed) every process calls this with the same
+    config; process 0 writes and the others only take part in the measurements.
+    """
+    distributed.initialize(config)  # before anything else touches JAX
+    writer = distributed.is_writer()
+    error, lock = None, None
+    try:
+        all_runs, fingerprints = prepare(config, workdir, writer)
+    except (runs.ConfigError, results.WorkdirError) as e:
+        error = e
+    # A process that refused the config must not leave the others waiting for it.
+    distributed.agree_on_failure(error)
+    distributed.check_same_config(agreement(config, all_runs, fingerprints))
+    if writer:
+        try:
+            lock = lock_workdir(workdir)
+        except results.WorkdirError as e:
+            error = e
+    distributed.agree_on_failure(error)
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        return _run_locked(config, workdir, all_runs, fingerprints)
+        return _run_locked(config, workdir, all_runs, fingerprints, writer)
     finally:
         signal.signal(signal.SIGTERM, previous)
-        os.close(lock)
+        if lock is not None:
+            os.close(lock)
 
 
-def _run_locked(config, workdir, all_runs, fingerprints) -> list[dict[str, Any]]:
+# Fields that may differ between processes: where each host keeps its caches, how it prints.
+PER_PROCESS = ("distributed", "compilation_cache_dir", "output")
+
+
+def agreement(
+    config: ml_collections.ConfigDict, all_runs: list[runs.Run], fingerprints: dict[str, str]
+) -> dict[str, Any]:
+    """What every process must share with process 0, by name (distributed.check_same_config)."""
+    rest = {k: v for k, v in config.to_dict().items() if k not in PER_PROCESS}
+    rest.get("roofline", {}).pop("peaks_cache_dir", None)
+    points = {r.name: [r.batch_sizes, r.config.sweep.shuffle, r.config.seed] for r in all_runs}
+    return {"fingerprints": fingerprints, "points": points, "config": rest}
+
+
+def _run_locked(config, workdir, all_runs, fingerprints, writer=True) -> list[dict[str, Any]]:
     store = results.Store(workdir)
-    if config.overwrite and store.has_outputs():
-        logging.info("overwrite: previous outputs moved to %s", store.archive())
     if config.compilation_cache_dir:
         enable_compilation_cache(config.compilation_cache_dir)
+    if not writer:
+        # Another process: measure in step with process 0, write nothing.
+        sweep.run_sweep(all_runs, fingerprints, store, False, writer=False)
+        return []
+    if config.overwrite and store.has_outputs():
+        logging.info("overwrite: previous outputs moved to %s", store.archive())
     store.write_config(config.to_dict(), fingerprints)
     prepared = prepare_runs(all_runs, store.workdir)
     try:

@@ -27,6 +27,8 @@ NOT_MEASUREMENT = (
     "roofline",
     "profile",
     "report",
+    # Which process this is and how to reach the others; the process count is in the view.
+    "distributed",
 )
 
 
@@ -172,4 +174,7 @@ def measurement_view(run: Run) -> dict[str, Any]:
     dev = device(run.config)
     view["device"] = {"platform": dev.platform, "device_kind": dev.device_kind}
     view["jax_version"] = jax.__version__
+    if jax.process_count() > 1:
+        # Absent for one process, so single-process fingerprints stay as they were.
+        view["process_count"] = jax.process_count()
     return view

@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from batching import results, runs, specs, stats, timing, topology, workload
+from batching import distributed, results, runs, specs, stats, timing, topology, workload
 from batching.tensorboard_writer import PointWriter
 
 # A row's status: "ok" (measured), "skipped_memory" (its program needs more than the memory
@@ -23,6 +23,8 @@ from batching.tensorboard_writer import PointWriter
 # that hit OOM), "error" (any other exception). Rows without one are ok. A rerun retries
 # "error" and "skipped_memory" points (the budget may have changed; skipping costs a compile).
 NOT_RETRIED = ("ok", "oom", "skipped_after_oom")
+# Statuses as the codes processes exchange to agree on a point's outcome (0 is ok).
+STATUS_CODES = {"ok": 0, "skipped_memory": 1, "oom": 2, "skipped_after_oom": 3, "error": 4}
 
 
 class OverBudget(Exception):
@@ -103,8 +105,12 @@ def measure_point(
     batch_size: int,
     fingerprint: str,
     settings: timing.TimingSettings,
+    share: distributed.Share | None = None,
 ) -> tuple[dict[str, Any], np.ndarray]:
-    """Compiles and times the workload at one batch size; returns the row and the samples."""
+    """Compiles and times the workload at one batch size; returns the row and the samples.
+
+    `share` (several processes) makes the memory-budget and timer decisions process 0's.
+    """
     cfg = run.config
     args = wl.make_args(batch_size)
     precision = cfg.model.get("matmul_precision", "default")
@@ -118,9 +124,12 @@ def measure_point(
     # Per device: an SPMD program's memory analysis is one device's share.
     memory = memory_fields(compiled, topo.device)
     budget = memory_budget(cfg, memory["device_memory_bytes"])
-    if memory["memory_bytes"] is not None and memory["memory_bytes"] > budget:
+    over = memory["memory_bytes"] is not None and memory["memory_bytes"] > budget
+    if share is not None:
+        over = bool(share("memory", int(over)))
+    if over:
         raise OverBudget({**memory, "memory_budget_bytes": budget})
-    m = timing.measure(compiled.call, args, settings, wl.next_args)
+    m = timing.measure(compiled.call, args, settings, wl.next_args, share)
     del args
     extra = wl.point_fields(batch_size) if wl.point_fields else {}
     summary = stats.summarize(m.samples_s, settings.confidence)
@@ -162,11 +171,14 @@ def measure_point(
     return status_row(run, batch_size, fingerprint, "ok", **fields), m.samples_s
 
 
-def trace_point(wl: workload.Workload, batch_size: int, steps: int, logdir: str) -> None:
+def trace_point(
+    wl: workload.Workload, batch_size: int, steps: int, logdir: str, capture: bool = True
+) -> None:
     """Captures a jax.profiler trace of `steps` calls, after the point was timed, never during.
 
     The trace lands in <logdir>/plugins/profile/<time>/, where TensorBoard's
-    Profile tab (the `profile` extra, xprof) finds it.
+    Profile tab (the `profile` extra, xprof) finds it. Without `capture` (a process
+    that does not write) the same calls run untraced, in step with process 0.
     """
     call = jax.jit(wl.fn, donate_argnums=wl.donate_argnums)
     args = tuple(wl.make_args(batch_size))
@@ -174,7 +186,7 @@ def trace_point(wl: workload.Workload, batch_size: int, steps: int, logdir: str)
     jax.block_until_ready(out)
     if wl.next_args is not None:
         args = tuple(wl.next_args(args, out))
-    with jax.profiler.trace(logdir):
+    with jax.profiler.trace(logdir) if capture else contextlib.nullcontext():
         for step in range(steps):
             with jax.profiler.StepTraceAnnotation(f"batch_{batch_size}", step_num=step):
                 out = call(*args)
@@ -188,11 +200,21 @@ def run_sweep(
     fingerprints: dict[str, str],
     store: results.Store,
     progress_bar: bool,
+    writer: bool = True,
 ) -> int:
-    """Measures every (run, batch size) not yet in the store; returns how many it measured."""
-    done = store.measured(fingerprints, NOT_RETRIED)
-    todo = {r.name: [b for b in r.batch_sizes if (r.name, b) not in done] for r in all_runs}
-    oom_at = store.first_oom(fingerprints)
+    """Measures every (run, batch size) not yet in the store; returns how many it measured.
+
+    With several processes, process 0's store decides what is left to measure and only
+    process 0 (`writer`) writes rows, samples and TensorBoard points.
+    """
+    share = distributed.sharer()
+    todo, oom_at = {}, {}
+    if writer:
+        done = store.measured(fingerprints, NOT_RETRIED)
+        todo = {r.name: [b for b in r.batch_sizes if (r.name, b) not in done] for r in all_runs}
+        oom_at = store.first_oom(fingerprints)
+    if share is not None:
+        todo, oom_at = distributed.broadcast_json([todo, oom_at])
     total = sum(len(v) for v in todo.values())
     skipped = sum(len(r.batch_sizes) for r in all_runs) - total
     if skipped:
@@ -211,26 +233,44 @@ def run_sweep(
                 continue
             if run.config.sweep.shuffle:
                 random.Random(f"{run.config.seed}/{run.name}").shuffle(sizes)
+            wl, failure = None, None
             try:
                 topo = topology.build(run.config)
                 wl = workload.build(run.config, topo, store.workdir)
             except Exception as e:  # noqa: BLE001 - a broken run is rows, not a crash
+                failure = _why(e)
+            if share is not None:
+                failed = distributed.gather_codes("build", [int(failure is not None)])[:, 0]
+                if failure is None and failed.any():
+                    p = int(np.flatnonzero(failed)[0])
+                    failure = {"error_type": "RemoteError", "message": f"process {p} failed"}
+            if failure is not None:
                 for batch_size in sizes:
-                    store.append(
-                        status_row(run, batch_size, fingerprints[run.name], "error", **_why(e)),
-                        None,
-                    )
-                logging.warning("run %s could not be built: %s", run.name, _why(e)["message"])
+                    if writer:
+                        row = status_row(run, batch_size, fingerprints[run.name], "error")
+                        store.append({**row, **failure}, None)
+                logging.warning("run %s could not be built: %s", run.name, failure["message"])
                 continue
             settings = runs.timing_settings(run.config)
-            writer = PointWriter(store.workdir, run.name)
+            points = PointWriter(store.workdir, run.name) if writer else None
             try:
                 for batch_size in sizes:
                     bar.set_postfix_str(f"{run.name} batch={batch_size}")
+                    wall_before = oom_at.get(run.name)
                     row, samples = guarded_point(
-                        run, topo, wl, batch_size, fingerprints[run.name], settings, oom_at
+                        run,
+                        topo,
+                        wl,
+                        batch_size,
+                        fingerprints[run.name],
+                        settings,
+                        oom_at,
+                        share,
                     )
-                    store.append(row, samples)
+                    if share is not None:
+                        row, samples = agree_on_outcome(run, row, samples, oom_at, wall_before)
+                    if writer:
+                        store.append(row, samples)
                     measured += 1
                     bar.update(1)
                     if row["status"] != "ok":
@@ -242,9 +282,12 @@ def run_sweep(
                             row.get("message", ""),
                         )
                         continue
-                    writer.write(row)
+                    if points is not None:
+                        points.write(row)
                     if batch_size in run.config.profile.batch_sizes:
-                        trace_point(wl, batch_size, run.config.profile.steps, writer.logdir)
+                        logdir = points.logdir if points is not None else ""
+                        steps = run.config.profile.steps
+                        trace_point(wl, batch_size, steps, logdir, capture=writer)
                     logging.log_if(
                         logging.INFO,
                         "%s batch=%d latency=%.4g ms (n=%d, %s) [%d/%d]",
@@ -258,7 +301,8 @@ def run_sweep(
                         total,
                     )
             finally:
-                writer.close()
+                if points is not None:
+                    points.close()
             del wl
     finally:
         bar.close()
@@ -277,15 +321,21 @@ def guarded_point(
     fingerprint: str,
     settings: timing.TimingSettings,
     oom_at: dict[str, int],
+    share: distributed.Share | None = None,
 ) -> tuple[dict[str, Any], np.ndarray | None]:
-    """One point's row whatever happens; an OOM records the run's wall in `oom_at`."""
+    """One point's row whatever happens; an OOM records the run's wall in `oom_at`.
+
+    Losing the other processes (DistributedError) is not a point's failure: it ends the run.
+    """
     wall = oom_at.get(run.name)
     if wall is not None and batch_size > wall:
         return status_row(
             run, batch_size, fingerprint, "skipped_after_oom", message=f"batch {wall} hit OOM"
         ), None
     try:
-        return measure_point(run, topo, wl, batch_size, fingerprint, settings)
+        return measure_point(run, topo, wl, batch_size, fingerprint, settings, share)
+    except distributed.DistributedError:
+        raise
     except OverBudget as e:
         need, budget = e.fields["memory_bytes"], e.fields["memory_budget_bytes"]
         msg = f"needs {need} bytes > budget {budget:.0f}"
@@ -298,3 +348,41 @@ def guarded_point(
             return status_row(run, batch_size, fingerprint, "oom", **_why(e)), None
         logging.exception("%s batch=%d failed", run.name, batch_size)
         return status_row(run, batch_size, fingerprint, "error", **_why(e)), None
+
+
+def agree_on_outcome(
+    run: runs.Run,
+    row: dict[str, Any],
+    samples: np.ndarray | None,
+    oom_at: dict[str, int],
+    wall_before: int | None,
+) -> tuple[dict[str, Any], np.ndarray | None]:
+    """A point that failed on any process is recorded alike by every process.
+
+    Processes exchange (batch size, status); when any failed, every process takes the
+    status of the first one that did (lowest index), so process 0's row, the run's OOM
+    wall (`oom_at`, which was `wall_before` before this point) and what a rerun retries
+    are the same everywhere, and the processes go on making the same calls.
+    """
+    batch_size = row["batch_size"]
+    table = distributed.gather_codes("outcome", [batch_size, STATUS_CODES[row["status"]]])
+    if (table[:, 0] != batch_size).any():
+        raise distributed.DistributedError(
+            f"distributed: processes are out of step (batch sizes {table[:, 0].tolist()})"
+        )
+    failed = np.flatnonzero(table[:, 1])
+    if not failed.size:
+        return row, samples
+    p = int(failed[0])
+    status = {code: name for name, code in STATUS_CODES.items()}[int(table[p, 1])]
+    if status == "oom":
+        oom_at[run.name] = min(batch_size, wall_before if wall_before is not None else batch_size)
+    elif wall_before is None:
+        oom_at.pop(run.name, None)
+    else:
+        oom_at[run.name] = wall_before
+    if p == jax.process_index():
+        return row, samples
+    return status_row(
+        run, batch_size, row["fingerprint"], status, message=f"process {p}: {status}"
+    ), None

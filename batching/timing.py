@@ -126,29 +126,42 @@ class Measurement:
     wall_s: float
 
 
+# Why the timed loop stopped, as the code a shared decision carries (0: go on).
+STOP_REASONS = {1: "precision", 2: "budget"}
+
+
 def measure(
     call: Callable[..., Any],
     args: Sequence[Any],
     settings: TimingSettings,
     next_args: Callable[[Sequence[Any], Any], Sequence[Any]] | None = None,
+    share: Callable[[str, int], int] | None = None,
 ) -> Measurement:
     """Times `call(*args)` until the median is known to `target_rel_ci` or the budget is spent.
 
     `next_args(args, out)` feeds a call's output back in (a donated KV cache, say);
-    it runs outside the timed region.
+    it runs outside the timed region. `share(tag, decision)` (several processes,
+    batching.distributed.share) replaces each clock-dependent decision by process 0's,
+    so every process makes the same number of calls; it runs outside the timed region,
+    and only where a decision is due (after warmup_runs, then at the precision checks).
     """
     args = tuple(args)
     clock = time.perf_counter
     start = clock()
     runs = 0
-    while runs < settings.warmup_runs or clock() - start < settings.warmup_s:
+    while True:
+        if runs >= settings.warmup_runs:
+            elapsed = clock() - start
+            go_on = elapsed < settings.warmup_s and elapsed < settings.budget_s
+            if share is not None:
+                go_on = bool(share("warmup", int(go_on)))
+            if not go_on:
+                break
         out = call(*args)
         _block(out)
         if next_args is not None:
             args = tuple(next_args(args, out))
         runs += 1
-        if runs >= settings.warmup_runs and clock() - start >= settings.budget_s:
-            break
 
     if isinstance(out, jax.Array):
         # One array out: block on it directly, nothing else inside the clock.
@@ -179,10 +192,13 @@ def measure(
             # Checking costs a sort, so look again only after ~10% more samples.
             next_check = n + max(1, n // 10)
             if stats.relative_halfwidth(samples[:n], settings.confidence) <= settings.target_rel_ci:
-                stop_reason = "precision"
-                break
-            if clock() - t_begin >= settings.budget_s:
-                stop_reason = "budget"
+                code = 1
+            else:
+                code = 2 if clock() - t_begin >= settings.budget_s else 0
+            if share is not None:
+                code = share("stop", code)
+            if code:
+                stop_reason = STOP_REASONS[code]
                 break
     return Measurement(
         samples_s=samples[:n].copy(),

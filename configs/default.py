@@ -105,6 +105,19 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     config.memory.max_fraction = 0.9
     config.memory.max_bytes = config_dict.placeholder(int)
 
+    # Many processes (one per host, same command and config on each): jax.distributed's
+    # coordinator (process 0's host:port), the number of processes and this one's index.
+    # All unset: one process. coordinator_address="auto" lets JAX read the unset ones from
+    # the cluster's environment (Slurm, Open MPI, Cloud TPU, Kubernetes).
+    config.distributed = config_dict.ConfigDict()
+    config.distributed.coordinator_address = config_dict.placeholder(str)
+    config.distributed.num_processes = config_dict.placeholder(int)
+    config.distributed.process_id = config_dict.placeholder(int)
+    # Seconds to wait for every process to join; seconds without a heartbeat after which
+    # the coordinator declares a process dead and stops the others (JAX's defaults).
+    config.distributed.initialization_timeout_s = 300
+    config.distributed.heartbeat_timeout_s = 100
+
     config.output = config_dict.ConfigDict()
     config.output.progress_bar = True
     config.output.plots = True
