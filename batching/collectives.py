@@ -1,0 +1,163 @@
+"""Collectives on a mesh: their bytes on the wire, their time, and what this mesh reaches.
+
+A collective over a mesh axis of n devices, with a payload of S bytes per device (the
+buffer each device holds: the input of an all-reduce or all-to-all, the OUTPUT of an
+all-gather), moves per device, in each direction, over a ring or a switch:
+
+- all-reduce: 2·(n−1)/n · S (reduce-scatter, then all-gather);
+- all-to-all: (n−1)/n · S (every device keeps 1/n of its buffer);
+- all-gather: (n−1)/n · S.
+
+These are the "bus bandwidth" factors of nccl-tests (doc/PERFORMANCE.md): busbw =
+algbw · factor with algbw = S / time. A bus bandwidth is comparable to one device's
+link bandwidth per direction (specs.DeviceSpec.interconnect_bytes_per_s), whatever n
+is, so this module stores and compares bus bandwidths, and a collective takes
+S · factor / busbw seconds (batching.roofline.comm_time).
+
+The microbenchmarks time `jax.lax.psum` and `jax.lax.all_to_all` under `shard_map` over
+one axis of the run's mesh with the lab's timer (batching.timing, as batching.peaks does)
+and keep the result in the peaks cache file, keyed by device kind, collective, axis size
+and payload bytes. An axis of one device has no collective: nothing is measured.
+"""
+
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from batching import peaks, timing
+
+KINDS = ("all_reduce", "all_to_all", "all_gather")
+# What the microbenchmarks time (all-gather is costed, not measured).
+MEASURED = ("all_reduce", "all_to_all")
+# Large enough that the link, not the launch, sets the time; small enough for a 2-core CPU.
+DEFAULT_PAYLOAD_BYTES = 4 << 20
+
+SETTINGS = timing.TimingSettings(
+    warmup_runs=2, warmup_s=0.0, min_runs=5, max_runs=200, target_rel_ci=0.05, budget_s=0.5
+)
+
+
+def bus_factor(kind: str, axis_size: int) -> float:
+    """Bytes each device sends per payload byte (nccl-tests' busbw factor)."""
+    n = axis_size
+    if kind == "all_reduce":
+        return 2.0 * (n - 1) / n
+    if kind in ("all_to_all", "all_gather"):
+        return (n - 1) / n
+    raise ValueError(f"collective kind must be one of {KINDS}, got {kind!r}")
+
+
+def wire_bytes(c: dict[str, Any]) -> float:
+    """Bytes one device sends for a collectives entry (all its `count` calls)."""
+    return c["bytes"] * c["count"] * bus_factor(c["kind"], c["axis_size"])
+
+
+def total_bytes(collectives: list[dict[str, Any]] | None) -> float:
+    """Σ bytes·count: the payload of a call's collectives per device (a row's comm_bytes)."""
+    return float(sum(c["bytes"] * c["count"] for c in collectives or []))
+
+
+def entry(kind: str, axis: str, axis_size: int, payload_bytes: float, count: int) -> dict:
+    """One collectives entry as the contract names it (see batching.workload.Workload)."""
+    if kind not in KINDS:
+        raise ValueError(f"collective kind must be one of {KINDS}, got {kind!r}")
+    return {
+        "kind": kind,
+        "axis": axis,
+        "axis_size": int(axis_size),
+        "bytes": float(payload_bytes),
+        "count": int(count),
+    }
+
+
+# ---------------------------------------------------------------- microbenchmarks
+
+
+def _program(mesh: Mesh, axis: str, kind: str):
+    """A jitted collective over `axis`; every device holds a [rows, 128] float32 block."""
+    spec = PartitionSpec(axis)
+
+    if kind == "all_reduce":
+
+        def body(x):
+            return jax.lax.psum(x, axis)
+    elif kind == "all_to_all":
+
+        def body(x):
+            # Split the block into n row chunks, send chunk i to device i.
+            return jax.lax.all_to_all(x, axis, split_axis=0, concat_axis=0, tiled=True)
+    else:
+        raise ValueError(f"collective kind to measure must be one of {MEASURED}, got {kind!r}")
+    mapped = jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec)
+    return mapped, NamedSharding(mesh, spec)
+
+
+def measure(mesh: Mesh, axis: str, kind: str, payload_bytes: int) -> dict[str, float]:
+    """Times one collective of `payload_bytes` per device over `axis` of `mesh`.
+
+    Returns the median seconds, algbw (payload / seconds) and busbw (algbw · factor),
+    bytes/s. The other mesh axes run the same collective side by side (each slice along
+    `axis` is one group), as in a sweep where every group communicates at once.
+    """
+    n = mesh.shape[axis]
+    if n < 2:
+        raise ValueError(f"mesh axis {axis!r} has {n} device: no collective to measure")
+    # Rows divisible by n (the all-to-all splits them), 128 float32 each.
+    rows = max(n, (payload_bytes // (4 * 128)) // n * n)
+    payload = rows * 128 * 4
+    fn, sharding = _program(mesh, axis, kind)
+    x = jax.device_put(np.ones((n * rows, 128), np.float32), sharding)
+    compiled = timing.compile_fn(fn, (x,))
+    m = timing.measure(compiled.call, (x,), SETTINGS)
+    seconds = float(np.median(m.samples_s))
+    algbw = payload / seconds
+    return {
+        "seconds": seconds,
+        "payload_bytes": float(payload),
+        "algbw_bytes_per_s": algbw,
+        "busbw_bytes_per_s": algbw * bus_factor(kind, n),
+    }
+
+
+def _name(kind: str, axis_size: int, payload_bytes: int) -> str:
+    name = f"{kind}:n{axis_size}:{int(payload_bytes)}B"
+    # Across hosts a collective crosses the network, not the links inside one box.
+    return name + (f":p{jax.process_count()}" if jax.process_count() > 1 else "")
+
+
+def bandwidth(
+    mesh: Mesh,
+    axis: str,
+    kind: str,
+    cache_dir: str,
+    payload_bytes: int = DEFAULT_PAYLOAD_BYTES,
+) -> dict[str, float] | None:
+    """`measure` of one (collective, axis size, payload), cached in the peaks file under the
+    device's key; None on an axis of one device (no collective, nothing measured)."""
+    n = mesh.shape[axis]
+    if n < 2:
+        return None
+    device = mesh.devices.flat[0]
+    path = peaks.cache_path(cache_dir)
+    cache = peaks._load(path)
+    key = peaks._device_key(device)
+    dev_entry = dict(cache.get(key, {}))
+    table = dict(dev_entry.get("collectives", {}))
+    name = _name(kind, n, payload_bytes)
+    if name not in table:
+        table[name] = {**measure(mesh, axis, kind, payload_bytes), "measured_at": time.time()}
+        dev_entry["collectives"] = table
+        peaks._save(path, cache, key, dev_entry)
+    return table[name]
+
+
+def mesh_bandwidths(mesh: Mesh, cache_dir: str) -> dict[str, dict[str, dict[str, float]]]:
+    """Measured bus bandwidths of every axis of more than one device: {axis: {kind: result}}."""
+    out = {}
+    for axis, n in mesh.shape.items():
+        if n > 1:
+            out[axis] = {kind: bandwidth(mesh, axis, kind, cache_dir) for kind in MEASURED}
+    return out
