@@ -73,6 +73,22 @@ def entry(kind: str, axis: str, axis_size: int, payload_bytes: float, count: int
     }
 
 
+AXES = ("data", "expert", "model")
+
+
+def config_mesh_shape(run_cfg: Any) -> dict[str, int]:
+    """{data, expert, model} sizes from `config.mesh` (each 1 where unset: one device)."""
+    mesh = run_cfg.get("mesh") if hasattr(run_cfg, "get") else None
+    return {a: int((mesh.get(a) if mesh is not None else None) or 1) for a in AXES}
+
+
+def shards(total: int, parts: int, what: str) -> int:
+    """`total` split evenly over `parts` devices; ValueError naming `what` if it does not split."""
+    if total % parts:
+        raise ValueError(f"{what} ({total}) must be divisible by its mesh axes ({parts} devices)")
+    return total // parts
+
+
 # ---------------------------------------------------------------- microbenchmarks
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from batching import results, runs, specs, stats, timing, workload
+from batching import collectives, results, runs, specs, stats, timing, workload
 from batching.tensorboard_writer import PointWriter
 
 # A row's status: "ok" (measured), "skipped_memory" (its program needs more than the memory
@@ -109,6 +109,7 @@ def measure_point(
     latency = summary["latency_s"]
     examples = wl.examples(batch_size)
     cost = wl.cost(batch_size) if wl.cost else None
+    calls = wl.collectives(batch_size) if wl.collectives else []
     work_flops = cost.flops if cost else compiled.flops
     work_bytes = cost.bytes if cost else compiled.bytes_accessed
     fields = {
@@ -138,6 +139,9 @@ def measure_point(
         "per_example_s": latency / examples,
         "gemm_shapes": wl.gemm_shapes(batch_size) if wl.gemm_shapes else None,
         "attention_shapes": wl.attention_shapes(batch_size) if wl.attention_shapes else None,
+        "collectives": calls,
+        # Payload per device of the call's collectives (Σ bytes·count; batching.collectives).
+        "comm_bytes": collectives.total_bytes(calls),
         **wl.fields,
         **extra,
     }

@@ -8,7 +8,11 @@ import textwrap
 
 import pytest
 
-from batching import collectives
+from batching import collectives, roofline
+from batching.workloads import decoder as decoder_wl
+from batching.workloads import moe as moe_wl
+from models import decoder
+from models.moe import MoEMLPConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,3 +97,113 @@ def test_microbenchmarks_on_8_forced_host_devices_are_positive_and_cached(tmp_pa
         for kind in collectives.MEASURED
         for n in (2, 4)
     }
+
+
+# ---------------------------------------------------------------- analytic collectives
+
+
+def _tiny_decoder(**kw):
+    base = dict(vocab_size=32, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=4)
+    base.update(kw)
+    base.setdefault("mlp_dim", 32)
+    base.setdefault("max_seq_len", 16)
+    return decoder.DecoderConfig(**base)
+
+
+MESH = {"data": 2, "expert": 1, "model": 2}
+
+
+@pytest.mark.parametrize("batch, per_device_tokens", [(4, 2), (8, 4)])
+def test_tensor_parallel_decode_step_all_reduces_hand_counted(batch, per_device_tokens):
+    # 2 all-reduces per layer (after the attention out-projection and the MLP
+    # down-projection), each of this device's [tokens, d_model=16] fp32 activations.
+    got = decoder_wl.step_collectives(_tiny_decoder(), MESH, batch, 8, decode=True)
+    assert got == [
+        {
+            "kind": "all_reduce",
+            "axis": "model",
+            "axis_size": 2,
+            "bytes": per_device_tokens * 16 * 4,
+            "count": 2 * 2,
+        }
+    ]
+
+
+def test_tensor_parallel_prefill_counts_every_prompt_token_in_bf16():
+    cfg = _tiny_decoder(dtype="bfloat16")
+    (got,) = decoder_wl.step_collectives(cfg, MESH, 4, 3, decode=False)
+    assert got["bytes"] == 2 * 3 * 16 * 2  # 2 sequences x 3 tokens x 16 x 2 bytes
+    assert got["count"] == 4
+
+
+def test_data_parallel_inference_communicates_nothing():
+    dp = {"data": 4, "expert": 1, "model": 1}
+    assert decoder_wl.step_collectives(_tiny_decoder(), dp, 8, 8, decode=True) == []
+
+
+@pytest.mark.parametrize("batch, payload", [(8, 512), (16, 1024)])
+def test_expert_parallel_moe_decoder_all_to_alls_hand_counted(batch, payload):
+    # One MoE block (moe_every=2 of 2 layers), E=4, top-2, cf 1: a decode step routes this
+    # device's batch/2 tokens as one group S; C = ceil(S*2/4) slots; payload E*C*D*4 bytes.
+    # batch 8: S=4, C=2 -> 4*2*16*4 = 512; batch 16: S=8, C=4 -> 1024. Dispatch + combine.
+    cfg = _tiny_decoder(moe_every=2, num_experts=4, top_k=2, capacity_factor=1.0)
+    got = decoder_wl.step_collectives(
+        cfg, {"data": 1, "expert": 2, "model": 1}, batch, 8, decode=True
+    )
+    assert got == [
+        {"kind": "all_to_all", "axis": "expert", "axis_size": 2, "bytes": payload, "count": 2}
+    ]
+
+
+@pytest.mark.parametrize("batch, payload", [(8, 128), (32, 384)])
+def test_expert_parallel_moe_layer_all_to_alls_hand_counted(batch, payload):
+    # Tokens over data*expert = 4 devices; one group per device of S tokens, E=4, top-1,
+    # cf 1.25: C = ceil(1.25*S/4). batch 8: S=2, C=1 -> 4*1*8*4 = 128 bytes;
+    # batch 32: S=8, C=3 -> 4*3*8*4 = 384. Two all-to-alls per layer, depth 2.
+    cfg = MoEMLPConfig(d_model=8, mlp_dim=16, num_experts=4, top_k=1, depth=2)
+    got = moe_wl.layer_collectives(cfg, {"data": 2, "expert": 2, "model": 1}, batch)
+    assert got == [
+        {"kind": "all_to_all", "axis": "expert", "axis_size": 2, "bytes": payload, "count": 4}
+    ]
+
+
+def test_a_batch_that_does_not_split_over_the_mesh_is_an_error_naming_it():
+    with pytest.raises(ValueError, match="batch_size"):
+        moe_wl.layer_collectives(MoEMLPConfig(), {"data": 2, "expert": 2, "model": 1}, 6)
+
+
+def test_comm_time_uses_the_bus_factor_and_the_bandwidth():
+    cs = [
+        collectives.entry("all_reduce", "model", 4, 1e6, 2),
+        collectives.entry("all_to_all", "expert", 8, 8e5, 2),
+    ]
+    # 1e6*2*1.5 + 8e5*2*7/8 = 3e6 + 1.4e6 bytes at 1e9 B/s.
+    assert roofline.comm_time(cs, 1e9) == pytest.approx(4.4e-3)
+    per_kind = {"all_reduce": 1e9, "all_to_all": 1e8}
+    assert roofline.comm_time(cs, lambda c: per_kind[c["kind"]]) == pytest.approx(3e-3 + 1.4e-2)
+    assert roofline.comm_time([], 1e9) == 0.0
+    assert roofline.comm_time(None, 1e9) == 0.0
+
+
+def test_per_device_work_splits_the_global_call():
+    row = {
+        "analytic_flops": 1200.0,
+        "analytic_bytes": 1000.0,
+        "weight_bytes": 600.0,
+        "gemm_shapes": [[8, 16, 32, 2]],
+        "mesh_shape": {"data": 2, "expert": 1, "model": 1},
+    }
+    dp = roofline.per_device_work(row)
+    assert dp["analytic_flops"] == 600.0
+    assert dp["analytic_bytes"] == 600.0 + 400.0 / 2  # weights whole, the rest halved
+    assert dp["gemm_shapes"] == [[4, 16, 32, 2]]
+    tp = roofline.per_device_work({**row, "mesh_shape": {"data": 1, "expert": 1, "model": 4}})
+    assert tp["analytic_flops"] == 300.0
+    assert tp["analytic_bytes"] == 600.0 / 4 + 400.0 / 4
+    assert tp["gemm_shapes"] == [[8, 16, 8, 2]]
+    ep = roofline.per_device_work(
+        {**row, "mesh_shape": {"data": 1, "expert": 2, "model": 1}, "device_max_mean_load": 1.5}
+    )
+    assert ep["analytic_flops"] == 1200.0 / 2 * 1.5  # the slowest device's load
+    one = {**row, "mesh_shape": {"data": 1, "expert": 1, "model": 1}}
+    assert roofline.per_device_work(one) is one
