@@ -207,3 +207,71 @@ def test_per_device_work_splits_the_global_call():
     assert ep["analytic_flops"] == 1200.0 / 2 * 1.5  # the slowest device's load
     one = {**row, "mesh_shape": {"data": 1, "expert": 1, "model": 1}}
     assert roofline.per_device_work(one) is one
+
+
+ANALYSIS_CHILD = textwrap.dedent(
+    """
+    import json, os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import jax, ml_collections, numpy as np
+    from batching import analysis, collectives, report, roofline
+    from configs import default
+    from tests import conftest
+
+    # Rows of a tensor-parallel run over model=4, data=2 (synthetic work, real mesh).
+    mesh_shape = {"data": 2, "expert": 1, "model": 4}
+    rows, samples = [], {}
+    for b in (2, 4, 8, 16):
+        calls = [collectives.entry("all_reduce", "model", 4, b / 2 * 64 * 4, 4)]
+        rows.append({
+            "run": "tp", "model": "decoder", "batch_size": b, "latency_s": 1e-3 * (1 + b / 8),
+            "dtype": "float32", "param_dtype": "float32", "analytic_flops": 2e6 * b,
+            "analytic_bytes": 4e6 + 1e4 * b, "weight_bytes": 4e6, "flops": None,
+            "bytes_accessed": None, "achieved_bytes_per_s": 1e9, "mesh_shape": mesh_shape,
+            "collectives": calls, "comm_bytes": collectives.total_bytes(calls),
+        })
+        samples[b] = np.full(5, rows[-1]["latency_s"])
+    cfg = default.get_config().roofline
+    cfg.shape_aware = False
+    cfg.bootstrap = 5
+    source = analysis.PeakSource(conftest.PEAKS_DIR, refresh=False)
+    out, s = analysis.analyze_run(rows, samples, jax.devices()[0], cfg, source)
+    mesh = analysis.run_mesh(mesh_shape)
+    busbw = collectives.bandwidth(mesh, "model", "all_reduce", conftest.PEAKS_DIR)
+    doc = report.Doc()
+    report.mesh_section(doc, [{**s, "run": "tp", "knee_batch_size": 1.0,
+                               "router": None}])
+    print(json.dumps({"rows": out, "summary": s, "busbw": busbw["busbw_bytes_per_s"],
+                      "report": doc.markdown("/")}, default=str))
+    """
+)
+
+
+def test_analysis_adds_the_measured_comm_term_on_a_forced_8_device_mesh():
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [sys.executable, "-c", ANALYSIS_CHILD],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    s, busbw = got["summary"], got["busbw"]
+    for r in got["rows"]:
+        want = roofline.comm_time(r["collectives"], busbw)
+        assert r["predicted_comm_s"] == pytest.approx(want) and want > 0
+        assert r["predicted_latency_s"] > r["predicted_comm_s"]
+    assert s["functional_simulation"] is True and s["num_devices"] == 8
+    assert s["predicted_critical_batch_global"] == pytest.approx(2 * s["predicted_critical_batch"])
+    assert 0 < s["comm_share_median"] < 1
+    assert set(s["collective_busbw_bytes_per_s"]) == {"data", "model"}
+    assert s["comm_bandwidth_source"] == "measured on this mesh"
+    # The node keeps model=4 and fills the other 4 devices with data replicas.
+    node = s["whatif_nodes"]["8x H100 SXM (HGX)"]
+    assert node["mesh_shape"] == {"data": 2, "expert": 1, "model": 4}
+    assert all(v > 0 for v in node["comm_s"].values())
+    assert "Functional simulation" in got["report"]
+    assert "measured bus GB/s" in got["report"]
