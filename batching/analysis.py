@@ -75,8 +75,11 @@ def run_mesh(shape: dict[str, int]) -> Mesh | None:
     n = int(np.prod(list(shape.values())))
     if n == 1 or jax.device_count() != n:
         return None
-    devices = np.array(jax.devices()).reshape([shape[a] for a in collectives.AXES])
-    return Mesh(devices, collectives.AXES)
+    return jax.make_mesh(
+        tuple(shape[a] for a in collectives.AXES),
+        collectives.AXES,
+        axis_types=(jax.sharding.AxisType.Auto,) * len(collectives.AXES),
+    )
 
 
 def comm_bandwidth(

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from batching import peaks, timing
+from batching import peaks, timing, topology
 
 KINDS = ("all_reduce", "all_to_all", "all_gather")
 # What the microbenchmarks time (all-gather is costed, not measured).
@@ -73,13 +73,7 @@ def entry(kind: str, axis: str, axis_size: int, payload_bytes: float, count: int
     }
 
 
-AXES = ("data", "expert", "model")
-
-
-def config_mesh_shape(run_cfg: Any) -> dict[str, int]:
-    """{data, expert, model} sizes from `config.mesh` (each 1 where unset: one device)."""
-    mesh = run_cfg.get("mesh") if hasattr(run_cfg, "get") else None
-    return {a: int((mesh.get(a) if mesh is not None else None) or 1) for a in AXES}
+AXES = topology.MESH_AXES
 
 
 def shards(total: int, parts: int, what: str) -> int:

@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from batching import claims, specs, workload
+from batching import claims, specs, topology, workload
 from batching.timing import TimingSettings
 from models.dtypes import resolve_dtype
 
@@ -142,6 +142,10 @@ def _validate_run(run: Run) -> None:
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{e}{where}") from None
     device(cfg)
+    try:
+        topology.validate(cfg)
+    except topology.MeshError as e:
+        raise ConfigError(f"{e}{where}") from None
 
 
 def timing_settings(cfg: ml_collections.ConfigDict) -> TimingSettings:
@@ -149,7 +153,10 @@ def timing_settings(cfg: ml_collections.ConfigDict) -> TimingSettings:
 
 
 def device(cfg: ml_collections.ConfigDict) -> jax.Device:
-    """The first device of the configured platform (JAX's default backend when unset)."""
+    """The first device of the configured platform (JAX's default backend when unset).
+
+    Runs know their devices through batching.topology.Topology; this is what it checks first.
+    """
     try:
         return jax.devices(cfg.platform)[0] if cfg.platform else jax.devices()[0]
     except RuntimeError:

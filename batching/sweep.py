@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from batching import collectives, results, runs, specs, stats, timing, workload
+from batching import collectives, results, runs, specs, stats, timing, topology, workload
 from batching.tensorboard_writer import PointWriter
 
 # A row's status: "ok" (measured), "skipped_memory" (its program needs more than the memory
@@ -58,6 +58,22 @@ def memory_budget(cfg, device_bytes: int) -> float:
     return mem.max_fraction * device_bytes
 
 
+def mesh_fields(run: runs.Run, batch_size: int) -> dict[str, Any]:
+    """Where a point runs: the mesh, and the batch as a global and a per-device size.
+
+    `batch_size` is the global batch (the swept size); each data-parallel replica holds
+    batch_size / mesh.data of it (runs.validate checked that it divides).
+    """
+    shape = topology.mesh_shape(run.config)
+    return {
+        "global_batch_size": batch_size,
+        "per_device_batch_size": batch_size // shape["data"],
+        "num_devices": shape["data"] * shape["expert"] * shape["model"],
+        "process_count": jax.process_count(),
+        "mesh_shape": shape,
+    }
+
+
 def status_row(
     run: runs.Run, batch_size: int, fingerprint: str, status: str, **fields: Any
 ) -> dict[str, Any]:
@@ -71,6 +87,7 @@ def status_row(
         "batch_size": batch_size,
         "platform": dev.platform,
         "device_kind": dev.device_kind,
+        **mesh_fields(run, batch_size),
         "status": status,
         "fingerprint": fingerprint,
         "jax_version": jax.__version__,
@@ -81,6 +98,7 @@ def status_row(
 
 def measure_point(
     run: runs.Run,
+    topo: topology.Topology,
     wl: workload.Workload,
     batch_size: int,
     fingerprint: str,
@@ -88,7 +106,6 @@ def measure_point(
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Compiles and times the workload at one batch size; returns the row and the samples."""
     cfg = run.config
-    dev = runs.device(cfg)
     args = wl.make_args(batch_size)
     precision = cfg.model.get("matmul_precision", "default")
     ctx = (
@@ -98,7 +115,8 @@ def measure_point(
     )
     with ctx:
         compiled = timing.compile_fn(wl.fn, args, wl.donate_argnums)
-    memory = memory_fields(compiled, dev)
+    # Per device: an SPMD program's memory analysis is one device's share.
+    memory = memory_fields(compiled, topo.device)
     budget = memory_budget(cfg, memory["device_memory_bytes"])
     if memory["memory_bytes"] is not None and memory["memory_bytes"] > budget:
         raise OverBudget({**memory, "memory_budget_bytes": budget})
@@ -116,7 +134,7 @@ def measure_point(
         "dtype": cfg.model.get("dtype"),
         "param_dtype": cfg.model.get("param_dtype"),
         "matmul_precision": precision,
-        "device_count": len(jax.devices(dev.platform)),
+        "device_count": len(jax.devices(topo.device.platform)),
         **summary,
         "converged": m.converged,
         "stop_reason": m.stop_reason,
@@ -198,7 +216,8 @@ def run_sweep(
             if run.config.sweep.shuffle:
                 random.Random(f"{run.config.seed}/{run.name}").shuffle(sizes)
             try:
-                wl = workload.build(run.config, runs.device(run.config), store.workdir)
+                topo = topology.build(run.config)
+                wl = workload.build(run.config, topo, store.workdir)
             except Exception as e:  # noqa: BLE001 - a broken run is rows, not a crash
                 for batch_size in sizes:
                     store.append(
@@ -213,7 +232,7 @@ def run_sweep(
                 for batch_size in sizes:
                     bar.set_postfix_str(f"{run.name} batch={batch_size}")
                     row, samples = guarded_point(
-                        run, wl, batch_size, fingerprints[run.name], settings, oom_at
+                        run, topo, wl, batch_size, fingerprints[run.name], settings, oom_at
                     )
                     store.append(row, samples)
                     measured += 1
@@ -256,6 +275,7 @@ def _why(e: BaseException) -> dict[str, str]:
 
 def guarded_point(
     run: runs.Run,
+    topo: topology.Topology,
     wl: workload.Workload,
     batch_size: int,
     fingerprint: str,
@@ -269,7 +289,7 @@ def guarded_point(
             run, batch_size, fingerprint, "skipped_after_oom", message=f"batch {wall} hit OOM"
         ), None
     try:
-        return measure_point(run, wl, batch_size, fingerprint, settings)
+        return measure_point(run, topo, wl, batch_size, fingerprint, settings)
     except OverBudget as e:
         need, budget = e.fields["memory_bytes"], e.fields["memory_budget_bytes"]
         msg = f"needs {need} bytes > budget {budget:.0f}"

@@ -2,8 +2,9 @@
 
 Each model family has a module `batching/workloads/<model.name>.py` with
 `validate(model_cfg)` (raises ValueError naming the field) and
-`build(run_cfg, device, workdir) -> Workload` (workdir: where a workload finds files
-an earlier step wrote, such as trained parameters). The sweep picks it by name, so adding a
+`build(run_cfg, topo, workdir) -> Workload` (topo: the run's batching.topology.Topology,
+whose mesh the workload places its parameters and inputs on; workdir: where a workload finds
+files an earlier step wrote, such as trained parameters). The sweep picks it by name, so adding a
 model touches no dispatcher.
 """
 
@@ -12,8 +13,9 @@ import importlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
 import ml_collections
+
+from batching.topology import Topology
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +31,8 @@ class Cost:
 class Workload:
     """A pure function to time and everything the sweep needs to know about it.
 
-    `make_args(batch_size)` returns the call's arguments already on the device;
+    `make_args(batch_size)` returns the call's arguments already on the mesh (inputs split
+    over `data`: batch_size is the global batch);
     `next_args(args, out)` feeds outputs back in (a donated cache) between calls;
     `cost(batch_size)` is the analytic work; `gemm_shapes(batch_size)` lists the
     call's matrix products as (m, k, n, count) so the roofline can measure the
@@ -74,5 +77,5 @@ def workload_module(name: str):
         raise
 
 
-def build(run_cfg: ml_collections.ConfigDict, device: jax.Device, workdir: str) -> Workload:
-    return workload_module(run_cfg.model.name).build(run_cfg, device, workdir)
+def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> Workload:
+    return workload_module(run_cfg.model.name).build(run_cfg, topo, workdir)

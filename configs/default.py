@@ -23,6 +23,26 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     # includes loading a cached executable, which is much faster than compiling.
     config.compilation_cache_dir = ""
 
+    # The device mesh: data * expert * model must equal the number of devices JAX sees
+    # (all 1: one device, today's single-device runs). Parameters and activations carry
+    # logical axis names; axis_rules maps each to a mesh axis or None (replicated), as
+    # MaxText's logical_axis_rules do. Names without a rule are replicated.
+    config.mesh = config_dict.ConfigDict()
+    config.mesh.data = 1
+    config.mesh.expert = 1
+    config.mesh.model = 1
+    config.mesh.axis_rules = (
+        ("batch", "data"),
+        ("experts", "expert"),
+        ("heads", "model"),
+        ("kv_heads", "model"),
+        ("mlp", "model"),
+        ("embed", None),
+        ("vocab", None),
+        ("layers", None),
+        ("capacity", None),
+    )
+
     config.model = config_dict.ConfigDict()
     config.model.name = "mlp"
     config.model.width = 1024

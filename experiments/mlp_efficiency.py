@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from batching import timing  # noqa: E402
+from batching import timing, topology  # noqa: E402
 from batching.workloads import mlp as mlp_workload  # noqa: E402
 from configs import default  # noqa: E402
 
@@ -38,10 +38,11 @@ def main() -> None:
     parser.add_argument("--square", type=int, default=4096)
     args = parser.parse_args()
 
-    device = jax.devices()[0]
     config = default.get_config()
     config.model.width, config.model.depth = args.width, args.depth
-    wl = mlp_workload.build(config, device, "")
+    topo = topology.build(config)
+    device = topo.device
+    wl = mlp_workload.build(config, topo, "")
     n = args.square
     a = jax.device_put(jnp.ones((n, n), jnp.float32), device)
     b = jax.device_put(jnp.ones((n, n), jnp.float32), device)

@@ -9,8 +9,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models import partitioning
 from models.dtypes import resolve_dtype
 
+# nnx.Linear's own default, named here so the kernel can carry its logical axes.
+KERNEL_INIT = nnx.initializers.lecun_normal()
 ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "tanh": jnp.tanh, "identity": lambda x: x}
 
 
@@ -49,6 +52,8 @@ class MLP(nnx.Module):
                     use_bias=cfg.use_bias,
                     dtype=resolve_dtype(cfg.dtype),
                     param_dtype=resolve_dtype(cfg.param_dtype),
+                    kernel_init=partitioning.param_init(KERNEL_INIT, "embed", "mlp"),
+                    bias_init=partitioning.param_init(nnx.initializers.zeros_init(), "mlp"),
                     rngs=rngs,
                 )
                 for _ in range(cfg.depth)

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from batching import app, claims, runs, timing
+from batching import app, claims, runs, timing, topology
 from batching.workloads import decoder as decoder_workload
 from configs import decoder as decoder_config
 from tests.conftest import tiny
@@ -35,7 +35,7 @@ def tiny_decoder(phase="decode", **model):
 
 def test_decode_steps_never_recompile_and_reuse_the_donated_cache():
     config = tiny_decoder()
-    wl = decoder_workload.build(config, jax.devices()[0], "")
+    wl = decoder_workload.build(config, topology.build(config), "")
     compiled = timing.compile_fn(wl.fn, wl.make_args(4), wl.donate_argnums)
     args = tuple(wl.make_args(4))
     for _ in range(1000):
@@ -61,7 +61,7 @@ def test_decode_step_xla_bytes_match_the_analytic_count_with_the_cache_read_once
     layout shows up as extra bytes, which is what the rows flag."""
     # head_dim 64 as in the default model: the scores (G per position) stay small next to K.
     config = tiny_decoder(cache_len=256, head_dim=64, cache_layout=layout)
-    wl = decoder_workload.build(config, jax.devices()[0], "")
+    wl = decoder_workload.build(config, topology.build(config), "")
     compiled = timing.compile_fn(wl.fn, wl.make_args(16), wl.donate_argnums)
     ratio = compiled.bytes_accessed / wl.cost(16).bytes
     if layout == "bksh":
@@ -73,7 +73,7 @@ def test_decode_step_xla_bytes_match_the_analytic_count_with_the_cache_read_once
 @pytest.mark.parametrize("phase", ["decode", "prefill"])
 def test_analytic_flops_match_xla(phase):
     config = tiny_decoder(phase)
-    wl = decoder_workload.build(config, jax.devices()[0], "")
+    wl = decoder_workload.build(config, topology.build(config), "")
     compiled = timing.compile_fn(wl.fn, wl.make_args(4), wl.donate_argnums)
     assert compiled.flops == pytest.approx(wl.cost(4).flops, rel=0.25)
 

@@ -2,10 +2,9 @@
 
 import json
 
-import jax
 import pytest
 
-from batching import app, timing
+from batching import app, timing, topology
 from batching.workloads import resnet as resnet_workload
 from configs import resnet as resnet_config
 from experiments import resnet_cpu_vs_gpu
@@ -24,7 +23,7 @@ def tiny_resnet(**model):
 
 def test_resnet_workload_costs_match_xla():
     config = tiny_resnet()
-    wl = resnet_workload.build(config, jax.devices()[0], "")
+    wl = resnet_workload.build(config, topology.build(config), "")
     compiled = timing.compile_fn(wl.fn, wl.make_args(2))
     # XLA skips taps on the zero padding that the torchvision-style count includes.
     assert 0.8 <= compiled.flops / wl.cost(2).flops <= 1.05

@@ -1,11 +1,10 @@
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 
-from batching import app, roofline, timing
+from batching import app, roofline, timing, topology
 from batching.workloads import mlp as mlp_workload
 from tests.conftest import tiny
 
@@ -99,7 +98,7 @@ def test_free_batching_limit_stops_at_the_first_significant_slowdown():
 @pytest.mark.parametrize("batch", [1, 16, 128])
 def test_mlp_analytic_flops_match_xla(batch):
     config = tiny(width=128, depth=3)
-    wl = mlp_workload.build(config, jax.devices()[0], "")
+    wl = mlp_workload.build(config, topology.build(config), "")
     compiled = timing.compile_fn(wl.fn, wl.make_args(batch))
     analytic = mlp_workload.cost(mlp_workload.model_config(config.model), batch)
     assert compiled.flops == pytest.approx(analytic.flops, rel=0.10)

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from batching import collectives as comm
+from batching.topology import Topology
 from batching.workload import Cost, Workload
 from batching.workloads import moe as moe_workload
 from models import decoder, kv_cache
@@ -153,22 +154,22 @@ def _set_lengths(cache: nnx.State, lengths_B: np.ndarray) -> nnx.State:
     return jax.tree_util.tree_map_with_path(put, cache)
 
 
-def build(run_cfg: ml_collections.ConfigDict, device: jax.Device, workdir: str) -> Workload:
+def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> Workload:
     del workdir
-    return build_decoder(run_cfg, model_config(run_cfg.model), device)
+    return build_decoder(run_cfg, model_config(run_cfg.model), topo)
 
 
 def build_decoder(
     run_cfg: ml_collections.ConfigDict,
     cfg: decoder.DecoderConfig,
-    device: jax.Device,
+    topo: Topology,
     params: nnx.State | None = None,
     tokens: np.ndarray | None = None,
 ) -> Workload:
     """The decode or prefill workload of Decoder(cfg); `params` replace the random init
     (trained weights), and `tokens` (int32) are drawn for the inputs instead of zeros."""
     m = run_cfg.model
-    layout = kv_cache.resolve_layout(cfg.cache_layout, device.platform)
+    layout = kv_cache.resolve_layout(cfg.cache_layout, topo.device.platform)
     cfg = dataclasses.replace(cfg, cache_layout=layout)
     model = abstract_decoder(cfg)
     param_bytes = resolve_dtype(cfg.param_dtype).itemsize
@@ -177,15 +178,15 @@ def build_decoder(
     graphdef = nnx.split(model, nnx.Param, nnx.Cache)[0]
     if params is None:
         params = random_params(cfg, run_cfg.seed)
-    params = jax.device_put(params, device)
+    params = topo.put_state(params)
     rng = np.random.default_rng(run_cfg.seed)
 
     def input_tokens(shape: tuple[int, ...]) -> jax.Array:
         if tokens is None:
-            return jax.device_put(jnp.zeros(shape, jnp.int32), device)
+            return topo.put_batch(jnp.zeros(shape, jnp.int32))
         start = rng.integers(0, tokens.size - int(np.prod(shape)))
         flat = tokens[start : start + int(np.prod(shape))].astype(np.int32)
-        return jax.device_put(flat.reshape(shape), device)
+        return topo.put_batch(flat.reshape(shape))
 
     decode = m.phase == "decode"
     length = m.cache_len if decode else m.prompt_len
@@ -194,7 +195,7 @@ def build_decoder(
         model.init_cache(batch, length)
         cache = nnx.state(model, nnx.Cache)
         model.init_cache(1, 1)  # the model keeps no big buffers between points
-        return jax.device_put(cache, device)
+        return topo.put_state(cache)
 
     if decode:
 
@@ -239,7 +240,7 @@ def build_decoder(
         def make_args(batch: int):
             lengths = jnp.full((batch,), length, jnp.int32)
             prompt = input_tokens((batch, length))
-            return params, empty_cache(batch), prompt, jax.device_put(lengths, device)
+            return params, empty_cache(batch), prompt, topo.put_batch(lengths)
 
         def next_args(args, out):
             return args[0], out[1], args[2], args[3]
@@ -252,7 +253,7 @@ def build_decoder(
         attention_shapes = None  # attention over the prompt itself: in the FLOPs at peak
         examples = lambda batch: batch * length
 
-    mesh_shape = comm.config_mesh_shape(run_cfg)
+    mesh_shape = topo.shape
 
     n_params = decoder.num_params(cfg)
     return Workload(

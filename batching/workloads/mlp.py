@@ -1,9 +1,14 @@
-"""The post's MLP as a workload: y = MLP(x) for x of shape [batch, width]."""
+"""The post's MLP as a workload: y = MLP(x) for x of shape [batch, width].
+
+On a mesh the batch is split over `data` (data parallelism) and the weights are placed by
+their logical axes (`embed`, `mlp`; replicated under the default rules unless mesh.model > 1).
+"""
 
 import jax
 import ml_collections
 from flax import nnx
 
+from batching.topology import Topology
 from batching.workload import Cost, Workload
 from models import mlp
 from models.dtypes import resolve_dtype
@@ -40,22 +45,23 @@ def cost(cfg: mlp.MLPConfig, batch_size: int) -> Cost:
     return Cost(flops=flops, bytes=weight_bytes + activation_bytes, weight_bytes=weight_bytes)
 
 
-def build(run_cfg: ml_collections.ConfigDict, device: jax.Device, workdir: str) -> Workload:
+def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> Workload:
     del workdir
     cfg = model_config(run_cfg.model)
     model = mlp.MLP(cfg, rngs=nnx.Rngs(run_cfg.seed))
     # Split once: timing nnx.jit in graph mode would add ~250 µs of Python per call.
     graphdef, state = nnx.split(model)
-    state = jax.device_put(state, device)
+    state = topo.put_state(state)
     dtype = resolve_dtype(cfg.dtype)
 
     def forward(state, x_BxD):
-        return nnx.merge(graphdef, state)(x_BxD)
+        with topo.activate():
+            return nnx.merge(graphdef, state)(x_BxD)
 
     def make_args(batch_size: int):
         key = jax.random.key(run_cfg.seed + batch_size)
         x_BxD = jax.random.normal(key, (batch_size, cfg.width), dtype)
-        return state, jax.device_put(x_BxD, device)
+        return state, topo.put_batch(x_BxD)
 
     params = mlp.num_params(cfg)
     return Workload(

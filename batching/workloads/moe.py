@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 
 from batching import collectives as comm
+from batching.topology import Topology
 from batching.workload import Cost, Workload
 from models import moe
 from models.dtypes import resolve_dtype
@@ -89,12 +90,12 @@ def layer_collectives(
     return out
 
 
-def build(run_cfg: ml_collections.ConfigDict, device: jax.Device, workdir: str) -> Workload:
+def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> Workload:
     del workdir
     cfg = model_config(run_cfg.model)
     model = moe.MoEMLP(cfg, rngs=nnx.Rngs(run_cfg.seed))
     graphdef, state = nnx.split(model)
-    state = jax.device_put(state, device)
+    state = topo.put_state(state)
     dtype = resolve_dtype(cfg.dtype)
     param_bytes = resolve_dtype(cfg.param_dtype).itemsize
 
@@ -106,7 +107,7 @@ def build(run_cfg: ml_collections.ConfigDict, device: jax.Device, workdir: str) 
     def make_args(batch_size: int):
         key = jax.random.key(run_cfg.seed + batch_size)
         x_BxD = jax.random.normal(key, (batch_size, cfg.d_model), dtype)
-        return state, jax.device_put(x_BxD, device)
+        return state, topo.put_batch(x_BxD)
 
     def cost(batch_size: int) -> Cost:
         layer = moe.moe_layer_cost(cfg, batch_size, param_bytes)
@@ -116,7 +117,7 @@ def build(run_cfg: ml_collections.ConfigDict, device: jax.Device, workdir: str) 
     def point_fields(batch_size: int) -> dict:
         return mean_stats(stats_fn(*make_args(batch_size)))
 
-    mesh_shape = comm.config_mesh_shape(run_cfg)
+    mesh_shape = topo.shape
     params = moe.num_params(cfg)
     top_k = cfg.top_k if cfg.router == "token_choice" else cfg.capacity_factor
     return Workload(

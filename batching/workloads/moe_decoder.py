@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from batching import text_data, train
+from batching.topology import Topology
 from batching.workload import Workload
 from batching.workloads import decoder as decoder_workload
 from batching.workloads import moe as moe_workload
@@ -81,7 +82,7 @@ def cross_sequence_dependence(run_cfg: ml_collections.ConfigDict, workdir: str, 
     return change
 
 
-def build(run_cfg: ml_collections.ConfigDict, device: jax.Device, workdir: str) -> Workload:
+def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> Workload:
     cfg = model_config(run_cfg.model)
     path = train.params_path(workdir, run_cfg.run_name) if workdir else ""
     params = train.load_params(path, cfg) if path and os.path.exists(path) else None
@@ -92,7 +93,7 @@ def build(run_cfg: ml_collections.ConfigDict, device: jax.Device, workdir: str) 
         trained = False
     else:
         trained = True
-    wl = decoder_workload.build_decoder(run_cfg, cfg, device, params, tokens=heldout)
+    wl = decoder_workload.build_decoder(run_cfg, cfg, topo, params, tokens=heldout)
     model = decoder_workload.abstract_decoder(cfg)
     length = run_cfg.model.cache_len
     rng = np.random.default_rng(run_cfg.seed)

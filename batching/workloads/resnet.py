@@ -4,6 +4,7 @@ import jax
 import ml_collections
 from flax import nnx
 
+from batching.topology import Topology
 from batching.workload import Cost, Workload
 from models import resnet
 from models.dtypes import resolve_dtype
@@ -25,13 +26,13 @@ def validate(model_cfg: ml_collections.ConfigDict) -> None:
     model_config(model_cfg)
 
 
-def build(run_cfg: ml_collections.ConfigDict, device: jax.Device, workdir: str) -> Workload:
+def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> Workload:
     del workdir
     cfg = model_config(run_cfg.model)
     # An rbg key: threefry's sampler compiles a program per kernel shape, ~5x slower on a CPU.
     model = resnet.ResNet(cfg, rngs=nnx.Rngs(jax.random.key(run_cfg.seed, impl="rbg")))
     graphdef, state = nnx.split(model)
-    state = jax.device_put(state, device)
+    state = topo.put_state(state)
     dtype = resolve_dtype(cfg.dtype)
 
     def forward(state, images_BxHxWx3):
@@ -40,7 +41,7 @@ def build(run_cfg: ml_collections.ConfigDict, device: jax.Device, workdir: str) 
     def make_args(batch_size: int):
         key = jax.random.key(run_cfg.seed + batch_size)
         shape = (batch_size, cfg.image_size, cfg.image_size, 3)
-        return state, jax.device_put(jax.random.normal(key, shape, dtype), device)
+        return state, topo.put_batch(jax.random.normal(key, shape, dtype))
 
     def cost(batch_size: int) -> Cost:
         c = resnet.model_costs(cfg, batch_size)
