@@ -58,7 +58,11 @@ class PeakSource:
 
         def busbw(c: dict[str, Any]) -> float:
             kind = c["kind"] if c["kind"] in collectives.MEASURED else "all_reduce"
-            r = collectives.bandwidth(mesh, c["axis"], kind, self.cache_dir)
+            # Measured at the call's own payload (next power of two, so a sweep measures a
+            # few sizes): small messages pay latency, and a large-message bandwidth would
+            # hide it.
+            payload = collectives.payload_size(c["bytes"])
+            r = collectives.bandwidth(mesh, c["axis"], kind, self.cache_dir, payload)
             return r["busbw_bytes_per_s"]
 
         return busbw

@@ -20,6 +20,7 @@ and keep the result in the peaks cache file, keyed by device kind, collective, a
 and payload bytes. An axis of one device has no collective: nothing is measured.
 """
 
+import math
 import time
 from typing import Any
 
@@ -130,6 +131,12 @@ def measure(mesh: Mesh, axis: str, kind: str, payload_bytes: int) -> dict[str, f
         "algbw_bytes_per_s": algbw,
         "busbw_bytes_per_s": algbw * bus_factor(kind, n),
     }
+
+
+def payload_size(payload_bytes: float) -> int:
+    """The payload a microbenchmark runs for `payload_bytes`: the next power of two, at least
+    4 KiB and at most 256 MiB."""
+    return 1 << min(max(12, math.ceil(math.log2(max(payload_bytes, 1.0)))), 28)
 
 
 def _name(kind: str, axis_size: int, payload_bytes: int) -> str:

@@ -10,7 +10,7 @@ import math
 import os
 from typing import Any
 
-from batching import claims, specs
+from batching import claims, collectives, specs
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -237,7 +237,9 @@ def mesh_section(doc: Doc, summaries: list[dict[str, Any]]) -> None:
         doc.para(
             "Bus bandwidth as nccl-tests defines it: algbw (payload per device / time) × "
             "2(n−1)/n for an all-reduce, × (n−1)/n for an all-to-all, comparable to one "
-            "device's link bandwidth per direction."
+            f"device's link bandwidth per direction; measured with "
+            f"{collectives.DEFAULT_PAYLOAD_BYTES >> 20} MiB per device. The comm term uses the "
+            "same microbenchmark at each call's own payload (rounded up to a power of two)."
         )
     ep = [s for s in analyzed if s.get("device_max_mean_load_first") is not None]
     if ep:

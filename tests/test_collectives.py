@@ -27,6 +27,13 @@ def test_bus_factors_follow_nccl_tests():
         collectives.bus_factor("broadcast", 2)
 
 
+def test_payload_sizes_round_up_to_powers_of_two_within_bounds():
+    assert collectives.payload_size(1) == 4096
+    assert collectives.payload_size(5000) == 8192
+    assert collectives.payload_size(8192) == 8192
+    assert collectives.payload_size(1e12) == 1 << 28
+
+
 def test_total_and_wire_bytes():
     cs = [
         collectives.entry("all_reduce", "model", 4, 1000, 6),
@@ -237,11 +244,17 @@ ANALYSIS_CHILD = textwrap.dedent(
     source = analysis.PeakSource(conftest.PEAKS_DIR, refresh=False)
     out, s = analysis.analyze_run(rows, samples, jax.devices()[0], cfg, source)
     mesh = analysis.run_mesh(mesh_shape)
-    busbw = collectives.bandwidth(mesh, "model", "all_reduce", conftest.PEAKS_DIR)
+    busbw = {
+        r["batch_size"]: collectives.bandwidth(
+            mesh, "model", "all_reduce", conftest.PEAKS_DIR,
+            collectives.payload_size(r["collectives"][0]["bytes"]),
+        )["busbw_bytes_per_s"]
+        for r in rows
+    }
     doc = report.Doc()
     report.mesh_section(doc, [{**s, "run": "tp", "knee_batch_size": 1.0,
                                "router": None}])
-    print(json.dumps({"rows": out, "summary": s, "busbw": busbw["busbw_bytes_per_s"],
+    print(json.dumps({"rows": out, "summary": s, "busbw": busbw,
                       "report": doc.markdown("/")}, default=str))
     """
 )
@@ -261,7 +274,7 @@ def test_analysis_adds_the_measured_comm_term_on_a_forced_8_device_mesh():
     got = json.loads(out.stdout.strip().splitlines()[-1])
     s, busbw = got["summary"], got["busbw"]
     for r in got["rows"]:
-        want = roofline.comm_time(r["collectives"], busbw)
+        want = roofline.comm_time(r["collectives"], busbw[str(r["batch_size"])])
         assert r["predicted_comm_s"] == pytest.approx(want) and want > 0
         assert r["predicted_latency_s"] > r["predicted_comm_s"]
     assert s["functional_simulation"] is True and s["num_devices"] == 8
