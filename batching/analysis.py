@@ -16,7 +16,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
 
 from batching import collectives, peaks, roofline, specs, workload
 from models.dtypes import resolve_dtype
@@ -51,19 +50,14 @@ class PeakSource:
 
         return seconds
 
-    def collective(self, mesh: Mesh) -> Callable[[dict[str, Any]], float]:
-        """Measured bus bandwidth (bytes/s) of a row's collectives entry on `mesh`, cached.
-        An all-gather, not measured, takes the all-reduce's: a ring all-reduce is a
-        reduce-scatter and an all-gather, each at the same bus bandwidth (nccl-tests)."""
+    def collective(self, device: jax.Device) -> Callable[[dict[str, Any]], float | None]:
+        """The bus bandwidth (bytes/s) measured for a row's collectives entry, at the call's
+        own payload (collectives.payload_size), from the cache the sweep filled
+        (collectives.measure_run); None where it was not measured."""
 
-        def busbw(c: dict[str, Any]) -> float:
-            kind = c["kind"] if c["kind"] in collectives.MEASURED else "all_reduce"
-            # Measured at the call's own payload (next power of two, so a sweep measures a
-            # few sizes): small messages pay latency, and a large-message bandwidth would
-            # hide it.
-            payload = collectives.payload_size(c["bytes"])
-            r = collectives.bandwidth(mesh, c["axis"], kind, self.cache_dir, payload)
-            return r["busbw_bytes_per_s"]
+        def busbw(c: dict[str, Any]) -> float | None:
+            r = collectives.lookup(device, c["kind"], c["axis_size"], c["bytes"], self.cache_dir)
+            return r["busbw_bytes_per_s"] if r else None
 
         return busbw
 
@@ -73,29 +67,18 @@ def mesh_shape_of(row: dict[str, Any]) -> dict[str, int]:
     return {a: int(mesh.get(a) or 1) for a in collectives.AXES}
 
 
-def run_mesh(shape: dict[str, int]) -> Mesh | None:
-    """The run's mesh over this process's view of the devices, as topology.build lays it out;
-    None when the devices JAX sees now are not that many (the analysis runs elsewhere)."""
-    n = int(np.prod(list(shape.values())))
-    if n == 1 or jax.device_count() != n:
-        return None
-    return jax.make_mesh(
-        tuple(shape[a] for a in collectives.AXES),
-        collectives.AXES,
-        axis_types=(jax.sharding.AxisType.Auto,) * len(collectives.AXES),
-    )
-
-
 def comm_bandwidth(
     rows: list[dict[str, Any]], device: jax.Device, peak_source: PeakSource
 ) -> tuple[float | Callable[[dict[str, Any]], float] | None, str | None]:
     """What the comm term divides by, and where it comes from: the bus bandwidths measured on
-    this run's mesh, else the spec interconnect (per direction), else nothing (no term)."""
-    if not any(r.get("collectives") for r in rows):
+    this run's mesh (during the sweep), else the spec interconnect (per direction), else
+    nothing (no term)."""
+    calls = [c for r in rows for c in r.get("collectives") or []]
+    if not calls:
         return None, None
-    mesh = run_mesh(mesh_shape_of(rows[0]))
-    if mesh is not None:
-        return peak_source.collective(mesh), "measured on this mesh"
+    measured = peak_source.collective(device)
+    if all(measured(c) for c in calls):
+        return measured, "measured on this mesh"
     spec = specs.detect(device.device_kind)
     if spec is not None:
         return spec.interconnect_bytes_per_s, f"spec {spec.name}: {spec.interconnect_source}"
@@ -273,13 +256,14 @@ def mesh_summary(
     spec = specs.detect(device.device_kind)
     num_devices = int(np.prod(list(mesh_shape.values())))
     comm = [r for r in rows if r.get("collectives")]
-    mesh = run_mesh(mesh_shape)
     measured = {}
-    if mesh is not None and comm:
-        measured = {
-            axis: {kind: r["busbw_bytes_per_s"] for kind, r in by_kind.items()}
-            for axis, by_kind in collectives.mesh_bandwidths(mesh, peak_source.cache_dir).items()
-        }
+    for axis, n in mesh_shape.items():
+        for kind in collectives.MEASURED:
+            r = n > 1 and collectives.lookup(
+                device, kind, n, collectives.DEFAULT_PAYLOAD_BYTES, peak_source.cache_dir
+            )
+            if r:
+                measured.setdefault(axis, {})[kind] = r["busbw_bytes_per_s"]
     out = {
         "mesh_shape": mesh_shape,
         # Forced host devices share the same CPU cores: their timings say nothing about
@@ -292,8 +276,8 @@ def mesh_summary(
         "comm_bytes_last": rows[-1].get("comm_bytes"),
         "comm_share_median": (
             float(np.median([r["predicted_comm_s"] / r["predicted_latency_s"] for r in comm]))
-            if comm
-            else None
+            if comm and comm_source
+            else None  # no bandwidth to divide by: unknown, not zero
         ),
     }
     loads = [r for r in rows if r.get("device_max_mean_load")]

@@ -171,10 +171,50 @@ def bandwidth(
     return table[name]
 
 
-def mesh_bandwidths(mesh: Mesh, cache_dir: str) -> dict[str, dict[str, dict[str, float]]]:
+def mesh_bandwidths(
+    mesh: Mesh, cache_dir: str, payload_bytes: int = DEFAULT_PAYLOAD_BYTES
+) -> dict[str, dict[str, dict[str, float]]]:
     """Measured bus bandwidths of every axis of more than one device: {axis: {kind: result}}."""
     out = {}
     for axis, n in mesh.shape.items():
         if n > 1:
-            out[axis] = {kind: bandwidth(mesh, axis, kind, cache_dir) for kind in MEASURED}
+            out[axis] = {
+                kind: bandwidth(mesh, axis, kind, cache_dir, payload_bytes) for kind in MEASURED
+            }
     return out
+
+
+def measured_kind(kind: str) -> str:
+    """The microbenchmark that stands for `kind`: an all-gather, not measured, takes the
+    all-reduce's (a ring all-reduce is a reduce-scatter and an all-gather, each at the same
+    bus bandwidth, nccl-tests)."""
+    return kind if kind in MEASURED else "all_reduce"
+
+
+def measure_run(mesh: Mesh, calls: list[list[dict[str, Any]]], cache_dir: str) -> None:
+    """Everything the analysis of a run on `mesh` will look up: each axis at the default
+    payload, and each collective of `calls` (one list per batch size) at its own payload.
+
+    Run during the sweep, where every process runs the same collectives in the same order
+    (a collective that only process 0 entered would wait forever); the analysis only reads.
+    """
+    mesh_bandwidths(mesh, cache_dir)
+    wanted = sorted(
+        {
+            (c["axis"], measured_kind(c["kind"]), payload_size(c["bytes"]))
+            for cs in calls
+            for c in cs
+        }
+    )
+    for axis, kind, payload in sorted(wanted):
+        bandwidth(mesh, axis, kind, cache_dir, payload)
+
+
+def lookup(
+    device: jax.Device, kind: str, axis_size: int, payload_bytes: float, cache_dir: str
+) -> dict[str, float] | None:
+    """A cached measurement (`bandwidth`'s result) of `kind` over `axis_size` devices at the
+    payload that stands for `payload_bytes`; None if it was never measured."""
+    cache = peaks._load(peaks.cache_path(cache_dir))
+    table = cache.get(peaks._device_key(device), {}).get("collectives", {})
+    return table.get(_name(measured_kind(kind), axis_size, payload_size(payload_bytes)))

@@ -242,8 +242,12 @@ ANALYSIS_CHILD = textwrap.dedent(
     cfg.shape_aware = False
     cfg.bootstrap = 5
     source = analysis.PeakSource(conftest.PEAKS_DIR, refresh=False)
+    # Nothing measured yet and a CPU has no spec interconnect: no comm term at all.
+    _, before = analysis.analyze_run(rows, samples, jax.devices()[0], cfg, source)
+    mesh = jax.make_mesh((2, 1, 4), collectives.AXES)
+    # What the sweep does before its points: measure every collective the rows list.
+    collectives.measure_run(mesh, [r["collectives"] for r in rows], conftest.PEAKS_DIR)
     out, s = analysis.analyze_run(rows, samples, jax.devices()[0], cfg, source)
-    mesh = analysis.run_mesh(mesh_shape)
     busbw = {
         r["batch_size"]: collectives.bandwidth(
             mesh, "model", "all_reduce", conftest.PEAKS_DIR,
@@ -254,7 +258,7 @@ ANALYSIS_CHILD = textwrap.dedent(
     doc = report.Doc()
     report.mesh_section(doc, [{**s, "run": "tp", "knee_batch_size": 1.0,
                                "router": None}])
-    print(json.dumps({"rows": out, "summary": s, "busbw": busbw,
+    print(json.dumps({"rows": out, "summary": s, "busbw": busbw, "before": before,
                       "report": doc.markdown("/")}, default=str))
     """
 )
@@ -273,6 +277,8 @@ def test_analysis_adds_the_measured_comm_term_on_a_forced_8_device_mesh():
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     s, busbw = got["summary"], got["busbw"]
+    assert got["before"]["comm_bandwidth_source"] is None
+    assert got["before"]["comm_share_median"] is None
     for r in got["rows"]:
         want = roofline.comm_time(r["collectives"], busbw[str(r["batch_size"])])
         assert r["predicted_comm_s"] == pytest.approx(want) and want > 0
