@@ -51,15 +51,10 @@ class PeakSource:
         return seconds
 
     def collective(self, device: jax.Device) -> Callable[[dict[str, Any]], float | None]:
-        """The bus bandwidth (bytes/s) measured for a row's collectives entry, at the call's
-        own payload (collectives.payload_size), from the cache the sweep filled
-        (collectives.measure_run); None where it was not measured."""
-
-        def busbw(c: dict[str, Any]) -> float | None:
-            r = collectives.lookup(device, c["kind"], c["axis_size"], c["bytes"], self.cache_dir)
-            return r["busbw_bytes_per_s"] if r else None
-
-        return busbw
+        """The bus bandwidth (bytes/s) a row's collectives entry reaches at its own payload,
+        from the latency-bandwidth model of the cached microbenchmarks the sweep ran
+        (collectives.measure_run, collectives.effective_busbw); None where not measured."""
+        return lambda c: collectives.effective_busbw(device, c, self.cache_dir)
 
 
 def mesh_shape_of(row: dict[str, Any]) -> dict[str, int]:

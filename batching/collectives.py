@@ -17,10 +17,11 @@ S · factor / busbw seconds (batching.roofline.comm_time).
 The microbenchmarks time `jax.lax.psum` and `jax.lax.all_to_all` under `shard_map` over
 one axis of the run's mesh with the lab's timer (batching.timing, as batching.peaks does)
 and keep the result in the peaks cache file, keyed by device kind, collective, axis size
-and payload bytes. An axis of one device has no collective: nothing is measured.
+and payload bytes. Two payloads (4 KiB, 4 MiB) fix a latency-bandwidth model t(S) = α + S/β
+(Hockney), so a call's small collectives pay their latency (`effective_busbw`). An axis of
+one device has no collective: nothing is measured.
 """
 
-import math
 import time
 from typing import Any
 
@@ -35,6 +36,8 @@ KINDS = ("all_reduce", "all_to_all", "all_gather")
 MEASURED = ("all_reduce", "all_to_all")
 # Large enough that the link, not the launch, sets the time; small enough for a 2-core CPU.
 DEFAULT_PAYLOAD_BYTES = 4 << 20
+# Small enough that the latency sets the time: with the large one, fixes t(S) = α + S/β.
+SMALL_PAYLOAD_BYTES = 4 << 10
 
 SETTINGS = timing.TimingSettings(
     warmup_runs=2, warmup_s=0.0, min_runs=5, max_runs=200, target_rel_ci=0.05, budget_s=0.5
@@ -133,12 +136,6 @@ def measure(mesh: Mesh, axis: str, kind: str, payload_bytes: int) -> dict[str, f
     }
 
 
-def payload_size(payload_bytes: float) -> int:
-    """The payload a microbenchmark runs for `payload_bytes`: the next power of two, at least
-    4 KiB and at most 256 MiB."""
-    return 1 << min(max(12, math.ceil(math.log2(max(payload_bytes, 1.0)))), 28)
-
-
 def _name(kind: str, axis_size: int, payload_bytes: int) -> str:
     name = f"{kind}:n{axis_size}:{int(payload_bytes)}B"
     # Across hosts a collective crosses the network, not the links inside one box.
@@ -191,30 +188,52 @@ def measured_kind(kind: str) -> str:
     return kind if kind in MEASURED else "all_reduce"
 
 
-def measure_run(mesh: Mesh, calls: list[list[dict[str, Any]]], cache_dir: str) -> None:
-    """Everything the analysis of a run on `mesh` will look up: each axis at the default
-    payload, and each collective of `calls` (one list per batch size) at its own payload.
+def measure_run(mesh: Mesh, cache_dir: str) -> None:
+    """Everything the analysis of a run on `mesh` looks up: each axis of more than one
+    device, each measured collective, at the small and the large payload (`latency_model`).
 
     Run during the sweep, where every process runs the same collectives in the same order
     (a collective that only process 0 entered would wait forever); the analysis only reads.
     """
-    mesh_bandwidths(mesh, cache_dir)
-    wanted = sorted(
-        {
-            (c["axis"], measured_kind(c["kind"]), payload_size(c["bytes"]))
-            for cs in calls
-            for c in cs
-        }
-    )
-    for axis, kind, payload in sorted(wanted):
-        bandwidth(mesh, axis, kind, cache_dir, payload)
+    for payload in (SMALL_PAYLOAD_BYTES, DEFAULT_PAYLOAD_BYTES):
+        mesh_bandwidths(mesh, cache_dir, payload)
 
 
 def lookup(
-    device: jax.Device, kind: str, axis_size: int, payload_bytes: float, cache_dir: str
+    device: jax.Device, kind: str, axis_size: int, payload_bytes: int, cache_dir: str
 ) -> dict[str, float] | None:
-    """A cached measurement (`bandwidth`'s result) of `kind` over `axis_size` devices at the
-    payload that stands for `payload_bytes`; None if it was never measured."""
+    """A cached measurement (`bandwidth`'s result) of `kind` over `axis_size` devices at
+    `payload_bytes` (what `bandwidth` was asked for); None if it was never measured."""
     cache = peaks._load(peaks.cache_path(cache_dir))
     table = cache.get(peaks._device_key(device), {}).get("collectives", {})
-    return table.get(_name(measured_kind(kind), axis_size, payload_size(payload_bytes)))
+    return table.get(_name(measured_kind(kind), axis_size, payload_bytes))
+
+
+def latency_model(
+    device: jax.Device, kind: str, axis_size: int, cache_dir: str
+) -> tuple[float, float] | None:
+    """(α seconds, β bytes/s) of t(S) = α + S/β for `kind` over `axis_size` devices, S the
+    payload per device: Hockney's latency-bandwidth model through the two cached
+    measurements (SMALL_PAYLOAD_BYTES, DEFAULT_PAYLOAD_BYTES); None if either is missing.
+    A small message pays the latency α that a large-message bandwidth alone would hide.
+    """
+    small = lookup(device, kind, axis_size, SMALL_PAYLOAD_BYTES, cache_dir)
+    large = lookup(device, kind, axis_size, DEFAULT_PAYLOAD_BYTES, cache_dir)
+    if not small or not large:
+        return None
+    dt = large["seconds"] - small["seconds"]
+    if dt <= 0:  # noise swamped the slope: all latency at this scale, the large rate as β
+        return max(small["seconds"], 0.0), large["algbw_bytes_per_s"]
+    beta = (large["payload_bytes"] - small["payload_bytes"]) / dt
+    alpha = max(small["seconds"] - small["payload_bytes"] / beta, 0.0)
+    return alpha, beta
+
+
+def effective_busbw(device: jax.Device, c: dict[str, Any], cache_dir: str) -> float | None:
+    """The bus bandwidth a collectives entry `c` reaches at its own payload under
+    `latency_model`: bytes·factor / (α + bytes/β); None where the mesh was not measured."""
+    model = latency_model(device, c["kind"], c["axis_size"], cache_dir)
+    if model is None:
+        return None
+    alpha, beta = model
+    return c["bytes"] * bus_factor(c["kind"], c["axis_size"]) / (alpha + c["bytes"] / beta)

@@ -238,8 +238,10 @@ def mesh_section(doc: Doc, summaries: list[dict[str, Any]]) -> None:
             "Bus bandwidth as nccl-tests defines it: algbw (payload per device / time) × "
             "2(n−1)/n for an all-reduce, × (n−1)/n for an all-to-all, comparable to one "
             f"device's link bandwidth per direction; measured with "
-            f"{collectives.DEFAULT_PAYLOAD_BYTES >> 20} MiB per device. The comm term uses the "
-            "same microbenchmark at each call's own payload (rounded up to a power of two)."
+            f"{collectives.DEFAULT_PAYLOAD_BYTES >> 20} MiB per device. The comm term takes each "
+            "call's collectives at t(S) = α + S/β through this and a "
+            f"{collectives.SMALL_PAYLOAD_BYTES >> 10} KiB measurement, so small ones pay "
+            "their latency."
         )
     ep = [s for s in analyzed if s.get("device_max_mean_load_first") is not None]
     if ep:

@@ -220,11 +220,7 @@ def run_sweep(
                 wl = workload.build(run.config, topo, store.workdir)
                 if run.config.roofline.enabled and topo.num_devices > 1:
                     # The analysis reads these; every process measures them here, together.
-                    collectives.measure_run(
-                        topo.mesh,
-                        [wl.collectives(b) for b in sizes] if wl.collectives else [],
-                        run.config.roofline.peaks_cache_dir,
-                    )
+                    collectives.measure_run(topo.mesh, run.config.roofline.peaks_cache_dir)
             except Exception as e:  # noqa: BLE001 - a broken run is rows, not a crash
                 for batch_size in sizes:
                     store.append(

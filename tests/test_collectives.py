@@ -27,11 +27,31 @@ def test_bus_factors_follow_nccl_tests():
         collectives.bus_factor("broadcast", 2)
 
 
-def test_payload_sizes_round_up_to_powers_of_two_within_bounds():
-    assert collectives.payload_size(1) == 4096
-    assert collectives.payload_size(5000) == 8192
-    assert collectives.payload_size(8192) == 8192
-    assert collectives.payload_size(1e12) == 1 << 28
+def test_latency_bandwidth_model_through_two_cached_points(tmp_path, monkeypatch):
+    # t(S) = 1e-4 s + S / 1e9 B/s, cached as the microbenchmarks would leave it.
+    def result(payload):
+        t = 1e-4 + payload / 1e9
+        return {"seconds": t, "payload_bytes": payload, "algbw_bytes_per_s": payload / t}
+
+    monkeypatch.setattr(collectives.jax, "process_count", lambda: 1)
+    table = {
+        f"all_reduce:n4:{p}B": result(p)
+        for p in (collectives.SMALL_PAYLOAD_BYTES, collectives.DEFAULT_PAYLOAD_BYTES)
+    }
+    with open(tmp_path / "device_peaks.json", "w") as f:
+        json.dump({"cpu:cpu": {"collectives": table}}, f)
+
+    class Cpu:
+        platform, device_kind = "cpu", "cpu"
+
+    alpha, beta = collectives.latency_model(Cpu, "all_reduce", 4, str(tmp_path))
+    assert alpha == pytest.approx(1e-4) and beta == pytest.approx(1e9)
+    # An all-gather uses the all-reduce's model; an all-to-all was never measured.
+    c = collectives.entry("all_gather", "model", 4, 1e5, 3)
+    t = roofline.comm_time([c], lambda c: collectives.effective_busbw(Cpu, c, str(tmp_path)))
+    assert t == pytest.approx(3 * (1e-4 + 1e5 / 1e9))  # count x (α + S/β)
+    a2a = collectives.entry("all_to_all", "model", 4, 1e5, 1)
+    assert collectives.effective_busbw(Cpu, a2a, str(tmp_path)) is None
 
 
 def test_total_and_wire_bytes():
@@ -246,19 +266,13 @@ ANALYSIS_CHILD = textwrap.dedent(
     _, before = analysis.analyze_run(rows, samples, jax.devices()[0], cfg, source)
     mesh = jax.make_mesh((2, 1, 4), collectives.AXES)
     # What the sweep does before its points: measure every collective the rows list.
-    collectives.measure_run(mesh, [r["collectives"] for r in rows], conftest.PEAKS_DIR)
+    collectives.measure_run(mesh, conftest.PEAKS_DIR)
     out, s = analysis.analyze_run(rows, samples, jax.devices()[0], cfg, source)
-    busbw = {
-        r["batch_size"]: collectives.bandwidth(
-            mesh, "model", "all_reduce", conftest.PEAKS_DIR,
-            collectives.payload_size(r["collectives"][0]["bytes"]),
-        )["busbw_bytes_per_s"]
-        for r in rows
-    }
+    alpha, beta = collectives.latency_model(jax.devices()[0], "all_reduce", 4, conftest.PEAKS_DIR)
     doc = report.Doc()
     report.mesh_section(doc, [{**s, "run": "tp", "knee_batch_size": 1.0,
                                "router": None}])
-    print(json.dumps({"rows": out, "summary": s, "busbw": busbw, "before": before,
+    print(json.dumps({"rows": out, "summary": s, "alpha": alpha, "beta": beta, "before": before,
                       "report": doc.markdown("/")}, default=str))
     """
 )
@@ -276,11 +290,13 @@ def test_analysis_adds_the_measured_comm_term_on_a_forced_8_device_mesh():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    s, busbw = got["summary"], got["busbw"]
+    s, alpha, beta = got["summary"], got["alpha"], got["beta"]
+    assert alpha >= 0 and beta > 0
     assert got["before"]["comm_bandwidth_source"] is None
     assert got["before"]["comm_share_median"] is None
     for r in got["rows"]:
-        want = roofline.comm_time(r["collectives"], busbw[str(r["batch_size"])])
+        # Each collective at α + bytes/β, whatever the bus factor (it cancels).
+        want = sum(c["count"] * (alpha + c["bytes"] / beta) for c in r["collectives"])
         assert r["predicted_comm_s"] == pytest.approx(want) and want > 0
         assert r["predicted_latency_s"] > r["predicted_comm_s"]
     assert s["functional_simulation"] is True and s["num_devices"] == 8
