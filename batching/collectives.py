@@ -42,6 +42,11 @@ SMALL_PAYLOAD_BYTES = 4 << 10
 SETTINGS = timing.TimingSettings(
     warmup_runs=2, warmup_s=0.0, min_runs=5, max_runs=200, target_rel_ci=0.05, budget_s=0.5
 )
+# Across processes every one must run the same number of collectives, or one waits forever
+# for a partner that stopped: a fixed count, no adaptive stop.
+LOCKSTEP = timing.TimingSettings(
+    warmup_runs=2, warmup_s=0.0, min_runs=10, max_runs=10, target_rel_ci=0.05, budget_s=1e9
+)
 
 
 def bus_factor(kind: str, axis_size: int) -> float:
@@ -125,7 +130,7 @@ def measure(mesh: Mesh, axis: str, kind: str, payload_bytes: int) -> dict[str, f
     fn, sharding = _program(mesh, axis, kind)
     x = jax.device_put(np.ones((n * rows, 128), np.float32), sharding)
     compiled = timing.compile_fn(fn, (x,))
-    m = timing.measure(compiled.call, (x,), SETTINGS)
+    m = timing.measure(compiled.call, (x,), SETTINGS if jax.process_count() == 1 else LOCKSTEP)
     seconds = float(np.median(m.samples_s))
     algbw = payload / seconds
     return {
@@ -148,9 +153,10 @@ def bandwidth(
     kind: str,
     cache_dir: str,
     payload_bytes: int = DEFAULT_PAYLOAD_BYTES,
+    refresh: bool = False,
 ) -> dict[str, float] | None:
     """`measure` of one (collective, axis size, payload), cached in the peaks file under the
-    device's key; None on an axis of one device (no collective, nothing measured)."""
+    device's key (measured again with `refresh`); None on an axis of one device."""
     n = mesh.shape[axis]
     if n < 2:
         return None
@@ -161,7 +167,7 @@ def bandwidth(
     dev_entry = dict(cache.get(key, {}))
     table = dict(dev_entry.get("collectives", {}))
     name = _name(kind, n, payload_bytes)
-    if name not in table:
+    if refresh or name not in table:
         table[name] = {**measure(mesh, axis, kind, payload_bytes), "measured_at": time.time()}
         dev_entry["collectives"] = table
         peaks._save(path, cache, key, dev_entry)
@@ -169,14 +175,15 @@ def bandwidth(
 
 
 def mesh_bandwidths(
-    mesh: Mesh, cache_dir: str, payload_bytes: int = DEFAULT_PAYLOAD_BYTES
+    mesh: Mesh, cache_dir: str, payload_bytes: int = DEFAULT_PAYLOAD_BYTES, refresh: bool = False
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Measured bus bandwidths of every axis of more than one device: {axis: {kind: result}}."""
     out = {}
     for axis, n in mesh.shape.items():
         if n > 1:
             out[axis] = {
-                kind: bandwidth(mesh, axis, kind, cache_dir, payload_bytes) for kind in MEASURED
+                kind: bandwidth(mesh, axis, kind, cache_dir, payload_bytes, refresh)
+                for kind in MEASURED
             }
     return out
 
@@ -195,8 +202,11 @@ def measure_run(mesh: Mesh, cache_dir: str) -> None:
     Run during the sweep, where every process runs the same collectives in the same order
     (a collective that only process 0 entered would wait forever); the analysis only reads.
     """
+    # Each host has its own cache file: one host skipping a measurement it has cached while
+    # another runs it would hang both, so with several processes every one measures.
+    refresh = jax.process_count() > 1
     for payload in (SMALL_PAYLOAD_BYTES, DEFAULT_PAYLOAD_BYTES):
-        mesh_bandwidths(mesh, cache_dir, payload)
+        mesh_bandwidths(mesh, cache_dir, payload, refresh)
 
 
 def lookup(
