@@ -151,10 +151,8 @@ def analyze_run(
         extra = {}
         if mesh_shape["expert"] > 1 and r.get("device_max_mean_load"):
             # What the slowest device costs: the same call with every device at the mean load.
-            balanced = predict_device(roofline.per_device_work({**r, "device_max_mean_load": 1.0}))[
-                0
-            ]
-            extra["predicted_balanced_latency_s"] = balanced + comm_s
+            mean_load = roofline.per_device_work({**r, "device_max_mean_load": 1.0})
+            extra["predicted_balanced_latency_s"] = predict_device(mean_load)[0] + comm_s
         flops_ratio = _ratio(r["flops"], r["analytic_flops"])
         bytes_ratio = _ratio(r["bytes_accessed"], r["analytic_bytes"])
         mismatch = any(x is not None and abs(x - 1) > tol for x in (flops_ratio, bytes_ratio))

@@ -269,11 +269,22 @@ ANALYSIS_CHILD = textwrap.dedent(
     collectives.measure_run(mesh, conftest.PEAKS_DIR)
     out, s = analysis.analyze_run(rows, samples, jax.devices()[0], cfg, source)
     alpha, beta = collectives.latency_model(jax.devices()[0], "all_reduce", 4, conftest.PEAKS_DIR)
+    # Expert-parallel rows whose slowest device carries 1.5x the mean load.
+    ep_rows = [
+        {**r, "run": "ep", "mesh_shape": {"data": 1, "expert": 8, "model": 1},
+         "collectives": [], "device_max_mean_load": 1.5}
+        for r in rows
+    ]
+    ep_out, ep = analysis.analyze_run(ep_rows, samples, jax.devices()[0], cfg, source)
     doc = report.Doc()
-    report.mesh_section(doc, [{**s, "run": "tp", "knee_batch_size": 1.0,
-                               "router": None}])
-    print(json.dumps({"rows": out, "summary": s, "alpha": alpha, "beta": beta, "before": before,
-                      "report": doc.markdown("/")}, default=str))
+    report.mesh_section(doc, [
+        {**s, "run": "tp", "knee_batch_size": 1.0, "router": None},
+        {**ep, "run": "ep", "knee_batch_size": 1.0, "router": "token_choice"},
+    ])
+    print(json.dumps({
+        "rows": out, "summary": s, "ep_rows": ep_out, "ep": ep, "alpha": alpha, "beta": beta,
+        "before": before, "report": doc.markdown("/"),
+    }, default=str))
     """
 )
 
@@ -308,5 +319,12 @@ def test_analysis_adds_the_measured_comm_term_on_a_forced_8_device_mesh():
     node = s["whatif_nodes"]["8x H100 SXM (HGX)"]
     assert node["mesh_shape"] == {"data": 2, "expert": 1, "model": 4}
     assert all(v > 0 for v in node["comm_s"].values())
+    # The slowest expert device: 1.5x the mean device's FLOPs, so a slower prediction.
+    ep = got["ep"]
+    assert ep["device_max_mean_load_first"] == 1.5
+    for r in got["ep_rows"]:
+        assert r["predicted_latency_s"] >= r["predicted_balanced_latency_s"] > 0
+    assert ep["slowest_device_cost_median"] >= 0
+    assert "predicted cost of the slowest device" in got["report"]
     assert "Functional simulation" in got["report"]
     assert "measured bus GB/s" in got["report"]
