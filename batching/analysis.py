@@ -267,6 +267,7 @@ def mesh_summary(
         "spec_interconnect_bytes_per_s": spec.interconnect_bytes_per_s if spec else None,
         "spec_interconnect_source": spec.interconnect_source if spec else None,
         "comm_bytes_last": rows[-1].get("comm_bytes"),
+        "xla_comm_bytes_last": rows[-1].get("xla_comm_bytes"),
         "comm_share_median": (
             float(np.median([r["predicted_comm_s"] / r["predicted_latency_s"] for r in comm]))
             if comm and comm_source

@@ -22,6 +22,8 @@ and payload bytes. Two payloads (4 KiB, 4 MiB) fix a latency-bandwidth model t(S
 one device has no collective: nothing is measured.
 """
 
+import math
+import re
 import time
 from typing import Any
 
@@ -90,6 +92,40 @@ def shards(total: int, parts: int, what: str) -> int:
     if total % parts:
         raise ValueError(f"{what} ({total}) must be divisible by its mesh axes ({parts} devices)")
     return total // parts
+
+
+# ---------------------------------------------------------------- what XLA compiled
+
+# One HLO instruction: `%name = TYPE op(` with TYPE an array `f32[2,64]{1,0}` or a tuple of them.
+_HLO_OP = re.compile(
+    r"=\s*(?P<type>\([^=]*?\)|\w+\[[\d,]*\](?:\{[^}]*\})?)\s+"
+    r"(?P<op>all-reduce|all-gather|all-to-all|reduce-scatter|collective-permute)"
+    r"(?P<start>-start)?\("
+)
+_HLO_ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
+_HLO_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4}
+_HLO_BYTES.update({"s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16})
+
+
+def from_hlo(text: str) -> dict[str, Any]:
+    """The collectives in a compiled program's HLO text: {"counts": {op: n}, "bytes": Σ per
+    device}, to check the analytic `collectives` against (like xla_flops_ratio for FLOPs).
+
+    Bytes are each op's result per device (an all-gather's output, an all-reduce's or
+    all-to-all's buffer; a combined op's tuple summed); an async `-start` op counts once, by
+    its largest array (its result; the tuple also holds the operand).
+    """
+    counts: dict[str, int] = {}
+    total = 0
+    for m in _HLO_OP.finditer(text):
+        op = m["op"].replace("-", "_")
+        arrays = [
+            _HLO_BYTES.get(dt, 4) * math.prod(int(d) for d in dims.split(",") if d)
+            for dt, dims in _HLO_ARRAY.findall(m["type"])
+        ]
+        counts[op] = counts.get(op, 0) + 1
+        total += (max(arrays) if m["start"] else sum(arrays)) if arrays else 0
+    return {"counts": counts, "bytes": float(total)}
 
 
 # ---------------------------------------------------------------- microbenchmarks

@@ -191,6 +191,7 @@ def mesh_section(doc: Doc, summaries: list[dict[str, Any]]) -> None:
                 "spec B* per device",
                 "global",
                 "comm bytes/device (last B)",
+                "XLA's",
                 "comm share of predicted latency",
                 "comm bandwidth from",
             ],
@@ -203,6 +204,7 @@ def mesh_section(doc: Doc, summaries: list[dict[str, Any]]) -> None:
                     s["spec_critical_batch"],
                     s.get("spec_critical_batch_global"),
                     s.get("comm_bytes_last"),
+                    s.get("xla_comm_bytes_last"),
                     s.get("comm_share_median"),
                     s.get("comm_bandwidth_source") or "–",
                 ]
@@ -214,7 +216,8 @@ def mesh_section(doc: Doc, summaries: list[dict[str, Any]]) -> None:
             "replica batches on its own, so the global batch does at B* × data. The comm share is "
             "the median over the run's points of predicted_comm_s / predicted_latency_s: the "
             "call's collectives (TP: 2 all-reduces per layer, Megatron-LM; EP: 2 all-to-alls per "
-            "MoE layer, GShard) at the bus bandwidth, added after the compute."
+            "MoE layer, GShard) at the bus bandwidth, added after the compute. XLA's: the "
+            "collectives' bytes per device read from the compiled program's HLO."
         )
     measured = [
         [s["run"], axis, kind, bw / 1e9, _spec_gbps(s), s.get("spec_interconnect_source") or "–"]

@@ -128,6 +128,9 @@ def measure_point(
     examples = wl.examples(batch_size)
     cost = wl.cost(batch_size) if wl.cost else None
     calls = wl.collectives(batch_size) if wl.collectives else []
+    # What XLA actually put in the program, next to the analytic count (a mesh only: one
+    # device has none, and the HLO text of a big model is long).
+    xla_comm = collectives.from_hlo(compiled.executable.as_text()) if topo.num_devices > 1 else None
     work_flops = cost.flops if cost else compiled.flops
     work_bytes = cost.bytes if cost else compiled.bytes_accessed
     fields = {
@@ -160,6 +163,8 @@ def measure_point(
         "collectives": calls,
         # Payload per device of the call's collectives (Σ bytes·count; batching.collectives).
         "comm_bytes": collectives.total_bytes(calls),
+        "xla_collectives": xla_comm["counts"] if xla_comm else None,
+        "xla_comm_bytes": xla_comm["bytes"] if xla_comm else None,
         **wl.fields,
         **extra,
     }

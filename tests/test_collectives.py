@@ -54,6 +54,24 @@ def test_latency_bandwidth_model_through_two_cached_points(tmp_path, monkeypatch
     assert collectives.effective_busbw(Cpu, a2a, str(tmp_path)) is None
 
 
+HLO = """
+  %all-reduce = f32[2,1,64]{2,1,0} all-reduce(%fusion.3), channel_id=9, replica_groups={{0,1}}
+  %all-to-all.4 = (f32[1,3,64]{2,1,0}, f32[1,3,64]{2,1,0}) all-to-all(%a, %b), channel_id=2
+  %get-tuple-element.17 = f32[1,3,64]{2,1,0} get-tuple-element(%all-to-all.4), index=0
+  %ags = (bf16[4,8]{1,0}, bf16[16,8]{1,0}) all-gather-start(%p), dimensions={0}
+  %agd = bf16[16,8]{1,0} all-gather-done(%ags)
+  %add = f32[2,1,64]{2,1,0} add(%all-reduce, %all-reduce)
+"""
+
+
+def test_collectives_read_from_hlo_text():
+    got = collectives.from_hlo(HLO)
+    assert got["counts"] == {"all_reduce": 1, "all_to_all": 1, "all_gather": 1}
+    # 2*64*4 all-reduce + 2 x 3*64*4 all-to-all tuple + the all-gather's 16*8*2 result.
+    assert got["bytes"] == 512 + 2 * 768 + 256
+    assert collectives.from_hlo("%x = f32[4]{0} add(%a, %b)") == {"counts": {}, "bytes": 0.0}
+
+
 def test_total_and_wire_bytes():
     cs = [
         collectives.entry("all_reduce", "model", 4, 1000, 6),
