@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from batching import peaks, timing, topology
 
+AXES = topology.MESH_AXES
 KINDS = ("all_reduce", "all_to_all", "all_gather")
 # What the microbenchmarks time (all-gather is costed, not measured).
 MEASURED = ("all_reduce", "all_to_all")
@@ -84,9 +85,6 @@ def entry(kind: str, axis: str, axis_size: int, payload_bytes: float, count: int
     }
 
 
-AXES = topology.MESH_AXES
-
-
 def shards(total: int, parts: int, what: str) -> int:
     """`total` split evenly over `parts` devices; ValueError naming `what` if it does not split."""
     if total % parts:
@@ -132,7 +130,8 @@ def from_hlo(text: str) -> dict[str, Any]:
 
 
 def _program(mesh: Mesh, axis: str, kind: str):
-    """A jitted collective over `axis`; every device holds a [rows, 128] float32 block."""
+    """The collective over `axis` as a shard_map, and the sharding of its input: every
+    device holds one [rows, 128] float32 block."""
     spec = PartitionSpec(axis)
 
     if kind == "all_reduce":
