@@ -3,6 +3,11 @@
 Reads rows and samples, measures (or loads cached) device peaks, and returns
 rows augmented with `predicted_latency_s`, `regime`, `fitted_latency_s` and the
 XLA-vs-analytic cost check, plus the roofline fields of each run's summary.
+
+On a mesh the prediction is the single-device one at ONE device's share of the work
+(roofline.per_device_work) plus, as a separate summand, the call's collectives at the
+mesh's measured bus bandwidth (roofline.comm_time, batching.collectives): the row's
+`predicted_comm_s`.
 """
 
 import functools
@@ -12,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from batching import peaks, roofline, specs, workload
+from batching import collectives, peaks, roofline, specs, workload
 from models.dtypes import resolve_dtype
 
 
@@ -45,6 +50,35 @@ class PeakSource:
 
         return seconds
 
+    def collective(self, device: jax.Device) -> Callable[[dict[str, Any]], float | None]:
+        """The bus bandwidth (bytes/s) a row's collectives entry reaches at its own payload,
+        from the latency-bandwidth model of the cached microbenchmarks the sweep ran
+        (collectives.measure_run, collectives.effective_busbw); None where not measured."""
+        return lambda c: collectives.effective_busbw(device, c, self.cache_dir)
+
+
+def mesh_shape_of(row: dict[str, Any]) -> dict[str, int]:
+    mesh = row.get("mesh_shape") or {}
+    return {a: int(mesh.get(a) or 1) for a in collectives.AXES}
+
+
+def comm_bandwidth(
+    rows: list[dict[str, Any]], device: jax.Device, peak_source: PeakSource
+) -> tuple[float | Callable[[dict[str, Any]], float] | None, str | None]:
+    """What the comm term divides by, and where it comes from: the bus bandwidths measured on
+    this run's mesh (during the sweep), else the spec interconnect (per direction), else
+    nothing (no term)."""
+    calls = [c for r in rows for c in r.get("collectives") or []]
+    if not calls:
+        return None, None
+    measured = peak_source.collective(device)
+    if all(measured(c) for c in calls):
+        return measured, "measured on this mesh"
+    spec = specs.detect(device.device_kind)
+    if spec is not None:
+        return spec.interconnect_bytes_per_s, f"spec {spec.name}: {spec.interconnect_source}"
+    return None, None
+
 
 def _ratio(xla: float | None, analytic: float | None) -> float | None:
     if xla is None or not analytic:
@@ -64,12 +98,16 @@ def analyze_run(
     dtype = rows[0]["dtype"] or "float32"
     param_dtype = rows[0].get("param_dtype") or dtype
     precision = rows[0].get("matmul_precision", "default")
+    mesh_shape = mesh_shape_of(rows[0])
+    num_devices = int(np.prod(list(mesh_shape.values())))
+    # One device's share of each call (the rows themselves on a single device).
+    device_rows = [roofline.per_device_work(r) for r in rows]
     device_peaks = peak_source.peaks(device, dtype)
     peak_f = device_peaks.matmul_flops_per_s[dtype]
     bw = device_peaks.bandwidth_bytes_per_s
     # Weights bigger than the last-level cache stream from DRAM on every call: time the
     # GEMMs the same way, or small batches look faster than they can be.
-    cold = (rows[0].get("weight_bytes") or 0) > peaks.last_level_cache_bytes(device)
+    cold = (device_rows[0].get("weight_bytes") or 0) > peaks.last_level_cache_bytes(device)
     gemm = peak_source.gemm(device, dtype, cold) if roofline_cfg.shape_aware else None
     # A workload whose rows carry attention_shapes names its attention as ATTEND.
     attend = None
@@ -78,13 +116,15 @@ def analyze_run(
     attention = (
         peak_source.attention(device, attend) if roofline_cfg.shape_aware and attend else None
     )
+    comm_bw, comm_source = comm_bandwidth(rows, device, peak_source)
     fit = roofline.fit_knee(rows, samples, n_bootstrap=roofline_cfg.bootstrap)
     tol = roofline_cfg.cost_tolerance
-    out = []
-    for r in rows:
-        flops, bytes_moved = roofline.work(r)
+
+    def predict_device(rd: dict[str, Any]) -> tuple[float, str, float]:
+        """(predicted s, regime, naive s) of one device's share of a call, no communication."""
+        flops, bytes_moved = roofline.work(rd)
         overhead_s = roofline.overhead_time(
-            r.get("gemm_shapes"), device_peaks.dispatch_floor_s, device_peaks.kernel_overhead_s
+            rd.get("gemm_shapes"), device_peaks.dispatch_floor_s, device_peaks.kernel_overhead_s
         )
         predicted, regime = roofline.predict_with_attention(
             flops,
@@ -93,13 +133,26 @@ def analyze_run(
             bw,
             functools.partial(
                 roofline.compute_time,
-                gemm_shapes=r.get("gemm_shapes"),
+                gemm_shapes=rd.get("gemm_shapes"),
                 peak_flops=peak_f,
                 gemm_flops=gemm,
             ),
-            roofline.attention_time(r.get("attention_shapes"), attention),
+            roofline.attention_time(rd.get("attention_shapes"), attention),
         )
         naive, _ = roofline.predict(flops, bytes_moved, overhead_s, bw, flops / peak_f)
+        return predicted, regime, naive
+
+    out = []
+    for r, rd in zip(rows, device_rows, strict=True):
+        predicted, regime, naive = predict_device(rd)
+        # The interconnect: the call's collectives, after (not overlapping) its compute.
+        comm_s = roofline.comm_time(r.get("collectives"), comm_bw) if comm_bw else 0.0
+        predicted += comm_s
+        extra = {}
+        if mesh_shape["expert"] > 1 and r.get("device_max_mean_load"):
+            # What the slowest device costs: the same call with every device at the mean load.
+            mean_load = roofline.per_device_work({**r, "device_max_mean_load": 1.0})
+            extra["predicted_balanced_latency_s"] = predict_device(mean_load)[0] + comm_s
         flops_ratio = _ratio(r["flops"], r["analytic_flops"])
         bytes_ratio = _ratio(r["bytes_accessed"], r["analytic_bytes"])
         mismatch = any(x is not None and abs(x - 1) > tol for x in (flops_ratio, bytes_ratio))
@@ -108,11 +161,13 @@ def analyze_run(
                 **r,
                 "predicted_latency_s": predicted,
                 "predicted_peak_latency_s": naive,
+                "predicted_comm_s": comm_s,
                 "regime": regime,
                 "fitted_latency_s": fit.fitted_latency_s[r["batch_size"]],
                 "xla_flops_ratio": flops_ratio,
                 "xla_bytes_ratio": bytes_ratio,
                 "cost_mismatch": mismatch,
+                **extra,
             }
         )
     bytes_per_param = resolve_dtype(param_dtype).itemsize
@@ -168,8 +223,119 @@ def analyze_run(
         "cold_weights": bool(cold),
         "bytes_per_param": bytes_per_param,
         "whatif": whatif(out, roofline_cfg.whatif_devices, dtype, precision, bytes_per_param),
+        "whatif_nodes": whatif_nodes(out, dtype, precision, bytes_per_param / uses),
+        **mesh_summary(out, mesh_shape, device, comm_source, peak_source),
     }
+    # Each data replica batches on its own: a device turns compute-bound at B* of its own
+    # share, so the global batch does at B* x data (the model and expert axes share one
+    # replica's batch, so they do not multiply it).
+    for key in ("predicted_critical_batch", "spec_critical_batch"):
+        per_device = summary[key]
+        summary[f"{key}_global"] = per_device * mesh_shape["data"] if per_device else None
+    summary["num_devices"] = num_devices
     return out, summary
+
+
+def mesh_summary(
+    rows: list[dict[str, Any]],
+    mesh_shape: dict[str, int],
+    device: jax.Device,
+    comm_source: str | None,
+    peak_source: PeakSource,
+) -> dict[str, Any]:
+    """The run's mesh facts for the report: the comm term's share of the predicted latency,
+    the mesh's measured collective bandwidths next to the spec interconnect, the slowest
+    expert device's cost, and whether the mesh is a functional simulation (host devices)."""
+    spec = specs.detect(device.device_kind)
+    num_devices = int(np.prod(list(mesh_shape.values())))
+    comm = [r for r in rows if r.get("collectives")]
+    measured = {}
+    for axis, n in mesh_shape.items():
+        for kind in collectives.MEASURED:
+            r = n > 1 and collectives.lookup(
+                device, kind, n, collectives.DEFAULT_PAYLOAD_BYTES, peak_source.cache_dir
+            )
+            if r:
+                measured.setdefault(axis, {})[kind] = r["busbw_bytes_per_s"]
+    out = {
+        "mesh_shape": mesh_shape,
+        # Forced host devices share the same CPU cores: their timings say nothing about
+        # accelerators or interconnects (README, "functional simulation").
+        "functional_simulation": device.platform == "cpu" and num_devices > 1,
+        "comm_bandwidth_source": comm_source,
+        "collective_busbw_bytes_per_s": measured,
+        "spec_interconnect_bytes_per_s": spec.interconnect_bytes_per_s if spec else None,
+        "spec_interconnect_source": spec.interconnect_source if spec else None,
+        "comm_bytes_last": rows[-1].get("comm_bytes"),
+        "xla_comm_bytes_last": rows[-1].get("xla_comm_bytes"),
+        "comm_share_median": (
+            float(np.median([r["predicted_comm_s"] / r["predicted_latency_s"] for r in comm]))
+            if comm and comm_source
+            else None  # no bandwidth to divide by: unknown, not zero
+        ),
+    }
+    loads = [r for r in rows if r.get("device_max_mean_load")]
+    if loads:
+        first, last = loads[0], loads[-1]
+        out["device_max_mean_load_first"] = first["device_max_mean_load"]
+        out["device_max_mean_load_last"] = last["device_max_mean_load"]
+        costs = [
+            r["predicted_latency_s"] / r["predicted_balanced_latency_s"] - 1
+            for r in loads
+            if r.get("predicted_balanced_latency_s")
+        ]
+        # Predicted extra latency from waiting on the most-loaded device, median over points.
+        out["slowest_device_cost_median"] = float(np.median(costs)) if costs else None
+    return out
+
+
+def whatif_nodes(
+    rows: list[dict[str, Any]], dtype: str, precision: str, bytes_per_param: float
+) -> dict[str, Any]:
+    """Predicted latency per global batch on each multi-device node of the spec table.
+
+    The run's mesh is laid on the node as it is (same expert and model axes), and the node's
+    remaining devices become data replicas: data' = devices / (expert·model). Each point is
+    one device's share (roofline.per_device_work at data') under the node device's datasheet
+    memory and compute limits, plus the row's collectives at the node's interconnect
+    (per direction), their payloads scaled by data/data' (the tokens per device; capacity
+    rounding aside). Lower bounds, like `whatif`: the overhead there is unknown.
+    """
+    result = {}
+    for name, node in specs.NODES.items():
+        spec = node.device
+        shape = mesh_shape_of(rows[0])
+        group = shape["expert"] * shape["model"]
+        if node.num_devices % group:
+            continue
+        node_data = node.num_devices // group
+        f = specs.spec_flops(spec, dtype, precision) or spec.flops_per_s.get("bfloat16")
+        node_shape = {**shape, "data": node_data}
+        scale = shape["data"] / node_data
+        curve, comm = {}, {}
+        for r in rows:
+            flops, bytes_moved = roofline.work(
+                roofline.per_device_work({**r, "mesh_shape": node_shape})
+            )
+            calls = [{**c, "bytes": c["bytes"] * scale} for c in r.get("collectives") or []]
+            comm[r["batch_size"]] = roofline.comm_time(calls, node.interconnect_bytes_per_s)
+            curve[r["batch_size"]] = (
+                max(bytes_moved / spec.bandwidth_bytes_per_s, flops / f) + comm[r["batch_size"]]
+            )
+        per_device = specs.critical_batch_size(f, spec.bandwidth_bytes_per_s, bytes_per_param)
+        result[name] = {
+            "num_devices": node.num_devices,
+            "mesh_shape": node_shape,
+            "flops_per_s": f,
+            "bandwidth_bytes_per_s": spec.bandwidth_bytes_per_s,
+            "interconnect_bytes_per_s": node.interconnect_bytes_per_s,
+            "critical_batch": per_device,
+            "critical_batch_global": per_device * node_data,
+            "latency_s": curve,
+            "comm_s": comm,
+            "source": node.source,
+        }
+    return result
 
 
 def whatif(

@@ -314,6 +314,9 @@ METRICS = {
     "best_throughput_per_s": ("hparams/best_throughput_per_s", 1.0),
     "predicted_critical_batch": ("roofline/predicted_critical_batch", 1.0),
     "spec_critical_batch": ("roofline/spec_critical_batch", 1.0),
+    "predicted_critical_batch_global": ("roofline/predicted_critical_batch_global", 1.0),
+    "comm_share_median": ("roofline/comm_share_median", 1.0),
+    "slowest_device_cost_median": ("roofline/slowest_device_cost_median", 1.0),
     "knee_batch_size": ("roofline/knee_batch_size", 1.0),
     "knee_low": ("roofline/knee_low", 1.0),
     "knee_high": ("roofline/knee_high", 1.0),
@@ -351,13 +354,14 @@ def derived_point_scalars(rows: list[dict[str, Any]]) -> dict[str, dict[int, flo
     for field, tag in (
         ("predicted_latency_s", "latency/predicted_ms"),
         ("fitted_latency_s", "latency/fitted_ms"),
+        ("predicted_comm_s", "latency/predicted_comm_ms"),
     ):
         values = {
             r["batch_size"]: r[field] * 1e3
             for r in rows
             if r.get(field) is not None and math.isfinite(r[field])
         }
-        if values:
+        if values and any(values.values()):  # a run without collectives: no comm curve
             out[tag] = values
     return out
 

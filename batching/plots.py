@@ -180,6 +180,14 @@ def whatif_figure(rows: list[dict[str, Any]], s: dict[str, Any]) -> plt.Figure:
     for name, w in s["whatif"].items():
         curve = [w["latency_s"][r["batch_size"]] * 1e3 for r in rows]
         ax.plot(b, curve, "--", label=f"{name} predicted (B*={w['critical_batch']:.3g})")
+    for name, w in s.get("whatif_nodes", {}).items():
+        curve = [w["latency_s"][r["batch_size"]] * 1e3 for r in rows]
+        ax.plot(
+            b,
+            curve,
+            ":",
+            label=f"{name} predicted (global B*={w['critical_batch_global']:.3g}, with comm)",
+        )
     return _finish(
         fig,
         ax,

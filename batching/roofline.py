@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from scipy import optimize
 
+from batching import collectives as collectives_lib
 from batching import stats
 
 REGIMES = ("overhead", "memory", "compute")
@@ -107,6 +108,72 @@ def predict_with_attention(
         rest_flops, max(bytes_moved - attn_bytes, 0.0), overhead_s, bandwidth, compute_s(rest_flops)
     )
     return rest_s + attn_s, regime if rest_s >= attn_s else "memory"
+
+
+def comm_time(
+    collectives: list[dict[str, Any]] | None,
+    bandwidth: float | Callable[[dict[str, Any]], float],
+) -> float:
+    """Seconds a call spends in its collectives, one after another (none overlap compute).
+
+    Each collective sends bytes·count·factor per device (batching.collectives.bus_factor:
+    2(n−1)/n for an all-reduce, (n−1)/n for an all-to-all or all-gather) at `bandwidth`
+    bytes/s per device and direction: a spec's interconnect_bytes_per_s, or, called with the
+    collective's dict, a bus bandwidth measured on this mesh (batching.collectives).
+    """
+    if not collectives:
+        return 0.0
+    bw_of = bandwidth if callable(bandwidth) else (lambda c: bandwidth)
+    return float(sum(collectives_lib.wire_bytes(c) / bw_of(c) for c in collectives))
+
+
+def per_device_work(row: dict[str, Any]) -> dict[str, Any]:
+    """The row with its analytic work as one device of its mesh does it; the row itself on
+    one device. How the global call's work is split (rows carry the global call's cost):
+
+    - data (DP): every device holds all the weights and 1/data of the batch: weight bytes
+      whole, the rest (activations, KV cache) and the FLOPs over data; the same as the cost
+      at per_device_batch_size, since the cost is linear in the batch.
+    - model (TP): heads, kv heads and the MLP hidden dim split over model: weights, FLOPs,
+      KV cache all over model (embedding and unembedding, replicated, are taken as split too:
+      an approximation that errs towards a faster device).
+    - expert (EP): experts split over expert, tokens over data·expert (GShard); the step
+      waits for the most-loaded device, so the FLOPs are the mean device's times
+      device_max_mean_load (ANCHORS §5; 1 when the row has no loads).
+
+    GEMM shapes lose the split of their token dim (m over data·expert) and of their output
+    dim (n over model, the same FLOPs whichever dim Megatron splits); attention shapes their
+    batch over data·expert and kv heads over model. XLA's flops and bytes_accessed of an SPMD
+    program are per device already and are left as they are.
+    """
+    mesh = row.get("mesh_shape") or {}
+    d, e, m = (int(mesh.get(a) or 1) for a in ("data", "expert", "model"))
+    if d * e * m == 1:
+        return row
+    load = float(row.get("device_max_mean_load") or 1.0) if e > 1 else 1.0
+    out = dict(row)
+    if row.get("analytic_flops") is not None:
+        out["analytic_flops"] = row["analytic_flops"] / (d * e * m) * load
+    if row.get("analytic_bytes") is not None:
+        weights = row.get("weight_bytes") or 0.0
+        rest = max(row["analytic_bytes"] - weights, 0.0)
+        out["weight_bytes"] = weights / (e * m)
+        out["analytic_bytes"] = weights / (e * m) + rest / (d * e * m)
+    if row.get("gemm_shapes"):
+        out["gemm_shapes"] = [
+            [max(1, -(-mm // (d * e))), k, max(1, -(-n // m)), count]
+            for mm, k, n, count in row["gemm_shapes"]
+        ]
+    if row.get("attention_shapes"):
+        out["attention_shapes"] = [
+            {
+                **s,
+                "batch": max(1, -(-s["batch"] // (d * e))),
+                "kv_heads": max(1, -(-s["kv_heads"] // m)),
+            }
+            for s in row["attention_shapes"]
+        ]
+    return out
 
 
 def overhead_time(

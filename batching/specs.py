@@ -27,10 +27,25 @@ class DeviceSpec:
     kinds: tuple[str, ...]  # lower-case substrings of jax's device_kind that mean this device
     memory_bytes: float  # device memory per device
     memory_source: str
+    # Device-to-device bandwidth of one device, bytes/s PER DIRECTION (what one device can
+    # send while it receives as much), over all its links: NVLink, PCIe x16 or TPU ICI.
+    # Datasheets quote NVLink as the bidirectional total (H100: 900 GB/s = 2 x 450).
+    interconnect_bytes_per_s: float
+    interconnect_source: str
 
 
 NVIDIA_A100 = "NVIDIA A100 datasheet (2021), dense Tensor Core figures"
 NVIDIA_H100 = "NVIDIA H100 Tensor Core GPU datasheet (2023), dense (without sparsity)"
+A100_NVLINK = "NVIDIA A100 datasheet (2021): NVLink 3 600 GB/s total = 300 GB/s per direction"
+H100_NVLINK = "NVIDIA H100 datasheet (2023): SXM NVLink 4 900 GB/s total = 450 GB/s per direction"
+# PCIe x16, per direction: transfer rate x 16 lanes x 128/130 (line code) / 8 bits
+# (PCI-SIG base specs 3.0, 4.0, 5.0: 8, 16, 32 GT/s per lane).
+PCIE3_X16 = 8e9 * 16 * 128 / 130 / 8  # 15.75 GB/s
+PCIE4_X16 = 2 * PCIE3_X16  # 31.5 GB/s
+PCIE5_X16 = 4 * PCIE3_X16  # 63 GB/s
+PCIE3_SOURCE = "PCI-SIG PCIe 3.0 x16: 8 GT/s x 16 x 128/130 = 15.75 GB/s per direction"
+PCIE4_SOURCE = "PCI-SIG PCIe 4.0 x16: 16 GT/s x 16 x 128/130 = 31.5 GB/s per direction"
+PCIE5_SOURCE = "PCI-SIG PCIe 5.0 x16: 32 GT/s x 16 x 128/130 = 63 GB/s per direction"
 SPECS: dict[str, DeviceSpec] = {
     s.name: s
     for s in [
@@ -42,6 +57,8 @@ SPECS: dict[str, DeviceSpec] = {
             ("t4",),
             16 * GB,
             "NVIDIA T4 datasheet: 16 GB GDDR6",
+            interconnect_bytes_per_s=PCIE3_X16,
+            interconnect_source=PCIE3_SOURCE + " (T4 datasheet: PCIe Gen3 x16 32 GB/s total)",
         ),
         DeviceSpec(
             "V100 SXM2",
@@ -51,6 +68,10 @@ SPECS: dict[str, DeviceSpec] = {
             ("v100",),
             32 * GB,
             "NVIDIA V100 datasheet: 32 GB HBM2 (16 GB variant also sold)",
+            interconnect_bytes_per_s=150 * GBPS,
+            interconnect_source=(
+                "NVIDIA V100 datasheet: NVLink 2 300 GB/s total = 150 GB/s per direction"
+            ),
         ),
         DeviceSpec(
             "A10",
@@ -66,6 +87,8 @@ SPECS: dict[str, DeviceSpec] = {
             ("a10",),
             24 * GB,
             "NVIDIA A10 datasheet: 24 GB GDDR6",
+            interconnect_bytes_per_s=PCIE4_X16,
+            interconnect_source=PCIE4_SOURCE + " (A10 datasheet: PCIe Gen4 64 GB/s total)",
         ),
         DeviceSpec(
             "A100 40GB SXM",
@@ -81,6 +104,8 @@ SPECS: dict[str, DeviceSpec] = {
             ("a100-sxm4-40gb", "a100 40gb", "a100-pcie-40gb"),
             40 * GB,
             "NVIDIA A100 datasheet (2021): 40 GB HBM2",
+            interconnect_bytes_per_s=300 * GBPS,
+            interconnect_source=A100_NVLINK,
         ),
         DeviceSpec(
             "A100 80GB SXM",
@@ -96,6 +121,8 @@ SPECS: dict[str, DeviceSpec] = {
             ("a100-sxm4-80gb", "a100 80gb", "a100"),
             80 * GB,
             "NVIDIA A100 datasheet (2021): 80 GB HBM2e",
+            interconnect_bytes_per_s=300 * GBPS,
+            interconnect_source=A100_NVLINK,
         ),
         DeviceSpec(
             "L4",
@@ -111,6 +138,8 @@ SPECS: dict[str, DeviceSpec] = {
             ("l4",),
             24 * GB,
             "NVIDIA L4 datasheet: 24 GB GDDR6",
+            interconnect_bytes_per_s=PCIE4_X16,
+            interconnect_source=PCIE4_SOURCE + " (L4 datasheet: PCIe Gen4 x16 64 GB/s total)",
         ),
         DeviceSpec(
             "H100 SXM",
@@ -126,6 +155,8 @@ SPECS: dict[str, DeviceSpec] = {
             ("h100 80gb hbm3", "h100 sxm", "h100"),
             80 * GB,
             "NVIDIA H100 datasheet (2023): 80 GB HBM3",
+            interconnect_bytes_per_s=450 * GBPS,
+            interconnect_source=H100_NVLINK,
         ),
         DeviceSpec(
             "H100 PCIe",
@@ -141,6 +172,9 @@ SPECS: dict[str, DeviceSpec] = {
             ("h100 pcie",),
             80 * GB,
             "NVIDIA H100 datasheet (2023): 80 GB HBM2e",
+            interconnect_bytes_per_s=PCIE5_X16,
+            interconnect_source=PCIE5_SOURCE
+            + " (H100 PCIe without its NVLink bridge; datasheet: PCIe Gen5 128 GB/s total)",
         ),
         DeviceSpec(
             "H200",
@@ -156,6 +190,10 @@ SPECS: dict[str, DeviceSpec] = {
             ("h200",),
             141 * GB,
             "NVIDIA H200 datasheet: 141 GB HBM3e",
+            interconnect_bytes_per_s=450 * GBPS,
+            interconnect_source=(
+                "NVIDIA H200 datasheet: NVLink 900 GB/s total = 450 GB/s per direction"
+            ),
         ),
         DeviceSpec(
             "B200",
@@ -171,6 +209,11 @@ SPECS: dict[str, DeviceSpec] = {
             ("b200",),
             180 * GB,
             "NVIDIA DGX B200 datasheet: 1,440 GB HBM3e over 8 GPUs",
+            interconnect_bytes_per_s=900 * GBPS,
+            interconnect_source=(
+                "NVIDIA HGX B200 datasheet: NVLink 5 1.8 TB/s total per GPU"
+                " = 900 GB/s per direction"
+            ),
         ),
         DeviceSpec(
             "TPU v4",
@@ -180,6 +223,11 @@ SPECS: dict[str, DeviceSpec] = {
             ("tpu v4",),
             32 * GIB,
             "Google Cloud TPU v4 docs: 32 GiB HBM per chip",
+            interconnect_bytes_per_s=6 * 45 * GBPS,
+            interconnect_source=(
+                "jax-ml scaling book tpus.md: ICI 4.5e10 B/s one way per link x 6 links per chip"
+                " (3D torus) = 2.7e11 B/s per direction"
+            ),
         ),
         DeviceSpec(
             "TPU v5e",
@@ -189,6 +237,11 @@ SPECS: dict[str, DeviceSpec] = {
             ("tpu v5 lite", "tpu v5e"),
             16 * GIB,
             "Google Cloud TPU v5e docs: 16 GiB HBM per chip",
+            interconnect_bytes_per_s=200 * GBPS,
+            interconnect_source=(
+                "Google Cloud TPU v5e docs: 400 GBps bidirectional ICI per chip (4 ports)"
+                " = 200 GB/s per direction"
+            ),
         ),
         DeviceSpec(
             "TPU v5p",
@@ -198,6 +251,44 @@ SPECS: dict[str, DeviceSpec] = {
             ("tpu v5p", "tpu v5"),
             95 * GIB,
             "Google Cloud TPU v5p docs: 95 GiB HBM per chip",
+            interconnect_bytes_per_s=600 * GBPS,
+            interconnect_source=(
+                "Google Cloud TPU v5p docs: 1200 GBps bidirectional ICI per chip (6 links)"
+                " = 600 GB/s per direction"
+            ),
+        ),
+    ]
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeSpec:
+    """Several devices of one spec in one box, each with its own interconnect bandwidth.
+
+    Nothing is copied from the device entry: FLOP/s, memory bandwidth and interconnect
+    come from `device`; the node adds how many there are and what connects them.
+    """
+
+    name: str
+    device: DeviceSpec
+    num_devices: int
+    source: str
+
+    @property
+    def interconnect_bytes_per_s(self) -> float:
+        """Per device and direction: behind an NVSwitch every GPU talks at its full NVLink rate."""
+        return self.device.interconnect_bytes_per_s
+
+
+NODES: dict[str, NodeSpec] = {
+    n.name: n
+    for n in [
+        NodeSpec(
+            "8x H100 SXM (HGX)",
+            SPECS["H100 SXM"],
+            8,
+            "NVIDIA HGX H100 8-GPU: 8 H100 SXM5 all-to-all through 4 NVSwitch chips, each GPU "
+            "at its full NVLink 4 bandwidth; " + H100_NVLINK,
         ),
     ]
 }

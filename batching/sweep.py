@@ -15,7 +15,17 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from batching import distributed, results, runs, specs, stats, timing, topology, workload
+from batching import (
+    collectives,
+    distributed,
+    results,
+    runs,
+    specs,
+    stats,
+    timing,
+    topology,
+    workload,
+)
 from batching.tensorboard_writer import PointWriter
 
 # A row's status: "ok" (measured), "skipped_memory" (its program needs more than the memory
@@ -136,6 +146,10 @@ def measure_point(
     latency = summary["latency_s"]
     examples = wl.examples(batch_size)
     cost = wl.cost(batch_size) if wl.cost else None
+    calls = wl.collectives(batch_size) if wl.collectives else []
+    # What XLA actually put in the program, next to the analytic count (a mesh only: one
+    # device has none, and the HLO text of a big model is long).
+    xla_comm = collectives.from_hlo(compiled.executable.as_text()) if topo.num_devices > 1 else None
     work_flops = cost.flops if cost else compiled.flops
     work_bytes = cost.bytes if cost else compiled.bytes_accessed
     fields = {
@@ -165,6 +179,11 @@ def measure_point(
         "per_example_s": latency / examples,
         "gemm_shapes": wl.gemm_shapes(batch_size) if wl.gemm_shapes else None,
         "attention_shapes": wl.attention_shapes(batch_size) if wl.attention_shapes else None,
+        "collectives": calls,
+        # Payload per device of the call's collectives (Σ bytes·count; batching.collectives).
+        "comm_bytes": collectives.total_bytes(calls),
+        "xla_collectives": xla_comm["counts"] if xla_comm else None,
+        "xla_comm_bytes": xla_comm["bytes"] if xla_comm else None,
         **wl.fields,
         **extra,
     }
@@ -237,6 +256,9 @@ def run_sweep(
             try:
                 topo = topology.build(run.config)
                 wl = workload.build(run.config, topo, store.workdir)
+                if run.config.roofline.enabled and topo.num_devices > 1:
+                    # The analysis reads these; every process measures them here, together.
+                    collectives.measure_run(topo.mesh, run.config.roofline.peaks_cache_dir)
             except Exception as e:  # noqa: BLE001 - a broken run is rows, not a crash
                 failure = _why(e)
             if share is not None:

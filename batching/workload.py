@@ -52,6 +52,11 @@ class Workload:
     gemm_shapes: Callable[[int], list[tuple[int, int, int, int]]] | None = None
     # Attention over a KV cache, timed at its own shape by the roofline (roofline.attention_time).
     attention_shapes: Callable[[int], list[dict[str, Any]]] | None = None
+    # The call's collectives at a batch size, one dict per kind and axis: {"kind":
+    # "all_reduce"|"all_to_all"|"all_gather", "axis": mesh axis, "axis_size": devices on it,
+    # "bytes": payload per device of ONE collective, "count": how many per call}
+    # (batching.collectives); None or [] when the call communicates nothing.
+    collectives: Callable[[int], list[dict[str, Any]]] | None = None
     # Per-point facts measured after the timing, never inside it (MoE routing statistics).
     point_fields: Callable[[int], dict[str, Any]] | None = None
     examples: Callable[[int], int] = lambda batch_size: batch_size

@@ -130,6 +130,13 @@ def test_sweep_rows_and_summary_carry_the_roofline(tmp_path):
     assert s["predicted_critical_batch"] == pytest.approx(1e11 * 4 / (2 * 2e10))
     assert s["spec_critical_batch"] is None  # a CPU is not in the spec table
     assert set(s["whatif"]) == {"T4", "A100 80GB SXM", "H100 SXM"}
+    # One device: no collectives, no comm term, global B* = per-device B*; the 8-GPU node
+    # what-if puts 8 data replicas there, so its global B* is 8 of its device's.
+    assert s["predicted_critical_batch_global"] == s["predicted_critical_batch"]
+    assert s["functional_simulation"] is False and s["comm_share_median"] is None
+    node = s["whatif_nodes"]["8x H100 SXM (HGX)"]
+    assert node["critical_batch_global"] == pytest.approx(8 * node["critical_batch"])
+    assert all(v == 0.0 for v in node["comm_s"].values())
     with open(tmp_path / "results.jsonl") as f:
         rows = [json.loads(line) for line in f]
     assert len(rows) == 4
@@ -137,6 +144,7 @@ def test_sweep_rows_and_summary_carry_the_roofline(tmp_path):
         assert r["regime"] in roofline.REGIMES
         assert r["predicted_latency_s"] > 0 and r["fitted_latency_s"] > 0
         assert isinstance(r["cost_mismatch"], bool)
+        assert r["collectives"] == [] and r["comm_bytes"] == 0.0 and r["predicted_comm_s"] == 0.0
     # trace files where TensorBoard's profile plugin looks for them
     profile_root = tmp_path / "tb" / "tiny" / "plugins" / "profile"
     traces = [f for d in profile_root.iterdir() for f in os.listdir(d)]
@@ -144,6 +152,7 @@ def test_sweep_rows_and_summary_carry_the_roofline(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "### C3:" in report and "### C5:" in report
     assert "216.7" in report  # the post's own B* reproduced from its inputs
+    assert "8x H100 SXM (HGX)" in report and "Functional simulation" not in report
     html = (tmp_path / "report.html").read_text()
     assert "data:image/png;base64," in html
     assert set(s["verdicts"]) == {"C3", "C5"}

@@ -84,3 +84,29 @@ def test_fp32_uses_tf32_peak_unless_highest():
     assert specs.spec_flops(h100, "float32") == h100.flops_per_s["tf32"]
     assert specs.spec_flops(h100, "float32", "highest") == h100.flops_per_s["float32"]
     assert specs.spec_flops(specs.SPECS["T4"], "float32") == 8.1e12
+
+
+@pytest.mark.parametrize("name", sorted(specs.SPECS))
+def test_every_spec_has_a_sourced_per_direction_interconnect(name):
+    spec = specs.SPECS[name]
+    assert spec.interconnect_bytes_per_s > 0
+    assert "per direction" in spec.interconnect_source
+    # Device-to-device links are slower than the device's own memory on every entry.
+    assert spec.interconnect_bytes_per_s < spec.bandwidth_bytes_per_s
+
+
+def test_interconnect_figures_are_per_direction_not_the_bidirectional_total():
+    # NVLink datasheets quote the total of both directions: H100 SXM 900 GB/s, A100 600 GB/s.
+    assert specs.SPECS["H100 SXM"].interconnect_bytes_per_s == pytest.approx(450e9)
+    assert specs.SPECS["A100 80GB SXM"].interconnect_bytes_per_s == pytest.approx(300e9)
+    # PCIe x16 per direction: Gen3 15.75, Gen4 31.5, Gen5 63 GB/s.
+    assert specs.SPECS["T4"].interconnect_bytes_per_s == pytest.approx(15.75e9, rel=1e-3)
+    assert specs.SPECS["L4"].interconnect_bytes_per_s == pytest.approx(31.5e9, rel=1e-3)
+    assert specs.SPECS["H100 PCIe"].interconnect_bytes_per_s == pytest.approx(63e9, rel=1e-3)
+
+
+def test_the_8_gpu_node_is_built_from_its_device_entry():
+    node = specs.NODES["8x H100 SXM (HGX)"]
+    assert node.device is specs.SPECS["H100 SXM"]
+    assert node.num_devices == 8 and node.source
+    assert node.interconnect_bytes_per_s == node.device.interconnect_bytes_per_s

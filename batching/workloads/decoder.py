@@ -18,8 +18,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from batching import collectives as comm
 from batching.topology import Topology
 from batching.workload import Cost, Workload
+from batching.workloads import moe as moe_workload
 from models import decoder, kv_cache
 from models.dtypes import resolve_dtype
 
@@ -77,6 +79,61 @@ def gemm_shapes(cfg: decoder.DecoderConfig, tokens: int, logits_rows: int) -> li
         (tokens, F, D, L),  # down
         (logits_rows, D, cfg.vocab_size, 1),  # unembedding
     ]
+
+
+def tensor_parallel_all_reduces(
+    cfg: decoder.DecoderConfig, mesh_shape: dict[str, int], tokens_per_device: int
+) -> list[dict]:
+    """The all-reduces of tensor parallelism over `model` (Megatron-LM, Shoeybi et al. 2019,
+    §3): with the heads and the MLP hidden dim split over `model`, the attention
+    out-projection and the MLP down-projection each leave a partial sum of the [tokens, D]
+    activations, summed by one all-reduce: 2 per layer, payload tokens·D in the compute dtype.
+    An MoE block's experts split their hidden dim the same way (logical `mlp` -> model), so
+    it also ends in one. None without a model axis.
+    """
+    n = mesh_shape["model"]
+    if n == 1:
+        return []
+    payload = tokens_per_device * cfg.d_model * resolve_dtype(cfg.dtype).itemsize
+    return [comm.entry("all_reduce", "model", n, payload, 2 * cfg.n_layers)]
+
+
+def expert_parallel_all_to_alls(
+    cfg: decoder.DecoderConfig,
+    mesh_shape: dict[str, int],
+    tokens_per_device: int,
+    group_size: int,
+) -> list[dict]:
+    """The MoE blocks' dispatch and combine over `expert` (batching.workloads.moe.all_to_alls)."""
+    return moe_workload.all_to_alls(
+        cfg.moe_config(),
+        mesh_shape,
+        tokens_per_device,
+        group_size,
+        len(decoder.moe_layers(cfg)),
+        resolve_dtype(cfg.dtype).itemsize,
+    )
+
+
+def step_collectives(
+    cfg: decoder.DecoderConfig, mesh_shape: dict[str, int], batch: int, length: int, decode: bool
+) -> list[dict]:
+    """The collectives of one decode step (one token per sequence) or prefill (`length`
+    tokens per sequence) at global batch `batch`. Sequences are split over `data`, and over
+    `expert` too when the model has MoE blocks and an expert axis (GShard: the routing groups
+    are each device's own tokens). Data parallelism alone needs none for inference.
+    """
+    moe = mesh_shape["expert"] > 1 and bool(decoder.moe_layers(cfg))
+    seqs = comm.shards(
+        batch, mesh_shape["data"] * (mesh_shape["expert"] if moe else 1), "batch_size"
+    )
+    tokens = seqs * (1 if decode else length)
+    # Decode routes the step's tokens as one group; prefill one group per sequence (or
+    # moe_group_size tokens), as models.decoder routes them.
+    group = tokens if decode else (cfg.moe_group_size or length)
+    return tensor_parallel_all_reduces(cfg, mesh_shape, tokens) + (
+        expert_parallel_all_to_alls(cfg, mesh_shape, tokens, group) if moe else []
+    )
 
 
 def abstract_decoder(cfg: decoder.DecoderConfig) -> decoder.Decoder:
@@ -218,6 +275,8 @@ def build_decoder(
         attention_shapes = None  # attention over the prompt itself: in the FLOPs at peak
         examples = lambda batch: batch * length
 
+    mesh_shape = topo.shape
+
     n_params = decoder.num_params(cfg)
     return Workload(
         fn=fn,
@@ -231,6 +290,7 @@ def build_decoder(
         attention_shapes=attention_shapes,
         examples=examples,
         example_unit="tokens",
+        collectives=lambda batch: step_collectives(cfg, mesh_shape, batch, length, decode),
         fields={
             "phase": m.phase,
             "cache_len": length if decode else None,

@@ -14,11 +14,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from batching import collectives as comm
 from batching.topology import Topology
 from batching.workload import Cost, Workload
 from models import moe
 from models.dtypes import resolve_dtype
-from models.routers import SCALAR_STATS
+from models.routers import SCALAR_STATS, expert_capacity
 
 
 def model_config(model_cfg: ml_collections.ConfigDict) -> moe.MoEMLPConfig:
@@ -77,6 +78,48 @@ def group_size(cfg: moe.MoEMLPConfig, topo: Topology, batch_size: int) -> int:
     return cfg.group_size or batch_size // topo.token_shards
 
 
+def all_to_alls(
+    cfg: moe.MoEConfig,
+    mesh_shape: dict[str, int],
+    tokens_per_device: int,
+    group_size: int,
+    moe_layers: int,
+    act_bytes: int,
+) -> list[dict]:
+    """Dispatch and combine over `expert` (GShard, Lepikhin et al. 2020, §2.2/§3.2): each
+    MoE layer moves this device's dispatched tokens [E, G, C, D] to the devices holding
+    their experts and the experts' outputs back: 2 all-to-alls per MoE layer, payload
+    G·E·C·D·act_bytes, its G groups of `group_size` tokens with C slots per expert
+    (models.routers.expert_capacity; expert-choice takes k=1). None without an expert axis.
+    """
+    n = mesh_shape["expert"]
+    if n == 1 or not moe_layers:
+        return []
+    top_k = cfg.top_k if cfg.router == "token_choice" else 1
+    G = comm.shards(tokens_per_device, group_size, "tokens per device over the routing group")
+    C = expert_capacity(group_size, cfg.num_experts, cfg.capacity_factor, top_k)
+    payload = G * cfg.num_experts * C * cfg.d_model * act_bytes
+    return [comm.entry("all_to_all", "expert", n, payload, 2 * moe_layers)]
+
+
+def layer_collectives(
+    cfg: moe.MoEMLPConfig, mesh_shape: dict[str, int], batch_size: int
+) -> list[dict]:
+    """The MoE MLP's collectives at global batch `batch_size`. Tokens are split over data and
+    expert (GShard: each device routes its own tokens, one group unless group_size is set).
+    With a model axis each layer's experts split their hidden dim (logical `mlp` -> model):
+    one all-reduce of the [tokens, D] output per layer (Megatron-LM's MLP). Data
+    parallelism alone communicates nothing in inference.
+    """
+    tokens = comm.shards(batch_size, mesh_shape["data"] * mesh_shape["expert"], "batch_size")
+    act_bytes = resolve_dtype(cfg.dtype).itemsize
+    out = all_to_alls(cfg, mesh_shape, tokens, cfg.group_size or tokens, cfg.depth, act_bytes)
+    if mesh_shape["model"] > 1:
+        payload = tokens * cfg.d_model * act_bytes
+        out.append(comm.entry("all_reduce", "model", mesh_shape["model"], payload, cfg.depth))
+    return out
+
+
 def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> Workload:
     del workdir
     cfg = model_config(run_cfg.model)
@@ -117,6 +160,7 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
             "routing_group_size": group_size(cfg, topo, batch_size),
         }
 
+    mesh_shape = topo.shape
     params = moe.num_params(cfg)
     top_k = cfg.top_k if cfg.router == "token_choice" else cfg.capacity_factor
     return Workload(
@@ -126,6 +170,7 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
         param_bytes=params * param_bytes,
         cost=cost,
         point_fields=point_fields,
+        collectives=lambda batch_size: layer_collectives(cfg, mesh_shape, batch_size),
         fields={
             "router": cfg.router,
             "num_experts": cfg.num_experts,

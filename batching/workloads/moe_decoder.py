@@ -5,7 +5,9 @@ already in <workdir>/params/<run>.npz, so an ablation run is one command and a
 rerun resumes without retraining. The timed call is the plain decode step; after
 its timing, the routing statistics of a decode step at that batch size are
 measured on held-out text (B held-out windows prefilled, then one step), so drop
-fraction and max/mean load are seen as functions of the batch size.
+fraction and max/mean load are seen as functions of the batch size. Its collectives are
+the decoder's (batching.workloads.decoder.step_collectives): the tensor-parallel
+all-reduces and, on an expert axis, two all-to-alls per MoE block.
 """
 
 import dataclasses
