@@ -1,8 +1,8 @@
 """Measured peaks: microbenchmarks timed with the lab's own harness, cached per device.
 
-Matmul and GEMM-shape FLOP/s, streaming bandwidth, the dispatch floor, kernel
-overhead and the decoder's own attention, each measured once per device and kept
-in a JSON file (atomic, locked) so sweeps do not re-measure every time.
+Matmul, GEMM-shape and convolution FLOP/s, streaming and last-level-cache bandwidth, the
+dispatch floor, kernel overhead and the decoder's own attention, each measured once per
+device and kept in a JSON file (atomic, locked) so sweeps do not re-measure every time.
 """
 
 import dataclasses
@@ -32,6 +32,8 @@ class MeasuredPeaks:
     dispatch_floor_s: float
     kernel_overhead_s: float
     details: dict[str, Any]
+    # Re-reading a buffer that fits the last-level cache (warm weights and activations).
+    cache_bandwidth_bytes_per_s: float = 0.0
 
 
 QUICK = timing.TimingSettings(warmup_runs=2, min_runs=5, max_runs=200, budget_s=0.5)
@@ -108,6 +110,88 @@ def measure_gemm_flops(
 
     t = _median_time(products, (a, *bs), GEMM_SETTINGS)
     return 2.0 * m * k * n * copies / max(t - dispatch_floor_s, 0.05 * t)
+
+
+# Above this many FLOPs a convolution runs at its saturated rate: a larger batch of the same
+# layer is measured at the batch that reaches it (keeps a cold start short, ResNet50 at batch
+# 64 would otherwise cost minutes of microbenchmarks).
+CONV_SATURATION_FLOPS = 2e9
+CONV_SETTINGS = timing.TimingSettings(
+    warmup_runs=1, warmup_s=0.0, min_runs=3, max_runs=1000, budget_s=0.3
+)
+
+
+def conv_flops_of(shape: tuple[int, ...]) -> float:
+    """2 FLOPs per multiply-accumulate of a conv at shape (B, H, W, Cin, Cout, k, stride)
+    with (k - 1) // 2 padding: models.resnet's count."""
+    B, H, W, cin, cout, k, stride = shape
+    pad = (k - 1) // 2
+    ho, wo = (H + 2 * pad - k) // stride + 1, (W + 2 * pad - k) // stride + 1
+    return 2.0 * B * ho * wo * cout * k * k * cin
+
+
+def conv_measured_batch(shape: tuple[int, ...]) -> int:
+    """The batch a conv at `shape` is measured at: its own, or the smallest power of two whose
+    FLOPs reach CONV_SATURATION_FLOPS, whichever is smaller."""
+    B = shape[0]
+    per_example = conv_flops_of((1, *shape[1:]))
+    b = 1
+    while b < B and b * per_example < CONV_SATURATION_FLOPS:
+        b *= 2
+    return min(b, B)
+
+
+def measure_conv_flops(
+    device: jax.Device, dtype: str, shape: tuple[int, ...], dispatch_floor_s: float = 0.0
+) -> float:
+    """FLOP/s of one NHWC convolution at shape (B, H, W, Cin, Cout, k, stride) with its
+    BatchNorm (inference: a per-channel scale and shift) and ReLU, as models.resnet runs it
+    (lax.conv_general_dilated, "HWIO" kernel, (k - 1) // 2 padding). The epilogue is timed with
+    the conv so its cost counts whether the backend fuses it or not. Weights stay warm between
+    calls; the roofline adds DRAM weight reads through the op's bytes. The dispatch floor is
+    taken off, as for a GEMM."""
+    B, H, W, cin, cout, k, stride = shape
+    dt = jnp.dtype(dtype)
+    pad = (k - 1) // 2
+    x = jax.device_put(jnp.ones((B, H, W, cin), dt), device)
+    w = jax.device_put(jnp.full((k, k, cin, cout), 0.01, dt), device)
+    scale = jax.device_put(jnp.ones((cout,), dt), device)
+    shift = jax.device_put(jnp.zeros((cout,), dt), device)
+
+    def conv_bn_relu(x, w, scale, shift):
+        y = jax.lax.conv_general_dilated(
+            x, w, (stride, stride), ((pad, pad),) * 2, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return jax.nn.relu(y * scale + shift)
+
+    t = _median_time(conv_bn_relu, (x, w, scale, shift), CONV_SETTINGS)
+    return conv_flops_of(shape) / max(t - dispatch_floor_s, 0.05 * t)
+
+
+def conv_flops(device: jax.Device, dtype: str, shape: tuple[int, ...], cache_dir: str) -> float:
+    """Measured FLOP/s of a conv shape (measure_conv_flops at conv_measured_batch), cached."""
+    shape = (conv_measured_batch(shape), *shape[1:])
+    path = cache_path(cache_dir)
+    cache = _load(path)
+    key = _device_key(device)
+    entry = dict(cache.get(key, {}))
+    table = dict(entry.get("conv_flops_per_s", {}))
+    name = f"{dtype}:" + "x".join(str(int(n)) for n in shape)
+    if name not in table:
+        table[name] = measure_conv_flops(
+            device, dtype, shape, dispatch_floor_s=entry.get("dispatch_floor_s", 0.0)
+        )
+        entry["conv_flops_per_s"] = table
+        _save(path, cache, key, entry)
+    return table[name]
+
+
+def measure_cache_bandwidth(device: jax.Device, buffer_bytes: int | None = None) -> float:
+    """Bytes/s of re-reading a buffer a quarter of the last-level cache's size: what warm
+    weights and activations that stay in the cache between calls are read at."""
+    buffer_bytes = buffer_bytes or max(last_level_cache_bytes(device) // 4, 1 << 20)
+    x = jax.device_put(jnp.ones((buffer_bytes // 4,), jnp.float32), device)
+    return buffer_bytes / _median_time(lambda x: jnp.sum(x), (x,))
 
 
 def measure_attention_seconds(
@@ -257,6 +341,9 @@ def measured_peaks(
     if "dispatch_floor_s" not in entry:
         entry["dispatch_floor_s"] = measure_dispatch_floor(device)
         changed = True
+    if "cache_bandwidth_bytes_per_s" not in entry:
+        entry["cache_bandwidth_bytes_per_s"] = measure_cache_bandwidth(device)
+        changed = True
     if "kernel_overhead_s" not in entry:
         entry["kernel_overhead_s"] = measure_kernel_overhead(device)
         changed = True
@@ -275,6 +362,7 @@ def measured_peaks(
         dispatch_floor_s=entry["dispatch_floor_s"],
         kernel_overhead_s=entry["kernel_overhead_s"],
         details=entry,
+        cache_bandwidth_bytes_per_s=entry["cache_bandwidth_bytes_per_s"],
     )
 
 

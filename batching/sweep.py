@@ -138,6 +138,8 @@ def measure_point(
         "per_example_s": latency / examples,
         "gemm_shapes": wl.gemm_shapes(batch_size) if wl.gemm_shapes else None,
         "attention_shapes": wl.attention_shapes(batch_size) if wl.attention_shapes else None,
+        # The call as ops (batching.ops.Op), priced one by one by the roofline.
+        "ops": [o.to_dict() for o in wl.ops(batch_size)] if wl.ops else None,
         **wl.fields,
         **extra,
     }

@@ -4,7 +4,8 @@ import jax
 import ml_collections
 from flax import nnx
 
-from batching.workload import Cost, Workload
+from batching.ops import Op
+from batching.workload import Cost, Workload, cost_of
 from models import mlp
 from models.dtypes import resolve_dtype
 
@@ -24,20 +25,35 @@ def validate(model_cfg: ml_collections.ConfigDict) -> None:
     model_config(model_cfg)
 
 
-def cost(cfg: mlp.MLPConfig, batch_size: int) -> Cost:
-    """FLOPs and bytes of one forward pass.
+def ops(cfg: mlp.MLPConfig, batch_size: int) -> list[Op]:
+    """One forward pass as ops: `depth` dense layers of [B, W] × [W, W].
 
-    FLOPs: 2 per weight per example (multiply and add), plus the bias adds.
-    Bytes: every weight read once, plus each layer's input read and output
-    written (activations in the compute dtype).
+    FLOPs: 2 per weight per example (multiply and add), plus the bias add, which XLA runs in
+    the product's epilogue (no bytes, no kernel of its own), so it is part of the GEMM op.
+    Bytes: every weight read once, plus each layer's input read and output written
+    (activations in the compute dtype). The activation is fused the same way and not counted.
     """
     w_bytes = resolve_dtype(cfg.param_dtype).itemsize
     a_bytes = resolve_dtype(cfg.dtype).itemsize
     bias = 1 if cfg.use_bias else 0
-    flops = cfg.depth * batch_size * (2 * cfg.width * cfg.width + bias * cfg.width)
-    weight_bytes = mlp.num_params(cfg) * w_bytes
-    activation_bytes = cfg.depth * 2 * batch_size * cfg.width * a_bytes
-    return Cost(flops=flops, bytes=weight_bytes + activation_bytes, weight_bytes=weight_bytes)
+    W, B = cfg.width, batch_size
+    weights = (W * W + bias * W) * w_bytes
+    layer = Op(
+        name="dense",
+        kind="gemm",
+        shape=(B, W, W),
+        flops=B * (2 * W * W + bias * W),
+        bytes=weights + 2 * B * W * a_bytes,
+        weight_bytes=weights,
+        count=cfg.depth,
+        dtype=cfg.dtype,
+    )
+    return [layer]
+
+
+def cost(cfg: mlp.MLPConfig, batch_size: int) -> Cost:
+    """FLOPs and bytes of one forward pass: the totals of `ops`."""
+    return cost_of(ops(cfg, batch_size))
 
 
 def build(run_cfg: ml_collections.ConfigDict, device: jax.Device, workdir: str) -> Workload:
@@ -63,7 +79,6 @@ def build(run_cfg: ml_collections.ConfigDict, device: jax.Device, workdir: str) 
         make_args=make_args,
         params=params,
         param_bytes=params * resolve_dtype(cfg.param_dtype).itemsize,
-        cost=lambda batch_size: cost(cfg, batch_size),
-        gemm_shapes=lambda batch_size: [(batch_size, cfg.width, cfg.width, cfg.depth)],
+        ops=lambda batch_size: ops(cfg, batch_size),
         fields={"width": cfg.width, "depth": cfg.depth, "activation": cfg.activation},
     )

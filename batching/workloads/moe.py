@@ -10,10 +10,11 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from batching.workload import Cost, Workload
+from batching.ops import Op
+from batching.workload import Workload
 from models import moe
 from models.dtypes import resolve_dtype
-from models.routers import SCALAR_STATS
+from models.routers import SCALAR_STATS, expert_capacity
 
 
 def model_config(model_cfg: ml_collections.ConfigDict) -> moe.MoEMLPConfig:
@@ -34,6 +35,61 @@ def model_config(model_cfg: ml_collections.ConfigDict) -> moe.MoEMLPConfig:
 
 def validate(model_cfg: ml_collections.ConfigDict) -> None:
     model_config(model_cfg)
+
+
+def layer_ops(
+    cfg: moe.MoEConfig,
+    tokens: int,
+    group_size: int,
+    param_bytes: int,
+    activation_bytes: int,
+    count: int = 1,
+    prefix: str = "moe.",
+) -> list[Op]:
+    """One MoELayer call on `tokens` tokens in groups of `group_size`, as its einsums.
+
+    The same count as models.moe.moe_layer_cost (GShard-style capacity-padded einsums: every
+    one of the E·C slots of a group is computed, full or empty): router 2·T·D·E, dispatch and
+    combine 2·G·S·E·C·D each, experts 6·G·E·C·D·F. Dispatch and combine multiply by one-hot
+    [G, S, E, C] masks: real matmuls, per group [E·C, S] × [S, D] and [S, E·C] × [E·C, D],
+    priced at the GEMM rate of those shapes. The experts are E products of [G·C, D] × [D, F]
+    (gate, up) and [G·C, F] × [F, D] (down). Routing (softmax, top-k, the masks) is left out of
+    the FLOPs and bytes, as moe_layer_cost does; it is one kernel launch here. Weights are read
+    once; the input and output activations (`activation_bytes` per element; 0 leaves them out)
+    are charged to the router and the combine.
+    """
+    D, E, F = cfg.d_model, cfg.num_experts, cfg.mlp_dim
+    S = group_size or tokens
+    if tokens % S != 0:
+        raise ValueError(
+            f"tokens per call ({tokens}) must be a multiple of model.group_size ({group_size})"
+        )
+    G = tokens // S
+    top_k = cfg.top_k if cfg.router == "token_choice" else 1
+    C = expert_capacity(S, E, cfg.capacity_factor, top_k)
+    act = tokens * D * activation_bytes
+    dt = cfg.dtype
+
+    def gemm(name, m, k, n, copies, weights=0, extra=0, kind="gemm"):
+        return Op(
+            name=prefix + name,
+            kind=kind,
+            shape=(m, k, n),
+            flops=2 * m * k * n,
+            bytes=weights + extra,
+            weight_bytes=weights,
+            count=copies * count,
+            dtype=dt,
+        )
+
+    return [
+        gemm("router", tokens, D, E, 1, weights=D * E * param_bytes, extra=act),
+        Op(prefix + "routing", "elementwise", (G, S, E, C), 0, 0, count=count, dtype=dt),
+        gemm("dispatch", E * C, S, D, G, kind="moe_dispatch_combine"),
+        gemm("gate_up", G * C, D, F, 2 * E, weights=D * F * param_bytes),
+        gemm("down", G * C, F, D, E, weights=F * D * param_bytes),
+        gemm("combine", S, E * C, D, G, extra=act, kind="moe_dispatch_combine"),
+    ]
 
 
 def mean_stats(stats: list[dict]) -> dict[str, float]:
@@ -65,10 +121,9 @@ def build(run_cfg: ml_collections.ConfigDict, device: jax.Device, workdir: str) 
         x_BxD = jax.random.normal(key, (batch_size, cfg.d_model), dtype)
         return state, jax.device_put(x_BxD, device)
 
-    def cost(batch_size: int) -> Cost:
-        layer = moe.moe_layer_cost(cfg, batch_size, param_bytes)
-        weight_bytes = moe.num_params(cfg) * param_bytes
-        return Cost(cfg.depth * layer["flops"], cfg.depth * layer["bytes"], weight_bytes)
+    def ops(batch_size: int) -> list[Op]:
+        # moe_layer_cost counts activations at param_bytes per element: so do the ops.
+        return layer_ops(cfg, batch_size, cfg.group_size, param_bytes, param_bytes, count=cfg.depth)
 
     def point_fields(batch_size: int) -> dict:
         return mean_stats(stats_fn(*make_args(batch_size)))
@@ -80,7 +135,7 @@ def build(run_cfg: ml_collections.ConfigDict, device: jax.Device, workdir: str) 
         make_args=make_args,
         params=params,
         param_bytes=params * param_bytes,
-        cost=cost,
+        ops=ops,
         point_fields=point_fields,
         fields={
             "router": cfg.router,
