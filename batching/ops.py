@@ -27,7 +27,9 @@ each at its own limit:
 Shapes by kind (`Op.shape`):
   gemm, moe_dispatch_combine: (m, k, n), one [m, k] × [k, n] product per instance.
   conv: (batch, height, width, c_in, c_out, kernel, stride), NHWC, "SAME"-style padding.
-  attention: (batch, kv_heads, cache_len, q_per_kv, head_dim), with `layout` and `dtype`.
+  attention: over a KV cache (batch, kv_heads, cache_len, q_per_kv, head_dim) with the cache's
+    `layout` and `dtype`, timed by the model's own attention; without a layout (a prefill over
+    its own prompt) any shape, priced at the peak FLOP rate.
   others: the shape of the tensor the op reads or writes.
 """
 
@@ -101,10 +103,11 @@ def gemm_shapes(ops: list[Op]) -> list[tuple[int, int, int, int]]:
 
 
 def attention_shapes(ops: list[Op]) -> list[dict[str, Any]]:
-    """The call's attentions over a KV cache as the dicts roofline.attention_time reads."""
+    """The call's attentions over a KV cache (those with a cache `layout`) as dicts of their
+    shape, as peaks.attention_seconds is keyed."""
     out = []
     for o in ops:
-        if o.kind != "attention":
+        if o.kind != "attention" or not o.layout:
             continue
         B, K, S, G, H = o.shape
         item = o.bytes / (2 * B * K * S * H)
@@ -174,7 +177,7 @@ def op_time(op: Op, rates: Rates) -> OpTime:
     # "cache" where every byte the op moves comes from the cache.
     cached = (op.weight_bytes == 0 or rates.weights_warm) and act_bw == rates.cache_bytes_per_s
     memory_limit = "cache" if cached else "memory"
-    if op.kind == "attention" and rates.attention is not None:
+    if op.kind == "attention" and op.layout and rates.attention is not None:
         compute_s = rates.attention(op)
     elif op.kind in GEMM_LIKE and rates.gemm is not None and op.flops and len(op.shape) == 3:
         compute_s = 2.0 * op.shape[0] * op.shape[1] * op.shape[2] / rates.gemm(op.shape)

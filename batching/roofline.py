@@ -2,12 +2,10 @@
 
 Three limits (shared/ANCHORS.md §1): t(B) ≈ max(overhead, bytes(B)/BW, flops(B)/F).
 
-- The a-priori prediction uses only microbenchmarks of the device: the
-  dispatch floor of a trivial call, streaming bandwidth, and matmul FLOP/s.
-  With `shape_aware` the compute time is the sum over the call's GEMMs of
-  2·m·k·n / F(m, k, n), each F measured at that very shape, because skinny
-  products at small batch run far below the square-matmul peak; otherwise a
-  single square-matmul peak is used.
+- The a-priori prediction is per op (batching/ops.py): a call is a list of
+  kernels, each at its own limit, priced with microbenchmarks of the device.
+  This module keeps the whole-program form, max(overhead, bytes/BW, flops/F)
+  with the square-matmul peak, as the naive baseline it is compared against.
 - The fit uses the measured latencies: the same three-limit form with free
   overhead, effective bandwidth and effective FLOP/s, fitted in log space.
   Its knee is the batch size where the compute term overtakes the others; its
@@ -16,7 +14,6 @@ Three limits (shared/ANCHORS.md §1): t(B) ≈ max(overhead, bytes(B)/BW, flops(
 
 import dataclasses
 import math
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -44,69 +41,6 @@ def predict(
     terms = (overhead_s, bytes_moved / bandwidth, compute_s)
     i = int(np.argmax(terms))
     return float(terms[i]), REGIMES[i]
-
-
-def compute_time(
-    flops: float,
-    gemm_shapes: list[list[int]] | None,
-    peak_flops: float,
-    gemm_flops: Callable[[tuple[int, int, int]], float] | None,
-) -> float:
-    """Seconds of arithmetic: GEMMs at their measured per-shape rate, the rest at the peak."""
-    if not gemm_shapes or gemm_flops is None:
-        return flops / peak_flops
-    seconds, gemm_total = 0.0, 0.0
-    for m, k, n, count in gemm_shapes:
-        f = 2.0 * m * k * n * count
-        seconds += f / gemm_flops((m, k, n))
-        gemm_total += f
-    return seconds + max(flops - gemm_total, 0.0) / peak_flops
-
-
-def attention_time(
-    shapes: list[dict[str, Any]] | None,
-    seconds_of: Callable[[dict[str, Any]], float] | None,
-) -> tuple[float, float, float]:
-    """(seconds, FLOPs, bytes) of a call's decode attention over its KV cache.
-
-    Each shape is one layer's attention (batch, kv_heads, cache_len, q_per_kv, head_dim,
-    bytes per element) run `count` times; its seconds come from a microbenchmark of that
-    very shape (peaks.attention_seconds), its FLOPs are 4·B·K·G·S·H (QKᵀ and AV) and its
-    bytes 2·B·K·S·H·bytes (K and V read once), as in models.decoder.decode_step_cost. A call
-    without shapes, or without a microbenchmark, has (0, 0, 0).
-    """
-    if not shapes or seconds_of is None:
-        return 0.0, 0.0, 0.0
-    seconds, flops, bytes_moved = 0.0, 0.0, 0.0
-    for s in shapes:
-        elements = s["batch"] * s["kv_heads"] * s["cache_len"] * s["head_dim"] * s["count"]
-        seconds += seconds_of(s) * s["count"]
-        flops += 4.0 * elements * s["q_per_kv"]
-        bytes_moved += 2.0 * elements * s["bytes"]
-    return seconds, flops, bytes_moved
-
-
-def predict_with_attention(
-    flops: float,
-    bytes_moved: float,
-    overhead_s: float,
-    bandwidth: float,
-    compute_s: Callable[[float], float],
-    attention: tuple[float, float, float],
-) -> tuple[float, str]:
-    """`predict` for a call that also attends over a KV cache: the three limits bound the
-    rest of the call (its work less the attention's), and the attention's measured seconds
-    add to them, since the layers run one after another. The regime is the larger part's;
-    attention over a cache reads it once per step, so it counts as "memory".
-
-    `compute_s(flops)` gives the seconds of arithmetic for the rest's FLOPs.
-    """
-    attn_s, attn_flops, attn_bytes = attention
-    rest_flops = max(flops - attn_flops, 0.0)
-    rest_s, regime = predict(
-        rest_flops, max(bytes_moved - attn_bytes, 0.0), overhead_s, bandwidth, compute_s(rest_flops)
-    )
-    return rest_s + attn_s, regime if rest_s >= attn_s else "memory"
 
 
 def overhead_time(

@@ -49,7 +49,7 @@ class Workload:
     donate_argnums: tuple[int, ...] = ()
     next_args: Callable[[Sequence[Any], Any], Sequence[Any]] | None = None
     gemm_shapes: Callable[[int], list[tuple[int, int, int, int]]] | None = None
-    # Attention over a KV cache, timed at its own shape by the roofline (roofline.attention_time).
+    # Attention over a KV cache, timed at its own shape by the roofline (peaks.attention_seconds).
     attention_shapes: Callable[[int], list[dict[str, Any]]] | None = None
     # Per-point facts measured after the timing, never inside it (MoE routing statistics).
     point_fields: Callable[[int], dict[str, Any]] | None = None

@@ -7,7 +7,7 @@
 
 The cache's layout is `model.cache_layout`, "auto" resolved for the device's platform
 (models.kv_cache.DEFAULT_LAYOUT); rows carry the resolved `cache_layout`, and decode rows the
-`attention_shapes` the roofline times (roofline.attention_time).
+`ops` the roofline prices one by one (batching/ops.py).
 """
 
 import dataclasses

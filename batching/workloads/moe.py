@@ -88,7 +88,10 @@ def layer_ops(
         gemm("dispatch", E * C, S, D, G, kind="moe_dispatch_combine"),
         gemm("gate_up", G * C, D, F, 2 * E, weights=D * F * param_bytes),
         gemm("down", G * C, F, D, E, weights=F * D * param_bytes),
-        gemm("combine", S, E * C, D, G, extra=act, kind="moe_dispatch_combine"),
+        # One combine per group writes that group's S·D outputs.
+        gemm(
+            "combine", S, E * C, D, G, extra=S * D * activation_bytes, kind="moe_dispatch_combine"
+        ),
     ]
 
 
