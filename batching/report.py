@@ -347,7 +347,6 @@ def write(
             "knee is the same fit read off the predicted latencies, its interval the same "
             "bootstrap with each point's samples scaled onto its prediction."
         )
-        where_time_goes(doc, analyzed)
         flagged = [r for r in rows if r.get("cost_mismatch")]
         if flagged:
             doc.para(
@@ -359,6 +358,7 @@ def write(
                 )
                 + (" …" if len(flagged) > 12 else "")
             )
+        where_time_goes(doc, analyzed)
         doc.heading("What-if on spec devices")
         a = analyzed[0]
         doc.para(
