@@ -25,7 +25,8 @@ each at its own limit:
   is measured either way.
 
 Shapes by kind (`Op.shape`):
-  gemm, moe_dispatch_combine: (m, k, n), one [m, k] × [k, n] product per instance.
+  gemm, moe_dispatch_combine: (m, k, n), one [m, k] × [k, n] product per instance, or
+    (batch, m, k, n), `batch` such products in one kernel (an einsum over experts or groups).
   conv: (batch, height, width, c_in, c_out, kernel, stride), NHWC, "SAME"-style padding.
   attention: over a KV cache (batch, kv_heads, cache_len, q_per_kv, head_dim) with the cache's
     `layout` and `dtype`, timed by the model's own attention; without a layout (a prefill over
@@ -34,6 +35,7 @@ Shapes by kind (`Op.shape`):
 """
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -98,8 +100,14 @@ def totals(ops: list[Op]) -> Totals:
 
 
 def gemm_shapes(ops: list[Op]) -> list[tuple[int, int, int, int]]:
-    """The call's weight matmuls as (m, k, n, count), in order (kind "gemm" only)."""
-    return [(*o.shape, o.count) for o in ops if o.kind == "gemm"]
+    """The call's weight matmuls as (m, k, n, count), in order (kind "gemm" only); a batched
+    product counts as `batch` products of its (m, k, n)."""
+    out = []
+    for o in ops:
+        if o.kind == "gemm":
+            batch, mkn = (1, o.shape) if len(o.shape) == 3 else (o.shape[0], o.shape[1:])
+            out.append((*mkn, o.count * batch))
+    return out
 
 
 def attention_shapes(ops: list[Op]) -> list[dict[str, Any]]:
@@ -179,8 +187,8 @@ def op_time(op: Op, rates: Rates) -> OpTime:
     memory_limit = "cache" if cached else "memory"
     if op.kind == "attention" and op.layout and rates.attention is not None:
         compute_s = rates.attention(op)
-    elif op.kind in GEMM_LIKE and rates.gemm is not None and op.flops and len(op.shape) == 3:
-        compute_s = 2.0 * op.shape[0] * op.shape[1] * op.shape[2] / rates.gemm(op.shape)
+    elif op.kind in GEMM_LIKE and rates.gemm is not None and op.flops and len(op.shape) in (3, 4):
+        compute_s = 2.0 * math.prod(op.shape) / rates.gemm(op.shape)
         # Epilogue FLOPs beyond the product (a bias add) ride along at no extra time.
     elif op.kind == "conv" and rates.conv is not None and op.flops and len(op.shape) == 7:
         compute_s = op.flops / rates.conv(op.shape)

@@ -89,8 +89,11 @@ def measure_gemm_flops(
     n: int,
     dispatch_floor_s: float = 0.0,
     cold: bool = False,
+    batch: int = 1,
 ) -> float:
     """FLOP/s of one [m, k] × [k, n] product: what the device reaches at a model's real shape.
+    With `batch` > 1, of a batched product [batch, m, k] × [batch, k, n] in one kernel, as an
+    einsum over experts or routing groups runs (FLOPs counted over the whole batch).
 
     The call's dispatch floor is taken off its time: inside a model the product is one
     kernel among many and pays no dispatch of its own. With `cold`, one call runs the
@@ -100,16 +103,20 @@ def measure_gemm_flops(
     item = jnp.dtype(dtype).itemsize
     copies = 1
     if cold:
-        copies = max(1, min(64, -(-2 * last_level_cache_bytes(device) // (k * n * item))))
-    a = jax.device_put(jnp.ones((m, k), jnp.dtype(dtype)), device)
-    bs = [jax.device_put(jnp.full((k, n), i + 1, jnp.dtype(dtype)), device) for i in range(copies)]
+        copies = max(1, min(64, -(-2 * last_level_cache_bytes(device) // (batch * k * n * item))))
+    lead = (batch,) if batch > 1 else ()
+    a = jax.device_put(jnp.ones((*lead, m, k), jnp.dtype(dtype)), device)
+    bs = [
+        jax.device_put(jnp.full((*lead, k, n), i + 1, jnp.dtype(dtype)), device)
+        for i in range(copies)
+    ]
 
     def products(a, *bs):
         # Each product is kept (summed after), so none can be skipped or merged.
         return sum(a @ b for b in bs)
 
     t = _median_time(products, (a, *bs), GEMM_SETTINGS)
-    return 2.0 * m * k * n * copies / max(t - dispatch_floor_s, 0.05 * t)
+    return 2.0 * batch * m * k * n * copies / max(t - dispatch_floor_s, 0.05 * t)
 
 
 # Above this many FLOPs a convolution runs at its saturated rate: a larger batch of the same
@@ -369,20 +376,30 @@ def measured_peaks(
 def gemm_flops(
     device: jax.Device,
     dtype: str,
-    shape: tuple[int, int, int],
+    shape: tuple[int, ...],
     cache_dir: str,
     cold: bool = False,
 ) -> float:
-    """Measured FLOP/s of one GEMM shape (m, k, n), warm or with cold weights, cached."""
+    """Measured FLOP/s of one GEMM shape (m, k, n), or of a batched one (batch, m, k, n),
+    warm or with cold weights, cached."""
+    batch, (m, k, n) = (1, shape) if len(shape) == 3 else (shape[0], shape[1:])
     path = cache_path(cache_dir)
     cache = _load(path)
     key = _device_key(device)
     entry = dict(cache.get(key, {}))
     table = dict(entry.get("gemm_flops_per_s", {}))
-    name = f"{dtype}:{shape[0]}x{shape[1]}x{shape[2]}" + (":cold" if cold else "")
+    prefix = f"{batch}@" if batch > 1 else ""
+    name = f"{dtype}:{prefix}{m}x{k}x{n}" + (":cold" if cold else "")
     if name not in table:
         table[name] = measure_gemm_flops(
-            device, dtype, *shape, dispatch_floor_s=entry.get("dispatch_floor_s", 0.0), cold=cold
+            device,
+            dtype,
+            m,
+            k,
+            n,
+            dispatch_floor_s=entry.get("dispatch_floor_s", 0.0),
+            cold=cold,
+            batch=batch,
         )
         entry["gemm_flops_per_s"] = table
         _save(path, cache, key, entry)

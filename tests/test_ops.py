@@ -83,6 +83,13 @@ def test_moe_ops_total_moe_layer_cost(batch, group):
     ref = moe.moe_layer_cost(cfg, batch, 4)
     assert t.flops == 2 * ref["flops"] and t.bytes == 2 * ref["bytes"]
     assert t.weight_bytes == moe.num_params(cfg) * 4
+    # The expert einsums are one batched product over E: as GEMM shapes, E products each.
+    gate_up = next(
+        o for o in moe_workload.layer_ops(cfg, batch, group, 4, 4) if "gate_up" in o.name
+    )
+    assert gate_up.shape[0] == 4 and gate_up.count == 2
+    C = gate_up.shape[1] // (batch // (group or batch))
+    assert ops.gemm_shapes([gate_up]) == [(gate_up.shape[1], 32, 64, 8)] and C >= 1
 
 
 RATES = ops.Rates(

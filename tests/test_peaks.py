@@ -19,6 +19,8 @@ def test_microbenchmarks_measure_something_plausible():
     warm = peaks.measure_gemm_flops(dev, "float32", 4, 64, 64)
     cold = peaks.measure_gemm_flops(dev, "float32", 4, 64, 64, cold=True)
     assert 1e6 < warm < 1e15 and 1e6 < cold < 1e15
+    batched = peaks.measure_gemm_flops(dev, "float32", 4, 64, 64, batch=3)
+    assert 1e6 < batched < 1e15
 
 
 def test_attention_microbenchmark_is_cached_and_slower_for_a_longer_cache(tmp_path):

@@ -5,6 +5,8 @@ group. The timed call computes y only; the routing statistics of the same inputs
 are computed after the timing (untimed) and go on the row without the `moe/` prefix.
 """
 
+import math
+
 import jax
 import ml_collections
 import numpy as np
@@ -51,12 +53,13 @@ def layer_ops(
     The same count as models.moe.moe_layer_cost (GShard-style capacity-padded einsums: every
     one of the E·C slots of a group is computed, full or empty): router 2·T·D·E, dispatch and
     combine 2·G·S·E·C·D each, experts 6·G·E·C·D·F. Dispatch and combine multiply by one-hot
-    [G, S, E, C] masks: real matmuls, per group [E·C, S] × [S, D] and [S, E·C] × [E·C, D],
-    priced at the GEMM rate of those shapes. The experts are E products of [G·C, D] × [D, F]
-    (gate, up) and [G·C, F] × [F, D] (down). Routing (softmax, top-k, the masks) is left out of
-    the FLOPs and bytes, as moe_layer_cost does; it is one kernel launch here. Weights are read
-    once; the input and output activations (`activation_bytes` per element; 0 leaves them out)
-    are charged to the router and the combine.
+    [G, S, E, C] masks: real matmuls, batched over the G groups, [E·C, S] × [S, D] and
+    [S, E·C] × [E·C, D], priced at the measured rate of that batched product. The experts are
+    one einsum each, batched over E: [G·C, D] × [D, F] (gate, up) and [G·C, F] × [F, D]
+    (down). Routing (softmax, top-k, the masks) is left out of the FLOPs and bytes, as
+    moe_layer_cost does; it is one kernel launch here. Weights are read once; the input and
+    output activations (`activation_bytes` per element; 0 leaves them out) are charged to the
+    router and the combine.
     """
     D, E, F = cfg.d_model, cfg.num_experts, cfg.mlp_dim
     S = group_size or tokens
@@ -70,12 +73,13 @@ def layer_ops(
     act = tokens * D * activation_bytes
     dt = cfg.dtype
 
-    def gemm(name, m, k, n, copies, weights=0, extra=0, kind="gemm"):
+    def gemm(name, shape, weights=0, extra=0, kind="gemm", copies=1):
+        # shape: (batch, m, k, n), `batch` products in one einsum kernel.
         return Op(
             name=prefix + name,
             kind=kind,
-            shape=(m, k, n),
-            flops=2 * m * k * n,
+            shape=shape if shape[0] > 1 else shape[1:],
+            flops=2 * math.prod(shape),
             bytes=weights + extra,
             weight_bytes=weights,
             count=copies * count,
@@ -83,15 +87,12 @@ def layer_ops(
         )
 
     return [
-        gemm("router", tokens, D, E, 1, weights=D * E * param_bytes, extra=act),
+        gemm("router", (1, tokens, D, E), weights=D * E * param_bytes, extra=act),
         Op(prefix + "routing", "elementwise", (G, S, E, C), 0, 0, count=count, dtype=dt),
-        gemm("dispatch", E * C, S, D, G, kind="moe_dispatch_combine"),
-        gemm("gate_up", G * C, D, F, 2 * E, weights=D * F * param_bytes),
-        gemm("down", G * C, F, D, E, weights=F * D * param_bytes),
-        # One combine per group writes that group's S·D outputs.
-        gemm(
-            "combine", S, E * C, D, G, extra=S * D * activation_bytes, kind="moe_dispatch_combine"
-        ),
+        gemm("dispatch", (G, E * C, S, D), kind="moe_dispatch_combine"),
+        gemm("gate_up", (E, G * C, D, F), weights=E * D * F * param_bytes, copies=2),
+        gemm("down", (E, G * C, F, D), weights=E * F * D * param_bytes),
+        gemm("combine", (G, S, E * C, D), extra=act, kind="moe_dispatch_combine"),
     ]
 
 
