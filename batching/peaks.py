@@ -64,6 +64,10 @@ GEMM_SETTINGS = timing.TimingSettings(
 )
 
 
+# A warm GEMM microbenchmark repeats a small product in one call up to this many FLOPs.
+WARM_CALL_FLOPS = 1e8
+
+
 def last_level_cache_bytes(device: jax.Device) -> int:
     """Size of the cache that warm weights can sit in: L3 from sysfs on a CPU.
 
@@ -90,20 +94,28 @@ def measure_gemm_flops(
     dispatch_floor_s: float = 0.0,
     cold: bool = False,
     batch: int = 1,
+    kernel_overhead_s: float = 0.0,
 ) -> float:
     """FLOP/s of one [m, k] × [k, n] product: what the device reaches at a model's real shape.
     With `batch` > 1, of a batched product [batch, m, k] × [batch, k, n] in one kernel, as an
     einsum over experts or routing groups runs (FLOPs counted over the whole batch).
 
-    The call's dispatch floor is taken off its time: inside a model the product is one
-    kernel among many and pays no dispatch of its own. With `cold`, one call runs the
-    product against enough distinct [k, n] weights to overflow the last-level cache
-    twice, so every weight comes from DRAM, as in a model whose weights exceed the cache.
+    Inside a model the product is one kernel among many: it pays no dispatch of its own, and
+    the roofline adds its launch (`kernel_overhead_s`) separately. So one call runs the product
+    against several distinct [k, n] weights (every output kept, none can be merged), and the
+    call's dispatch floor and one launch per product are taken off. With `cold` there are
+    enough weights to overflow the last-level cache twice, so every weight comes from DRAM, as
+    in a model whose weights exceed the cache; warm, enough to reach WARM_CALL_FLOPS (a tiny
+    product alone would be all dispatch noise) while all of them fit a quarter of the cache.
     """
     item = jnp.dtype(dtype).itemsize
-    copies = 1
+    weight_bytes = batch * k * n * item
+    llc = last_level_cache_bytes(device)
     if cold:
-        copies = max(1, min(64, -(-2 * last_level_cache_bytes(device) // (batch * k * n * item))))
+        copies = max(1, min(64, -(-2 * llc // weight_bytes)))
+    else:
+        wanted = -(-int(WARM_CALL_FLOPS) // (2 * batch * m * k * n))
+        copies = max(1, min(64, wanted, llc // 4 // weight_bytes))
     lead = (batch,) if batch > 1 else ()
     a = jax.device_put(jnp.ones((*lead, m, k), jnp.dtype(dtype)), device)
     bs = [
@@ -112,11 +124,12 @@ def measure_gemm_flops(
     ]
 
     def products(a, *bs):
-        # Each product is kept (summed after), so none can be skipped or merged.
-        return sum(a @ b for b in bs)
+        return tuple(a @ b for b in bs)
 
     t = _median_time(products, (a, *bs), GEMM_SETTINGS)
-    return 2.0 * batch * m * k * n * copies / max(t - dispatch_floor_s, 0.05 * t)
+    per_product = max(t - dispatch_floor_s, 0.05 * t) / copies
+    per_product = max(per_product - kernel_overhead_s, 0.05 * per_product)
+    return 2.0 * batch * m * k * n / per_product
 
 
 # Above this many FLOPs a convolution runs at its saturated rate: a larger batch of the same
@@ -148,31 +161,52 @@ def conv_measured_batch(shape: tuple[int, ...]) -> int:
     return min(b, B)
 
 
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
 def measure_conv_flops(
-    device: jax.Device, dtype: str, shape: tuple[int, ...], dispatch_floor_s: float = 0.0
+    device: jax.Device,
+    dtype: str,
+    shape: tuple[int, ...],
+    dispatch_floor_s: float = 0.0,
+    kernel_overhead_s: float = 0.0,
 ) -> float:
     """FLOP/s of one NHWC convolution at shape (B, H, W, Cin, Cout, k, stride) with its
     BatchNorm (inference: a per-channel scale and shift) and ReLU, as models.resnet runs it
     (lax.conv_general_dilated, "HWIO" kernel, (k - 1) // 2 padding). The epilogue is timed with
     the conv so its cost counts whether the backend fuses it or not. Weights stay warm between
-    calls; the roofline adds DRAM weight reads through the op's bytes. The dispatch floor is
-    taken off, as for a GEMM."""
+    calls; the roofline adds DRAM weight reads through the op's bytes. As for a warm GEMM, a
+    small conv runs several times in one call (distinct weights, every output kept) up to
+    WARM_CALL_FLOPS, and the dispatch floor and one launch per conv are taken off."""
     B, H, W, cin, cout, k, stride = shape
     dt = jnp.dtype(dtype)
     pad = (k - 1) // 2
+    copies = max(1, min(16, -(-int(WARM_CALL_FLOPS) // int(conv_flops_of(shape)))))
     x = jax.device_put(jnp.ones((B, H, W, cin), dt), device)
-    w = jax.device_put(jnp.full((k, k, cin, cout), 0.01, dt), device)
+    ws = [
+        jax.device_put(jnp.full((k, k, cin, cout), 0.01 * (i + 1), dt), device)
+        for i in range(copies)
+    ]
     scale = jax.device_put(jnp.ones((cout,), dt), device)
     shift = jax.device_put(jnp.zeros((cout,), dt), device)
 
-    def conv_bn_relu(x, w, scale, shift):
-        y = jax.lax.conv_general_dilated(
-            x, w, (stride, stride), ((pad, pad),) * 2, dimension_numbers=("NHWC", "HWIO", "NHWC")
-        )
-        return jax.nn.relu(y * scale + shift)
+    def conv_bn_relu(x, scale, shift, *ws):
+        outs = []
+        for w in ws:
+            y = jax.lax.conv_general_dilated(
+                x,
+                w,
+                (stride, stride),
+                ((pad, pad),) * 2,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )
+            outs.append(jax.nn.relu(y * scale + shift))
+        return tuple(outs)
 
-    t = _median_time(conv_bn_relu, (x, w, scale, shift), CONV_SETTINGS)
-    return conv_flops_of(shape) / max(t - dispatch_floor_s, 0.05 * t)
+    t = _median_time(conv_bn_relu, (x, scale, shift, *ws), CONV_SETTINGS)
+    per_conv = max(t - dispatch_floor_s, 0.05 * t) / copies
+    per_conv = max(per_conv - kernel_overhead_s, 0.05 * per_conv)
+    return conv_flops_of(shape) / per_conv
 
 
 def conv_flops(device: jax.Device, dtype: str, shape: tuple[int, ...], cache_dir: str) -> float:
@@ -186,7 +220,11 @@ def conv_flops(device: jax.Device, dtype: str, shape: tuple[int, ...], cache_dir
     name = f"{dtype}:" + "x".join(str(int(n)) for n in shape)
     if name not in table:
         table[name] = measure_conv_flops(
-            device, dtype, shape, dispatch_floor_s=entry.get("dispatch_floor_s", 0.0)
+            device,
+            dtype,
+            shape,
+            dispatch_floor_s=entry.get("dispatch_floor_s", 0.0),
+            kernel_overhead_s=entry.get("kernel_overhead_s", 0.0),
         )
         entry["conv_flops_per_s"] = table
         _save(path, cache, key, entry)
@@ -389,7 +427,7 @@ def gemm_flops(
     entry = dict(cache.get(key, {}))
     table = dict(entry.get("gemm_flops_per_s", {}))
     prefix = f"{batch}@" if batch > 1 else ""
-    name = f"{dtype}:{prefix}{m}x{k}x{n}" + (":cold" if cold else "")
+    name = f"{dtype}:{prefix}{m}x{k}x{n}" + (":cold" if cold else ":warm")
     if name not in table:
         table[name] = measure_gemm_flops(
             device,
@@ -400,6 +438,7 @@ def gemm_flops(
             dispatch_floor_s=entry.get("dispatch_floor_s", 0.0),
             cold=cold,
             batch=batch,
+            kernel_overhead_s=entry.get("kernel_overhead_s", 0.0),
         )
         entry["gemm_flops_per_s"] = table
         _save(path, cache, key, entry)
