@@ -179,13 +179,13 @@ def whatif_figure(rows: list[dict[str, Any]], s: dict[str, Any]) -> plt.Figure:
     ax.plot(b, [r["latency_s"] * 1e3 for r in rows], "o-", label=f"measured on {s['device_kind']}")
     for name, w in s["whatif"].items():
         curve = [w["latency_s"][r["batch_size"]] * 1e3 for r in rows]
-        ax.plot(b, curve, "--", label=f"{name} predicted (B*={w['critical_batch']:.3g})")
+        ax.plot(b, curve, "--", label=f"{name} lower bound (B*={w['critical_batch']:.3g})")
     return _finish(
         fig,
         ax,
         "batch size",
         "latency (ms)",
-        f"{s['run']}: what-if on spec devices (memory and compute limits only)",
+        f"{s['run']}: what-if on spec devices (per-op lower bounds, no overhead)",
         xbase=2,
     )
 
