@@ -5,6 +5,7 @@ rows augmented with `predicted_latency_s`, `regime`, `fitted_latency_s` and the
 XLA-vs-analytic cost check, plus the roofline fields of each run's summary.
 """
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -99,7 +100,11 @@ def analyze_run(
     out = []
     for r in rows:
         flops, bytes_moved = roofline.work(r)
-        call = ops_lib.predict_call(row_ops(r), rates)
+        # The floor of a call with this workload's own arguments, where the sweep measured it.
+        floor_s = r.get("call_floor_s") or device_peaks.dispatch_floor_s
+        call = ops_lib.predict_call(
+            row_ops(r), dataclasses.replace(rates, dispatch_floor_s=floor_s)
+        )
         overhead_s = roofline.overhead_time(
             r.get("gemm_shapes"), device_peaks.dispatch_floor_s, device_peaks.kernel_overhead_s
         )

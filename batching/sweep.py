@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from batching import results, runs, specs, stats, timing, workload
+from batching import peaks, results, runs, specs, stats, timing, workload
 from batching.tensorboard_writer import PointWriter
 
 # A row's status: "ok" (measured), "skipped_memory" (its program needs more than the memory
@@ -102,6 +102,8 @@ def measure_point(
     budget = memory_budget(cfg, memory["device_memory_bytes"])
     if memory["memory_bytes"] is not None and memory["memory_bytes"] > budget:
         raise OverBudget({**memory, "memory_budget_bytes": budget})
+    # The call's own dispatch floor (its arguments' flattening), before donation consumes them.
+    call_floor_s = peaks.measure_call_floor(args)
     m = timing.measure(compiled.call, args, settings, wl.next_args)
     del args
     extra = wl.point_fields(batch_size) if wl.point_fields else {}
@@ -140,6 +142,7 @@ def measure_point(
         "attention_shapes": wl.attention_shapes(batch_size) if wl.attention_shapes else None,
         # The call as ops (batching.ops.Op), priced one by one by the roofline.
         "ops": [o.to_dict() for o in wl.ops(batch_size)] if wl.ops else None,
+        "call_floor_s": call_floor_s,
         **wl.fields,
         **extra,
     }

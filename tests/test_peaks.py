@@ -59,6 +59,18 @@ def test_conv_microbenchmark_is_cached_and_capped_at_its_saturating_batch(tmp_pa
     assert peaks.conv_flops_of((1, 56, 56, 64, 64, 3, 2)) == 2 * 28 * 28 * 64 * 9 * 64
 
 
+def test_call_floor_is_measured_with_the_workloads_own_arguments():
+    from flax import nnx
+
+    from models import mlp
+
+    state = nnx.state(mlp.MLP(mlp.MLPConfig(width=8, depth=8), rngs=nnx.Rngs(0)))
+    x = jax.numpy.ones((1, 8))
+    floor = peaks.measure_call_floor((state, x))
+    assert 0 < floor < 0.01
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(state))  # nothing donated
+
+
 def test_cache_bandwidth_is_measured_on_a_buffer_that_fits():
     bw = peaks.measure_cache_bandwidth(jax.devices()[0], buffer_bytes=1 << 20)
     assert 1e8 < bw < 1e14

@@ -105,6 +105,13 @@ def test_sweep_rows_and_summary_carry_the_roofline(tmp_path):
         assert r["regime"] in roofline.REGIMES
         assert r["predicted_latency_s"] > 0 and r["fitted_latency_s"] > 0
         assert isinstance(r["cost_mismatch"], bool)
+        # the per-op prediction: its ops, its own call floor, where its time goes
+        assert r["ops"] and r["call_floor_s"] > 0
+        assert r["predicted_overhead_s"] >= r["call_floor_s"]
+        assert set(r["predicted_by_kind"]) <= {"gemm"}
+    assert set(s["breakdown"]) == {1, 8}
+    assert "predicted_curve_knee_batch_size" in s
+    assert (tmp_path / "plots" / "breakdown_tiny.png").exists()
     # trace files where TensorBoard's profile plugin looks for them
     profile_root = tmp_path / "tb" / "tiny" / "plugins" / "profile"
     traces = [f for d in profile_root.iterdir() for f in os.listdir(d)]
@@ -112,6 +119,7 @@ def test_sweep_rows_and_summary_carry_the_roofline(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "### C3:" in report and "### C5:" in report
     assert "216.7" in report  # the post's own B* reproduced from its inputs
+    assert "## Where the time goes" in report
     html = (tmp_path / "report.html").read_text()
     assert "data:image/png;base64," in html
     assert set(s["verdicts"]) == {"C3", "C5"}
