@@ -18,11 +18,12 @@ each at its own limit:
   in that cache between calls or between ops: the weights when all of the call's weights fit
   in the LLC (they stay warm between timed calls), an op's activations when they fit in half
   of it (produced by the op before, consumed straight after).
-- Ops XLA fuses into the producer's epilogue (`fused`: a bias add after a GEMM, BatchNorm and
-  ReLU after a convolution) move no bytes and cost no launch of their own; their FLOPs stay in
-  the totals. Where the fusion is not certain on every backend, the microbenchmark of the
-  producer runs the epilogue too (peaks.measure_conv_flops times conv + BN + ReLU), so the time
-  is measured either way.
+- Ops XLA fuses into the producer's epilogue (`fused`) move no bytes and cost no launch of
+  their own; their FLOPs stay in the totals. Fusion differs by backend: XLA on a CPU runs the
+  elementwise work after a product as a loop fusion of its own (a trace shows `ynn_fusion`
+  then `broadcast_maximum_fusion`), so workloads list it as an op (a launch, its bytes in the
+  cache); where it is not certain, the producer's microbenchmark runs the epilogue too
+  (peaks.measure_conv_flops times conv + BN + ReLU), so the time is measured either way.
 
 Shapes by kind (`Op.shape`):
   gemm, moe_dispatch_combine: (m, k, n), one [m, k] × [k, n] product per instance, or
