@@ -11,9 +11,12 @@ each at its own limit:
 
     t = dispatch floor + Σ_ops count·max(bytes / BW_op, flops / F(op)) + launches·kernel overhead
 
-- F(op) is measured by a microbenchmark at the op's own shape where the lab has one (GEMMs
-  and MoE dispatch/combine einsums at their GEMM shape, convolutions, attention); other
-  ops are bandwidth-bound and priced on their bytes only.
+- The dispatch floor is a trivial jitted call handed the call's own arguments (flattening a
+  model's parameter pytree is per-call Python work); each launch is the measured cost of one
+  more kernel in a program.
+- F(op) is measured by a microbenchmark at the op's own shape where the lab has one (GEMMs,
+  batched or not, the MoE dispatch/combine einsums, convolutions, attention); other ops are
+  bandwidth-bound and priced on their bytes only.
 - BW_op is the DRAM bandwidth, or the measured last-level-cache bandwidth for bytes that stay
   in that cache between calls or between ops: the weights when all of the call's weights fit
   in the LLC (they stay warm between timed calls), an op's activations when they fit in half
@@ -28,7 +31,8 @@ each at its own limit:
 Shapes by kind (`Op.shape`):
   gemm, moe_dispatch_combine: (m, k, n), one [m, k] × [k, n] product per instance, or
     (batch, m, k, n), `batch` such products in one kernel (an einsum over experts or groups).
-  conv: (batch, height, width, c_in, c_out, kernel, stride), NHWC, "SAME"-style padding.
+  conv: (batch, height, width, c_in, c_out, kernel, stride), NHWC input, (kernel - 1) // 2
+    symmetric padding as models.resnet.
   attention: over a KV cache (batch, kv_heads, cache_len, q_per_kv, head_dim) with the cache's
     `layout` and `dtype`, timed by the model's own attention; without a layout (a prefill over
     its own prompt) any shape, priced at the peak FLOP rate.
