@@ -10,7 +10,7 @@ mesh's measured bus bandwidth (roofline.comm_time, batching.collectives): the ro
 `predicted_comm_s`.
 """
 
-import functools
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from batching import collectives, peaks, roofline, specs, workload
+from batching import ops as ops_lib
 from models.dtypes import resolve_dtype
 
 
@@ -37,6 +38,9 @@ class PeakSource:
 
     def gemm(self, device: jax.Device, dtype: str, cold: bool):
         return lambda shape: peaks.gemm_flops(device, dtype, shape, self.cache_dir, cold)
+
+    def conv(self, device: jax.Device, dtype: str):
+        return lambda shape: peaks.conv_flops(device, dtype, shape, self.cache_dir)
 
     def attention(self, device: jax.Device, attend: Callable[..., jax.Array]):
         """Seconds of one attention shape (a row's `attention_shapes` entry), cached;
@@ -118,51 +122,58 @@ def analyze_run(
     )
     comm_bw, comm_source = comm_bandwidth(rows, device, peak_source)
     fit = roofline.fit_knee(rows, samples, n_bootstrap=roofline_cfg.bootstrap)
+    rates = ops_lib.Rates(
+        dram_bytes_per_s=bw,
+        cache_bytes_per_s=device_peaks.cache_bandwidth_bytes_per_s or bw,
+        cache_bytes=float(peaks.last_level_cache_bytes(device)),
+        peak_flops_per_s=peak_f,
+        dispatch_floor_s=device_peaks.dispatch_floor_s,
+        kernel_overhead_s=device_peaks.kernel_overhead_s,
+        # Weights that fit the last-level cache stay there between timed calls.
+        weights_warm=not cold,
+        gemm=gemm,
+        conv=peak_source.conv(device, dtype) if roofline_cfg.shape_aware else None,
+        attention=(lambda op: attention(ops_lib.attention_shapes([op])[0])) if attention else None,
+    )
     tol = roofline_cfg.cost_tolerance
 
-    def predict_device(rd: dict[str, Any]) -> tuple[float, str, float]:
-        """(predicted s, regime, naive s) of one device's share of a call, no communication."""
+    def predict_device(rd: dict[str, Any]) -> tuple[ops_lib.CallTime, float]:
+        """(per-op predicted call, naive s) of one device's share of a call, no communication."""
         flops, bytes_moved = roofline.work(rd)
+        # The floor of a call with this workload's own arguments, where the sweep measured it.
+        floor_s = rd.get("call_floor_s") or device_peaks.dispatch_floor_s
+        call = ops_lib.predict_call(
+            row_ops(rd), dataclasses.replace(rates, dispatch_floor_s=floor_s)
+        )
         overhead_s = roofline.overhead_time(
             rd.get("gemm_shapes"), device_peaks.dispatch_floor_s, device_peaks.kernel_overhead_s
         )
-        predicted, regime = roofline.predict_with_attention(
-            flops,
-            bytes_moved,
-            overhead_s,
-            bw,
-            functools.partial(
-                roofline.compute_time,
-                gemm_shapes=rd.get("gemm_shapes"),
-                peak_flops=peak_f,
-                gemm_flops=gemm,
-            ),
-            roofline.attention_time(rd.get("attention_shapes"), attention),
-        )
         naive, _ = roofline.predict(flops, bytes_moved, overhead_s, bw, flops / peak_f)
-        return predicted, regime, naive
+        return call, naive
 
     out = []
     for r, rd in zip(rows, device_rows, strict=True):
-        predicted, regime, naive = predict_device(rd)
+        call, naive = predict_device(rd)
         # The interconnect: the call's collectives, after (not overlapping) its compute.
         comm_s = roofline.comm_time(r.get("collectives"), comm_bw) if comm_bw else 0.0
-        predicted += comm_s
         extra = {}
         if mesh_shape["expert"] > 1 and r.get("device_max_mean_load"):
             # What the slowest device costs: the same call with every device at the mean load.
             mean_load = roofline.per_device_work({**r, "device_max_mean_load": 1.0})
-            extra["predicted_balanced_latency_s"] = predict_device(mean_load)[0] + comm_s
+            extra["predicted_balanced_latency_s"] = predict_device(mean_load)[0].seconds + comm_s
         flops_ratio = _ratio(r["flops"], r["analytic_flops"])
         bytes_ratio = _ratio(r["bytes_accessed"], r["analytic_bytes"])
         mismatch = any(x is not None and abs(x - 1) > tol for x in (flops_ratio, bytes_ratio))
         out.append(
             {
                 **r,
-                "predicted_latency_s": predicted,
+                "predicted_latency_s": call.seconds + comm_s,
+                "predicted_overhead_s": call.overhead_s,
+                # Predicted seconds per op kind and limit: where the time goes.
+                "predicted_by_kind": call.by_kind(),
                 "predicted_peak_latency_s": naive,
                 "predicted_comm_s": comm_s,
-                "regime": regime,
+                "regime": call.regime,
                 "fitted_latency_s": fit.fitted_latency_s[r["batch_size"]],
                 "xla_flops_ratio": flops_ratio,
                 "xla_bytes_ratio": bytes_ratio,
@@ -170,25 +181,32 @@ def analyze_run(
                 **extra,
             }
         )
+    predicted_fit = predicted_knee(out, samples, roofline_cfg.bootstrap)
     bytes_per_param = resolve_dtype(param_dtype).itemsize
     uses = rows[0].get("weight_uses_per_example") or 1.0
     spec = specs.detect(device.device_kind)
     spec_f = specs.spec_flops(spec, dtype, precision) if spec else None
     measured = np.array([r["latency_s"] for r in out])
-    linear = roofline.LinearCost.from_rows(out)
-    a_priori = np.log([device_peaks.dispatch_floor_s, bw, peak_f])
     first_bytes = out[0]["achieved_bytes_per_s"]
     summary = {
         "peak_flops_per_s": peak_f,
         "peak_bytes_per_s": bw,
         "dispatch_floor_s": device_peaks.dispatch_floor_s,
         "kernel_overhead_s": device_peaks.kernel_overhead_s,
+        "cache_bytes_per_s": rates.cache_bytes_per_s,
         # A weight serving only a fraction of the batch (an expert: k/E) needs that much
         # larger a batch to be reused as often: B* / weight_uses_per_example.
         "predicted_critical_batch": specs.critical_batch_size(peak_f, bw, bytes_per_param) / uses,
         # Where the a-priori three limits cross, with this workload's own bytes per example
         # (activations, a KV cache) rather than the weights-only formula above.
-        "predicted_knee_batch_size": roofline.knee_of(a_priori, linear),
+        "predicted_knee_batch_size": roofline.knee_of(
+            np.log([device_peaks.dispatch_floor_s, bw, peak_f]), roofline.LinearCost.from_rows(out)
+        ),
+        # The knee of the per-op predicted curve, read with the fitted knee's definition
+        # (roofline.fit_knee on the predicted latencies), so the two compare like with like.
+        "predicted_curve_knee_batch_size": predicted_fit.knee_batch_size,
+        "predicted_curve_knee_low": predicted_fit.knee_low,
+        "predicted_curve_knee_high": predicted_fit.knee_high,
         # Achieved bytes/s at the smallest batch as a fraction of the measured bandwidth.
         "bandwidth_fraction_first": first_bytes / bw if first_bytes else None,
         "spec_device": spec.name if spec else None,
@@ -223,6 +241,7 @@ def analyze_run(
         "cold_weights": bool(cold),
         "bytes_per_param": bytes_per_param,
         "whatif": whatif(out, roofline_cfg.whatif_devices, dtype, precision, bytes_per_param),
+        "breakdown": breakdown(out),
         "whatif_nodes": whatif_nodes(out, dtype, precision, bytes_per_param / uses),
         **mesh_summary(out, mesh_shape, device, comm_source, peak_source),
     }
@@ -338,6 +357,71 @@ def whatif_nodes(
     return result
 
 
+def row_ops(r: dict[str, Any]) -> list[ops_lib.Op]:
+    """A row's call as ops: its `ops`, or for a row written without them (a workload that
+    describes none) its GEMM and attention shapes plus one op for the rest of its work,
+    priced at the peak FLOP rate and the DRAM bandwidth."""
+    if r.get("ops"):
+        return [ops_lib.Op.from_dict(o) for o in r["ops"]]
+    flops, bytes_moved = roofline.work(r)
+    out = []
+    for m, k, n, count in r.get("gemm_shapes") or []:
+        out.append(ops_lib.Op("gemm", "gemm", (m, k, n), 2.0 * m * k * n, 0.0, count=count))
+    for a in r.get("attention_shapes") or []:
+        shape = (a["batch"], a["kv_heads"], a["cache_len"], a["q_per_kv"], a["head_dim"])
+        B, K, S, G, H = shape
+        item = a["bytes"]
+        out.append(
+            ops_lib.Op(
+                "attention",
+                "attention",
+                shape,
+                4.0 * B * K * G * S * H,
+                2.0 * B * K * S * H * item,
+                count=a["count"],
+                dtype=a["dtype"],
+                layout=a["layout"],
+            )
+        )
+    t = ops_lib.totals(out)
+    rest_flops = max((flops or 0) - t.flops, 0.0)
+    rest_bytes = max((bytes_moved or 0) - t.bytes, 0.0)
+    if rest_flops or rest_bytes or not out:
+        out.append(ops_lib.Op("rest", "gemm", (), rest_flops, rest_bytes))
+    return out
+
+
+def predicted_knee(
+    rows: list[dict[str, Any]], samples: dict[int, np.ndarray], n_bootstrap: int
+) -> roofline.KneeFit:
+    """roofline.fit_knee on the predicted curve. Its interval carries the measurement's own
+    spread: each point's samples scaled onto its prediction (samples · predicted / measured),
+    so it says how well a knee on this grid can be located at this noise, as for the fit."""
+    predicted = [{**r, "latency_s": r["predicted_latency_s"]} for r in rows]
+    scaled = {
+        r["batch_size"]: np.asarray(samples[r["batch_size"]])
+        * (r["predicted_latency_s"] / r["latency_s"])
+        for r in rows
+        if r["batch_size"] in samples
+    }
+    return roofline.fit_knee(predicted, scaled, n_bootstrap=n_bootstrap)
+
+
+def breakdown(rows: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Where the predicted time goes at the smallest and largest batch of a run: seconds per
+    op kind and limit, the fixed overhead, and the measured latency beside the prediction."""
+    ends = [rows[0]] if len(rows) == 1 else [rows[0], rows[-1]]
+    return {
+        r["batch_size"]: {
+            "by_kind": r["predicted_by_kind"],
+            "overhead_s": r["predicted_overhead_s"],
+            "predicted_s": r["predicted_latency_s"],
+            "measured_s": r["latency_s"],
+        }
+        for r in ends
+    }
+
+
 def whatif(
     rows: list[dict[str, Any]],
     devices: tuple[str, ...],
@@ -345,10 +429,11 @@ def whatif(
     precision: str,
     bytes_per_param: float,
 ) -> dict[str, Any]:
-    """Predicted latency per batch size on spec-table devices, from this run's FLOPs and bytes.
+    """Predicted latency per batch size on spec-table devices: the same per-op model, each op
+    at max(bytes / spec bandwidth, FLOPs / spec peak).
 
-    Only the memory and compute limits: per-call overhead on a device we did not
-    run on is unknown, so these curves are lower bounds.
+    No dispatch floor, no launches, no cache and every op at the datasheet peak: overhead
+    on a device we did not run on is unknown, so these curves are lower bounds.
     """
     result = {}
     for name in devices:
@@ -357,10 +442,16 @@ def whatif(
         if f is None:
             # The device has no unit for this dtype (a TPU has no fp32 peak): use its bf16 peak.
             f = spec.flops_per_s.get("bfloat16") or max(spec.flops_per_s.values())
-        curve = {}
-        for r in rows:
-            flops, bytes_moved = roofline.work(r)
-            curve[r["batch_size"]] = max(bytes_moved / spec.bandwidth_bytes_per_s, flops / f)
+        rates = ops_lib.Rates(
+            dram_bytes_per_s=spec.bandwidth_bytes_per_s,
+            cache_bytes_per_s=spec.bandwidth_bytes_per_s,
+            cache_bytes=0.0,
+            peak_flops_per_s=f,
+            dispatch_floor_s=0.0,
+            kernel_overhead_s=0.0,
+            weights_warm=False,
+        )
+        curve = {r["batch_size"]: ops_lib.predict_call(row_ops(r), rates).seconds for r in rows}
         result[name] = {
             "flops_per_s": f,
             "bandwidth_bytes_per_s": spec.bandwidth_bytes_per_s,

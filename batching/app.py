@@ -255,13 +255,15 @@ def finalize(
                 run_rows = [r for r in analyzed_rows if r["run"] == s["run"]]
                 figures[f"fit_{s['run']}"] = plots.fit_figure(run_rows, s)
                 figures[f"whatif_{s['run']}"] = plots.whatif_figure(run_rows, s)
+                figures[f"breakdown_{s['run']}"] = plots.breakdown_figure(s)
             figures.update(plots.extra_figures(analyzed_rows, summaries))
         if any(r.get("memory_bytes") for r in current_all):
             figures["memory"] = plots.memory_figure(current_all, summaries)
         figures.update(plots.routing_figures(analyzed_rows, summaries))
         images = plots.save_all(figures, store.path("plots"))
     for run, s in zip(done, summaries, strict=True):
-        others = {f"{kind}_{r.name}" for r in done if r is not run for kind in ("fit", "whatif")}
+        per_run = ("fit", "whatif", "breakdown")
+        others = {f"{kind}_{r.name}" for r in done if r is not run for kind in per_run}
         own = {name: image for name, image in images.items() if name not in others}
         write_run_summary(
             store.workdir,

@@ -1,8 +1,8 @@
 """Measured peaks: microbenchmarks timed with the lab's own harness, cached per device.
 
-Matmul and GEMM-shape FLOP/s, streaming bandwidth, the dispatch floor, kernel
-overhead and the decoder's own attention, each measured once per device and kept
-in a JSON file (atomic, locked) so sweeps do not re-measure every time.
+Matmul, GEMM-shape and convolution FLOP/s, streaming and last-level-cache bandwidth, the
+dispatch floor, kernel overhead and the decoder's own attention, each measured once per
+device and kept in a JSON file (atomic, locked) so sweeps do not re-measure every time.
 """
 
 import dataclasses
@@ -32,6 +32,8 @@ class MeasuredPeaks:
     dispatch_floor_s: float
     kernel_overhead_s: float
     details: dict[str, Any]
+    # Re-reading a buffer that fits the last-level cache (warm weights and activations).
+    cache_bandwidth_bytes_per_s: float = 0.0
 
 
 QUICK = timing.TimingSettings(warmup_runs=2, min_runs=5, max_runs=200, budget_s=0.5)
@@ -62,6 +64,10 @@ GEMM_SETTINGS = timing.TimingSettings(
 )
 
 
+# A warm GEMM microbenchmark repeats a small product in one call up to this many FLOPs.
+WARM_CALL_FLOPS = 1e8
+
+
 def last_level_cache_bytes(device: jax.Device) -> int:
     """Size of the cache that warm weights can sit in: L3 from sysfs on a CPU.
 
@@ -87,27 +93,158 @@ def measure_gemm_flops(
     n: int,
     dispatch_floor_s: float = 0.0,
     cold: bool = False,
+    batch: int = 1,
+    kernel_overhead_s: float = 0.0,
 ) -> float:
     """FLOP/s of one [m, k] × [k, n] product: what the device reaches at a model's real shape.
+    With `batch` > 1, of a batched product [batch, m, k] × [batch, k, n] in one kernel, as an
+    einsum over experts or routing groups runs (FLOPs counted over the whole batch).
 
-    The call's dispatch floor is taken off its time: inside a model the product is one
-    kernel among many and pays no dispatch of its own. With `cold`, one call runs the
-    product against enough distinct [k, n] weights to overflow the last-level cache
-    twice, so every weight comes from DRAM, as in a model whose weights exceed the cache.
+    Inside a model the product is one kernel among many: it pays no dispatch of its own, and
+    the roofline adds its launch (`kernel_overhead_s`) separately. So one call runs the product
+    against several distinct [k, n] weights (every output kept, none can be merged; chained,
+    each product feeding the next, where the shape allows), and the call's dispatch floor and
+    one launch per product are taken off. With `cold` there are
+    enough weights to overflow the last-level cache twice, so every weight comes from DRAM, as
+    in a model whose weights exceed the cache; warm, enough to reach WARM_CALL_FLOPS (a tiny
+    product alone would be all dispatch noise) while all of them fit a quarter of the cache.
     """
     item = jnp.dtype(dtype).itemsize
-    copies = 1
+    weight_bytes = batch * k * n * item
+    llc = last_level_cache_bytes(device)
     if cold:
-        copies = max(1, min(64, -(-2 * last_level_cache_bytes(device) // (k * n * item))))
-    a = jax.device_put(jnp.ones((m, k), jnp.dtype(dtype)), device)
-    bs = [jax.device_put(jnp.full((k, n), i + 1, jnp.dtype(dtype)), device) for i in range(copies)]
+        copies = max(1, min(64, -(-2 * llc // weight_bytes)))
+    else:
+        wanted = -(-int(WARM_CALL_FLOPS) // (2 * batch * m * k * n))
+        copies = max(1, min(64, wanted, llc // 4 // weight_bytes))
+    lead = (batch,) if batch > 1 else ()
+    a = jax.device_put(jnp.ones((*lead, m, k), jnp.dtype(dtype)), device)
+    bs = [
+        jax.device_put(jnp.full((*lead, k, n), (i + 1) / k, jnp.dtype(dtype)), device)
+        for i in range(copies)
+    ]
 
     def products(a, *bs):
-        # Each product is kept (summed after), so none can be skipped or merged.
-        return sum(a @ b for b in bs)
+        if k == n and not cold:
+            # A stack of square layers, each product waiting for the one before, as in a
+            # model: independent products could overlap and look faster than they run.
+            y = a
+            for b in bs:
+                y = y @ b
+            return y
+        return tuple(a @ b for b in bs)
 
     t = _median_time(products, (a, *bs), GEMM_SETTINGS)
-    return 2.0 * m * k * n * copies / max(t - dispatch_floor_s, 0.05 * t)
+    per_product = max(t - dispatch_floor_s, 0.05 * t) / copies
+    per_product = max(per_product - kernel_overhead_s, 0.05 * per_product)
+    return 2.0 * batch * m * k * n / per_product
+
+
+# Above this many FLOPs a convolution runs at its saturated rate: a larger batch of the same
+# layer is measured at the batch that reaches it (keeps a cold start short, ResNet50 at batch
+# 64 would otherwise cost minutes of microbenchmarks).
+CONV_SATURATION_FLOPS = 2e9
+CONV_SETTINGS = timing.TimingSettings(
+    warmup_runs=1, warmup_s=0.0, min_runs=3, max_runs=1000, budget_s=0.3
+)
+
+
+def conv_flops_of(shape: tuple[int, ...]) -> float:
+    """2 FLOPs per multiply-accumulate of a conv at shape (B, H, W, Cin, Cout, k, stride)
+    with (k - 1) // 2 padding: models.resnet's count."""
+    B, H, W, cin, cout, k, stride = shape
+    pad = (k - 1) // 2
+    ho, wo = (H + 2 * pad - k) // stride + 1, (W + 2 * pad - k) // stride + 1
+    return 2.0 * B * ho * wo * cout * k * k * cin
+
+
+def conv_measured_batch(shape: tuple[int, ...]) -> int:
+    """The batch a conv at `shape` is measured at: its own, or the smallest power of two whose
+    FLOPs reach CONV_SATURATION_FLOPS, whichever is smaller."""
+    B = shape[0]
+    per_example = conv_flops_of((1, *shape[1:]))
+    b = 1
+    while b < B and b * per_example < CONV_SATURATION_FLOPS:
+        b *= 2
+    return min(b, B)
+
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def measure_conv_flops(
+    device: jax.Device,
+    dtype: str,
+    shape: tuple[int, ...],
+    dispatch_floor_s: float = 0.0,
+    kernel_overhead_s: float = 0.0,
+) -> float:
+    """FLOP/s of one NHWC convolution at shape (B, H, W, Cin, Cout, k, stride) with its
+    BatchNorm (inference: a per-channel scale and shift) and ReLU, as models.resnet runs it
+    (lax.conv_general_dilated, "HWIO" kernel, (k - 1) // 2 padding). The epilogue is timed with
+    the conv so its cost counts whether the backend fuses it or not. Weights stay warm between
+    calls; the roofline adds DRAM weight reads through the op's bytes. As for a warm GEMM, a
+    small conv runs several times in one call (distinct weights, every output kept) up to
+    WARM_CALL_FLOPS, and the dispatch floor and one launch per conv are taken off."""
+    B, H, W, cin, cout, k, stride = shape
+    dt = jnp.dtype(dtype)
+    pad = (k - 1) // 2
+    copies = max(1, min(16, -(-int(WARM_CALL_FLOPS) // int(conv_flops_of(shape)))))
+    x = jax.device_put(jnp.ones((B, H, W, cin), dt), device)
+    ws = [
+        jax.device_put(jnp.full((k, k, cin, cout), 0.01 * (i + 1), dt), device)
+        for i in range(copies)
+    ]
+    scale = jax.device_put(jnp.ones((cout,), dt), device)
+    shift = jax.device_put(jnp.zeros((cout,), dt), device)
+
+    def conv_bn_relu(x, scale, shift, *ws):
+        outs = []
+        for w in ws:
+            y = jax.lax.conv_general_dilated(
+                x,
+                w,
+                (stride, stride),
+                ((pad, pad),) * 2,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )
+            outs.append(jax.nn.relu(y * scale + shift))
+        return tuple(outs)
+
+    t = _median_time(conv_bn_relu, (x, scale, shift, *ws), CONV_SETTINGS)
+    per_conv = max(t - dispatch_floor_s, 0.05 * t) / copies
+    per_conv = max(per_conv - kernel_overhead_s, 0.05 * per_conv)
+    return conv_flops_of(shape) / per_conv
+
+
+def conv_flops(device: jax.Device, dtype: str, shape: tuple[int, ...], cache_dir: str) -> float:
+    """Measured FLOP/s of a conv shape (measure_conv_flops at conv_measured_batch), cached."""
+    shape = (conv_measured_batch(shape), *shape[1:])
+    path = cache_path(cache_dir)
+    cache = _load(path)
+    key = _device_key(device)
+    entry = dict(cache.get(key, {}))
+    table = dict(entry.get("conv_flops_per_s", {}))
+    name = f"{dtype}:" + "x".join(str(int(n)) for n in shape)
+    if name not in table:
+        table[name] = measure_conv_flops(
+            device,
+            dtype,
+            shape,
+            dispatch_floor_s=entry.get("dispatch_floor_s", 0.0),
+            kernel_overhead_s=entry.get("kernel_overhead_s", 0.0),
+        )
+        entry["conv_flops_per_s"] = table
+        _save(path, cache, key, entry)
+    return table[name]
+
+
+def measure_cache_bandwidth(device: jax.Device, buffer_bytes: int | None = None) -> float:
+    """Bytes/s of re-reading a buffer a quarter of the last-level cache's size: what warm
+    weights and activations that stay in the cache between calls are read at."""
+    buffer_bytes = buffer_bytes or max(last_level_cache_bytes(device) // 4, 1 << 20)
+    x = jax.device_put(jnp.ones((buffer_bytes // 4,), jnp.float32), device)
+    return buffer_bytes / _median_time(lambda x: jnp.sum(x), (x,))
 
 
 def measure_attention_seconds(
@@ -206,6 +343,26 @@ def measure_dispatch_floor(device: jax.Device) -> float:
     return _median_time(lambda x: x + 1.0, (x,), FLOOR_SETTINGS)
 
 
+CALL_FLOOR_SETTINGS = timing.TimingSettings(
+    warmup_runs=5, warmup_s=0.0, min_runs=30, max_runs=2000, target_rel_ci=0.02, budget_s=0.1
+)
+
+
+def measure_call_floor(args: Any) -> float:
+    """Median seconds of a trivial jitted call that takes a workload's own arguments.
+
+    What a call costs before any kernel runs depends on what it is handed: flattening an
+    nnx.State of many parameters is Python work on every call (~80 µs for an 8-layer MLP on a
+    2-core CPU, against ~7 µs for one array). The roofline uses this floor for the workload's
+    points instead of the one-array dispatch floor. Nothing is donated: the args stay alive.
+    """
+
+    def trivial(*args):
+        return jnp.zeros((), jnp.float32)
+
+    return _median_time(trivial, tuple(args), CALL_FLOOR_SETTINGS)
+
+
 def measure_kernel_overhead(device: jax.Device, chain: int = 32) -> float:
     """Seconds each extra kernel in a program costs when it does almost no work.
 
@@ -257,6 +414,9 @@ def measured_peaks(
     if "dispatch_floor_s" not in entry:
         entry["dispatch_floor_s"] = measure_dispatch_floor(device)
         changed = True
+    if "cache_bandwidth_bytes_per_s" not in entry:
+        entry["cache_bandwidth_bytes_per_s"] = measure_cache_bandwidth(device)
+        changed = True
     if "kernel_overhead_s" not in entry:
         entry["kernel_overhead_s"] = measure_kernel_overhead(device)
         changed = True
@@ -275,26 +435,38 @@ def measured_peaks(
         dispatch_floor_s=entry["dispatch_floor_s"],
         kernel_overhead_s=entry["kernel_overhead_s"],
         details=entry,
+        cache_bandwidth_bytes_per_s=entry["cache_bandwidth_bytes_per_s"],
     )
 
 
 def gemm_flops(
     device: jax.Device,
     dtype: str,
-    shape: tuple[int, int, int],
+    shape: tuple[int, ...],
     cache_dir: str,
     cold: bool = False,
 ) -> float:
-    """Measured FLOP/s of one GEMM shape (m, k, n), warm or with cold weights, cached."""
+    """Measured FLOP/s of one GEMM shape (m, k, n), or of a batched one (batch, m, k, n),
+    warm or with cold weights, cached."""
+    batch, (m, k, n) = (1, shape) if len(shape) == 3 else (shape[0], shape[1:])
     path = cache_path(cache_dir)
     cache = _load(path)
     key = _device_key(device)
     entry = dict(cache.get(key, {}))
     table = dict(entry.get("gemm_flops_per_s", {}))
-    name = f"{dtype}:{shape[0]}x{shape[1]}x{shape[2]}" + (":cold" if cold else "")
+    prefix = f"{batch}@" if batch > 1 else ""
+    name = f"{dtype}:{prefix}{m}x{k}x{n}" + (":cold" if cold else ":warm")
     if name not in table:
         table[name] = measure_gemm_flops(
-            device, dtype, *shape, dispatch_floor_s=entry.get("dispatch_floor_s", 0.0), cold=cold
+            device,
+            dtype,
+            m,
+            k,
+            n,
+            dispatch_floor_s=entry.get("dispatch_floor_s", 0.0),
+            cold=cold,
+            batch=batch,
+            kernel_overhead_s=entry.get("kernel_overhead_s", 0.0),
         )
         entry["gemm_flops_per_s"] = table
         _save(path, cache, key, entry)

@@ -179,23 +179,72 @@ def whatif_figure(rows: list[dict[str, Any]], s: dict[str, Any]) -> plt.Figure:
     ax.plot(b, [r["latency_s"] * 1e3 for r in rows], "o-", label=f"measured on {s['device_kind']}")
     for name, w in s["whatif"].items():
         curve = [w["latency_s"][r["batch_size"]] * 1e3 for r in rows]
-        ax.plot(b, curve, "--", label=f"{name} predicted (B*={w['critical_batch']:.3g})")
+        ax.plot(b, curve, "--", label=f"{name} lower bound (B*={w['critical_batch']:.3g})")
     for name, w in s.get("whatif_nodes", {}).items():
         curve = [w["latency_s"][r["batch_size"]] * 1e3 for r in rows]
         ax.plot(
             b,
             curve,
             ":",
-            label=f"{name} predicted (global B*={w['critical_batch_global']:.3g}, with comm)",
+            label=f"{name} lower bound (global B*={w['critical_batch_global']:.3g}, with comm)",
         )
     return _finish(
         fig,
         ax,
         "batch size",
         "latency (ms)",
-        f"{s['run']}: what-if on spec devices (memory and compute limits only)",
+        f"{s['run']}: what-if on spec devices (per-op lower bounds, no overhead)",
         xbase=2,
     )
+
+
+LIMIT_HATCH = {"memory": "", "cache": "..", "compute": "//"}
+
+
+def breakdown_figure(s: dict[str, Any]) -> plt.Figure:
+    """Where the predicted time goes at the run's smallest and largest batch: one stacked bar
+    each, as shares of the predicted latency, by op kind (colour) and the limit each op is at
+    (hatch: plain memory/DRAM, dots cache, stripes compute), with the fixed overhead below.
+    The predicted and measured latencies are written over each bar."""
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    ends = sorted(s["breakdown"].items(), key=lambda kv: int(kv[0]))
+    kinds = sorted({k for _, e in ends for k in e["by_kind"]})
+    colors = dict(zip(kinds, plt.cm.tab10.colors, strict=False))
+    labelled = set()
+    for x, (_, e) in enumerate(ends):
+        total = e["predicted_s"]
+        bottom = e["overhead_s"] / total
+        ax.bar(x, bottom, color="0.7", label=None if "overhead" in labelled else "overhead")
+        labelled.add("overhead")
+        for kind in kinds:
+            for limit, seconds in sorted(e["by_kind"].get(kind, {}).items()):
+                label = f"{kind} ({limit})"
+                share = seconds / total
+                ax.bar(
+                    x,
+                    share,
+                    bottom=bottom,
+                    color=colors[kind],
+                    hatch=LIMIT_HATCH.get(limit, "xx"),
+                    edgecolor="white",
+                    label=None if label in labelled else label,
+                )
+                labelled.add(label)
+                bottom += share
+        ax.text(
+            x,
+            1.02,
+            f"pred. {total * 1e3:.3g} ms\nmeas. {e['measured_s'] * 1e3:.3g} ms",
+            ha="center",
+            fontsize="small",
+        )
+    ax.set_xticks(range(len(ends)), [f"batch {b}" for b, _ in ends])
+    ax.set_ylim(0, 1.2)
+    ax.set_ylabel("share of predicted latency")
+    ax.set_title(f"{s['run']}: predicted time per op kind and limit")
+    ax.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    return fig
 
 
 def knee_vs_context_figure(summaries: list[dict[str, Any]]) -> plt.Figure:

@@ -378,6 +378,41 @@ def router_section(doc: Doc, summaries: list[dict[str, Any]], with_verdict: bool
         doc.para(f"Verdict on C8 ({verdict['verdict']}): {verdict['evidence']}")
 
 
+def where_time_goes(doc: Doc, summaries: list[dict[str, Any]]) -> None:
+    """Per run, the predicted time per op kind at its smallest and largest batch."""
+    table = []
+    for s in summaries:
+        for batch, e in sorted(s.get("breakdown", {}).items(), key=lambda kv: int(kv[0])):
+            parts = [
+                f"{kind} {_fmt(sec * 1e3)} ({limit})"
+                for kind, limits in sorted(e["by_kind"].items())
+                for limit, sec in sorted(limits.items())
+            ]
+            table.append(
+                [
+                    s["run"],
+                    batch,
+                    e["predicted_s"] * 1e3,
+                    e["measured_s"] * 1e3,
+                    e["overhead_s"] * 1e3,
+                    "; ".join(parts),
+                ]
+            )
+    if not table:
+        return
+    doc.heading("Where the time goes")
+    doc.para(
+        "Predicted milliseconds per op kind at each run's smallest and largest batch, with the "
+        "limit each op is at: memory (bytes from DRAM), cache (bytes from the last-level "
+        "cache), compute (FLOPs at the op's measured rate). Overhead is the dispatch floor plus "
+        "one launch per kernel. Profiler traces are not parsed into per-op times here."
+    )
+    doc.table(
+        ["run", "batch", "predicted (ms)", "measured (ms)", "overhead (ms)", "ops by kind (ms)"],
+        table,
+    )
+
+
 def write(
     workdir: str,
     experiment: str,
@@ -425,6 +460,7 @@ def write(
             "predicted B*",
             "spec B*",
             "fitted knee [95%]",
+            "predicted-curve knee [95%]",
             "free up to",
             "overhead (µs)",
             "eff. GFLOP/s",
@@ -448,6 +484,8 @@ def write(
                 s["predicted_critical_batch"],
                 s["spec_critical_batch"],
                 f"{_fmt(s['knee_batch_size'])} [{_fmt(s['knee_low'])}, {_fmt(s['knee_high'])}]",
+                f"{_fmt(s['predicted_curve_knee_batch_size'])} "
+                f"[{_fmt(s['predicted_curve_knee_low'])}, {_fmt(s['predicted_curve_knee_high'])}]",
                 s["free_batching_limit"],
                 s["overhead_s"] * 1e6,
                 s["effective_flops_per_s"] / 1e9,
@@ -461,10 +499,14 @@ def write(
     if analyzed:
         doc.para(
             "pred. err and fit err: median over the run's points of |predicted / measured − 1| "
-            "for the a-priori roofline and for the fitted three-limit model. cost flags: points "
-            "where XLA's counted FLOPs or bytes differ from the analytic count by more than the "
-            "configured tolerance. The a-priori prediction measures matmuls at the model's own "
-            "shapes when shape_aware is on; the knee interval is a bootstrap over timing samples."
+            "for the a-priori per-op roofline (dispatch floor + Σ over the call's ops of "
+            "max(bytes / bandwidth, FLOPs / F(op)) + kernel launches) and for the fitted "
+            "three-limit model. cost flags: points where XLA's counted FLOPs or bytes differ "
+            "from the analytic count by more than the configured tolerance. With shape_aware on, "
+            "F(op) of each GEMM, convolution and attention is measured at the op's own shape. "
+            "The fitted knee's interval is a bootstrap over timing samples; the predicted-curve "
+            "knee is the same fit read off the predicted latencies, its interval the same "
+            "bootstrap with each point's samples scaled onto its prediction."
         )
         flagged = [r for r in rows if r.get("cost_mismatch")]
         if flagged:
@@ -477,12 +519,14 @@ def write(
                 )
                 + (" …" if len(flagged) > 12 else "")
             )
+        where_time_goes(doc, analyzed)
         doc.heading("What-if on spec devices")
         a = analyzed[0]
         doc.para(
-            f"Run {a['run']}'s analytic FLOPs and bytes under each device's datasheet peaks "
-            "(memory and compute limits only: per-call overhead there is unmeasured, so these "
-            "are lower bounds, predictions rather than measurements)."
+            f"Run {a['run']}'s ops, each at max(bytes / datasheet bandwidth, FLOPs / datasheet "
+            "peak), summed (the same per-op model as above; no dispatch floor, no launches, no "
+            "cache: per-call overhead there is unmeasured, so these are lower bounds, predictions "
+            "rather than measurements)."
         )
         doc.table(
             [

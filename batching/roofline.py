@@ -2,12 +2,10 @@
 
 Three limits (shared/ANCHORS.md §1): t(B) ≈ max(overhead, bytes(B)/BW, flops(B)/F).
 
-- The a-priori prediction uses only microbenchmarks of the device: the
-  dispatch floor of a trivial call, streaming bandwidth, and matmul FLOP/s.
-  With `shape_aware` the compute time is the sum over the call's GEMMs of
-  2·m·k·n / F(m, k, n), each F measured at that very shape, because skinny
-  products at small batch run far below the square-matmul peak; otherwise a
-  single square-matmul peak is used.
+- The a-priori prediction is per op (batching/ops.py): a call is a list of
+  kernels, each at its own limit, priced with microbenchmarks of the device.
+  This module keeps the whole-program form, max(overhead, bytes/BW, flops/F)
+  with the square-matmul peak, as the naive baseline it is compared against.
 - The fit uses the measured latencies: the same three-limit form with free
   overhead, effective bandwidth and effective FLOP/s, fitted in log space.
   Its knee is the batch size where the compute term overtakes the others; its
@@ -47,69 +45,6 @@ def predict(
     return float(terms[i]), REGIMES[i]
 
 
-def compute_time(
-    flops: float,
-    gemm_shapes: list[list[int]] | None,
-    peak_flops: float,
-    gemm_flops: Callable[[tuple[int, int, int]], float] | None,
-) -> float:
-    """Seconds of arithmetic: GEMMs at their measured per-shape rate, the rest at the peak."""
-    if not gemm_shapes or gemm_flops is None:
-        return flops / peak_flops
-    seconds, gemm_total = 0.0, 0.0
-    for m, k, n, count in gemm_shapes:
-        f = 2.0 * m * k * n * count
-        seconds += f / gemm_flops((m, k, n))
-        gemm_total += f
-    return seconds + max(flops - gemm_total, 0.0) / peak_flops
-
-
-def attention_time(
-    shapes: list[dict[str, Any]] | None,
-    seconds_of: Callable[[dict[str, Any]], float] | None,
-) -> tuple[float, float, float]:
-    """(seconds, FLOPs, bytes) of a call's decode attention over its KV cache.
-
-    Each shape is one layer's attention (batch, kv_heads, cache_len, q_per_kv, head_dim,
-    bytes per element) run `count` times; its seconds come from a microbenchmark of that
-    very shape (peaks.attention_seconds), its FLOPs are 4·B·K·G·S·H (QKᵀ and AV) and its
-    bytes 2·B·K·S·H·bytes (K and V read once), as in models.decoder.decode_step_cost. A call
-    without shapes, or without a microbenchmark, has (0, 0, 0).
-    """
-    if not shapes or seconds_of is None:
-        return 0.0, 0.0, 0.0
-    seconds, flops, bytes_moved = 0.0, 0.0, 0.0
-    for s in shapes:
-        elements = s["batch"] * s["kv_heads"] * s["cache_len"] * s["head_dim"] * s["count"]
-        seconds += seconds_of(s) * s["count"]
-        flops += 4.0 * elements * s["q_per_kv"]
-        bytes_moved += 2.0 * elements * s["bytes"]
-    return seconds, flops, bytes_moved
-
-
-def predict_with_attention(
-    flops: float,
-    bytes_moved: float,
-    overhead_s: float,
-    bandwidth: float,
-    compute_s: Callable[[float], float],
-    attention: tuple[float, float, float],
-) -> tuple[float, str]:
-    """`predict` for a call that also attends over a KV cache: the three limits bound the
-    rest of the call (its work less the attention's), and the attention's measured seconds
-    add to them, since the layers run one after another. The regime is the larger part's;
-    attention over a cache reads it once per step, so it counts as "memory".
-
-    `compute_s(flops)` gives the seconds of arithmetic for the rest's FLOPs.
-    """
-    attn_s, attn_flops, attn_bytes = attention
-    rest_flops = max(flops - attn_flops, 0.0)
-    rest_s, regime = predict(
-        rest_flops, max(bytes_moved - attn_bytes, 0.0), overhead_s, bandwidth, compute_s(rest_flops)
-    )
-    return rest_s + attn_s, regime if rest_s >= attn_s else "memory"
-
-
 def comm_time(
     collectives: list[dict[str, Any]] | None,
     bandwidth: float | Callable[[dict[str, Any]], float],
@@ -141,7 +76,8 @@ def per_device_work(row: dict[str, Any]) -> dict[str, Any]:
       waits for the most-loaded device, so the FLOPs are the mean device's times
       device_max_mean_load (ANCHORS §5; 1 when the row has no loads).
 
-    GEMM shapes lose the split of their token dim (m over data·expert) and of their output
+    Ops (batching.ops, as dicts) are split the same way one by one (per_device_op). GEMM
+    shapes lose the split of their token dim (m over data·expert) and of their output
     dim (n over model, the same FLOPs whichever dim Megatron splits); attention shapes their
     batch over data·expert and kv heads over model. XLA's flops and bytes_accessed of an SPMD
     program are per device already and are left as they are.
@@ -164,6 +100,8 @@ def per_device_work(row: dict[str, Any]) -> dict[str, Any]:
             [max(1, -(-mm // (d * e))), k, max(1, -(-n // m)), count]
             for mm, k, n, count in row["gemm_shapes"]
         ]
+    if row.get("ops"):
+        out["ops"] = [per_device_op(o, d * e, m, e * m, load) for o in row["ops"]]
     if row.get("attention_shapes"):
         out["attention_shapes"] = [
             {
@@ -324,3 +262,40 @@ def free_batching_limit(samples: dict[int, np.ndarray], alpha: float = 0.01) -> 
             break
         limit = size
     return limit
+
+
+def per_device_op(
+    op: dict[str, Any], tokens: int, model: int, weight_split: int, load: float
+) -> dict[str, Any]:
+    """One op (batching.ops.Op as a dict) as one device of the mesh runs it, split as
+    per_device_work splits the whole call: its token or batch dim over `tokens` (data·expert),
+    its output features or kv heads over `model`, FLOPs over both (times the slowest expert
+    device's `load`), weight bytes over `weight_split` (expert·model) and the rest of its bytes
+    over tokens·model. The shape only picks the microbenchmark the op is priced at.
+    """
+    if tokens * model * weight_split == 1:
+        return op
+    shape = list(op["shape"])
+
+    def split(i: int, n: int) -> None:
+        if -len(shape) <= i < len(shape) and n > 1:
+            shape[i] = max(1, -(-shape[i] // n))
+
+    kind = op["kind"]
+    if kind in ("gemm", "moe_dispatch_combine") and len(shape) in (3, 4):
+        split(-3, tokens)  # m: the tokens
+        split(-1, model)  # n: output features (Megatron splits one of k, n; the FLOPs agree)
+    elif kind == "attention" and len(shape) == 5:
+        split(0, tokens)
+        split(1, model)
+    elif shape:
+        split(0, tokens)
+    weights = op.get("weight_bytes") or 0.0
+    rest = max(op["bytes"] - weights, 0.0)
+    return {
+        **op,
+        "shape": shape,
+        "flops": op["flops"] / (tokens * model) * load,
+        "bytes": weights / weight_split + rest / (tokens * model),
+        "weight_bytes": weights / weight_split,
+    }

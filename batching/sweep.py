@@ -18,6 +18,7 @@ from tqdm import tqdm
 from batching import (
     collectives,
     distributed,
+    peaks,
     results,
     runs,
     specs,
@@ -139,6 +140,9 @@ def measure_point(
         over = bool(share("memory", int(over)))
     if over:
         raise OverBudget({**memory, "memory_budget_bytes": budget})
+    # The call's own dispatch floor (its arguments' flattening), before donation consumes
+    # them; one process only (a timed call per process would not stay in step).
+    call_floor_s = peaks.measure_call_floor(args) if share is None else None
     m = timing.measure(compiled.call, args, settings, wl.next_args, share)
     del args
     extra = wl.point_fields(batch_size) if wl.point_fields else {}
@@ -184,6 +188,9 @@ def measure_point(
         "comm_bytes": collectives.total_bytes(calls),
         "xla_collectives": xla_comm["counts"] if xla_comm else None,
         "xla_comm_bytes": xla_comm["bytes"] if xla_comm else None,
+        # The call as ops (batching.ops.Op), priced one by one by the roofline.
+        "ops": [o.to_dict() for o in wl.ops(batch_size)] if wl.ops else None,
+        "call_floor_s": call_floor_s,
         **wl.fields,
         **extra,
     }

@@ -15,6 +15,7 @@ from typing import Any
 
 import ml_collections
 
+from batching import ops as ops_lib
 from batching.topology import Topology
 
 
@@ -34,10 +35,10 @@ class Workload:
     `make_args(batch_size)` returns the call's arguments already on the mesh (inputs split
     over `data`: batch_size is the global batch);
     `next_args(args, out)` feeds outputs back in (a donated cache) between calls;
-    `cost(batch_size)` is the analytic work; `gemm_shapes(batch_size)` lists the
-    call's matrix products as (m, k, n, count) so the roofline can measure the
-    device at the shapes the model really runs; `attention_shapes(batch_size)` does the same
-    for a decode step's attention over its KV cache; `examples(batch_size)` is the
+    `ops(batch_size)` describes one call as a list of ops (batching.ops.Op), the one source
+    of truth that `cost` (the analytic work), `gemm_shapes` (the call's matrix products as
+    (m, k, n, count)) and `attention_shapes` (a decode step's attention over its KV cache)
+    are derived from when a workload gives ops; `examples(batch_size)` is the
     number of examples (or tokens) one call processes; `fields` are run-level
     facts that go on every row and into the hparams.
     """
@@ -50,7 +51,7 @@ class Workload:
     donate_argnums: tuple[int, ...] = ()
     next_args: Callable[[Sequence[Any], Any], Sequence[Any]] | None = None
     gemm_shapes: Callable[[int], list[tuple[int, int, int, int]]] | None = None
-    # Attention over a KV cache, timed at its own shape by the roofline (roofline.attention_time).
+    # Attention over a KV cache, timed at its own shape by the roofline (peaks.attention_seconds).
     attention_shapes: Callable[[int], list[dict[str, Any]]] | None = None
     # The call's collectives at a batch size, one dict per kind and axis: {"kind":
     # "all_reduce"|"all_to_all"|"all_gather", "axis": mesh axis, "axis_size": devices on it,
@@ -63,6 +64,22 @@ class Workload:
     # What `examples` counts; rows also get `<unit>_per_s` (tokens_per_s for a decoder).
     example_unit: str = "examples"
     fields: dict[str, Any] = dataclasses.field(default_factory=dict)
+    ops: Callable[[int], list[ops_lib.Op]] | None = None
+
+    def __post_init__(self):
+        if self.ops is None:
+            return
+        describe = self.ops
+        self.cost = lambda batch_size: cost_of(describe(batch_size))
+        self.gemm_shapes = lambda batch_size: ops_lib.gemm_shapes(describe(batch_size))
+        attention = lambda batch_size: ops_lib.attention_shapes(describe(batch_size))  # noqa: E731
+        self.attention_shapes = lambda batch_size: attention(batch_size) or None
+
+
+def cost_of(ops: list[ops_lib.Op]) -> Cost:
+    """A call's Cost: the totals of its ops."""
+    t = ops_lib.totals(ops)
+    return Cost(flops=t.flops, bytes=t.bytes, weight_bytes=t.weight_bytes)
 
 
 def workload_module(name: str):

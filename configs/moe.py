@@ -35,5 +35,6 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     config.name = "moe"
     config.model = model(arg or "token_choice")
     config.sweep.batch_sizes = tuple(2**i for i in range(10))
-    config.roofline.shape_aware = False
+    # Per-op prediction: each GEMM (and conv) timed at its own shape, cached per device.
+    config.roofline.shape_aware = True
     return config

@@ -33,6 +33,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     # A ResNet50 call is 8 GFLOP per image: seconds at batch 64 on a CPU.
     config.timing.min_runs = 5
     config.timing.budget_s = 1.0
-    config.roofline.shape_aware = False
+    # Per-op prediction: each GEMM (and conv) timed at its own shape, cached per device.
+    config.roofline.shape_aware = True
     config.report.claims = ("C1", "C6")
     return config

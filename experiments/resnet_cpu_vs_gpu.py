@@ -39,7 +39,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     config.sweep.batch_sizes = RESNET50_BATCHES
     config.timing.min_runs = 5
     config.timing.budget_s = 1.0
-    config.roofline.shape_aware = False
+    # Per-op prediction: each conv and GEMM timed at its own shape (cached per device).
+    config.roofline.shape_aware = True
     config.compilation_cache_dir = "~/.cache/batching_lab/xla"
     small_mlp = {"name": "mlp", "width": 64, "depth": 2, "activation": "relu",
                  "dtype": "float32", "param_dtype": "float32", "use_bias": True,

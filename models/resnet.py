@@ -302,6 +302,7 @@ def layer_costs(cfg: ResNetConfig, batch: int) -> list[dict]:
         running mean and variance (always float32 in nnx.BatchNorm).
       input_bytes, output_bytes: bytes of the activations read and written, in `dtype`.
       out_shape: (batch, H, W, C) of the output; (batch, C) for avgpool and dense.
+      in_shape: (batch, H, W, C) of the input; window: (kernel, stride).
     """
     if not isinstance(batch, int) or isinstance(batch, bool) or batch <= 0:
         raise ValueError(f"batch must be a positive integer, got {batch!r}")
@@ -332,6 +333,8 @@ def layer_costs(cfg: ResNetConfig, batch: int) -> list[dict]:
                 "input_bytes": inputs * act_bytes,
                 "output_bytes": outputs * act_bytes,
                 "out_shape": (batch, *spatial, layer.cout),
+                "in_shape": (batch, layer.h_in, layer.w_in, layer.cin),
+                "window": (layer.k, layer.stride),
             }
         )
     return costs

@@ -30,6 +30,7 @@ SEEDED_PEAKS = {
     "bandwidth": {"read_bytes_per_s": 2e10, "copy_bytes_per_s": 1e10, "buffer_bytes": 1.0},
     "dispatch_floor_s": 1e-5,
     "kernel_overhead_s": 1e-6,
+    "cache_bandwidth_bytes_per_s": 4e10,
     "gemm_flops_per_s": {},
 }
 with open(os.path.join(PEAKS_DIR, "device_peaks.json"), "w") as f:

@@ -19,6 +19,8 @@ def test_microbenchmarks_measure_something_plausible():
     warm = peaks.measure_gemm_flops(dev, "float32", 4, 64, 64)
     cold = peaks.measure_gemm_flops(dev, "float32", 4, 64, 64, cold=True)
     assert 1e6 < warm < 1e15 and 1e6 < cold < 1e15
+    batched = peaks.measure_gemm_flops(dev, "float32", 4, 64, 64, batch=3)
+    assert 1e6 < batched < 1e15
 
 
 def test_attention_microbenchmark_is_cached_and_slower_for_a_longer_cache(tmp_path):
@@ -40,6 +42,40 @@ def test_attention_microbenchmark_is_cached_and_slower_for_a_longer_cache(tmp_pa
     )
 
 
+def test_conv_microbenchmark_is_cached_and_capped_at_its_saturating_batch(tmp_path, monkeypatch):
+    dev = jax.devices()[0]
+    shape = (2, 8, 8, 4, 8, 3, 1)
+    f = peaks.conv_flops(dev, "float32", shape, str(tmp_path))
+    assert 1e6 < f < 1e15
+    with open(peaks.cache_path(str(tmp_path))) as fh:
+        table = next(iter(json.load(fh).values()))["conv_flops_per_s"]
+    assert table == {"float32:2x8x8x4x8x3x1": f}
+    # cached: a second call measures nothing
+    monkeypatch.setattr(peaks, "measure_conv_flops", lambda *a, **k: 1 / 0)
+    assert peaks.conv_flops(dev, "float32", shape, str(tmp_path)) == f
+    # 2·56·56·64·9·64 ≈ 0.23 GFLOP per example: measured at batch 16 (>= 2 GFLOP), not 64
+    assert peaks.conv_measured_batch((64, 56, 56, 64, 64, 3, 1)) == 16
+    assert peaks.conv_measured_batch((4, 56, 56, 64, 64, 3, 1)) == 4
+    assert peaks.conv_flops_of((1, 56, 56, 64, 64, 3, 2)) == 2 * 28 * 28 * 64 * 9 * 64
+
+
+def test_call_floor_is_measured_with_the_workloads_own_arguments():
+    from flax import nnx
+
+    from models import mlp
+
+    state = nnx.state(mlp.MLP(mlp.MLPConfig(width=8, depth=8), rngs=nnx.Rngs(0)))
+    x = jax.numpy.ones((1, 8))
+    floor = peaks.measure_call_floor((state, x))
+    assert 0 < floor < 0.01
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(state))  # nothing donated
+
+
+def test_cache_bandwidth_is_measured_on_a_buffer_that_fits():
+    bw = peaks.measure_cache_bandwidth(jax.devices()[0], buffer_bytes=1 << 20)
+    assert 1e8 < bw < 1e14
+
+
 def test_last_level_cache_is_read_or_bounded():
     assert (1 << 20) <= peaks.last_level_cache_bytes(jax.devices()[0]) <= (1 << 30)
 
@@ -55,6 +91,7 @@ def test_peaks_are_cached_per_device(tmp_path, monkeypatch):
     )
     monkeypatch.setattr(peaks, "measure_dispatch_floor", lambda d: 1e-5)
     monkeypatch.setattr(peaks, "measure_kernel_overhead", lambda d: 1e-6)
+    monkeypatch.setattr(peaks, "measure_cache_bandwidth", lambda d: 4e10)
     p = peaks.measured_peaks(dev, ("float32",), str(tmp_path))
     peaks.measured_peaks(dev, ("float32",), str(tmp_path))
     assert calls == ["float32"]  # second call read the cache

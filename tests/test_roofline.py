@@ -55,39 +55,6 @@ def test_regime_labels_on_synthetic_points():
     assert roofline.predict(1e6, 1e3, 1e-3, 1e9, 1e-7) == (1e-3, "overhead")
 
 
-def test_compute_time_uses_per_shape_rates():
-    # Two GEMM shapes at different measured rates, plus non-GEMM flops at the peak.
-    rates = {(1, 8, 8): 1e9, (64, 8, 8): 1e10}
-    shapes = [[1, 8, 8, 2], [64, 8, 8, 1]]
-    gemm_flops = 2 * 1 * 8 * 8 * 2 + 2 * 64 * 8 * 8
-    t = roofline.compute_time(gemm_flops + 1000, shapes, 1e11, rates.__getitem__)
-    expected = 256 / 1e9 + 8192 / 1e10 + 1000 / 1e11
-    assert t == pytest.approx(expected)
-
-
-def test_attention_is_timed_at_its_shape_and_added_to_the_rest_of_the_call():
-    shape = dict(batch=2, kv_heads=4, cache_len=100, q_per_kv=3, head_dim=8, count=5, bytes=4)
-    seconds, flops, bytes_moved = roofline.attention_time([shape], lambda s: 1e-3)
-    assert seconds == pytest.approx(5e-3)
-    assert flops == 4 * 2 * 4 * 3 * 100 * 8 * 5
-    assert bytes_moved == 2 * 2 * 4 * 100 * 8 * 4 * 5
-    assert roofline.attention_time(None, lambda s: 1.0) == (0.0, 0.0, 0.0)
-    # The rest: 1 MB at 1 GB/s (1 ms) once the attention's bytes and FLOPs are taken off.
-    compute = lambda f: f / 1e12  # noqa: E731
-    total, regime = roofline.predict_with_attention(
-        flops + 1e6, bytes_moved + 1e6, 1e-6, 1e9, compute, (seconds, flops, bytes_moved)
-    )
-    assert total == pytest.approx(1e-3 + 5e-3) and regime == "memory"
-    total, regime = roofline.predict_with_attention(
-        flops + 1e10, bytes_moved, 1e-6, 1e9, compute, (seconds, flops, bytes_moved)
-    )
-    assert total == pytest.approx(1e-2 + 5e-3) and regime == "compute"
-    # Without an attention term it is `predict`.
-    assert roofline.predict_with_attention(1e6, 1e6, 1e-6, 1e9, compute, (0.0, 0.0, 0.0)) == (
-        roofline.predict(1e6, 1e6, 1e-6, 1e9, compute(1e6))
-    )
-
-
 def test_free_batching_limit_stops_at_the_first_significant_slowdown():
     rng = np.random.default_rng(0)
     base = lambda scale: scale * rng.lognormal(0, 0.02, 200)
@@ -145,6 +112,13 @@ def test_sweep_rows_and_summary_carry_the_roofline(tmp_path):
         assert r["predicted_latency_s"] > 0 and r["fitted_latency_s"] > 0
         assert isinstance(r["cost_mismatch"], bool)
         assert r["collectives"] == [] and r["comm_bytes"] == 0.0 and r["predicted_comm_s"] == 0.0
+        # the per-op prediction: its ops, its own call floor, where its time goes
+        assert r["ops"] and r["call_floor_s"] > 0
+        assert r["predicted_overhead_s"] >= r["call_floor_s"]
+        assert set(r["predicted_by_kind"]) <= {"gemm"}
+    assert set(s["breakdown"]) == {1, 8}
+    assert "predicted_curve_knee_batch_size" in s
+    assert (tmp_path / "plots" / "breakdown_tiny.png").exists()
     # trace files where TensorBoard's profile plugin looks for them
     profile_root = tmp_path / "tb" / "tiny" / "plugins" / "profile"
     traces = [f for d in profile_root.iterdir() for f in os.listdir(d)]
@@ -153,6 +127,7 @@ def test_sweep_rows_and_summary_carry_the_roofline(tmp_path):
     assert "### C3:" in report and "### C5:" in report
     assert "216.7" in report  # the post's own B* reproduced from its inputs
     assert "8x H100 SXM (HGX)" in report and "Functional simulation" not in report
+    assert "## Where the time goes" in report
     html = (tmp_path / "report.html").read_text()
     assert "data:image/png;base64," in html
     assert set(s["verdicts"]) == {"C3", "C5"}

@@ -7,7 +7,7 @@
 
 The cache's layout is `model.cache_layout`, "auto" resolved for the device's platform
 (models.kv_cache.DEFAULT_LAYOUT); rows carry the resolved `cache_layout`, and decode rows the
-`attention_shapes` the roofline times (roofline.attention_time).
+`ops` the roofline prices one by one (batching/ops.py).
 """
 
 import dataclasses
@@ -19,8 +19,9 @@ import numpy as np
 from flax import nnx
 
 from batching import collectives as comm
+from batching.ops import Op
 from batching.topology import Topology
-from batching.workload import Cost, Workload
+from batching.workload import Workload
 from batching.workloads import moe as moe_workload
 from models import decoder, kv_cache
 from models.dtypes import resolve_dtype
@@ -67,18 +68,82 @@ def check_phase(model_cfg: ml_collections.ConfigDict, cfg: decoder.DecoderConfig
         )
 
 
-def gemm_shapes(cfg: decoder.DecoderConfig, tokens: int, logits_rows: int) -> list:
-    """The step's weight matmuls as (m, k, n, count); attention over the cache is not a GEMM."""
+def step_ops(
+    cfg: decoder.DecoderConfig,
+    batch: int,
+    length: int,
+    phase: str,
+    param_bytes: int,
+    cache_bytes: int,
+    layout: str = "",
+) -> list[Op]:
+    """One decode step (B tokens attending over `length` cache slots) or one prefill (B prompts
+    of `length` tokens) as ops: the source of the workload's cost and GEMM shapes.
+
+    The totals are models.decoder.decode_step_cost and prefill_cost (ANCHORS §4): 2 FLOPs per
+    parameter per token (an RMSNorm's scale counts as a parameter, as in the formula's P), the
+    unembedding at one token per sequence, QKᵀ and AV over the cache (decode) or the L×L scores
+    (prefill); bytes are the weights read once and the KV cache read (decode) and written.
+    Activations, the embedding rows and the logits are left out, as the formulas do; the
+    embedding gather is a launch with no bytes. An MoE block's MLP is models.moe's
+    capacity-padded einsums (moe workload's layer_ops) with the step's tokens as one routing
+    group (a sequence's L tokens in prefill), so its FLOPs are the exact count, below the
+    dense-equivalent upper bound of decode_step_cost.
+    """
     D, N, K, H, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim
-    L = cfg.n_layers
-    return [
-        (tokens, D, N * H, L),  # query
-        (tokens, D, K * H, 2 * L),  # key, value
-        (tokens, N * H, D, L),  # out
-        (tokens, D, F, 2 * L),  # gate, up
-        (tokens, F, D, L),  # down
-        (logits_rows, D, cfg.vocab_size, 1),  # unembedding
+    L, V = cfg.n_layers, cfg.vocab_size
+    decode = phase == "decode"
+    T = batch if decode else batch * length  # tokens through the weight matmuls
+    n_moe = len(decoder.moe_layers(cfg))
+    pb, dt = param_bytes, cfg.dtype
+
+    def gemm(name, m, k, n, count):
+        w = k * n * pb
+        return Op(name, "gemm", (m, k, n), 2 * m * k * n, w, w, count=count, dtype=dt)
+
+    def norm(name, count):
+        return Op(name, "elementwise", (T, D), 2 * T * D, D * pb, D * pb, count=count, dtype=dt)
+
+    kv_written = 2 * batch * K * H * (1 if decode else length) * cache_bytes
+    if decode:
+        attention = Op(
+            "attention",
+            "attention",
+            (batch, K, length, N // K, H),
+            flops=4 * batch * K * length * (N // K) * H,
+            bytes=2 * batch * K * length * H * cache_bytes,
+            count=L,
+            dtype=cfg.cache_dtype,
+            layout=layout,
+        )
+    else:
+        # Over the prompt's own L×L scores, no cache read: priced at the peak FLOP rate.
+        attention = Op(
+            "attention",
+            "attention",
+            (batch, N, length, length, H),
+            flops=4 * batch * N * H * length * length,
+            bytes=0,
+            count=L,
+            dtype=dt,
+        )
+    ops = [
+        Op("embed", "gather_scatter", (T, D), 0, 0, dtype=dt),
+        norm("attn_norm", L),
+        gemm("query", T, D, N * H, L),
+        gemm("key_value", T, D, K * H, 2 * L),
+        Op("kv_write", "gather_scatter", (batch, K, H), 0, kv_written, count=L, dtype=dt),
+        attention,
+        gemm("out", T, N * H, D, L),
+        norm("mlp_norm", L),
     ]
+    if L - n_moe:
+        ops += [gemm("gate_up", T, D, F, 2 * (L - n_moe)), gemm("down", T, F, D, L - n_moe)]
+    if n_moe:
+        group = batch if decode else length
+        ops += moe_workload.layer_ops(cfg.moe_config(), T, group, pb, 0, count=n_moe)
+    ops += [norm("final_norm", 1), gemm("unembed", batch, D, V, 1)]
+    return ops
 
 
 def tensor_parallel_all_reduces(
@@ -233,24 +298,6 @@ def build_decoder(
             lengths = np.full((args[2].shape[0],), length - 1, np.int32)
             return args[0], _set_lengths(out[1], lengths, topo), args[2]
 
-        def cost(batch: int) -> Cost:
-            c = decoder.decode_step_cost(cfg, batch, length, param_bytes, cache_bytes)
-            return Cost(c["flops"], c["bytes"], decoder.num_params(cfg) * param_bytes)
-
-        shapes = lambda batch: gemm_shapes(cfg, batch, batch)
-        attention_shapes = lambda batch: [
-            {
-                "batch": batch,
-                "kv_heads": cfg.n_kv_heads,
-                "cache_len": length,
-                "q_per_kv": cfg.n_heads // cfg.n_kv_heads,
-                "head_dim": cfg.head_dim,
-                "count": cfg.n_layers,
-                "layout": layout,
-                "dtype": cfg.cache_dtype,
-                "bytes": cache_bytes,
-            }
-        ]
         examples = lambda batch: batch
     else:
 
@@ -267,12 +314,6 @@ def build_decoder(
         def next_args(args, out):
             return args[0], out[1], args[2], args[3]
 
-        def cost(batch: int) -> Cost:
-            c = decoder.prefill_cost(cfg, batch, length, param_bytes, cache_bytes)
-            return Cost(c["flops"], c["bytes"], decoder.num_params(cfg) * param_bytes)
-
-        shapes = lambda batch: gemm_shapes(cfg, batch * length, batch)
-        attention_shapes = None  # attention over the prompt itself: in the FLOPs at peak
         examples = lambda batch: batch * length
 
     mesh_shape = topo.shape
@@ -283,11 +324,9 @@ def build_decoder(
         make_args=make_args,
         params=n_params,
         param_bytes=n_params * param_bytes,
-        cost=cost,
+        ops=lambda batch: step_ops(cfg, batch, length, m.phase, param_bytes, cache_bytes, layout),
         donate_argnums=(1,),
         next_args=next_args,
-        gemm_shapes=shapes,
-        attention_shapes=attention_shapes,
         examples=examples,
         example_unit="tokens",
         collectives=lambda batch: step_collectives(cfg, mesh_shape, batch, length, decode),

@@ -8,8 +8,9 @@ import jax
 import ml_collections
 from flax import nnx
 
+from batching.ops import Op
 from batching.topology import Topology
-from batching.workload import Cost, Workload
+from batching.workload import Cost, Workload, cost_of
 from models import mlp
 from models.dtypes import resolve_dtype
 
@@ -29,20 +30,39 @@ def validate(model_cfg: ml_collections.ConfigDict) -> None:
     model_config(model_cfg)
 
 
-def cost(cfg: mlp.MLPConfig, batch_size: int) -> Cost:
-    """FLOPs and bytes of one forward pass.
+def ops(cfg: mlp.MLPConfig, batch_size: int) -> list[Op]:
+    """One forward pass as ops: `depth` dense layers of [B, W] × [W, W], each followed by its
+    bias add and activation.
 
-    FLOPs: 2 per weight per example (multiply and add), plus the bias adds.
-    Bytes: every weight read once, plus each layer's input read and output
-    written (activations in the compute dtype).
+    FLOPs: 2 per weight per example (multiply and add), plus the bias add, counted with the
+    product. Bytes: every weight read once, plus each layer's input read and output written
+    (activations in the compute dtype). XLA on a CPU runs the bias add and activation as a
+    loop fusion of its own after the product (a profiler trace shows `ynn_fusion` then
+    `broadcast_maximum_fusion`): a kernel launch, whose B·W activations are the product's
+    output still in the cache, so it adds no bytes to the count.
     """
     w_bytes = resolve_dtype(cfg.param_dtype).itemsize
     a_bytes = resolve_dtype(cfg.dtype).itemsize
     bias = 1 if cfg.use_bias else 0
-    flops = cfg.depth * batch_size * (2 * cfg.width * cfg.width + bias * cfg.width)
-    weight_bytes = mlp.num_params(cfg) * w_bytes
-    activation_bytes = cfg.depth * 2 * batch_size * cfg.width * a_bytes
-    return Cost(flops=flops, bytes=weight_bytes + activation_bytes, weight_bytes=weight_bytes)
+    W, B = cfg.width, batch_size
+    weights = (W * W + bias * W) * w_bytes
+    layer = Op(
+        name="dense",
+        kind="gemm",
+        shape=(B, W, W),
+        flops=B * (2 * W * W + bias * W),
+        bytes=weights + 2 * B * W * a_bytes,
+        weight_bytes=weights,
+        count=cfg.depth,
+        dtype=cfg.dtype,
+    )
+    activation = Op("activation", "elementwise", (B, W), 0, 0, count=cfg.depth, dtype=cfg.dtype)
+    return [layer, activation]
+
+
+def cost(cfg: mlp.MLPConfig, batch_size: int) -> Cost:
+    """FLOPs and bytes of one forward pass: the totals of `ops`."""
+    return cost_of(ops(cfg, batch_size))
 
 
 def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> Workload:
@@ -69,7 +89,6 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
         make_args=make_args,
         params=params,
         param_bytes=params * resolve_dtype(cfg.param_dtype).itemsize,
-        cost=lambda batch_size: cost(cfg, batch_size),
-        gemm_shapes=lambda batch_size: [(batch_size, cfg.width, cfg.width, cfg.depth)],
+        ops=lambda batch_size: ops(cfg, batch_size),
         fields={"width": cfg.width, "depth": cfg.depth, "activation": cfg.activation},
     )

@@ -7,7 +7,7 @@ The timed call computes y only; the routing statistics of the same inputs are co
 after the timing (untimed) and go on the row without the `moe/` prefix.
 """
 
-import dataclasses
+import math
 
 import jax
 import ml_collections
@@ -15,8 +15,9 @@ import numpy as np
 from flax import nnx
 
 from batching import collectives as comm
+from batching.ops import Op
 from batching.topology import Topology
-from batching.workload import Cost, Workload
+from batching.workload import Workload
 from models import moe
 from models.dtypes import resolve_dtype
 from models.routers import SCALAR_STATS, expert_capacity
@@ -40,6 +41,63 @@ def model_config(model_cfg: ml_collections.ConfigDict) -> moe.MoEMLPConfig:
 
 def validate(model_cfg: ml_collections.ConfigDict) -> None:
     model_config(model_cfg)
+
+
+def layer_ops(
+    cfg: moe.MoEConfig,
+    tokens: int,
+    group_size: int,
+    param_bytes: int,
+    activation_bytes: int,
+    count: int = 1,
+    prefix: str = "moe.",
+) -> list[Op]:
+    """One MoELayer call on `tokens` tokens in groups of `group_size`, as its einsums.
+
+    The same count as models.moe.moe_layer_cost (GShard-style capacity-padded einsums: every
+    one of the E·C slots of a group is computed, full or empty): router 2·T·D·E, dispatch and
+    combine 2·G·S·E·C·D each, experts 6·G·E·C·D·F. Dispatch and combine multiply by one-hot
+    [G, S, E, C] masks: real matmuls, batched over the G groups, [E·C, S] × [S, D] and
+    [S, E·C] × [E·C, D], priced at the measured rate of that batched product. The experts are
+    one einsum each, batched over E: [G·C, D] × [D, F] (gate, up) and [G·C, F] × [F, D]
+    (down). Routing (softmax, top-k, the masks) is left out of the FLOPs and bytes, as
+    moe_layer_cost does; it is one kernel launch here. Weights are read once; the input and
+    output activations (`activation_bytes` per element; 0 leaves them out) are charged to the
+    router and the combine.
+    """
+    D, E, F = cfg.d_model, cfg.num_experts, cfg.mlp_dim
+    S = group_size or tokens
+    if tokens % S != 0:
+        raise ValueError(
+            f"tokens per call ({tokens}) must be a multiple of model.group_size ({group_size})"
+        )
+    G = tokens // S
+    top_k = cfg.top_k if cfg.router == "token_choice" else 1
+    C = expert_capacity(S, E, cfg.capacity_factor, top_k)
+    act = tokens * D * activation_bytes
+    dt = cfg.dtype
+
+    def gemm(name, shape, weights=0, extra=0, kind="gemm", copies=1):
+        # shape: (batch, m, k, n), `batch` products in one einsum kernel.
+        return Op(
+            name=prefix + name,
+            kind=kind,
+            shape=shape if shape[0] > 1 else shape[1:],
+            flops=2 * math.prod(shape),
+            bytes=weights + extra,
+            weight_bytes=weights,
+            count=copies * count,
+            dtype=dt,
+        )
+
+    return [
+        gemm("router", (1, tokens, D, E), weights=D * E * param_bytes, extra=act),
+        Op(prefix + "routing", "elementwise", (G, S, E, C), 0, 0, count=count, dtype=dt),
+        gemm("dispatch", (G, E * C, S, D), kind="moe_dispatch_combine"),
+        gemm("gate_up", (E, G * C, D, F), weights=E * D * F * param_bytes, copies=2),
+        gemm("down", (E, G * C, F, D), weights=E * F * D * param_bytes),
+        gemm("combine", (G, S, E * C, D), extra=act, kind="moe_dispatch_combine"),
+    ]
 
 
 def device_loads(wanted_E: np.ndarray, expert_devices: int) -> np.ndarray:
@@ -146,12 +204,11 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
         # Tokens split over every device that routes its own group (data x expert).
         return state, topo.put(x_BxD, ("groups", "embed"))
 
-    def cost(batch_size: int) -> Cost:
-        # Capacity is per routing group, so the groups the mesh makes set the padded work.
-        grouped = dataclasses.replace(cfg, group_size=group_size(cfg, topo, batch_size))
-        layer = moe.moe_layer_cost(grouped, batch_size, param_bytes)
-        weight_bytes = moe.num_params(cfg) * param_bytes
-        return Cost(cfg.depth * layer["flops"], cfg.depth * layer["bytes"], weight_bytes)
+    def ops(batch_size: int) -> list[Op]:
+        # Capacity is per routing group, so the groups the mesh makes set the padded
+        # work; moe_layer_cost counts activations at param_bytes per element: so do the ops.
+        groups = group_size(cfg, topo, batch_size)
+        return layer_ops(cfg, batch_size, groups, param_bytes, param_bytes, count=cfg.depth)
 
     def point_fields(batch_size: int) -> dict:
         stats = jax.device_get(stats_fn(*make_args(batch_size)))
@@ -168,7 +225,7 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
         make_args=make_args,
         params=params,
         param_bytes=params * param_bytes,
-        cost=cost,
+        ops=ops,
         point_fields=point_fields,
         collectives=lambda batch_size: layer_collectives(cfg, mesh_shape, batch_size),
         fields={

@@ -4,8 +4,9 @@ import jax
 import ml_collections
 from flax import nnx
 
+from batching.ops import Op
 from batching.topology import Topology
-from batching.workload import Cost, Workload
+from batching.workload import Workload
 from models import resnet
 from models.dtypes import resolve_dtype
 
@@ -26,6 +27,37 @@ def validate(model_cfg: ml_collections.ConfigDict) -> None:
     model_config(model_cfg)
 
 
+def ops(cfg: resnet.ResNetConfig, batch_size: int) -> list[Op]:
+    """One forward pass as ops, one per layer of models.resnet.layer_costs, in run order.
+
+    A conv op is the convolution with its BatchNorm and ReLU (the analytic count takes them as
+    fused into it, and the conv microbenchmark runs them too, so their time is measured
+    whether or not a backend fuses them); pools are bandwidth-bound reductions; the
+    classifier is a GEMM. The residual adds are not counted (as in layer_costs).
+    """
+    out = []
+    for c in resnet.layer_costs(cfg, batch_size):
+        moved = c["weight_bytes"] + c["input_bytes"] + c["output_bytes"]
+        if c["kind"].startswith("conv"):
+            kind, shape = "conv", (*c["in_shape"], c["out_shape"][-1], *c["window"])
+        elif c["kind"] == "dense":
+            kind, shape = "gemm", (batch_size, c["in_shape"][-1], c["out_shape"][-1])
+        else:
+            kind, shape = "reduction", tuple(c["out_shape"])
+        out.append(
+            Op(
+                name=c["name"],
+                kind=kind,
+                shape=shape,
+                flops=c["flops"],
+                bytes=moved,
+                weight_bytes=c["weight_bytes"],
+                dtype=cfg.dtype,
+            )
+        )
+    return out
+
+
 def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> Workload:
     del workdir
     cfg = model_config(run_cfg.model)
@@ -43,10 +75,6 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
         shape = (batch_size, cfg.image_size, cfg.image_size, 3)
         return state, topo.put_batch(jax.random.normal(key, shape, dtype))
 
-    def cost(batch_size: int) -> Cost:
-        c = resnet.model_costs(cfg, batch_size)
-        return Cost(c["flops"], c["bytes"], c["weight_bytes"])
-
     intensity = resnet.arithmetic_intensity_by_kind(cfg, 1)
     params = resnet.num_params(cfg)
     return Workload(
@@ -54,7 +82,7 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
         make_args=make_args,
         params=params,
         param_bytes=params * resolve_dtype(cfg.param_dtype).itemsize,
-        cost=cost,
+        ops=lambda batch_size: ops(cfg, batch_size),
         fields={
             "depth": cfg.depth,
             "image_size": cfg.image_size,

@@ -1,0 +1,240 @@
+"""A call as a list of ops, and the per-op roofline that prices it.
+
+Each workload describes one call at a batch size as ops (`Op`): a GEMM, a convolution, an
+attention over a KV cache, an elementwise or normalisation pass, a reduction, a gather or
+scatter, an MoE dispatch or combine. The call's analytic totals (`cost`), its GEMM shapes
+and its attention shapes are all derived from that one list, so there is one source of
+truth for what a call does.
+
+The prediction (`predict_call`) is a sum over ops, because a call is a sequence of kernels,
+each at its own limit:
+
+    t = dispatch floor + Σ_ops count·max(bytes / BW_op, flops / F(op)) + launches·kernel overhead
+
+- The dispatch floor is a trivial jitted call handed the call's own arguments (flattening a
+  model's parameter pytree is per-call Python work); each launch is the measured cost of one
+  more kernel in a program.
+- F(op) is measured by a microbenchmark at the op's own shape where the lab has one (GEMMs,
+  batched or not, the MoE dispatch/combine einsums, convolutions, attention); other ops are
+  bandwidth-bound and priced on their bytes only.
+- BW_op is the DRAM bandwidth, or the measured last-level-cache bandwidth for bytes that stay
+  in that cache between calls or between ops: the weights when all of the call's weights fit
+  in the LLC (they stay warm between timed calls), an op's activations when they fit in half
+  of it (produced by the op before, consumed straight after).
+- Ops XLA fuses into the producer's epilogue (`fused`) move no bytes and cost no launch of
+  their own; their FLOPs stay in the totals. Fusion differs by backend: XLA on a CPU runs the
+  elementwise work after a product as a loop fusion of its own (a trace shows `ynn_fusion`
+  then `broadcast_maximum_fusion`), so workloads list it as an op (a launch, its bytes in the
+  cache); where it is not certain, the producer's microbenchmark runs the epilogue too
+  (peaks.measure_conv_flops times conv + BN + ReLU), so the time is measured either way.
+
+Shapes by kind (`Op.shape`):
+  gemm, moe_dispatch_combine: (m, k, n), one [m, k] × [k, n] product per instance, or
+    (batch, m, k, n), `batch` such products in one kernel (an einsum over experts or groups).
+  conv: (batch, height, width, c_in, c_out, kernel, stride), NHWC input, (kernel - 1) // 2
+    symmetric padding as models.resnet.
+  attention: over a KV cache (batch, kv_heads, cache_len, q_per_kv, head_dim) with the cache's
+    `layout` and `dtype`, timed by the model's own attention; without a layout (a prefill over
+    its own prompt) any shape, priced at the peak FLOP rate.
+  others: the shape of the tensor the op reads or writes.
+"""
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+KINDS = (
+    "gemm",
+    "conv",
+    "attention",
+    "elementwise",
+    "reduction",
+    "gather_scatter",
+    "moe_dispatch_combine",
+)
+# Which limit an op is at: DRAM bytes, bytes from the last-level cache, its measured (or
+# peak) FLOP rate, or nothing of its own (fused into its producer).
+LIMITS = ("memory", "cache", "compute", "fused")
+# Ops whose FLOP rate is a GEMM's at their (m, k, n): a one-hot einsum is a real matmul.
+GEMM_LIKE = ("gemm", "moe_dispatch_combine")
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """One kernel of a call, `count` times. flops, bytes and weight_bytes are per instance;
+    bytes include weight_bytes (the part that is parameters, which can stay warm in a cache)."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    flops: float
+    bytes: float
+    weight_bytes: float = 0.0
+    count: int = 1
+    fused: bool = False
+    dtype: str = "float32"
+    layout: str = ""  # attention: the KV cache layout the model runs
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"op kind must be one of {KINDS}, got {self.kind!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Op":
+        return cls(**{**d, "shape": tuple(int(n) for n in d["shape"])})
+
+
+@dataclasses.dataclass(frozen=True)
+class Totals:
+    flops: float
+    bytes: float
+    weight_bytes: float
+
+
+def totals(ops: list[Op]) -> Totals:
+    """FLOPs, bytes and weight bytes of a call: the sums over its ops."""
+    return Totals(
+        flops=float(sum(o.flops * o.count for o in ops)),
+        bytes=float(sum(o.bytes * o.count for o in ops)),
+        weight_bytes=float(sum(o.weight_bytes * o.count for o in ops)),
+    )
+
+
+def gemm_shapes(ops: list[Op]) -> list[tuple[int, int, int, int]]:
+    """The call's weight matmuls as (m, k, n, count), in order (kind "gemm" only); a batched
+    product counts as `batch` products of its (m, k, n)."""
+    out = []
+    for o in ops:
+        if o.kind == "gemm":
+            batch, mkn = (1, o.shape) if len(o.shape) == 3 else (o.shape[0], o.shape[1:])
+            out.append((*mkn, o.count * batch))
+    return out
+
+
+def attention_shapes(ops: list[Op]) -> list[dict[str, Any]]:
+    """The call's attentions over a KV cache (those with a cache `layout`) as dicts of their
+    shape, as peaks.attention_seconds is keyed."""
+    out = []
+    for o in ops:
+        if o.kind != "attention" or not o.layout:
+            continue
+        B, K, S, G, H = o.shape
+        item = o.bytes / (2 * B * K * S * H)
+        out.append(
+            dict(
+                batch=B,
+                kv_heads=K,
+                cache_len=S,
+                q_per_kv=G,
+                head_dim=H,
+                count=o.count,
+                layout=o.layout,
+                dtype=o.dtype,
+                bytes=item,
+            )
+        )
+    return out
+
+
+def launches(ops: list[Op]) -> int:
+    """Kernels a call launches: every op that is not fused into another, times its count."""
+    return sum(o.count for o in ops if not o.fused)
+
+
+# ---------------------------------------------------------------- the per-op roofline
+
+
+@dataclasses.dataclass(frozen=True)
+class Rates:
+    """What a device offers each op. Rate functions return FLOP/s (seconds for attention) of
+    one instance at its shape; None where the device has no microbenchmark for the kind (the
+    op then runs at `peak_flops_per_s`, a lower bound on its time)."""
+
+    dram_bytes_per_s: float
+    cache_bytes_per_s: float
+    cache_bytes: float
+    peak_flops_per_s: float
+    dispatch_floor_s: float
+    kernel_overhead_s: float
+    weights_warm: bool
+    gemm: Callable[[tuple[int, ...]], float] | None = None
+    conv: Callable[[tuple[int, ...]], float] | None = None
+    attention: Callable[[Op], float] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class OpTime:
+    name: str
+    kind: str
+    count: int
+    seconds: float  # all `count` instances
+    limit: str
+
+
+def op_time(op: Op, rates: Rates) -> OpTime:
+    """max(bytes / BW_op, flops / F(op)) for each instance, times its count."""
+    if op.fused:
+        return OpTime(op.name, op.kind, op.count, 0.0, "fused")
+    activation_bytes = op.bytes - op.weight_bytes
+    act_bw = (
+        rates.cache_bytes_per_s
+        if activation_bytes <= rates.cache_bytes / 2
+        else rates.dram_bytes_per_s
+    )
+    weight_bw = rates.cache_bytes_per_s if rates.weights_warm else rates.dram_bytes_per_s
+    memory_s = op.weight_bytes / weight_bw + activation_bytes / act_bw
+    # "cache" where every byte the op moves comes from the cache.
+    cached = (op.weight_bytes == 0 or rates.weights_warm) and act_bw == rates.cache_bytes_per_s
+    memory_limit = "cache" if cached else "memory"
+    if op.kind == "attention" and op.layout and rates.attention is not None:
+        compute_s = rates.attention(op)
+    elif op.kind in GEMM_LIKE and rates.gemm is not None and op.flops and len(op.shape) in (3, 4):
+        compute_s = 2.0 * math.prod(op.shape) / rates.gemm(op.shape)
+        # Epilogue FLOPs beyond the product (a bias add) ride along at no extra time.
+    elif op.kind == "conv" and rates.conv is not None and op.flops and len(op.shape) == 7:
+        compute_s = op.flops / rates.conv(op.shape)
+    elif op.kind in ("gemm", "conv", "attention", "moe_dispatch_combine"):
+        compute_s = op.flops / rates.peak_flops_per_s
+    else:
+        # Elementwise, normalisation, reductions, gathers: bandwidth-bound (a few FLOPs per
+        # byte, far below any device's ratio), priced on their bytes only.
+        compute_s = 0.0
+    if compute_s >= memory_s:
+        return OpTime(op.name, op.kind, op.count, compute_s * op.count, "compute")
+    return OpTime(op.name, op.kind, op.count, memory_s * op.count, memory_limit)
+
+
+@dataclasses.dataclass(frozen=True)
+class CallTime:
+    seconds: float
+    overhead_s: float  # dispatch floor + launches
+    ops: list[OpTime]
+    regime: str  # the three-limit label of the whole call: overhead, memory or compute
+
+    def by_kind(self) -> dict[str, dict[str, float]]:
+        """Predicted seconds per op kind, split by the limit each op is at."""
+        out: dict[str, dict[str, float]] = {}
+        for t in self.ops:
+            if t.seconds:
+                per = out.setdefault(t.kind, {})
+                per[t.limit] = per.get(t.limit, 0.0) + t.seconds
+        return out
+
+
+def predict_call(ops: list[Op], rates: Rates) -> CallTime:
+    """Predicted seconds of one call: dispatch floor + Σ op times + kernel launches.
+
+    The regime is the largest of three parts: the fixed overhead, the ops at a memory or
+    cache limit, the ops at their FLOP rate.
+    """
+    times = [op_time(o, rates) for o in ops]
+    overhead_s = rates.dispatch_floor_s + launches(ops) * rates.kernel_overhead_s
+    memory_s = sum(t.seconds for t in times if t.limit in ("memory", "cache"))
+    compute_s = sum(t.seconds for t in times if t.limit == "compute")
+    parts = {"overhead": overhead_s, "memory": memory_s, "compute": compute_s}
+    regime = max(parts, key=parts.get)
+    return CallTime(overhead_s + memory_s + compute_s, overhead_s, times, regime)

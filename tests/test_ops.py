@@ -1,0 +1,181 @@
+"""A call as ops: the totals each workload derives from its ops, and the per-op roofline."""
+
+import jax
+import numpy as np
+import pytest
+
+from batching import analysis, ops, roofline
+from batching.ops import Op
+from batching.workloads import decoder as decoder_workload
+from batching.workloads import mlp as mlp_workload
+from batching.workloads import moe as moe_workload
+from batching.workloads import resnet as resnet_workload
+from models import decoder, mlp, moe, resnet
+from tests.conftest import tiny
+from tests.test_decode_workload import tiny_decoder
+
+
+@pytest.mark.parametrize("batch", [1, 3, 64])
+def test_mlp_ops_give_todays_cost_and_gemm_shapes(batch):
+    cfg = mlp.MLPConfig(width=48, depth=3, use_bias=True)
+    t = ops.totals(mlp_workload.ops(cfg, batch))
+    # Today's formulas: 2 FLOPs per weight per example plus the bias; weights once, and each
+    # layer's input read and output written.
+    assert t.flops == 3 * batch * (2 * 48 * 48 + 48)
+    assert t.weight_bytes == mlp.num_params(cfg) * 4
+    assert t.bytes == mlp.num_params(cfg) * 4 + 3 * 2 * batch * 48 * 4
+    wl = mlp_workload.build(tiny(width=48, depth=3), jax.devices()[0], "")
+    assert wl.gemm_shapes(batch) == [(batch, 48, 48, 3)]
+    assert wl.cost(batch).flops == t.flops and wl.attention_shapes(batch) is None
+
+
+@pytest.mark.parametrize("depth,batch", [(18, 1), (50, 2)])
+def test_resnet_ops_total_the_layer_costs(depth, batch):
+    cfg = resnet.ResNetConfig(depth=depth, image_size=64)
+    o = resnet_workload.ops(cfg, batch)
+    t, ref = ops.totals(o), resnet.model_costs(cfg, batch)
+    assert (t.flops, t.bytes, t.weight_bytes) == (ref["flops"], ref["bytes"], ref["weight_bytes"])
+    convs = [x for x in o if x.kind == "conv"]
+    assert all(peaks_flops(x.shape) == x.flops for x in convs)
+    assert [x.kind for x in o].count("gemm") == 1 and len(convs) == sum(
+        c["kind"].startswith("conv") for c in resnet.layer_costs(cfg, batch)
+    )
+
+
+def peaks_flops(shape):
+    from batching import peaks
+
+    return peaks.conv_flops_of(shape)
+
+
+@pytest.mark.parametrize("phase", ["decode", "prefill"])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_decoder_ops_give_the_reference_formulas_and_todays_gemm_shapes(phase, batch):
+    cfg = decoder_workload.model_config(tiny_decoder(phase).model)
+    length = 32 if phase == "decode" else 16
+    o = decoder_workload.step_ops(cfg, batch, length, phase, 4, 2, "bksh")
+    cost = decoder.decode_step_cost if phase == "decode" else decoder.prefill_cost
+    ref = cost(cfg, batch, length, 4, 2)
+    t = ops.totals(o)
+    assert t.flops == ref["flops"] and t.bytes == ref["bytes"]
+    D, N, K, H, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim
+    L, T = cfg.n_layers, batch if phase == "decode" else batch * length
+    assert ops.gemm_shapes(o) == [
+        (T, D, N * H, L),
+        (T, D, K * H, 2 * L),
+        (T, N * H, D, L),
+        (T, D, F, 2 * L),
+        (T, F, D, L),
+        (batch, D, cfg.vocab_size, 1),
+    ]
+    shapes = ops.attention_shapes(o)
+    if phase == "decode":
+        (a,) = shapes
+        assert (a["batch"], a["cache_len"], a["bytes"], a["count"]) == (batch, 32, 2, L)
+    else:
+        assert shapes == []  # prefill attends over its prompt, not a cache
+
+
+@pytest.mark.parametrize("batch,group", [(1, 0), (64, 0), (64, 16)])
+def test_moe_ops_total_moe_layer_cost(batch, group):
+    cfg = moe.MoEMLPConfig(d_model=32, mlp_dim=64, num_experts=4, group_size=group, depth=2)
+    t = ops.totals(moe_workload.layer_ops(cfg, batch, group, 4, 4, count=2))
+    ref = moe.moe_layer_cost(cfg, batch, 4)
+    assert t.flops == 2 * ref["flops"] and t.bytes == 2 * ref["bytes"]
+    assert t.weight_bytes == moe.num_params(cfg) * 4
+    # The expert einsums are one batched product over E: as GEMM shapes, E products each.
+    gate_up = next(
+        o for o in moe_workload.layer_ops(cfg, batch, group, 4, 4) if "gate_up" in o.name
+    )
+    assert gate_up.shape[0] == 4 and gate_up.count == 2
+    C = gate_up.shape[1] // (batch // (group or batch))
+    assert ops.gemm_shapes([gate_up]) == [(gate_up.shape[1], 32, 64, 8)] and C >= 1
+
+
+RATES = ops.Rates(
+    dram_bytes_per_s=1e10,
+    cache_bytes_per_s=1e11,
+    cache_bytes=1e6,
+    peak_flops_per_s=1e12,
+    dispatch_floor_s=1e-5,
+    kernel_overhead_s=1e-6,
+    weights_warm=False,
+    gemm=lambda shape: 1e11,
+    conv=lambda shape: 5e10,
+    attention=lambda op: 2e-4,
+)
+
+
+def test_each_op_is_priced_at_its_own_limit():
+    # A GEMM with 8 MB of DRAM weights (0.8 ms) and 2·4·1024·1024 FLOPs at 1e11 (84 µs): memory.
+    g = Op("g", "gemm", (4, 1024, 1024), 2 * 4 * 1024 * 1024, 8e6 + 4e4, 8e6, count=2)
+    t = ops.op_time(g, RATES)
+    assert t.limit == "memory" and t.seconds == pytest.approx(2 * (8e6 / 1e10 + 4e4 / 1e11))
+    # A big-batch GEMM: compute at its measured shape rate.
+    big = Op("g", "gemm", (4096, 1024, 1024), 2 * 4096 * 1024**2, 8e6 + 1e5, 8e6)
+    t = ops.op_time(big, RATES)
+    assert t.limit == "compute" and t.seconds == pytest.approx(2 * 4096 * 1024**2 / 1e11)
+    # A conv at its own measured rate.
+    c = Op("c", "conv", (1, 8, 8, 4, 4, 3, 1), 1e7, 1e3, 5e2)
+    assert ops.op_time(c, RATES) == ops.OpTime("c", "conv", 1, 1e7 / 5e10, "compute")
+    # An elementwise op whose bytes fit half the cache: bandwidth-bound at the cache's rate.
+    e = Op("e", "elementwise", (100,), 1e6, 4e5)
+    assert ops.op_time(e, RATES) == ops.OpTime("e", "elementwise", 1, 4e5 / 1e11, "cache")
+    # Fused into its producer: no time of its own, no launch.
+    f = Op("f", "elementwise", (100,), 1e6, 0, fused=True)
+    assert ops.op_time(f, RATES).seconds == 0 and ops.launches([f, e]) == 1
+    # Attention: its measured seconds against its bytes.
+    a = Op("a", "attention", (1, 1, 10, 1, 8), 320, 640, count=3, layout="bksh")
+    assert ops.op_time(a, RATES).seconds == pytest.approx(6e-4)
+    call = ops.predict_call([g, c, e, f, a], RATES)
+    overhead = 1e-5 + (2 + 1 + 1 + 3) * 1e-6
+    parts = [ops.op_time(x, RATES).seconds for x in (g, c, e, a)]
+    assert call.seconds == pytest.approx(overhead + sum(parts))
+    assert call.regime == "memory"  # 1.6 ms of DRAM weights beat 0.8 ms at measured rates
+    assert set(call.by_kind()) == {"gemm", "conv", "elementwise", "attention"}
+
+
+def test_warm_weights_read_at_cache_bandwidth():
+    g = Op("g", "gemm", (1, 256, 256), 2 * 256 * 256, 262144 + 2048, 262144)
+    cold = ops.op_time(g, RATES)
+    warm = ops.op_time(g, ops.Rates(**{**RATES.__dict__, "weights_warm": True}))
+    assert warm.limit == "cache" and cold.limit == "memory"
+    assert warm.seconds == pytest.approx((262144 + 2048) / 1e11)
+
+
+def test_whatif_is_the_per_op_sum_at_spec_peaks():
+    o = [
+        Op("g", "gemm", (1, 1000, 1000), 2e6, 4e6, 4e6),
+        Op("e", "elementwise", (1000,), 1e3, 8e3),
+    ]
+    rows = [{"batch_size": 1, "ops": [x.to_dict() for x in o]}]
+    w = analysis.whatif(rows, ("T4",), "float32", "default", 4)["T4"]
+    assert w["latency_s"][1] == pytest.approx(4e6 / 320e9 + 8e3 / 320e9)
+
+
+def test_predicted_curve_knee_uses_the_fitted_knee_definition():
+    # A predicted curve with a known knee (compute overtakes memory at 40), measured twice
+    # as slow: the knee read from the prediction is the prediction's, by fit_knee's definition.
+    rng = np.random.default_rng(0)
+    W, f1, bw, overhead = 3e7, 2e6, 2e10, 1e-4
+    f = 40 * f1 / (W / bw)
+    rows, samples = [], {}
+    for b in 2 ** np.arange(10):
+        pred = max(overhead, W / bw, f1 * b / f)
+        samples[int(b)] = 2 * pred * rng.lognormal(0, 0.05, 100)
+        rows.append(
+            {
+                "batch_size": int(b),
+                "latency_s": float(np.median(samples[int(b)])),
+                "predicted_latency_s": pred,
+                "analytic_flops": f1 * b,
+                "analytic_bytes": W,
+            }
+        )
+    knee = analysis.predicted_knee(rows, samples, 50)
+    direct = roofline.fit_knee(
+        [{**r, "latency_s": r["predicted_latency_s"]} for r in rows], {}, n_bootstrap=0
+    )
+    assert knee.knee_batch_size == pytest.approx(direct.knee_batch_size)
+    assert knee.knee_batch_size == pytest.approx(40, rel=0.1)
+    assert knee.knee_low <= 40 <= knee.knee_high
