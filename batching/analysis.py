@@ -61,8 +61,10 @@ class PeakSource:
         return lambda c: collectives.effective_busbw(device, c, self.cache_dir)
 
 
-def mesh_shape_of(row: dict[str, Any]) -> dict[str, int]:
-    mesh = row.get("mesh_shape") or {}
+def mesh_shape_of(row: dict[str, Any], key: str = "mesh_shape") -> dict[str, int]:
+    """The row's mesh (`mesh_shape`) or how many ways each axis splits its work
+    (`parallel_shape`, falling back to the mesh for rows written without it)."""
+    mesh = row.get(key) or row.get("mesh_shape") or {}
     return {a: int(mesh.get(a) or 1) for a in collectives.AXES}
 
 
@@ -103,7 +105,7 @@ def analyze_run(
     param_dtype = rows[0].get("param_dtype") or dtype
     precision = rows[0].get("matmul_precision", "default")
     mesh_shape = mesh_shape_of(rows[0])
-    num_devices = int(np.prod(list(mesh_shape.values())))
+    split = mesh_shape_of(rows[0], "parallel_shape")
     # One device's share of each call (the rows themselves on a single device).
     device_rows = [roofline.per_device_work(r) for r in rows]
     device_peaks = peak_source.peaks(device, dtype)
@@ -157,7 +159,7 @@ def analyze_run(
         # The interconnect: the call's collectives, after (not overlapping) its compute.
         comm_s = roofline.comm_time(r.get("collectives"), comm_bw) if comm_bw else 0.0
         extra = {}
-        if mesh_shape["expert"] > 1 and r.get("device_max_mean_load"):
+        if split["expert"] > 1 and r.get("device_max_mean_load"):
             # What the slowest device costs: the same call with every device at the mean load.
             mean_load = roofline.per_device_work({**r, "device_max_mean_load": 1.0})
             extra["predicted_balanced_latency_s"] = predict_device(mean_load)[0].seconds + comm_s
@@ -250,8 +252,9 @@ def analyze_run(
     # replica's batch, so they do not multiply it).
     for key in ("predicted_critical_batch", "spec_critical_batch"):
         per_device = summary[key]
-        summary[f"{key}_global"] = per_device * mesh_shape["data"] if per_device else None
-    summary["num_devices"] = num_devices
+        summary[f"{key}_global"] = per_device * split["data"] if per_device else None
+    summary["num_devices"] = int(np.prod(list(mesh_shape.values())))
+    summary["parallel_shape"] = split
     return out, summary
 
 
@@ -323,7 +326,7 @@ def whatif_nodes(
     result = {}
     for name, node in specs.NODES.items():
         spec = node.device
-        shape = mesh_shape_of(rows[0])
+        shape = mesh_shape_of(rows[0], "parallel_shape")
         group = shape["expert"] * shape["model"]
         if node.num_devices % group:
             continue
@@ -334,7 +337,7 @@ def whatif_nodes(
         curve, comm = {}, {}
         for r in rows:
             flops, bytes_moved = roofline.work(
-                roofline.per_device_work({**r, "mesh_shape": node_shape})
+                roofline.per_device_work({**r, "parallel_shape": node_shape})
             )
             calls = [{**c, "bytes": c["bytes"] * scale} for c in r.get("collectives") or []]
             comm[r["batch_size"]] = roofline.comm_time(calls, node.interconnect_bytes_per_s)

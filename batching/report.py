@@ -186,6 +186,7 @@ def mesh_section(doc: Doc, summaries: list[dict[str, Any]]) -> None:
             [
                 "run",
                 "mesh data×expert×model",
+                "splits the model",
                 "predicted B* per device",
                 "global",
                 "spec B* per device",
@@ -199,6 +200,7 @@ def mesh_section(doc: Doc, summaries: list[dict[str, Any]]) -> None:
                 [
                     s["run"],
                     _mesh(s.get("mesh_shape")),
+                    _mesh(s.get("parallel_shape") or s.get("mesh_shape")),
                     s["predicted_critical_batch"],
                     s.get("predicted_critical_batch_global"),
                     s["spec_critical_batch"],
@@ -212,6 +214,9 @@ def mesh_section(doc: Doc, summaries: list[dict[str, Any]]) -> None:
             ],
         )
         doc.para(
+            "Splits the model: how many ways each mesh axis divides this run's work (an axis "
+            "the model maps nothing to holds replicas and counts 1); the per-device prediction "
+            "and the analytic collectives use it. "
             "B* per device is where one device's share of the batch turns compute-bound; each data "
             "replica batches on its own, so the global batch does at B* × data. The comm share is "
             "the median over the run's points of predicted_comm_s / predicted_latency_s: the "

@@ -64,7 +64,9 @@ def comm_time(
 
 def per_device_work(row: dict[str, Any]) -> dict[str, Any]:
     """The row with its analytic work as one device of its mesh does it; the row itself on
-    one device. How the global call's work is split (rows carry the global call's cost):
+    one device. The split is the row's `parallel_shape` (axes holding only replicas count 1;
+    `mesh_shape` for rows written without it). How the global call's work is split (rows
+    carry the global call's cost):
 
     - data (DP): every device holds all the weights and 1/data of the batch: weight bytes
       whole, the rest (activations, KV cache) and the FLOPs over data; the same as the cost
@@ -82,7 +84,7 @@ def per_device_work(row: dict[str, Any]) -> dict[str, Any]:
     batch over data·expert and kv heads over model. XLA's flops and bytes_accessed of an SPMD
     program are per device already and are left as they are.
     """
-    mesh = row.get("mesh_shape") or {}
+    mesh = row.get("parallel_shape") or row.get("mesh_shape") or {}
     d, e, m = (int(mesh.get(a) or 1) for a in ("data", "expert", "model"))
     if d * e * m == 1:
         return row

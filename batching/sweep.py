@@ -192,6 +192,7 @@ def measure_point(
         "ops": [o.to_dict() for o in wl.ops(batch_size)] if wl.ops else None,
         "call_floor_s": call_floor_s,
         **wl.fields,
+        "parallel_shape": wl.parallel_shape or topology.mesh_shape(run.config),
         **extra,
     }
     return status_row(run, batch_size, fingerprint, "ok", **fields), m.samples_s

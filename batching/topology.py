@@ -94,6 +94,19 @@ class Topology:
         """Devices an MoE's experts are split over (what `experts` maps to)."""
         return self.axis_size("experts")
 
+    def parallel_shape(self, experts: bool, model: bool) -> dict[str, int]:
+        """How many ways each mesh axis really splits this workload; 1 where the axis only
+        holds replicas. `data`: what the batch maps to; `expert`: the expert axis where the
+        model has experts and the rules split them; `model`: the model axis where the model
+        names dims the rules map to it (heads, mlp). The roofline's per-device work and the
+        analytic collectives use this, not the mesh's size (a k-device run on a bigger mesh).
+        """
+        return {
+            "data": self.axis_size("batch"),
+            "expert": self.expert_shards if experts else 1,
+            "model": max(self.axis_size("mlp"), self.axis_size("heads")) if model else 1,
+        }
+
     def put_batch(self, x: Any) -> jax.Array:
         """An input whose leading dim is the batch: split over `data`, the rest replicated."""
         return self.put(x, ("batch",) + (None,) * (np.ndim(x) - 1))

@@ -63,6 +63,9 @@ class Workload:
     examples: Callable[[int], int] = lambda batch_size: batch_size
     # What `examples` counts; rows also get `<unit>_per_s` (tokens_per_s for a decoder).
     example_unit: str = "examples"
+    # How many ways each mesh axis splits this workload (Topology.parallel_shape); None: the
+    # mesh's own shape.
+    parallel_shape: dict[str, int] | None = None
     fields: dict[str, Any] = dataclasses.field(default_factory=dict)
     ops: Callable[[int], list[ops_lib.Op]] | None = None
 

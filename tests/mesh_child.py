@@ -77,7 +77,14 @@ def check_mlp() -> dict:
     cfg = config(model, (16,), data=8)
     _, ref, _ = run(mlp_workload, cfg, one_device(cfg), 16)
     _, out, compiled = run(mlp_workload, cfg, topology.build(cfg), 16)
-    return {"mlp_dp": rel_diff(out, ref), "mlp_dp_hlo": collectives(compiled.executable.as_text())}
+    # 2 data replicas of 4: the expert axis holds replicas of a dense MLP and splits nothing.
+    replicas = config(model, (16,), data=2, expert=4)
+    wl = mlp_workload.build(replicas, topology.build(replicas), "")
+    return {
+        "mlp_dp": rel_diff(out, ref),
+        "mlp_dp_hlo": collectives(compiled.executable.as_text()),
+        "mlp_replicas_parallel_shape": wl.parallel_shape,
+    }
 
 
 def check_moe() -> dict:
@@ -102,6 +109,17 @@ def check_moe() -> dict:
             result[f"{key}_device_loads"] = fields["device_loads"]
             result[f"{key}_device_max_mean_load"] = fields["device_max_mean_load"]
             result[f"{key}_routing_group_size"] = fields["routing_group_size"]
+            result[f"{key}_parallel_shape"] = wl.parallel_shape
+        # The same 8-device mesh with experts and groups mapped to no axis: replicas, no
+        # all-to-all in the analytic collectives either.
+        cfg = config(model.copy_and_resolve_references(), (32,), expert=8)
+        cfg.mesh.axis_rules = tuple(
+            (name, None) if name in ("experts", "groups") else (name, axes)
+            for name, axes in cfg.mesh.axis_rules
+        )
+        wl = moe_workload.build(cfg, topology.build(cfg), "")
+        result[f"moe_{router}_replicas_parallel_shape"] = wl.parallel_shape
+        result[f"moe_{router}_replicas_collectives"] = wl.collectives(32)
     return result
 
 

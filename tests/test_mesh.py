@@ -66,6 +66,17 @@ def test_tensor_parallel_cache_is_split_by_kv_head_and_donated(checks):
     assert checks["decoder_tp_alias_bytes"] >= checks["decoder_tp_cache_bytes_per_device"]
 
 
+def test_parallel_shape_counts_only_the_axes_that_split_the_model(checks):
+    # Axes the model maps nothing to hold replicas: the per-device roofline and the
+    # analytic collectives must not divide by them.
+    assert checks["mlp_replicas_parallel_shape"] == {"data": 2, "expert": 1, "model": 1}
+    for router in ("token_choice", "expert_choice"):
+        assert checks[f"moe_{router}_dp_parallel_shape"] == {"data": 8, "expert": 1, "model": 1}
+        assert checks[f"moe_{router}_ep_parallel_shape"] == {"data": 1, "expert": 8, "model": 1}
+        assert checks[f"moe_{router}_replicas_parallel_shape"]["expert"] == 1
+        assert checks[f"moe_{router}_replicas_collectives"] == []
+
+
 def test_device_loads(checks):
     for router in ("token_choice", "expert_choice"):
         ep, dp = checks[f"moe_{router}_ep_device_loads"], checks[f"moe_{router}_dp_device_loads"]

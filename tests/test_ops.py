@@ -1,10 +1,9 @@
 """A call as ops: the totals each workload derives from its ops, and the per-op roofline."""
 
-import jax
 import numpy as np
 import pytest
 
-from batching import analysis, ops, roofline
+from batching import analysis, ops, roofline, topology
 from batching.ops import Op
 from batching.workloads import decoder as decoder_workload
 from batching.workloads import mlp as mlp_workload
@@ -24,7 +23,8 @@ def test_mlp_ops_give_todays_cost_and_gemm_shapes(batch):
     assert t.flops == 3 * batch * (2 * 48 * 48 + 48)
     assert t.weight_bytes == mlp.num_params(cfg) * 4
     assert t.bytes == mlp.num_params(cfg) * 4 + 3 * 2 * batch * 48 * 4
-    wl = mlp_workload.build(tiny(width=48, depth=3), jax.devices()[0], "")
+    cfg = tiny(width=48, depth=3)
+    wl = mlp_workload.build(cfg, topology.build(cfg), "")
     assert wl.gemm_shapes(batch) == [(batch, 48, 48, 3)]
     assert wl.cost(batch).flops == t.flops and wl.attention_shapes(batch) is None
 

@@ -316,7 +316,7 @@ def build_decoder(
 
         examples = lambda batch: batch * length
 
-    mesh_shape = topo.shape
+    mesh_shape = topo.parallel_shape(experts=bool(decoder.moe_layers(cfg)), model=True)
 
     n_params = decoder.num_params(cfg)
     return Workload(
@@ -330,6 +330,7 @@ def build_decoder(
         examples=examples,
         example_unit="tokens",
         collectives=lambda batch: step_collectives(cfg, mesh_shape, batch, length, decode),
+        parallel_shape=mesh_shape,
         fields={
             "phase": m.phase,
             "cache_len": length if decode else None,

@@ -90,5 +90,6 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
         params=params,
         param_bytes=params * resolve_dtype(cfg.param_dtype).itemsize,
         ops=lambda batch_size: ops(cfg, batch_size),
+        parallel_shape=topo.parallel_shape(experts=False, model=True),
         fields={"width": cfg.width, "depth": cfg.depth, "activation": cfg.activation},
     )

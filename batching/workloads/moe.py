@@ -217,7 +217,7 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
             "routing_group_size": group_size(cfg, topo, batch_size),
         }
 
-    mesh_shape = topo.shape
+    mesh_shape = topo.parallel_shape(experts=True, model=True)
     params = moe.num_params(cfg)
     top_k = cfg.top_k if cfg.router == "token_choice" else cfg.capacity_factor
     return Workload(
@@ -228,6 +228,7 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
         ops=ops,
         point_fields=point_fields,
         collectives=lambda batch_size: layer_collectives(cfg, mesh_shape, batch_size),
+        parallel_shape=mesh_shape,
         fields={
             "router": cfg.router,
             "num_experts": cfg.num_experts,
