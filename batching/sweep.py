@@ -141,8 +141,10 @@ def measure_point(
     if over:
         raise OverBudget({**memory, "memory_budget_bytes": budget})
     # The call's own dispatch floor (its arguments' flattening), before donation consumes
-    # them; one process only (a timed call per process would not stay in step).
-    call_floor_s = peaks.measure_call_floor(args) if share is None else None
+    # them: a per-point microbenchmark of the shape-aware roofline; one process only (a timed
+    # call per process would not stay in step).
+    per_point = cfg.roofline.enabled and cfg.roofline.shape_aware and share is None
+    call_floor_s = peaks.measure_call_floor(args) if per_point else None
     m = timing.measure(compiled.call, args, settings, wl.next_args, share)
     del args
     extra = wl.point_fields(batch_size) if wl.point_fields else {}
