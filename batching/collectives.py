@@ -195,18 +195,14 @@ def bandwidth(
     n = mesh.shape[axis]
     if n < 2:
         return None
-    device = mesh.devices.flat[0]
-    path = peaks.cache_path(cache_dir)
-    cache = peaks._load(path)
-    key = peaks._device_key(device)
-    dev_entry = dict(cache.get(key, {}))
-    table = dict(dev_entry.get("collectives", {}))
-    name = _name(kind, n, payload_bytes)
-    if refresh or name not in table:
-        table[name] = {**measure(mesh, axis, kind, payload_bytes), "measured_at": time.time()}
-        dev_entry["collectives"] = table
-        peaks._save(path, cache, key, dev_entry)
-    return table[name]
+    return peaks.cached_measurement(
+        mesh.devices.flat[0],
+        cache_dir,
+        "collectives",
+        _name(kind, n, payload_bytes),
+        lambda entry: {**measure(mesh, axis, kind, payload_bytes), "measured_at": time.time()},
+        refresh,
+    )
 
 
 def mesh_bandwidths(
@@ -249,8 +245,7 @@ def lookup(
 ) -> dict[str, float] | None:
     """A cached measurement (`bandwidth`'s result) of `kind` over `axis_size` devices at
     `payload_bytes` (what `bandwidth` was asked for); None if it was never measured."""
-    cache = peaks._load(peaks.cache_path(cache_dir))
-    table = cache.get(peaks._device_key(device), {}).get("collectives", {})
+    table = peaks.device_entry(device, cache_dir).get("collectives", {})
     return table.get(_name(measured_kind(kind), axis_size, payload_bytes))
 
 

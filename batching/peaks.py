@@ -220,23 +220,19 @@ def measure_conv_flops(
 def conv_flops(device: jax.Device, dtype: str, shape: tuple[int, ...], cache_dir: str) -> float:
     """Measured FLOP/s of a conv shape (measure_conv_flops at conv_measured_batch), cached."""
     shape = (conv_measured_batch(shape), *shape[1:])
-    path = cache_path(cache_dir)
-    cache = _load(path)
-    key = _device_key(device)
-    entry = dict(cache.get(key, {}))
-    table = dict(entry.get("conv_flops_per_s", {}))
-    name = f"{dtype}:" + "x".join(str(int(n)) for n in shape)
-    if name not in table:
-        table[name] = measure_conv_flops(
+    return cached_measurement(
+        device,
+        cache_dir,
+        "conv_flops_per_s",
+        f"{dtype}:" + "x".join(str(int(n)) for n in shape),
+        lambda entry: measure_conv_flops(
             device,
             dtype,
             shape,
             dispatch_floor_s=entry.get("dispatch_floor_s", 0.0),
             kernel_overhead_s=entry.get("kernel_overhead_s", 0.0),
-        )
-        entry["conv_flops_per_s"] = table
-        _save(path, cache, key, entry)
-    return table[name]
+        ),
+    )
 
 
 def measure_cache_bandwidth(device: jax.Device, buffer_bytes: int | None = None) -> float:
@@ -295,24 +291,20 @@ def attention_seconds(
     attend: Callable[..., jax.Array],
 ) -> float:
     """measure_attention_seconds of one (dtype, layout, shape), cached with the device's peaks."""
-    path = cache_path(cache_dir)
-    cache = _load(path)
-    key = _device_key(device)
-    entry = dict(cache.get(key, {}))
-    table = dict(entry.get("attention_s", {}))
-    name = f"{dtype}:{layout}:" + "x".join(str(int(n)) for n in shape)
-    if name not in table:
-        table[name] = measure_attention_seconds(
+    return cached_measurement(
+        device,
+        cache_dir,
+        "attention_s",
+        f"{dtype}:{layout}:" + "x".join(str(int(n)) for n in shape),
+        lambda entry: measure_attention_seconds(
             device,
             dtype,
             layout,
             shape,
             attend,
             dispatch_floor_s=entry.get("dispatch_floor_s", 0.0),
-        )
-        entry["attention_s"] = table
-        _save(path, cache, key, entry)
-    return table[name]
+        ),
+    )
 
 
 def measure_bandwidth(device: jax.Device, buffer_bytes: int | None = None) -> dict[str, float]:
@@ -449,15 +441,13 @@ def gemm_flops(
     """Measured FLOP/s of one GEMM shape (m, k, n), or of a batched one (batch, m, k, n),
     warm or with cold weights, cached."""
     batch, (m, k, n) = (1, shape) if len(shape) == 3 else (shape[0], shape[1:])
-    path = cache_path(cache_dir)
-    cache = _load(path)
-    key = _device_key(device)
-    entry = dict(cache.get(key, {}))
-    table = dict(entry.get("gemm_flops_per_s", {}))
     prefix = f"{batch}@" if batch > 1 else ""
-    name = f"{dtype}:{prefix}{m}x{k}x{n}" + (":cold" if cold else ":warm")
-    if name not in table:
-        table[name] = measure_gemm_flops(
+    return cached_measurement(
+        device,
+        cache_dir,
+        "gemm_flops_per_s",
+        f"{dtype}:{prefix}{m}x{k}x{n}" + (":cold" if cold else ":warm"),
+        lambda entry: measure_gemm_flops(
             device,
             dtype,
             m,
@@ -467,10 +457,33 @@ def gemm_flops(
             cold=cold,
             batch=batch,
             kernel_overhead_s=entry.get("kernel_overhead_s", 0.0),
-        )
-        entry["gemm_flops_per_s"] = table
-        _save(path, cache, key, entry)
-    return table[name]
+        ),
+    )
+
+
+def device_entry(device: jax.Device, cache_dir: str) -> dict[str, Any]:
+    """What the peaks cache holds for `device` (a copy; empty if nothing)."""
+    return dict(_load(cache_path(cache_dir)).get(_device_key(device), {}))
+
+
+def cached_measurement(
+    device: jax.Device,
+    cache_dir: str,
+    table: str,
+    name: str,
+    measure: Callable[[dict[str, Any]], Any],
+    refresh: bool = False,
+) -> Any:
+    """Item `name` of the device's `table` in the peaks cache, `measure(entry)` only when it is
+    missing (or `refresh`), then saved; `entry` is the device's cached peaks (its dispatch
+    floor and kernel overhead, which the per-shape microbenchmarks take off)."""
+    entry = device_entry(device, cache_dir)
+    values = dict(entry.get(table, {}))
+    if refresh or name not in values:
+        values[name] = measure(entry)
+        entry[table] = values
+        _save(cache_path(cache_dir), {}, _device_key(device), entry)
+    return values[name]
 
 
 def _load(path: str) -> dict[str, Any]:

@@ -106,18 +106,24 @@ CHILD = textwrap.dedent(
 )
 
 
-def test_microbenchmarks_on_8_forced_host_devices_are_positive_and_cached(tmp_path):
+def run_child(code: str, *args: str) -> dict:
+    """Runs `code` (which forces 8 host devices before importing jax) in a fresh Python and
+    returns the JSON object its last output line holds."""
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
     out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(tmp_path)],
+        [sys.executable, "-c", code, *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=240,
     )
-    assert out.returncode == 0, out.stderr[-2000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_microbenchmarks_on_8_forced_host_devices_are_positive_and_cached(tmp_path):
+    got = run_child(CHILD, str(tmp_path))
     first = got["first"]
     # Only axes of more than one device communicate: data (2) and model (4), not expert (1).
     assert set(first) == {"data", "model"}
@@ -308,17 +314,7 @@ ANALYSIS_CHILD = textwrap.dedent(
 
 
 def test_analysis_adds_the_measured_comm_term_on_a_forced_8_device_mesh():
-    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run(
-        [sys.executable, "-c", ANALYSIS_CHILD],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got = run_child(ANALYSIS_CHILD)
     s, alpha, beta = got["summary"], got["alpha"], got["beta"]
     assert alpha >= 0 and beta > 0
     assert got["before"]["comm_bandwidth_source"] is None
