@@ -74,13 +74,15 @@ def memory_budget(cfg, device_bytes: int) -> float:
 def mesh_fields(run: runs.Run, batch_size: int) -> dict[str, Any]:
     """Where a point runs: the mesh, and the batch as a global and a per-device size.
 
-    `batch_size` is the global batch (the swept size); each data-parallel replica holds
-    batch_size / mesh.data of it (runs.validate checked that it divides).
+    `batch_size` is the global batch (the swept size); each device holds batch_size over
+    the devices `batch` maps to (mesh.data, or data x expert under the MoE decoder's GShard
+    rules; topology.validate checked that it divides).
     """
     shape = topology.mesh_shape(run.config)
+    shards = topology.split_size(shape, topology.axis_rules(run.config), "batch")
     return {
         "global_batch_size": batch_size,
-        "per_device_batch_size": batch_size // shape["data"],
+        "per_device_batch_size": batch_size // shards,
         "num_devices": shape["data"] * shape["expert"] * shape["model"],
         "process_count": jax.process_count(),
         "mesh_shape": shape,

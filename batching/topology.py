@@ -101,9 +101,14 @@ class Topology:
         names dims the rules map to it (heads, mlp). The roofline's per-device work and the
         analytic collectives use this, not the mesh's size (a k-device run on a bigger mesh).
         """
+        expert = self.expert_shards if experts else 1
+        # Under GShard the batch may map to (data, expert): its split over the expert axis
+        # is the expert parallelism itself, not extra data parallelism.
+        on_experts = set(mesh_axes(self.axis_rules, "experts")) if experts else set()
+        batch = [a for a in mesh_axes(self.axis_rules, "batch") if a not in on_experts]
         return {
-            "data": self.axis_size("batch"),
-            "expert": self.expert_shards if experts else 1,
+            "data": math.prod(self.shape[a] for a in batch),
+            "expert": expert,
             "model": max(self.axis_size("mlp"), self.axis_size("heads")) if model else 1,
         }
 
@@ -191,10 +196,13 @@ def validate(run_cfg: ml_collections.ConfigDict) -> dict[str, int]:
             f"mesh data*expert*model must equal the {count} devices JAX sees, got "
             f"{shape['data']}*{shape['expert']}*{shape['model']}"
         )
+    rules = axis_rules(run_cfg)
+    batch_shards = split_size(shape, rules, "batch")
     for b in run_cfg.sweep.batch_sizes:
-        if b % shape["data"]:
+        if b % batch_shards:
             raise MeshError(
-                f"sweep.batch_sizes must be divisible by mesh.data={shape['data']}, got {b}"
+                f"sweep.batch_sizes must be divisible by the {batch_shards} devices that "
+                f"mesh.axis_rules' 'batch' maps to ({mesh_axes(rules, 'batch')}), got {b}"
             )
     experts = run_cfg.model.get("num_experts")
     if experts is not None and experts % shape["expert"]:
@@ -224,12 +232,17 @@ def validate(run_cfg: ml_collections.ConfigDict) -> dict[str, int]:
     return shape
 
 
-def split_size(shape: dict[str, int], rules, logical: str) -> int:
-    """How many ways the rules split a dim named `logical`: the product of the mesh axes its
-    first rule maps it to (the first rule for a name wins, as in flax)."""
+def mesh_axes(rules, logical: str) -> tuple[str, ...]:
+    """The mesh axes the rules map a dim named `logical` to (the first rule for a name
+    wins, as in flax); () when it is replicated."""
     target = next((axes for name, axes in rules if name == logical), None)
     axes = target if isinstance(target, tuple) else (target,)
-    return math.prod(shape[a] for a in axes if a is not None)
+    return tuple(a for a in axes if a is not None)
+
+
+def split_size(shape: dict[str, int], rules, logical: str) -> int:
+    """How many ways the rules split a dim named `logical`: the product of its mesh axes."""
+    return math.prod(shape[a] for a in mesh_axes(rules, logical))
 
 
 def build(run_cfg: ml_collections.ConfigDict) -> Topology:

@@ -97,4 +97,12 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     config.train = train()
     config.sweep.batch_sizes = (1, 2, 4, 8, 16, 32, 64)
     config.timing.budget_s = 1.0
+    # GShard (Lepikhin et al. 2020, §3.2) shards every token over every device: the
+    # sequences, their KV cache and the attention split over data x expert as the MoE's
+    # routing groups do, so a decode step's MoE blocks exchange tokens by all-to-all
+    # instead of gathering the experts' outputs onto replicated sequences.
+    config.mesh.axis_rules = tuple(
+        (name, ("data", "expert") if name == "batch" else axes)
+        for name, axes in config.mesh.axis_rules
+    )
     return config
