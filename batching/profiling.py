@@ -76,6 +76,7 @@ _CUSTOM_CALL_KINDS = (
     ("cudnn$fmha", "attention"),
     ("cudnn$flash", "attention"),
     ("cublas", "gemm"),
+    ("topk", "reduction"),
     ("gemm", "gemm"),
     ("matmul", "gemm"),
 )
@@ -278,39 +279,42 @@ def _attribute(events: list[_Event], start: float, end: float) -> dict[str, floa
 
 
 def traced_ops(profile: Any, hlo_text: str) -> dict[str, Any]:
-    """Per-call traced time by op kind from a trace of a point's calls.
+    """The median traced call of a point, by op kind.
 
-    Returns `traced_ops` {kind: {"seconds": per call, "count": kernels per call}} (kinds of
-    batching.ops.KINDS that ran, COLLECTIVE where any, and OTHER: every traced second that no
-    op kernel covers), `traced_latency_s` (mean wall time of a traced call) and
-    `traced_steps` (the calls averaged: all but the first). Raises TraceError when the trace
-    holds no usable call.
+    Returns `traced_ops` {kind: {"seconds": in the call, "count": kernels in the call}}
+    (kinds of batching.ops.KINDS that ran, COLLECTIVE where any, and OTHER: every second of
+    the call that no op kernel covers), `traced_latency_s` (that call's wall time) and
+    `traced_steps` (the calls it is the median of: all but the first). The median call
+    (the lower middle one for an even count), like the timer's median, so that one call
+    the OS descheduled does not move it; its kinds add up to its wall time. Raises
+    TraceError when the trace holds no usable call.
     """
     kinds = instruction_kinds(hlo_text)
     events, steps = _kernel_events(profile, module_name(hlo_text), kinds)
     # The first call after the profiler starts pays for its start (on a CPU, 2-3x the next).
     steps = steps[1:] if len(steps) > 1 else steps
-    seconds: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    wall = 0.0
+    calls = []
     for start, end in steps:
         inside = [e for e in events if start <= e.start_ns < end]
-        wall += (end - start) * 1e-9
-        for kind, ns in _attribute(inside, start, end).items():
-            seconds[kind] = seconds.get(kind, 0.0) + ns * 1e-9
+        if not inside:
+            continue
+        seconds = {k: ns * 1e-9 for k, ns in _attribute(inside, start, end).items()}
+        counts: dict[str, int] = {}
         for e in inside:
             counts[e.kind] = counts.get(e.kind, 0) + 1
-    if not counts:
+        calls.append(((end - start) * 1e-9, seconds, counts))
+    if not calls:
         raise TraceError("no kernel ran inside the traced calls")
-    n = len(steps)
+    calls.sort(key=lambda c: c[0])
+    wall, seconds, counts = calls[(len(calls) - 1) // 2]
     busy = sum(v for k, v in seconds.items() if k != OTHER)
     out = {
-        k: {"seconds": seconds.get(k, 0.0) / n, "count": counts[k] / n}
+        k: {"seconds": seconds.get(k, 0.0), "count": counts[k]}
         for k in (*ops_lib.KINDS, COLLECTIVE)
         if k in counts
     }
-    out[OTHER] = {"seconds": (wall - busy) / n, "count": counts.get(OTHER, 0) / n}
-    return {"traced_ops": out, "traced_latency_s": wall / n, "traced_steps": n}
+    out[OTHER] = {"seconds": wall - busy, "count": counts.get(OTHER, 0)}
+    return {"traced_ops": out, "traced_latency_s": wall, "traced_steps": len(steps)}
 
 
 def newest_trace(logdir: str, since_s: float) -> str:

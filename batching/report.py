@@ -444,7 +444,7 @@ def where_time_goes(doc: Doc, summaries: list[dict[str, Any]]) -> None:
         "that kind took (XLA's HLO instructions, each mapped to a kind from the compiled "
         "program), and how many kernels ran; 'other' is the rest of the traced call (dispatch, "
         "copies, gaps between kernels), to set against the predicted overhead. Traced (ms) is "
-        "the mean wall time of a traced call (all but the first), taken with the profiler "
+        "the wall time of the median traced call (the first is left out), taken with the profiler "
         "running, so it sits a little above the measured median."
     )
     doc.table(
