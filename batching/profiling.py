@@ -116,16 +116,29 @@ class _Instruction:
     calls: tuple[str, ...]
     target: str
     op_name: str
+    operands: tuple[str, ...]
 
 
-def _parse(hlo_text: str) -> dict[str, dict[str, _Instruction]]:
-    """Computation name -> instruction name -> instruction, from HLO text."""
+def _operands(rest: str) -> tuple[str, ...]:
+    """The instruction names in an operand list `a, %b, f32[2] %c), attrs...`."""
+    depth = 1
+    for i, ch in enumerate(rest):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth == 0:
+            return tuple(re.findall(r"%([\w.\-]+)", rest[:i]))
+    return ()
+
+
+def _parse(hlo_text: str) -> tuple[dict[str, dict[str, _Instruction]], str]:
+    """(computation name -> instruction name -> instruction, the entry computation's name),
+    from HLO text."""
     comps: dict[str, dict[str, _Instruction]] = {}
-    current = None
+    current, entry = None, ""
     for line in hlo_text.splitlines():
         m = _COMPUTATION.match(line)
         if m and "=" not in line.split("(", 1)[0]:
             current = comps.setdefault(m["name"], {})
+            entry = m["name"] if line.startswith("ENTRY") else entry
             continue
         if current is None:
             continue
@@ -138,9 +151,13 @@ def _parse(hlo_text: str) -> dict[str, dict[str, _Instruction]]:
         target = _TARGET.search(line)
         op_name = _OP_NAME.search(line)
         current[m["name"]] = _Instruction(
-            m["op"], tuple(calls), target[1] if target else "", op_name[1] if op_name else ""
+            m["op"],
+            tuple(calls),
+            target[1] if target else "",
+            op_name[1] if op_name else "",
+            _operands(line[m.end() :]),
         )
-    return comps
+    return comps, entry
 
 
 def module_name(hlo_text: str) -> str:
@@ -152,7 +169,7 @@ def module_name(hlo_text: str) -> str:
 def instruction_kinds(hlo_text: str) -> dict[str, str]:
     """Every instruction of a compiled program -> the lab op kind (batching.ops.KINDS),
     COLLECTIVE, OTHER, or "" for control flow (while, conditional, call: not an op)."""
-    comps = _parse(hlo_text)
+    comps, _ = _parse(hlo_text)
     memo: dict[str, set[str]] = {}
 
     def own_kind(ins: _Instruction) -> str:
@@ -201,9 +218,45 @@ def instruction_kinds(hlo_text: str) -> dict[str, str]:
     return out
 
 
+def _tokens(name: str) -> tuple[str, ...]:
+    """A module path's words and indices: "stages.0.0.conv1" and the flattened parameter name
+    "state__stages___0__0___conv1____kernel___value.1" both give stages, 0, 0, conv, 1, ..."""
+    return tuple(re.findall(r"[A-Za-z]+|\d+", name.lower()))
+
+
+def _within(part: tuple[str, ...], whole: tuple[str, ...]) -> bool:
+    return any(whole[i : i + len(part)] == part for i in range(len(whole) - len(part) + 1))
+
+
+def lab_op_names(hlo_text: str, lab_ops: list[tuple[str, str]]) -> dict[str, str]:
+    """Entry instructions -> the lab op (name, kind) they run, where the parameters they read
+    name it: XLA keeps a Flax module's parameter path in the entry parameter's name
+    ("state__stages___0__0___conv1____kernel___value.1" for the op "stages.0.0.conv1"). An
+    instruction maps when its kind is the op's and exactly one lab op's path is among the
+    parameters it reads (a fusion of several convolutions maps to none)."""
+    comps, entry = _parse(hlo_text)
+    if not entry:
+        return {}
+    kinds = instruction_kinds(hlo_text)
+    instructions = comps[entry]
+    params = {n: _tokens(n) for n, ins in instructions.items() if ins.opcode == "parameter"}
+    out = {}
+    for name, ins in instructions.items():
+        read = [params[o] for o in ins.operands if o in params]
+        hits = {
+            op
+            for op, kind in lab_ops
+            if kind == kinds.get(name) and any(_within(_tokens(op), p) for p in read)
+        }
+        if len(hits) == 1:
+            out[name] = hits.pop()
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class _Event:
     kind: str
+    op: str  # the HLO instruction
     start_ns: float
     end_ns: float
 
@@ -253,15 +306,15 @@ def _kernel_events(
             continue
         end = e.start_ns + e.duration_ns
         end = max(end, done_at.get(stats.get(FLOW_PRODUCER_STAT), end))
-        events.append(_Event(kind, e.start_ns, end))
+        events.append(_Event(kind, op, e.start_ns, end))
     return events, sorted(steps)
 
 
 def _attribute(events: list[_Event], start: float, end: float) -> dict[str, float]:
-    """Nanoseconds per kind inside [start, end]; where kernels overlap (threads, streams),
-    each gets an equal share of the overlap, so the kinds add up to the busy time."""
+    """Nanoseconds per HLO instruction inside [start, end]; where kernels overlap (threads,
+    streams), each gets an equal share of the overlap, so they add up to the busy time."""
     edges = sorted(
-        (t, step, e.kind)
+        (t, step, e.op)
         for e in events
         for t, step in ((max(e.start_ns, start), 1), (min(e.end_ns, end), -1))
     )
@@ -278,12 +331,14 @@ def _attribute(events: list[_Event], start: float, end: float) -> dict[str, floa
     return out
 
 
-def traced_ops(profile: Any, hlo_text: str) -> dict[str, Any]:
+def traced_ops(profile: Any, hlo_text: str, lab_ops: list[tuple[str, str]] = ()) -> dict[str, Any]:
     """The median traced call of a point, by op kind.
 
     Returns `traced_ops` {kind: {"seconds": in the call, "count": kernels in the call}}
     (kinds of batching.ops.KINDS that ran, COLLECTIVE where any, and OTHER: every second of
-    the call that no op kernel covers), `traced_latency_s` (that call's wall time) and
+    the call that no op kernel covers), `traced_by_op` {lab op name: {"seconds", "count"}}
+    for the instructions `lab_op_names` maps to one of `lab_ops` ((name, kind) pairs; only
+    those that map), `traced_latency_s` (that call's wall time) and
     `traced_steps` (the calls it is the median of: all but the first). The median call
     (the lower middle one for an even count), like the timer's median, so that one call
     the OS descheduled does not move it; its kinds add up to its wall time. Raises
@@ -298,15 +353,18 @@ def traced_ops(profile: Any, hlo_text: str) -> dict[str, Any]:
         inside = [e for e in events if start <= e.start_ns < end]
         if not inside:
             continue
-        seconds = {k: ns * 1e-9 for k, ns in _attribute(inside, start, end).items()}
-        counts: dict[str, int] = {}
-        for e in inside:
-            counts[e.kind] = counts.get(e.kind, 0) + 1
-        calls.append(((end - start) * 1e-9, seconds, counts))
+        by_op = {op: ns * 1e-9 for op, ns in _attribute(inside, start, end).items()}
+        calls.append(((end - start) * 1e-9, by_op, [e.op for e in inside]))
     if not calls:
         raise TraceError("no kernel ran inside the traced calls")
     calls.sort(key=lambda c: c[0])
-    wall, seconds, counts = calls[(len(calls) - 1) // 2]
+    wall, by_op, ran = calls[(len(calls) - 1) // 2]
+    seconds: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for op, sec in by_op.items():
+        seconds[kinds.get(op, OTHER)] = seconds.get(kinds.get(op, OTHER), 0.0) + sec
+    for op in ran:
+        counts[kinds.get(op, OTHER)] = counts.get(kinds.get(op, OTHER), 0) + 1
     busy = sum(v for k, v in seconds.items() if k != OTHER)
     out = {
         k: {"seconds": seconds.get(k, 0.0), "count": counts[k]}
@@ -314,7 +372,21 @@ def traced_ops(profile: Any, hlo_text: str) -> dict[str, Any]:
         if k in counts
     }
     out[OTHER] = {"seconds": wall - busy, "count": counts.get(OTHER, 0)}
-    return {"traced_ops": out, "traced_latency_s": wall, "traced_steps": len(steps)}
+    names = lab_op_names(hlo_text, list(lab_ops)) if lab_ops else {}
+    by_name: dict[str, dict[str, float]] = {}
+    for op in ran:
+        if op in names:
+            t = by_name.setdefault(names[op], {"seconds": 0.0, "count": 0})
+            t["count"] += 1
+    for op, sec in by_op.items():
+        if op in names:
+            by_name[names[op]]["seconds"] += sec
+    return {
+        "traced_ops": out,
+        "traced_by_op": by_name,
+        "traced_latency_s": wall,
+        "traced_steps": len(steps),
+    }
 
 
 def newest_trace(logdir: str, since_s: float) -> str:
@@ -326,10 +398,10 @@ def newest_trace(logdir: str, since_s: float) -> str:
     return max(fresh, key=os.path.getmtime)
 
 
-def read(path: str, hlo_text: str) -> dict[str, Any]:
+def read(path: str, hlo_text: str, lab_ops: list[tuple[str, str]] = ()) -> dict[str, Any]:
     """traced_ops() of the trace file at `path` (TraceError if it cannot be read)."""
     try:
         profile = jax.profiler.ProfileData.from_file(path)
     except Exception as e:  # noqa: BLE001 - the reader raises its own error types
         raise TraceError(f"cannot read {os.path.basename(path)}: {e}") from None
-    return traced_ops(profile, hlo_text)
+    return traced_ops(profile, hlo_text, lab_ops)

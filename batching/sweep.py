@@ -273,7 +273,8 @@ def profile_point(
         if not os.path.exists(named):
             os.rename(folder, named)
             path = os.path.join(named, os.path.basename(path))
-        fields = profiling.read(path, hlo_text)
+        lab_ops = [(o.name, o.kind) for o in wl.ops(batch_size)] if wl.ops else []
+        fields = profiling.read(path, hlo_text, lab_ops)
     except Exception as e:  # noqa: BLE001 - a trace is an extra; the point stays measured
         why = _why(e)
         logging.warning("%s batch=%d: no traced ops: %s", run.name, batch_size, why["message"])

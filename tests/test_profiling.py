@@ -68,6 +68,10 @@ def test_resnet_trace_puts_conv_first(tmp_path):
     app.run(config, str(tmp_path))
     (row,) = _rows(tmp_path)
     _check_traced(row, "conv")
+    # XLA keeps the module path in the parameter names: convolutions map to the lab's ops
+    by_op = row["traced_by_op"]
+    assert "stem_conv" in by_op and set(by_op) <= {o["name"] for o in row["ops"]}
+    assert sum(v["seconds"] for v in by_op.values()) <= row["traced_latency_s"]
 
 
 @pytest.mark.parametrize("trace_bytes", [None, b"not an xspace"])
@@ -164,6 +168,9 @@ def test_instruction_kinds_from_compiled_hlo():
     assert kinds["copy.3"] == profiling.OTHER
     assert kinds["loop"] == ""  # control flow: its body is traced op by op
     assert kinds["out"] == "elementwise"
+    lab_ops = [("w", "gemm"), ("f", "conv"), ("img", "elementwise")]
+    # the kind must agree: nothing elementwise reads img
+    assert profiling.lab_op_names(HLO, lab_ops) == {"gemm": "w", "conv_fusion": "f", "cudnn": "f"}
 
 
 def _gpu_xspace(module: str) -> str:
@@ -213,7 +220,7 @@ def test_gpu_kernels_on_device_planes_are_read_per_kind():
     profile = jax.profiler.ProfileData.from_serialized_xspace(
         jax.profiler.ProfileData.text_proto_to_serialized_xspace(xspace)
     )
-    out = profiling.traced_ops(profile, HLO)
+    out = profiling.traced_ops(profile, HLO, [("w", "gemm")])
     t = out["traced_ops"]
     assert out["traced_steps"] == 1  # the first of two calls is left out
     assert out["traced_latency_s"] == pytest.approx(80e-6)
@@ -222,6 +229,7 @@ def test_gpu_kernels_on_device_planes_are_read_per_kind():
     assert t["reduction"]["seconds"] == pytest.approx(5e-6)
     # another program's kernel is not this call's; the rest of the window is "other"
     assert t[profiling.OTHER]["seconds"] == pytest.approx(25e-6)
+    assert out["traced_by_op"] == {"w": {"seconds": pytest.approx(20e-6), "count": 1}}
 
 
 def test_trace_without_calls_or_kernels_says_why():
