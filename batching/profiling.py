@@ -9,12 +9,12 @@ to what the hardware did.
 Where the events are (XSpace conventions, tsl/profiler/utils/xplane_schema.h):
 - XLA:CPU: the thunk executor records one event per executed HLO instruction (thunk) on the
   host plane "/host:CPU", on whichever thread ran it, with stats `hlo_op` (the instruction's
-  name), `hlo_module` (the program, e.g. "jit_forward") and `device_ordinal`.
+  name), `hlo_module` (the program, e.g. "jit_forward") and `device_ordinal`; an
+  asynchronous thunk lasts until its "end: <op>" event (see ASYNC_END_PREFIX).
 - XLA:GPU: CUPTI records each kernel on the device plane "/device:GPU:<N>" (one line per
   stream); XLA's launch annotation `#hlo_op=...,hlo_module=...#` becomes the same two stats on
-  the kernel event (tsl cupti_collector). Not run here (no GPU): the branch is the table
-  `DEVICE_PLANES` below, tested on a synthetic XSpace.
-  An asynchronous CPU thunk lasts until its "end: <op>" event (see ASYNC_END_PREFIX).
+  the kernel event (tsl cupti_collector). Not run here (no GPU): the branch is the plane and
+  stat names below, tested on a synthetic XSpace.
 - The calls themselves: the sweep wraps each in `StepTraceAnnotation("batch_<B>")`, an event
   on the host plane whose duration is the call's wall time as the timer sees it (dispatch,
   run, block until ready).
@@ -40,9 +40,10 @@ from batching import ops as ops_lib
 OTHER = "other"
 COLLECTIVE = "collective"
 
-# Device planes by platform, and the stats that name a kernel's HLO instruction and program.
+# Where kernels are: an accelerator's device planes (the first one is read; TPU untested),
+# else the host plane; and the stats that name a kernel's HLO instruction and program.
 HOST_PLANE = "/host:CPU"
-DEVICE_PLANES = {"cpu": HOST_PLANE, "gpu": "/device:GPU:", "tpu": "/device:TPU:"}
+DEVICE_PLANE_PREFIXES = ("/device:GPU:", "/device:TPU:")
 HLO_OP_STAT = "hlo_op"
 HLO_MODULE_STAT = "hlo_module"
 DEVICE_ORDINAL_STAT = "device_ordinal"  # XLA:CPU: which device of the host ran the thunk
@@ -255,7 +256,6 @@ def lab_op_names(hlo_text: str, lab_ops: list[tuple[str, str]]) -> dict[str, str
 
 @dataclasses.dataclass(frozen=True)
 class _Event:
-    kind: str
     op: str  # the HLO instruction
     start_ns: float
     end_ns: float
@@ -270,7 +270,7 @@ def _kernel_events(
     for plane in profile.planes:
         if plane.name == HOST_PLANE:
             host = plane
-        elif any(plane.name.startswith(p) for p in DEVICE_PLANES.values() if p != HOST_PLANE):
+        elif plane.name.startswith(DEVICE_PLANE_PREFIXES):
             device_planes.append(plane)
     if host is None:
         raise TraceError(f"no {HOST_PLANE} plane in the trace")
@@ -301,12 +301,11 @@ def _kernel_events(
     first = min(r[0] for r in raw)
     events = []
     for ordinal, op, stats, e in raw:
-        kind = kinds.get(op, OTHER)
-        if ordinal != first or not kind:  # "": control flow, its body is traced op by op
+        if ordinal != first or not kinds.get(op, OTHER):  # "": control flow, traced op by op
             continue
         end = e.start_ns + e.duration_ns
         end = max(end, done_at.get(stats.get(FLOW_PRODUCER_STAT), end))
-        events.append(_Event(kind, op, e.start_ns, end))
+        events.append(_Event(op, e.start_ns, end))
     return events, sorted(steps)
 
 
