@@ -92,8 +92,10 @@ _PRIORITY = (
     COLLECTIVE,
     "elementwise",
 )
-# A dot whose jax name stack says it is attention (a model's `attend`/`attention` function or
-# named scope) is attention; otherwise dots are GEMMs.
+# A dot with batch dimensions (scores q·kᵀ and probs·v, batched over sequences and heads)
+# whose jax name stack says attention (a model's `attention` named scope or `attend`
+# function) is attention; other dots are GEMMs, the Q/K/V and output projections inside that
+# scope too (x·W has no batch dimensions).
 _ATTENTION_NAME = re.compile(r"attention|attend", re.IGNORECASE)
 
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s+\(.*\{\s*$")
@@ -118,6 +120,7 @@ class _Instruction:
     target: str
     op_name: str
     operands: tuple[str, ...]
+    batched: bool  # a dot with batch dimensions (an einsum over batch or heads)
 
 
 def _operands(rest: str) -> tuple[str, ...]:
@@ -157,6 +160,7 @@ def _parse(hlo_text: str) -> tuple[dict[str, dict[str, _Instruction]], str]:
             target[1] if target else "",
             op_name[1] if op_name else "",
             _operands(line[m.end() :]),
+            "lhs_batch_dims={" in line,
         )
     return comps, entry
 
@@ -181,7 +185,8 @@ def instruction_kinds(hlo_text: str) -> dict[str, str]:
         if op == "convolution":
             return "conv"
         if op in ("dot", "ragged-dot"):
-            return "attention" if _ATTENTION_NAME.search(ins.op_name) else "gemm"
+            attention = ins.batched and _ATTENTION_NAME.search(ins.op_name)
+            return "attention" if attention else "gemm"
         if op in _GATHER_SCATTER_OPS:
             return "gather_scatter"
         if op in _REDUCTION_OPS:

@@ -122,7 +122,10 @@ HLO = """HloModule jit_step, entry_computation_layout={(f32[8,64]{1,0})->f32[8,6
 %fused_attn (q: f32[8,64], k: f32[8,64]) -> f32[8,8] {
   %q = f32[8,64]{1,0} parameter(0)
   %k = f32[8,64]{1,0} parameter(1)
-  ROOT %s = f32[8,8]{1,0} dot(%q, %k), lhs_contracting_dims={1}, rhs_contracting_dims={1}, metadata={op_name="jit(step)/jit(attend)/dot_general"}
+  %q3 = f32[1,8,64]{2,1,0} reshape(%q)
+  %k3 = f32[1,8,64]{2,1,0} reshape(%k)
+  %proj = f32[8,64]{1,0} dot(%q, %k), lhs_contracting_dims={1}, rhs_contracting_dims={0}, metadata={op_name="jit(step)/attention/dot_general"}
+  ROOT %s = f32[1,8,8]{2,1,0} dot(%q3, %k3), lhs_batch_dims={0}, lhs_contracting_dims={2}, rhs_batch_dims={0}, rhs_contracting_dims={2}, metadata={op_name="jit(step)/attention/dot_general"}
 }
 
 %body (t: (s32[], f32[8,64])) -> (s32[], f32[8,64]) {
@@ -163,7 +166,8 @@ def test_instruction_kinds_from_compiled_hlo():
     assert kinds["conv_fusion"] == "conv"  # a fusion holding a convolution
     assert kinds["cudnn"] == "conv"  # cuDNN custom call
     assert kinds["softmax"] == "reduction"
-    assert kinds["attn"] == "attention"  # a dot in the model's attend function
+    assert kinds["attn"] == "attention"  # a batched dot in the model's attention scope
+    assert kinds["proj"] == "gemm"  # x·W in that scope: a projection, not attention
     assert kinds["dus"] == "gather_scatter"
     assert kinds["copy.3"] == profiling.OTHER
     assert kinds["loop"] == ""  # control flow: its body is traced op by op
