@@ -244,6 +244,7 @@ def analyze_run(
         "bytes_per_param": bytes_per_param,
         "whatif": whatif(out, roofline_cfg.whatif_devices, dtype, precision, bytes_per_param),
         "breakdown": breakdown(out),
+        "traced_breakdown": traced_breakdown(out),
         "whatif_nodes": whatif_nodes(out, dtype, precision, bytes_per_param / uses),
         **mesh_summary(out, mesh_shape, device, comm_source, peak_source),
     }
@@ -422,6 +423,24 @@ def breakdown(rows: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
             "measured_s": r["latency_s"],
         }
         for r in ends
+    }
+
+
+def traced_breakdown(rows: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """The points with a profiler trace: predicted seconds per op kind and limit next to the
+    traced seconds per kind (batching.profiling), or why the trace could not be read."""
+    return {
+        r["batch_size"]: {
+            "by_kind": r["predicted_by_kind"],
+            "overhead_s": r["predicted_overhead_s"],
+            "predicted_s": r["predicted_latency_s"],
+            "measured_s": r["latency_s"],
+            "traced": r.get("traced_ops"),
+            "traced_s": r.get("traced_latency_s"),
+            "traced_ops_error": r.get("traced_ops_error"),
+        }
+        for r in rows
+        if r.get("traced_ops") or r.get("traced_ops_error")
     }
 
 

@@ -351,7 +351,8 @@ def metrics(s: dict[str, Any]) -> dict[str, float]:
 
 
 def derived_point_scalars(rows: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
-    """Per-point predicted and fitted latencies (ms), step = batch size."""
+    """Per-point predicted and fitted latencies (ms), step = batch size; at profiled points
+    also the traced call and the traced and predicted ms per op kind."""
     out = {}
     for field, tag in (
         ("predicted_latency_s", "latency/predicted_ms"),
@@ -365,6 +366,17 @@ def derived_point_scalars(rows: list[dict[str, Any]]) -> dict[str, dict[int, flo
         }
         if values and any(values.values()):  # a run without collectives: no comm curve
             out[tag] = values
+    # Profiled points: traced ms per op kind next to the predicted ms of that kind.
+    for r in rows:
+        traced = r.get("traced_ops")
+        if not traced:
+            continue
+        b = r["batch_size"]
+        out.setdefault("latency/traced_ms", {})[b] = r["traced_latency_s"] * 1e3
+        for kind, t in traced.items():
+            out.setdefault(f"ops/traced_{kind}_ms", {})[b] = t["seconds"] * 1e3
+        for kind, limits in (r.get("predicted_by_kind") or {}).items():
+            out.setdefault(f"ops/predicted_{kind}_ms", {})[b] = sum(limits.values()) * 1e3
     return out
 
 

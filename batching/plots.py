@@ -205,43 +205,70 @@ def breakdown_figure(s: dict[str, Any]) -> plt.Figure:
     """Where the predicted time goes at the run's smallest and largest batch: one stacked bar
     each, as shares of the predicted latency, by op kind (colour) and the limit each op is at
     (hatch: plain memory/DRAM, dots cache, stripes compute), with the fixed overhead below.
-    The predicted and measured latencies are written over each bar."""
+    A point with a profiler trace (`traced_breakdown`, any batch) gets a second bar beside it:
+    the traced time per kind as shares of the traced call, with what no kernel covers
+    ("other": dispatch, copies, gaps) below. Latencies are written over each pair."""
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-    ends = sorted(s["breakdown"].items(), key=lambda kv: int(kv[0]))
-    kinds = sorted({k for _, e in ends for k in e["by_kind"]})
+    traced = {int(b): e for b, e in (s.get("traced_breakdown") or {}).items() if e.get("traced")}
+    points = {int(b): e for b, e in s["breakdown"].items()}
+    points.update(traced)
+    ends = sorted(points.items())
+    kinds = sorted(
+        {k for _, e in ends for k in e["by_kind"]}
+        | {k for e in traced.values() for k in e["traced"] if k != "other"}
+    )
     colors = dict(zip(kinds, plt.cm.tab10.colors, strict=False))
+    width = 0.4 if traced else 0.8
     labelled = set()
-    for x, (_, e) in enumerate(ends):
+
+    def segment(x, share, bottom, color, label, hatch=""):
+        ax.bar(
+            x,
+            share,
+            width,
+            bottom=bottom,
+            color=color,
+            hatch=hatch,
+            edgecolor="white",
+            label=None if label in labelled else label,
+        )
+        labelled.add(label)
+
+    for x, (batch, e) in enumerate(ends):
+        px = x - width / 2 if batch in traced else x
         total = e["predicted_s"]
         bottom = e["overhead_s"] / total
-        ax.bar(x, bottom, color="0.7", label=None if "overhead" in labelled else "overhead")
-        labelled.add("overhead")
+        segment(px, bottom, 0.0, "0.7", "overhead / other")
         for kind in kinds:
             for limit, seconds in sorted(e["by_kind"].get(kind, {}).items()):
-                label = f"{kind} ({limit})"
                 share = seconds / total
-                ax.bar(
-                    x,
+                segment(
+                    px,
                     share,
-                    bottom=bottom,
-                    color=colors[kind],
-                    hatch=LIMIT_HATCH.get(limit, "xx"),
-                    edgecolor="white",
-                    label=None if label in labelled else label,
+                    bottom,
+                    colors[kind],
+                    f"{kind} ({limit})",
+                    LIMIT_HATCH.get(limit, "xx"),
                 )
-                labelled.add(label)
                 bottom += share
-        ax.text(
-            x,
-            1.02,
-            f"pred. {total * 1e3:.3g} ms\nmeas. {e['measured_s'] * 1e3:.3g} ms",
-            ha="center",
-            fontsize="small",
-        )
-    ax.set_xticks(range(len(ends)), [f"batch {b}" for b, _ in ends])
-    ax.set_ylim(0, 1.2)
-    ax.set_ylabel("share of predicted latency")
-    ax.set_title(f"{s['run']}: predicted time per op kind and limit")
+        text = f"pred. {total * 1e3:.3g} ms\nmeas. {e['measured_s'] * 1e3:.3g} ms"
+        if batch in traced:
+            t = e["traced"]
+            wall = e["traced_s"]
+            bottom = t["other"]["seconds"] / wall
+            segment(x + width / 2, bottom, 0.0, "0.7", "overhead / other")
+            for kind in kinds:
+                if kind in t:
+                    share = t[kind]["seconds"] / wall
+                    segment(x + width / 2, share, bottom, colors[kind], f"{kind} (traced)")
+                    bottom += share
+            text += f"\ntraced {wall * 1e3:.3g} ms"
+        ax.text(x, 1.02, text, ha="center", fontsize="small")
+    labels = [f"batch {b}" + ("\npred. | traced" if b in traced else "") for b, _ in ends]
+    ax.set_xticks(range(len(ends)), labels)
+    ax.set_ylim(0, 1.3)
+    ax.set_ylabel("share of the call")
+    ax.set_title(f"{s['run']}: time per op kind and limit, predicted (and traced)")
     ax.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     return fig

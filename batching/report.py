@@ -383,21 +383,50 @@ def router_section(doc: Doc, summaries: list[dict[str, Any]], with_verdict: bool
         doc.para(f"Verdict on C8 ({verdict['verdict']}): {verdict['evidence']}")
 
 
+def _predicted_parts(by_kind: dict[str, dict[str, float]]) -> list[str]:
+    return [
+        f"{kind} {_fmt(sec * 1e3)} ({limit})"
+        for kind, limits in sorted(by_kind.items())
+        for limit, sec in sorted(limits.items())
+    ]
+
+
+def _traced_parts(e: dict[str, Any]) -> list[str]:
+    """Per kind: predicted ms (summed over limits) → traced ms and kernels per call; then what
+    the trace spent outside any op kernel next to the predicted fixed overhead."""
+    traced = e["traced"]
+    kinds = sorted(set(e["by_kind"]) | (set(traced) - {"other"}))
+    parts = []
+    for kind in kinds:
+        predicted = sum(e["by_kind"].get(kind, {}).values())
+        t = traced.get(kind)
+        got = f"{_fmt(t['seconds'] * 1e3)} ({_fmt(t['count'], 2)} kernels)" if t else "–"
+        parts.append(f"{kind} {_fmt(predicted * 1e3)} → {got}")
+    other = traced.get("other", {}).get("seconds")
+    parts.append(f"overhead {_fmt(e['overhead_s'] * 1e3)} → other {_fmt(other * 1e3)}")
+    return parts
+
+
 def where_time_goes(doc: Doc, summaries: list[dict[str, Any]]) -> None:
-    """Per run, the predicted time per op kind at its smallest and largest batch."""
+    """Per run, the predicted time per op kind at its smallest and largest batch, and at
+    every profiled point the traced time per kind beside it."""
     table = []
     for s in summaries:
-        for batch, e in sorted(s.get("breakdown", {}).items(), key=lambda kv: int(kv[0])):
-            parts = [
-                f"{kind} {_fmt(sec * 1e3)} ({limit})"
-                for kind, limits in sorted(e["by_kind"].items())
-                for limit, sec in sorted(limits.items())
-            ]
+        traced = s.get("traced_breakdown") or {}
+        points = {**s.get("breakdown", {}), **traced}
+        for batch, e in sorted(points.items(), key=lambda kv: int(kv[0])):
+            if e.get("traced"):
+                parts = _traced_parts(e)
+            elif e.get("traced_ops_error"):
+                parts = [*_predicted_parts(e["by_kind"]), f"no trace: {e['traced_ops_error']}"]
+            else:
+                parts = _predicted_parts(e["by_kind"])
             table.append(
                 [
                     s["run"],
                     batch,
                     e["predicted_s"] * 1e3,
+                    e["traced_s"] * 1e3 if e.get("traced_s") else None,
                     e["measured_s"] * 1e3,
                     e["overhead_s"] * 1e3,
                     "; ".join(parts),
@@ -410,10 +439,24 @@ def where_time_goes(doc: Doc, summaries: list[dict[str, Any]]) -> None:
         "Predicted milliseconds per op kind at each run's smallest and largest batch, with the "
         "limit each op is at: memory (bytes from DRAM), cache (bytes from the last-level "
         "cache), compute (FLOPs at the op's measured rate). Overhead is the dispatch floor plus "
-        "one launch per kernel. Profiler traces are not parsed into per-op times here."
+        "one launch per kernel. At points with a profiler trace (`profile.batch_sizes`) each "
+        "kind reads predicted → traced: the milliseconds per call that the trace's kernels of "
+        "that kind took (XLA's HLO instructions, each mapped to a kind from the compiled "
+        "program), and how many kernels ran; 'other' is the rest of the traced call (dispatch, "
+        "copies, gaps between kernels), to set against the predicted overhead. Traced (ms) is "
+        "the wall time of the median traced call (the first is left out), taken with the profiler "
+        "running, so it sits a little above the measured median."
     )
     doc.table(
-        ["run", "batch", "predicted (ms)", "measured (ms)", "overhead (ms)", "ops by kind (ms)"],
+        [
+            "run",
+            "batch",
+            "predicted (ms)",
+            "traced (ms)",
+            "measured (ms)",
+            "overhead (ms)",
+            "ops by kind (ms)",
+        ],
         table,
     )
 
