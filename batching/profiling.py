@@ -13,8 +13,9 @@ Where the events are (XSpace conventions, tsl/profiler/utils/xplane_schema.h):
   asynchronous thunk lasts until its "end: <op>" event (see ASYNC_END_PREFIX).
 - XLA:GPU: CUPTI records each kernel on the device plane "/device:GPU:<N>" (one line per
   stream); XLA's launch annotation `#hlo_op=...,hlo_module=...#` becomes the same two stats on
-  the kernel event (tsl cupti_collector). Not run here (no GPU): the branch is the plane and
-  stat names below, tested on a synthetic XSpace.
+  the kernel event (tsl cupti_collector). Kernels replayed as a CUDA graph (XLA's command
+  buffers) carry the command buffer as `hlo_op` and the fused instruction as their name.
+  Tested on a trace from an H200 (tests/data) and on a synthetic XSpace.
 - The calls themselves: the sweep wraps each in `StepTraceAnnotation("batch_<B>")`, an event
   on the host plane whose duration is the call's wall time as the timer sees it (dispatch,
   run, block until ready).
@@ -300,6 +301,11 @@ def _kernel_events(
                 op = stats.get(HLO_OP_STAT)
                 if op is None or (module and stats.get(HLO_MODULE_STAT, module) != module):
                     continue
+                # XLA:GPU replays a run of kernels as one CUDA graph (a command buffer): its
+                # kernels' `hlo_op` then names the command buffer, and the kernel event's own
+                # name is the fused instruction it runs (seen on an H200, jax 0.11.2).
+                if not kinds.get(str(op)) and e.name in kinds:
+                    op = e.name
                 raw.append((stats.get(DEVICE_ORDINAL_STAT, 0), str(op), stats, e))
     if not raw:
         raise TraceError(f"no kernel events of {module or 'the program'} in the trace")

@@ -1,5 +1,6 @@
 """Traced per-op times: profiler traces read back per op kind, next to the prediction."""
 
+import gzip
 import json
 import os
 
@@ -245,3 +246,48 @@ def test_trace_without_calls_or_kernels_says_why():
     )
     with pytest.raises(profiling.TraceError, match="no kernel events of jit_step"):
         profiling.traced_ops(other_program, HLO)
+
+
+# The instructions an H200 ran for the 8-layer, 1024-wide MLP (jax 0.11.2): the kernel names
+# of tests/data/h200_*.xplane.pb.gz. The trace is real; this HLO is written to name the same
+# fusions (the compiled GPU program was not kept), with the dot in the gemm fusions.
+H200_HLO = """HloModule jit_forward
+
+%fused_dot (p0: f32[512,1024], p1: f32[1024,1024]) -> f32[512,1024] {
+  %p0 = f32[512,1024]{1,0} parameter(0)
+  %p1 = f32[1024,1024]{1,0} parameter(1)
+  ROOT %dot.1 = f32[512,1024]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%fused_max (p0: f32[512,1024]) -> f32[512,1024] {
+  %p0 = f32[512,1024]{1,0} parameter(0)
+  %c = f32[] constant(0)
+  %b = f32[512,1024]{1,0} broadcast(%c), dimensions={}
+  ROOT %m = f32[512,1024]{1,0} maximum(%p0, %b)
+}
+
+ENTRY %main (x: f32[512,1024], w: f32[1024,1024]) -> f32[512,1024] {
+  %x = f32[512,1024]{1,0} parameter(0)
+  %w = f32[1024,1024]{1,0} parameter(1)
+  %gemm_fusion_dot = f32[512,1024]{1,0} fusion(%x, %w), kind=kCustom, calls=%fused_dot
+  %gemm_fusion_dot_1 = f32[512,1024]{1,0} fusion(%x, %w), kind=kCustom, calls=%fused_dot
+  %loop_reduce_fusion = f32[512,1024]{1,0} fusion(%x), kind=kLoop, calls=%fused_max
+  ROOT %loop_add_fusion = f32[512,1024]{1,0} fusion(%x), kind=kLoop, calls=%fused_max
+}
+"""
+
+
+def test_h200_trace_of_cuda_graph_kernels_is_read_by_kernel_name():
+    # On the GPU the kernels ran as a CUDA graph: every kernel's hlo_op stat names the
+    # command buffer ("command_buffer_1"); the kernel's own name is the fusion it runs.
+    path = os.path.join(os.path.dirname(__file__), "data", "h200_mlp_d8_w1024_b512.xplane.pb.gz")
+    with gzip.open(path, "rb") as f:
+        profile = jax.profiler.ProfileData.from_serialized_xspace(f.read())
+    out = profiling.traced_ops(profile, H200_HLO)
+    t = out["traced_ops"]
+    assert out["traced_steps"] == 2  # three traced calls, the first left out
+    assert t["gemm"]["count"] == 8  # one GEMM per layer, the eight layers of one call
+    assert max((k for k in t if k != profiling.OTHER), key=lambda k: t[k]["seconds"]) == "gemm"
+    assert 0 < t["gemm"]["seconds"] < out["traced_latency_s"]
+    total = sum(v["seconds"] for v in t.values())
+    assert total == pytest.approx(out["traced_latency_s"], rel=1e-6)
