@@ -12,6 +12,7 @@ import sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 
 import jax  # noqa: E402
@@ -20,13 +21,14 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
-from batching import timing, topology  # noqa: E402
+from batching import timing, topology, train  # noqa: E402
 from batching.workloads import decoder as decoder_workload  # noqa: E402
 from batching.workloads import mlp as mlp_workload  # noqa: E402
 from batching.workloads import moe as moe_workload  # noqa: E402
 from configs import decoder as decoder_configs  # noqa: E402
 from configs import default  # noqa: E402
 from configs import moe as moe_configs  # noqa: E402
+from configs import moe_decoder as moe_decoder_configs  # noqa: E402
 from models import decoder  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -132,9 +134,9 @@ def decoder_config(**mesh):
     return config(model, (8,), **mesh)
 
 
-def prefill_then_decode(cfg, topo, layout: str, tokens_BxL, steps: int = 2):
+def prefill_then_decode(cfg, topo, layout: str, tokens_BxL, steps: int = 2, dcfg=None):
     """Logits of a prefill of tokens_BxL[:, :-steps] and then `steps` decode steps."""
-    dcfg = decoder_workload.model_config(cfg.model)
+    dcfg = dcfg or decoder_workload.model_config(cfg.model)
     dcfg = decoder.DecoderConfig(**{**dcfg.__dict__, "cache_layout": layout})
     params = topo.put_state(decoder_workload.random_params(dcfg, 0))
     model = decoder_workload.abstract_decoder(dcfg)
@@ -197,8 +199,49 @@ def check_decoder() -> dict:
     return result
 
 
+def check_moe_decoder() -> dict:
+    """The MoE decoder under its own config's rules (batch -> data x expert, GShard), 8-way
+    expert parallel: prefill + 2 decode steps against one device routing the same groups
+    (one per device: decode_groups = 8), and the decode step's compiled collectives."""
+    model = moe_decoder_configs.model()
+    model.update(
+        vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+        mlp_dim=64, max_seq_len=16, cache_len=8,
+    )  # fmt: skip
+    cfg = moe_decoder_configs.get_config()
+    cfg.model = model
+    cfg.sweep.batch_sizes = (8,)
+    cfg.mesh.expert = 8
+    dcfg = dataclasses.replace(train.model_config(cfg.model), decode_groups=8)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 64, (8, 6)), jnp.int32)
+    topo = topology.build(cfg)
+    ref = prefill_then_decode(cfg, one_device(cfg), "bksh", tokens, dcfg=dcfg)
+    out = prefill_then_decode(cfg, topo, "bksh", tokens, dcfg=dcfg)
+    params = topo.put_state(decoder_workload.random_params(dcfg, 0))
+    model = decoder_workload.abstract_decoder(dcfg)
+    model.init_cache(8, dcfg.max_seq_len)
+    graphdef, _, cache = nnx.split(model, nnx.Param, nnx.Cache)
+
+    def step(params, cache, tokens):
+        with topo.activate():
+            return decoder.decode_step(graphdef, params, cache, tokens)
+
+    args = (params, topo.put_state(cache), topo.put_batch(tokens[:, 0]))
+    text = jax.jit(step, donate_argnums=1).lower(*args).compile().as_text()
+    return {
+        "moe_decoder_ep": rel_diff(out, ref),
+        "moe_decoder_ep_decode_hlo": collectives(text),
+        "moe_decoder_ep_parallel_shape": topo.parallel_shape(experts=True, model=True),
+    }
+
+
 if __name__ == "__main__":
     assert jax.device_count() == 8, jax.devices()
-    checks = {"mlp": check_mlp, "moe": check_moe, "decoder": check_decoder}
+    checks = {
+        "mlp": check_mlp,
+        "moe": check_moe,
+        "decoder": check_decoder,
+        "moe_decoder": check_moe_decoder,
+    }
     for name in sys.argv[1:] or checks:
         print(json.dumps(checks[name]()), flush=True)

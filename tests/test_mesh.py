@@ -37,7 +37,7 @@ def checks() -> dict:
 
 
 def test_sharded_outputs_equal_one_device(checks):
-    for key in ("mlp_dp", "decoder_dp", "decoder_tp"):
+    for key in ("mlp_dp", "decoder_dp", "decoder_tp", "moe_decoder_ep"):
         assert checks[key] <= RTOL, (key, checks[key])
     for router in ("token_choice", "expert_choice"):
         for kind in ("dp", "ep"):
@@ -56,6 +56,9 @@ def test_collectives_in_compiled_programs(checks):
     # Tensor parallelism: the row-parallel projections' partial sums are all-reduced.
     assert checks["decoder_tp_decode_hlo"] == ["all-reduce"]
     assert checks["decoder_dp_decode_hlo"] == []
+    # The MoE decoder's sequences split over data x expert (GShard): its expert-parallel
+    # decode step exchanges tokens by all-to-all, gathering nothing.
+    assert checks["moe_decoder_ep_decode_hlo"] == ["all-to-all"]
 
 
 def test_tensor_parallel_cache_is_split_by_kv_head_and_donated(checks):
@@ -75,6 +78,8 @@ def test_parallel_shape_counts_only_the_axes_that_split_the_model(checks):
         assert checks[f"moe_{router}_ep_parallel_shape"] == {"data": 1, "expert": 8, "model": 1}
         assert checks[f"moe_{router}_replicas_parallel_shape"]["expert"] == 1
         assert checks[f"moe_{router}_replicas_collectives"] == []
+    # A batch over (data, expert) is expert parallelism, not 8 more ways of data parallelism.
+    assert checks["moe_decoder_ep_parallel_shape"] == {"data": 1, "expert": 8, "model": 1}
 
 
 def test_device_loads(checks):
