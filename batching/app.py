@@ -14,6 +14,7 @@ from absl import logging
 
 from batching import (
     analysis,
+    archive,
     distributed,
     plots,
     report,
@@ -246,6 +247,12 @@ def finalize(
         by_key = {(r["run"], r["batch_size"]): r for r in analyzed_rows}
         store.rewrite_rows([by_key.get((r["run"], r["batch_size"]), r) for r in all_rows])
 
+    here = {r.get("device_kind") for r in current}
+    archived = archive.load(
+        config.report.get("archive_dir", ""),
+        config.name,
+        exclude_device_kind=here.pop() if len(here) == 1 else None,
+    )
     figures, images = {}, {}
     if config.output.plots and analyzed_rows:
         figures = plots.sweep_figures(analyzed_rows, config.name)
@@ -260,6 +267,8 @@ def finalize(
         if any(r.get("memory_bytes") for r in current_all):
             figures["memory"] = plots.memory_figure(current_all, summaries)
         figures.update(plots.routing_figures(analyzed_rows, summaries))
+        if archived:
+            figures["archive"] = plots.archive_figure(analyzed_rows, archived)
         images = plots.save_all(figures, store.path("plots"))
     for run, s in zip(done, summaries, strict=True):
         per_run = ("fit", "whatif", "breakdown")
@@ -288,6 +297,7 @@ def finalize(
         summaries,
         analyzed_rows,
         plot_paths,
+        archived,
     )
     for s in summaries:
         s["verdicts"] = verdicts

@@ -198,6 +198,36 @@ def whatif_figure(rows: list[dict[str, Any]], s: dict[str, Any]) -> plt.Figure:
     )
 
 
+def archive_figure(rows: list[dict[str, Any]], archived: list[Any]) -> plt.Figure:
+    """This run's measured latencies (solid) beside the same experiment's committed sweeps
+    from other machines (dashed; batching.archive): measured there, not here."""
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for run, rs in by_run(rows).items():
+        b = [r["batch_size"] for r in rs]
+        here = rs[0].get("device_kind", "?")
+        ax.plot(b, [r["latency_s"] * 1e3 for r in rs], "o-", ms=3, label=f"{run} ({here})")
+    for a in archived:
+        for run, rs in by_run(a.rows).items():
+            b = [r["batch_size"] for r in rs]
+            kind = rs[0].get("device_kind", "?")
+            ax.plot(
+                b,
+                [r["latency_s"] * 1e3 for r in rs],
+                "s--",
+                ms=3,
+                label=f"{run} ({kind}, archived)",
+            )
+    return _finish(
+        fig,
+        ax,
+        "batch size",
+        "latency (ms, median)",
+        "measured here (solid) and on other machines, archived (dashed)",
+        xbase=2,
+        ncol=1,
+    )
+
+
 LIMIT_HATCH = {"memory": "", "cache": "..", "compute": "//"}
 
 

@@ -1,7 +1,8 @@
 """<workdir>/report.md and report.html: the device, the runs, the plots and a verdict per claim.
 
-Every number comes from this workdir's rows and summaries or from the cited
-spec table; the HTML embeds the plots so it opens offline.
+Every number comes from this workdir's rows and summaries, from the cited spec table,
+or from sweeps of other machines committed to the repository (batching.archive), which
+are labelled archived; the HTML embeds the plots so it opens offline.
 """
 
 import base64
@@ -10,7 +11,7 @@ import math
 import os
 from typing import Any
 
-from batching import claims, collectives, specs
+from batching import archive, claims, collectives, plots, specs
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -461,6 +462,72 @@ def where_time_goes(doc: Doc, summaries: list[dict[str, Any]]) -> None:
     )
 
 
+def archive_section(doc: Doc, archived: list[archive.Archived], archive_dir: str) -> None:
+    """The experiment's committed sweeps from other machines (batching.archive)."""
+    doc.heading("Measured elsewhere (archived)")
+    doc.para(
+        f"Sweeps of this experiment committed to the repository from other machines, under "
+        f"{archive_dir} (`report.archive_dir`; each device folder's README says what ran "
+        "where). They were measured there and then, with that "
+        "machine's software, not in this run; the figure 'archive' draws them beside this "
+        "run's. Knee and prediction error are those sweeps' own, where their analysis finished."
+    )
+    table = []
+    for a in archived:
+        for run, rs in plots.by_run(a.rows).items():
+            s = a.summaries.get(run, {})
+            rel = archive.relative_latency(a.rows, run)
+            table.append(
+                [
+                    a.name,
+                    rs[0].get("device_kind"),
+                    run,
+                    rs[0].get("dtype") or rs[0].get("param_dtype"),
+                    f"{rs[0]['batch_size']}→{rs[-1]['batch_size']}",
+                    rs[0]["latency_s"] * 1e3,
+                    rs[-1]["latency_s"] * 1e3,
+                    ", ".join(f"{b}: {_fmt(x)}x" for b, x in rel[1:]),
+                    f"{_fmt(s.get('knee_batch_size'))} "
+                    f"[{_fmt(s.get('knee_low'))}, {_fmt(s.get('knee_high'))}]"
+                    if s
+                    else "not analysed",
+                    s.get("prediction_error_median"),
+                    a.versions,
+                ]
+            )
+    doc.table(
+        [
+            "folder",
+            "device",
+            "run",
+            "dtype",
+            "B first→last",
+            "latency first (ms)",
+            "latency last (ms)",
+            "latency vs first B",
+            "fitted knee [95%]",
+            "pred. err",
+            "software, date",
+        ],
+        table,
+    )
+
+
+def _archived_c2(archived: list[archive.Archived]) -> str | None:
+    """C2 measured on an archived accelerator: ResNet50's latency relative to batch 1."""
+    for a in archived:
+        for run, rs in plots.by_run(a.rows).items():
+            if rs[0].get("platform") in ("gpu", "tpu") and rs[0].get("depth") == 50:
+                rel = archive.relative_latency(a.rows, run, n=5)
+                return (
+                    f"Archived measurement, not this run ({a.label}, {a.versions}): ResNet50 on "
+                    f"{rs[0].get('device_kind')}, latency relative to batch {rel[0][0]}: "
+                    + ", ".join(f"batch {b}: {_fmt(x)}x" for b, x in rel[1:])
+                    + f"; {_fmt(rs[-1]['latency_s'] * 1e3)} ms at batch {rs[-1]['batch_size']}."
+                )
+    return None
+
+
 def write(
     workdir: str,
     experiment: str,
@@ -468,6 +535,7 @@ def write(
     summaries: list[dict[str, Any]],
     rows: list[dict[str, Any]],
     plot_paths: dict[str, str],
+    archived: list[archive.Archived] = (),
 ) -> dict[str, claims.Verdict]:
     """Writes report.md and report.html; returns the verdicts."""
     doc = Doc()
@@ -603,6 +671,8 @@ def write(
     memory_wall(doc, summaries)
 
     router_section(doc, summaries, with_verdict="C8" in claim_ids)
+    if archived:
+        archive_section(doc, archived, os.path.dirname(os.path.dirname(archived[0].path)))
     doc.heading("Plots")
     for name, path in plot_paths.items():
         doc.image(path, name)
@@ -613,6 +683,9 @@ def write(
             doc.heading(f"{cid}: {v['verdict']}", 3)
             doc.para(f"Claim: {claims.CLAIMS[cid]}")
             doc.para(v["evidence"])
+            elsewhere = _archived_c2(archived) if cid == "C2" else None
+            if elsewhere:
+                doc.para(elsewhere)
     post_corrections(doc)
     with open(os.path.join(workdir, "report.md"), "w") as f:
         f.write(doc.markdown(workdir))

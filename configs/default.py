@@ -3,8 +3,12 @@
 python main.py --config=configs/default.py --workdir=/tmp/lab
 """
 
+import os
+
 from ml_collections import config_dict
 
+# The repository's committed sweeps from other machines (batching.archive).
+ARCHIVE_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "results")
 POWERS_OF_TWO_TO_512 = tuple(2**i for i in range(10))
 
 
@@ -98,6 +102,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     # Claims of the post (shared/ANCHORS.md §1) this config's report gives a verdict on.
     config.report = config_dict.ConfigDict()
     config.report.claims = ()
+    # Sweeps of the same experiment committed from other machines (experiments/results/
+    # <device>/<workdir>/), shown beside this run's as archived measurements; "" turns it off.
+    config.report.archive_dir = ARCHIVE_DIR
 
     # The memory wall: a point whose compiled program needs more than max_bytes (if set)
     # or max_fraction of the device's memory is recorded as status "skipped_memory", not run.
