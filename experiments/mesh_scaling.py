@@ -11,9 +11,10 @@ Runs, each over all 8 devices (a mesh's product must equal the device count):
 - `decoder_tp{1,2,4}`: the decoder's decode step tensor-parallel over `mesh.model` = 1, 2, 4
   (heads, kv heads, MLP hidden and the KV cache's kv heads split); replicas on `expert` again.
 - `moe_{tc,ec}_ep{1,8}`: the MoE decoder's decode step (trained briefly first) for both
-  routers, its experts and routing groups over 8 devices (`ep8`) or, on the same mesh, with
-  the rules mapping `experts` and `groups` to no axis (`ep1`: the one-device program on
-  every device).
+  routers, its experts, routing groups and sequences over 8 devices (`ep8`, the MoE
+  decoder's own rules: batch -> data x expert, as GShard) or, on the same mesh, with the
+  rules mapping `experts` and `groups` to no axis and the batch to `data` (`ep1`: the
+  one-device program on every device).
 
 A k-device run is thus the k-way sharded program plus replicas, never a smaller mesh: this
 keeps the one rule (product == devices) and shows, in each row's `mesh_shape`, which axes
@@ -34,6 +35,9 @@ NO_EXPERT_PARALLELISM = tuple(
     (name, None) if name in ("experts", "groups") else (name, axes)
     for name, axes in default.get_config().mesh.axis_rules
 )
+# The dense runs keep the default rules (batch -> data): their unused axes hold replicas.
+# The base config is the MoE decoder's, whose rules split the batch over data x expert.
+DENSE_RULES = default.get_config().mesh.axis_rules
 
 
 def mlp_model() -> config_dict.ConfigDict:
@@ -73,13 +77,13 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     for data in (1, 2, 4, 8):
         runs[f"mlp_dp{data}"] = {
             "model": mlp_model().to_dict(),
-            "mesh": {"data": data, "expert": DEVICES // data},
+            "mesh": {"data": data, "expert": DEVICES // data, "axis_rules": DENSE_RULES},
             "sweep": {"batch_sizes": MLP_BATCHES},
         }
     for model in (1, 2, 4):
         runs[f"decoder_tp{model}"] = {
             "model": decoder_model().to_dict(),
-            "mesh": {"model": model, "expert": DEVICES // model},
+            "mesh": {"model": model, "expert": DEVICES // model, "axis_rules": DENSE_RULES},
             "sweep": {"batch_sizes": DECODE_BATCHES},
         }
     for short, router in (("tc", "token_choice"), ("ec", "expert_choice")):
