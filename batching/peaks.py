@@ -172,6 +172,35 @@ def conv_measured_batch(shape: tuple[int, ...]) -> int:
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
+def _conv_program(
+    device: jax.Device, dtype: str, shape: tuple[int, ...], copies: int
+) -> tuple[Callable[..., Any], tuple[jax.Array, ...]]:
+    """`copies` convs at shape (B, H, W, Cin, Cout, k, stride), each with its BatchNorm
+    (inference: per-channel scale and shift) and ReLU, distinct weights, every output kept: the
+    function and its arguments, on `device`."""
+    B, H, W, cin, cout, k, stride = shape
+    dt = jnp.dtype(dtype)
+    pad = (k - 1) // 2
+    x = jax.device_put(jnp.ones((B, H, W, cin), dt), device)
+    ws = [
+        jax.device_put(jnp.full((k, k, cin, cout), 0.01 * (i + 1), dt), device)
+        for i in range(copies)
+    ]
+    scale = jax.device_put(jnp.ones((cout,), dt), device)
+    shift = jax.device_put(jnp.zeros((cout,), dt), device)
+
+    def conv_bn_relu(x, scale, shift, *ws):
+        outs = []
+        for w in ws:
+            y = jax.lax.conv_general_dilated(
+                x, w, (stride, stride), ((pad, pad),) * 2, dimension_numbers=NHWC
+            )
+            outs.append(jax.nn.relu(y * scale + shift))
+        return tuple(outs)
+
+    return conv_bn_relu, (x, scale, shift, *ws)
+
+
 def measure_conv_flops(
     device: jax.Device,
     dtype: str,
@@ -186,32 +215,9 @@ def measure_conv_flops(
     calls; the roofline adds DRAM weight reads through the op's bytes. As for a warm GEMM, a
     small conv runs several times in one call (distinct weights, every output kept) up to
     WARM_CALL_FLOPS, and the dispatch floor and one launch per conv are taken off."""
-    B, H, W, cin, cout, k, stride = shape
-    dt = jnp.dtype(dtype)
-    pad = (k - 1) // 2
     copies = max(1, min(16, -(-int(WARM_CALL_FLOPS) // int(conv_flops_of(shape)))))
-    x = jax.device_put(jnp.ones((B, H, W, cin), dt), device)
-    ws = [
-        jax.device_put(jnp.full((k, k, cin, cout), 0.01 * (i + 1), dt), device)
-        for i in range(copies)
-    ]
-    scale = jax.device_put(jnp.ones((cout,), dt), device)
-    shift = jax.device_put(jnp.zeros((cout,), dt), device)
-
-    def conv_bn_relu(x, scale, shift, *ws):
-        outs = []
-        for w in ws:
-            y = jax.lax.conv_general_dilated(
-                x,
-                w,
-                (stride, stride),
-                ((pad, pad),) * 2,
-                dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            )
-            outs.append(jax.nn.relu(y * scale + shift))
-        return tuple(outs)
-
-    t = _median_time(conv_bn_relu, (x, scale, shift, *ws), CONV_SETTINGS)
+    fn, args = _conv_program(device, dtype, shape, copies)
+    t = _median_time(fn, args, CONV_SETTINGS)
     per_conv = max(t - dispatch_floor_s, 0.05 * t) / copies
     per_conv = max(per_conv - kernel_overhead_s, 0.05 * per_conv)
     return conv_flops_of(shape) / per_conv
@@ -233,6 +239,93 @@ def conv_flops(device: jax.Device, dtype: str, shape: tuple[int, ...], cache_dir
             kernel_overhead_s=entry.get("kernel_overhead_s", 0.0),
         ),
     )
+
+
+# A call that runs a small op alone: timed long enough for a stable median of a ~10-100 µs
+# call (a few ms of calls), whose distribution can be bimodal (a worker thread awake or not).
+LONE_SETTINGS = timing.TimingSettings(
+    warmup_runs=5, warmup_s=0.0, min_runs=30, max_runs=5000, target_rel_ci=0.02, budget_s=0.1
+)
+# The kinds a lone-op microbenchmark can run, with how many dims their shape has.
+LONE_KINDS = {"gemm": (3, 4), "moe_dispatch_combine": (3, 4), "conv": (7,)}
+
+
+def _lone_program(
+    device: jax.Device, dtype: str, kind: str, shape: tuple[int, ...], copies: int
+) -> tuple[Callable[..., Any], tuple[jax.Array, ...]]:
+    """`copies` instances of an op in one program, one after another: chained (each feeding
+    the next, as layers do) where the op maps its output shape to its input shape, else on
+    the same input with distinct weights (a program this short runs its kernels in order)."""
+    if kind == "conv":
+        B, H, W, cin, cout, k, stride = shape
+        if cin != cout or stride != 1:
+            return _conv_program(device, dtype, shape, copies)
+        fn, args = _conv_program(device, dtype, shape, 1)
+        x, scale, shift, w = args
+
+        def chained_convs(x, scale, shift, *ws):
+            for w in ws:
+                x = fn(x, scale, shift, w)[0]
+            return x
+
+        ws = [w * (i + 1) for i in range(copies)]
+        return chained_convs, (x, scale, shift, *ws)
+    if kind not in LONE_KINDS or len(shape) not in LONE_KINDS[kind]:
+        raise ValueError(f"no lone-op microbenchmark for kind {kind!r} at shape {shape}")
+    *lead, m, k, n = shape
+    dt = jnp.dtype(dtype)
+    a = jax.device_put(jnp.ones((*lead, m, k), dt), device)
+    bs = [jax.device_put(jnp.full((*lead, k, n), (i + 1) / k, dt), device) for i in range(copies)]
+
+    def products(a, *bs):
+        if k == n:
+            y = a
+            for b in bs:
+                y = y @ b
+            return y
+        return tuple(a @ b for b in bs)
+
+    return products, (a, *bs)
+
+
+def measure_lone_op_seconds(
+    device: jax.Device, dtype: str, kind: str, shape: tuple[int, ...], dispatch_floor_s: float
+) -> list[float]:
+    """Seconds a jitted call running ONE instance of an op, and one running TWO in a row, cost
+    beyond the trivial call's dispatch floor: medians of back-to-back calls, as the sweep
+    times a point. [one, two].
+
+    The chained microbenchmarks (measure_gemm_flops, measure_conv_flops) run many instances
+    in one call and divide, so what a call pays once whatever its kernels do (handing the
+    program to a worker thread, waking the intra-op thread pool that a library kernel such as
+    XLA:CPU's YNNPACK fusion forks onto) is spread thin there and vanishes. Here it stays:
+    two − one is what one more instance costs inside a call (with its launch), and
+    one − (two − one) what the call paid once for it (ops.call_extra). Two instances keep
+    their weights in the cache, as a small model's layers do. Shapes: gemm and
+    moe_dispatch_combine (m, k, n) or (batch, m, k, n); conv (B, H, W, Cin, Cout, k, stride),
+    with its BatchNorm and ReLU as measure_conv_flops runs it.
+    """
+    out = []
+    for copies in (1, 2):
+        fn, args = _lone_program(device, dtype, kind, shape, copies)
+        out.append(max(_median_time(fn, args, LONE_SETTINGS) - dispatch_floor_s, 0.0))
+    return out
+
+
+def lone_op_seconds(
+    device: jax.Device, dtype: str, kind: str, shape: tuple[int, ...], cache_dir: str
+) -> tuple[float, float]:
+    """measure_lone_op_seconds of one (kind, dtype, shape), cached with the device's peaks."""
+    one, two = cached_measurement(
+        device,
+        cache_dir,
+        "lone_op_s",
+        f"{kind}:{dtype}:" + "x".join(str(int(n)) for n in shape),
+        lambda entry: measure_lone_op_seconds(
+            device, dtype, kind, shape, entry.get("dispatch_floor_s", 0.0)
+        ),
+    )
+    return one, two
 
 
 def measure_cache_bandwidth(device: jax.Device, buffer_bytes: int | None = None) -> float:
