@@ -37,6 +37,12 @@ class MeasuredPeaks:
 
 
 QUICK = timing.TimingSettings(warmup_runs=2, min_runs=5, max_runs=200, budget_s=0.5)
+# A big matmul or a stream over a buffer far larger than any cache takes the same time call
+# after call (tens to hundreds of ms each): three calls after one warm-up pin its median, and
+# a cold start pays for every call.
+STREAM_SETTINGS = timing.TimingSettings(
+    warmup_runs=1, warmup_s=0.0, min_runs=3, max_runs=50, budget_s=0.3
+)
 
 
 def _median_time(fn, args, settings: timing.TimingSettings = QUICK) -> float:
@@ -55,7 +61,7 @@ def measure_matmul_flops(device: jax.Device, dtype: str, n: int | None = None) -
     n = n or _matmul_size(device.platform)
     a = jax.device_put(jnp.ones((n, n), jnp.dtype(dtype)), device)
     b = jax.device_put(jnp.ones((n, n), jnp.dtype(dtype)), device)
-    return 2.0 * n**3 / _median_time(lambda a, b: a @ b, (a, b))
+    return 2.0 * n**3 / _median_time(lambda a, b: a @ b, (a, b), STREAM_SETTINGS)
 
 
 # A sweep measures one GEMM shape per batch size: keep each short (cold start <= 30 s).
@@ -66,6 +72,9 @@ GEMM_SETTINGS = timing.TimingSettings(
 
 # A warm GEMM microbenchmark repeats a small product in one call up to this many FLOPs.
 WARM_CALL_FLOPS = 1e8
+# A cold one overflows the last-level cache with weights, but stops at this many FLOPs per
+# call (a few tens of ms on a CPU): beyond it the weights' source no longer shows.
+COLD_CALL_FLOPS = 4e9
 
 
 def last_level_cache_bytes(device: jax.Device) -> int:
@@ -106,14 +115,19 @@ def measure_gemm_flops(
     each product feeding the next, where the shape allows), and the call's dispatch floor and
     one launch per product are taken off. With `cold` there are
     enough weights to overflow the last-level cache twice, so every weight comes from DRAM, as
-    in a model whose weights exceed the cache; warm, enough to reach WARM_CALL_FLOPS (a tiny
-    product alone would be all dispatch noise) while all of them fit a quarter of the cache.
+    in a model whose weights exceed the cache (fewer for a product so heavy that a call of them
+    would pass COLD_CALL_FLOPS: it is compute-bound wherever its weights are); warm, enough
+    to reach WARM_CALL_FLOPS (a tiny product alone would be all dispatch noise) while all of
+    them fit a quarter of the cache.
     """
     item = jnp.dtype(dtype).itemsize
     weight_bytes = batch * k * n * item
     llc = last_level_cache_bytes(device)
     if cold:
         copies = max(1, min(64, -(-2 * llc // weight_bytes)))
+        # A product this heavy is compute-bound whatever its weights' source (a [512, 1024]
+        # row block does 256 FLOPs per weight byte): enough copies for COLD_CALL_FLOPS.
+        copies = min(copies, max(2, -(-int(COLD_CALL_FLOPS) // (2 * batch * m * k * n))))
     else:
         wanted = -(-int(WARM_CALL_FLOPS) // (2 * batch * m * k * n))
         copies = max(1, min(64, wanted, llc // 4 // weight_bytes))
@@ -403,13 +417,16 @@ def attention_seconds(
 def measure_bandwidth(device: jax.Device, buffer_bytes: int | None = None) -> dict[str, float]:
     """Streaming bandwidth (bytes/s): a full read (sum) and a read+write (scale) of a big buffer.
 
-    The buffer is 256 MiB on a CPU (8x a 32 MiB last-level cache) and 2 GiB on an
-    accelerator, so neither fits in a cache.
+    The buffer is 4x the last-level cache on a CPU (128 MiB for a 32 MiB L3; at least 64 MiB)
+    and 2 GiB on an accelerator, so neither fits in a cache; a larger one gives the same rate
+    and costs a cold start more seconds.
     """
-    buffer_bytes = buffer_bytes or (256 << 20 if device.platform == "cpu" else 2 << 30)
+    if not buffer_bytes:
+        llc = last_level_cache_bytes(device)
+        buffer_bytes = max(4 * llc, 64 << 20) if device.platform == "cpu" else 2 << 30
     x = jax.device_put(jnp.ones((buffer_bytes // 4,), jnp.float32), device)
-    read_s = _median_time(lambda x: jnp.sum(x), (x,))
-    copy_s = _median_time(lambda x: x * 2.0, (x,))
+    read_s = _median_time(lambda x: jnp.sum(x), (x,), STREAM_SETTINGS)
+    copy_s = _median_time(lambda x: x * 2.0, (x,), STREAM_SETTINGS)
     return {
         "read_bytes_per_s": buffer_bytes / read_s,
         "copy_bytes_per_s": 2 * buffer_bytes / copy_s,
