@@ -19,7 +19,7 @@ each at its own limit:
   is as large as the op) is priced from calls that run one and two instances of it alone at
   its shape (`lone_times`): two − one per instance, and the call extra, what a real program
   pays once per call beyond the trivial floor (a worker thread or thread pool woken), is the
-  largest one − (two − one) among the call's small ops (`call_extra`).
+  median one − (two − one) over the call's small ops (`call_extra`).
 - F(op) is measured by a microbenchmark at the op's own shape where the lab has one (GEMMs,
   batched or not, the MoE dispatch/combine einsums, convolutions, attention); other ops are
   bandwidth-bound and priced on their bytes only.
@@ -47,6 +47,7 @@ Shapes by kind (`Op.shape`):
 
 import dataclasses
 import math
+import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -288,17 +289,18 @@ def call_extra(ops: list[Op], rates: Rates) -> float:
     and a library kernel (the YNNPACK fusion XLA:CPU uses for a product from 2 rows up) forks
     onto the intra-op thread pool, whose threads sleep between calls. For each small op the
     calls running one and two instances alone are measured (lone_times); one − (two − one) is
-    what a call paid once for it. A call pays the largest of these once, not once per op: on
-    a quiet 2-core CPU the 2-layer and the 8-layer width-64 MLPs both measured ~80-100 µs above
-    the per-op sum from batch 2 up.
+    what a call paid once for it. A call pays it once, not once per op: on a quiet 2-core CPU
+    the 2-layer and the 8-layer width-64 MLPs both measured ~80-100 µs above the per-op sum
+    from batch 2 up. Each small op of a call measures the same hand-off, so the call pays the
+    median of their estimates (one noisy lone call among many does not set it).
     """
-    extra = 0.0
+    extras = []
     for op in ops:
         lone = lone_times(op, rates)
         if lone is not None:
             one, two = lone
-            extra = max(extra, one - max(two - one, 0.0))
-    return extra
+            extras.append(one - max(two - one, 0.0))
+    return max(float(statistics.median(extras)), 0.0) if extras else 0.0
 
 
 def predict_call(ops: list[Op], rates: Rates) -> CallTime:

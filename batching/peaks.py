@@ -94,6 +94,29 @@ def last_level_cache_bytes(device: jax.Device) -> int:
     return 64 << 20
 
 
+# The last weight set measure_gemm_flops made: a sweep measures one GEMM shape per batch
+# size against the same [k, n] weights, so they are made once (up to 64 × k·n values).
+_WEIGHTS: dict[tuple[Any, ...], list[jax.Array]] = {}
+
+
+def _gemm_weights(
+    device: jax.Device, dtype: str, shape: tuple[int, ...], copies: int
+) -> list[jax.Array]:
+    """`copies` distinct weights of `shape` on `device` (the i-th filled with (i + 1) / k),
+    reused from the previous call for the same device, dtype and shape."""
+    key = (device.id, device.platform, dtype, shape)
+    made = _WEIGHTS.get(key, [])
+    if len(made) < copies:
+        k = shape[-2]
+        made = made + [
+            jax.device_put(jnp.full(shape, (i + 1) / k, jnp.dtype(dtype)), device)
+            for i in range(len(made), copies)
+        ]
+        _WEIGHTS.clear()  # one set at a time: a cold set is twice the last-level cache
+        _WEIGHTS[key] = made
+    return made[:copies]
+
+
 def measure_gemm_flops(
     device: jax.Device,
     dtype: str,
@@ -133,10 +156,7 @@ def measure_gemm_flops(
         copies = max(1, min(64, wanted, llc // 4 // weight_bytes))
     lead = (batch,) if batch > 1 else ()
     a = jax.device_put(jnp.ones((*lead, m, k), jnp.dtype(dtype)), device)
-    bs = [
-        jax.device_put(jnp.full((*lead, k, n), (i + 1) / k, jnp.dtype(dtype)), device)
-        for i in range(copies)
-    ]
+    bs = _gemm_weights(device, dtype, (*lead, k, n), copies)
 
     def products(a, *bs):
         if k == n and not cold:

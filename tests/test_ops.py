@@ -202,9 +202,9 @@ def test_small_ops_are_priced_from_their_lone_calls_and_pay_the_call_extra_once(
     assert ops.op_time(other, rates).seconds == pytest.approx(10e-6 - 1e-6)
     assert ops.op_time(big, rates) == ops.op_time(big, RATES)
     assert big.shape not in asked  # big ops are priced as before
-    # Paid once per call: the largest one − (two − one) among the small ops.
-    assert call.call_extra_s == pytest.approx(80e-6 - 10e-6)
-    assert call.overhead_s == pytest.approx(base.overhead_s + 70e-6)
+    # Paid once per call: the median one − (two − one) over the small ops (44 and 70 µs).
+    assert call.call_extra_s == pytest.approx(57e-6)
+    assert call.overhead_s == pytest.approx(base.overhead_s + 57e-6)
     parts = sum(ops.op_time(o, rates).seconds for o in (small, other, big))
     assert call.seconds == pytest.approx(call.overhead_s + parts)
     # Without lone measurements nothing changes; noise (two < one) adds no negative time:

@@ -119,3 +119,14 @@ def test_lone_op_microbenchmark_is_cached_per_kind_and_shape(tmp_path, monkeypat
         peaks.measure_lone_op_seconds(dev, "float32", "attention", (1, 1, 8, 1, 8), 0.0)
     monkeypatch.setattr(peaks, "measure_lone_op_seconds", lambda *a, **k: 1 / 0)
     assert peaks.lone_op_seconds(dev, "float32", "gemm", (2, 16, 16), str(tmp_path)) == gemm
+
+
+def test_gemm_microbenchmarks_of_one_weight_shape_share_their_weights():
+    dev = jax.devices()[0]
+    peaks.measure_gemm_flops(dev, "float32", 2, 32, 48, cold=True)
+    made = list(next(iter(peaks._WEIGHTS.values())))
+    peaks.measure_gemm_flops(dev, "float32", 8, 32, 48, cold=True)  # another batch, same weights
+    again = next(iter(peaks._WEIGHTS.values()))
+    assert len(made) > 1 and all(a is b for a, b in zip(made, again, strict=True))
+    first = made[0]
+    assert first.shape == (32, 48) and float(first[0, 0]) == 1 / 32
