@@ -276,9 +276,9 @@ def conv_flops(device: jax.Device, dtype: str, shape: tuple[int, ...], cache_dir
 
 
 # A call that runs a small op alone: timed long enough for a stable median of a ~10-100 µs
-# call (a few ms of calls), whose distribution can be bimodal (a worker thread awake or not).
+# call (hundreds of calls), whose distribution can be bimodal (a worker thread awake or not).
 LONE_SETTINGS = timing.TimingSettings(
-    warmup_runs=5, warmup_s=0.0, min_runs=30, max_runs=5000, target_rel_ci=0.02, budget_s=0.1
+    warmup_runs=5, warmup_s=0.0, min_runs=30, max_runs=5000, target_rel_ci=0.02, budget_s=0.05
 )
 # The kinds a lone-op microbenchmark can run, with how many dims their shape has.
 LONE_KINDS = {"gemm": (3, 4), "moe_dispatch_combine": (3, 4), "conv": (7,)}
