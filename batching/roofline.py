@@ -187,8 +187,8 @@ def fit_three_limits(
         log_bytes, log_flops = np.log(cost.bytes(b)), np.log(cost.flops(b))
 
     def loss(p):
-        model = np.maximum(np.maximum(p[0], log_bytes - p[1]), log_flops - p[2])
-        return float(np.sum((model - log_t) ** 2))
+        residual = np.maximum(np.maximum(p[0], log_bytes - p[1]), log_flops - p[2]) - log_t
+        return float(residual @ residual)
 
     if start is not None:
         starts = [start]
