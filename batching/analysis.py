@@ -42,6 +42,12 @@ class PeakSource:
     def conv(self, device: jax.Device, dtype: str):
         return lambda shape: peaks.conv_flops(device, dtype, shape, self.cache_dir)
 
+    def lone(self, device: jax.Device, dtype: str):
+        """Seconds of a call running one small op alone, beyond the dispatch floor, cached."""
+        return lambda op: peaks.lone_op_seconds(
+            device, dtype, op.kind, tuple(op.shape), self.cache_dir
+        )
+
     def attention(self, device: jax.Device, attend: Callable[..., jax.Array]):
         """Seconds of one attention shape (a row's `attention_shapes` entry), cached;
         `attend` is the model's attention over its cache (the workload module's ATTEND)."""
@@ -135,6 +141,7 @@ def analyze_run(
         weights_warm=not cold,
         gemm=gemm,
         conv=peak_source.conv(device, dtype) if roofline_cfg.shape_aware else None,
+        lone=peak_source.lone(device, dtype) if roofline_cfg.shape_aware else None,
         attention=(lambda op: attention(ops_lib.attention_shapes([op])[0])) if attention else None,
     )
     tol = roofline_cfg.cost_tolerance
@@ -171,6 +178,8 @@ def analyze_run(
                 **r,
                 "predicted_latency_s": call.seconds + comm_s,
                 "predicted_overhead_s": call.overhead_s,
+                # Of which paid once per call by its small ops' lone calls (ops.call_extra).
+                "predicted_call_extra_s": call.call_extra_s,
                 # Predicted seconds per op kind and limit: where the time goes.
                 "predicted_by_kind": call.by_kind(),
                 "predicted_peak_latency_s": naive,

@@ -37,6 +37,12 @@ class MeasuredPeaks:
 
 
 QUICK = timing.TimingSettings(warmup_runs=2, min_runs=5, max_runs=200, budget_s=0.5)
+# A big matmul or a stream over a buffer far larger than any cache takes the same time call
+# after call (tens to hundreds of ms each): three calls after one warm-up pin its median, and
+# a cold start pays for every call.
+STREAM_SETTINGS = timing.TimingSettings(
+    warmup_runs=1, warmup_s=0.0, min_runs=3, max_runs=50, budget_s=0.3
+)
 
 
 def _median_time(fn, args, settings: timing.TimingSettings = QUICK) -> float:
@@ -55,7 +61,7 @@ def measure_matmul_flops(device: jax.Device, dtype: str, n: int | None = None) -
     n = n or _matmul_size(device.platform)
     a = jax.device_put(jnp.ones((n, n), jnp.dtype(dtype)), device)
     b = jax.device_put(jnp.ones((n, n), jnp.dtype(dtype)), device)
-    return 2.0 * n**3 / _median_time(lambda a, b: a @ b, (a, b))
+    return 2.0 * n**3 / _median_time(lambda a, b: a @ b, (a, b), STREAM_SETTINGS)
 
 
 # A sweep measures one GEMM shape per batch size: keep each short (cold start <= 30 s).
@@ -66,6 +72,9 @@ GEMM_SETTINGS = timing.TimingSettings(
 
 # A warm GEMM microbenchmark repeats a small product in one call up to this many FLOPs.
 WARM_CALL_FLOPS = 1e8
+# A cold one overflows the last-level cache with weights, but stops at this many FLOPs per
+# call (a few tens of ms on a CPU): beyond it the weights' source no longer shows.
+COLD_CALL_FLOPS = 4e9
 
 
 def last_level_cache_bytes(device: jax.Device) -> int:
@@ -83,6 +92,29 @@ def last_level_cache_bytes(device: jax.Device) -> int:
         except (OSError, ValueError):
             pass
     return 64 << 20
+
+
+# The last weight set measure_gemm_flops made: a sweep measures one GEMM shape per batch
+# size against the same [k, n] weights, so they are made once (up to 64 × k·n values).
+_WEIGHTS: dict[tuple[Any, ...], list[jax.Array]] = {}
+
+
+def _gemm_weights(
+    device: jax.Device, dtype: str, shape: tuple[int, ...], copies: int
+) -> list[jax.Array]:
+    """`copies` distinct weights of `shape` on `device` (the i-th filled with (i + 1) / k),
+    reused from the previous call for the same device, dtype and shape."""
+    key = (device.id, device.platform, dtype, shape)
+    made = _WEIGHTS.get(key, [])
+    if len(made) < copies:
+        k = shape[-2]
+        made = made + [
+            jax.device_put(jnp.full(shape, (i + 1) / k, jnp.dtype(dtype)), device)
+            for i in range(len(made), copies)
+        ]
+        _WEIGHTS.clear()  # one set at a time: a cold set is twice the last-level cache
+        _WEIGHTS[key] = made
+    return made[:copies]
 
 
 def measure_gemm_flops(
@@ -106,23 +138,25 @@ def measure_gemm_flops(
     each product feeding the next, where the shape allows), and the call's dispatch floor and
     one launch per product are taken off. With `cold` there are
     enough weights to overflow the last-level cache twice, so every weight comes from DRAM, as
-    in a model whose weights exceed the cache; warm, enough to reach WARM_CALL_FLOPS (a tiny
-    product alone would be all dispatch noise) while all of them fit a quarter of the cache.
+    in a model whose weights exceed the cache (fewer for a product so heavy that a call of them
+    would pass COLD_CALL_FLOPS: it is compute-bound wherever its weights are); warm, enough
+    to reach WARM_CALL_FLOPS (a tiny product alone would be all dispatch noise) while all of
+    them fit a quarter of the cache.
     """
     item = jnp.dtype(dtype).itemsize
     weight_bytes = batch * k * n * item
     llc = last_level_cache_bytes(device)
     if cold:
         copies = max(1, min(64, -(-2 * llc // weight_bytes)))
+        # A product this heavy is compute-bound whatever its weights' source (a [512, 1024]
+        # row block does 256 FLOPs per weight byte): enough copies for COLD_CALL_FLOPS.
+        copies = min(copies, max(2, -(-int(COLD_CALL_FLOPS) // (2 * batch * m * k * n))))
     else:
         wanted = -(-int(WARM_CALL_FLOPS) // (2 * batch * m * k * n))
         copies = max(1, min(64, wanted, llc // 4 // weight_bytes))
     lead = (batch,) if batch > 1 else ()
     a = jax.device_put(jnp.ones((*lead, m, k), jnp.dtype(dtype)), device)
-    bs = [
-        jax.device_put(jnp.full((*lead, k, n), (i + 1) / k, jnp.dtype(dtype)), device)
-        for i in range(copies)
-    ]
+    bs = _gemm_weights(device, dtype, (*lead, k, n), copies)
 
     def products(a, *bs):
         if k == n and not cold:
@@ -172,6 +206,35 @@ def conv_measured_batch(shape: tuple[int, ...]) -> int:
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
+def _conv_program(
+    device: jax.Device, dtype: str, shape: tuple[int, ...], copies: int
+) -> tuple[Callable[..., Any], tuple[jax.Array, ...]]:
+    """`copies` convs at shape (B, H, W, Cin, Cout, k, stride), each with its BatchNorm
+    (inference: per-channel scale and shift) and ReLU, distinct weights, every output kept: the
+    function and its arguments, on `device`."""
+    B, H, W, cin, cout, k, stride = shape
+    dt = jnp.dtype(dtype)
+    pad = (k - 1) // 2
+    x = jax.device_put(jnp.ones((B, H, W, cin), dt), device)
+    ws = [
+        jax.device_put(jnp.full((k, k, cin, cout), 0.01 * (i + 1), dt), device)
+        for i in range(copies)
+    ]
+    scale = jax.device_put(jnp.ones((cout,), dt), device)
+    shift = jax.device_put(jnp.zeros((cout,), dt), device)
+
+    def conv_bn_relu(x, scale, shift, *ws):
+        outs = []
+        for w in ws:
+            y = jax.lax.conv_general_dilated(
+                x, w, (stride, stride), ((pad, pad),) * 2, dimension_numbers=NHWC
+            )
+            outs.append(jax.nn.relu(y * scale + shift))
+        return tuple(outs)
+
+    return conv_bn_relu, (x, scale, shift, *ws)
+
+
 def measure_conv_flops(
     device: jax.Device,
     dtype: str,
@@ -186,32 +249,9 @@ def measure_conv_flops(
     calls; the roofline adds DRAM weight reads through the op's bytes. As for a warm GEMM, a
     small conv runs several times in one call (distinct weights, every output kept) up to
     WARM_CALL_FLOPS, and the dispatch floor and one launch per conv are taken off."""
-    B, H, W, cin, cout, k, stride = shape
-    dt = jnp.dtype(dtype)
-    pad = (k - 1) // 2
     copies = max(1, min(16, -(-int(WARM_CALL_FLOPS) // int(conv_flops_of(shape)))))
-    x = jax.device_put(jnp.ones((B, H, W, cin), dt), device)
-    ws = [
-        jax.device_put(jnp.full((k, k, cin, cout), 0.01 * (i + 1), dt), device)
-        for i in range(copies)
-    ]
-    scale = jax.device_put(jnp.ones((cout,), dt), device)
-    shift = jax.device_put(jnp.zeros((cout,), dt), device)
-
-    def conv_bn_relu(x, scale, shift, *ws):
-        outs = []
-        for w in ws:
-            y = jax.lax.conv_general_dilated(
-                x,
-                w,
-                (stride, stride),
-                ((pad, pad),) * 2,
-                dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            )
-            outs.append(jax.nn.relu(y * scale + shift))
-        return tuple(outs)
-
-    t = _median_time(conv_bn_relu, (x, scale, shift, *ws), CONV_SETTINGS)
+    fn, args = _conv_program(device, dtype, shape, copies)
+    t = _median_time(fn, args, CONV_SETTINGS)
     per_conv = max(t - dispatch_floor_s, 0.05 * t) / copies
     per_conv = max(per_conv - kernel_overhead_s, 0.05 * per_conv)
     return conv_flops_of(shape) / per_conv
@@ -233,6 +273,93 @@ def conv_flops(device: jax.Device, dtype: str, shape: tuple[int, ...], cache_dir
             kernel_overhead_s=entry.get("kernel_overhead_s", 0.0),
         ),
     )
+
+
+# A call that runs a small op alone: timed long enough for a stable median of a ~10-100 µs
+# call (hundreds of calls), whose distribution can be bimodal (a worker thread awake or not).
+LONE_SETTINGS = timing.TimingSettings(
+    warmup_runs=5, warmup_s=0.0, min_runs=30, max_runs=5000, target_rel_ci=0.02, budget_s=0.05
+)
+# The kinds a lone-op microbenchmark can run, with how many dims their shape has.
+LONE_KINDS = {"gemm": (3, 4), "moe_dispatch_combine": (3, 4), "conv": (7,)}
+
+
+def _lone_program(
+    device: jax.Device, dtype: str, kind: str, shape: tuple[int, ...], copies: int
+) -> tuple[Callable[..., Any], tuple[jax.Array, ...]]:
+    """`copies` instances of an op in one program, one after another: chained (each feeding
+    the next, as layers do) where the op maps its output shape to its input shape, else on
+    the same input with distinct weights (a program this short runs its kernels in order)."""
+    if kind == "conv":
+        B, H, W, cin, cout, k, stride = shape
+        if cin != cout or stride != 1 or k % 2 == 0:  # the output keeps the input shape
+            return _conv_program(device, dtype, shape, copies)
+        fn, args = _conv_program(device, dtype, shape, 1)
+        x, scale, shift, w = args
+
+        def chained_convs(x, scale, shift, *ws):
+            for w in ws:
+                x = fn(x, scale, shift, w)[0]
+            return x
+
+        ws = [w * (i + 1) for i in range(copies)]
+        return chained_convs, (x, scale, shift, *ws)
+    if kind not in LONE_KINDS or len(shape) not in LONE_KINDS[kind]:
+        raise ValueError(f"no lone-op microbenchmark for kind {kind!r} at shape {shape}")
+    *lead, m, k, n = shape
+    dt = jnp.dtype(dtype)
+    a = jax.device_put(jnp.ones((*lead, m, k), dt), device)
+    bs = [jax.device_put(jnp.full((*lead, k, n), (i + 1) / k, dt), device) for i in range(copies)]
+
+    def products(a, *bs):
+        if k == n:
+            y = a
+            for b in bs:
+                y = y @ b
+            return y
+        return tuple(a @ b for b in bs)
+
+    return products, (a, *bs)
+
+
+def measure_lone_op_seconds(
+    device: jax.Device, dtype: str, kind: str, shape: tuple[int, ...], dispatch_floor_s: float
+) -> list[float]:
+    """Seconds a jitted call running ONE instance of an op, and one running TWO in a row, cost
+    beyond the trivial call's dispatch floor: medians of back-to-back calls, as the sweep
+    times a point. [one, two].
+
+    The chained microbenchmarks (measure_gemm_flops, measure_conv_flops) run many instances
+    in one call and divide, so what a call pays once whatever its kernels do (handing the
+    program to a worker thread, waking the intra-op thread pool that a library kernel such as
+    XLA:CPU's YNNPACK fusion forks onto) is spread thin there and vanishes. Here it stays:
+    two − one is what one more instance costs inside a call (with its launch), and
+    one − (two − one) what the call paid once for it (ops.call_extra). Two instances keep
+    their weights in the cache, as a small model's layers do. Shapes: gemm and
+    moe_dispatch_combine (m, k, n) or (batch, m, k, n); conv (B, H, W, Cin, Cout, k, stride),
+    with its BatchNorm and ReLU as measure_conv_flops runs it.
+    """
+    out = []
+    for copies in (1, 2):
+        fn, args = _lone_program(device, dtype, kind, shape, copies)
+        out.append(max(_median_time(fn, args, LONE_SETTINGS) - dispatch_floor_s, 0.0))
+    return out
+
+
+def lone_op_seconds(
+    device: jax.Device, dtype: str, kind: str, shape: tuple[int, ...], cache_dir: str
+) -> tuple[float, float]:
+    """measure_lone_op_seconds of one (kind, dtype, shape), cached with the device's peaks."""
+    one, two = cached_measurement(
+        device,
+        cache_dir,
+        "lone_op_s",
+        f"{kind}:{dtype}:" + "x".join(str(int(n)) for n in shape),
+        lambda entry: measure_lone_op_seconds(
+            device, dtype, kind, shape, entry.get("dispatch_floor_s", 0.0)
+        ),
+    )
+    return one, two
 
 
 def measure_cache_bandwidth(device: jax.Device, buffer_bytes: int | None = None) -> float:
@@ -310,13 +437,16 @@ def attention_seconds(
 def measure_bandwidth(device: jax.Device, buffer_bytes: int | None = None) -> dict[str, float]:
     """Streaming bandwidth (bytes/s): a full read (sum) and a read+write (scale) of a big buffer.
 
-    The buffer is 256 MiB on a CPU (8x a 32 MiB last-level cache) and 2 GiB on an
-    accelerator, so neither fits in a cache.
+    The buffer is 4x the last-level cache on a CPU (128 MiB for a 32 MiB L3; at least 64 MiB)
+    and 2 GiB on an accelerator, so neither fits in a cache; a larger one gives the same rate
+    and costs a cold start more seconds.
     """
-    buffer_bytes = buffer_bytes or (256 << 20 if device.platform == "cpu" else 2 << 30)
+    if not buffer_bytes:
+        llc = last_level_cache_bytes(device)
+        buffer_bytes = max(4 * llc, 64 << 20) if device.platform == "cpu" else 2 << 30
     x = jax.device_put(jnp.ones((buffer_bytes // 4,), jnp.float32), device)
-    read_s = _median_time(lambda x: jnp.sum(x), (x,))
-    copy_s = _median_time(lambda x: x * 2.0, (x,))
+    read_s = _median_time(lambda x: jnp.sum(x), (x,), STREAM_SETTINGS)
+    copy_s = _median_time(lambda x: x * 2.0, (x,), STREAM_SETTINGS)
     return {
         "read_bytes_per_s": buffer_bytes / read_s,
         "copy_bytes_per_s": 2 * buffer_bytes / copy_s,

@@ -180,9 +180,15 @@ def fit_three_limits(
     """Least squares on log latency. Without `start`, several starts, because max() has
     flat directions; a bootstrap refit starts from the full fit instead."""
     log_t = np.log(t)
+    # log max(o, bytes/BW, flops/F) = max(log o, log bytes − log BW, log flops − log F): the
+    # same loss as log(three_limits(p, cost, b)), without exp and log per evaluation (a
+    # bootstrap runs hundreds of fits; this is most of a cold start's analysis time).
+    with np.errstate(divide="ignore"):
+        log_bytes, log_flops = np.log(cost.bytes(b)), np.log(cost.flops(b))
 
     def loss(p):
-        return float(np.sum((np.log(three_limits(p, cost, b)) - log_t) ** 2))
+        residual = np.maximum(np.maximum(p[0], log_bytes - p[1]), log_flops - p[2]) - log_t
+        return float(residual @ residual)
 
     if start is not None:
         starts = [start]

@@ -179,3 +179,37 @@ def test_predicted_curve_knee_uses_the_fitted_knee_definition():
     assert knee.knee_batch_size == pytest.approx(direct.knee_batch_size)
     assert knee.knee_batch_size == pytest.approx(40, rel=0.1)
     assert knee.knee_low <= 40 <= knee.knee_high
+
+
+def test_small_ops_are_priced_from_their_lone_calls_and_pay_the_call_extra_once():
+    # Two small GEMMs (~1 µs at 1e11 FLOP/s, warm weights from the cache) whose calls alone
+    # measured (one, two) instances beyond the floor; a big GEMM (10 ms) that is never asked.
+    small = Op("s", "gemm", (2, 64, 64), 2 * 2 * 64 * 64, 0, count=2)
+    other = Op("o", "gemm", (2, 64, 128), 2 * 2 * 64 * 128, 0)
+    big = Op("b", "gemm", (1000, 1000, 500), 1e9, 0)
+    lone = {small.shape: (50e-6, 56e-6), other.shape: (80e-6, 90e-6)}
+    asked = []
+
+    def lone_s(op):
+        asked.append(op.shape)
+        return lone[op.shape]
+
+    rates = ops.Rates(**{**RATES.__dict__, "lone": lone_s})
+    call = ops.predict_call([small, other, big], rates)
+    base = ops.predict_call([small, other, big], RATES)
+    # One more instance costs two − one, less its launch (counted with the launches).
+    assert ops.op_time(small, rates).seconds == pytest.approx(2 * (6e-6 - 1e-6))
+    assert ops.op_time(other, rates).seconds == pytest.approx(10e-6 - 1e-6)
+    assert ops.op_time(big, rates) == ops.op_time(big, RATES)
+    assert big.shape not in asked  # big ops are priced as before
+    # Paid once per call: the median one − (two − one) over the small ops (44 and 70 µs).
+    assert call.call_extra_s == pytest.approx(57e-6)
+    assert call.overhead_s == pytest.approx(base.overhead_s + 57e-6)
+    parts = sum(ops.op_time(o, rates).seconds for o in (small, other, big))
+    assert call.seconds == pytest.approx(call.overhead_s + parts)
+    # Without lone measurements nothing changes; noise (two < one) adds no negative time:
+    # the op is left at its bytes (none here) and the call pays `one` once.
+    assert base.call_extra_s == 0.0
+    noisy = ops.Rates(**{**RATES.__dict__, "lone": lambda op: (5e-6, 4e-6)})
+    assert ops.op_time(other, noisy).seconds == 0.0
+    assert ops.predict_call([other], noisy).call_extra_s == pytest.approx(5e-6)

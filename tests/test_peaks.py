@@ -3,6 +3,7 @@
 import json
 
 import jax
+import pytest
 
 from batching import peaks
 from models.kv_cache import attend_cache as ATTEND
@@ -98,3 +99,34 @@ def test_peaks_are_cached_per_device(tmp_path, monkeypatch):
     assert p.bandwidth_bytes_per_s == 2e10
     peaks.measured_peaks(dev, ("float32",), str(tmp_path), refresh=True)
     assert calls == ["float32", "float32"]
+
+
+def test_lone_op_microbenchmark_is_cached_per_kind_and_shape(tmp_path, monkeypatch):
+    dev = jax.devices()[0]
+    gemm = peaks.lone_op_seconds(dev, "float32", "gemm", (2, 16, 16), str(tmp_path))
+    conv = peaks.lone_op_seconds(dev, "float32", "conv", (1, 8, 8, 4, 4, 3, 1), str(tmp_path))
+    for one, two in (gemm, conv):
+        assert 0 <= one < 0.01 and 0 <= two < 0.01
+    # a batched product and a conv that changes its shape (not chainable) run too
+    for kind, shape in (("gemm", (3, 2, 16, 8)), ("conv", (1, 8, 8, 4, 8, 3, 2))):
+        assert all(
+            0 < t < 0.01 for t in peaks.measure_lone_op_seconds(dev, "float32", kind, shape, 0.0)
+        )
+    with open(peaks.cache_path(str(tmp_path))) as f:
+        table = next(iter(json.load(f).values()))["lone_op_s"]
+    assert table == {"gemm:float32:2x16x16": list(gemm), "conv:float32:1x8x8x4x4x3x1": list(conv)}
+    with pytest.raises(ValueError, match="attention"):
+        peaks.measure_lone_op_seconds(dev, "float32", "attention", (1, 1, 8, 1, 8), 0.0)
+    monkeypatch.setattr(peaks, "measure_lone_op_seconds", lambda *a, **k: 1 / 0)
+    assert peaks.lone_op_seconds(dev, "float32", "gemm", (2, 16, 16), str(tmp_path)) == gemm
+
+
+def test_gemm_microbenchmarks_of_one_weight_shape_share_their_weights():
+    dev = jax.devices()[0]
+    peaks.measure_gemm_flops(dev, "float32", 2, 32, 48, cold=True)
+    made = list(next(iter(peaks._WEIGHTS.values())))
+    peaks.measure_gemm_flops(dev, "float32", 8, 32, 48, cold=True)  # another batch, same weights
+    again = next(iter(peaks._WEIGHTS.values()))
+    assert len(made) > 1 and all(a is b for a, b in zip(made, again, strict=True))
+    first = made[0]
+    assert first.shape == (32, 48) and float(first[0, 0]) == 1 / 32

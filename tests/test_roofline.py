@@ -115,6 +115,9 @@ def test_sweep_rows_and_summary_carry_the_roofline(tmp_path):
         # the per-op prediction: its ops, its own call floor, where its time goes
         assert r["ops"] and r["call_floor_s"] > 0
         assert r["predicted_overhead_s"] >= r["call_floor_s"]
+        # width-16 products are small ops: priced from their lone calls, the extra paid once
+        assert r["predicted_call_extra_s"] >= 0.0
+        assert r["predicted_overhead_s"] >= r["call_floor_s"] + r["predicted_call_extra_s"]
         assert set(r["predicted_by_kind"]) <= {"gemm"}
     assert set(s["breakdown"]) == {1, 8}
     assert "predicted_curve_knee_batch_size" in s
