@@ -77,6 +77,15 @@ def test_cache_bandwidth_is_measured_on_a_buffer_that_fits():
     assert 1e8 < bw < 1e14
 
 
+def test_cache_bandwidth_timed_as_passes_inside_one_call_agrees_with_one_pass():
+    # Accelerators time 32 dependent passes against one (their call overhead dwarfs a pass);
+    # on this CPU, where one pass per call is accurate, both ways must read the same cache.
+    dev = jax.devices()[0]
+    one = peaks.measure_cache_bandwidth(dev, buffer_bytes=2 << 20, passes=1)
+    many = peaks.measure_cache_bandwidth(dev, buffer_bytes=2 << 20, passes=8)
+    assert 0.25 < many / one < 4, (one, many)
+
+
 def test_last_level_cache_is_read_or_bounded():
     assert (1 << 20) <= peaks.last_level_cache_bytes(jax.devices()[0]) <= (1 << 30)
 
@@ -88,7 +97,7 @@ def test_peaks_are_cached_per_device(tmp_path, monkeypatch):
     monkeypatch.setattr(
         peaks,
         "measure_bandwidth",
-        lambda d: {"read_bytes_per_s": 2e10, "copy_bytes_per_s": 1e10, "buffer_bytes": 1.0},
+        lambda d, **kw: {"read_bytes_per_s": 2e10, "copy_bytes_per_s": 1e10, "buffer_bytes": 1.0},
     )
     monkeypatch.setattr(peaks, "measure_dispatch_floor", lambda d: 1e-5)
     monkeypatch.setattr(peaks, "measure_kernel_overhead", lambda d: 1e-6)
