@@ -424,14 +424,15 @@ def breakdown(rows: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
     """Where the predicted time goes at the smallest and largest batch of a run: seconds per
     op kind and limit, the fixed overhead, and the measured latency beside the prediction."""
     ends = [rows[0]] if len(rows) == 1 else [rows[0], rows[-1]]
+    return {r["batch_size"]: _predicted_parts(r) for r in ends}
+
+
+def _predicted_parts(r: dict[str, Any]) -> dict[str, Any]:
     return {
-        r["batch_size"]: {
-            "by_kind": r["predicted_by_kind"],
-            "overhead_s": r["predicted_overhead_s"],
-            "predicted_s": r["predicted_latency_s"],
-            "measured_s": r["latency_s"],
-        }
-        for r in ends
+        "by_kind": r["predicted_by_kind"],
+        "overhead_s": r["predicted_overhead_s"],
+        "predicted_s": r["predicted_latency_s"],
+        "measured_s": r["latency_s"],
     }
 
 
@@ -440,10 +441,7 @@ def traced_breakdown(rows: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
     traced seconds per kind (batching.profiling), or why the trace could not be read."""
     return {
         r["batch_size"]: {
-            "by_kind": r["predicted_by_kind"],
-            "overhead_s": r["predicted_overhead_s"],
-            "predicted_s": r["predicted_latency_s"],
-            "measured_s": r["latency_s"],
+            **_predicted_parts(r),
             "traced": r.get("traced_ops"),
             "traced_s": r.get("traced_latency_s"),
             "traced_ops_error": r.get("traced_ops_error"),

@@ -60,13 +60,17 @@ def test_mlp_trace_puts_gemm_first_and_reaches_report_figure_and_tensorboard(tmp
     assert 8 in scalars["ops/predicted_gemm_ms"] and 8 in scalars["latency/traced_ms"]
 
 
-def test_resnet_trace_puts_conv_first(tmp_path):
-    config = tiny_resnet()
-    config.sweep.batch_sizes = (4,)
-    config.profile.batch_sizes = (4,)
+def _traced_point(config, batch: int):
+    """`config` swept and traced at `batch` alone, without analysis or plots."""
+    config.sweep.batch_sizes = (batch,)
+    config.profile.batch_sizes = (batch,)
     config.roofline.enabled = False
     config.output.plots = False
-    app.run(config, str(tmp_path))
+    return config
+
+
+def test_resnet_trace_puts_conv_first(tmp_path):
+    app.run(_traced_point(tiny_resnet(), 4), str(tmp_path))
     (row,) = _rows(tmp_path)
     _check_traced(row, "conv")
     # XLA keeps the module path in the parameter names: convolutions map to the lab's ops
@@ -86,12 +90,7 @@ def test_missing_or_corrupt_trace_is_a_row_field_not_a_failure(tmp_path, monkeyp
         return "HloModule jit_forward\n"
 
     monkeypatch.setattr(sweep, "trace_point", fake_trace)
-    config = tiny()
-    config.sweep.batch_sizes = (2,)
-    config.profile.batch_sizes = (2,)
-    config.roofline.enabled = False
-    config.output.plots = False
-    app.run(config, str(tmp_path))
+    app.run(_traced_point(tiny(), 2), str(tmp_path))
     (row,) = _rows(tmp_path)
     assert row["status"] == "ok" and "traced_ops" not in row
     why = "no .xplane.pb" if trace_bytes is None else "cannot read"
