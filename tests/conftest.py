@@ -15,11 +15,34 @@ import jax  # noqa: E402
 
 from configs import default  # noqa: E402
 
+
+def _session_dir(prefix: str) -> str:
+    """A fresh folder for this test session, shared by its pytest-xdist workers."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run is None:
+        return tempfile.mkdtemp(prefix=prefix)
+    path = os.path.join(tempfile.gettempdir(), prefix + run)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
 # Many tests compile the same tiny programs; a session-wide persistent cache turns the
 # repeats into loads. Timings in tests are never asserted, so this hides nothing.
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="lab_xla_"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# The programs are tiny, so compiling dominates and LLVM's optimizations do not pay off:
+# on CPU the flag only lowers the backend's code generation; XLA's HLO passes run as
+# before, so counted FLOPs and bytes, memory sizes and the collectives in the compiled
+# text are the same (tests/test_peaks.py turns it off: it times real kernels).
+# The environment carries both to every xdist worker and to child processes (main.py
+# runs, forced-device children), which would compile the same programs again otherwise.
+XLA_SETTINGS = {
+    "jax_compilation_cache_dir": _session_dir("lab_xla_"),
+    "jax_persistent_cache_min_compile_time_secs": 0,
+    "jax_persistent_cache_min_entry_size_bytes": 0,
+    "jax_disable_most_optimizations": True,
+}
+for name, value in XLA_SETTINGS.items():
+    jax.config.update(name, value)
+    os.environ[name.upper()] = str(value)
 
 # Device peaks for tests: seeded so sweeps do not spend seconds on the 256 MiB
 # bandwidth benchmark. These are inputs to the analysis under test, not results;
@@ -50,6 +73,9 @@ def tiny(**model) -> "default.config_dict.ConfigDict":
     config.timing.max_runs = 50
     config.timing.budget_s = 0.02
     config.output.progress_bar = False
+    # Drawing and saving the figures costs ~4 s per app.run on 2 cores, 20x the tiny sweep
+    # itself; tests that check plots (or their TensorBoard images) turn them back on.
+    config.output.plots = False
     config.roofline.peaks_cache_dir = PEAKS_DIR
     config.roofline.bootstrap = 30
     # Per-shape GEMM microbenchmarks cost seconds; test_roofline.py turns them back on.

@@ -24,15 +24,6 @@ TEXT_BYTES = 400_000
 ROUTING_TAGS = [f"moe/{key}" for key in SCALAR_STATS]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_xla():
-    # A tiny model: compile time dominates and XLA's optimizations do not pay off.
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
-
-
 def tiny_config(arg: str | None = None, **train_changes):
     config = moe_decoder.get_config(arg)
     config.model.update(
