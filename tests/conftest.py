@@ -1,9 +1,12 @@
 """Shared fixtures: a tiny, fast config so sweeps finish in a second or two."""
 
+import fcntl
 import json
 import os
+import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 
 import pytest
 
@@ -25,6 +28,24 @@ def _session_dir(prefix: str) -> str:
     os.makedirs(path, exist_ok=True)
     return path
 
+
+def once_per_session(name: str, make: Callable[[str], None]) -> str:
+    """A folder filled by make(folder) once per test session. A module fixture runs once per
+    xdist worker that runs its tests, and xdist may hand a module's tests to both workers:
+    the first to ask runs `make`, the other waits for it and reads the same folder."""
+    folder = os.path.join(SESSION_DIR, name)
+    with open(folder + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        done = os.path.join(folder, ".done")
+        if not os.path.exists(done):
+            shutil.rmtree(folder, ignore_errors=True)
+            os.makedirs(folder)
+            make(folder)
+            open(done, "w").close()
+    return folder
+
+
+SESSION_DIR = _session_dir("lab_session_")
 
 # Many tests compile the same tiny programs; a session-wide persistent cache turns the
 # repeats into loads. Timings in tests are never asserted, so this hides nothing.
@@ -86,3 +107,29 @@ def tiny(**model) -> "default.config_dict.ConfigDict":
 @pytest.fixture
 def tiny_config():
     return tiny()
+
+
+# The longest tests (about 8-35 s each on 2 quiet cores), longest first. With
+# `--dist worksteal` (pyproject.toml) a worker that runs dry takes the end of the other's
+# queue: starting these first keeps a long one from running alone at the end.
+LONGEST_FIRST = (
+    "tests/test_moe_ablation.py::test_ablation_trains_sweeps_judges_and_resumes",
+    "tests/test_mesh.py::test_sharded_outputs_equal_one_device",  # runs the 8-device child
+    "tests/test_decode_workload.py::test_decode_experiment_rows_report_and_plots",
+    "tests/test_faults.py::test_one_and_two_point_sweeps_write_every_output",
+    "tests/test_faults.py::test_sigterm_keeps_points_exits_143_and_resumes",
+    "tests/test_distributed.py::test_two_process_sweep_writes_once_from_process_0",
+    "tests/test_collectives.py::test_analysis_adds_the_measured_comm_term",
+    "tests/test_distributed.py::test_killing_one_process_ends_the_other_with_an_error",
+    "tests/test_decode_workload.py::test_shape_aware_prediction_times",
+    "tests/test_faults.py::test_sigkill_at_random_moments",
+    "tests/test_train.py::test_training_lowers_the_loss",  # trains the shared run
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        prefixes = (i for i, p in enumerate(LONGEST_FIRST) if item.nodeid.startswith(p))
+        return next(prefixes, len(LONGEST_FIRST))
+
+    items.sort(key=rank)  # stable: the rest keep pytest's order
