@@ -1,9 +1,12 @@
 """Shared fixtures: a tiny, fast config so sweeps finish in a second or two."""
 
+import fcntl
 import json
 import os
+import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 
 import pytest
 
@@ -15,11 +18,52 @@ import jax  # noqa: E402
 
 from configs import default  # noqa: E402
 
+
+def _session_dir(prefix: str) -> str:
+    """A fresh folder for this test session, shared by its pytest-xdist workers."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run is None:
+        return tempfile.mkdtemp(prefix=prefix)
+    path = os.path.join(tempfile.gettempdir(), prefix + run)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def once_per_session(name: str, make: Callable[[str], None]) -> str:
+    """A folder filled by make(folder) once per test session. A module fixture runs once per
+    xdist worker that runs its tests, and xdist may hand a module's tests to both workers:
+    the first to ask runs `make`, the other waits for it and reads the same folder."""
+    folder = os.path.join(SESSION_DIR, name)
+    with open(folder + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        done = os.path.join(folder, ".done")
+        if not os.path.exists(done):
+            shutil.rmtree(folder, ignore_errors=True)
+            os.makedirs(folder)
+            make(folder)
+            open(done, "w").close()
+    return folder
+
+
+SESSION_DIR = _session_dir("lab_session_")
+
 # Many tests compile the same tiny programs; a session-wide persistent cache turns the
 # repeats into loads. Timings in tests are never asserted, so this hides nothing.
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="lab_xla_"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# The programs are tiny, so compiling dominates and LLVM's optimizations do not pay off:
+# on CPU the flag only lowers the backend's code generation; XLA's HLO passes run as
+# before, so counted FLOPs and bytes, memory sizes and the collectives in the compiled
+# text are the same (tests/test_peaks.py turns it off: it times real kernels).
+# The environment carries both to every xdist worker and to child processes (main.py
+# runs, forced-device children), which would compile the same programs again otherwise.
+XLA_SETTINGS = {
+    "jax_compilation_cache_dir": _session_dir("lab_xla_"),
+    "jax_persistent_cache_min_compile_time_secs": 0,
+    "jax_persistent_cache_min_entry_size_bytes": 0,
+    "jax_disable_most_optimizations": True,
+}
+for name, value in XLA_SETTINGS.items():
+    jax.config.update(name, value)
+    os.environ[name.upper()] = str(value)
 
 # Device peaks for tests: seeded so sweeps do not spend seconds on the 256 MiB
 # bandwidth benchmark. These are inputs to the analysis under test, not results;
@@ -50,6 +94,9 @@ def tiny(**model) -> "default.config_dict.ConfigDict":
     config.timing.max_runs = 50
     config.timing.budget_s = 0.02
     config.output.progress_bar = False
+    # Drawing and saving the figures costs ~4 s per app.run on 2 cores, 20x the tiny sweep
+    # itself; tests that check plots (or their TensorBoard images) turn them back on.
+    config.output.plots = False
     config.roofline.peaks_cache_dir = PEAKS_DIR
     config.roofline.bootstrap = 30
     # Per-shape GEMM microbenchmarks cost seconds; test_roofline.py turns them back on.
@@ -60,3 +107,29 @@ def tiny(**model) -> "default.config_dict.ConfigDict":
 @pytest.fixture
 def tiny_config():
     return tiny()
+
+
+# The longest tests (about 8-35 s each on 2 quiet cores), longest first. With
+# `--dist worksteal` (pyproject.toml) a worker that runs dry takes the end of the other's
+# queue: starting these first keeps a long one from running alone at the end.
+LONGEST_FIRST = (
+    "tests/test_moe_ablation.py::test_ablation_trains_sweeps_judges_and_resumes",
+    "tests/test_mesh.py::test_sharded_outputs_equal_one_device",  # runs the 8-device child
+    "tests/test_decode_workload.py::test_decode_experiment_rows_report_and_plots",
+    "tests/test_faults.py::test_one_and_two_point_sweeps_write_every_output",
+    "tests/test_faults.py::test_sigterm_keeps_points_exits_143_and_resumes",
+    "tests/test_distributed.py::test_two_process_sweep_writes_once_from_process_0",
+    "tests/test_collectives.py::test_analysis_adds_the_measured_comm_term",
+    "tests/test_distributed.py::test_killing_one_process_ends_the_other_with_an_error",
+    "tests/test_decode_workload.py::test_shape_aware_prediction_times",
+    "tests/test_faults.py::test_sigkill_at_random_moments",
+    "tests/test_train.py::test_training_lowers_the_loss",  # trains the shared run
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        prefixes = (i for i, p in enumerate(LONGEST_FIRST) if item.nodeid.startswith(p))
+        return next(prefixes, len(LONGEST_FIRST))
+
+    items.sort(key=rank)  # stable: the rest keep pytest's order

@@ -105,6 +105,7 @@ def test_decode_experiment_rows_report_and_plots(tmp_path):
         "prefill_P0016": {"model": {"phase": "prefill"}, "sweep": {"batch_sizes": (1, 2)}},
     }
     config.report.claims = ("C7",)
+    config.output.plots = True
     summaries = app.run(config, str(tmp_path))
     with open(tmp_path / "results.jsonl") as f:
         rows = [json.loads(line) for line in f]

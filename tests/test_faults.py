@@ -53,6 +53,7 @@ def test_oom_ends_the_run_at_the_wall_and_exits_cleanly(tmp_path, monkeypatch, c
     )
     config = tiny()
     config.sweep.batch_sizes = (8, 128, 16, 64, 32, 256)
+    config.output.plots = True  # the memory figure draws the wall and the failed points
     summaries = app.run(config, str(tmp_path))
     # Sizes are visited shuffled: a larger batch visited before 64 really ran and hit OOM
     # too; every larger one visited after it is skipped by size.
@@ -79,6 +80,7 @@ def test_oom_ends_the_run_at_the_wall_and_exits_cleanly(tmp_path, monkeypatch, c
     assert "3 of 6 points not ok" in out
     # A rerun keeps the wall: nothing is measured again.
     before = len(read_rows(tmp_path))
+    config.output.plots = False
     app.run(config, str(tmp_path))
     assert len(read_rows(tmp_path)) == before
 
@@ -91,6 +93,7 @@ def test_memory_budget_skips_points_that_do_not_fit(tmp_path):
     assert need[1] < need[64] < need[4096]
     assert all(r["device_memory_bytes"] > 0 for r in read_rows(tmp_path / "free"))
     config.memory.max_bytes = need[64]
+    config.output.plots = True  # the memory figure with a point skipped by size
     (s,) = app.run(config, str(tmp_path / "capped"))
     assert statuses(tmp_path / "capped") == {1: "ok", 64: "ok", 4096: "skipped_memory"}
     assert s["max_batch_measured"] == 64
@@ -164,6 +167,7 @@ def test_one_and_two_point_sweeps_write_every_output(tmp_path, family):
     config = family_config(family)
     config.sweep.batch_sizes = (1, 2)
     config.report.claims = tuple(claims.VERDICTS)
+    config.output.plots = True  # every output: figures of one and two points included
     app.run(config, str(tmp_path))
     assert "not enough points" in (tmp_path / "report.md").read_text()
     config.sweep.batch_sizes = (1,)

@@ -11,14 +11,15 @@ import sys
 
 import pytest
 
+from tests.conftest import once_per_session
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EIGHT = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 # fp32 at matmul precision "highest": a sharded sum reorders additions, nothing more.
 RTOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def checks() -> dict:
+def run_child(folder: str) -> None:
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tests", "mesh_child.py")],
         capture_output=True,
@@ -28,9 +29,18 @@ def checks() -> dict:
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(folder, "checks.jsonl"), "w") as f:
+        f.write(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def checks() -> dict:
+    # The child takes ~20 s: one run per session, whichever xdist worker asks first.
+    folder = once_per_session("mesh_child", run_child)
     out = {}
-    for line in proc.stdout.splitlines():
-        out.update(json.loads(line))
+    with open(os.path.join(folder, "checks.jsonl")) as f:
+        for line in f:
+            out.update(json.loads(line))
     diffs = {k: v for k, v in out.items() if isinstance(v, float) and "load" not in k}
     print("largest relative differences, sharded vs one device:", json.dumps(diffs))
     return out

@@ -13,16 +13,6 @@ from models import moe, routers
 from models.moe import MoEConfig, MoELayer, MoEMLP, MoEMLPConfig
 from models.routers import RoutingResult, expert_capacity
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_xla():
-    # These models are tiny: compile time dominates, and XLA's optimizations do not pay off.
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
-
-
 # Eager mode compiles every op on its own; one jit per call keeps the file fast on CPU.
 # test_jit_pure_function_matches_eager runs the eager path.
 token_choice = jax.jit(routers.token_choice, static_argnums=(1, 2, 3))

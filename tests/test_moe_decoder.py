@@ -53,15 +53,6 @@ STAT_KEYS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_xla():
-    # Tiny models: compile time dominates and XLA's optimizations do not pay off.
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
-
-
 def _random_model(cfg: DecoderConfig, seed: int = 0):
     """nnx.split of a Decoder with numpy-drawn weights (no per-shape jax.random compiles)."""
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))

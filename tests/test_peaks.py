@@ -9,6 +9,15 @@ from batching import peaks
 from models.kv_cache import attend_cache as ATTEND
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _optimized_xla():
+    # tests/conftest.py compiles with most optimizations off; these time real kernels.
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
 def test_microbenchmarks_measure_something_plausible():
     dev = jax.devices()[0]
     f = peaks.measure_matmul_flops(dev, "float32", n=256)

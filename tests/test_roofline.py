@@ -77,6 +77,7 @@ def test_sweep_rows_and_summary_carry_the_roofline(tmp_path):
     config.sweep.batch_sizes = (1, 2, 4, 8)  # a knee needs more points than parameters
     config.report.claims = ("C3", "C5")
     config.profile.batch_sizes = (2,)
+    config.output.plots = True
     summaries = app.run(config, str(tmp_path))
     s = summaries[0]
     for field in (

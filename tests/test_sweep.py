@@ -12,7 +12,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from batching import app, results
 from batching.runs import ConfigError
-from tests.conftest import ROOT, tiny
+from tests.conftest import PEAKS_DIR, ROOT, tiny
 
 ROW_FIELDS = (
     "run model batch_size dtype platform device_kind latency_s latency_p10_s latency_p90_s "
@@ -28,6 +28,7 @@ def read_rows(workdir):
 
 def test_sweep_writes_one_row_per_point_with_every_field(tmp_path, capsys):
     config = tiny()
+    config.output.plots = True
     summaries = app.run(config, str(tmp_path))
     rows = read_rows(tmp_path)
     assert sorted(r["batch_size"] for r in rows) == [1, 2, 4]
@@ -140,8 +141,10 @@ def _accumulator(run_dir):
 
 
 def test_tensorboard_events_hold_scalars_images_text_and_hparams(tmp_path):
-    app.run(tiny(), str(tmp_path))
-    app.run(tiny(), str(tmp_path))  # a resume must not duplicate run summaries
+    config = tiny()
+    config.output.plots = True
+    app.run(config, str(tmp_path))
+    app.run(config, str(tmp_path))  # a resume must not duplicate run summaries
     acc = _accumulator(tmp_path / "tb" / "tiny")
     scalars = set(acc.PluginTagToContent("scalars"))
     for tag in ("latency/median_ms", "throughput/examples_per_s", "achieved/gflops_per_s"):
@@ -202,6 +205,12 @@ TINY_FLAGS = [
     "--config.sweep.batch_sizes=(1,2)",
     "--config.timing.min_runs=3",
     "--config.timing.budget_s=0.02",
+    # As tiny(): seeded peaks (a fresh machine would otherwise measure its peaks and the
+    # per-shape GEMMs here, into the user's cache), no figures; the in-process tests check those.
+    f"--config.roofline.peaks_cache_dir={PEAKS_DIR}",
+    "--config.roofline.shape_aware=false",
+    "--config.roofline.bootstrap=30",
+    "--config.output.plots=false",
 ]
 
 

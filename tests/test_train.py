@@ -6,6 +6,7 @@ Letters in array names: B batch, L length, V vocab.
 import json
 import math
 import os
+import pickle
 
 import jax
 import jax.numpy as jnp
@@ -19,18 +20,10 @@ from batching import text_data, train
 from configs import moe_decoder
 from models import decoder
 from models.routers import SCALAR_STATS
+from tests.conftest import once_per_session
 
 TEXT_BYTES = 400_000
 ROUTING_TAGS = [f"moe/{key}" for key in SCALAR_STATS]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_xla():
-    # A tiny model: compile time dominates and XLA's optimizations do not pay off.
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
 
 
 def tiny_config(arg: str | None = None, **train_changes):
@@ -107,11 +100,18 @@ def test_windows_are_shifted_by_one_and_seeded():
 # Training.
 
 
+def _train(folder: str) -> None:
+    summary = train.run(tiny_config(), os.path.join(folder, "run"))
+    with open(os.path.join(folder, "summary.pkl"), "wb") as f:
+        pickle.dump(summary, f)  # what train.run returned, as it returned it
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("train"))
-    config = tiny_config()
-    return config, workdir, train.run(config, workdir)
+def trained():
+    # One training run per session, whichever xdist worker asks first.
+    folder = once_per_session("test_train_trained", _train)
+    with open(os.path.join(folder, "summary.pkl"), "rb") as f:
+        return tiny_config(), os.path.join(folder, "run"), pickle.load(f)
 
 
 def _event_accumulator(logdir: str):
