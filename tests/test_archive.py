@@ -56,6 +56,7 @@ def test_report_shows_archived_sweeps_beside_the_run_and_c2_cites_them(tmp_path)
     ]
     _write(f"{root}/fake-gpu/tiny", resnet)
     config = tiny()
+    config.output.plots = True  # the archive figure is checked
     config.report.archive_dir = root
     app.run(config, str(tmp_path / "run"))
     with open(tmp_path / "run" / "report.md") as f:
