@@ -57,8 +57,7 @@ def prepare(
     return all_runs, fingerprints
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (preemption): handled like Ctrl-C, finished points kept; exit 143."""
+Terminated = sweep.Terminated
 
 
 class PointsFailed(RuntimeError):
@@ -67,7 +66,7 @@ class PointsFailed(RuntimeError):
 
 def _terminate(signum, frame):
     del signum, frame
-    raise Terminated()
+    sweep.request_termination()
 
 
 def check_config_file(argv: list[str]) -> str | None:
@@ -131,6 +130,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
         except results.WorkdirError as e:
             error = e
     distributed.agree_on_failure(error)
+    sweep.clear_termination()
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return _run_locked(config, workdir, all_runs, fingerprints, writer)

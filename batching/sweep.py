@@ -8,6 +8,7 @@ import contextlib
 import os
 import random
 import sys
+import threading
 import time
 from typing import Any
 
@@ -30,6 +31,32 @@ from batching import (
     workload,
 )
 from batching.tensorboard_writer import PointWriter
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (preemption): handled like Ctrl-C, finished points kept; exit 143."""
+
+
+# Set by the SIGTERM handler before it raises. A handler's exception can land inside library
+# code that catches it and raises its own error instead (seen: JAX's pytree checks turned it
+# into a ValueError); the sweep's handlers ask this flag first, so such an error still ends
+# the sweep as a termination, and the interrupted point is left for a rerun, not recorded.
+_TERMINATION = threading.Event()
+
+
+def request_termination() -> None:
+    _TERMINATION.set()
+    raise Terminated()
+
+
+def raise_if_terminated() -> None:
+    if _TERMINATION.is_set():
+        raise Terminated()
+
+
+def clear_termination() -> None:
+    _TERMINATION.clear()
+
 
 # A row's status: "ok" (measured), "skipped_memory" (its program needs more than the memory
 # budget, not run), "oom" (RESOURCE_EXHAUSTED), "skipped_after_oom" (a larger batch of a run
@@ -278,6 +305,7 @@ def profile_point(
         lab_ops = [(o.name, o.kind) for o in wl.ops(batch_size)] if wl.ops else []
         fields = profiling.read(path, hlo_text, lab_ops)
     except Exception as e:  # noqa: BLE001 - a trace is an extra; the point stays measured
+        raise_if_terminated()
         why = _why(e)
         logging.warning("%s batch=%d: no traced ops: %s", run.name, batch_size, why["message"])
         return {"traced_ops_error": f"{why['error_type']}: {why['message']}"}
@@ -335,6 +363,7 @@ def run_sweep(
                     # The analysis reads these; every process measures them here, together.
                     collectives.measure_run(topo.mesh, run.config.roofline.peaks_cache_dir)
             except Exception as e:  # noqa: BLE001 - a broken run is rows, not a crash
+                raise_if_terminated()
                 failure = _why(e)
             if share is not None:
                 failed = distributed.gather_codes("build", [int(failure is not None)])[:, 0]
@@ -371,6 +400,7 @@ def run_sweep(
                         row = {**row, **profile_point(run, wl, row, logdir, capture=writer)}
                     if writer:
                         store.append(row, samples)
+                    raise_if_terminated()  # a SIGTERM some library swallowed: stop here
                     measured += 1
                     bar.update(1)
                     if row["status"] != "ok":
@@ -439,6 +469,7 @@ def guarded_point(
             run, batch_size, fingerprint, "skipped_memory", message=msg, **e.fields
         ), None
     except Exception as e:  # noqa: BLE001 - every failure becomes a row; the sweep goes on
+        raise_if_terminated()
         if is_oom(e):
             oom_at[run.name] = min(batch_size, wall if wall is not None else batch_size)
             return status_row(run, batch_size, fingerprint, "oom", **_why(e)), None
