@@ -297,13 +297,20 @@ def test_second_run_into_a_busy_workdir_is_refused(tmp_path):
 def test_sigkill_at_random_moments_loses_and_repeats_nothing(tmp_path):
     rng = random.Random(0)
     sizes = "--config.sweep.batch_sizes=(" + ",".join(str(b) for b in range(1, 13)) + ")"
-    for _ in range(10):
+    kept = 0
+    for _ in range(5):
         proc = start_main(*FAST, sizes, f"--workdir={tmp_path}")
-        if os.path.exists(tmp_path / "results.jsonl"):
-            wait_for_rows(tmp_path, len(read_rows(tmp_path)), proc)
-        time.sleep(rng.uniform(0.0, 0.4))
+        # Killed mid-sweep (never during the imports): once this process has stored a point
+        # of its own, at a random moment in the points after it.
+        wait_for_rows(tmp_path, kept + 1, proc)
+        time.sleep(rng.uniform(0.0, 0.3))
         proc.kill()
         proc.wait()
+        rows = len(read_rows(tmp_path))
+        assert rows > kept  # nothing stored before the kill was lost
+        kept = rows
+        if kept == 12:
+            break
     done = run_main(*FAST, sizes, f"--workdir={tmp_path}")
     assert done.returncode == 0, done.stderr[-2000:]
     with open(tmp_path / "results.jsonl") as f:
