@@ -96,7 +96,8 @@ def shards(total: int, parts: int, what: str) -> int:
 
 # One HLO instruction: `%name = TYPE op(` with TYPE an array `f32[2,64]{1,0}` or a tuple of them.
 _HLO_OP = re.compile(
-    r"=\s*(?P<type>\([^=]*?\)|\w+\[[\d,]*\](?:\{[^}]*\})?)\s+"
+    # A tuple result may carry /*index=5*/ comments (8 or more elements): no '=' limit.
+    r"=\s*(?P<type>\([^()]*\)|\w+\[[\d,]*\](?:\{[^}]*\})?)\s+"
     r"(?P<op>all-reduce|all-gather|all-to-all|reduce-scatter|collective-permute)"
     r"(?P<start>-start)?\("
 )

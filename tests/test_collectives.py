@@ -70,6 +70,11 @@ def test_collectives_read_from_hlo_text():
     # 2*64*4 all-reduce + 2 x 3*64*4 all-to-all tuple + the all-gather's 16*8*2 result.
     assert got["bytes"] == 512 + 2 * 768 + 256
     assert collectives.from_hlo("%x = f32[4]{0} add(%a, %b)") == {"counts": {}, "bytes": 0.0}
+    # Tuples of 6 or more carry /*index=5*/ comments (the MoE decoder's EP all-to-all): once
+    # missed, so its rows showed no collective at all.
+    parts = ", ".join(("/*index=5*/" if i == 5 else "") + "f32[1,3,128]{2,1,0}" for i in range(8))
+    got = collectives.from_hlo(f"  %all-to-all.2 = ({parts}) all-to-all(%a, %b), channel_id=4")
+    assert got == {"counts": {"all_to_all": 1}, "bytes": 8 * 3 * 128 * 4.0}
 
 
 def test_total_and_wire_bytes():
