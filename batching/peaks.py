@@ -66,7 +66,7 @@ def measure_matmul_flops(device: jax.Device, dtype: str, n: int | None = None) -
 
 # A sweep measures one GEMM shape per batch size: keep each short (cold start <= 30 s).
 GEMM_SETTINGS = timing.TimingSettings(
-    warmup_runs=1, warmup_s=0.0, min_runs=5, max_runs=1000, budget_s=0.4
+    warmup_runs=1, warmup_s=0.0, min_runs=5, max_runs=1000, budget_s=0.2
 )
 
 

@@ -55,3 +55,13 @@ def test_slower_than_detects_a_shift_and_not_noise():
     assert stats.slower_than(base, slower)[0]
     assert not stats.slower_than(base, same)[0]
     assert not stats.slower_than(slower, base)[0]
+
+
+def test_binomial_quantile_equals_scipys_without_importing_it_at_run_time():
+    from scipy import stats as scipy_stats
+
+    from batching.stats import binom_half_ppf
+
+    for q in (0.005, 0.025, 0.05):
+        for n in (*range(1, 400), 999, 1000, 2501, 5000):
+            assert binom_half_ppf(q, n) == int(scipy_stats.binom.ppf(q, n, 0.5)), (q, n)
