@@ -158,8 +158,9 @@ def launches(ops: list[Op]) -> int:
 # An op whose roofline time is under this is small: a per-call cost of tens of µs (a worker
 # thread woken, see call_extra) is then as large as the op itself, so it is measured.
 SMALL_OP_S = 100e-6
-# Kinds a lone-op microbenchmark runs (peaks.LONE_KINDS).
-LONE_KINDS = ("gemm", "moe_dispatch_combine", "conv")
+# Kinds a lone-op microbenchmark runs (peaks.measure_lone_op_seconds), with the ranks of the
+# shapes it takes: gemm and moe_dispatch_combine (m, k, n) or (batch, m, k, n), conv 7 dims.
+LONE_KINDS = {"gemm": (3, 4), "moe_dispatch_combine": (3, 4), "conv": (7,)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,13 +227,12 @@ def lone_times(op: Op, rates: Rates) -> tuple[float, float] | None:
     """(one, two): seconds beyond the dispatch floor of a call running one, and two, instances
     of a small op alone (peaks.lone_op_seconds); None for an op that is not small (roofline
     time per instance at its per-shape rates `rates.small_op_s` or more) or not measurable."""
-    dims = {"gemm": (3, 4), "moe_dispatch_combine": (3, 4), "conv": (7,)}
     if (
         rates.lone is None
         or op.fused
         or not op.flops
         or op.kind not in LONE_KINDS
-        or len(op.shape) not in dims[op.kind]
+        or len(op.shape) not in LONE_KINDS[op.kind]
     ):
         return None
     memory_s, compute_s, _ = _roofline_parts(op, rates)

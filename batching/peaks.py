@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from batching import timing
+from batching import ops, timing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +117,28 @@ def _gemm_weights(
     return made[:copies]
 
 
+def _per_instance(
+    t: float, copies: int, dispatch_floor_s: float, kernel_overhead_s: float = 0.0
+) -> float:
+    """Seconds of one of `copies` instances of an op timed together in a call of `t` seconds:
+    the call's dispatch floor, then each instance's launch, taken off (never below 5%: a
+    floor measured on a noisier call must not leave nothing)."""
+    each = max(t - dispatch_floor_s, 0.05 * t) / copies
+    return max(each - kernel_overhead_s, 0.05 * each)
+
+
+def _products(a: jax.Array, bs: tuple[jax.Array, ...], chain: bool):
+    """a @ b for every b: chained (each product feeding the next, as a stack of square layers
+    runs: independent products could overlap and look faster than they run), else each on
+    `a`, every output kept so none can be merged."""
+    if chain:
+        y = a
+        for b in bs:
+            y = y @ b
+        return y
+    return tuple(a @ b for b in bs)
+
+
 def measure_gemm_flops(
     device: jax.Device,
     dtype: str,
@@ -158,20 +180,10 @@ def measure_gemm_flops(
     a = jax.device_put(jnp.ones((*lead, m, k), jnp.dtype(dtype)), device)
     bs = _gemm_weights(device, dtype, (*lead, k, n), copies)
 
-    def products(a, *bs):
-        if k == n and not cold:
-            # A stack of square layers, each product waiting for the one before, as in a
-            # model: independent products could overlap and look faster than they run.
-            y = a
-            for b in bs:
-                y = y @ b
-            return y
-        return tuple(a @ b for b in bs)
-
-    t = _median_time(products, (a, *bs), GEMM_SETTINGS)
-    per_product = max(t - dispatch_floor_s, 0.05 * t) / copies
-    per_product = max(per_product - kernel_overhead_s, 0.05 * per_product)
-    return 2.0 * batch * m * k * n / per_product
+    t = _median_time(
+        lambda a, *bs: _products(a, bs, chain=k == n and not cold), (a, *bs), GEMM_SETTINGS
+    )
+    return 2.0 * batch * m * k * n / _per_instance(t, copies, dispatch_floor_s, kernel_overhead_s)
 
 
 # Above this many FLOPs a convolution runs at its saturated rate: a larger batch of the same
@@ -252,9 +264,7 @@ def measure_conv_flops(
     copies = max(1, min(16, -(-int(WARM_CALL_FLOPS) // int(conv_flops_of(shape)))))
     fn, args = _conv_program(device, dtype, shape, copies)
     t = _median_time(fn, args, CONV_SETTINGS)
-    per_conv = max(t - dispatch_floor_s, 0.05 * t) / copies
-    per_conv = max(per_conv - kernel_overhead_s, 0.05 * per_conv)
-    return conv_flops_of(shape) / per_conv
+    return conv_flops_of(shape) / _per_instance(t, copies, dispatch_floor_s, kernel_overhead_s)
 
 
 def conv_flops(device: jax.Device, dtype: str, shape: tuple[int, ...], cache_dir: str) -> float:
@@ -264,7 +274,7 @@ def conv_flops(device: jax.Device, dtype: str, shape: tuple[int, ...], cache_dir
         device,
         cache_dir,
         "conv_flops_per_s",
-        f"{dtype}:" + "x".join(str(int(n)) for n in shape),
+        f"{dtype}:{_dims(shape)}",
         lambda entry: measure_conv_flops(
             device,
             dtype,
@@ -280,8 +290,6 @@ def conv_flops(device: jax.Device, dtype: str, shape: tuple[int, ...], cache_dir
 LONE_SETTINGS = timing.TimingSettings(
     warmup_runs=5, warmup_s=0.0, min_runs=30, max_runs=5000, target_rel_ci=0.02, budget_s=0.05
 )
-# The kinds a lone-op microbenchmark can run, with how many dims their shape has.
-LONE_KINDS = {"gemm": (3, 4), "moe_dispatch_combine": (3, 4), "conv": (7,)}
 
 
 def _lone_program(
@@ -304,22 +312,14 @@ def _lone_program(
 
         ws = [w * (i + 1) for i in range(copies)]
         return chained_convs, (x, scale, shift, *ws)
-    if kind not in LONE_KINDS or len(shape) not in LONE_KINDS[kind]:
+    if kind not in ops.LONE_KINDS or len(shape) not in ops.LONE_KINDS[kind]:
         raise ValueError(f"no lone-op microbenchmark for kind {kind!r} at shape {shape}")
     *lead, m, k, n = shape
     dt = jnp.dtype(dtype)
     a = jax.device_put(jnp.ones((*lead, m, k), dt), device)
     bs = [jax.device_put(jnp.full((*lead, k, n), (i + 1) / k, dt), device) for i in range(copies)]
 
-    def products(a, *bs):
-        if k == n:
-            y = a
-            for b in bs:
-                y = y @ b
-            return y
-        return tuple(a @ b for b in bs)
-
-    return products, (a, *bs)
+    return (lambda a, *bs: _products(a, bs, chain=k == n)), (a, *bs)
 
 
 def measure_lone_op_seconds(
@@ -354,7 +354,7 @@ def lone_op_seconds(
         device,
         cache_dir,
         "lone_op_s",
-        f"{kind}:{dtype}:" + "x".join(str(int(n)) for n in shape),
+        f"{kind}:{dtype}:{_dims(shape)}",
         lambda entry: measure_lone_op_seconds(
             device, dtype, kind, shape, entry.get("dispatch_floor_s", 0.0)
         ),
@@ -442,7 +442,7 @@ def measure_attention_seconds(
         return sum(outs)
 
     t = _median_time(attend_all, (q, lengths, *kvs), GEMM_SETTINGS)
-    return max(t - dispatch_floor_s, 0.05 * t) / copies
+    return _per_instance(t, copies, dispatch_floor_s)
 
 
 def attention_seconds(
@@ -458,7 +458,7 @@ def attention_seconds(
         device,
         cache_dir,
         "attention_s",
-        f"{dtype}:{layout}:" + "x".join(str(int(n)) for n in shape),
+        f"{dtype}:{layout}:{_dims(shape)}",
         lambda entry: measure_attention_seconds(
             device,
             dtype,
@@ -633,6 +633,11 @@ def gemm_flops(
             kernel_overhead_s=entry.get("kernel_overhead_s", 0.0),
         ),
     )
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    """A shape as a cache key part: (2, 64, 64) -> "2x64x64"."""
+    return "x".join(str(int(n)) for n in shape)
 
 
 def device_entry(device: jax.Device, cache_dir: str) -> dict[str, Any]:

@@ -189,14 +189,13 @@ def devices(run_cfg: ml_collections.ConfigDict) -> list[jax.Device]:
 def validate(run_cfg: ml_collections.ConfigDict) -> dict[str, int]:
     """Checks the mesh fields against the devices, the batch sizes and the model; the shape."""
     shape = mesh_shape(run_cfg)
-    axis_rules(run_cfg)
+    rules = axis_rules(run_cfg)
     count = len(devices(run_cfg))
     if math.prod(shape.values()) != count:
         raise MeshError(
             f"mesh data*expert*model must equal the {count} devices JAX sees, got "
             f"{shape['data']}*{shape['expert']}*{shape['model']}"
         )
-    rules = axis_rules(run_cfg)
     batch_shards = split_size(shape, rules, "batch")
     for b in run_cfg.sweep.batch_sizes:
         if b % batch_shards:
@@ -209,7 +208,7 @@ def validate(run_cfg: ml_collections.ConfigDict) -> dict[str, int]:
         raise MeshError(
             f"mesh.expert must divide model.num_experts={experts}, got {shape['expert']}"
         )
-    shards = split_size(shape, axis_rules(run_cfg), "groups")
+    shards = split_size(shape, rules, "groups")
     if experts is not None and shards > 1:
         for b in run_cfg.sweep.batch_sizes:
             if b % shards:
