@@ -65,6 +65,8 @@ def summarize(samples: np.ndarray, confidence: float = 0.95) -> dict[str, float]
         "latency_ci_low_s": lo,
         "latency_ci_high_s": hi,
         "n_runs": int(x.size),
+        # Two clearly separated groups of samples, or None (modes()).
+        "modes": modes(x),
     }
 
 
@@ -90,3 +92,67 @@ def slower_than(
 
     result = scipy_stats.mannwhitneyu(candidate, baseline, alternative="greater")
     return bool(result.pvalue < alpha), float(result.pvalue)
+
+
+# Two modes are reported only when each holds at least this share of the samples (and
+# MIN_MODE_SAMPLES of them), their medians differ by at least MIN_MODE_RATIO, and they are
+# separated by at least MIN_SEPARATION robust standard deviations (Ashman's D).
+MIN_MODE_SHARE = 0.05
+MIN_MODE_SAMPLES = 5
+MIN_MODE_RATIO = 1.1
+MIN_SEPARATION = 3.0
+
+
+def modes(samples: np.ndarray) -> list[dict[str, float]] | None:
+    """The two modes of a point's latencies when they fall into two clearly separated groups
+    (a program that alternates between two paths, a worker thread awake or asleep), each as
+    {"median_s", "share"} in increasing latency; None when the samples are one group.
+
+    The split is Otsu's threshold on log latency (the cut that maximises the between-group
+    variance); the groups count as separate when Ashman's D, |m1 − m2| / sqrt((s1² + s2²) / 2)
+    with medians m and robust standard deviations s (1.4826 · MAD, floored at 0.5% of the
+    latency), is at least MIN_SEPARATION (D > 2 is the usual bound for a clean separation of
+    two normal components), both groups pass the share, count and ratio floors above, and the
+    samples thin out between the two medians (_has_valley: a long tail is not a mode).
+    The median of such a point describes neither group well: its row shows both.
+    """
+    x = np.sort(np.log(np.asarray(samples, dtype=np.float64)))
+    n = x.size
+    lo = max(MIN_MODE_SAMPLES, math.ceil(MIN_MODE_SHARE * n))
+    if n < 2 * lo or not np.isfinite(x).all():
+        return None
+    # Between-group variance for every cut k (group one: x[:k]), from prefix sums.
+    k = np.arange(lo, n - lo + 1)
+    csum = np.cumsum(x)
+    mean1 = csum[k - 1] / k
+    mean2 = (csum[-1] - csum[k - 1]) / (n - k)
+    between = k * (n - k) * (mean1 - mean2) ** 2
+    cut = int(k[np.argmax(between)])
+    low, high = x[:cut], x[cut:]
+    m1, m2 = float(np.median(low)), float(np.median(high))
+    floor = math.log1p(0.005)
+    s1 = max(1.4826 * float(np.median(np.abs(low - m1))), floor)
+    s2 = max(1.4826 * float(np.median(np.abs(high - m2))), floor)
+    separation = (m2 - m1) / math.sqrt((s1**2 + s2**2) / 2)
+    if separation < MIN_SEPARATION or m2 - m1 < math.log(MIN_MODE_RATIO):
+        return None
+    if not _has_valley(x, m1, m2):
+        return None
+    return [
+        {"median_s": math.exp(m1), "share": cut / n},
+        {"median_s": math.exp(m2), "share": (n - cut) / n},
+    ]
+
+
+def _has_valley(x_sorted: np.ndarray, m1: float, m2: float) -> bool:
+    """Whether the samples thin out between two medians (log latencies): the fullest of
+    the windows of width (m2 − m1) / 8 centred between them holds less than half of what
+    the emptier of the windows centred on m1 and m2 holds. A single mode with a long tail
+    (a latency spread that decays away from it) has no such valley."""
+    w = (m2 - m1) / 8
+
+    def count(c: float) -> int:
+        return int(np.searchsorted(x_sorted, c + w / 2) - np.searchsorted(x_sorted, c - w / 2))
+
+    valley = min(count(m1 + j * (m2 - m1) / 8) for j in range(2, 7))
+    return valley < 0.5 * min(count(m1), count(m2))

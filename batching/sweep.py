@@ -154,15 +154,11 @@ def measure_point(
     `share` (several processes) makes the memory-budget and timer decisions process 0's.
     """
     cfg = run.config
-    args = wl.make_args(batch_size)
+    # Flat arrays in and out: per call only jit's dispatch of a tuple of arrays runs.
+    flat = workload.flat_call(wl, batch_size)
     precision = cfg.model.get("matmul_precision", "default")
-    ctx = (
-        jax.default_matmul_precision(precision)
-        if precision != "default"
-        else contextlib.nullcontext()
-    )
-    with ctx:
-        compiled = timing.compile_fn(wl.fn, args, wl.donate_argnums)
+    # The timed calls run this executable: compiled once, under the run's precision.
+    compiled = timing.compile_fn(flat.fn, flat.args, flat.donate_argnums, precision)
     # Per device: an SPMD program's memory analysis is one device's share.
     memory = memory_fields(compiled, topo.device)
     budget = memory_budget(cfg, memory["device_memory_bytes"])
@@ -175,9 +171,9 @@ def measure_point(
     # them: a per-point microbenchmark of the shape-aware roofline; one process only (a timed
     # call per process would not stay in step).
     per_point = cfg.roofline.enabled and cfg.roofline.shape_aware and share is None
-    call_floor_s = peaks.measure_call_floor(args) if per_point else None
-    m = timing.measure(compiled.call, args, settings, wl.next_args, share)
-    del args
+    call_floor_s = peaks.measure_call_floor(flat.args) if per_point else None
+    m = timing.measure(compiled.call, flat.args, settings, flat.next_args, share)
+    del flat  # the donated arguments are gone; the rest need not outlive the point
     extra = wl.point_fields(batch_size) if wl.point_fields else {}
     summary = stats.summarize(m.samples_s, settings.confidence)
     latency = summary["latency_s"]
@@ -246,22 +242,17 @@ def trace_point(
     Profile tab (the `profile` extra, xprof) finds it. Without `capture` (a process
     that does not write) the same calls run untraced, in step with process 0.
     """
-    ctx = (
-        jax.default_matmul_precision(precision)
-        if precision != "default"
-        else contextlib.nullcontext()
-    )
-    args = tuple(wl.make_args(batch_size))
-    with ctx:
-        # The timed program (same function, arguments and precision: a compilation-cache hit).
-        call = jax.jit(wl.fn, donate_argnums=wl.donate_argnums).lower(*args).compile()
-    out = call(*args)  # compiled already: this only warms the dispatch path
-    jax.block_until_ready(out)
-    if wl.next_args is not None:
-        args = tuple(wl.next_args(args, out))
-    # Without the Python tracer: it hooks every Python call, and flattening a model's
-    # parameter state before each call took ~20x longer with it (0.57 ms vs ~0.03 ms for a
-    # small ResNet), which a per-call comparison with the timed median cannot afford.
+    flat = workload.flat_call(wl, batch_size)
+    # The timed program (same function, arguments and precision: a compilation-cache hit).
+    call = timing.compile_fn(flat.fn, flat.args, flat.donate_argnums, precision).call
+    args = flat.args
+    out = jax.block_until_ready(call(*args))  # compiled already: this warms the dispatch path
+    if flat.next_args is not None:
+        args = flat.next_args(args, out)
+    del out
+    # Without the Python tracer: it hooks every Python call (flattening a model's parameter
+    # state took ~20x longer with it: 0.57 ms vs ~0.03 ms for a small ResNet), which a
+    # per-call comparison with the timed median cannot afford.
     options = jax.profiler.ProfileOptions()
     options.python_tracer_level = 0
     tracing = jax.profiler.trace(logdir, profiler_options=options)
@@ -270,8 +261,9 @@ def trace_point(
             with jax.profiler.StepTraceAnnotation(f"batch_{batch_size}", step_num=step):
                 out = call(*args)
                 jax.block_until_ready(out)
-            if wl.next_args is not None:
-                args = tuple(wl.next_args(args, out))
+            if flat.next_args is not None:
+                args = flat.next_args(args, out)
+            del out  # released before the next call, as the timer does
     return call.as_text()
 
 

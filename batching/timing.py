@@ -5,6 +5,7 @@ leaf; the clock brackets exactly that. Inputs are already on the device, and
 nothing moves to the host inside the timed region.
 """
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -48,18 +49,22 @@ class TimingSettings:
 class Compiled:
     """An executable with what compiling it cost and what XLA says it does.
 
-    `call` is the `jax.jit` function the executable was compiled from: JAX reuses
-    the compiled executable for it, and its C++ dispatch path is faster per call
-    than calling the AOT executable object (~1 µs on a 2-core CPU).
+    `call` is the compiled executable itself (jax's AOT `Compiled`, with its C++ dispatch
+    path), never the `jax.jit` function it came from: jit's cache key includes the matmul
+    precision and other context, so calling the jit function outside the context it was
+    compiled in would compile (and time) another program. The executable cannot retrace.
     """
 
     call: Callable[..., Any]
-    executable: Any
     compile_s: float
     lower_s: float
     flops: float | None
     bytes_accessed: float | None
     memory: dict[str, int]
+
+    @property
+    def executable(self) -> Any:
+        return self.call
 
 
 def _cost_value(cost: Any, key: str) -> float | None:
@@ -73,14 +78,30 @@ def _cost_value(cost: Any, key: str) -> float | None:
     return value if value >= 0 and math.isfinite(value) else None
 
 
-def compile_fn(fn: Callable, args: Sequence[Any], donate_argnums: tuple[int, ...] = ()) -> Compiled:
-    """Lowers and compiles `fn` for `args`, timing each stage separately."""
+def precision_context(matmul_precision: str = "default"):
+    """`jax.default_matmul_precision(p)`, or nothing for "default" (XLA's choice)."""
+    if matmul_precision in (None, "default"):
+        return contextlib.nullcontext()
+    return jax.default_matmul_precision(matmul_precision)
+
+
+def compile_fn(
+    fn: Callable,
+    args: Sequence[Any],
+    donate_argnums: tuple[int, ...] = (),
+    matmul_precision: str = "default",
+) -> Compiled:
+    """Lowers and compiles `fn` for `args` under `matmul_precision`, timing each stage apart.
+
+    The returned `call` is that executable: the precision is held by every timed call.
+    """
     jitted = jax.jit(fn, donate_argnums=donate_argnums)
-    t0 = time.perf_counter()
-    lowered = jitted.lower(*args)
-    t1 = time.perf_counter()
-    executable = lowered.compile()
-    t2 = time.perf_counter()
+    with precision_context(matmul_precision):
+        t0 = time.perf_counter()
+        lowered = jitted.lower(*args)
+        t1 = time.perf_counter()
+        executable = lowered.compile()
+        t2 = time.perf_counter()
     try:
         cost = executable.cost_analysis()
     except Exception:  # noqa: BLE001 - some backends raise instead of returning None
@@ -99,8 +120,7 @@ def compile_fn(fn: Callable, args: Sequence[Any], donate_argnums: tuple[int, ...
     except Exception:  # noqa: BLE001
         pass
     return Compiled(
-        call=jitted,
-        executable=executable,
+        call=executable,
         compile_s=t2 - t1,
         lower_s=t1 - t0,
         flops=_cost_value(cost, "flops"),
@@ -109,13 +129,13 @@ def compile_fn(fn: Callable, args: Sequence[Any], donate_argnums: tuple[int, ...
     )
 
 
-def _block(out: Any) -> None:
+def _blocker(out: Any) -> Callable[[Any], None]:
+    """How to wait for a call's outputs: one array blocks on itself; several (a flat tuple,
+    or any pytree) go through jax.block_until_ready, which waits for all of them in one C++
+    call."""
     if isinstance(out, jax.Array):
-        out.block_until_ready()
-    else:
-        for leaf in jax.tree.leaves(out):
-            if isinstance(leaf, jax.Array):
-                leaf.block_until_ready()
+        return lambda out: out.block_until_ready()
+    return jax.block_until_ready
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,19 +156,31 @@ def measure(
     settings: TimingSettings,
     next_args: Callable[[Sequence[Any], Any], Sequence[Any]] | None = None,
     share: Callable[[str, int], int] | None = None,
+    keep_outputs: bool = False,
 ) -> Measurement:
     """Times `call(*args)` until the median is known to `target_rel_ci` or the budget is spent.
 
-    `next_args(args, out)` feeds a call's output back in (a donated KV cache, say);
-    it runs outside the timed region. `share(tag, decision)` (several processes,
-    batching.distributed.share) replaces each clock-dependent decision by process 0's,
-    so every process makes the same number of calls; it runs outside the timed region,
-    and only where a decision is due (after warmup_runs, then at the precision checks).
+    The clock brackets the call and the wait for every output, nothing else. Around it:
+
+    - `next_args(args, out)` feeds a call's output back in (a donated KV cache, say); it runs
+      outside the clock, and what it returns is waited for before the clock starts again.
+    - The previous call's outputs are released before the next call (unless they are fed
+      back), so that call's outputs can take the same device buffers. On a GPU, XLA runs a
+      program as a CUDA graph ("command buffer"); outputs at new addresses make it update the
+      graph on every call (openxla/xla#35315), a cost of the harness, not of the model.
+      `keep_outputs` holds each call's outputs through the next call instead (what a loop
+      `out = f(x)` does), for measuring that difference.
+    - `share(tag, decision)` (several processes, batching.distributed.share) replaces each
+      clock-dependent decision by process 0's, so every process makes the same number of
+      calls; it runs outside the clock, only where a decision is due (after warmup_runs,
+      then at the precision checks).
     """
     args = tuple(args)
     clock = time.perf_counter
     start = clock()
     runs = 0
+    block = None
+    kept = None
     while True:
         if runs >= settings.warmup_runs:
             elapsed = clock() - start
@@ -158,25 +190,11 @@ def measure(
             if not go_on:
                 break
         out = call(*args)
-        _block(out)
-        if next_args is not None:
-            args = tuple(next_args(args, out))
+        block = block or _blocker(out)
+        block(out)
+        args, kept = _between_calls(args, out, next_args, keep_outputs)
+        del out
         runs += 1
-
-    if isinstance(out, jax.Array):
-        # One array out: block on it directly, nothing else inside the clock.
-        def once(args):
-            t0 = clock()
-            out = call(*args)
-            out.block_until_ready()
-            return clock() - t0, out
-    else:
-
-        def once(args):
-            t0 = clock()
-            out = call(*args)
-            _block(out)
-            return clock() - t0, out
 
     samples = np.empty(settings.max_runs, dtype=np.float64)
     n = 0
@@ -184,10 +202,13 @@ def measure(
     stop_reason = "max_runs"
     t_begin = clock()
     while n < settings.max_runs:
-        samples[n], out = once(args)
+        t0 = clock()
+        out = call(*args)
+        block(out)
+        samples[n] = clock() - t0
         n += 1
-        if next_args is not None:
-            args = tuple(next_args(args, out))
+        args, kept = _between_calls(args, out, next_args, keep_outputs)
+        del out
         if n >= next_check:
             # Checking costs a sort, so look again only after ~10% more samples.
             next_check = n + max(1, n // 10)
@@ -200,9 +221,24 @@ def measure(
             if code:
                 stop_reason = STOP_REASONS[code]
                 break
+    del kept
     return Measurement(
         samples_s=samples[:n].copy(),
         converged=stop_reason == "precision",
         stop_reason=stop_reason,
         wall_s=clock() - start,
     )
+
+
+def _between_calls(
+    args: tuple[Any, ...],
+    out: Any,
+    next_args: Callable[[Sequence[Any], Any], Sequence[Any]] | None,
+    keep_outputs: bool,
+) -> tuple[tuple[Any, ...], Any]:
+    """The next call's arguments, ready, and what stays alive through it beside them (the
+    outputs with `keep_outputs`, else nothing)."""
+    if next_args is not None:
+        args = tuple(next_args(args, out))
+        jax.block_until_ready(args)
+    return args, (out if keep_outputs else None)

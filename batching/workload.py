@@ -10,9 +10,12 @@ model touches no dispatcher.
 
 import dataclasses
 import importlib
+import inspect
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import ml_collections
 
 from batching import ops as ops_lib
@@ -34,7 +37,8 @@ class Workload:
 
     `make_args(batch_size)` returns the call's arguments already on the mesh (inputs split
     over `data`: batch_size is the global batch);
-    `next_args(args, out)` feeds outputs back in (a donated cache) between calls;
+    `carry` = {output index: argument index} feeds outputs back in (a donated cache) between
+    calls (the output must have the argument's structure);
     `ops(batch_size)` describes one call as a list of ops (batching.ops.Op), the one source
     of truth that `cost` (the analytic work), `gemm_shapes` (the call's matrix products as
     (m, k, n, count)) and `attention_shapes` (a decode step's attention over its KV cache)
@@ -49,7 +53,7 @@ class Workload:
     param_bytes: int
     cost: Callable[[int], Cost] | None = None
     donate_argnums: tuple[int, ...] = ()
-    next_args: Callable[[Sequence[Any], Any], Sequence[Any]] | None = None
+    carry: dict[int, int] = dataclasses.field(default_factory=dict)
     gemm_shapes: Callable[[int], list[tuple[int, int, int, int]]] | None = None
     # Attention over a KV cache, timed at its own shape by the roofline (peaks.attention_seconds).
     attention_shapes: Callable[[int], list[dict[str, Any]]] | None = None
@@ -77,6 +81,114 @@ class Workload:
         self.gemm_shapes = lambda batch_size: ops_lib.gemm_shapes(describe(batch_size))
         attention = lambda batch_size: ops_lib.attention_shapes(describe(batch_size))  # noqa: E731
         self.attention_shapes = lambda batch_size: attention(batch_size) or None
+
+
+class FlatCall:
+    """A workload's call with its arguments as flat arrays in and flat arrays out: what the
+    sweep compiles and times.
+
+    jit flattens every pytree argument on every call, and an nnx.State flattens in Python,
+    about 3 µs per Variable (vllm-project/tpu-inference measured ~2.3 µs per
+    `_variable_flatten` and moved to pre-flattened leaves): a small network timed over its
+    State measured the harness (an 8-layer, 64-wide MLP at batch 1: 137 µs against 20 µs).
+    Here the arguments are flattened once; `fn(*leaves)` rebuilds the pytrees (and the
+    module, in the workload's own fn) inside jit, where it is trace-time work, and returns
+    its outputs' leaves (one array as itself, several as a tuple). Per call only jit's C++
+    dispatch of a tuple of arrays remains.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        args: Sequence[Any],
+        donate_argnums: tuple[int, ...] = (),
+        carry: dict[int, int] | None = None,
+    ):
+        flat = [jax.tree.flatten(a) for a in args]
+        self._in_trees = [tree for _, tree in flat]
+        names = _leaf_names(fn, args)
+        sizes = [len(leaves) for leaves, _ in flat]
+        self._offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        self.args = tuple(leaf for leaves, _ in flat for leaf in leaves)
+        self.donate_argnums = tuple(
+            i for a in donate_argnums for i in range(self._offsets[a], self._offsets[a + 1])
+        )
+        self._carry = dict(carry or {})
+        self._out_tree = None
+        self._feedback: list[tuple[int, int]] | None = None
+
+        def flat_fn(*leaves):
+            structured = [
+                jax.tree.unflatten(tree, leaves[self._offsets[i] : self._offsets[i + 1]])
+                for i, tree in enumerate(self._in_trees)
+            ]
+            out_leaves, self._out_tree = jax.tree.flatten(fn(*structured))
+            return out_leaves[0] if len(out_leaves) == 1 else tuple(out_leaves)
+
+        # Each leaf's parameter is named after its path in the pytree it came from, so the
+        # compiled program's entry parameters keep the Flax module path (the trace reader maps
+        # kernels to the lab's ops by it: "state__stages___0__0___conv1____kernel___value").
+        flat_fn.__signature__ = inspect.Signature(
+            [inspect.Parameter(n, inspect.Parameter.POSITIONAL_ONLY) for n in names]
+        )
+        self.fn = flat_fn
+
+    @property
+    def next_args(self) -> Callable[[tuple, Any], tuple] | None:
+        """`next_args(args, out)`: the arguments with the carried outputs' leaves in place of
+        the arguments they feed (None without `carry`). A tuple rebuilt from indices fixed
+        once the function has been traced (lowered)."""
+        if not self._carry:
+            return None
+        return self._next_args
+
+    def _next_args(self, args: tuple, out: Any) -> tuple:
+        if self._feedback is None:
+            self._feedback = self._feedback_pairs()
+        out = out if isinstance(out, tuple) else (out,)
+        new = list(args)
+        for i, j in self._feedback:
+            new[i] = out[j]
+        return tuple(new)
+
+    def _feedback_pairs(self) -> list[tuple[int, int]]:
+        if self._out_tree is None:
+            raise RuntimeError("FlatCall.next_args before the call was traced (compiled)")
+        outs = self._out_tree.children() if self._out_tree.num_nodes > 1 else [self._out_tree]
+        out_offsets = [0]
+        for t in outs:
+            out_offsets.append(out_offsets[-1] + t.num_leaves)
+        pairs = []
+        for k, a in self._carry.items():
+            if outs[k] != self._in_trees[a]:
+                raise ValueError(f"output {k} does not have argument {a}'s structure")
+            n = out_offsets[k + 1] - out_offsets[k]
+            pairs += [(self._offsets[a] + i, out_offsets[k] + i) for i in range(n)]
+        return pairs
+
+
+def _leaf_names(fn: Callable[..., Any], args: Sequence[Any]) -> list[str]:
+    """A distinct identifier per leaf of `args`: fn's argument name and the leaf's key path,
+    every other character as "_" (as XLA writes parameter names)."""
+    try:
+        arg_names = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        arg_names = []
+    names, seen = [], set()
+    for i, a in enumerate(args):
+        base = arg_names[i] if i < len(arg_names) else f"arg{i}"
+        for path, _ in jax.tree_util.tree_flatten_with_path(a)[0]:
+            name = re.sub(r"\W", "_", base + jax.tree_util.keystr(path))
+            if name[0].isdigit() or name in seen:
+                name = f"a{len(names)}_{name}"
+            seen.add(name)
+            names.append(name)
+    return names
+
+
+def flat_call(wl: "Workload", batch_size: int) -> FlatCall:
+    """The workload's call at `batch_size` with its arguments made and flattened once."""
+    return FlatCall(wl.fn, wl.make_args(batch_size), wl.donate_argnums, wl.carry)
 
 
 def cost_of(ops: list[ops_lib.Op]) -> Cost:

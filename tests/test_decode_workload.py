@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from batching import app, claims, runs, timing, topology
+from batching import app, claims, runs, timing, topology, workload
 from batching.workloads import decoder as decoder_workload
 from configs import decoder as decoder_config
 from tests.conftest import tiny
@@ -33,25 +33,32 @@ def tiny_decoder(phase="decode", **model):
     return config
 
 
-def test_decode_steps_never_recompile_and_reuse_the_donated_cache():
+def test_decode_steps_take_flat_arrays_and_reuse_the_donated_cache():
     config = tiny_decoder()
     wl = decoder_workload.build(config, topology.build(config), "")
-    compiled = timing.compile_fn(wl.fn, wl.make_args(4), wl.donate_argnums)
-    args = tuple(wl.make_args(4))
+    flat = workload.flat_call(wl, 4)
+    assert all(isinstance(a, jax.Array) for a in flat.args)
+    compiled = timing.compile_fn(flat.fn, flat.args, flat.donate_argnums)
+    args = flat.args
+    cache_leaves = set(flat.donate_argnums)
+    assert cache_leaves  # the cache's leaves are donated, nothing else
     for _ in range(1000):
-        old_cache = args[1]
+        # K and V are written in place (donated and aliased); the lengths are reset.
+        old_kv = [args[i] for i in cache_leaves if args[i].ndim > 1]
         out = compiled.call(*args)
-        assert all(leaf.is_deleted() for leaf in jax.tree.leaves(old_cache))
-        args = tuple(wl.next_args(args, out))
+        assert old_kv and all(leaf.is_deleted() for leaf in old_kv)
+        args = flat.next_args(args, out)
     jax.block_until_ready(out)
-    assert compiled.call._cache_size() == 1
-    # the lengths were set back every step: the cache never overflowed
+    # Every step starts at lengths cache_len - 1 and leaves cache_len: the cache fed back
+    # never overflows, however many steps run.
+    tree = jax.tree.structure(wl.make_args(4)[1])
+    cache = jax.tree.unflatten(tree, [args[i] for i in sorted(cache_leaves)])
     lengths = [
         leaf
-        for path, leaf in jax.tree_util.tree_leaves_with_path(args[1])
+        for path, leaf in jax.tree_util.tree_leaves_with_path(cache)
         if "lengths" in jax.tree_util.keystr(path)
     ]
-    assert all((np.asarray(x) == 31).all() for x in lengths)
+    assert lengths and all((np.asarray(x) == 32).all() for x in lengths)
 
 
 @pytest.mark.parametrize("layout", ["bksh", "bskh"])
@@ -62,7 +69,8 @@ def test_decode_step_xla_bytes_match_the_analytic_count_with_the_cache_read_once
     # head_dim 64 as in the default model: the scores (G per position) stay small next to K.
     config = tiny_decoder(cache_len=256, head_dim=64, cache_layout=layout)
     wl = decoder_workload.build(config, topology.build(config), "")
-    compiled = timing.compile_fn(wl.fn, wl.make_args(16), wl.donate_argnums)
+    flat = workload.flat_call(wl, 16)
+    compiled = timing.compile_fn(flat.fn, flat.args, flat.donate_argnums)
     ratio = compiled.bytes_accessed / wl.cost(16).bytes
     if layout == "bksh":
         assert 0.9 < ratio < 1.5, ratio
@@ -74,7 +82,8 @@ def test_decode_step_xla_bytes_match_the_analytic_count_with_the_cache_read_once
 def test_analytic_flops_match_xla(phase):
     config = tiny_decoder(phase)
     wl = decoder_workload.build(config, topology.build(config), "")
-    compiled = timing.compile_fn(wl.fn, wl.make_args(4), wl.donate_argnums)
+    flat = workload.flat_call(wl, 4)
+    compiled = timing.compile_fn(flat.fn, flat.args, flat.donate_argnums)
     assert compiled.flops == pytest.approx(wl.cost(4).flops, rel=0.25)
 
 

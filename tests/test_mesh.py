@@ -74,7 +74,7 @@ def test_collectives_in_compiled_programs(checks):
 def test_tensor_parallel_cache_is_split_by_kv_head_and_donated(checks):
     # [B, S, K, H] split over kv heads (mesh.data is 1 here, so the batch is not split).
     assert checks["decoder_tp_cache_spec"] == "P(None, None, 'model')"
-    assert checks["decoder_tp_compiles"] == 1
+    assert checks["decoder_tp_fed_back"]
     # The whole per-device cache (k, v) is aliased to the output: updated in place.
     assert checks["decoder_tp_alias_bytes"] >= checks["decoder_tp_cache_bytes_per_device"]
 

@@ -65,3 +65,24 @@ def test_binomial_quantile_equals_scipys_without_importing_it_at_run_time():
     for q in (0.005, 0.025, 0.05):
         for n in (*range(1, 400), 999, 1000, 2501, 5000):
             assert binom_half_ppf(q, n) == int(scipy_stats.binom.ppf(q, n, 0.5)), (q, n)
+
+
+def test_two_separated_groups_of_samples_are_reported_as_modes():
+    rng = np.random.default_rng(0)
+    fast = 20e-6 * np.exp(rng.normal(0, 0.03, 300))
+    slow = 60e-6 * np.exp(rng.normal(0, 0.03, 100))
+    m = stats.modes(rng.permutation(np.concatenate([fast, slow])))
+    assert m is not None and len(m) == 2
+    assert m[0]["median_s"] == pytest.approx(20e-6, rel=0.03)
+    assert m[1]["median_s"] == pytest.approx(60e-6, rel=0.03)
+    assert m[0]["share"] == pytest.approx(0.75) and m[1]["share"] == pytest.approx(0.25)
+    assert stats.summarize(np.concatenate([fast, slow]))["modes"] == m
+
+
+def test_one_group_with_a_long_tail_has_no_modes():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        tail = 20e-6 * (1 + rng.lognormal(-3, 1, 1000))  # skewed, no second group
+        assert stats.modes(tail) is None
+    assert stats.modes(20e-6 * np.exp(rng.normal(0, 0.05, 1000))) is None
+    assert stats.modes(np.full(3, 1e-3)) is None  # too few samples to tell

@@ -211,14 +211,12 @@ def random_params(cfg: decoder.DecoderConfig, seed: int) -> nnx.State:
     return jax.jit(lambda: nnx.state(decoder.Decoder(cfg, rngs=nnx.Rngs(seed)), nnx.Param))()
 
 
-def _set_lengths(cache: nnx.State, lengths_B: np.ndarray, topo: Topology) -> nnx.State:
-    """`cache` with every layer's lengths set to lengths_B, placed as the cache's own (split
-    over `data`), so the step's argument shardings, and its compiled program, never change.
-    One array per layer: a donated argument may not appear twice."""
+def _with_lengths(cache: nnx.State, lengths_B: jax.Array) -> nnx.State:
+    """`cache` with every layer's lengths replaced by lengths_B (inside the jitted step)."""
 
     def put(path, leaf):
         names = {getattr(p, "key", getattr(p, "name", None)) for p in path}
-        return topo.put_batch(lengths_B) if "lengths" in names else leaf
+        return lengths_B if "lengths" in names else leaf
 
     return jax.tree_util.tree_map_with_path(put, cache)
 
@@ -282,21 +280,18 @@ def build_decoder(
 
     if decode:
 
-        def fn(params, cache, tokens_B):
+        def fn(params, cache, tokens_B, lengths_B):
+            # Every step starts from the same lengths (cache_len - 1): it writes the same
+            # slot and attends over the same positions, so each timed step costs the same and
+            # the cache it feeds back never overflows.
             with topo.activate():
+                cache = _with_lengths(cache, lengths_B)
                 logits_BxV, cache = decoder.decode_step(graphdef, params, cache, tokens_B)
             return logits_BxV, keep_placement(cache)
 
         def make_args(batch: int):
-            lengths = np.full((batch,), length - 1, np.int32)
-            cache = _set_lengths(empty_cache(batch), lengths, topo)
-            return params, cache, input_tokens((batch,))
-
-        def next_args(args, out):
-            # The step advanced every length to cache_len: set them back so the next step
-            # writes the same slot and costs the same.
-            lengths = np.full((args[2].shape[0],), length - 1, np.int32)
-            return args[0], _set_lengths(out[1], lengths, topo), args[2]
+            lengths = topo.put_batch(np.full((batch,), length - 1, np.int32))
+            return params, empty_cache(batch), input_tokens((batch,)), lengths
 
         examples = lambda batch: batch
     else:
@@ -311,9 +306,6 @@ def build_decoder(
             prompt = input_tokens((batch, length))
             return params, empty_cache(batch), prompt, topo.put_batch(lengths)
 
-        def next_args(args, out):
-            return args[0], out[1], args[2], args[3]
-
         examples = lambda batch: batch * length
 
     mesh_shape = topo.parallel_shape(experts=bool(decoder.moe_layers(cfg)), model=True)
@@ -326,7 +318,8 @@ def build_decoder(
         param_bytes=n_params * param_bytes,
         ops=lambda batch: step_ops(cfg, batch, length, m.phase, param_bytes, cache_bytes, layout),
         donate_argnums=(1,),
-        next_args=next_args,
+        # The new cache (output 1) is the next call's cache (argument 1).
+        carry={1: 1},
         examples=examples,
         example_unit="tokens",
         collectives=lambda batch: step_collectives(cfg, mesh_shape, batch, length, decode),
