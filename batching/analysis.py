@@ -11,6 +11,9 @@ mesh's measured bus bandwidth (roofline.comm_time, batching.collectives): the ro
 """
 
 import dataclasses
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -22,45 +25,140 @@ from batching import ops as ops_lib
 from models.dtypes import resolve_dtype
 
 
+@dataclasses.dataclass(frozen=True)
+class DeviceRef:
+    """A device known by its platform and kind only: the rows' device when a workdir measured
+    elsewhere is analysed here from a peaks file (nothing is measured on it)."""
+
+    platform: str
+    device_kind: str
+    id: int = 0
+
+
+# Seconds of per-shape microbenchmarks a run's analysis may spend on an accelerator when
+# roofline.microbenchmark_budget_s is unset (a CPU: no limit). A GPU lease is minutes long,
+# and every shape costs a compile; beyond the budget, rates are interpolated.
+ACCELERATOR_BUDGET_S = 45.0
+
+
+def microbenchmark_budget(roofline_cfg: Any, platform: str) -> float | None:
+    """The run's budget for per-shape microbenchmarks in seconds (None: no limit)."""
+    budget = roofline_cfg.get("microbenchmark_budget_s")
+    if budget is None:
+        return None if platform == "cpu" else ACCELERATOR_BUDGET_S
+    return float(budget)
+
+
 class PeakSource:
-    """Measured peaks per (device, dtype), measured at most once per process when refreshing."""
+    """Where a run's analysis takes the device's peaks and per-shape rates from.
 
-    def __init__(self, cache_dir: str, refresh: bool):
+    From the peaks cache (`cache_dir`), measuring what is missing: the base peaks always, the
+    per-shape rates (GEMM, conv, attention, lone ops) within the run's budget (`start_run`).
+    Or from a peaks file (`peaks_file`, a workdir's device_peaks.json: rows measured on
+    another machine analysed here), measuring nothing. A per-shape rate that is neither
+    cached nor measured is interpolated from the measured shapes of its family
+    (peaks.interpolate), else the op runs at the peak; `unmeasured` names them.
+    """
+
+    def __init__(self, cache_dir: str, refresh: bool, peaks_file: str | None = None):
+        self.peaks_file = peaks_file
+        if peaks_file:
+            if not os.path.isfile(peaks_file):
+                raise ValueError(f"roofline.peaks_file does not exist: {peaks_file!r}")
+            # A private copy as the cache: lookups read it, and nothing can write the file.
+            cache_dir = tempfile.mkdtemp(prefix="lab_peaks_file_")
+            shutil.copy(peaks_file, peaks.cache_path(cache_dir))
         self.cache_dir = cache_dir
-        self._refresh = refresh
+        self._refresh = refresh and not peaks_file
         self._refreshed: set[str] = set()
+        self.budget = peaks.Budget(0.0 if peaks_file else None)
+        self.unmeasured: dict[str, str] = {}
 
-    def peaks(self, device: jax.Device, dtype: str) -> peaks.MeasuredPeaks:
+    def start_run(self, budget_s: float | None) -> None:
+        """A new run: its own microbenchmark budget (none with a peaks file) and tally."""
+        self.budget = peaks.Budget(0.0 if self.peaks_file else budget_s)
+        self.unmeasured = {}
+
+    def entry(self, device: Any) -> dict[str, Any]:
+        return peaks.device_entry(device, self.cache_dir)
+
+    def peaks(self, device: Any, dtype: str, precision: str = "default") -> peaks.MeasuredPeaks:
         key = f"{device.platform}:{device.device_kind}"
+        if self.peaks_file:
+            entry = self.entry(device)
+            if "bandwidth" not in entry or peaks.dtype_key(dtype, precision) not in entry.get(
+                "matmul_flops_per_s", {}
+            ):
+                raise ValueError(
+                    f"roofline.peaks_file {self.peaks_file!r} has no {dtype} "
+                    f"({precision} precision) peaks for {key}"
+                )
+            return peaks.peaks_of(entry, device.platform, device.device_kind)
         refresh = self._refresh and key not in self._refreshed
         self._refreshed.add(key)
-        return peaks.measured_peaks(device, (dtype,), self.cache_dir, refresh=refresh)
+        return peaks.measured_peaks(device, (dtype,), self.cache_dir, refresh, precision)
 
-    def gemm(self, device: jax.Device, dtype: str, cold: bool):
-        return lambda shape: peaks.gemm_flops(device, dtype, shape, self.cache_dir, cold)
+    def _or_interpolated(self, device: Any, table: str, name: str, value: Any) -> Any:
+        if value is None and table != "lone_op_s":
+            value = peaks.interpolate(self.entry(device), table, name)
+            self.unmeasured[f"{table}:{name}"] = "interpolated" if value else "peak"
+        elif value is None:
+            self.unmeasured[f"{table}:{name}"] = "not small-op priced"
+        return value
 
-    def conv(self, device: jax.Device, dtype: str):
-        return lambda shape: peaks.conv_flops(device, dtype, shape, self.cache_dir)
-
-    def lone(self, device: jax.Device, dtype: str):
-        """Seconds of a call running one small op alone, beyond the dispatch floor, cached."""
-        return lambda op: peaks.lone_op_seconds(
-            device, dtype, op.kind, tuple(op.shape), self.cache_dir
-        )
-
-    def attention(self, device: jax.Device, attend: Callable[..., jax.Array]):
-        """Seconds of one attention shape (a row's `attention_shapes` entry), cached;
-        `attend` is the model's attention over its cache (the workload module's ATTEND)."""
-
-        def seconds(s: dict[str, Any]) -> float:
-            shape = (s["batch"], s["kv_heads"], s["cache_len"], s["q_per_kv"], s["head_dim"])
-            return peaks.attention_seconds(
-                device, s["dtype"], s["layout"], shape, self.cache_dir, attend
+    def gemm(self, device: Any, dtype: str, cold: bool, precision: str = "default"):
+        def rate(shape):
+            name = peaks.gemm_key(peaks.dtype_key(dtype, precision), shape, cold)
+            found = peaks.gemm_flops(
+                device, dtype, shape, self.cache_dir, cold, precision, self.budget
             )
+            return self._or_interpolated(device, "gemm_flops_per_s", name, found)
+
+        return rate
+
+    def conv(self, device: Any, dtype: str, precision: str = "default"):
+        def rate(shape):
+            name = peaks.conv_key(peaks.dtype_key(dtype, precision), shape)
+            found = peaks.conv_flops(device, dtype, shape, self.cache_dir, precision, self.budget)
+            return self._or_interpolated(device, "conv_flops_per_s", name, found)
+
+        return rate
+
+    def lone(self, device: Any, dtype: str, precision: str = "default"):
+        """Seconds of a call running one small op alone, beyond the dispatch floor, cached."""
+
+        def seconds(op):
+            shape = tuple(op.shape)
+            name = peaks.lone_key(peaks.dtype_key(dtype, precision), op.kind, shape)
+            found = peaks.lone_op_seconds(
+                device, dtype, op.kind, shape, self.cache_dir, precision, self.budget
+            )
+            return self._or_interpolated(device, "lone_op_s", name, found)
 
         return seconds
 
-    def collective(self, device: jax.Device) -> Callable[[dict[str, Any]], float | None]:
+    def attention(self, device: Any, attend: Callable[..., jax.Array], precision: str = "default"):
+        """Seconds of one attention shape (a row's `attention_shapes` entry), cached;
+        `attend` is the model's attention over its cache (the workload module's ATTEND)."""
+
+        def seconds(s: dict[str, Any]) -> float | None:
+            shape = (s["batch"], s["kv_heads"], s["cache_len"], s["q_per_kv"], s["head_dim"])
+            name = peaks.attention_key(peaks.dtype_key(s["dtype"], precision), s["layout"], shape)
+            found = peaks.attention_seconds(
+                device,
+                s["dtype"],
+                s["layout"],
+                shape,
+                self.cache_dir,
+                attend,
+                precision,
+                self.budget,
+            )
+            return self._or_interpolated(device, "attention_s", name, found)
+
+        return seconds
+
+    def collective(self, device: Any) -> Callable[[dict[str, Any]], float | None]:
         """The bus bandwidth (bytes/s) a row's collectives entry reaches at its own payload,
         from the latency-bandwidth model of the cached microbenchmarks the sweep ran
         (collectives.measure_run, collectives.effective_busbw); None where not measured."""
@@ -114,34 +212,39 @@ def analyze_run(
     split = mesh_shape_of(rows[0], "parallel_shape")
     # One device's share of each call (the rows themselves on a single device).
     device_rows = [roofline.per_device_work(r) for r in rows]
-    device_peaks = peak_source.peaks(device, dtype)
-    peak_f = device_peaks.matmul_flops_per_s[dtype]
+    device_peaks = peak_source.peaks(device, dtype, precision)
+    peak_f = device_peaks.matmul_flops_per_s[peaks.dtype_key(dtype, precision)]
     bw = device_peaks.bandwidth_bytes_per_s
+    llc = device_peaks.details.get("last_level_cache_bytes") or peaks.last_level_cache_bytes(device)
     # Weights bigger than the last-level cache stream from DRAM on every call: time the
     # GEMMs the same way, or small batches look faster than they can be.
-    cold = (device_rows[0].get("weight_bytes") or 0) > peaks.last_level_cache_bytes(device)
-    gemm = peak_source.gemm(device, dtype, cold) if roofline_cfg.shape_aware else None
+    cold = (device_rows[0].get("weight_bytes") or 0) > llc
+    shape_aware = roofline_cfg.shape_aware
     # A workload whose rows carry attention_shapes names its attention as ATTEND.
     attend = None
     if any(r.get("attention_shapes") for r in rows):
         attend = getattr(workload.workload_module(rows[0]["model"]), "ATTEND", None)
-    attention = (
-        peak_source.attention(device, attend) if roofline_cfg.shape_aware and attend else None
-    )
+    attention = peak_source.attention(device, attend, precision) if shape_aware and attend else None
     comm_bw, comm_source = comm_bandwidth(rows, device, peak_source)
     fit = roofline.fit_knee(rows, samples, n_bootstrap=roofline_cfg.bootstrap)
     rates = ops_lib.Rates(
         dram_bytes_per_s=bw,
         cache_bytes_per_s=device_peaks.cache_bandwidth_bytes_per_s or bw,
-        cache_bytes=float(peaks.last_level_cache_bytes(device)),
+        cache_bytes=float(llc),
         peak_flops_per_s=peak_f,
         dispatch_floor_s=device_peaks.dispatch_floor_s,
         kernel_overhead_s=device_peaks.kernel_overhead_s,
         # Weights that fit the last-level cache stay there between timed calls.
         weights_warm=not cold,
-        gemm=gemm,
-        conv=peak_source.conv(device, dtype) if roofline_cfg.shape_aware else None,
-        lone=peak_source.lone(device, dtype) if roofline_cfg.shape_aware else None,
+        gemm=peak_source.gemm(device, dtype, cold, precision) if shape_aware else None,
+        conv=peak_source.conv(device, dtype, precision) if shape_aware else None,
+        # What a call pays once for handing a small op to XLA:CPU's worker threads; a GPU or
+        # TPU has no such hand-off, and measuring it there cost a GPU lease minutes.
+        lone=(
+            peak_source.lone(device, dtype, precision)
+            if shape_aware and device.platform == "cpu"
+            else None
+        ),
         attention=(lambda op: attention(ops_lib.attention_shapes([op])[0])) if attention else None,
     )
     tol = roofline_cfg.cost_tolerance
@@ -160,9 +263,17 @@ def analyze_run(
         naive, _ = roofline.predict(flops, bytes_moved, overhead_s, bw, flops / peak_f)
         return call, naive
 
+    if peak_source.budget.seconds is not None:
+        # A bounded budget measures the shapes of the sweep's ends first, then the middles,
+        # so what it cannot measure lies between measured shapes and is interpolated.
+        for i in spread_order(len(device_rows)):
+            predict_device(device_rows[i])
     out = []
+    not_measured: dict[str, str] = {}
     for r, rd in zip(rows, device_rows, strict=True):
+        peak_source.unmeasured = {}
         call, naive = predict_device(rd)
+        not_measured.update(peak_source.unmeasured)
         # The interconnect: the call's collectives, after (not overlapping) its compute.
         comm_s = roofline.comm_time(r.get("collectives"), comm_bw) if comm_bw else 0.0
         extra = {}
@@ -186,6 +297,8 @@ def analyze_run(
                 "predicted_comm_s": comm_s,
                 "regime": call.regime,
                 "fitted_latency_s": fit.fitted_latency_s[r["batch_size"]],
+                # Per-shape rates this prediction could not measure: interpolated or peak.
+                "rates_not_measured": dict(peak_source.unmeasured) or None,
                 "xla_flops_ratio": flops_ratio,
                 "xla_bytes_ratio": bytes_ratio,
                 "cost_mismatch": mismatch,
@@ -249,6 +362,14 @@ def analyze_run(
         "cost_mismatches": sum(r["cost_mismatch"] for r in out),
         "regimes": {b: r["regime"] for b, r in ((r["batch_size"], r) for r in out)},
         "shape_aware": bool(roofline_cfg.shape_aware),
+        "microbenchmark_budget_s": peak_source.budget.seconds,
+        "microbenchmark_s": peak_source.budget.spent_s,
+        "rates_interpolated": sum(v == "interpolated" for v in not_measured.values()),
+        "rates_at_peak": sum(v == "peak" for v in not_measured.values()),
+        "peaks_file": peak_source.peaks_file,
+        "last_level_cache_bytes": llc,
+        "last_level_cache_source": device_peaks.details.get("last_level_cache_source"),
+        "peaks_measured_at": device_peaks.details.get("measured_at"),
         "cold_weights": bool(cold),
         "bytes_per_param": bytes_per_param,
         "whatif": whatif(out, roofline_cfg.whatif_devices, dtype, precision, bytes_per_param),
@@ -266,6 +387,20 @@ def analyze_run(
     summary["num_devices"] = int(np.prod(list(mesh_shape.values())))
     summary["parallel_shape"] = split
     return out, summary
+
+
+def spread_order(n: int) -> list[int]:
+    """0..n-1 with the ends first, then each gap's middle, breadth first: 0, n-1, n/2, ..."""
+    if n <= 2:
+        return list(range(n))
+    order, gaps = [0, n - 1], [(0, n - 1)]
+    while gaps:
+        lo, hi = gaps.pop(0)
+        if hi - lo > 1:
+            mid = (lo + hi) // 2
+            order.append(mid)
+            gaps += [(lo, mid), (mid, hi)]
+    return order
 
 
 def mesh_summary(

@@ -211,8 +211,12 @@ def finalize(
     fingerprints: dict[str, str],
     store: results.Store,
     prepared: dict[str, dict[str, Any]] | None = None,
+    devices: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Analysis, summaries, plots, TensorBoard run summaries, the report and the printed table."""
+    """Analysis, summaries, plots, TensorBoard run summaries, the report and the printed table.
+
+    `devices` (run name -> device) stands in for the run's configured device: rows measured
+    elsewhere, analysed here (experiments/reanalyze.py)."""
     stored = store.rows()
     all_rows = results.latest(stored)
     current_all = [r for r in all_rows if fingerprints.get(r["run"]) == r.get("fingerprint")]
@@ -222,8 +226,11 @@ def finalize(
     all_samples = store.samples()
     summaries, analyzed_rows = [], []
     peak_source = analysis.PeakSource(
-        config.roofline.peaks_cache_dir, config.roofline.refresh_peaks
+        config.roofline.peaks_cache_dir,
+        config.roofline.refresh_peaks,
+        config.roofline.get("peaks_file"),
     )
+    used_peaks = {}
     for run in done:
         rows = grouped[run.name]
         s = summary.run_summary(rows)
@@ -235,14 +242,21 @@ def finalize(
                 for r in rows
                 if (run.name, r["batch_size"]) in all_samples
             }
+            device = devices[run.name] if devices else runs.device(run.config)
+            peak_source.start_run(
+                analysis.microbenchmark_budget(run.config.roofline, device.platform)
+            )
             rows, roof = analysis.analyze_run(
-                rows, samples, runs.device(run.config), run.config.roofline, peak_source
+                rows, samples, device, run.config.roofline, peak_source
             )
             s.update(roof)
+            used_peaks[f"{device.platform}:{device.device_kind}"] = peak_source.entry(device)
         if prepared and run.name in prepared:
             s.update(summary.training_fields(prepared[run.name]))
         summaries.append(s)
         analyzed_rows.extend(rows)
+    if used_peaks:
+        store.write_peaks(used_peaks)
     if config.roofline.enabled or len(all_rows) < len(stored):
         by_key = {(r["run"], r["batch_size"]): r for r in analyzed_rows}
         store.rewrite_rows([by_key.get((r["run"], r["batch_size"]), r) for r in all_rows])

@@ -166,8 +166,9 @@ LONE_KINDS = {"gemm": (3, 4), "moe_dispatch_combine": (3, 4), "conv": (7,)}
 @dataclasses.dataclass(frozen=True)
 class Rates:
     """What a device offers each op. Rate functions return FLOP/s (seconds for attention) of
-    one instance at its shape; None where the device has no microbenchmark for the kind (the
-    op then runs at `peak_flops_per_s`, a lower bound on its time)."""
+    one instance at its shape, or None where that shape has no rate (not measured, nothing to
+    interpolate from); a function left None means the device has no microbenchmark for the
+    kind. Either way the op then runs at `peak_flops_per_s`, a lower bound on its time."""
 
     dram_bytes_per_s: float
     cache_bytes_per_s: float
@@ -176,12 +177,12 @@ class Rates:
     dispatch_floor_s: float
     kernel_overhead_s: float
     weights_warm: bool
-    gemm: Callable[[tuple[int, ...]], float] | None = None
-    conv: Callable[[tuple[int, ...]], float] | None = None
-    attention: Callable[[Op], float] | None = None
+    gemm: Callable[[tuple[int, ...]], float | None] | None = None
+    conv: Callable[[tuple[int, ...]], float | None] | None = None
+    attention: Callable[[Op], float | None] | None = None
     # (one, two): seconds beyond the dispatch floor of calls running one and two instances of
     # an op alone (peaks.lone_op_seconds); asked only for ops under `small_op_s` (lone_times).
-    lone: Callable[[Op], tuple[float, float]] | None = None
+    lone: Callable[[Op], tuple[float, float] | None] | None = None
     small_op_s: float = SMALL_OP_S
 
 
@@ -207,20 +208,29 @@ def _roofline_parts(op: Op, rates: Rates) -> tuple[float, float, str]:
     # "cache" where every byte the op moves comes from the cache.
     cached = (op.weight_bytes == 0 or rates.weights_warm) and act_bw == rates.cache_bytes_per_s
     memory_limit = "cache" if cached else "memory"
-    if op.kind == "attention" and op.layout and rates.attention is not None:
-        compute_s = rates.attention(op)
-    elif op.kind in GEMM_LIKE and rates.gemm is not None and op.flops and len(op.shape) in (3, 4):
-        compute_s = 2.0 * math.prod(op.shape) / rates.gemm(op.shape)
-        # Epilogue FLOPs beyond the product (a bias add) ride along at no extra time.
-    elif op.kind == "conv" and rates.conv is not None and op.flops and len(op.shape) == 7:
-        compute_s = op.flops / rates.conv(op.shape)
-    elif op.kind in ("gemm", "conv", "attention", "moe_dispatch_combine"):
+    compute_s = _measured_compute_s(op, rates)
+    if compute_s is None and op.kind in ("gemm", "conv", "attention", "moe_dispatch_combine"):
         compute_s = op.flops / rates.peak_flops_per_s
-    else:
+    elif compute_s is None:
         # Elementwise, normalisation, reductions, gathers: bandwidth-bound (a few FLOPs per
         # byte, far below any device's ratio), priced on their bytes only.
         compute_s = 0.0
     return memory_s, compute_s, memory_limit
+
+
+def _measured_compute_s(op: Op, rates: Rates) -> float | None:
+    """Seconds of an op's arithmetic at the rate measured (or interpolated) at its shape;
+    None where the device has no such rate for it (it is then priced at the peak)."""
+    if op.kind == "attention" and op.layout and rates.attention is not None:
+        return rates.attention(op)
+    if op.kind in GEMM_LIKE and rates.gemm is not None and op.flops and len(op.shape) in (3, 4):
+        rate = rates.gemm(op.shape)
+        # Epilogue FLOPs beyond the product (a bias add) ride along at no extra time.
+        return 2.0 * math.prod(op.shape) / rate if rate else None
+    if op.kind == "conv" and rates.conv is not None and op.flops and len(op.shape) == 7:
+        rate = rates.conv(op.shape)
+        return op.flops / rate if rate else None
+    return None
 
 
 def lone_times(op: Op, rates: Rates) -> tuple[float, float] | None:
@@ -238,8 +248,7 @@ def lone_times(op: Op, rates: Rates) -> tuple[float, float] | None:
     memory_s, compute_s, _ = _roofline_parts(op, rates)
     if max(memory_s, compute_s) >= rates.small_op_s:
         return None
-    one, two = rates.lone(op)
-    return one, two
+    return rates.lone(op)
 
 
 def op_time(op: Op, rates: Rates) -> OpTime:

@@ -9,6 +9,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -16,9 +17,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
-from batching import ops, timing
+from batching import ops, specs, timing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +36,20 @@ class MeasuredPeaks:
     details: dict[str, Any]
     # Re-reading a buffer that fits the last-level cache (warm weights and activations).
     cache_bandwidth_bytes_per_s: float = 0.0
+
+
+class Budget:
+    """Seconds a run's per-shape microbenchmarks may spend; None: no limit. A shape asked
+    for once it is spent is not measured (cached_measurement returns None)."""
+
+    def __init__(self, seconds: float | None = None):
+        self.seconds = seconds
+        self.spent_s = 0.0
+        self.refused = 0  # shapes not measured for want of budget
+
+    @property
+    def exhausted(self) -> bool:
+        return self.seconds is not None and self.spent_s >= self.seconds
 
 
 QUICK = timing.TimingSettings(warmup_runs=2, min_runs=5, max_runs=200, budget_s=0.5)
@@ -77,21 +93,33 @@ WARM_CALL_FLOPS = 1e8
 COLD_CALL_FLOPS = 4e9
 
 
-def last_level_cache_bytes(device: jax.Device) -> int:
-    """Size of the cache that warm weights can sit in: L3 from sysfs on a CPU.
+# Where no datasheet gives a device's last-level cache: larger than any GPU's L2 in the spec
+# table (H100/H200 50 MB, A100 40 MB), so a model is never wrongly taken to fit it.
+ASSUMED_CACHE_BYTES = 64 << 20
 
-    Accelerators do not report theirs through JAX; 64 MiB bounds the L2 of every GPU
-    in the spec table (A100 40 MB, H100 50 MB).
-    """
+
+def last_level_cache(device: jax.Device) -> tuple[int, str]:
+    """(bytes, where the figure comes from) of the cache that warm weights can sit in: a
+    CPU's L3 read from sysfs; an accelerator's L2 from the spec table (batching.specs, with
+    its datasheet or whitepaper); else ASSUMED_CACHE_BYTES, said so."""
     if device.platform == "cpu":
         try:
             with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
                 text = f.read().strip()
             units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-            return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+            size = int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+            return size, "sysfs: /sys/devices/system/cpu/cpu0/cache/index3/size"
         except (OSError, ValueError):
             pass
-    return 64 << 20
+    spec = specs.detect(device.device_kind)
+    if spec is not None and spec.cache_bytes:
+        return int(spec.cache_bytes), f"spec {spec.name}: {spec.cache_source}"
+    return ASSUMED_CACHE_BYTES, "assumed (no spec for this device): 64 MiB"
+
+
+def last_level_cache_bytes(device: jax.Device) -> int:
+    """Size of the cache that warm weights can sit in (last_level_cache)."""
+    return last_level_cache(device)[0]
 
 
 # The last weight set measure_gemm_flops made: a sweep measures one GEMM shape per batch
@@ -267,21 +295,31 @@ def measure_conv_flops(
     return conv_flops_of(shape) / _per_instance(t, copies, dispatch_floor_s, kernel_overhead_s)
 
 
-def conv_flops(device: jax.Device, dtype: str, shape: tuple[int, ...], cache_dir: str) -> float:
-    """Measured FLOP/s of a conv shape (measure_conv_flops at conv_measured_batch), cached."""
-    shape = (conv_measured_batch(shape), *shape[1:])
+def conv_flops(
+    device: jax.Device,
+    dtype: str,
+    shape: tuple[int, ...],
+    cache_dir: str,
+    matmul_precision: str = "default",
+    budget: Budget | None = None,
+) -> float | None:
+    """Measured FLOP/s of a conv shape (measure_conv_flops at conv_measured_batch), cached;
+    None when it is not cached and `budget` is spent."""
+    measured_shape = (conv_measured_batch(shape), *shape[1:])
     return cached_measurement(
         device,
         cache_dir,
         "conv_flops_per_s",
-        f"{dtype}:{_dims(shape)}",
+        conv_key(dtype_key(dtype, matmul_precision), shape),
         lambda entry: measure_conv_flops(
             device,
             dtype,
-            shape,
+            measured_shape,
             dispatch_floor_s=entry.get("dispatch_floor_s", 0.0),
             kernel_overhead_s=entry.get("kernel_overhead_s", 0.0),
         ),
+        matmul_precision=matmul_precision,
+        budget=budget,
     )
 
 
@@ -347,19 +385,28 @@ def measure_lone_op_seconds(
 
 
 def lone_op_seconds(
-    device: jax.Device, dtype: str, kind: str, shape: tuple[int, ...], cache_dir: str
-) -> tuple[float, float]:
-    """measure_lone_op_seconds of one (kind, dtype, shape), cached with the device's peaks."""
-    one, two = cached_measurement(
+    device: jax.Device,
+    dtype: str,
+    kind: str,
+    shape: tuple[int, ...],
+    cache_dir: str,
+    matmul_precision: str = "default",
+    budget: Budget | None = None,
+) -> tuple[float, float] | None:
+    """measure_lone_op_seconds of one (kind, dtype, shape), cached with the device's peaks;
+    None when it is not cached and `budget` is spent."""
+    found = cached_measurement(
         device,
         cache_dir,
         "lone_op_s",
-        f"{kind}:{dtype}:{_dims(shape)}",
+        lone_key(dtype_key(dtype, matmul_precision), kind, shape),
         lambda entry: measure_lone_op_seconds(
             device, dtype, kind, shape, entry.get("dispatch_floor_s", 0.0)
         ),
+        matmul_precision=matmul_precision,
+        budget=budget,
     )
-    return one, two
+    return None if found is None else (found[0], found[1])
 
 
 def _pass_seconds(body, x: jax.Array, passes: int, settings: timing.TimingSettings) -> float:
@@ -452,13 +499,16 @@ def attention_seconds(
     shape: tuple[int, int, int, int, int],
     cache_dir: str,
     attend: Callable[..., jax.Array],
-) -> float:
-    """measure_attention_seconds of one (dtype, layout, shape), cached with the device's peaks."""
+    matmul_precision: str = "default",
+    budget: Budget | None = None,
+) -> float | None:
+    """measure_attention_seconds of one (dtype, layout, shape), cached with the device's
+    peaks; None when it is not cached and `budget` is spent."""
     return cached_measurement(
         device,
         cache_dir,
         "attention_s",
-        f"{dtype}:{layout}:{_dims(shape)}",
+        attention_key(dtype_key(dtype, matmul_precision), layout, shape),
         lambda entry: measure_attention_seconds(
             device,
             dtype,
@@ -467,34 +517,47 @@ def attention_seconds(
             attend,
             dispatch_floor_s=entry.get("dispatch_floor_s", 0.0),
         ),
+        matmul_precision=matmul_precision,
+        budget=budget,
     )
 
 
 def measure_bandwidth(
-    device: jax.Device, buffer_bytes: int | None = None, dispatch_floor_s: float = 0.0
+    device: jax.Device,
+    buffer_bytes: int | None = None,
+    dispatch_floor_s: float = 0.0,
+    passes: int | None = None,
 ) -> dict[str, float]:
     """Streaming bandwidth (bytes/s): a full read (sum) and a read+write (scale) of a big buffer.
 
     The buffer is 4x the last-level cache on a CPU (128 MiB for a 32 MiB L3; at least 64 MiB)
     and 2 GiB on an accelerator, so neither fits in a cache; a larger one gives the same rate
-    and costs a cold start more seconds. The call's dispatch floor is taken off each time: a
-    2 GiB read takes ~0.5 ms on an H200, its call ~0.06 ms more (under 0.5% on a CPU).
+    and costs a cold start more seconds. A CPU reads it once per call (the call's ~10 µs are
+    under 0.5% of it). On an accelerator a 2 GiB read takes ~0.5 ms (H200) and a call 60-120
+    µs more, so the read is `passes` (default 8) dependent passes in one call against one
+    (_pass_seconds), which cancels the call's fixed cost; the read+write is one pass per call
+    with the dispatch floor taken off.
     """
     if not buffer_bytes:
         llc = last_level_cache_bytes(device)
         buffer_bytes = max(4 * llc, 64 << 20) if device.platform == "cpu" else 2 << 30
+    passes = passes or (1 if device.platform == "cpu" else 8)
     x = jax.device_put(jnp.ones((buffer_bytes // 4,), jnp.float32), device)
 
     def stream_s(fn) -> float:
         t = _median_time(fn, (x,), STREAM_SETTINGS)
         return max(t - dispatch_floor_s, 0.5 * t)
 
-    read_s = stream_s(lambda x: jnp.sum(x))
+    if passes == 1:
+        read_s = stream_s(lambda x: jnp.sum(x))
+    else:
+        read_s = _pass_seconds(lambda x, c: jnp.sum(x * c), x, passes, STREAM_SETTINGS)
     copy_s = stream_s(lambda x: x * 2.0)
     return {
         "read_bytes_per_s": buffer_bytes / read_s,
         "copy_bytes_per_s": 2 * buffer_bytes / copy_s,
         "buffer_bytes": float(buffer_bytes),
+        "read_passes_per_call": float(passes),
     }
 
 
@@ -560,10 +623,23 @@ def _device_key(device: jax.Device) -> str:
     return f"{device.platform}:{device.device_kind}"
 
 
+def dtype_key(dtype: str, matmul_precision: str = "default") -> str:
+    """How the cache names a dtype measured under a matmul precision: "float32" for XLA's
+    default, "float32@highest" otherwise (on a GPU, fp32 at default precision runs as TF32)."""
+    if matmul_precision in (None, "default"):
+        return dtype
+    return f"{dtype}@{matmul_precision}"
+
+
 def measured_peaks(
-    device: jax.Device, dtypes: tuple[str, ...], cache_dir: str, refresh: bool = False
+    device: jax.Device,
+    dtypes: tuple[str, ...],
+    cache_dir: str,
+    refresh: bool = False,
+    matmul_precision: str = "default",
 ) -> MeasuredPeaks:
-    """Measured peaks for `device`, from the cache file unless missing, incomplete or `refresh`."""
+    """Measured peaks for `device`, from the cache file unless missing, incomplete or `refresh`.
+    Matmul peaks are keyed by (dtype, precision) (dtype_key) and measured under that precision."""
     path = cache_path(cache_dir)
     cache = _load(path)
     key = _device_key(device)
@@ -571,9 +647,14 @@ def measured_peaks(
     flops = dict(entry.get("matmul_flops_per_s", {}))
     changed = False
     for dtype in dtypes:
-        if dtype not in flops:
-            flops[dtype] = measure_matmul_flops(device, dtype)
+        name = dtype_key(dtype, matmul_precision)
+        if name not in flops:
+            with timing.precision_context(matmul_precision):
+                flops[name] = measure_matmul_flops(device, dtype)
             changed = True
+    if "last_level_cache_bytes" not in entry:
+        entry["last_level_cache_bytes"], entry["last_level_cache_source"] = last_level_cache(device)
+        changed = True
     if "dispatch_floor_s" not in entry:
         entry["dispatch_floor_s"] = measure_dispatch_floor(device)
         changed = True
@@ -592,11 +673,16 @@ def measured_peaks(
         entry["measured_at"] = time.time()
         entry["jax_version"] = jax.__version__
         _save(path, cache, key, entry)
+    return peaks_of(entry, device.platform, device.device_kind)
+
+
+def peaks_of(entry: dict[str, Any], platform: str, device_kind: str) -> MeasuredPeaks:
+    """The MeasuredPeaks a cache entry (or a workdir's device_peaks.json entry) holds."""
     bw = entry["bandwidth"]
     return MeasuredPeaks(
-        device_kind=device.device_kind,
-        platform=device.platform,
-        matmul_flops_per_s=flops,
+        device_kind=device_kind,
+        platform=platform,
+        matmul_flops_per_s=dict(entry.get("matmul_flops_per_s", {})),
         bandwidth_bytes_per_s=max(bw["read_bytes_per_s"], bw["copy_bytes_per_s"]),
         dispatch_floor_s=entry["dispatch_floor_s"],
         kernel_overhead_s=entry["kernel_overhead_s"],
@@ -611,28 +697,51 @@ def gemm_flops(
     shape: tuple[int, ...],
     cache_dir: str,
     cold: bool = False,
-) -> float:
+    matmul_precision: str = "default",
+    budget: Budget | None = None,
+) -> float | None:
     """Measured FLOP/s of one GEMM shape (m, k, n), or of a batched one (batch, m, k, n),
-    warm or with cold weights, cached."""
-    batch, (m, k, n) = (1, shape) if len(shape) == 3 else (shape[0], shape[1:])
-    prefix = f"{batch}@" if batch > 1 else ""
+    warm or with cold weights, cached; None when it is not cached and `budget` is spent."""
     return cached_measurement(
         device,
         cache_dir,
         "gemm_flops_per_s",
-        f"{dtype}:{prefix}{m}x{k}x{n}" + (":cold" if cold else ":warm"),
+        gemm_key(dtype_key(dtype, matmul_precision), shape, cold),
         lambda entry: measure_gemm_flops(
             device,
             dtype,
-            m,
-            k,
-            n,
+            *shape[-3:],
             dispatch_floor_s=entry.get("dispatch_floor_s", 0.0),
             cold=cold,
-            batch=batch,
+            batch=shape[0] if len(shape) == 4 else 1,
             kernel_overhead_s=entry.get("kernel_overhead_s", 0.0),
         ),
+        matmul_precision=matmul_precision,
+        budget=budget,
     )
+
+
+def gemm_key(dkey: str, shape: tuple[int, ...], cold: bool) -> str:
+    """ "float32:1024x1024x1024:warm", or "float32:8@64x512x512:cold" for 8 batched products."""
+    batch, (m, k, n) = (1, shape) if len(shape) == 3 else (shape[0], shape[1:])
+    prefix = f"{batch}@" if batch > 1 else ""
+    return f"{dkey}:{prefix}{m}x{k}x{n}" + (":cold" if cold else ":warm")
+
+
+def conv_key(dkey: str, shape: tuple[int, ...]) -> str:
+    """ "float32:16x56x56x64x64x3x1": a conv at the batch it is measured at
+    (conv_measured_batch)."""
+    return f"{dkey}:{_dims((conv_measured_batch(shape), *shape[1:]))}"
+
+
+def attention_key(dkey: str, layout: str, shape: tuple[int, ...]) -> str:
+    """ "float32:bksh:8x4x1024x3x64": (batch, kv_heads, cache_len, q_per_kv, head_dim)."""
+    return f"{dkey}:{layout}:{_dims(shape)}"
+
+
+def lone_key(dkey: str, kind: str, shape: tuple[int, ...]) -> str:
+    """ "gemm:float32:2x64x64"."""
+    return f"{kind}:{dkey}:{_dims(shape)}"
 
 
 def _dims(shape: tuple[int, ...]) -> str:
@@ -652,17 +761,63 @@ def cached_measurement(
     name: str,
     measure: Callable[[dict[str, Any]], Any],
     refresh: bool = False,
+    matmul_precision: str = "default",
+    budget: Budget | None = None,
 ) -> Any:
-    """Item `name` of the device's `table` in the peaks cache, `measure(entry)` only when it is
-    missing (or `refresh`), then saved; `entry` is the device's cached peaks (its dispatch
-    floor and kernel overhead, which the per-shape microbenchmarks take off)."""
+    """Item `name` of the device's `table` in the peaks cache, `measure(entry)` (under
+    `matmul_precision`) only when it is missing (or `refresh`), then saved; `entry` is the
+    device's cached peaks (its dispatch floor and kernel overhead, which the per-shape
+    microbenchmarks take off). A missing item with `budget` spent is None, not measured; the
+    seconds a measurement takes are charged to `budget`."""
     entry = device_entry(device, cache_dir)
     values = dict(entry.get(table, {}))
     if refresh or name not in values:
-        values[name] = measure(entry)
-        entry[table] = values
+        if budget is not None and budget.exhausted:
+            budget.refused += 1
+            return None
+        start = time.perf_counter()
+        with timing.precision_context(matmul_precision):
+            values[name] = measure(entry)
+        if budget is not None:
+            budget.spent_s += time.perf_counter() - start
+        entry = device_entry(device, cache_dir)  # others may have added items meanwhile
+        entry[table] = {**entry.get(table, {}), name: values[name]}
         _save(cache_path(cache_dir), {}, _device_key(device), entry)
     return values[name]
+
+
+# Per-shape tables, and how their keys vary along the swept dimension (a GEMM's m, a conv's or
+# an attention's batch): the key's text before and after that number, and whether the value
+# is a rate (FLOP/s, grows with the work) or seconds.
+_SWEPT = {
+    "gemm_flops_per_s": (r"(?P<pre>[^:]+:(?:\d+@)?)(?P<x>\d+)(?P<post>(?:x\d+){2}:\w+)", True),
+    "conv_flops_per_s": (r"(?P<pre>[^:]+:)(?P<x>\d+)(?P<post>(?:x\d+){6})", True),
+    "attention_s": (r"(?P<pre>[^:]+:[^:]+:)(?P<x>\d+)(?P<post>(?:x\d+){4})", False),
+}
+
+
+def interpolate(entry: dict[str, Any], table: str, name: str) -> float | None:
+    """An unmeasured per-shape item from the measured items of the same family (the same key
+    but for the swept dimension x): the rate (x / seconds for attention) interpolated
+    linearly in log rate over log x between the nearest measured x on each side, and held at
+    the nearest measured one beyond them. None when the family has no measured item."""
+    pattern, is_rate = _SWEPT[table]
+    match = re.fullmatch(pattern, name)
+    if match is None:
+        return None
+    known = []
+    for other, value in entry.get(table, {}).items():
+        m = re.fullmatch(pattern, other)
+        if m and m["pre"] == match["pre"] and m["post"] == match["post"] and value:
+            x = float(m["x"])
+            known.append((x, float(value) if is_rate else x / float(value)))
+    if not known:
+        return None
+    known.sort()
+    xs, rates = np.log([k[0] for k in known]), np.log([k[1] for k in known])
+    x = float(match["x"])
+    rate = float(np.exp(np.interp(np.log(x), xs, rates)))
+    return rate if is_rate else x / rate
 
 
 def _load(path: str) -> dict[str, Any]:

@@ -528,6 +528,33 @@ def _archived_c2(archived: list[archive.Archived]) -> str | None:
     return None
 
 
+def _peaks_provenance(analyzed: list[dict[str, Any]]) -> str:
+    """Where the peaks and per-shape rates came from, and what the budget left unmeasured."""
+    a = analyzed[0]
+    if a.get("peaks_file"):
+        text = (
+            f"Peaks taken from the file {a['peaks_file']} (measured where the rows were, not "
+            "on the machine that wrote this report)."
+        )
+    else:
+        text = "Peaks measured on this device (cached per device)."
+    if a.get("last_level_cache_bytes"):
+        text += (
+            f" Last-level cache {_fmt(a['last_level_cache_bytes'] / 2**20)} MiB "
+            f"({a.get('last_level_cache_source') or 'source unknown'})."
+        )
+    interpolated = sum(s.get("rates_interpolated") or 0 for s in analyzed)
+    at_peak = sum(s.get("rates_at_peak") or 0 for s in analyzed)
+    if interpolated or at_peak:
+        budgets = sorted({s.get("microbenchmark_budget_s") for s in analyzed}, key=str)
+        text += (
+            f" Per-shape rates not measured (microbenchmark budget {', '.join(map(_fmt, budgets))} "
+            f"s per run, or a peaks file): {interpolated} interpolated between measured shapes, "
+            f"{at_peak} priced at the peak (no measured shape of their family)."
+        )
+    return text
+
+
 def write(
     workdir: str,
     experiment: str,
@@ -555,6 +582,7 @@ def write(
             )
             if a["spec_device"]:
                 text += f" Spec table entry: {a['spec_device']}."
+            text += " " + _peaks_provenance(analyzed)
         doc.para(text)
         if any(r.get("num_devices", 1) > 1 and r.get("platform") == "cpu" for r in rows):
             doc.para(

@@ -20,8 +20,11 @@ CONFIG = "config.json"
 RESULTS = "results.jsonl"
 SAMPLES = "samples.jsonl"
 SUMMARY = "summary.json"
+# The device peaks the analysis used, in the peaks cache's format: rows measured on a rented
+# accelerator can be analysed anywhere with them (roofline.peaks_file).
+PEAKS = "device_peaks.json"
 # Files and folders a run writes; `overwrite` moves them to archive/<time>/.
-OUTPUTS = (CONFIG, RESULTS, SAMPLES, SUMMARY, "plots", "tb", "report.md", "report.html")
+OUTPUTS = (CONFIG, RESULTS, SAMPLES, SUMMARY, PEAKS, "plots", "tb", "report.md", "report.html")
 
 
 def _finite_or_null(obj: Any) -> Any:
@@ -189,6 +192,10 @@ class Store:
 
     def write_summary(self, summary: list[dict[str, Any]]) -> None:
         self._write_json(SUMMARY, summary)
+
+    def write_peaks(self, entries: dict[str, dict[str, Any]]) -> None:
+        """device_peaks.json: {"<platform>:<device_kind>": the peaks cache's entry}."""
+        self._write_json(PEAKS, entries)
 
     def _write_json(self, name: str, obj: Any) -> None:
         # Write then rename, so a reader never sees half a file.

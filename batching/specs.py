@@ -13,6 +13,7 @@ import jax
 TFLOPS = 1e12
 GBPS = 1e9
 GB = 1e9
+MB = 1e6
 GIB = 2**30
 
 
@@ -32,6 +33,10 @@ class DeviceSpec:
     # Datasheets quote NVLink as the bidirectional total (H100: 900 GB/s = 2 x 450).
     interconnect_bytes_per_s: float
     interconnect_source: str
+    # The last-level cache (a GPU's L2): warm weights that fit it are read at cache speed.
+    # None where no datasheet or whitepaper gives one here.
+    cache_bytes: float | None = None
+    cache_source: str = ""
 
 
 NVIDIA_A100 = "NVIDIA A100 datasheet (2021), dense Tensor Core figures"
@@ -59,6 +64,8 @@ SPECS: dict[str, DeviceSpec] = {
             "NVIDIA T4 datasheet: 16 GB GDDR6",
             interconnect_bytes_per_s=PCIE3_X16,
             interconnect_source=PCIE3_SOURCE + " (T4 datasheet: PCIe Gen3 x16 32 GB/s total)",
+            cache_bytes=4 * MB,
+            cache_source="NVIDIA Turing architecture whitepaper (2018): TU104, 4 MB L2",
         ),
         DeviceSpec(
             "V100 SXM2",
@@ -72,6 +79,8 @@ SPECS: dict[str, DeviceSpec] = {
             interconnect_source=(
                 "NVIDIA V100 datasheet: NVLink 2 300 GB/s total = 150 GB/s per direction"
             ),
+            cache_bytes=6 * MB,
+            cache_source="NVIDIA Tesla V100 architecture whitepaper (2017): 6 MB L2",
         ),
         DeviceSpec(
             "A10",
@@ -89,6 +98,8 @@ SPECS: dict[str, DeviceSpec] = {
             "NVIDIA A10 datasheet: 24 GB GDDR6",
             interconnect_bytes_per_s=PCIE4_X16,
             interconnect_source=PCIE4_SOURCE + " (A10 datasheet: PCIe Gen4 64 GB/s total)",
+            cache_bytes=6 * MB,
+            cache_source="NVIDIA Ampere GA102 architecture whitepaper (2021): 6 MB L2",
         ),
         DeviceSpec(
             "A100 40GB SXM",
@@ -106,6 +117,8 @@ SPECS: dict[str, DeviceSpec] = {
             "NVIDIA A100 datasheet (2021): 40 GB HBM2",
             interconnect_bytes_per_s=300 * GBPS,
             interconnect_source=A100_NVLINK,
+            cache_bytes=40 * MB,
+            cache_source="NVIDIA A100 Tensor Core GPU architecture whitepaper (2020): 40 MB L2",
         ),
         DeviceSpec(
             "A100 80GB SXM",
@@ -123,6 +136,8 @@ SPECS: dict[str, DeviceSpec] = {
             "NVIDIA A100 datasheet (2021): 80 GB HBM2e",
             interconnect_bytes_per_s=300 * GBPS,
             interconnect_source=A100_NVLINK,
+            cache_bytes=40 * MB,
+            cache_source="NVIDIA A100 Tensor Core GPU architecture whitepaper (2020): 40 MB L2",
         ),
         DeviceSpec(
             "L4",
@@ -140,6 +155,8 @@ SPECS: dict[str, DeviceSpec] = {
             "NVIDIA L4 datasheet: 24 GB GDDR6",
             interconnect_bytes_per_s=PCIE4_X16,
             interconnect_source=PCIE4_SOURCE + " (L4 datasheet: PCIe Gen4 x16 64 GB/s total)",
+            cache_bytes=48 * MB,
+            cache_source="NVIDIA Ada Lovelace architecture whitepaper (2022): AD104, 48 MB L2",
         ),
         DeviceSpec(
             "H100 SXM",
@@ -157,6 +174,8 @@ SPECS: dict[str, DeviceSpec] = {
             "NVIDIA H100 datasheet (2023): 80 GB HBM3",
             interconnect_bytes_per_s=450 * GBPS,
             interconnect_source=H100_NVLINK,
+            cache_bytes=50 * MB,
+            cache_source="NVIDIA H100 Tensor Core GPU architecture whitepaper (2022): 50 MB L2",
         ),
         DeviceSpec(
             "H100 PCIe",
@@ -175,6 +194,8 @@ SPECS: dict[str, DeviceSpec] = {
             interconnect_bytes_per_s=PCIE5_X16,
             interconnect_source=PCIE5_SOURCE
             + " (H100 PCIe without its NVLink bridge; datasheet: PCIe Gen5 128 GB/s total)",
+            cache_bytes=50 * MB,
+            cache_source="NVIDIA H100 Tensor Core GPU architecture whitepaper (2022): 50 MB L2",
         ),
         DeviceSpec(
             "H200",
@@ -193,6 +214,11 @@ SPECS: dict[str, DeviceSpec] = {
             interconnect_bytes_per_s=450 * GBPS,
             interconnect_source=(
                 "NVIDIA H200 datasheet: NVLink 900 GB/s total = 450 GB/s per direction"
+            ),
+            cache_bytes=50 * MB,
+            cache_source=(
+                "NVIDIA H100 Tensor Core GPU architecture whitepaper (2022): the same GH100 "
+                "die, 50 MB L2"
             ),
         ),
         DeviceSpec(

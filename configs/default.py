@@ -86,6 +86,13 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     config.roofline.refresh_peaks = False
     # Compute time from matmuls measured at the model's own shapes (True) or one square peak.
     config.roofline.shape_aware = True
+    # Seconds each run's per-shape microbenchmarks may take (GEMM, conv, attention rates);
+    # beyond it rates are interpolated between measured shapes. Unset: no limit on a CPU,
+    # 45 s on an accelerator (batching.analysis.ACCELERATOR_BUDGET_S); 0: measure none.
+    config.roofline.microbenchmark_budget_s = config_dict.placeholder(float)
+    # Analyse with the peaks in this file (a workdir's device_peaks.json, e.g. from a rented
+    # GPU) instead of measuring: rows measured elsewhere re-analysed here. Unset: measure.
+    config.roofline.peaks_file = config_dict.placeholder(str)
     # Spec-table devices whose predicted curves are drawn next to the measured one.
     config.roofline.whatif_devices = ("T4", "A100 80GB SXM", "H100 SXM")
     config.roofline.bootstrap = 200

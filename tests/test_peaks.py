@@ -5,7 +5,7 @@ import json
 import jax
 import pytest
 
-from batching import peaks
+from batching import analysis, peaks
 from models.kv_cache import attend_cache as ATTEND
 
 
@@ -117,6 +117,48 @@ def test_peaks_are_cached_per_device(tmp_path, monkeypatch):
     assert p.bandwidth_bytes_per_s == 2e10
     peaks.measured_peaks(dev, ("float32",), str(tmp_path), refresh=True)
     assert calls == ["float32", "float32"]
+    # Another matmul precision is another peak, measured under that precision.
+    precisions = []
+    monkeypatch.setattr(
+        peaks,
+        "measure_matmul_flops",
+        lambda d, t: precisions.append(jax.config.jax_default_matmul_precision) or 3e11,
+    )
+    p = peaks.measured_peaks(dev, ("float32",), str(tmp_path), matmul_precision="highest")
+    assert precisions == ["highest"]
+    assert p.matmul_flops_per_s == {"float32": 1e11, "float32@highest": 3e11}
+
+
+def test_unmeasured_shape_rates_are_interpolated_within_their_family(tmp_path):
+    """With the budget spent, a GEMM shape between two measured ones of the same weights gets
+    the log-log interpolation of their rates, past the ends the nearest one's; a shape with
+    no measured relative is left to the peak; nothing is measured."""
+    dev = jax.devices()[0]
+    entry = {
+        "gemm_flops_per_s": {"float32:1x16x16:warm": 1e9, "float32:4x16x16:warm": 4e9},
+        "attention_s": {"float32:bksh:2x1x64x2x8": 2e-5, "float32:bksh:8x1x64x2x8": 2e-5},
+    }
+    with open(peaks.cache_path(str(tmp_path)), "w") as f:
+        json.dump({f"{dev.platform}:{dev.device_kind}": entry}, f)
+    source = analysis.PeakSource(str(tmp_path), refresh=False)
+    source.start_run(0.0)
+    rate = source.gemm(dev, "float32", cold=False)
+    assert rate((2, 16, 16)) == pytest.approx(2e9)
+    assert rate((64, 16, 16)) == pytest.approx(4e9)
+    assert rate((2, 32, 32)) is None
+    # attention is stored as seconds: interpolated as sequences per second, 4 -> 2e-5 too
+    shape = dict(batch=4, kv_heads=1, cache_len=64, q_per_kv=2, head_dim=8)
+    attend = source.attention(dev, ATTEND)
+    assert attend({**shape, "dtype": "float32", "layout": "bksh"}) == pytest.approx(2e-5)
+    assert source.unmeasured == {
+        "gemm_flops_per_s:float32:2x16x16:warm": "interpolated",
+        "gemm_flops_per_s:float32:64x16x16:warm": "interpolated",
+        "gemm_flops_per_s:float32:2x32x32:warm": "peak",
+        "attention_s:float32:bksh:4x1x64x2x8": "interpolated",
+    }
+    assert source.budget.refused == 4
+    with open(peaks.cache_path(str(tmp_path))) as f:
+        assert next(iter(json.load(f).values())) == entry  # nothing was measured
 
 
 def test_lone_op_microbenchmark_is_cached_per_kind_and_shape(tmp_path, monkeypatch):
