@@ -3,6 +3,13 @@ jitted function with the workload's own arguments.
 
     python -m experiments.harness_overhead                      # the five CPU workloads
     python -m experiments.harness_overhead --cases=mlp_d8_w64 --rounds=3
+    python -m experiments.harness_overhead --suite=accelerator  # the GPU overhead study
+
+The accelerator suite (experiments/accelerator_run.sh runs it with XLA's command buffers on
+and off) times the post's MLP (depth 8, width 1024, fp32) at batch 1, 8 and 512 and a bf16
+one of width 8192 at batch 1 and 512, adds the trivial call's floor (a blocking loop, and
+200 calls dispatched before one wait) and, per case, a profiler trace (Python tracer off)
+read back into kernel seconds against wall seconds per call.
 
 For each case, at its batch size, in interleaved rounds (the methods' order shuffled each
 round, so drift hits them alike), it times:
@@ -24,7 +31,10 @@ call (median over rounds of each round's median) and lab / bare; the last line i
 
 import json
 import math
+import os
 import random
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -33,16 +43,18 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from batching import peaks, timing, topology, workload
+from batching import peaks, profiling, sweep, timing, topology, workload
 from configs import decoder as decoder_config
 from configs import default
 from configs import resnet as resnet_config
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("cases", None, "Cases to time (default: all of CASES).")
-flags.DEFINE_integer("rounds", 5, "Interleaved rounds.")
-flags.DEFINE_float("seconds", 0.4, "Seconds per method per round (at least --min_calls calls).")
-flags.DEFINE_integer("min_calls", 10, "Calls per method per round, at least.")
+flags.DEFINE_enum("suite", "cpu", ["cpu", "accelerator"], "Which cases (CPU targets or GPU study).")
+flags.DEFINE_list("cases", None, "Cases to time (default: the suite's).")
+flags.DEFINE_bool("trace", None, "Trace each case (default: on in the accelerator suite).")
+flags.DEFINE_integer("rounds", 15, "Interleaved rounds.")
+flags.DEFINE_float("seconds", 0.1, "Seconds per method per round (at least --min_calls calls).")
+flags.DEFINE_integer("min_calls", 5, "Calls per method per round, at least.")
 flags.DEFINE_bool("keep_outputs", True, "Also time the lab's timer holding outputs (lab_keep).")
 flags.DEFINE_string("json_out", None, "Also write the JSON result to this file.")
 
@@ -74,6 +86,21 @@ CASES: dict[str, tuple[Callable[[], Any], int]] = {
     "resnet18_w8_32": (lambda: _resnet(18, 8, 32), 1),
     "resnet50_224": (lambda: _resnet(50, 64, 224), 1),
     "decoder_decode": (_decoder, 1),
+    # The accelerator study: the post's MLP, and a bf16 one wide enough to leave the floor.
+    "mlp_d8_w1024_b8": (lambda: _mlp(1024, 8), 8),
+    "mlp_d8_w1024_b512": (lambda: _mlp(1024, 8), 512),
+    "mlp_d8_w8192_bf16_b1": (lambda: _mlp(8192, 8, "bfloat16"), 1),
+    "mlp_d8_w8192_bf16_b512": (lambda: _mlp(8192, 8, "bfloat16"), 512),
+}
+SUITES = {
+    "cpu": ["mlp_d8_w64", "mlp_d8_w1024", "resnet18_w8_32", "resnet50_224", "decoder_decode"],
+    "accelerator": [
+        "mlp_d8_w1024",
+        "mlp_d8_w1024_b8",
+        "mlp_d8_w1024_b512",
+        "mlp_d8_w8192_bf16_b1",
+        "mlp_d8_w8192_bf16_b512",
+    ],
 }
 
 
@@ -117,6 +144,7 @@ class Case:
     def __init__(self, name: str, config: Any, batch: int):
         topo = topology.build(config)
         wl = workload.build(config, topo, "")
+        self.wl = wl
         self.name, self.batch = name, batch
         self.flat = workload.flat_call(wl, batch)
         self.compiled = timing.compile_fn(self.flat.fn, self.flat.args, self.flat.donate_argnums)
@@ -169,14 +197,57 @@ class Case:
         return samples
 
 
-def benchmark(names: list[str], rounds: int, seconds: float, min_calls: int, keep: bool) -> dict:
+def trivial_floor(n: int = 2000, queued: int = 200) -> dict[str, float]:
+    """A trivial jitted call (8 floats in, x + 1 out): µs per call in a blocking loop, and per
+    call when `queued` calls are dispatched before one wait (dispatch alone, overlapped)."""
+    f = jax.jit(lambda x: x + 1.0)
+    x = jax.device_put(np.ones(8, np.float32))
+    blocking, _ = loop(f, (x,), n, None)
+    blocking, _ = loop(f, (x,), n, None)
+    pipelined = []
+    clock = time.perf_counter
+    for _ in range(10):
+        t0 = clock()
+        outs = [f(x) for _ in range(queued)]
+        jax.block_until_ready(outs)
+        pipelined.append((clock() - t0) / queued)
+        del outs
+    return {
+        "blocking_us": float(np.median(blocking)) * 1e6,
+        "dispatched_before_one_wait_us": float(np.median(pipelined)) * 1e6,
+        "queued_calls": queued,
+    }
+
+
+def traced(case: Case, steps: int = 12) -> dict[str, float]:
+    """Kernel seconds against wall seconds of the median traced call (the lab's own trace of
+    a point, batching.sweep.trace_point, read back by batching.profiling)."""
+    logdir = tempfile.mkdtemp(prefix="overhead_trace_")
+    since = time.time()
+    hlo = sweep.trace_point(case.wl, case.batch, steps, logdir)
+    fields = profiling.read(profiling.newest_trace(logdir, since), hlo)
+    wall = fields["traced_latency_s"]
+    other = fields["traced_ops"].get(profiling.OTHER, {}).get("seconds", 0.0)
+    shutil.rmtree(logdir, ignore_errors=True)
+    return {
+        "traced_wall_us": wall * 1e6,
+        "traced_kernels_us": (wall - other) * 1e6,
+        "traced_outside_kernels_us": other * 1e6,
+    }
+
+
+def benchmark(
+    names: list[str], rounds: int, seconds: float, min_calls: int, keep: bool, trace: bool
+) -> dict:
     methods = ["lab", "bare", "state"] + (["lab_keep"] if keep else [])
     rng = random.Random(0)
     result = {
         "device_kind": jax.devices()[0].device_kind,
         "platform": jax.devices()[0].platform,
         "jax_version": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "rounds": rounds,
+        "trivial_call": trivial_floor(),
         "cases": {},
     }
     for name in names:
@@ -202,6 +273,7 @@ def benchmark(names: list[str], rounds: int, seconds: float, min_calls: int, kee
             **({"keep_over_lab": per_call["lab_keep"] / per_call["lab"]} if keep else {}),
             "call_floor_flat_us": case.floor_flat_s * 1e6,
             "call_floor_state_us": case.floor_state_s * 1e6,
+            **(traced(case) if trace else {}),
         }
         del case
     return result
@@ -209,31 +281,44 @@ def benchmark(names: list[str], rounds: int, seconds: float, min_calls: int, kee
 
 def table(result: dict) -> str:
     keep = any("lab_keep_us" in c for c in result["cases"].values())
+    trace = any("traced_wall_us" in c for c in result["cases"].values())
+    floor = result["trivial_call"]
+    lines = [
+        f"trivial call: {floor['blocking_us']:.1f} µs blocking, "
+        f"{floor['dispatched_before_one_wait_us']:.1f} µs each with {floor['queued_calls']} "
+        "dispatched before one wait"
+    ]
     header = (
-        f"{'case':<16} {'arrays':>6} {'lab µs':>10} {'bare µs':>10} {'state µs':>10} "
+        f"{'case':<24} {'arrays':>6} {'lab µs':>10} {'bare µs':>10} {'state µs':>10} "
         + (f"{'keep µs':>10} " if keep else "")
         + f"{'lab/bare':>9} {'floor flat µs':>14} {'floor state µs':>15}"
+        + (f" {'traced µs':>10} {'kernels µs':>11}" if trace else "")
     )
-    lines = [header, "-" * len(header)]
+    lines += [header, "-" * len(header)]
     for name, c in result["cases"].items():
         lines.append(
-            f"{name:<16} {c['arrays']:>6} {c['lab_us']:>10.1f} {c['bare_us']:>10.1f} "
+            f"{name:<24} {c['arrays']:>6} {c['lab_us']:>10.1f} {c['bare_us']:>10.1f} "
             f"{c['state_us']:>10.1f} "
             + (f"{c['lab_keep_us']:>10.1f} " if keep else "")
             + f"{c['lab_over_bare']:>9.3f} {c['call_floor_flat_us']:>14.1f} "
             f"{c['call_floor_state_us']:>15.1f}"
+            + (f" {c['traced_wall_us']:>10.1f} {c['traced_kernels_us']:>11.1f}" if trace else "")
         )
     return "\n".join(lines)
 
 
 def main(argv):
     del argv
-    names = FLAGS.cases or list(CASES)
+    names = FLAGS.cases or SUITES[FLAGS.suite]
     unknown = [n for n in names if n not in CASES]
     if unknown:
         raise app.UsageError(f"--cases has unknown cases {unknown}; known: {sorted(CASES)}")
-    result = benchmark(names, FLAGS.rounds, FLAGS.seconds, FLAGS.min_calls, FLAGS.keep_outputs)
-    print(f"{result['device_kind']} ({result['platform']}), jax {result['jax_version']}")
+    trace = FLAGS.trace if FLAGS.trace is not None else FLAGS.suite == "accelerator"
+    result = benchmark(
+        names, FLAGS.rounds, FLAGS.seconds, FLAGS.min_calls, FLAGS.keep_outputs, trace
+    )
+    print(f"{result['device_kind']} ({result['platform']}), jax {result['jax_version']}, "
+          f"XLA_FLAGS={result['xla_flags']!r}")  # fmt: skip
     print(table(result))
     if FLAGS.json_out:
         with open(FLAGS.json_out, "w") as f:

@@ -123,6 +123,7 @@ LONGEST_FIRST = (
     "tests/test_distributed.py::test_killing_one_process_ends_the_other_with_an_error",
     "tests/test_decode_workload.py::test_shape_aware_prediction_times",
     "tests/test_faults.py::test_sigkill_at_random_moments",
+    "tests/test_accelerator_run.py::test_reduced_accelerator_run_completes_on_a_cpu",
     "tests/test_train.py::test_training_lowers_the_loss",  # trains the shared run
 )
 
