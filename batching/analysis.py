@@ -66,7 +66,9 @@ class PeakSource:
             if not os.path.isfile(peaks_file):
                 raise ValueError(f"roofline.peaks_file does not exist: {peaks_file!r}")
             # A private copy as the cache: lookups read it, and nothing can write the file.
-            cache_dir = tempfile.mkdtemp(prefix="lab_peaks_file_")
+            # Removed with this object.
+            self._copy = tempfile.TemporaryDirectory(prefix="lab_peaks_file_")
+            cache_dir = self._copy.name
             shutil.copy(peaks_file, peaks.cache_path(cache_dir))
         self.cache_dir = cache_dir
         self._refresh = refresh and not peaks_file

@@ -69,27 +69,6 @@ def _terminate(signum, frame):
     sweep.request_termination()
 
 
-def check_config_file(argv: list[str]) -> str | None:
-    """One line if --config names a missing file or one Python cannot parse, else None.
-
-    config_flags reads the file while absl parses flags, where its errors are tracebacks.
-    """
-    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if path is None:
-        return None
-    path = path.split(":", 1)[0]
-    if not os.path.isfile(path):
-        return f"config file not found: {path!r}"
-    try:
-        with open(path) as f:
-            compile(f.read(), path, "exec")
-    except SyntaxError as e:
-        return f"config file {path!r} line {e.lineno}: {e.msg}"
-    except (OSError, ValueError) as e:
-        return f"config file {path!r} is unreadable: {e}"
-    return None
-
-
 def lock_workdir(workdir: str):
     """An OS-level lock on the workdir (released when the process dies); WorkdirError if held."""
     os.makedirs(workdir, exist_ok=True)
@@ -326,6 +305,11 @@ def finalize(
 def closing_line(store: results.Store, rows: list[dict[str, Any]]) -> str:
     """Where the report is, how to open TensorBoard, and how many points were not ok and why."""
     line = f"report: {store.path('report.md')} | tensorboard --logdir {store.path('tb')}"
+    ok = [r for r in rows if results.is_ok(r)]
+    converged = sum(bool(r.get("converged", True)) for r in ok)
+    line += f" | {converged} of {len(ok)} measured points converged"
+    if converged < len(ok):
+        line += " (the others stopped on their budget; marked in the table and plots)"
     why = collections.Counter(r["status"] for r in rows if not results.is_ok(r))
     if why:
         counts = ", ".join(f"{n} {status}" for status, n in sorted(why.items()))
@@ -338,6 +322,7 @@ METRICS = {
     "latency_last_s": ("hparams/latency_last_ms", 1e3),
     "slowdown_last_vs_first": ("hparams/slowdown_last_vs_first", 1.0),
     "best_throughput_per_s": ("hparams/best_throughput_per_s", 1.0),
+    "points_converged": ("hparams/points_converged", 1.0),
     "predicted_critical_batch": ("roofline/predicted_critical_batch", 1.0),
     "spec_critical_batch": ("roofline/spec_critical_batch", 1.0),
     "predicted_critical_batch_global": ("roofline/predicted_critical_batch_global", 1.0),

@@ -59,10 +59,23 @@ def curve_figure(rows: list[dict[str, Any]], name: str, title: str) -> plt.Figur
         if name == "latency":
             lo = np.array([r["latency_p10_s"] for r in rs]) * scale
             hi = np.array([r["latency_p90_s"] for r in rs]) * scale
-            ax.errorbar(b, y, yerr=[y - lo, hi - y], marker="o", ms=3, capsize=2, label=run)
+            line = ax.errorbar(b, y, yerr=[y - lo, hi - y], marker="o", ms=3, capsize=2, label=run)
+            color = line.lines[0].get_color()
         else:
-            ax.plot(b, y, marker="o", ms=3, label=run)
+            color = ax.plot(b, y, marker="o", ms=3, label=run)[0].get_color()
+        mark_unconverged(ax, rs, y, color)
+    if any(not r.get("converged", True) for r in rows):
+        ax.plot([], [], "o", mfc="white", mec="k", ms=7, label="stopped on its budget")
     return _finish(fig, ax, "batch size", ylabel, title, xbase=2, ncol=2)
+
+
+def mark_unconverged(ax: plt.Axes, rows: list[dict[str, Any]], y: np.ndarray, color) -> None:
+    """A hollow ring over each point whose median missed the precision target (converged
+    false: the timer stopped on its budget), so a reader weighs it less."""
+    idx = [i for i, r in enumerate(rows) if not r.get("converged", True)]
+    if idx:
+        b = np.array([rows[i]["batch_size"] for i in idx])
+        ax.plot(b, y[idx], "o", mfc="white", mec=color, ms=7, mew=1.5, zorder=5)
 
 
 def to_image(fig: plt.Figure) -> np.ndarray:
@@ -98,6 +111,9 @@ def fit_figure(rows: list[dict[str, Any]], s: dict[str, Any]) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     y, lo, hi = ms("latency_s"), ms("latency_p10_s"), ms("latency_p90_s")
     ax.errorbar(b, y, yerr=[y - lo, hi - y], fmt="o", ms=4, capsize=2, label="measured (median)")
+    mark_unconverged(ax, rows, y, "C0")
+    if any(not r.get("converged", True) for r in rows):
+        ax.plot([], [], "o", mfc="white", mec="C0", ms=7, label="stopped on its budget")
     label = "predicted a priori" + (" (GEMMs at their shapes)" if s.get("shape_aware") else "")
     ax.plot(b, ms("predicted_latency_s"), "--", label=label)
     ax.plot(b, ms("predicted_peak_latency_s"), ":", label="predicted with square-matmul peak")

@@ -598,6 +598,7 @@ def write(
         "latency first (ms)",
         "latency last (ms)",
         "best examples/s",
+        "converged points",
     ]
     if analyzed:
         header += [
@@ -622,6 +623,7 @@ def write(
             s["latency_first_s"] * 1e3,
             s["latency_last_s"] * 1e3,
             s["best_throughput_per_s"],
+            f"{s.get('points_converged', s['points'])}/{s['points']}",
         ]
         if "knee_batch_size" in s:
             row += [
@@ -640,6 +642,13 @@ def write(
             ]
         table.append(row)
     doc.table(header, table)
+    unconverged = [f"{r['run']}@{r['batch_size']}" for r in rows if not r.get("converged", True)]
+    if unconverged:
+        doc.para(
+            f"Converged points: those whose median's 95% interval met the precision target "
+            f"(timing.target_rel_ci). {len(unconverged)} of {len(rows)} stopped on their "
+            f"budget instead (hollow rings in the plots): {', '.join(unconverged)}."
+        )
     if analyzed:
         doc.para(
             "pred. err and fit err: median over the run's points of |predicted / measured − 1| "

@@ -49,17 +49,27 @@ def fingerprint(run_measurement_cfg: dict[str, Any]) -> str:
 
 
 def check_writable(workdir: str) -> None:
-    """Raises WorkdirError unless `workdir` exists writable or can be created; writes nothing."""
+    """Raises WorkdirError unless `workdir` exists writable or can be created; leaves nothing.
+
+    A missing workdir is created and removed again (with any parents it needed): a path
+    under a folder that takes no new entries (/proc) passes os.access but not mkdir."""
     if not workdir:
         raise WorkdirError("workdir is missing: pass --workdir=<dir>")
     path = os.path.abspath(workdir)
     if os.path.exists(path) and not os.path.isdir(path):
         raise WorkdirError(f"workdir is not a directory: {workdir!r}")
-    probe = path
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        raise WorkdirError(f"workdir is not writable: {workdir!r}")
+    if os.path.isdir(path):
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise WorkdirError(f"workdir is not writable: {workdir!r}")
+        return
+    first = path
+    while not os.path.exists(os.path.dirname(first)):
+        first = os.path.dirname(first)
+    try:
+        os.makedirs(path)
+    except OSError as e:
+        raise WorkdirError(f"workdir cannot be created: {workdir!r} ({e.strerror})") from None
+    shutil.rmtree(first, ignore_errors=True)
 
 
 def _read_jsonl(path: str) -> list[dict[str, Any]]:

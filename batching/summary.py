@@ -84,17 +84,23 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     """A plain-text table of every point, one line per (run, batch size)."""
     header = (
         f"{'run':<24} {'batch':>6} {'latency ms':>11} {'95% CI ms':>19} "
-        f"{'examples/s':>12} {'GFLOP/s':>9} {'runs':>6} {'compile s':>9}"
+        f"{'per s':>12} {'GFLOP/s':>9} {'runs':>6} {'stopped on':>10} {'compile s':>9}"
     )
     lines = [header, "-" * len(header)]
     for r in sorted(rows, key=lambda r: (r["run"], r["batch_size"])):
         gflops = r["achieved_flops_per_s"]
         ci = f"[{r['latency_ci_low_s'] * 1e3:.4g}, {r['latency_ci_high_s'] * 1e3:.4g}]"
+        # "precision": the ±target interval was met; "budget"/"max_runs": it was not (*).
+        stop = r.get("stop_reason", "precision")
+        stop = stop if r.get("converged", True) else f"{stop} *"
         lines.append(
             f"{r['run']:<24} {r['batch_size']:>6} {r['latency_s'] * 1e3:>11.4g} {ci:>19} "
             f"{r['throughput_per_s']:>12.4g} "
-            f"{(gflops or float('nan')) / 1e9:>9.4g} {r['n_runs']:>6} {r['compile_s']:>9.3f}"
+            f"{(gflops or float('nan')) / 1e9:>9.4g} {r['n_runs']:>6} {stop:>10} "
+            f"{r['compile_s']:>9.3f}"
         )
+    if any(not r.get("converged", True) for r in rows):
+        lines.append("* the median's 95% interval missed timing.target_rel_ci")
     return "\n".join(lines)
 
 

@@ -405,7 +405,7 @@ def run_sweep(
                         )
                         continue
                     if points is not None:
-                        points.write(row)
+                        points.write(run_rows(store, run.name, fingerprints[run.name]))
                     logging.log_if(
                         logging.INFO,
                         "%s batch=%d latency=%.4g ms (n=%d, %s) [%d/%d]",
@@ -425,6 +425,15 @@ def run_sweep(
     finally:
         bar.close()
     return measured
+
+
+def run_rows(store: results.Store, run: str, fingerprint: str) -> list[dict[str, Any]]:
+    """The run's measured (ok) points so far, latest row per batch size."""
+    return [
+        r
+        for r in results.latest(store.rows())
+        if r["run"] == run and r.get("fingerprint") == fingerprint and results.is_ok(r)
+    ]
 
 
 def _why(e: BaseException) -> dict[str, str]:

@@ -9,6 +9,8 @@ every rerun so a resumed sweep never shows them twice.
 import glob
 import json
 import os
+import shutil
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -41,29 +43,67 @@ def run_dir(workdir: str, run: str) -> str:
     return os.path.join(workdir, "tb", run)
 
 
+POINTS_SUFFIX = ".points"
+# Event files of the run's folder that other writers own (run summary, training curves).
+OTHER_SUFFIXES = (RUN_SUMMARY_SUFFIX, ".train")
+
+
 class PointWriter:
-    """Streams one run's per-point scalars."""
+    """One run's per-point scalars (step = batch size), every point in batch order.
+
+    A sweep visits its batch sizes shuffled, but TensorBoard reads a step that goes back as
+    a restart and drops the points after it (a shuffled 10-point sweep showed 5 of them).
+    So each write replaces the run's points file with all of the run's measured points so
+    far, sorted by batch size: at any moment, after an interrupt, a resume or a run extended
+    with more batch sizes, the file holds every point in order. Older point files of the
+    folder (an earlier version streamed one file per run in visit order) are removed.
+    """
 
     def __init__(self, workdir: str, run: str):
         self.logdir = run_dir(workdir, run)
-        self._writer = tensorboardX.SummaryWriter(logdir=self.logdir, flush_secs=5)
 
-    def write(self, row: dict[str, Any], extra_scalars: dict[str, tuple[str, float]] | None = None):
-        step = int(row["batch_size"])
-        for field, (tag, scale) in {**POINT_SCALARS, **(extra_scalars or {})}.items():
-            value = row.get(field)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                self._writer.add_scalar(tag, value * scale, step)
-        for field, value in row.items():
-            if field in SCALAR_STATS or (field.startswith("layer_") and "/" in field):
-                self._writer.add_scalar(f"moe/{field}", value, step)
-        for field in ("tokens_per_expert", "experts_per_token"):
-            if row.get(field) is not None:
-                self._writer.add_histogram(f"moe/{field}", np.asarray(row[field]), step)
-        self._writer.flush()
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        """Replaces the points file with `rows` (the run's ok rows), sorted by batch size."""
+        os.makedirs(self.logdir, exist_ok=True)
+        scratch = tempfile.mkdtemp(prefix=".points-", dir=self.logdir)
+        try:
+            writer = tensorboardX.SummaryWriter(logdir=scratch, filename_suffix=POINTS_SUFFIX)
+            for row in sorted(rows, key=lambda r: int(r["batch_size"])):
+                _point_scalars(writer, row)
+            writer.close()
+            (made,) = glob.glob(os.path.join(scratch, "*tfevents*"))
+            for old in self._point_files():
+                os.remove(old)
+            os.replace(made, os.path.join(self.logdir, os.path.basename(made)))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
-    def close(self):
-        self._writer.close()
+    def _point_files(self) -> list[str]:
+        return [
+            path
+            for path in glob.glob(os.path.join(self.logdir, "*tfevents*"))
+            if os.path.isfile(path) and not path.endswith(OTHER_SUFFIXES)
+        ]
+
+    def close(self) -> None:
+        """Nothing stays open between writes."""
+
+
+def _point_scalars(writer: tensorboardX.SummaryWriter, row: dict[str, Any]) -> None:
+    step = int(row["batch_size"])
+    for field, (tag, scale) in POINT_SCALARS.items():
+        value = row.get(field)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            writer.add_scalar(tag, value * scale, step)
+    # 1 where the median met the precision target, 0 where the point stopped on its budget.
+    if "converged" in row:
+        writer.add_scalar("timing/converged", float(bool(row["converged"])), step)
+    for field, value in row.items():
+        if field in SCALAR_STATS or (field.startswith("layer_") and "/" in field):
+            writer.add_scalar(f"moe/{field}", value, step)
+    for field in ("tokens_per_expert", "experts_per_token"):
+        if row.get(field) is not None:
+            writer.add_histogram(f"moe/{field}", np.asarray(row[field]), step)
 
 
 def _hparam_value(value: Any) -> Any:

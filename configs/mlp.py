@@ -7,6 +7,8 @@ The argument is a comma-separated list of `field=value` for model fields
 (`width=2048,depth=4`); any field can also be set with `--config.model.width=2048`.
 """
 
+import difflib
+
 from ml_collections import config_dict
 
 from configs import default
@@ -19,8 +21,12 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     if arg:
         for item in arg.split(","):
             key, sep, value = item.partition("=")
-            if not sep or key not in config.model:
-                raise ValueError(f"configs/mlp.py argument must be model field=value, got {item!r}")
+            if not sep:
+                raise ValueError(f"configs/mlp.py argument must be field=value, got {item!r}")
+            if key not in config.model:
+                close = difflib.get_close_matches(key, list(config.model), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"configs/mlp.py argument: no model field {key!r}{hint}")
             config.model[key] = _parse(key, value, type(config.model[key]))
     return config
 

@@ -28,6 +28,10 @@ def model(depth: int = 50) -> config_dict.ConfigDict:
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     config = default.get_config()
     config.name = "resnet"
+    if arg and arg not in ("18", "34", "50", "101", "152"):
+        raise ValueError(
+            f"configs/resnet.py argument must be a depth (18, 34, 50, 101, 152), got {arg!r}"
+        )
     config.model = model(int(arg) if arg else 50)
     config.sweep.batch_sizes = (1, 2, 4, 8, 16, 32, 64)
     # A ResNet50 call is 8 GFLOP per image: seconds at batch 64 on a CPU.

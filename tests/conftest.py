@@ -18,15 +18,35 @@ import jax  # noqa: E402
 
 from configs import default  # noqa: E402
 
+# Every folder the tests make outside pytest's tmp_path lives under one root per test
+# session, shared by the xdist workers and the child processes they start (through the
+# environment), and removed when the session ends (pytest_sessionfinish).
+TEST_ROOT = os.environ.get("LAB_TEST_ROOT") or tempfile.mkdtemp(prefix="lab_tests_")
+os.environ["LAB_TEST_ROOT"] = TEST_ROOT
+os.makedirs(TEST_ROOT, exist_ok=True)
 
-def _session_dir(prefix: str) -> str:
-    """A fresh folder for this test session, shared by its pytest-xdist workers."""
-    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    if run is None:
-        return tempfile.mkdtemp(prefix=prefix)
-    path = os.path.join(tempfile.gettempdir(), prefix + run)
+
+def _session_dir(name: str) -> str:
+    """A folder of this test session, shared by its pytest-xdist workers."""
+    path = os.path.join(TEST_ROOT, name)
     os.makedirs(path, exist_ok=True)
     return path
+
+
+def pytest_sessionfinish(session, exitstatus):
+    del exitstatus
+    if not hasattr(session.config, "workerinput"):  # the controller, after every worker
+        shutil.rmtree(TEST_ROOT, ignore_errors=True)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Work stealing (a worker that runs dry takes half of the other's queue, so the two
+    finish together; the longest tests go first, below). A hook rather than `--dist` in
+    pyproject's addopts, so `pytest -p no:xdist` still runs."""
+    from xdist.scheduler import WorkStealingScheduling
+
+    return WorkStealingScheduling(config, log)
 
 
 def once_per_session(name: str, make: Callable[[str], None]) -> str:
@@ -45,7 +65,7 @@ def once_per_session(name: str, make: Callable[[str], None]) -> str:
     return folder
 
 
-SESSION_DIR = _session_dir("lab_session_")
+SESSION_DIR = _session_dir("session")
 
 # Many tests compile the same tiny programs; a session-wide persistent cache turns the
 # repeats into loads. Timings in tests are never asserted, so this hides nothing.
@@ -56,7 +76,7 @@ SESSION_DIR = _session_dir("lab_session_")
 # The environment carries both to every xdist worker and to child processes (main.py
 # runs, forced-device children), which would compile the same programs again otherwise.
 XLA_SETTINGS = {
-    "jax_compilation_cache_dir": _session_dir("lab_xla_"),
+    "jax_compilation_cache_dir": _session_dir("xla"),
     "jax_persistent_cache_min_compile_time_secs": 0,
     "jax_persistent_cache_min_entry_size_bytes": 0,
     "jax_disable_most_optimizations": True,
@@ -68,7 +88,7 @@ for name, value in XLA_SETTINGS.items():
 # Device peaks for tests: seeded so sweeps do not spend seconds on the 256 MiB
 # bandwidth benchmark. These are inputs to the analysis under test, not results;
 # tests/test_peaks.py measures real peaks at small sizes.
-PEAKS_DIR = tempfile.mkdtemp(prefix="lab_peaks_")
+PEAKS_DIR = tempfile.mkdtemp(prefix="peaks_", dir=TEST_ROOT)
 SEEDED_PEAKS = {
     "matmul_flops_per_s": {"float32": 1e11},
     "bandwidth": {"read_bytes_per_s": 2e10, "copy_bytes_per_s": 1e10, "buffer_bytes": 1.0},
