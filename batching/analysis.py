@@ -11,7 +11,9 @@ mesh's measured bus bandwidth (roofline.comm_time, batching.collectives): the ro
 """
 
 import dataclasses
+import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -60,8 +62,11 @@ class PeakSource:
     (peaks.interpolate), else the op runs at the peak; `unmeasured` names them.
     """
 
-    def __init__(self, cache_dir: str, refresh: bool, peaks_file: str | None = None):
+    def __init__(
+        self, cache_dir: str, refresh: bool, peaks_file: str | None = None, check: bool = True
+    ):
         self.peaks_file = peaks_file
+        self._check = check
         if peaks_file:
             if not os.path.isfile(peaks_file):
                 raise ValueError(f"roofline.peaks_file does not exist: {peaks_file!r}")
@@ -75,6 +80,8 @@ class PeakSource:
         self._refreshed: set[str] = set()
         self.budget = peaks.Budget(0.0 if peaks_file else None)
         self.unmeasured: dict[str, str] = {}
+        # Per device: this run's check of the cached peaks (peaks.check_cached).
+        self.checks: dict[str, dict[str, Any] | None] = {}
 
     def start_run(self, budget_s: float | None) -> None:
         """A new run: its own microbenchmark budget (none with a peaks file) and tally."""
@@ -96,8 +103,12 @@ class PeakSource:
                     f"({precision} precision) peaks for {key}"
                 )
             return peaks.peaks_of(entry, device.platform, device.device_kind)
-        refresh = self._refresh and key not in self._refreshed
+        first = key not in self._refreshed
         self._refreshed.add(key)
+        if first and self._check and not self._refresh:
+            # Once per device and process: are the cached peaks still this device's?
+            self.checks[key] = peaks.check_cached(device, self.cache_dir, dtype, precision)
+        refresh = self._refresh and first
         return peaks.measured_peaks(device, (dtype,), self.cache_dir, refresh, precision)
 
     def _or_interpolated(self, device: Any, table: str, name: str, value: Any) -> Any:
@@ -198,26 +209,93 @@ def _ratio(xla: float | None, analytic: float | None) -> float | None:
     return xla / analytic
 
 
+@dataclasses.dataclass
+class DeviceModel:
+    """What one run's analysis knows of its device: the peaks it uses (the compute roof a
+    ceiling over every measurement of the dtype), the per-op rates, the interconnect."""
+
+    device: Any
+    dtype: str
+    precision: str
+    peaks: peaks.MeasuredPeaks
+    rates: ops_lib.Rates
+    peak_f: float  # the compute roof, FLOP/s (ceiling)
+    peak_source: str  # which measurement set it
+    square_f: float  # the square-matmul microbenchmark alone
+    bw: float  # streaming DRAM bandwidth, bytes/s
+    llc: float  # last-level cache, bytes
+    cold: bool  # the run's weights overflow the last-level cache
+    comm_bw: Any
+    comm_source: str | None
+
+    @property
+    def roof_bytes_per_s(self) -> float:
+        """The memory roof: DRAM, or the last-level cache when the weights stay in it."""
+        return self.bw if self.cold else (self.rates.cache_bytes_per_s or self.bw)
+
+    @property
+    def ridge(self) -> float:
+        """FLOPs per byte where the compute roof meets the memory roof."""
+        return self.peak_f / self.roof_bytes_per_s
+
+
 def analyze_run(
     rows: list[dict[str, Any]],
-    samples: dict[int, np.ndarray],
+    samples: dict[int, Any],
     device: jax.Device,
     roofline_cfg: Any,
     peak_source: PeakSource,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Returns (rows with roofline fields, the run's roofline summary fields)."""
+    """Returns (rows with roofline fields, the run's roofline summary fields). `samples` are
+    each point's timing samples per sweep pass ({batch: [pass 0, pass 1, ...]})."""
     rows = sorted(rows, key=lambda r: r["batch_size"])
-    dtype = rows[0]["dtype"] or "float32"
-    param_dtype = rows[0].get("param_dtype") or dtype
-    precision = rows[0].get("matmul_precision", "default")
-    mesh_shape = mesh_shape_of(rows[0])
-    split = mesh_shape_of(rows[0], "parallel_shape")
     # One device's share of each call (the rows themselves on a single device).
     device_rows = [roofline.per_device_work(r) for r in rows]
-    device_peaks = peak_source.peaks(device, dtype, precision)
-    peak_f = device_peaks.matmul_flops_per_s[peaks.dtype_key(dtype, precision)]
-    bw = device_peaks.bandwidth_bytes_per_s
-    llc = device_peaks.details.get("last_level_cache_bytes") or peaks.last_level_cache_bytes(device)
+    model = device_model(rows, device_rows, device, roofline_cfg, peak_source)
+    # The knee is fitted on the points whose median met its precision target; points that
+    # stopped on their budget are drawn and predicted, not fitted.
+    converged = [r for r in rows if r.get("converged", True)]
+    fit = roofline.fit_knee(converged, samples, n_bootstrap=roofline_cfg.bootstrap)
+    out, not_measured = predicted_rows(rows, device_rows, model, fit, peak_source, roofline_cfg)
+    summary = {
+        **roof_fields(out, model, peak_source, not_measured),
+        **knee_fields(out, samples, fit, converged, model, roofline_cfg),
+        **error_fields(out),
+        "shape_aware": bool(roofline_cfg.shape_aware),
+        "cold_weights": bool(model.cold),
+        **spec_fields(out, model, roofline_cfg),
+        "breakdown": breakdown(out),
+        "traced_breakdown": traced_breakdown(out),
+        **mesh_summary(out, mesh_shape_of(rows[0]), device, model.comm_source, peak_source),
+    }
+    # Each data replica batches on its own: a device turns compute-bound at B* of its own
+    # share, so the global batch does at B* x data (the model and expert axes share one
+    # replica's batch, so they do not multiply it).
+    split = mesh_shape_of(rows[0], "parallel_shape")
+    for key in ("predicted_critical_batch", "spec_critical_batch"):
+        per_device = summary[key]
+        summary[f"{key}_global"] = per_device * split["data"] if per_device else None
+    summary["num_devices"] = int(np.prod(list(mesh_shape_of(rows[0]).values())))
+    summary["parallel_shape"] = split
+    return out, summary
+
+
+def device_model(
+    rows: list[dict[str, Any]],
+    device_rows: list[dict[str, Any]],
+    device: Any,
+    roofline_cfg: Any,
+    peak_source: PeakSource,
+) -> DeviceModel:
+    """The run's peaks and per-op rates: every shape the run needs is measured (within the
+    budget; the sweep's ends first), then the compute roof is set to the best rate measured
+    for the dtype (ceiling), and the rates priced with it."""
+    dtype = rows[0]["dtype"] or "float32"
+    precision = rows[0].get("matmul_precision", "default")
+    measured = peak_source.peaks(device, dtype, precision)
+    square_f = measured.matmul_flops_per_s[peaks.dtype_key(dtype, precision)]
+    bw = measured.bandwidth_bytes_per_s
+    llc = measured.details.get("last_level_cache_bytes") or peaks.last_level_cache_bytes(device)
     # Weights bigger than the last-level cache stream from DRAM on every call: time the
     # GEMMs the same way, or small batches look faster than they can be.
     cold = (device_rows[0].get("weight_bytes") or 0) > llc
@@ -227,15 +305,13 @@ def analyze_run(
     if any(r.get("attention_shapes") for r in rows):
         attend = getattr(workload.workload_module(rows[0]["model"]), "ATTEND", None)
     attention = peak_source.attention(device, attend, precision) if shape_aware and attend else None
-    comm_bw, comm_source = comm_bandwidth(rows, device, peak_source)
-    fit = roofline.fit_knee(rows, samples, n_bootstrap=roofline_cfg.bootstrap)
     rates = ops_lib.Rates(
         dram_bytes_per_s=bw,
-        cache_bytes_per_s=device_peaks.cache_bandwidth_bytes_per_s or bw,
+        cache_bytes_per_s=measured.cache_bandwidth_bytes_per_s or bw,
         cache_bytes=float(llc),
-        peak_flops_per_s=peak_f,
-        dispatch_floor_s=device_peaks.dispatch_floor_s,
-        kernel_overhead_s=device_peaks.kernel_overhead_s,
+        peak_flops_per_s=square_f,
+        dispatch_floor_s=measured.dispatch_floor_s,
+        kernel_overhead_s=measured.kernel_overhead_s,
         # Weights that fit the last-level cache stay there between timed calls.
         weights_warm=not cold,
         gemm=peak_source.gemm(device, dtype, cold, precision) if shape_aware else None,
@@ -249,43 +325,80 @@ def analyze_run(
         ),
         attention=(lambda op: attention(ops_lib.attention_shapes([op])[0])) if attention else None,
     )
-    tol = roofline_cfg.cost_tolerance
+    # Measure every shape the run's predictions ask for, the sweep's ends first, then the
+    # middles: what a bounded budget cannot measure lies between measured shapes.
+    for i in spread_order(len(device_rows)):
+        ops_lib.predict_call(row_ops(device_rows[i]), rates)
+    peak_f, source = compute_ceiling(
+        square_f, peak_source.entry(device), peaks.dtype_key(dtype, precision), device_rows
+    )
+    comm_bw, comm_source = comm_bandwidth(rows, device, peak_source)
+    return DeviceModel(
+        device, dtype, precision, measured, dataclasses.replace(rates, peak_flops_per_s=peak_f),
+        peak_f, source, square_f, bw, llc, cold, comm_bw, comm_source,
+    )  # fmt: skip
 
-    def predict_device(rd: dict[str, Any]) -> tuple[ops_lib.CallTime, float]:
-        """(per-op predicted call, naive s) of one device's share of a call, no communication."""
-        flops, bytes_moved = roofline.work(rd)
-        # The floor of a call with this workload's own arguments, where the sweep measured it.
-        floor_s = rd.get("call_floor_s") or device_peaks.dispatch_floor_s
-        call = ops_lib.predict_call(
-            row_ops(rd), dataclasses.replace(rates, dispatch_floor_s=floor_s)
-        )
-        overhead_s = roofline.overhead_time(
-            rd.get("gemm_shapes"), device_peaks.dispatch_floor_s, device_peaks.kernel_overhead_s
-        )
-        naive, _ = roofline.predict(flops, bytes_moved, overhead_s, bw, flops / peak_f)
-        return call, naive
 
-    if peak_source.budget.seconds is not None:
-        # A bounded budget measures the shapes of the sweep's ends first, then the middles,
-        # so what it cannot measure lies between measured shapes and is interpolated.
-        for i in spread_order(len(device_rows)):
-            predict_device(device_rows[i])
-    out = []
-    not_measured: dict[str, str] = {}
+# Measurements of less work than this per kernel do not set the compute roof: their rate
+# rests on subtracting a call's fixed costs, which a small kernel does not dwarf.
+CEILING_MIN_FLOPS = 1e8
+
+
+def compute_ceiling(
+    square_f: float, entry: dict[str, Any], dkey: str, device_rows: list[dict[str, Any]]
+) -> tuple[float, str]:
+    """The compute roof: the best FLOP rate this device was measured at in the dtype, so no
+    row or op sits above it. Candidates: the square-matmul microbenchmark, the per-shape GEMM
+    and conv rates of at least CEILING_MIN_FLOPS per kernel, and the run's own points of at
+    least that much work per call (one device's share). Returns (FLOP/s, what set it)."""
+    best, source = square_f, "square-matmul microbenchmark"
+    for table, pattern in (
+        ("gemm_flops_per_s", r"(?:(\d+)@)?(\d+)x(\d+)x(\d+):\w+"),
+        ("conv_flops_per_s", r"(\d+x){6}\d+"),
+    ):
+        for key, rate in entry.get(table, {}).items():
+            name = key[len(dkey) + 1 :] if key.startswith(dkey + ":") else None
+            m = re.fullmatch(pattern, name or "")
+            if not m or not rate or rate <= best:
+                continue
+            if table == "gemm_flops_per_s":
+                flops = 2.0 * int(m.group(1) or 1) * math.prod(int(x) for x in m.groups()[1:])
+            else:
+                flops = peaks.conv_flops_of(tuple(int(x) for x in name.split("x")))
+            if flops >= CEILING_MIN_FLOPS:
+                best, source = float(rate), f"{table.split('_')[0].upper()} microbenchmark {name}"
+    for r in device_rows:
+        flops = r.get("analytic_flops") or 0.0
+        if flops >= CEILING_MIN_FLOPS and flops / r["latency_s"] > best:
+            best, source = flops / r["latency_s"], f"measured point batch {r['batch_size']}"
+    return best, source
+
+
+def predicted_rows(
+    rows: list[dict[str, Any]],
+    device_rows: list[dict[str, Any]],
+    model: DeviceModel,
+    fit: roofline.KneeFit,
+    peak_source: PeakSource,
+    roofline_cfg: Any,
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Each row with its prediction, regime, roof fractions, fit and cost check; and every
+    per-shape rate the run could not measure."""
+    split = mesh_shape_of(rows[0], "parallel_shape")
+    out, not_measured = [], {}
     for r, rd in zip(rows, device_rows, strict=True):
         peak_source.unmeasured = {}
-        call, naive = predict_device(rd)
+        call = predict_device(rd, model)
         not_measured.update(peak_source.unmeasured)
         # The interconnect: the call's collectives, after (not overlapping) its compute.
-        comm_s = roofline.comm_time(r.get("collectives"), comm_bw) if comm_bw else 0.0
+        comm_s = roofline.comm_time(r.get("collectives"), model.comm_bw) if model.comm_bw else 0.0
         extra = {}
         if split["expert"] > 1 and r.get("device_max_mean_load"):
             # What the slowest device costs: the same call with every device at the mean load.
             mean_load = roofline.per_device_work({**r, "device_max_mean_load": 1.0})
-            extra["predicted_balanced_latency_s"] = predict_device(mean_load)[0].seconds + comm_s
-        flops_ratio = _ratio(r["flops"], r["analytic_flops"])
-        bytes_ratio = _ratio(r["bytes_accessed"], r["analytic_bytes"])
-        mismatch = any(x is not None and abs(x - 1) > tol for x in (flops_ratio, bytes_ratio))
+            extra["predicted_balanced_latency_s"] = (
+                predict_device(mean_load, model).seconds + comm_s
+            )
         out.append(
             {
                 **r,
@@ -295,100 +408,193 @@ def analyze_run(
                 "predicted_call_extra_s": call.call_extra_s,
                 # Predicted seconds per op kind and limit: where the time goes.
                 "predicted_by_kind": call.by_kind(),
-                "predicted_peak_latency_s": naive,
+                "predicted_kinds": call.kind_detail(),
+                "predicted_peak_latency_s": naive_prediction(rd, model),
                 "predicted_comm_s": comm_s,
-                "regime": call.regime,
-                "fitted_latency_s": fit.fitted_latency_s[r["batch_size"]],
+                **regime_fields(r, rd, call, model),
+                "fitted_latency_s": fit.fitted(r["batch_size"]),
                 # Per-shape rates this prediction could not measure: interpolated or peak.
                 "rates_not_measured": dict(peak_source.unmeasured) or None,
-                "xla_flops_ratio": flops_ratio,
-                "xla_bytes_ratio": bytes_ratio,
-                "cost_mismatch": mismatch,
+                **cost_check(r, roofline_cfg.cost_tolerance),
                 **extra,
             }
         )
-    predicted_fit = predicted_knee(out, samples, roofline_cfg.bootstrap)
-    bytes_per_param = resolve_dtype(param_dtype).itemsize
-    uses = rows[0].get("weight_uses_per_example") or 1.0
-    spec = specs.detect(device.device_kind)
-    spec_f = specs.spec_flops(spec, dtype, precision) if spec else None
-    measured = np.array([r["latency_s"] for r in out])
+    return out, not_measured
+
+
+def predict_device(rd: dict[str, Any], model: DeviceModel) -> ops_lib.CallTime:
+    """The per-op predicted call of one device's share of a call, no communication; the
+    floor is the call's own (its arguments) where the sweep measured it."""
+    floor_s = rd.get("call_floor_s") or model.peaks.dispatch_floor_s
+    rates = dataclasses.replace(model.rates, dispatch_floor_s=floor_s)
+    return ops_lib.predict_call(row_ops(rd), rates)
+
+
+def naive_prediction(rd: dict[str, Any], model: DeviceModel) -> float:
+    """The whole-program max(overhead, bytes / BW, FLOPs / square-matmul peak) baseline."""
+    flops, bytes_moved = roofline.work(rd)
+    overhead_s = roofline.overhead_time(
+        rd.get("gemm_shapes"), model.peaks.dispatch_floor_s, model.peaks.kernel_overhead_s
+    )
+    return roofline.predict(flops, bytes_moved, overhead_s, model.bw, flops / model.square_f)[0]
+
+
+def regime_fields(
+    r: dict[str, Any], rd: dict[str, Any], call: ops_lib.CallTime, model: DeviceModel
+) -> dict[str, Any]:
+    """Which limit a point is at, by the roofline: one device's FLOPs per byte against the
+    ridge of the measured roofs (compute or memory), or overhead where the predicted fixed
+    cost per call exceeds both roof times; and the achieved fraction of each roof."""
+    flops, bytes_moved = roofline.work(rd)
+    terms = {
+        "overhead": call.overhead_s,
+        "memory": (bytes_moved or 0.0) / model.roof_bytes_per_s,
+        "compute": (flops or 0.0) / model.peak_f,
+    }
+    latency = r["latency_s"]
+    return {
+        "regime": max(terms, key=terms.get),
+        "regime_terms_s": terms,
+        "intensity_flops_per_byte": flops / bytes_moved if flops and bytes_moved else None,
+        "compute_roof_fraction": flops / latency / model.peak_f if flops else None,
+        "memory_roof_fraction": (
+            bytes_moved / latency / model.roof_bytes_per_s if bytes_moved else None
+        ),
+    }
+
+
+def cost_check(r: dict[str, Any], tolerance: float) -> dict[str, Any]:
+    """XLA's counted FLOPs and bytes against the analytic count, flagged beyond `tolerance`."""
+    flops_ratio = _ratio(r["flops"], r["analytic_flops"])
+    bytes_ratio = _ratio(r["bytes_accessed"], r["analytic_bytes"])
+    mismatch = any(x is not None and abs(x - 1) > tolerance for x in (flops_ratio, bytes_ratio))
+    return {
+        "xla_flops_ratio": flops_ratio,
+        "xla_bytes_ratio": bytes_ratio,
+        "cost_mismatch": mismatch,
+    }
+
+
+def roof_fields(
+    out: list[dict[str, Any]],
+    model: DeviceModel,
+    peak_source: PeakSource,
+    not_measured: dict[str, str],
+) -> dict[str, Any]:
+    """The device's roofs as this run used them, where they came from, and the check."""
     first_bytes = out[0]["achieved_bytes_per_s"]
-    summary = {
-        "peak_flops_per_s": peak_f,
-        "peak_bytes_per_s": bw,
-        "dispatch_floor_s": device_peaks.dispatch_floor_s,
-        "kernel_overhead_s": device_peaks.kernel_overhead_s,
-        "cache_bytes_per_s": rates.cache_bytes_per_s,
-        # A weight serving only a fraction of the batch (an expert: k/E) needs that much
-        # larger a batch to be reused as often: B* / weight_uses_per_example.
-        "predicted_critical_batch": specs.critical_batch_size(peak_f, bw, bytes_per_param) / uses,
+    key = f"{model.device.platform}:{model.device.device_kind}"
+    return {
+        "peak_flops_per_s": model.peak_f,
+        "peak_flops_source": model.peak_source,
+        "square_matmul_flops_per_s": model.square_f,
+        "peak_bytes_per_s": model.bw,
+        "memory_roof_bytes_per_s": model.roof_bytes_per_s,
+        "memory_roof": "DRAM" if model.cold else "last-level cache",
+        "ridge_flops_per_byte": model.ridge,
+        "dispatch_floor_s": model.peaks.dispatch_floor_s,
+        "kernel_overhead_s": model.peaks.kernel_overhead_s,
+        "cache_bytes_per_s": model.rates.cache_bytes_per_s,
+        # Achieved bytes/s at the smallest batch as a fraction of the measured bandwidth.
+        "bandwidth_fraction_first": first_bytes / model.bw if first_bytes else None,
+        "regimes": {r["batch_size"]: r["regime"] for r in out},
+        "microbenchmark_budget_s": peak_source.budget.seconds,
+        "microbenchmark_s": peak_source.budget.spent_s,
+        "rates_interpolated": sum(v == "interpolated" for v in not_measured.values()),
+        "rates_at_peak": sum(v == "peak" for v in not_measured.values()),
+        "peaks_file": peak_source.peaks_file,
+        "peaks_check": peak_source.checks.get(key),
+        "last_level_cache_bytes": model.llc,
+        "last_level_cache_source": model.peaks.details.get("last_level_cache_source"),
+        "peaks_measured_at": model.peaks.details.get("measured_at"),
+    }
+
+
+def knee_fields(
+    out: list[dict[str, Any]],
+    samples: dict[int, Any],
+    fit: roofline.KneeFit,
+    converged: list[dict[str, Any]],
+    model: DeviceModel,
+    roofline_cfg: Any,
+) -> dict[str, Any]:
+    """The fitted knee (converged points, interval across passes), the predicted curve's knee
+    read the same way, the a-priori crossing of the three limits, and the free-batching
+    limit."""
+    predicted_fit = predicted_knee(out, samples, roofline_cfg.bootstrap)
+    return {
         # Where the a-priori three limits cross, with this workload's own bytes per example
-        # (activations, a KV cache) rather than the weights-only formula above.
+        # (activations, a KV cache) rather than the weights-only formula of B*.
         "predicted_knee_batch_size": roofline.knee_of(
-            np.log([device_peaks.dispatch_floor_s, bw, peak_f]), roofline.LinearCost.from_rows(out)
+            np.log([model.peaks.dispatch_floor_s, model.bw, model.peak_f]),
+            roofline.LinearCost.from_rows(out),
         ),
         # The knee of the per-op predicted curve, read with the fitted knee's definition
         # (roofline.fit_knee on the predicted latencies), so the two compare like with like.
         "predicted_curve_knee_batch_size": predicted_fit.knee_batch_size,
         "predicted_curve_knee_low": predicted_fit.knee_low,
         "predicted_curve_knee_high": predicted_fit.knee_high,
-        # Achieved bytes/s at the smallest batch as a fraction of the measured bandwidth.
-        "bandwidth_fraction_first": first_bytes / bw if first_bytes else None,
+        "knee_batch_size": fit.knee_batch_size,
+        "knee_low": fit.knee_low,
+        "knee_high": fit.knee_high,
+        "knee_interval_degenerate": fit.interval_degenerate,
+        # "passes": the interval spans what moved between the sweep's passes.
+        "knee_interval_from": fit.interval_from,
+        "knee_fit_points": len(converged),
+        "free_batching_limit": (
+            roofline.free_batching_limit(samples, roofline_cfg.free_batching_alpha)
+            if len(samples) == len(out) and len(out) >= 2
+            else None
+        ),
+        # The fitted three-limit model's own parameters (not measurements).
+        "overhead_s": fit.overhead_s,
+        "effective_flops_per_s": fit.effective_flops_per_s,
+        "effective_bytes_per_s": fit.effective_bytes_per_s,
+    }
+
+
+def error_fields(out: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median |predicted / measured − 1| of the per-op prediction, the naive one and the fit."""
+    measured = np.array([r["latency_s"] for r in out])
+
+    def median_error(field: str) -> float:
+        return float(np.median(np.abs(np.array([r[field] for r in out]) / measured - 1)))
+
+    return {
+        "prediction_error_median": median_error("predicted_latency_s"),
+        "peak_prediction_error_median": median_error("predicted_peak_latency_s"),
+        "fit_error_median": median_error("fitted_latency_s"),
+        "cost_mismatches": sum(r["cost_mismatch"] for r in out),
+    }
+
+
+def spec_fields(out: list[dict[str, Any]], model: DeviceModel, roofline_cfg: Any) -> dict[str, Any]:
+    """B* from the measured roofs and from the datasheet, and the what-if curves."""
+    param_dtype = out[0].get("param_dtype") or model.dtype
+    bytes_per_param = resolve_dtype(param_dtype).itemsize
+    uses = out[0].get("weight_uses_per_example") or 1.0
+    spec = specs.detect(model.device.device_kind)
+    spec_f = specs.spec_flops(spec, model.dtype, model.precision) if spec else None
+    return {
+        # A weight serving only a fraction of the batch (an expert: k/E) needs that much
+        # larger a batch to be reused as often: B* / weight_uses_per_example.
+        "predicted_critical_batch": (
+            specs.critical_batch_size(model.peak_f, model.bw, bytes_per_param) / uses
+        ),
         "spec_device": spec.name if spec else None,
+        "spec_flops_per_s": spec_f,
+        "spec_bytes_per_s": spec.bandwidth_bytes_per_s if spec else None,
         "spec_critical_batch": (
             specs.critical_batch_size(spec_f, spec.bandwidth_bytes_per_s, bytes_per_param) / uses
             if spec and spec_f
             else None
         ),
-        "knee_batch_size": fit.knee_batch_size,
-        "knee_low": fit.knee_low,
-        "knee_high": fit.knee_high,
-        "free_batching_limit": (
-            roofline.free_batching_limit(samples, roofline_cfg.free_batching_alpha)
-            if len(samples) == len(rows)
-            else None
-        ),
-        "overhead_s": fit.overhead_s,
-        "effective_flops_per_s": fit.effective_flops_per_s,
-        "effective_bytes_per_s": fit.effective_bytes_per_s,
-        "prediction_error_median": float(
-            np.median(np.abs(np.array([r["predicted_latency_s"] for r in out]) / measured - 1))
-        ),
-        "peak_prediction_error_median": float(
-            np.median(np.abs(np.array([r["predicted_peak_latency_s"] for r in out]) / measured - 1))
-        ),
-        "fit_error_median": float(
-            np.median(np.abs(np.array([r["fitted_latency_s"] for r in out]) / measured - 1))
-        ),
-        "cost_mismatches": sum(r["cost_mismatch"] for r in out),
-        "regimes": {b: r["regime"] for b, r in ((r["batch_size"], r) for r in out)},
-        "shape_aware": bool(roofline_cfg.shape_aware),
-        "microbenchmark_budget_s": peak_source.budget.seconds,
-        "microbenchmark_s": peak_source.budget.spent_s,
-        "rates_interpolated": sum(v == "interpolated" for v in not_measured.values()),
-        "rates_at_peak": sum(v == "peak" for v in not_measured.values()),
-        "peaks_file": peak_source.peaks_file,
-        "last_level_cache_bytes": llc,
-        "last_level_cache_source": device_peaks.details.get("last_level_cache_source"),
-        "peaks_measured_at": device_peaks.details.get("measured_at"),
-        "cold_weights": bool(cold),
         "bytes_per_param": bytes_per_param,
-        "whatif": whatif(out, roofline_cfg.whatif_devices, dtype, precision, bytes_per_param),
-        "breakdown": breakdown(out),
-        "traced_breakdown": traced_breakdown(out),
-        "whatif_nodes": whatif_nodes(out, dtype, precision, bytes_per_param / uses),
-        **mesh_summary(out, mesh_shape, device, comm_source, peak_source),
+        "whatif": whatif(
+            out, roofline_cfg.whatif_devices, model.dtype, model.precision, bytes_per_param
+        ),
+        "whatif_nodes": whatif_nodes(out, model.dtype, model.precision, bytes_per_param / uses),
     }
-    # Each data replica batches on its own: a device turns compute-bound at B* of its own
-    # share, so the global batch does at B* x data (the model and expert axes share one
-    # replica's batch, so they do not multiply it).
-    for key in ("predicted_critical_batch", "spec_critical_batch"):
-        per_device = summary[key]
-        summary[f"{key}_global"] = per_device * split["data"] if per_device else None
-    summary["num_devices"] = int(np.prod(list(mesh_shape.values())))
-    summary["parallel_shape"] = split
-    return out, summary
 
 
 def spread_order(n: int) -> list[int]:
@@ -542,17 +748,18 @@ def row_ops(r: dict[str, Any]) -> list[ops_lib.Op]:
 
 
 def predicted_knee(
-    rows: list[dict[str, Any]], samples: dict[int, np.ndarray], n_bootstrap: int
+    rows: list[dict[str, Any]], samples: dict[int, Any], n_bootstrap: int
 ) -> roofline.KneeFit:
     """roofline.fit_knee on the predicted curve. Its interval carries the measurement's own
-    spread: each point's samples scaled onto its prediction (samples · predicted / measured),
-    so it says how well a knee on this grid can be located at this noise, as for the fit."""
+    spread: each point's samples (each pass's) scaled onto its prediction (samples ·
+    predicted / measured), so it says how well a knee on this grid can be located at this
+    noise, as for the fit."""
     predicted = [{**r, "latency_s": r["predicted_latency_s"]} for r in rows]
+    passes = roofline.pass_lists(samples)
     scaled = {
-        r["batch_size"]: np.asarray(samples[r["batch_size"]])
-        * (r["predicted_latency_s"] / r["latency_s"])
+        r["batch_size"]: [p * (r["predicted_latency_s"] / r["latency_s"]) for p in passes[b]]
         for r in rows
-        if r["batch_size"] in samples
+        if (b := r["batch_size"]) in passes
     }
     return roofline.fit_knee(predicted, scaled, n_bootstrap=n_bootstrap)
 

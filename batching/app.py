@@ -202,12 +202,13 @@ def finalize(
     current = [r for r in current_all if results.is_ok(r)]
     grouped = plots.by_run(current)
     done = [r for r in all_runs if r.name in grouped]
-    all_samples = store.samples()
+    all_samples = store.pass_samples()
     summaries, analyzed_rows = [], []
     peak_source = analysis.PeakSource(
         config.roofline.peaks_cache_dir,
         config.roofline.refresh_peaks,
         config.roofline.get("peaks_file"),
+        config.roofline.get("check_peaks", True),
     )
     used_peaks = {}
     for run in done:
@@ -216,8 +217,9 @@ def finalize(
         s.update(summary.memory_summary([r for r in current_all if r["run"] == run.name]))
         s["whatif_max_batch"] = summary.whatif_max_batch(s, run.config.roofline.whatif_devices)
         if config.roofline.enabled:
+            # Each point's samples per sweep pass.
             samples = {
-                r["batch_size"]: np.asarray(all_samples[(run.name, r["batch_size"])])
+                r["batch_size"]: [np.asarray(p) for p in all_samples[(run.name, r["batch_size"])]]
                 for r in rows
                 if (run.name, r["batch_size"]) in all_samples
             }

@@ -192,7 +192,12 @@ class OpTime:
     kind: str
     count: int
     seconds: float  # all `count` instances
-    limit: str
+    limit: str  # what set `seconds`: memory, cache, compute (the op's FLOP rate) or fused
+    flops: float = 0.0  # all instances
+    # The op's roofline terms, all instances: its bytes at its memory roof (DRAM or cache)
+    # and its FLOPs at the device's compute roof; its intensity bound is the larger.
+    roof_memory_s: float = 0.0
+    roof_compute_s: float = 0.0
 
 
 def _roofline_parts(op: Op, rates: Rates) -> tuple[float, float, str]:
@@ -259,15 +264,17 @@ def op_time(op: Op, rates: Rates) -> OpTime:
     call pays once for it is call_extra's.
     """
     if op.fused:
-        return OpTime(op.name, op.kind, op.count, 0.0, "fused")
+        return OpTime(op.name, op.kind, op.count, 0.0, "fused", op.flops * op.count)
     memory_s, compute_s, memory_limit = _roofline_parts(op, rates)
     lone = lone_times(op, rates)
     if lone is not None:
         one, two = lone
         compute_s = max(two - one - rates.kernel_overhead_s, 0.0)
+    n = op.count
+    roofs = (memory_s * n, op.flops * n / rates.peak_flops_per_s)
     if compute_s >= memory_s:
-        return OpTime(op.name, op.kind, op.count, compute_s * op.count, "compute")
-    return OpTime(op.name, op.kind, op.count, memory_s * op.count, memory_limit)
+        return OpTime(op.name, op.kind, n, compute_s * n, "compute", op.flops * n, *roofs)
+    return OpTime(op.name, op.kind, n, memory_s * n, memory_limit, op.flops * n, *roofs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,7 +282,6 @@ class CallTime:
     seconds: float
     overhead_s: float  # dispatch floor + launches + call_extra_s
     ops: list[OpTime]
-    regime: str  # the three-limit label of the whole call: overhead, memory or compute
     call_extra_s: float = 0.0  # what a call pays once beyond the floor (call_extra)
 
     def by_kind(self) -> dict[str, dict[str, float]]:
@@ -285,6 +291,29 @@ class CallTime:
             if t.seconds:
                 per = out.setdefault(t.kind, {})
                 per[t.limit] = per.get(t.limit, 0.0) + t.seconds
+        return out
+
+    def kind_detail(self) -> dict[str, dict[str, Any]]:
+        """Per op kind: predicted seconds, FLOPs, the bound its intensity puts it at (memory
+        or compute: the larger of its roofline terms at the device's roofs), the FLOP rate
+        the prediction gives it, and whether that rate is its shape's measured one, below
+        both roofs (`slower_than_roofs`: a skinny GEMM that a microbenchmark clocks at a
+        fraction of either roof is memory-bound by intensity and still slower than its
+        bytes)."""
+        out: dict[str, dict[str, Any]] = {}
+        for t in self.ops:
+            if not t.seconds:
+                continue
+            k = out.setdefault(t.kind, {"seconds": 0.0, "flops": 0.0, "memory_s": 0.0,
+                                        "compute_s": 0.0})  # fmt: skip
+            k["seconds"] += t.seconds
+            k["flops"] += t.flops
+            k["memory_s"] += t.roof_memory_s
+            k["compute_s"] += t.roof_compute_s
+        for k in out.values():
+            k["bound"] = "compute" if k["compute_s"] >= k["memory_s"] else "memory"
+            k["flops_per_s"] = k["flops"] / k["seconds"] if k["flops"] else None
+            k["slower_than_roofs"] = k["seconds"] > 1.2 * max(k["memory_s"], k["compute_s"])
         return out
 
 
@@ -314,16 +343,10 @@ def call_extra(ops: list[Op], rates: Rates) -> float:
 
 def predict_call(ops: list[Op], rates: Rates) -> CallTime:
     """Predicted seconds of one call: dispatch floor + Σ op times + kernel launches + the
-    call's measured once-per-call extra (call_extra).
-
-    The regime is the largest of three parts: the fixed overhead, the ops at a memory or
-    cache limit, the ops at their FLOP rate.
-    """
+    call's measured once-per-call extra (call_extra). Which limit the call is at is the
+    roofline's to say (batching.analysis.regime_fields), by intensity, not by which ops'
+    measured rates happen to be slow."""
     times = [op_time(o, rates) for o in ops]
     extra_s = call_extra(ops, rates)
     overhead_s = rates.dispatch_floor_s + launches(ops) * rates.kernel_overhead_s + extra_s
-    memory_s = sum(t.seconds for t in times if t.limit in ("memory", "cache"))
-    compute_s = sum(t.seconds for t in times if t.limit == "compute")
-    parts = {"overhead": overhead_s, "memory": memory_s, "compute": compute_s}
-    regime = max(parts, key=parts.get)
-    return CallTime(overhead_s + memory_s + compute_s, overhead_s, times, regime, extra_s)
+    return CallTime(overhead_s + sum(t.seconds for t in times), overhead_s, times, extra_s)

@@ -676,6 +676,77 @@ def measured_peaks(
     return peaks_of(entry, device.platform, device.device_kind)
 
 
+# A cached peak and this run's quick measurement of it disagree when one is more than this
+# fraction above the other.
+CHECK_TOLERANCE = 0.25
+# Tables of rates measured at a model's shapes: measured in the same sitting as the peaks, so
+# they go with them when a check finds the peaks stale.
+PER_SHAPE_TABLES = ("gemm_flops_per_s", "conv_flops_per_s", "attention_s", "lone_op_s")
+
+
+def quick_peaks(device: jax.Device, dtype: str) -> dict[str, float]:
+    """The matmul peak and the streaming read bandwidth measured again, briefly (about a
+    second on a CPU): the same square product as the cached peak, and one read of a buffer
+    overflowing the last-level cache (several passes in one call on an accelerator)."""
+    llc = last_level_cache_bytes(device)
+    buffer_bytes = max(4 * llc, 64 << 20) if device.platform == "cpu" else 1 << 30
+    x = jax.device_put(jnp.ones((buffer_bytes // 4,), jnp.float32), device)
+    if device.platform == "cpu":
+        read_s = _median_time(lambda x: jnp.sum(x), (x,), STREAM_SETTINGS)
+    else:
+        read_s = _pass_seconds(lambda x, c: jnp.sum(x * c), x, 4, STREAM_SETTINGS)
+    return {
+        "matmul_flops_per_s": measure_matmul_flops(device, dtype),
+        "read_bytes_per_s": buffer_bytes / read_s,
+    }
+
+
+def check_cached(
+    device: jax.Device, cache_dir: str, dtype: str, matmul_precision: str = "default"
+) -> dict[str, Any] | None:
+    """Checks the cached peaks a run is about to use against quick_peaks, measured now.
+
+    A peak cached while the machine was busy (a first run beside other work) makes every
+    later prediction wrong: such a cache held 57 GFLOP/s where the quiet machine does ~143.
+    When a quick measurement now exceeds a cached value by more than CHECK_TOLERANCE, the
+    device's entry is measured again (its per-shape tables dropped, to be re-measured as
+    asked); when it falls short by as much, the cache is kept (the machine is busier now
+    than then) and the report says so. Returns what was compared and done; None when there
+    is nothing cached yet (measured_peaks measures it)."""
+    entry = device_entry(device, cache_dir)
+    key = dtype_key(dtype, matmul_precision)
+    if key not in entry.get("matmul_flops_per_s", {}) or "bandwidth" not in entry:
+        return None
+    with timing.precision_context(matmul_precision):
+        now = quick_peaks(device, dtype)
+    cached = {
+        "matmul_flops_per_s": entry["matmul_flops_per_s"][key],
+        "read_bytes_per_s": entry["bandwidth"]["read_bytes_per_s"],
+    }
+    ratios = {k: now[k] / cached[k] for k in cached}
+    out = {
+        "cached": cached,
+        "now": now,
+        "tolerance": CHECK_TOLERANCE,
+        "measured_at": entry.get("measured_at"),
+    }
+    if any(r > 1 + CHECK_TOLERANCE for r in ratios.values()):
+        logging.warning("peaks cache for %s reads below this machine now %s: measuring again",
+                        _device_key(device), ratios)  # fmt: skip
+        for table in PER_SHAPE_TABLES:
+            entry.pop(table, None)
+        _save(cache_path(cache_dir), {}, _device_key(device), {
+            k: v for k, v in entry.items()
+            if k in ("collectives", "last_level_cache_bytes", "last_level_cache_source")
+        })  # fmt: skip
+        out["verdict"] = "re-measured"
+    elif any(r < 1 / (1 + CHECK_TOLERANCE) for r in ratios.values()):
+        out["verdict"] = "kept: the device is slower now than when they were measured"
+    else:
+        out["verdict"] = "agreed"
+    return out
+
+
 def peaks_of(entry: dict[str, Any], platform: str, device_kind: str) -> MeasuredPeaks:
     """The MeasuredPeaks a cache entry (or a workdir's device_peaks.json entry) holds."""
     bw = entry["bandwidth"]

@@ -152,8 +152,31 @@ class Store:
         return _read_jsonl(self.path(RESULTS))
 
     def samples(self) -> dict[tuple[str, int], list[float]]:
+        """Every timing sample of each point, its passes in order (pass_samples, pooled)."""
         return {
-            (s["run"], s["batch_size"]): s["samples_s"] for s in _read_jsonl(self.path(SAMPLES))
+            key: [x for one_pass in passes for x in one_pass]
+            for key, passes in self.pass_samples().items()
+        }
+
+    def pass_samples(self) -> dict[tuple[str, int], list[list[float]]]:
+        """Each point's samples per sweep pass, in pass order; the newest record of a pass
+        wins (a point measured again from scratch replaces its passes). Records written
+        before passes existed are pass 0."""
+        by_pass: dict[tuple[str, int], dict[int, list[float]]] = {}
+        for s in _read_jsonl(self.path(SAMPLES)):
+            key = (s["run"], s["batch_size"])
+            p = int(s.get("pass", 0))
+            if p == 0:
+                by_pass[key] = {}  # a first pass starts the point's samples over
+            by_pass.setdefault(key, {})[p] = s["samples_s"]
+        return {key: [passes[p] for p in sorted(passes)] for key, passes in by_pass.items()}
+
+    def latest_rows(self, fingerprints: dict[str, str]) -> dict[tuple[str, int], dict[str, Any]]:
+        """The latest row of each point of the current runs (matching fingerprint)."""
+        return {
+            (r["run"], r["batch_size"]): r
+            for r in latest(self.rows())
+            if fingerprints.get(r["run"]) == r.get("fingerprint")
         }
 
     def measured(
@@ -175,12 +198,16 @@ class Store:
                 out[r["run"]] = min(r["batch_size"], out.get(r["run"], r["batch_size"]))
         return out
 
-    def append(self, row: dict[str, Any], samples_s: Iterable[float] | None) -> None:
-        """Appends the point's samples (if timed), then its row; the row marks a point done."""
+    def append(
+        self, row: dict[str, Any], samples_s: Iterable[float] | None, pass_index: int = 0
+    ) -> None:
+        """Appends the point's samples of sweep pass `pass_index` (if timed), then its row;
+        the row marks the pass done."""
         os.makedirs(self.workdir, exist_ok=True)
         records = [(RESULTS, _finite_or_null(row))]
         if samples_s is not None:
             sample_record = {"run": row["run"], "batch_size": row["batch_size"]}
+            sample_record["pass"] = int(pass_index)
             sample_record["samples_s"] = [float(s) for s in samples_s]
             records.insert(0, (SAMPLES, sample_record))
         for name, record in records:

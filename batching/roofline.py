@@ -217,15 +217,44 @@ class KneeFit:
     effective_bytes_per_s: float
     effective_flops_per_s: float
     fitted_latency_s: dict[int, float]
+    # The interval says little: (nearly) zero width, or the knee at one of its ends (most
+    # replicates fitted the same boundary value).
+    interval_degenerate: bool = False
+    # "passes": replicates drew each point's pass at random; "samples": one pass only.
+    interval_from: str | None = None
+    params: tuple[float, ...] | None = None  # log(overhead, BW, F) of the fit
+    cost: LinearCost | None = None
+
+    def fitted(self, batch_size: float) -> float:
+        """The fitted latency at any batch size (nan without a fit)."""
+        if self.params is None:
+            return math.nan
+        return float(three_limits(np.asarray(self.params), self.cost, np.array([batch_size]))[0])
+
+
+def pass_lists(samples: dict[int, Any]) -> dict[int, list[np.ndarray]]:
+    """{batch: [samples of pass 0, of pass 1, ...]} from either that or {batch: samples}."""
+    out = {}
+    for b, s in samples.items():
+        if isinstance(s, np.ndarray) or (len(s) and not hasattr(s[0], "__len__")):
+            s = [s]
+        out[int(b)] = [np.asarray(p, np.float64) for p in s if len(p)]
+    return out
 
 
 def fit_knee(
     rows: list[dict[str, Any]],
-    samples: dict[int, np.ndarray],
+    samples: dict[int, Any],
     n_bootstrap: int = 200,
     seed: int = 0,
 ) -> KneeFit:
-    """Fits the three-limit model to a run's medians and bootstraps the knee over the samples."""
+    """Fits the three-limit model to a run's medians and bootstraps the knee's interval.
+
+    `samples` are each point's timing samples, per sweep pass ({batch: [pass 0, pass 1, ...]})
+    or pooled ({batch: samples}). A bootstrap replicate takes, for every point, one of its
+    passes at random and the median of a resample of that pass's samples, so the interval
+    holds what moves between passes (what moves between reruns), not only the spread within
+    one; with one pass it is the within-pass bootstrap."""
     rows = sorted(rows, key=lambda r: r["batch_size"])
     b = np.array([r["batch_size"] for r in rows], dtype=float)
     t = np.array([r["latency_s"] for r in rows])
@@ -236,18 +265,24 @@ def fit_knee(
     cost = LinearCost.from_rows(rows)
     params = fit_three_limits(b, t, cost)
     knee = knee_of(params, cost)
+    passes = pass_lists(samples)
     rng = np.random.default_rng(seed)
-    # Bootstrap medians: resample each point's timing samples with replacement.
     boot_t = np.tile(t, (n_bootstrap, 1))
     for j, bj in enumerate(b):
-        s = samples.get(int(bj))
-        if s is not None and len(s):
-            s = np.asarray(s)
-            boot_t[:, j] = np.median(s[rng.integers(0, s.size, (n_bootstrap, s.size))], axis=1)
-    knees = [knee_of(fit_three_limits(b, tb, cost, start=params), cost) for tb in boot_t]
-    lo, hi = np.percentile(knees, [2.5, 97.5]) if knees else (knee, knee)
+        runs = passes.get(int(bj)) or []
+        if not runs:
+            continue
+        chosen = rng.integers(0, len(runs), n_bootstrap)
+        for k, s in enumerate(runs):
+            idx = np.flatnonzero(chosen == k)
+            if idx.size:
+                draws = s[rng.integers(0, s.size, (idx.size, s.size))]
+                boot_t[idx, j] = np.median(draws, axis=1)
+    knees = np.array([knee_of(fit_three_limits(b, tb, cost, start=params), cost) for tb in boot_t])
+    lo, hi = np.percentile(knees, [2.5, 97.5]) if knees.size else (knee, knee)
     o, bw, f = np.exp(params)
     fitted = three_limits(params, cost, b)
+    several = any(len(p) > 1 for p in passes.values())
     return KneeFit(
         knee_batch_size=knee,
         knee_low=float(lo),
@@ -256,12 +291,27 @@ def fit_knee(
         effective_bytes_per_s=float(bw),
         effective_flops_per_s=float(f),
         fitted_latency_s={int(bi): float(ti) for bi, ti in zip(b, fitted, strict=True)},
+        interval_degenerate=_degenerate(knee, float(lo), float(hi)),
+        interval_from="passes" if several else "samples",
+        params=tuple(float(x) for x in params),
+        cost=cost,
     )
 
 
-def free_batching_limit(samples: dict[int, np.ndarray], alpha: float = 0.01) -> int:
+def _degenerate(knee: float, lo: float, hi: float) -> bool:
+    """An interval that says little: zero width, or the estimate at one of its ends (the
+    replicates piled onto one boundary value of the fit)."""
+    if not all(math.isfinite(x) for x in (knee, lo, hi)):
+        return False
+    tol = 1e-3 * max(abs(knee), 1e-12)
+    return hi - lo <= tol or abs(knee - lo) <= tol or abs(knee - hi) <= tol
+
+
+def free_batching_limit(samples: dict[int, Any], alpha: float = 0.01) -> int:
     """Largest batch size such that it and every smaller one are not significantly slower
-    than the smallest batch (one-sided Mann-Whitney U on the timing samples)."""
+    than the smallest batch (one-sided Mann-Whitney U on the timing samples, pooled over
+    passes)."""
+    samples = {b: np.concatenate(p) for b, p in pass_lists(samples).items() if p}
     sizes = sorted(samples)
     base = samples[sizes[0]]
     limit = sizes[0]

@@ -105,6 +105,9 @@ def _validate_run(run: Run) -> None:
         raise ConfigError(f"sweep.batch_sizes has a repeated batch size: {tuple(sizes)!r}{where}")
     with cfg.unlocked():
         cfg.sweep.batch_sizes = tuple(sizes)
+    passes = cfg.sweep.get("passes", 1)
+    if not _positive_int(passes):
+        raise ConfigError(f"sweep.passes must be a positive integer, got {passes!r}{where}")
     for field in ("dtype", "param_dtype"):
         if field in cfg.model:
             try:

@@ -5,6 +5,8 @@ Analysis and writers read the rows afterwards; nothing here draws or reports.
 """
 
 import contextlib
+import dataclasses
+import math
 import os
 import random
 import sys
@@ -140,6 +142,14 @@ def status_row(
     }
 
 
+@dataclasses.dataclass
+class Program:
+    """A point's compiled executable and its traced flat call, kept between passes."""
+
+    flat: workload.FlatCall
+    compiled: timing.Compiled
+
+
 def measure_point(
     run: runs.Run,
     topo: topology.Topology,
@@ -148,10 +158,12 @@ def measure_point(
     fingerprint: str,
     settings: timing.TimingSettings,
     share: distributed.Share | None = None,
-) -> tuple[dict[str, Any], np.ndarray]:
-    """Compiles and times the workload at one batch size; returns the row and the samples.
+) -> tuple[dict[str, Any], np.ndarray, Program]:
+    """A point's first visit: compiles and times the workload at one batch size; returns the
+    row, the samples and the program later passes time again.
 
-    `share` (several processes) makes the memory-budget and timer decisions process 0's.
+    `settings` are the pass's (pass_settings); `share` (several processes) makes the
+    memory-budget and timer decisions process 0's.
     """
     cfg = run.config
     # Flat arrays in and out: per call only jit's dispatch of a tuple of arrays runs.
@@ -173,26 +185,19 @@ def measure_point(
     per_point = cfg.roofline.enabled and cfg.roofline.shape_aware and share is None
     call_floor_s = peaks.measure_call_floor(flat.args) if per_point else None
     m = timing.measure(compiled.call, flat.args, settings, flat.next_args, share)
-    del flat  # the donated arguments are gone; the rest need not outlive the point
+    program = Program(flat, compiled)
+    flat.args = ()  # the donated arguments are gone; the rest need not outlive the visit
     extra = wl.point_fields(batch_size) if wl.point_fields else {}
-    summary = stats.summarize(m.samples_s, settings.confidence)
-    latency = summary["latency_s"]
-    examples = wl.examples(batch_size)
     cost = wl.cost(batch_size) if wl.cost else None
     calls = wl.collectives(batch_size) if wl.collectives else []
     # What XLA actually put in the program, next to the analytic count (a mesh only: one
     # device has none, and the HLO text of a big model is long).
     xla_comm = collectives.from_hlo(compiled.executable.as_text()) if topo.num_devices > 1 else None
-    work_flops = cost.flops if cost else compiled.flops
-    work_bytes = cost.bytes if cost else compiled.bytes_accessed
     fields = {
         "dtype": cfg.model.get("dtype"),
         "param_dtype": cfg.model.get("param_dtype"),
         "matmul_precision": precision,
         "device_count": len(jax.devices(topo.device.platform)),
-        **summary,
-        "converged": m.converged,
-        "stop_reason": m.stop_reason,
         "compile_s": compiled.compile_s,
         "lower_s": compiled.lower_s,
         "params": wl.params,
@@ -204,12 +209,8 @@ def measure_point(
         "weight_bytes": cost.weight_bytes if cost else None,
         "temp_bytes": compiled.memory.get("temp_size_in_bytes"),
         **memory,
-        "achieved_flops_per_s": work_flops / latency if work_flops else None,
-        "achieved_bytes_per_s": work_bytes / latency if work_bytes else None,
-        "examples": examples,
-        "throughput_per_s": examples / latency,
-        f"{wl.example_unit}_per_s": examples / latency,
-        "per_example_s": latency / examples,
+        "examples": wl.examples(batch_size),
+        "example_unit": wl.example_unit,
         "gemm_shapes": wl.gemm_shapes(batch_size) if wl.gemm_shapes else None,
         "attention_shapes": wl.attention_shapes(batch_size) if wl.attention_shapes else None,
         "collectives": calls,
@@ -224,7 +225,99 @@ def measure_point(
         "parallel_shape": wl.parallel_shape or topology.mesh_shape(run.config),
         **extra,
     }
-    return status_row(run, batch_size, fingerprint, "ok", **fields), m.samples_s
+    row = status_row(run, batch_size, fingerprint, "ok", **fields)
+    return {**row, **pooled_fields(row, [m.samples_s], [m.stop_reason], run)}, m.samples_s, program
+
+
+def pass_settings(settings: timing.TimingSettings, passes: int) -> timing.TimingSettings:
+    """One pass's share of a point's timing: a P-th of the budget, of the warm-up time and of
+    the runs, and a precision target sqrt(P) wider (P passes together then reach about the
+    configured one: an interval's width goes as 1/sqrt(samples))."""
+    if passes == 1:
+        return settings
+    min_runs = max(3, math.ceil(settings.min_runs / passes))
+    return dataclasses.replace(
+        settings,
+        warmup_s=settings.warmup_s / passes,
+        min_runs=min_runs,
+        max_runs=max(min_runs, settings.max_runs // passes),
+        target_rel_ci=settings.target_rel_ci * math.sqrt(passes),
+        budget_s=settings.budget_s / passes,
+    )
+
+
+def pooled_fields(
+    row: dict[str, Any], samples_by_pass: list[np.ndarray], reasons: list[str], run: runs.Run
+) -> dict[str, Any]:
+    """A point's timing fields from every pass so far (`reasons`: why each pass stopped): the
+    median and its interval over all their samples, each pass's median, whether the pooled
+    interval met the configured target (`converged`), and what follows from the latency
+    (throughput, achieved rates)."""
+    settings = runs.timing_settings(run.config)
+    pooled = np.concatenate(samples_by_pass)
+    summary = stats.summarize(pooled, settings.confidence)
+    latency = summary["latency_s"]
+    converged = stats.relative_halfwidth(pooled, settings.confidence) <= settings.target_rel_ci
+    work_flops = row["analytic_flops"] or row["flops"]
+    work_bytes = row["analytic_bytes"] or row["bytes_accessed"]
+    examples = row["examples"]
+    return {
+        **summary,
+        "converged": bool(converged),
+        # "precision" when the pooled interval met the target; else why the passes stopped, or
+        # "pass_spread" when each met its share but the passes' samples disagree together.
+        "stop_reason": "precision" if converged else _unconverged_reason(reasons),
+        "passes": run.config.sweep.get("passes", 1),
+        "passes_done": len(samples_by_pass),
+        "pass_medians_s": [float(np.median(s)) for s in samples_by_pass],
+        "pass_n_runs": [int(s.size) for s in samples_by_pass],
+        "pass_stop_reasons": list(reasons),
+        "achieved_flops_per_s": work_flops / latency if work_flops else None,
+        "achieved_bytes_per_s": work_bytes / latency if work_bytes else None,
+        "throughput_per_s": examples / latency,
+        f"{row.get('example_unit', 'examples')}_per_s": examples / latency,
+        "per_example_s": latency / examples,
+        "timestamp": time.time(),
+    }
+
+
+def _unconverged_reason(reasons: list[str]) -> str:
+    for reason in ("budget", "max_runs"):
+        if reason in reasons:
+            return reason
+    return "pass_spread"
+
+
+def repeat_point(
+    run: runs.Run,
+    wl: workload.Workload,
+    batch_size: int,
+    state: "PointState",
+    settings: timing.TimingSettings,
+    share: distributed.Share | None = None,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """A later pass over a point: its program timed again on fresh arguments (compiled again,
+    unrecorded, when the run resumed in a new process); the row pooled over every pass."""
+    if state.row is None:
+        # Another process's point resumed here: this process writes no row, but keeps the
+        # fields its own pooled timing needs.
+        state.row = status_row(
+            run, batch_size, "", "ok", examples=wl.examples(batch_size),
+            example_unit=wl.example_unit, analytic_flops=None, flops=None,
+            analytic_bytes=None, bytes_accessed=None,
+        )  # fmt: skip
+    if state.program is None:
+        flat = workload.flat_call(wl, batch_size)
+        precision = run.config.model.get("matmul_precision", "default")
+        compiled = timing.compile_fn(flat.fn, flat.args, flat.donate_argnums, precision)
+        state.program = Program(flat, compiled)
+    else:
+        flat = state.program.flat.rebind(wl.make_args(batch_size))
+    m = timing.measure(state.program.compiled.call, flat.args, settings, flat.next_args, share)
+    flat.args = ()
+    reasons = [*state.row.get("pass_stop_reasons", []), m.stop_reason]
+    fields = pooled_fields(state.row, [*state.pass_samples, m.samples_s], reasons, run)
+    return {**state.row, **fields}, m.samples_s
 
 
 def trace_point(
@@ -309,6 +402,70 @@ def profile_point(
     }
 
 
+@dataclasses.dataclass
+class PointState:
+    """What a point carries from one pass to the next: its latest row, each earlier pass's
+    samples, and its compiled program (None until compiled in this process)."""
+
+    row: dict[str, Any] | None = None
+    pass_samples: list[np.ndarray] = dataclasses.field(default_factory=list)
+    program: Program | None = None
+    # Passes done whose samples this process does not hold (another process's rows).
+    unseen: int = 0
+
+    @property
+    def passes_done(self) -> int:
+        return self.unseen + len(self.pass_samples)
+
+
+def plan(
+    all_runs: list[runs.Run],
+    fingerprints: dict[str, str],
+    store: results.Store,
+    writer: bool,
+    share: distributed.Share | None,
+) -> tuple[dict[str, dict[int, PointState]], dict[str, int]]:
+    """What is left to measure, per run: batch size -> its state (the passes already done,
+    from the store: a rerun resumes mid-pass), and the runs' OOM walls. Process 0 decides."""
+    todo, oom_at = {}, {}
+    if writer:
+        latest = store.latest_rows(fingerprints)
+        samples = store.pass_samples()
+        for run in all_runs:
+            passes = run.config.sweep.get("passes", 1)
+            todo[run.name] = {}
+            for b in run.batch_sizes:
+                row = latest.get((run.name, b))
+                state = _resumed(row, samples.get((run.name, b), []), passes)
+                if state is not None:
+                    todo[run.name][b] = state
+        oom_at = store.first_oom(fingerprints)
+    if share is not None:
+        done = {r: {b: st.passes_done for b, st in points.items()} for r, points in todo.items()}
+        done, oom_at = distributed.broadcast_json([done, oom_at])
+        # The other processes time the same passes; their rows are never written.
+        todo = {
+            r: {int(b): PointState(unseen=n) for b, n in points.items()}
+            for r, points in done.items()
+        }
+    return todo, oom_at
+
+
+def _resumed(
+    row: dict[str, Any] | None, pass_samples: list[list[float]], passes: int
+) -> PointState | None:
+    """A point's state from its stored row and samples; None when nothing is left to do (all
+    passes done, or a status a rerun keeps: an OOM, a point past the run's OOM wall)."""
+    if row is None or row.get("status", "ok") not in NOT_RETRIED:
+        return PointState()  # never measured, or to be retried from scratch
+    if not results.is_ok(row):
+        return None
+    done = row.get("passes_done", passes)  # rows written before passes: one complete pass
+    if done >= passes:
+        return None
+    return PointState(row, [np.asarray(s, np.float64) for s in pass_samples[:done]])
+
+
 def run_sweep(
     all_runs: list[runs.Run],
     fingerprints: dict[str, str],
@@ -316,115 +473,138 @@ def run_sweep(
     progress_bar: bool,
     writer: bool = True,
 ) -> int:
-    """Measures every (run, batch size) not yet in the store; returns how many it measured.
-
-    With several processes, process 0's store decides what is left to measure and only
-    process 0 (`writer`) writes rows, samples and TensorBoard points.
+    """Measures every (run, batch size) not yet in the store, in `sweep.passes` passes per
+    run (each visits every batch size once, shuffled per pass); returns how many visits it
+    made. With several processes, process 0's store decides what is left to measure and
+    only process 0 (`writer`) writes rows, samples and TensorBoard points.
     """
     share = distributed.sharer()
-    todo, oom_at = {}, {}
-    if writer:
-        done = store.measured(fingerprints, NOT_RETRIED)
-        todo = {r.name: [b for b in r.batch_sizes if (r.name, b) not in done] for r in all_runs}
-        oom_at = store.first_oom(fingerprints)
-    if share is not None:
-        todo, oom_at = distributed.broadcast_json([todo, oom_at])
-    total = sum(len(v) for v in todo.values())
-    skipped = sum(len(r.batch_sizes) for r in all_runs) - total
+    todo, oom_at = plan(all_runs, fingerprints, store, writer, share)
+    total = sum(
+        r.config.sweep.get("passes", 1) - st.passes_done
+        for r in all_runs
+        for st in todo[r.name].values()
+    )
+    skipped = sum(len(r.batch_sizes) for r in all_runs) - sum(len(v) for v in todo.values())
     if skipped:
-        logging.info("resuming: %d points already measured, %d to go", skipped, total)
+        logging.info("resuming: %d points already measured, %d visits to go", skipped, total)
     bar = tqdm(
         total=total,
         disable=not (progress_bar and sys.stderr.isatty()),
-        unit="point",
+        unit="visit",
         dynamic_ncols=True,
     )
-    measured = 0
+    sweep = Sweep(store, fingerprints, oom_at, bar, writer, share)
     try:
         for run in all_runs:
-            sizes = todo[run.name]
-            if not sizes:
-                continue
-            if run.config.sweep.shuffle:
-                random.Random(f"{run.config.seed}/{run.name}").shuffle(sizes)
-            wl, failure = None, None
-            try:
-                topo = topology.build(run.config)
-                wl = workload.build(run.config, topo, store.workdir)
-                if run.config.roofline.enabled and topo.num_devices > 1:
-                    # The analysis reads these; every process measures them here, together.
-                    collectives.measure_run(topo.mesh, run.config.roofline.peaks_cache_dir)
-            except Exception as e:  # noqa: BLE001 - a broken run is rows, not a crash
-                raise_if_terminated()
-                failure = _why(e)
-            if share is not None:
-                failed = distributed.gather_codes("build", [int(failure is not None)])[:, 0]
-                if failure is None and failed.any():
-                    p = int(np.flatnonzero(failed)[0])
-                    failure = {"error_type": "RemoteError", "message": f"process {p} failed"}
-            if failure is not None:
-                for batch_size in sizes:
-                    if writer:
-                        row = status_row(run, batch_size, fingerprints[run.name], "error")
-                        store.append({**row, **failure}, None)
-                logging.warning("run %s could not be built: %s", run.name, failure["message"])
-                continue
-            settings = runs.timing_settings(run.config)
-            points = PointWriter(store.workdir, run.name) if writer else None
-            try:
-                for batch_size in sizes:
-                    bar.set_postfix_str(f"{run.name} batch={batch_size}")
-                    wall_before = oom_at.get(run.name)
-                    row, samples = guarded_point(
-                        run,
-                        topo,
-                        wl,
-                        batch_size,
-                        fingerprints[run.name],
-                        settings,
-                        oom_at,
-                        share,
-                    )
-                    if share is not None:
-                        row, samples = agree_on_outcome(run, row, samples, oom_at, wall_before)
-                    if row["status"] == "ok" and batch_size in run.config.profile.batch_sizes:
-                        logdir = points.logdir if points is not None else ""
-                        row = {**row, **profile_point(run, wl, row, logdir, capture=writer)}
-                    if writer:
-                        store.append(row, samples)
-                    raise_if_terminated()  # a SIGTERM some library swallowed: stop here
-                    measured += 1
-                    bar.update(1)
-                    if row["status"] != "ok":
-                        logging.warning(
-                            "%s batch=%d: %s %s",
-                            run.name,
-                            batch_size,
-                            row["status"],
-                            row.get("message", ""),
-                        )
-                        continue
-                    if points is not None:
-                        points.write(run_rows(store, run.name, fingerprints[run.name]))
-                    logging.log_if(
-                        logging.INFO,
-                        "%s batch=%d latency=%.4g ms (n=%d, %s) [%d/%d]",
-                        bar.disable,
-                        run.name,
-                        batch_size,
-                        row["latency_s"] * 1e3,
-                        row["n_runs"],
-                        row["stop_reason"],
-                        measured,
-                        total,
-                    )
-            finally:
-                if points is not None:
-                    points.close()
-            del wl
+            if todo[run.name]:
+                sweep.run(run, todo[run.name])
     finally:
         bar.close()
-    return measured
+    return sweep.visits
+
+
+class Sweep:
+    """One sweep's shared state: the store, the OOM walls, the progress bar, the processes."""
+
+    def __init__(self, store, fingerprints, oom_at, bar, writer, share):
+        self.store, self.fingerprints, self.oom_at = store, fingerprints, oom_at
+        self.bar, self.writer, self.share = bar, writer, share
+        self.visits = 0
+
+    def run(self, run: runs.Run, todo: dict[int, PointState]) -> None:
+        """A run's points in passes: pass p visits, in a shuffled order, the points with p
+        passes done; a point that fails leaves the later passes."""
+        built = self.build(run, list(todo))
+        if built is None:
+            return
+        topo, wl = built
+        passes = run.config.sweep.get("passes", 1)
+        settings = pass_settings(runs.timing_settings(run.config), passes)
+        points = PointWriter(self.store.workdir, run.name) if self.writer else None
+        try:
+            for p in range(min(st.passes_done for st in todo.values()), passes):
+                order = [b for b, st in todo.items() if st.passes_done == p]
+                if run.config.sweep.shuffle:
+                    seed = f"{run.config.seed}/{run.name}" + (f"/pass{p}" if p else "")
+                    random.Random(seed).shuffle(order)
+                for b in order:
+                    if not self.visit(run, topo, wl, b, todo[b], settings, points, p == passes - 1):
+                        del todo[b]
+        finally:
+            if points is not None:
+                points.close()
+
+    def build(self, run: runs.Run, sizes: list[int]):
+        """(topology, workload), or None after recording every point as an error."""
+        failure = None
+        try:
+            topo = topology.build(run.config)
+            wl = workload.build(run.config, topo, self.store.workdir)
+            if run.config.roofline.enabled and topo.num_devices > 1:
+                # The analysis reads these; every process measures them here, together.
+                collectives.measure_run(topo.mesh, run.config.roofline.peaks_cache_dir)
+        except Exception as e:  # noqa: BLE001 - a broken run is rows, not a crash
+            raise_if_terminated()
+            failure = _why(e)
+        if self.share is not None:
+            failed = distributed.gather_codes("build", [int(failure is not None)])[:, 0]
+            if failure is None and failed.any():
+                p = int(np.flatnonzero(failed)[0])
+                failure = {"error_type": "RemoteError", "message": f"process {p} failed"}
+        if failure is None:
+            return topo, wl
+        for batch_size in sizes:
+            if self.writer:
+                row = status_row(run, batch_size, self.fingerprints[run.name], "error")
+                self.store.append({**row, **failure}, None)
+        logging.warning("run %s could not be built: %s", run.name, failure["message"])
+        return None
+
+    def visit(self, run, topo, wl, batch_size, state, settings, points, last) -> bool:
+        """One pass over one point: measured (the first pass compiles it), recorded, shown;
+        False when the point failed and leaves the later passes."""
+        self.bar.set_postfix_str(f"{run.name} batch={batch_size} pass={state.passes_done + 1}")
+        wall_before = self.oom_at.get(run.name)
+        fingerprint = self.fingerprints[run.name]
+        if state.passes_done == 0:
+            row, samples = guarded_point(
+                run, topo, wl, batch_size, fingerprint, settings, self.oom_at, self.share, state
+            )
+        else:
+            row, samples = guarded_repeat(run, wl, batch_size, state, settings, self.share)
+        if self.share is not None:
+            row, samples = agree_on_outcome(run, row, samples, self.oom_at, wall_before)
+        ok = row["status"] == "ok"
+        if ok and last and batch_size in run.config.profile.batch_sizes:
+            logdir = points.logdir if points is not None else ""
+            row = {**row, **profile_point(run, wl, row, logdir, capture=self.writer)}
+        if self.writer:
+            self.store.append(row, samples, state.passes_done if ok else 0)
+        raise_if_terminated()  # a SIGTERM some library swallowed: stop here
+        self.visits += 1
+        self.bar.update(1)
+        if not ok:
+            message = row.get("message", "")
+            logging.warning("%s batch=%d: %s %s", run.name, batch_size, row["status"], message)
+            return False
+        state.row = row
+        state.pass_samples.append(np.asarray(samples))
+        if points is not None:
+            points.write(run_rows(self.store, run.name, fingerprint))
+        logging.log_if(
+            logging.INFO,
+            "%s batch=%d pass %d/%d latency=%.4g ms (n=%d, %s)",
+            self.bar.disable,
+            run.name,
+            batch_size,
+            state.passes_done,
+            row["passes"],
+            row["latency_s"] * 1e3,
+            row["n_runs"],
+            row["stop_reason"],
+        )
+        return True
 
 
 def run_rows(store: results.Store, run: str, fingerprint: str) -> list[dict[str, Any]]:
@@ -449,8 +629,10 @@ def guarded_point(
     settings: timing.TimingSettings,
     oom_at: dict[str, int],
     share: distributed.Share | None = None,
+    state: PointState | None = None,
 ) -> tuple[dict[str, Any], np.ndarray | None]:
-    """One point's row whatever happens; an OOM records the run's wall in `oom_at`.
+    """A point's first visit, one row whatever happens; an OOM records the run's wall in
+    `oom_at`; the compiled program goes into `state` for the later passes.
 
     Losing the other processes (DistributedError) is not a point's failure: it ends the run.
     """
@@ -460,7 +642,12 @@ def guarded_point(
             run, batch_size, fingerprint, "skipped_after_oom", message=f"batch {wall} hit OOM"
         ), None
     try:
-        return measure_point(run, topo, wl, batch_size, fingerprint, settings, share)
+        row, samples, program = measure_point(
+            run, topo, wl, batch_size, fingerprint, settings, share
+        )
+        if state is not None:
+            state.program = program
+        return row, samples
     except distributed.DistributedError:
         raise
     except OverBudget as e:
@@ -470,12 +657,38 @@ def guarded_point(
             run, batch_size, fingerprint, "skipped_memory", message=msg, **e.fields
         ), None
     except Exception as e:  # noqa: BLE001 - every failure becomes a row; the sweep goes on
-        raise_if_terminated()
-        if is_oom(e):
-            oom_at[run.name] = min(batch_size, wall if wall is not None else batch_size)
-            return status_row(run, batch_size, fingerprint, "oom", **_why(e)), None
-        logging.exception("%s batch=%d failed", run.name, batch_size)
-        return status_row(run, batch_size, fingerprint, "error", **_why(e)), None
+        return _failed(run, batch_size, fingerprint, e, oom_at)
+
+
+def guarded_repeat(
+    run: runs.Run,
+    wl: workload.Workload,
+    batch_size: int,
+    state: PointState,
+    settings: timing.TimingSettings,
+    share: distributed.Share | None = None,
+) -> tuple[dict[str, Any], np.ndarray | None]:
+    """A later pass over a point, one row whatever happens (a failure replaces the point's
+    row: a rerun measures it again from its first pass)."""
+    try:
+        return repeat_point(run, wl, batch_size, state, settings, share)
+    except distributed.DistributedError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        return _failed(run, batch_size, state.row["fingerprint"], e, {})
+
+
+def _failed(
+    run: runs.Run, batch_size: int, fingerprint: str, e: Exception, oom_at: dict[str, int]
+) -> tuple[dict[str, Any], None]:
+    """The row of a point that raised: "oom" (recording the run's wall) or "error"."""
+    raise_if_terminated()
+    if is_oom(e):
+        wall = oom_at.get(run.name)
+        oom_at[run.name] = min(batch_size, wall if wall is not None else batch_size)
+        return status_row(run, batch_size, fingerprint, "oom", **_why(e)), None
+    logging.exception("%s batch=%d failed", run.name, batch_size)
+    return status_row(run, batch_size, fingerprint, "error", **_why(e)), None
 
 
 def agree_on_outcome(

@@ -8,6 +8,7 @@ files an earlier step wrote, such as trained parameters). The sweep picks it by 
 model touches no dispatcher.
 """
 
+import copy
 import dataclasses
 import importlib
 import inspect
@@ -132,6 +133,16 @@ class FlatCall:
             [inspect.Parameter(n, inspect.Parameter.POSITIONAL_ONLY) for n in names]
         )
         self.fn = flat_fn
+
+    def rebind(self, args: Sequence[Any]) -> "FlatCall":
+        """The same call (function, structure, feedback) with new arguments of the same
+        structure: a point timed again runs the executable already compiled for it."""
+        flat = [jax.tree.flatten(a) for a in args]
+        if [tree for _, tree in flat] != self._in_trees:
+            raise ValueError("FlatCall.rebind: the arguments' structure changed")
+        other = copy.copy(self)
+        other.args = tuple(leaf for leaves, _ in flat for leaf in leaves)
+        return other
 
     @property
     def next_args(self) -> Callable[[tuple, Any], tuple] | None:

@@ -64,6 +64,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     config.sweep.batch_sizes = POWERS_OF_TWO_TO_512
     # Visit batch sizes in a random order so slow drift is not read as a trend.
     config.sweep.shuffle = True
+    # Passes over the batch sizes, each visiting every one once (shuffled anew), each with a
+    # 1/passes share of a point's timing budget. A knee's interval is taken across passes:
+    # what moves between passes (a busy neighbour, clocks) is what moves between reruns.
+    config.sweep.passes = 3
 
     config.timing = config_dict.ConfigDict()
     config.timing.warmup_runs = 3
@@ -84,6 +88,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     # Measured device peaks are cached here per device; refresh re-measures them.
     config.roofline.peaks_cache_dir = "~/.cache/batching_lab"
     config.roofline.refresh_peaks = False
+    # Before using cached peaks, measure the matmul peak and the stream again briefly (about a
+    # second): a cache filled while the machine was busy is measured again (its per-shape
+    # rates too) when this run's check reads more than 25% faster (peaks.check_cached).
+    config.roofline.check_peaks = True
     # Compute time from matmuls measured at the model's own shapes (True) or one square peak.
     config.roofline.shape_aware = True
     # Seconds each run's per-shape microbenchmarks may take (GEMM, conv, attention rates);

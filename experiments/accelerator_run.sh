@@ -56,7 +56,8 @@ if [[ -n "${REDUCED:-}" ]]; then
   OVERHEAD=(--cases=mlp_d8_w64 --rounds=1 --seconds=0.01 --min_calls=3 --trace)
   ATTENTION=(--batches=1 --cache_lens=64 --dtypes=float32)
   EVERY_STEP=(--config.sweep.batch_sizes='(1,2)' --config.timing.budget_s=0.05
-    --config.timing.min_runs=3 --config.output.plots=false)
+    --config.timing.min_runs=3 --config.output.plots=false --config.sweep.passes=1
+    --config.model.width=64 --config.model.depth=2)
   STEPS=${STEPS:-mlp}
 else
   OVERHEAD=(--suite=accelerator)

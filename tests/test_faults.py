@@ -129,11 +129,11 @@ def test_unwritable_workdir_mid_sweep_is_one_error_and_keeps_rows(tmp_path, monk
     real = results.Store.append
     calls = []
 
-    def append(self, row, samples):
+    def append(self, row, samples, pass_index=0):
         calls.append(row["batch_size"])
         if len(calls) > 2:
             raise OSError(errno.ENOSPC, "No space left on device", self.path("results.jsonl"))
-        real(self, row, samples)
+        real(self, row, samples, pass_index)
 
     monkeypatch.setattr(results.Store, "append", append)
     with pytest.raises(results.WorkdirError, match="results.jsonl.*No space left"):
@@ -217,6 +217,8 @@ FAST = [
     "--config.timing.warmup_runs=1",
     "--config.timing.warmup_s=0",
     "--config.timing.budget_s=0.05",
+    # Two passes: a kill can land between a point's passes, and the rerun must finish them.
+    "--config.sweep.passes=2",
     "--config.roofline.enabled=false",
     "--config.output.plots=false",
 ]
@@ -246,7 +248,7 @@ def test_sigterm_keeps_points_exits_143_and_resumes(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 143, proc.stderr.read()[-2000:]
     kept = len(read_rows(tmp_path))
-    assert 2 <= kept < 12
+    assert 2 <= kept < 2 * 12  # rows: one per point and pass
     done = run_main(*FAST, MANY, f"--workdir={tmp_path}")
     assert done.returncode == 0, done.stderr[-2000:]
     assert sorted(r["batch_size"] for r in read_rows(tmp_path)) == list(range(1, 13))
@@ -309,7 +311,7 @@ def test_sigkill_at_random_moments_loses_and_repeats_nothing(tmp_path):
         rows = len(read_rows(tmp_path))
         assert rows > kept  # nothing stored before the kill was lost
         kept = rows
-        if kept == 12:
+        if kept == 2 * 12:  # every point, both passes
             break
     done = run_main(*FAST, sizes, f"--workdir={tmp_path}")
     assert done.returncode == 0, done.stderr[-2000:]

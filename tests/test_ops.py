@@ -117,10 +117,12 @@ def test_each_op_is_priced_at_its_own_limit():
     assert t.limit == "compute" and t.seconds == pytest.approx(2 * 4096 * 1024**2 / 1e11)
     # A conv at its own measured rate.
     c = Op("c", "conv", (1, 8, 8, 4, 4, 3, 1), 1e7, 1e3, 5e2)
-    assert ops.op_time(c, RATES) == ops.OpTime("c", "conv", 1, 1e7 / 5e10, "compute")
+    t = ops.op_time(c, RATES)
+    assert (t.seconds, t.limit) == (1e7 / 5e10, "compute")
     # An elementwise op whose bytes fit half the cache: bandwidth-bound at the cache's rate.
     e = Op("e", "elementwise", (100,), 1e6, 4e5)
-    assert ops.op_time(e, RATES) == ops.OpTime("e", "elementwise", 1, 4e5 / 1e11, "cache")
+    t = ops.op_time(e, RATES)
+    assert (t.seconds, t.limit) == (4e5 / 1e11, "cache")
     # Fused into its producer: no time of its own, no launch.
     f = Op("f", "elementwise", (100,), 1e6, 0, fused=True)
     assert ops.op_time(f, RATES).seconds == 0 and ops.launches([f, e]) == 1
@@ -131,8 +133,13 @@ def test_each_op_is_priced_at_its_own_limit():
     overhead = 1e-5 + (2 + 1 + 1 + 3) * 1e-6
     parts = [ops.op_time(x, RATES).seconds for x in (g, c, e, a)]
     assert call.seconds == pytest.approx(overhead + sum(parts))
-    assert call.regime == "memory"  # 1.6 ms of DRAM weights beat 0.8 ms at measured rates
     assert set(call.by_kind()) == {"gemm", "conv", "elementwise", "attention"}
+    kinds = call.kind_detail()
+    # By intensity: the GEMM's 8 MB of DRAM weights (1.6 ms) beat its FLOPs at the peak; the
+    # conv's 1e7 FLOPs at 1e12 beat its 1 KB; the conv runs at its measured 5e10, below roofs.
+    assert kinds["gemm"]["bound"] == "memory" and not kinds["gemm"]["slower_than_roofs"]
+    assert kinds["conv"]["bound"] == "compute" and kinds["conv"]["slower_than_roofs"]
+    assert kinds["conv"]["flops_per_s"] == pytest.approx(5e10)
 
 
 def test_warm_weights_read_at_cache_bandwidth():

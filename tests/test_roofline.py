@@ -48,6 +48,29 @@ def test_knee_interval_widens_with_noise():
     assert noisy.knee_high / noisy.knee_low > quiet.knee_high / quiet.knee_low
 
 
+def test_knee_interval_spans_what_moves_between_passes():
+    """Three passes whose points each moved by a few percent (a busy neighbour in one pass):
+    within each pass the samples are tight, so only the across-pass bootstrap sees it."""
+    rows, samples = synthetic(50.0, noise=0.01)
+    rng = np.random.default_rng(1)
+    passes = {b: [s[i::3] * rng.lognormal(0, 0.08) for i in range(3)] for b, s in samples.items()}
+    for r in rows:
+        r["latency_s"] = float(np.median(np.concatenate(passes[r["batch_size"]])))
+    pooled = {b: np.concatenate(p) for b, p in passes.items()}
+    across = roofline.fit_knee(rows, passes, n_bootstrap=100)
+    within = roofline.fit_knee(rows, pooled, n_bootstrap=100)
+    assert across.interval_from == "passes" and within.interval_from == "samples"
+    assert across.knee_batch_size == within.knee_batch_size
+    width = lambda f: f.knee_high / f.knee_low
+    assert width(across) > 2 * (width(within) - 1) + 1
+
+
+def test_a_degenerate_knee_interval_is_flagged():
+    assert roofline._degenerate(1.62, 1.19, 1.62)
+    assert roofline._degenerate(5.0, 5.0, 5.0)
+    assert not roofline._degenerate(25.3, 24.6, 25.9)
+
+
 def test_regime_labels_on_synthetic_points():
     # 1 µs of overhead, 1 ms of memory traffic at 1 GB/s, compute 10 ms or 0.1 µs
     assert roofline.predict(1e6, 1e6, 1e-6, 1e9, 1e-2) == (1e-2, "compute")

@@ -205,10 +205,12 @@ TINY_FLAGS = [
     "--config.sweep.batch_sizes=(1,2)",
     "--config.timing.min_runs=3",
     "--config.timing.budget_s=0.02",
+    "--config.sweep.passes=1",
     # As tiny(): seeded peaks (a fresh machine would otherwise measure its peaks and the
     # per-shape GEMMs here, into the user's cache), no figures; the in-process tests check those.
     f"--config.roofline.peaks_cache_dir={PEAKS_DIR}",
     "--config.roofline.shape_aware=false",
+    "--config.roofline.check_peaks=false",
     "--config.roofline.bootstrap=30",
     "--config.output.plots=false",
 ]
@@ -262,3 +264,43 @@ def test_points_that_missed_their_precision_are_flagged_everywhere_shown(tmp_pat
     report = (tmp_path / "report.md").read_text()
     assert "3 of 3 stopped on their budget" in report and "tiny@1" in report
     assert "| 0/3 |" in report
+
+
+def test_passes_visit_every_point_again_and_resume_mid_pass(tmp_path, monkeypatch):
+    """Three passes, interrupted in the second: the rerun finishes the passes left, each
+    point ends with one samples record per pass and its row pools them."""
+    from batching import sweep
+
+    config = tiny()
+    config.sweep.passes = 3
+    config.sweep.batch_sizes = (1, 2, 4, 8)  # enough points for a knee
+    config.timing.target_rel_ci = 10.0  # every point converges: all four are fitted
+    real, calls = sweep.repeat_point, {"n": 0}
+
+    def dies_in_pass_two(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweep, "repeat_point", dies_in_pass_two)
+    with pytest.raises(KeyboardInterrupt):
+        app.run(config, str(tmp_path))
+    done = {r["batch_size"]: r["passes_done"] for r in results.latest(read_rows(tmp_path))}
+    assert sorted(done.values()) == [1, 1, 1, 2]  # pass 1 whole, one point of pass 2
+    monkeypatch.setattr(sweep, "repeat_point", real)
+    first_visits = []
+    monkeypatch.setattr(sweep, "measure_point", lambda *a, **k: first_visits.append(a[3]) or 1 / 0)
+    app.run(config, str(tmp_path))
+    assert first_visits == []  # nothing was measured from scratch
+    rows = read_rows(tmp_path)
+    passes = results.Store(str(tmp_path)).pass_samples()
+    for r in rows:
+        assert r["passes_done"] == 3 and len(r["pass_medians_s"]) == 3
+        by_pass = passes[("tiny", r["batch_size"])]
+        assert [len(p) for p in by_pass] == r["pass_n_runs"] and r["n_runs"] == sum(
+            r["pass_n_runs"]
+        )
+        assert r["latency_s"] == pytest.approx(float(np.median(np.concatenate(by_pass))))
+    (s,) = json.loads((tmp_path / "summary.json").read_text())
+    assert s["knee_interval_from"] == "passes"
