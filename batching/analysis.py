@@ -574,7 +574,11 @@ def spec_fields(out: list[dict[str, Any]], model: DeviceModel, roofline_cfg: Any
     bytes_per_param = resolve_dtype(param_dtype).itemsize
     uses = out[0].get("weight_uses_per_example") or 1.0
     spec = specs.detect(model.device.device_kind)
-    spec_f = specs.spec_flops(spec, model.dtype, model.precision) if spec else None
+    spec_f, spec_note = (
+        specs.matmul_peak(spec, model.dtype, model.precision)
+        if spec
+        else (None, f"no spec table entry for device kind {model.device.device_kind!r}")
+    )
     return {
         # A weight serving only a fraction of the batch (an expert: k/E) needs that much
         # larger a batch to be reused as often: B* / weight_uses_per_example.
@@ -583,6 +587,8 @@ def spec_fields(out: list[dict[str, Any]], model: DeviceModel, roofline_cfg: Any
         ),
         "spec_device": spec.name if spec else None,
         "spec_flops_per_s": spec_f,
+        # Why the datasheet B* is missing, or what stood in for the dtype's peak.
+        "spec_note": spec_note,
         "spec_bytes_per_s": spec.bandwidth_bytes_per_s if spec else None,
         "spec_critical_batch": (
             specs.critical_batch_size(spec_f, spec.bandwidth_bytes_per_s, bytes_per_param) / uses
@@ -671,7 +677,8 @@ def whatif_nodes(
 
     The run's mesh is laid on the node as it is (same expert and model axes), and the node's
     remaining devices become data replicas: data' = devices / (expert·model). Each point is
-    one device's share (roofline.per_device_work at data') under the node device's datasheet
+    one device's share (roofline.per_device_work at data', or at the global batch where that
+    is smaller: an example is not split over replicas) under the node device's datasheet
     memory and compute limits, plus the row's collectives at the node's interconnect
     (per direction), their payloads scaled by data/data' (the tokens per device; capacity
     rounding aside). Lower bounds, like `whatif`: the overhead there is unknown.
@@ -684,14 +691,19 @@ def whatif_nodes(
         if node.num_devices % group:
             continue
         node_data = node.num_devices // group
-        f = specs.spec_flops(spec, dtype, precision) or spec.flops_per_s.get("bfloat16")
+        f = specs.matmul_peak(spec, dtype, precision)[0]
+        if f is None:
+            continue
         node_shape = {**shape, "data": node_data}
-        scale = shape["data"] / node_data
         curve, comm = {}, {}
         for r in rows:
+            # A global batch smaller than the data replicas is not split below one example:
+            # the other replicas idle.
+            data = max(1, min(node_data, r["batch_size"]))
             flops, bytes_moved = roofline.work(
-                roofline.per_device_work({**r, "parallel_shape": node_shape})
+                roofline.per_device_work({**r, "parallel_shape": {**shape, "data": data}})
             )
+            scale = shape["data"] / data
             calls = [{**c, "bytes": c["bytes"] * scale} for c in r.get("collectives") or []]
             comm[r["batch_size"]] = roofline.comm_time(calls, node.interconnect_bytes_per_s)
             curve[r["batch_size"]] = (
@@ -811,10 +823,9 @@ def whatif(
     result = {}
     for name in devices:
         spec = specs.SPECS[name]
-        f = specs.spec_flops(spec, dtype, precision)
+        f, note = specs.matmul_peak(spec, dtype, precision)
         if f is None:
-            # The device has no unit for this dtype (a TPU has no fp32 peak): use its bf16 peak.
-            f = spec.flops_per_s.get("bfloat16") or max(spec.flops_per_s.values())
+            continue
         rates = ops_lib.Rates(
             dram_bytes_per_s=spec.bandwidth_bytes_per_s,
             cache_bytes_per_s=spec.bandwidth_bytes_per_s,
@@ -832,6 +843,6 @@ def whatif(
                 f, spec.bandwidth_bytes_per_s, bytes_per_param
             ),
             "latency_s": curve,
-            "source": spec.source,
+            "source": spec.source + (f"; {note}" if note else ""),
         }
     return result

@@ -6,6 +6,7 @@ are labelled archived; the HTML embeds the plots so it opens offline.
 """
 
 import base64
+import datetime
 import html
 import math
 import os
@@ -88,22 +89,39 @@ class Doc:
         return "\n".join(out)
 
 
-def post_corrections(doc: Doc) -> None:
+def post_corrections(doc: Doc, analyzed: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
+    """The post's arithmetic corrected from the spec table, and, where this run's own data
+    shows it, the third limit that moves a knee past B*."""
     t4 = specs.SPECS["T4"]
     post = specs.critical_batch_size(specs.POST_T4_FLOPS, specs.POST_T4_BANDWIDTH, 2)
     t4_fp32 = specs.critical_batch_size(t4.flops_per_s["float32"], t4.bandwidth_bytes_per_s, 4)
     t4_fp16 = specs.critical_batch_size(t4.flops_per_s["float16"], t4.bandwidth_bytes_per_s, 2)
     doc.heading("What the post's arithmetic gets wrong")
-    doc.para(
+    text = (
         f"The critical batch size of a dense layer is B* = peak FLOP/s × bytes per parameter / "
         f"(2 × bandwidth); it equals FLOPS/bandwidth only for 2-byte weights. The post's inputs "
         f"(65 TFLOP/s, 300 GB/s, 2 bytes) give {post:.1f}. But 65 TFLOP/s is the T4's fp16 "
         f"tensor-core peak; in fp32 the T4 does 8.1 TFLOP/s at 320 GB/s ({t4.source}), so an "
         f"fp32 MLP has B* ≈ {t4_fp32:.0f}, and an fp16 one ≈ {t4_fp16:.0f}. The knee the post "
-        "saw near 128 is later than the fp32 figure: a third limit, fixed per-call overhead, "
-        "hides the memory-bound region, so this lab models t(B) = max(overhead, bytes/BW, "
-        "flops/F)."
+        f"saw near {claims.POST_T4_KNEE} is later than the fp32 figure. This lab models three "
+        "limits, t(B) = max(overhead, bytes/BW, flops/F)."
     )
+    hidden = [
+        s["run"]
+        for s in analyzed
+        if not s.get("functional_simulation")
+        and claims._knee_inside(s)
+        and s["knee_batch_size"] > 1.5 * s["predicted_critical_batch"]
+        and s["regimes"].get(min(s["batch_sizes"])) == "overhead"
+    ]
+    if hidden:
+        text += (
+            " In this run the third limit shows: for "
+            + ", ".join(hidden)
+            + " the smallest batch is overhead-bound and the fitted knee lies past B*, the "
+            "memory-bound region hidden under the fixed cost per call."
+        )
+    doc.para(text)
 
 
 def memory_wall(doc: Doc, summaries: list[dict[str, Any]]) -> None:
@@ -528,6 +546,33 @@ def _archived_c2(archived: list[archive.Archived]) -> str | None:
     return None
 
 
+def _check_sentence(check: dict[str, Any] | None) -> str:
+    """What this run's check of the cached peaks found (peaks.check_cached)."""
+    if not check:
+        return "Nothing was cached before this run, or the check was off: no check."
+    now, cached = check["now"], check["cached"]
+    numbers = (
+        f"matmul {_fmt(now['matmul_flops_per_s'] / 1e9)} GFLOP/s now against "
+        f"{_fmt(cached['matmul_flops_per_s'] / 1e9)} cached, stream read "
+        f"{_fmt(now['read_bytes_per_s'] / 1e9)} GB/s against "
+        f"{_fmt(cached['read_bytes_per_s'] / 1e9)}"
+    )
+    tol = f"{check['tolerance']:.0%}"
+    if check["verdict"] == "re-measured":
+        return (
+            f"This run's check ({numbers}) found the cache slower than the device by more than "
+            f"{tol} (filled while the machine was busy?): the peaks and per-shape rates were "
+            "measured again."
+        )
+    if check["verdict"] == "agreed":
+        return f"This run's check agreed within {tol} ({numbers})."
+    return (
+        f"This run's check ({numbers}) read the device more than {tol} slower than when the "
+        "peaks were cached: the machine is busier now; the cache was kept, and this run's "
+        "timings may be slow."
+    )
+
+
 def _peaks_provenance(analyzed: list[dict[str, Any]]) -> str:
     """Where the peaks and per-shape rates came from, and what the budget left unmeasured."""
     a = analyzed[0]
@@ -538,6 +583,17 @@ def _peaks_provenance(analyzed: list[dict[str, Any]]) -> str:
         )
     else:
         text = "Peaks measured on this device (cached per device)."
+    if a.get("peaks_measured_at"):
+        when = datetime.datetime.fromtimestamp(a["peaks_measured_at"], datetime.timezone.utc)
+        text += f" They were measured {when:%Y-%m-%d %H:%M} UTC."
+    text += " " + _check_sentence(a.get("peaks_check"))
+    if a.get("peak_flops_source") and a.get("square_matmul_flops_per_s"):
+        text += (
+            f" The compute roof, {_fmt(a['peak_flops_per_s'] / 1e9)} GFLOP/s, is the best rate "
+            f"measured in this dtype ({a['peak_flops_source']}; the square-matmul "
+            f"microbenchmark alone: {_fmt(a['square_matmul_flops_per_s'] / 1e9)} GFLOP/s), so "
+            "no point sits above it."
+        )
     if a.get("last_level_cache_bytes"):
         text += (
             f" Last-level cache {_fmt(a['last_level_cache_bytes'] / 2**20)} MiB "
@@ -553,6 +609,164 @@ def _peaks_provenance(analyzed: list[dict[str, Any]]) -> str:
             f"{at_peak} priced at the peak (no measured shape of their family)."
         )
     return text
+
+
+def runs_section(
+    doc: Doc,
+    summaries: list[dict[str, Any]],
+    rows: list[dict[str, Any]],
+    analyzed: list[dict[str, Any]],
+) -> None:
+    """One line per run of what was measured, and how far the prediction and the fit are."""
+    doc.heading("Runs")
+    header = [
+        "run",
+        "params",
+        "B first→last",
+        "latency first (ms, measured)",
+        "latency last (ms, measured)",
+        "best throughput (measured)",
+        "converged points",
+    ]
+    if analyzed:
+        header += ["pred. err (median)", "fit err (median)", "cost flags"]
+    table = []
+    for s in summaries:
+        unit = s.get("example_unit") or "examples"
+        row = [
+            s["run"],
+            s["params"],
+            f"{min(s['batch_sizes'])}→{max(s['batch_sizes'])}",
+            s["latency_first_s"] * 1e3,
+            s["latency_last_s"] * 1e3,
+            f"{_fmt(s['best_throughput_per_s'])} {unit}/s at B={s['best_throughput_batch_size']}",
+            f"{s.get('points_converged', s['points'])}/{s['points']}",
+        ]
+        if "knee_batch_size" in s:
+            row += [s["prediction_error_median"], s["fit_error_median"], s["cost_mismatches"]]
+        table.append(row)
+    doc.table(header, table)
+    unconverged = [f"{r['run']}@{r['batch_size']}" for r in rows if not r.get("converged", True)]
+    if unconverged:
+        doc.para(
+            f"Converged points: those whose median's 95% interval met the precision target "
+            f"(timing.target_rel_ci). {len(unconverged)} of {len(rows)} stopped on their "
+            f"budget instead (hollow rings in the plots): {', '.join(unconverged)}."
+        )
+    if not analyzed:
+        return
+    doc.para(
+        "pred. err and fit err: median over the run's points of |predicted / measured − 1| "
+        "for the a-priori per-op roofline (dispatch floor + Σ over the call's ops of "
+        "max(bytes / bandwidth, FLOPs / F(op)) + kernel launches) and for the fitted "
+        "three-limit model. cost flags: points where XLA's counted FLOPs or bytes differ "
+        "from the analytic count by more than the configured tolerance."
+    )
+    flagged = [r for r in rows if r.get("cost_mismatch")]
+    if flagged:
+        doc.para(
+            "XLA vs analytic cost disagreements (>tolerance): "
+            + "; ".join(
+                f"{r['run']} B={r['batch_size']}: flops ×{_fmt(r['xla_flops_ratio'])}, "
+                f"bytes ×{_fmt(r['xla_bytes_ratio'])}"
+                for r in flagged[:12]
+            )
+            + (" …" if len(flagged) > 12 else "")
+        )
+
+
+def knee_section(doc: Doc, analyzed: list[dict[str, Any]]) -> None:
+    """Per run: the knee as fitted, as predicted, and B* from the roofs, side by side."""
+    doc.heading("Knees and critical batch sizes")
+    doc.para(
+        "Fitted knee (from the measurements): where the three-limit model fitted to the "
+        "converged points' medians turns compute-bound; its 95% interval is a bootstrap that "
+        "draws each point's sweep pass at random (what moves between passes), ± its half "
+        "width. Predicted-curve knee: the same fit read off the per-op prediction. A-priori "
+        "crossing: where FLOPs / F overtakes bytes / BW with the workload's own bytes per "
+        "example (activations, a KV cache); none when it never does. B*: F·bytes per "
+        "parameter / (2·BW), weights only, from the measured roofs and from the datasheet. "
+        "The fitted model's floor, F and BW are fitted parameters, not measurements."
+    )
+    doc.table(
+        [
+            "run",
+            "fitted knee [95%]",
+            "predicted-curve knee [95%]",
+            "a-priori crossing",
+            "B* (measured roofs)",
+            "B* (datasheet)",
+            "fitted knee / B*",
+            "fitted floor (µs)",
+            "fitted F (GFLOP/s)",
+            "fitted BW (GB/s)",
+            "why they differ",
+        ],
+        [
+            [
+                s["run"],
+                claims.knee_text(s),
+                f"{_fmt(s['predicted_curve_knee_batch_size'])} "
+                f"[{_fmt(s['predicted_curve_knee_low'])}, {_fmt(s['predicted_curve_knee_high'])}]",
+                s["predicted_knee_batch_size"],
+                s["predicted_critical_batch"],
+                s["spec_critical_batch"]
+                if s.get("spec_critical_batch")
+                else f"none: {s.get('spec_note') or 'no spec'}",
+                _ratio(s["knee_batch_size"], s["predicted_critical_batch"]),
+                s["overhead_s"] * 1e6,
+                s["effective_flops_per_s"] / 1e9,
+                s["effective_bytes_per_s"] / 1e9,
+                knee_reason(s),
+            ]
+            for s in analyzed
+        ],
+    )
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or not b or not math.isfinite(a):
+        return None
+    return a / b
+
+
+def knee_reason(s: dict[str, Any]) -> str:
+    """One sentence on why the fitted knee and B* differ, from the run's own numbers."""
+    knee, b_star = s["knee_batch_size"], s["predicted_critical_batch"]
+    crossing = s["predicted_knee_batch_size"]
+    first = min(s["batch_sizes"])
+    if not claims._knee_inside(s):
+        return (
+            f"no knee inside the sweep ({s.get('knee_fit_points', 0)} converged points); a sweep "
+            f"to batch {claims.testing_batch(s)} would test it"
+        )
+    ratio = knee / b_star
+    predicted = s.get("predicted_curve_knee_batch_size")
+    tail = (
+        f"; the per-op prediction puts it at {_fmt(predicted)}"
+        if predicted is not None and math.isfinite(predicted)
+        else ""
+    )
+    if 1 / 1.5 <= ratio <= 1.5:
+        return f"they agree within 1.5x{tail}"
+    if ratio > 1.5:
+        if s["regimes"].get(first) == "overhead":
+            return (
+                f"batch {first} is overhead-bound: the fixed cost per call hides the "
+                f"memory-bound region, and latency starts growing past B*{tail}"
+            )
+        if math.isfinite(crossing) and crossing > 1.5 * b_star:
+            return (
+                "bytes per example besides the weights move compute-bound out to "
+                f"{_fmt(crossing)}{tail}"
+            )
+        return f"the rates measured at the small shapes lie below the roofs{tail}"
+    if not math.isfinite(crossing) or crossing > b_star:
+        return (
+            "latency grows before compute-bound: bytes per example (activations, a KV cache) "
+            f"grow the memory time with the batch{tail}"
+        )
+    return f"the per-shape compute rates at these shapes lie below the ceiling{tail}"
 
 
 def write(
@@ -590,88 +804,9 @@ def write(
                 "(XLA_FLAGS=--xla_force_host_platform_device_count), which share the same "
                 "CPU cores, so their timings say nothing about accelerators."
             )
-    doc.heading("Runs")
-    header = [
-        "run",
-        "params",
-        "B first→last",
-        "latency first (ms)",
-        "latency last (ms)",
-        "best examples/s",
-        "converged points",
-    ]
+    runs_section(doc, summaries, rows, analyzed)
     if analyzed:
-        header += [
-            "predicted B*",
-            "spec B*",
-            "fitted knee [95%]",
-            "predicted-curve knee [95%]",
-            "free up to",
-            "overhead (µs)",
-            "eff. GFLOP/s",
-            "eff. GB/s",
-            "pred. err",
-            "fit err",
-            "cost flags",
-        ]
-    table = []
-    for s in summaries:
-        row = [
-            s["run"],
-            s["params"],
-            f"{min(s['batch_sizes'])}→{max(s['batch_sizes'])}",
-            s["latency_first_s"] * 1e3,
-            s["latency_last_s"] * 1e3,
-            s["best_throughput_per_s"],
-            f"{s.get('points_converged', s['points'])}/{s['points']}",
-        ]
-        if "knee_batch_size" in s:
-            row += [
-                s["predicted_critical_batch"],
-                s["spec_critical_batch"],
-                f"{_fmt(s['knee_batch_size'])} [{_fmt(s['knee_low'])}, {_fmt(s['knee_high'])}]",
-                f"{_fmt(s['predicted_curve_knee_batch_size'])} "
-                f"[{_fmt(s['predicted_curve_knee_low'])}, {_fmt(s['predicted_curve_knee_high'])}]",
-                s["free_batching_limit"],
-                s["overhead_s"] * 1e6,
-                s["effective_flops_per_s"] / 1e9,
-                s["effective_bytes_per_s"] / 1e9,
-                s["prediction_error_median"],
-                s["fit_error_median"],
-                s["cost_mismatches"],
-            ]
-        table.append(row)
-    doc.table(header, table)
-    unconverged = [f"{r['run']}@{r['batch_size']}" for r in rows if not r.get("converged", True)]
-    if unconverged:
-        doc.para(
-            f"Converged points: those whose median's 95% interval met the precision target "
-            f"(timing.target_rel_ci). {len(unconverged)} of {len(rows)} stopped on their "
-            f"budget instead (hollow rings in the plots): {', '.join(unconverged)}."
-        )
-    if analyzed:
-        doc.para(
-            "pred. err and fit err: median over the run's points of |predicted / measured − 1| "
-            "for the a-priori per-op roofline (dispatch floor + Σ over the call's ops of "
-            "max(bytes / bandwidth, FLOPs / F(op)) + kernel launches) and for the fitted "
-            "three-limit model. cost flags: points where XLA's counted FLOPs or bytes differ "
-            "from the analytic count by more than the configured tolerance. With shape_aware on, "
-            "F(op) of each GEMM, convolution and attention is measured at the op's own shape. "
-            "The fitted knee's interval is a bootstrap over timing samples; the predicted-curve "
-            "knee is the same fit read off the predicted latencies, its interval the same "
-            "bootstrap with each point's samples scaled onto its prediction."
-        )
-        flagged = [r for r in rows if r.get("cost_mismatch")]
-        if flagged:
-            doc.para(
-                "XLA vs analytic cost disagreements (>tolerance): "
-                + "; ".join(
-                    f"{r['run']} B={r['batch_size']}: flops ×{_fmt(r['xla_flops_ratio'])}, "
-                    f"bytes ×{_fmt(r['xla_bytes_ratio'])}"
-                    for r in flagged[:12]
-                )
-                + (" …" if len(flagged) > 12 else "")
-            )
+        knee_section(doc, analyzed)
         where_time_goes(doc, analyzed)
         doc.heading("What-if on spec devices")
         a = analyzed[0]
@@ -723,7 +858,7 @@ def write(
             elsewhere = _archived_c2(archived) if cid == "C2" else None
             if elsewhere:
                 doc.para(elsewhere)
-    post_corrections(doc)
+    post_corrections(doc, analyzed, rows)
     with open(os.path.join(workdir, "report.md"), "w") as f:
         f.write(doc.markdown(workdir))
     with open(os.path.join(workdir, "report.html"), "w") as f:

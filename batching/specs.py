@@ -364,3 +364,23 @@ def spec_flops(spec: DeviceSpec, dtype: str, matmul_precision: str = "default") 
     if dtype == "float32" and matmul_precision == "default" and "tf32" in spec.flops_per_s:
         return spec.flops_per_s["tf32"]
     return spec.flops_per_s.get(dtype)
+
+
+def matmul_peak(
+    spec: DeviceSpec, dtype: str, matmul_precision: str = "default"
+) -> tuple[float | None, str]:
+    """(FLOP/s, what stands in) for a dtype's matmuls on a spec device: spec_flops where the
+    datasheet lists the dtype; a bfloat16 matmul on a device with float16 units only (a T4)
+    at their float16 peak; a float32 one at default precision on a TPU (which has no float32
+    unit: XLA runs one bfloat16 pass) at the bfloat16 peak. Never an integer peak. None, with
+    why, where nothing stands in."""
+    f = spec_flops(spec, dtype, matmul_precision)
+    if f:
+        return f, ""
+    if dtype == "bfloat16" and "float16" in spec.flops_per_s:
+        return spec.flops_per_s["float16"], f"{spec.name} has no bfloat16 unit: its float16 peak"
+    if dtype == "float32" and matmul_precision == "default" and "bfloat16" in spec.flops_per_s:
+        return spec.flops_per_s["bfloat16"], (
+            f"{spec.name} has no float32 unit: XLA's default precision runs one bfloat16 pass"
+        )
+    return None, f"{spec.name} lists no {dtype} peak"

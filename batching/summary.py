@@ -56,6 +56,9 @@ def run_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "slowdown_last_vs_first": last["latency_s"] / first["latency_s"],
         "best_throughput_per_s": best["throughput_per_s"],
         "best_throughput_batch_size": best["batch_size"],
+        # What throughput counts: examples, or tokens for a decoder's prefill and decode.
+        "example_unit": first.get("example_unit")
+        or ("tokens" if first.get("phase") else "examples"),
         "compile_s_total": float(np.sum([r["compile_s"] for r in rows])),
         # Workload facts that name the run (MLP width, decoder phase and context, ...).
         **{k: first[k] for k in RUN_FIELDS if k in first},

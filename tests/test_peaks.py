@@ -190,3 +190,84 @@ def test_gemm_microbenchmarks_of_one_weight_shape_share_their_weights():
     assert len(made) > 1 and all(a is b for a, b in zip(made, again, strict=True))
     first = made[0]
     assert first.shape == (32, 48) and float(first[0, 0]) == 1 / 32
+
+
+def _mock_device_measurements(monkeypatch, f=1e11, read=2e10):
+    """This 'device' measures f FLOP/s and `read` bytes/s, whatever a cache says."""
+    monkeypatch.setattr(peaks, "measure_matmul_flops", lambda d, t: f)
+    monkeypatch.setattr(
+        peaks,
+        "measure_bandwidth",
+        lambda d, **kw: {"read_bytes_per_s": read, "copy_bytes_per_s": read, "buffer_bytes": 1.0},
+    )
+    monkeypatch.setattr(peaks, "measure_dispatch_floor", lambda d: 1e-5)
+    monkeypatch.setattr(peaks, "measure_kernel_overhead", lambda d: 1e-6)
+    monkeypatch.setattr(peaks, "measure_cache_bandwidth", lambda d: 4e10)
+    monkeypatch.setattr(
+        peaks, "quick_peaks", lambda d, t: {"matmul_flops_per_s": f, "read_bytes_per_s": read}
+    )
+
+
+def test_a_cache_filled_on_a_busy_machine_is_noticed_and_measured_again(tmp_path, monkeypatch):
+    """Every rate of the cache scaled by 0.4 (a first run beside other work): this run's
+    check reads 2.5x more, the entry is measured again and its per-shape rates dropped, the
+    report says so, and the predictions equal those made from a fresh cache."""
+    from tests.conftest import tiny
+
+    from batching import app
+
+    dev = jax.devices()[0]
+    _mock_device_measurements(monkeypatch)
+    fresh, busy = tmp_path / "fresh", tmp_path / "busy"
+    peaks.measured_peaks(dev, ("float32",), str(fresh))
+    entry = peaks.device_entry(dev, str(fresh))
+    poisoned = {
+        **entry,
+        "matmul_flops_per_s": {"float32": 0.4e11},
+        "bandwidth": {"read_bytes_per_s": 0.8e10, "copy_bytes_per_s": 0.8e10, "buffer_bytes": 1},
+        "gemm_flops_per_s": {"float32:1x16x16:warm": 0.4e9},
+    }
+    busy.mkdir()
+    with open(peaks.cache_path(str(busy)), "w") as f:
+        json.dump({f"{dev.platform}:{dev.device_kind}": poisoned}, f)
+    predicted = {}
+    for name, cache in (("fresh", fresh), ("busy", busy)):
+        config = tiny()
+        config.roofline.peaks_cache_dir = str(cache)
+        config.roofline.check_peaks = True
+        (s,) = app.run(config, str(tmp_path / f"run_{name}"))
+        rows = results_of(tmp_path / f"run_{name}")
+        predicted[name] = {r["batch_size"]: r["predicted_latency_s"] for r in rows}
+        assert s["peak_flops_per_s"] == 1e11
+        check = s["peaks_check"]
+        assert check["verdict"] == ("agreed" if name == "fresh" else "re-measured")
+    assert predicted["busy"] == predicted["fresh"]
+    assert "gemm_flops_per_s" not in peaks.device_entry(dev, str(busy)) or not peaks.device_entry(
+        dev, str(busy)
+    )["gemm_flops_per_s"].get("float32:1x16x16:warm")
+    report = (tmp_path / "run_busy" / "report.md").read_text()
+    assert "measured again" in report
+
+
+def results_of(workdir):
+    from batching import results
+
+    return results.Store(str(workdir)).rows()
+
+
+def test_the_compute_roof_is_the_best_rate_measured():
+    """A large GEMM microbenchmark above the square matmul raises the roof; a tiny one (its
+    rate rests on subtracting fixed costs) does not; a measured point above both does."""
+    entry = {
+        "gemm_flops_per_s": {
+            "float32:256x2048x2048:cold": 1.8e11,  # 2.1 GFLOP per product
+            "float32:1x64x64:warm": 9e11,  # 8 kFLOP: not a ceiling
+            "bfloat16:512x4096x4096:cold": 5e12,  # another dtype
+        }
+    }
+    rows = [{"batch_size": 512, "analytic_flops": 8.6e9, "latency_s": 8.6e9 / 1.9e11}]
+    f, source = analysis.compute_ceiling(1.5e11, entry, "float32", [])
+    assert f == 1.8e11 and "256x2048x2048" in source
+    f, source = analysis.compute_ceiling(1.5e11, entry, "float32", rows)
+    assert f == pytest.approx(1.9e11) and "batch 512" in source
+    assert analysis.compute_ceiling(2e11, entry, "float32", rows)[0] == 2e11

@@ -158,3 +158,28 @@ def test_sweep_rows_and_summary_carry_the_roofline(tmp_path):
     html = (tmp_path / "report.html").read_text()
     assert "data:image/png;base64," in html
     assert set(s["verdicts"]) == {"C3", "C5"}
+
+
+def test_a_node_does_not_split_one_example_over_its_replicas():
+    """On an 8-GPU node, batch 1 runs on one GPU (the others idle): never faster than one
+    GPU; batch 64 splits 8 ways."""
+    from batching import analysis
+
+    W = 4 * 1024 * 1024 * 8  # 8 layers of 1024x1024 fp32 weights
+    rows = [
+        {
+            "batch_size": b,
+            "analytic_flops": 2 * b * W / 4,
+            "analytic_bytes": W + 8 * b * 1024 * 4,
+            "weight_bytes": W,
+            "flops": None,
+            "bytes_accessed": None,
+            "parallel_shape": {"data": 1, "expert": 1, "model": 1},
+        }
+        for b in (1, 8, 64)
+    ]
+    one = analysis.whatif(rows, ("H100 SXM",), "float32", "default", 4)["H100 SXM"]
+    node = analysis.whatif_nodes(rows, "float32", "default", 4)["8x H100 SXM (HGX)"]
+    assert node["latency_s"][1] >= one["latency_s"][1] * (1 - 1e-9)
+    assert node["latency_s"][8] == pytest.approx(one["latency_s"][1], rel=1e-6)
+    assert node["latency_s"][64] < one["latency_s"][64]
