@@ -27,6 +27,10 @@ from batching import ops as ops_lib
 from models.dtypes import resolve_dtype
 
 
+class NoPeaks(ValueError):
+    """A peaks file holds nothing for a run's device (or dtype): the run is not analysed."""
+
+
 @dataclasses.dataclass(frozen=True)
 class DeviceRef:
     """A device known by its platform and kind only: the rows' device when a workdir measured
@@ -98,7 +102,7 @@ class PeakSource:
             if "bandwidth" not in entry or peaks.dtype_key(dtype, precision) not in entry.get(
                 "matmul_flops_per_s", {}
             ):
-                raise ValueError(
+                raise NoPeaks(
                     f"roofline.peaks_file {self.peaks_file!r} has no {dtype} "
                     f"({precision} precision) peaks for {key}"
                 )
@@ -543,7 +547,8 @@ def knee_fields(
         "knee_fit_points": len(converged),
         "free_batching_limit": (
             roofline.free_batching_limit(samples, roofline_cfg.free_batching_alpha)
-            if len(samples) == len(out) and len(out) >= 2
+            # A limit read off fewer than three points is the sweep's grid, not a finding.
+            if len(samples) == len(out) and len(out) >= 3
             else None
         ),
         # The fitted three-limit model's own parameters (not measurements).
@@ -786,6 +791,9 @@ def breakdown(rows: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
 def _predicted_parts(r: dict[str, Any]) -> dict[str, Any]:
     return {
         "by_kind": r["predicted_by_kind"],
+        # Per kind: its intensity bound and the FLOP rate the prediction gives it.
+        "kinds": r.get("predicted_kinds"),
+        "regime": r.get("regime"),
         "overhead_s": r["predicted_overhead_s"],
         "predicted_s": r["predicted_latency_s"],
         "measured_s": r["latency_s"],

@@ -199,72 +199,134 @@ def finalize(
     stored = store.rows()
     all_rows = results.latest(stored)
     current_all = [r for r in all_rows if fingerprints.get(r["run"]) == r.get("fingerprint")]
-    current = [r for r in current_all if results.is_ok(r)]
-    grouped = plots.by_run(current)
+    grouped = plots.by_run([r for r in current_all if results.is_ok(r)])
     done = [r for r in all_runs if r.name in grouped]
+    summaries, analyzed_rows = analyze(config, done, grouped, current_all, store, prepared, devices)
+    if config.roofline.enabled or len(all_rows) < len(stored):
+        by_key = {(r["run"], r["batch_size"]): r for r in analyzed_rows}
+        store.rewrite_rows([by_key.get((r["run"], r["batch_size"]), r) for r in all_rows])
+    here = {r.get("device_kind") for r in analyzed_rows}
+    archived = archive.load(
+        config.report.get("archive_dir", ""),
+        config.name,
+        exclude_device_kind=here.pop() if len(here) == 1 else None,
+    )
+    images = draw(config, analyzed_rows, current_all, summaries, archived, store)
+    write_tensorboard(store, done, summaries, analyzed_rows, images)
+    plot_paths = {name: store.path("plots", f"{name}.png") for name in images}
+    verdicts = report.write(
+        store.workdir,
+        config.name,
+        tuple(config.report.claims),
+        summaries,
+        analyzed_rows,
+        plot_paths,
+        archived,
+    )
+    for s in summaries:
+        s["verdicts"] = verdicts
+    store.write_summary(summaries)
+    print(summary.format_table(analyzed_rows), flush=True)
+    for cid, v in verdicts.items():
+        print(f"{cid}: {v['verdict']}")
+    print(closing_line(store, current_all), flush=True)
+    return summaries
+
+
+def analyze(
+    config: ml_collections.ConfigDict,
+    done: list[runs.Run],
+    grouped: dict[str, list[dict[str, Any]]],
+    current_all: list[dict[str, Any]],
+    store: results.Store,
+    prepared: dict[str, dict[str, Any]] | None,
+    devices: dict[str, Any] | None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Each measured run's summary (its ends, memory wall, roofline and training fields) and
+    its rows with their analysis; the peaks it used go to the workdir's device_peaks.json."""
     all_samples = store.pass_samples()
-    summaries, analyzed_rows = [], []
     peak_source = analysis.PeakSource(
         config.roofline.peaks_cache_dir,
         config.roofline.refresh_peaks,
         config.roofline.get("peaks_file"),
         config.roofline.get("check_peaks", True),
     )
-    used_peaks = {}
+    summaries, analyzed_rows, used_peaks = [], [], {}
     for run in done:
         rows = grouped[run.name]
         s = summary.run_summary(rows)
         s.update(summary.memory_summary([r for r in current_all if r["run"] == run.name]))
         s["whatif_max_batch"] = summary.whatif_max_batch(s, run.config.roofline.whatif_devices)
+        device = devices[run.name] if devices else runs.device(run.config)
         if config.roofline.enabled:
             # Each point's samples per sweep pass.
             samples = {
-                r["batch_size"]: [np.asarray(p) for p in all_samples[(run.name, r["batch_size"])]]
-                for r in rows
-                if (run.name, r["batch_size"]) in all_samples
+                b: [np.asarray(p) for p in all_samples[(run.name, b)]]
+                for b in (r["batch_size"] for r in rows)
+                if (run.name, b) in all_samples
             }
-            device = devices[run.name] if devices else runs.device(run.config)
             peak_source.start_run(
                 analysis.microbenchmark_budget(run.config.roofline, device.platform)
             )
-            rows, roof = analysis.analyze_run(
-                rows, samples, device, run.config.roofline, peak_source
-            )
+            try:
+                rows, roof = analysis.analyze_run(
+                    rows, samples, device, run.config.roofline, peak_source
+                )
+            except analysis.NoPeaks as e:  # a peaks file without this run's device
+                logging.warning("run %s is not analysed: %s", run.name, e)
+                roof = {"not_analysed": str(e)}
             s.update(roof)
-            used_peaks[f"{device.platform}:{device.device_kind}"] = peak_source.entry(device)
+            if "not_analysed" not in roof:
+                used_peaks[f"{device.platform}:{device.device_kind}"] = peak_source.entry(device)
         if prepared and run.name in prepared:
             s.update(summary.training_fields(prepared[run.name]))
         summaries.append(s)
         analyzed_rows.extend(rows)
     if used_peaks:
         store.write_peaks(used_peaks)
-    if config.roofline.enabled or len(all_rows) < len(stored):
-        by_key = {(r["run"], r["batch_size"]): r for r in analyzed_rows}
-        store.rewrite_rows([by_key.get((r["run"], r["batch_size"]), r) for r in all_rows])
+    return summaries, analyzed_rows
 
-    here = {r.get("device_kind") for r in current}
-    archived = archive.load(
-        config.report.get("archive_dir", ""),
-        config.name,
-        exclude_device_kind=here.pop() if len(here) == 1 else None,
-    )
-    figures, images = {}, {}
-    if config.output.plots and analyzed_rows:
-        figures = plots.sweep_figures(analyzed_rows, config.name)
-        if config.roofline.enabled:
-            figures["roofline"] = plots.roofline_figure(analyzed_rows, summaries)
-            for s in summaries:
-                run_rows = [r for r in analyzed_rows if r["run"] == s["run"]]
-                figures[f"fit_{s['run']}"] = plots.fit_figure(run_rows, s)
-                figures[f"whatif_{s['run']}"] = plots.whatif_figure(run_rows, s)
-                figures[f"breakdown_{s['run']}"] = plots.breakdown_figure(s)
-            figures.update(plots.extra_figures(analyzed_rows, summaries))
-        if any(r.get("memory_bytes") for r in current_all):
-            figures["memory"] = plots.memory_figure(current_all, summaries)
-        figures.update(plots.routing_figures(analyzed_rows, summaries))
-        if archived:
-            figures["archive"] = plots.archive_figure(analyzed_rows, archived)
-        images = plots.save_all(figures, store.path("plots"))
+
+def draw(
+    config: ml_collections.ConfigDict,
+    analyzed_rows: list[dict[str, Any]],
+    current_all: list[dict[str, Any]],
+    summaries: list[dict[str, Any]],
+    archived: list[archive.Archived],
+    store: results.Store,
+) -> dict[str, np.ndarray]:
+    """Every figure the runs carry data for, saved under plots/; the images by name."""
+    if not (config.output.plots and analyzed_rows):
+        return {}
+    figures = plots.sweep_figures(analyzed_rows, config.name)
+    analyzed = [s for s in summaries if "knee_batch_size" in s]
+    if analyzed:
+        figures["roofline"] = plots.roofline_figure(
+            [r for r in analyzed_rows if any(r["run"] == s["run"] for s in analyzed)], analyzed
+        )
+        for s in analyzed:
+            run_rows = [r for r in analyzed_rows if r["run"] == s["run"]]
+            figures[f"fit_{s['run']}"] = plots.fit_figure(run_rows, s)
+            figures[f"whatif_{s['run']}"] = plots.whatif_figure(run_rows, s)
+            figures[f"breakdown_{s['run']}"] = plots.breakdown_figure(s)
+        figures.update(plots.extra_figures(analyzed_rows, analyzed))
+    if any(r.get("memory_bytes") for r in current_all):
+        figures["memory"] = plots.memory_figure(current_all, summaries)
+    figures.update(plots.routing_figures(analyzed_rows, summaries))
+    if archived:
+        figures["archive"] = plots.archive_figure(analyzed_rows, archived)
+    return plots.save_all(figures, store.path("plots"))
+
+
+def write_tensorboard(
+    store: results.Store,
+    done: list[runs.Run],
+    summaries: list[dict[str, Any]],
+    analyzed_rows: list[dict[str, Any]],
+    images: dict[str, np.ndarray],
+) -> None:
+    """Each run's TensorBoard summary (config, hparams, metrics, its figures, the derived
+    per-point scalars), then the experiment's one HParams config."""
     for run, s in zip(done, summaries, strict=True):
         per_run = ("fit", "whatif", "breakdown")
         others = {f"{kind}_{r.name}" for r in done if r is not run for kind in per_run}
@@ -284,24 +346,6 @@ def finalize(
             {run.name: hparams(run, s) for run, s in zip(done, summaries, strict=True)},
             sorted({tag for s in summaries for tag in metrics(s)}),
         )
-    plot_paths = {name: store.path("plots", f"{name}.png") for name in images}
-    verdicts = report.write(
-        store.workdir,
-        config.name,
-        tuple(config.report.claims),
-        summaries,
-        analyzed_rows,
-        plot_paths,
-        archived,
-    )
-    for s in summaries:
-        s["verdicts"] = verdicts
-    store.write_summary(summaries)
-    print(summary.format_table(analyzed_rows), flush=True)
-    for cid, v in verdicts.items():
-        print(f"{cid}: {v['verdict']}")
-    print(closing_line(store, current_all), flush=True)
-    return summaries
 
 
 def closing_line(store: results.Store, rows: list[dict[str, Any]]) -> str:

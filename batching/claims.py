@@ -136,6 +136,9 @@ def knee_text(s: dict[str, Any]) -> str:
     if knee is None or not math.isfinite(knee):
         return f"none ({s.get('knee_fit_points', 0)} converged points fitted)"
     lo, hi = s["knee_low"], s["knee_high"]
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        text = f"{_fmt(knee)} (no interval: no timing samples kept)"
+        return text + f", fitted on {s.get('knee_fit_points', '?')} of {s['points']} points"
     text = f"{_fmt(knee)} [{_fmt(lo)}, {_fmt(hi)}]"
     if s.get("knee_interval_degenerate"):
         text += " (a degenerate interval: the fit sits at an end)"
@@ -355,9 +358,14 @@ def c2_accelerator_flat(summaries: list[dict[str, Any]], rows: list[dict[str, An
             evidence = (
                 f"Measured ResNet50 on {s['device_kind']}: latency relative to batch "
                 f"{rs[0]['batch_size']}: {ratios}; free-batching limit (no significant "
-                f"slowdown) {s['free_batching_limit']}; fitted knee {_fmt(s['knee_batch_size'])}."
+                f"slowdown) {s['free_batching_limit']}; fitted knee {knee_text(s)}."
             )
-            ok = (s["free_batching_limit"] or 0) >= 2
+            if s["free_batching_limit"] is not None:
+                ok = s["free_batching_limit"] >= 2
+            else:
+                # No samples kept to test a slowdown: the medians, within 10%.
+                ok = len(rs) > 1 and rs[1]["latency_s"] <= 1.1 * rs[0]["latency_s"]
+                evidence += " Without timing samples the medians decide, within 10%."
             return {"verdict": "confirmed" if ok else "refuted on this device",
                     "evidence": evidence}  # fmt: skip
     s = _resnet50(summaries, "cpu")
@@ -386,36 +394,78 @@ def c2_accelerator_flat(summaries: list[dict[str, Any]], rows: list[dict[str, An
     }
 
 
+def _throughput_gain(rows: list[dict[str, Any]], run: str, up_to: int) -> float:
+    """Best throughput at batch <= up_to over the smallest batch's: what batching bought."""
+    rs = [r for r in _run_rows(rows, run) if r["batch_size"] <= up_to]
+    return max(r["throughput_per_s"] for r in rs) / rs[0]["throughput_per_s"]
+
+
 def c6_convolutions_reuse_weights(
     summaries: list[dict[str, Any]], rows: list[dict[str, Any]]
 ) -> Verdict:
+    """Controlled: a conv stack against dense stacks with the same weights per layer, one with
+    the same FLOPs (a token per output position) and one with a single token."""
+    if _simulated(summaries):
+        return {"verdict": SIMULATION, "evidence": "The networks ran on forced host devices."}
+    conv = next((s for s in summaries if s["model"] == "conv_stack"), None)
+    if conv is None:
+        return _c6_resnet_only(summaries, rows)
+    width = 3 * conv["channels"]  # kernel 3: a layer of k²C² weights is a dense layer of width kC
+    same_flops = next(
+        (s for s in summaries if s["model"] == "mlp" and s.get("width") == width
+         and s.get("tokens") == conv["image_size"] ** 2), None)  # fmt: skip
+    one_token = next(
+        (s for s in summaries if s["model"] == "mlp" and s.get("width") == width
+         and s.get("tokens") == 1), None)  # fmt: skip
+    if same_flops is None or one_token is None:
+        why = (
+            f"needs both dense stacks beside the convolutions (width {width}, 1 and "
+            f"{conv['image_size'] ** 2} tokens)"
+        )
+        return {"verdict": "not tested here", "evidence": why}
+    up_to = min(max(s["batch_sizes"]) for s in (conv, same_flops, one_token))
+    gains = {
+        s["run"]: _throughput_gain(rows, s["run"], up_to) for s in (conv, same_flops, one_token)
+    }
+    g_conv, g_flops, g_one = gains[conv["run"]], gains[same_flops["run"]], gains[one_token["run"]]
+    evidence = (
+        f"Up to batch {up_to}, batching raised throughput {_fmt(g_conv)}x for the "
+        f"convolutions ({conv['run']}, {conv['params']:,} params, each weight used "
+        f"{conv['image_size'] ** 2} times per example), {_fmt(g_flops)}x for a dense stack with "
+        f"the same weights and FLOPs ({same_flops['run']}) and {_fmt(g_one)}x for the same "
+        f"dense stack on one token per example ({one_token['run']}). Regimes by intensity at "
+        f"batch 1: {_first_regime(rows, conv['run'])}, {_first_regime(rows, same_flops['run'])}, "
+        f"{_first_regime(rows, one_token['run'])}."
+    )
+    less = g_conv < g_one / 1.5
+    like_dense = g_flops / 1.5 <= g_conv <= g_flops * 1.5
+    if less and like_dense:
+        return {"verdict": "confirmed, and it is the reuse, not the convolution: dense layers "
+                "with the same reuse gain as little", "evidence": evidence}  # fmt: skip
+    if less:
+        return {"verdict": "confirmed", "evidence": evidence}
+    return {"verdict": "refuted on this device", "evidence": evidence}
+
+
+def _first_regime(rows: list[dict[str, Any]], run: str) -> str:
+    return _run_rows(rows, run)[0]["regime"]
+
+
+def _c6_resnet_only(summaries: list[dict[str, Any]], rows: list[dict[str, Any]]) -> Verdict:
+    """Without the controlled stacks: ResNet's per-layer intensity against a dense layer's.
+    Not a controlled comparison (different sizes, different work): said so."""
     convs = [s for s in summaries if s.get("intensity_b1")]
-    # The biggest convolutional network the experiment ran (ResNet50 at 224 by default).
     conv = max(convs, key=lambda s: s["params"]) if convs else None
     if conv is None:
-        return {"verdict": "not tested here", "evidence": "no ResNet run"}
-    ridge = conv["peak_flops_per_s"] / conv["peak_bytes_per_s"]
+        return {"verdict": "not tested here", "evidence": "no convolutional run"}
     kinds = conv["intensity_b1"]
-    conv_kinds = {k: v for k, v in kinds.items() if k.startswith("conv")}
-    # An MLP layer at batch 1 does 2 FLOPs per weight it reads: 2 / bytes_per_param.
-    mlp_intensity = 2 / conv["bytes_per_param"]
-    rs = _run_rows(rows, conv["run"])
-    gain = rs[-1]["throughput_per_s"] / rs[0]["throughput_per_s"]
-    mlp = next((s for s in summaries if s["model"] == "mlp"), None)
     evidence = (
         f"FLOPs per byte at batch 1 in {conv['run']}: "
         + ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(kinds.items()))
-        + f"; a dense layer at batch 1: {_fmt(mlp_intensity)}; the device's ridge point "
-        f"(measured F/BW): {_fmt(ridge)}. Batching raised {conv['run']}'s throughput "
-        f"{_fmt(gain)}x from batch {rs[0]['batch_size']} to {rs[-1]['batch_size']}"
+        + f"; a dense layer at batch 1: {_fmt(2 / conv['bytes_per_param'])}. Without a conv "
+        "stack and dense stacks of the same weights and FLOPs this compares unlike networks."
     )
-    if mlp is not None:
-        first_throughput = mlp["batch_sizes"][0] / mlp["latency_first_s"]
-        mlp_gain = mlp["best_throughput_per_s"] / first_throughput
-        evidence += f"; the MLP run {mlp['run']} gained up to {_fmt(mlp_gain)}x"
-    evidence += "."
-    ok = min(conv_kinds.values()) > mlp_intensity and max(conv_kinds.values()) >= ridge
-    return {"verdict": "confirmed" if ok else "refuted on this device", "evidence": evidence}
+    return {"verdict": "not tested here: no controlled comparison", "evidence": evidence}
 
 
 def c8_moe_routers(summaries: list[dict[str, Any]], rows: list[dict[str, Any]]) -> Verdict:
@@ -430,23 +480,43 @@ def c8_moe_routers(summaries: list[dict[str, Any]], rows: list[dict[str, Any]]) 
     uneven = max(tc, key=lambda s: s.get("load_cv_last") or 0)
     dropping = max(tc, key=lambda s: s.get("drop_fraction_last") or 0)
     ec_cv = max(s.get("load_cv_last") or 0 for s in ec)
-    coupled = min(ec, key=lambda s: s.get("cross_sequence_logit_change") or 0)
-    ec_coupled = coupled.get("cross_sequence_logit_change") or 0
     last_b = max(uneven["batch_sizes"])
     evidence = (
-        f"Token-choice spread the decode batch unevenly: load CV up to "
+        f"Token-choice spread the batch unevenly: load CV up to "
         f"{_fmt(uneven.get('load_cv_last'))} ({uneven['run']}) and up to "
         f"{_fmt(dropping.get('drop_fraction_last'))} of assignments dropped "
         f"({dropping['run']}) at batch {last_b}, while expert-choice's load CV is "
-        f"{_fmt(ec_cv)} by construction. But expert-choice routes a decode step's tokens as one "
-        f"group: changing another sequence's token moved this sequence's logits by "
-        f"{_fmt(ec_coupled)} ({coupled['run']}), which breaks the independence autoregressive "
-        "serving relies on."
+        f"{_fmt(ec_cv)} by construction."
+    )
+    spread = (uneven.get("load_cv_last") or 0) > 0.05 and ec_cv < 0.05
+    probed = [s for s in ec if s.get("cross_sequence_logit_change") is not None]
+    if not probed:
+        evidence += (
+            " Whether expert-choice is awkward for autoregressive decoding is not tested by "
+            "this experiment (no decode step was probed; moe_router_ablation probes one)."
+        )
+        aux = _aux_comparison(tc)
+        return {
+            "verdict": ("partly tested: " + ("confirmed" if spread else "refuted"))
+            + " for the spread; the decoding part not tested here",
+            "evidence": evidence + (" " + aux if aux else ""),
+        }
+    coupled = max(probed, key=lambda s: s["cross_sequence_logit_change"])
+    ec_coupled = coupled["cross_sequence_logit_change"]
+    evidence += (
+        f" Expert-choice routes a decode step's tokens as one group: changing another "
+        f"sequence's token moved this sequence's logits by up to {_fmt(ec_coupled)} "
+        f"({coupled['run']})"
+    )
+    evidence += (
+        ", which breaks the independence autoregressive serving relies on."
+        if ec_coupled > 1e-4
+        else "; no coupling was seen."
     )
     aux = _aux_comparison(tc)
     if aux:
         evidence += " " + aux
-    confirmed = (uneven.get("load_cv_last") or 0) > 0.05 and ec_cv < 0.05 and ec_coupled > 1e-4
+    confirmed = spread and ec_coupled > 1e-4
     return {"verdict": "confirmed" if confirmed else "partly confirmed", "evidence": evidence}
 
 

@@ -7,9 +7,9 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.image as mpimg  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
 
 # Figure name -> (row field, y label, scale).
 CURVES = {
@@ -94,7 +94,10 @@ def save_all(figures: dict[str, plt.Figure], plots_dir: str) -> dict[str, np.nda
     images = {}
     for name, fig in figures.items():
         images[name] = to_image(fig)
-        mpimg.imsave(os.path.join(plots_dir, f"{name}.png"), images[name])
+        # A palette of 32 colours holds a line plot's pixels: a quarter of the RGB file's
+        # size, which matters for the sweeps committed under experiments/results.
+        png = Image.fromarray(images[name]).convert("P", palette=Image.ADAPTIVE, colors=32)
+        png.save(os.path.join(plots_dir, f"{name}.png"), optimize=True)
         plt.close(fig)
     return images
 
@@ -183,6 +186,10 @@ def roofline_figure(rows: list[dict[str, Any]], summaries: list[dict[str, Any]])
         lw=1.5,
         label=f"measured roofs: {peak_f:.3g} GFLOP/s, {bw:.3g} GB/s",
     )
+    if s.get("spec_flops_per_s") and s.get("spec_bytes_per_s"):
+        sf, sb = s["spec_flops_per_s"] / 1e9, s["spec_bytes_per_s"] / 1e9
+        label = f"datasheet roofs ({s['spec_device']}): {sf:.3g} GFLOP/s, {sb:.3g} GB/s"
+        ax.plot(x, np.minimum(sf, x * sb), "k--", lw=1, label=label)
     return _finish(
         fig,
         ax,
@@ -346,12 +353,18 @@ def knee_vs_context_figure(summaries: list[dict[str, Any]]) -> plt.Figure:
         capsize=3,
         label="fitted knee",
     )
-    ax.plot(
-        L,
-        [s["predicted_knee_batch_size"] for s in decode],
-        "s--",
-        label="a-priori knee (weights + KV cache)",
-    )
+    # A context with no fitted knee is drawn as such, at the top of the axis, not dropped.
+    top = max([s["predicted_critical_batch"] for s in decode] + list(knee[ok]) + [1.0]) * 2
+    if (~ok).any():
+        ax.plot(L[~ok], np.full((~ok).sum(), top), "v", color="C0", ms=8,
+                label="no fitted knee (none inside the sweep)")  # fmt: skip
+    crossing = np.array([s["predicted_knee_batch_size"] for s in decode], dtype=float)
+    finite = np.isfinite(crossing)
+    ax.plot(L[finite], crossing[finite], "s--", color="C1",
+            label="a-priori compute crossing (weights + KV cache)")  # fmt: skip
+    if (~finite).any():
+        ax.plot(L[~finite], np.full((~finite).sum(), top), "^", color="C1", ms=8,
+                label="no compute crossing (memory-bound at every batch)")  # fmt: skip
     ax.plot(
         L,
         [s["predicted_critical_batch"] for s in decode],

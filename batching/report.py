@@ -172,7 +172,7 @@ def memory_wall(doc: Doc, summaries: list[dict[str, Any]]) -> None:
             if fits is not None and crit.get(name) is not None and fits < crit[name]:
                 ends_at_memory.append(f"{s['run']} on {name} (fits {fits} < B* {_fmt(crit[name])})")
     if not lines:
-        doc.para("Not enough points for a memory fit (it needs two batch sizes).")
+        doc.para("Not enough points for a memory fit (it needs three batch sizes).")
         return
     doc.table(
         ["run", "spec device", "memory (GB)", "largest batch that fits", "B*", "source"], lines
@@ -197,8 +197,11 @@ def mesh_section(doc: Doc, summaries: list[dict[str, Any]]) -> None:
         doc.para(
             "Functional simulation: these runs use several host devices forced on one CPU "
             "(XLA_FLAGS=--xla_force_host_platform_device_count). The devices share the same "
-            "cores and memory, so their timings and collective bandwidths check that the "
-            "sharded programs run, and say nothing about accelerators or their interconnect."
+            "cores and memory, so their timings and collective bandwidths say nothing about "
+            "accelerators or their interconnect, and a latency ratio between runs of different "
+            "meshes is replicas taken off shared cores, not a speedup from parallelism. What "
+            "they show is correctness (the sharded programs run and match one device, "
+            "tests/test_mesh.py) and the collectives XLA compiled, against the analytic ones."
         )
     if meshed:
         doc.table(
@@ -402,12 +405,27 @@ def router_section(doc: Doc, summaries: list[dict[str, Any]], with_verdict: bool
         doc.para(f"Verdict on C8 ({verdict['verdict']}): {verdict['evidence']}")
 
 
-def _predicted_parts(by_kind: dict[str, dict[str, float]]) -> list[str]:
-    return [
-        f"{kind} {_fmt(sec * 1e3)} ({limit})"
-        for kind, limits in sorted(by_kind.items())
-        for limit, sec in sorted(limits.items())
-    ]
+def _predicted_parts(
+    by_kind: dict[str, dict[str, float]], kinds: dict[str, dict[str, Any]] | None = None
+) -> list[str]:
+    """Per kind: predicted ms and the limit that set it; with `kinds` (a row's
+    predicted_kinds) also the bound its intensity puts it at, and, where the rate measured
+    at its shape leaves it slower than either roof, that rate: "gemm 2.08 (memory-bound by
+    intensity; 8.1 GFLOP/s measured at its shape, below both roofs)"."""
+    parts = []
+    for kind, limits in sorted(by_kind.items()):
+        detail = (kinds or {}).get(kind)
+        if detail is None:
+            parts += [f"{kind} {_fmt(t * 1e3)} ({limit})" for limit, t in sorted(limits.items())]
+            continue
+        text = f"{kind} {_fmt(sum(limits.values()) * 1e3)} ({detail['bound']}-bound by intensity"
+        if detail.get("slower_than_roofs") and detail.get("flops_per_s"):
+            text += (
+                f"; {_fmt(detail['flops_per_s'] / 1e9)} GFLOP/s measured at its shape, below "
+                "both roofs"
+            )
+        parts.append(text + ")")
+    return parts
 
 
 def _traced_parts(e: dict[str, Any]) -> list[str]:
@@ -437,9 +455,12 @@ def where_time_goes(doc: Doc, summaries: list[dict[str, Any]]) -> None:
             if e.get("traced"):
                 parts = _traced_parts(e)
             elif e.get("traced_ops_error"):
-                parts = [*_predicted_parts(e["by_kind"]), f"no trace: {e['traced_ops_error']}"]
+                parts = [
+                    *_predicted_parts(e["by_kind"], e.get("kinds")),
+                    f"no trace: {e['traced_ops_error']}",
+                ]
             else:
-                parts = _predicted_parts(e["by_kind"])
+                parts = _predicted_parts(e["by_kind"], e.get("kinds"))
             table.append(
                 [
                     s["run"],
@@ -456,9 +477,11 @@ def where_time_goes(doc: Doc, summaries: list[dict[str, Any]]) -> None:
     doc.heading("Where the time goes")
     doc.para(
         "Predicted milliseconds per op kind at each run's smallest and largest batch, with the "
-        "limit each op is at: memory (bytes from DRAM), cache (bytes from the last-level "
-        "cache), compute (FLOPs at the op's measured rate). Overhead is the dispatch floor plus "
-        "one launch per kernel. At points with a profiler trace (`profile.batch_sizes`) each "
+        "bound each kind's intensity puts it at (its FLOPs at the compute roof against its "
+        "bytes at the memory roof: DRAM, or the last-level cache for weights that stay there), "
+        "and, where the rate a microbenchmark measured at that shape leaves the kind slower "
+        "than either roof (a skinny GEMM), that rate. Overhead is the dispatch floor plus one "
+        "launch per kernel. At points with a profiler trace (`profile.batch_sizes`) each "
         "kind reads predicted → traced: the milliseconds per call that the trace's kernels of "
         "that kind took (XLA's HLO instructions, each mapped to a kind from the compiled "
         "program), and how many kernels ran; 'other' is the rest of the traced call (dispatch, "
@@ -549,7 +572,7 @@ def _archived_c2(archived: list[archive.Archived]) -> str | None:
 def _check_sentence(check: dict[str, Any] | None) -> str:
     """What this run's check of the cached peaks found (peaks.check_cached)."""
     if not check:
-        return "Nothing was cached before this run, or the check was off: no check."
+        return "No check of cached peaks (none were cached yet, or roofline.check_peaks is off)."
     now, cached = check["now"], check["cached"]
     numbers = (
         f"matmul {_fmt(now['matmul_flops_per_s'] / 1e9)} GFLOP/s now against "
@@ -586,17 +609,22 @@ def _peaks_provenance(analyzed: list[dict[str, Any]]) -> str:
     if a.get("peaks_measured_at"):
         when = datetime.datetime.fromtimestamp(a["peaks_measured_at"], datetime.timezone.utc)
         text += f" They were measured {when:%Y-%m-%d %H:%M} UTC."
-    text += " " + _check_sentence(a.get("peaks_check"))
+    if not a.get("peaks_file"):
+        text += " " + _check_sentence(a.get("peaks_check"))
     if a.get("peak_flops_source") and a.get("square_matmul_flops_per_s"):
         text += (
             f" The compute roof, {_fmt(a['peak_flops_per_s'] / 1e9)} GFLOP/s, is the best rate "
-            f"measured in this dtype ({a['peak_flops_source']}; the square-matmul "
-            f"microbenchmark alone: {_fmt(a['square_matmul_flops_per_s'] / 1e9)} GFLOP/s), so "
-            "no point sits above it."
+            f"measured in this dtype ({a['peak_flops_source']}"
         )
+        if a["peak_flops_per_s"] > a["square_matmul_flops_per_s"]:
+            text += (
+                f"; the square-matmul microbenchmark alone: "
+                f"{_fmt(a['square_matmul_flops_per_s'] / 1e9)} GFLOP/s"
+            )
+        text += "), so no point sits above it."
     if a.get("last_level_cache_bytes"):
         text += (
-            f" Last-level cache {_fmt(a['last_level_cache_bytes'] / 2**20)} MiB "
+            f" Last-level cache {_fmt(a['last_level_cache_bytes'] / 1e6)} MB "
             f"({a.get('last_level_cache_source') or 'source unknown'})."
         )
     interpolated = sum(s.get("rates_interpolated") or 0 for s in analyzed)
@@ -789,7 +817,7 @@ def write(
         if analyzed:
             a = analyzed[0]
             text += (
-                f" Measured here: matmul {_fmt(a['peak_flops_per_s'] / 1e9)} GFLOP/s "
+                f" Measured peaks: matmul {_fmt(a['peak_flops_per_s'] / 1e9)} GFLOP/s "
                 f"({s0['dtype']}), streaming bandwidth {_fmt(a['peak_bytes_per_s'] / 1e9)} GB/s, "
                 f"dispatch floor {_fmt(a['dispatch_floor_s'] * 1e6)} µs per call, "
                 f"{_fmt(a['kernel_overhead_s'] * 1e6)} µs per extra kernel."
@@ -802,7 +830,8 @@ def write(
             doc.para(
                 "Functional simulation: these runs use several forced host devices "
                 "(XLA_FLAGS=--xla_force_host_platform_device_count), which share the same "
-                "CPU cores, so their timings say nothing about accelerators."
+                "CPU cores, so their timings say nothing about accelerators, and no claim of "
+                "the post is judged from them (see 'Devices and interconnect')."
             )
     runs_section(doc, summaries, rows, analyzed)
     if analyzed:

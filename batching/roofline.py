@@ -278,8 +278,11 @@ def fit_knee(
             if idx.size:
                 draws = s[rng.integers(0, s.size, (idx.size, s.size))]
                 boot_t[idx, j] = np.median(draws, axis=1)
-    knees = np.array([knee_of(fit_three_limits(b, tb, cost, start=params), cost) for tb in boot_t])
-    lo, hi = np.percentile(knees, [2.5, 97.5]) if knees.size else (knee, knee)
+    if any(passes.values()):
+        knees = [knee_of(fit_three_limits(b, tb, cost, start=params), cost) for tb in boot_t]
+        lo, hi = np.percentile(knees, [2.5, 97.5])
+    else:
+        lo = hi = math.nan  # no timing samples kept (rows alone): no interval
     o, bw, f = np.exp(params)
     fitted = three_limits(params, cost, b)
     several = any(len(p) > 1 for p in passes.values())

@@ -174,6 +174,9 @@ def measurement_view(run: Run) -> dict[str, Any]:
     if sum(topology.mesh_shape(run.config).values()) == len(topology.MESH_AXES):
         # A one-device mesh measures what runs before meshes did: their workdirs resume.
         view.pop("mesh", None)
+    if view.get("model", {}).get("tokens") == 1:
+        # One token per example measures what the MLP did before `tokens`: workdirs resume.
+        view["model"] = {k: v for k, v in view["model"].items() if k != "tokens"}
     dev = device(run.config)
     view["device"] = {"platform": dev.platform, "device_kind": dev.device_kind}
     view["jax_version"] = jax.__version__

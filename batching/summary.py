@@ -17,6 +17,10 @@ RUN_FIELDS = (
     "num_devices",
     "process_count",
     "width",
+    "tokens",
+    "channels",
+    "d_model",
+    "mlp_dim",
     "depth",
     "phase",
     "cache_len",
@@ -113,7 +117,7 @@ def memory_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     memory_bytes is linear in the batch (weights + bytes per example x batch): a
     least-squares line through the compiled programs' needs gives `bytes_per_example`
     and `memory_fixed_bytes`, and `max_batch_predicted` is the largest batch whose
-    need fits the device's memory. Fewer than two batch sizes with a known need
+    need fits the device's memory. Fewer than three batch sizes with a known need
     give no fit (None).
     """
     sized = sorted(
@@ -134,7 +138,8 @@ def memory_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             for s in sorted({r.get("status", "ok") for r in rows})
         },
     }
-    if len({b for b, _ in sized}) >= 2:
+    # A line through two points always fits: three batch sizes at least.
+    if len({b for b, _ in sized}) >= 3:
         b, m = np.array(sized, dtype=np.float64).T
         slope, fixed = np.polyfit(b, m, 1)
         out["bytes_per_example"] = float(slope)

@@ -57,6 +57,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     config.model.dtype = "float32"
     config.model.param_dtype = "float32"
     config.model.use_bias = True
+    # Vectors per example: each weight is used this many times per example (1: the post's
+    # MLP; H·W: a dense stack with a convolution's reuse, claim C6).
+    config.model.tokens = 1
     # "default" lets XLA pick (TF32 for fp32 matmuls on A100/H100); "highest" forces fp32.
     config.model.matmul_precision = "default"
 

@@ -2,13 +2,15 @@
 
     python main.py --config=experiments/resnet_cpu_vs_gpu.py --workdir=/tmp/resnet
 
-Runs ResNet50 over batch 1..64 on the CPU and, when there is one, on the GPU (or
-TPU), drawn side by side (beside an accelerator the CPU run's analysis measures no per-shape
-rates: roofline.microbenchmark_budget_s 0); on a CPU-only machine the report shows the roofline's
-predicted curves for spec devices (T4 first), labelled as predictions. Then a
-small CNN (ResNet18, width 16, 32x32 images) and a small MLP over batch 1..512
-for claim C5. JAX's persistent compilation cache is on: ResNet50 compiles once
-per batch size and a second run loads them.
+Runs ResNet50 over batch 1..64 on the CPU and, when there is one, on the GPU (or TPU), drawn
+side by side (beside an accelerator the CPU run's analysis measures no per-shape rates:
+roofline.microbenchmark_budget_s 0); on a CPU-only machine the report shows the roofline's
+predicted curves for spec devices (T4 first), labelled as predictions. Then a small CNN
+(ResNet18, width 16, 32x32 images) and a small MLP over batch 1..512 for claim C5, and for
+claim C6 a stack of 3x3 convolutions next to dense stacks with the same weights per layer,
+one with the same FLOPs (256 tokens per example) and one with a single token. JAX's
+persistent compilation cache is on: ResNet50 compiles once per batch size and a second run
+loads them.
 """
 
 import jax
@@ -30,6 +32,37 @@ def platforms() -> list[str]:
         except RuntimeError:
             pass
     return found
+
+
+# Claim C6 controlled: a stack of 3x3 convolutions (C channels on 16x16) against dense
+# stacks with the same weights per layer (width 3C): over 16x16 = 256 tokens per example the
+# same FLOPs (each weight used 256 times per example, as the convolution uses it), over one
+# token 256 times fewer.
+C6_CHANNELS, C6_IMAGE, C6_DEPTH = 64, 16, 4
+C6_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def c6_runs(mlp_model: dict) -> dict[str, dict]:
+    width = 3 * C6_CHANNELS
+    conv = {"name": "conv_stack", "channels": C6_CHANNELS, "depth": C6_DEPTH,
+            "image_size": C6_IMAGE, "kernel": 3, "dtype": "float32",
+            "param_dtype": "float32", "matmul_precision": "default"}  # fmt: skip
+    dense = {**mlp_model, "width": width, "depth": C6_DEPTH}
+    return {
+        f"conv_c{C6_CHANNELS}_{C6_IMAGE}px": {
+            "model": conv, "sweep": {"batch_sizes": C6_BATCHES}, "timing": {"min_runs": 10},
+        },
+        f"dense_w{width}_t{C6_IMAGE**2}": {
+            "model": {**dense, "tokens": C6_IMAGE**2},
+            "sweep": {"batch_sizes": C6_BATCHES},
+            "timing": {"min_runs": 10},
+        },
+        f"dense_w{width}_t1": {
+            "model": {**dense, "tokens": 1},
+            "sweep": {"batch_sizes": C6_BATCHES},
+            "timing": {"min_runs": 10},
+        },
+    }  # fmt: skip
 
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
@@ -64,6 +97,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
         "sweep": {"batch_sizes": SMALL_BATCHES},
         "timing": {"min_runs": 10},
     }
+    runs.update(c6_runs(small_mlp))
     config.runs = runs
     config.report.claims = ("C1", "C2", "C5", "C6")
     return config

@@ -28,11 +28,22 @@ def model_config(model_cfg: ml_collections.ConfigDict) -> mlp.MLPConfig:
 
 def validate(model_cfg: ml_collections.ConfigDict) -> None:
     model_config(model_cfg)
+    tokens_of(model_cfg)
+
+
+def tokens_of(model_cfg: ml_collections.ConfigDict) -> int:
+    """Vectors per example (`model.tokens`, default 1): an example of T tokens is T rows of
+    the product, so each weight is used T times per example, as a convolution uses each
+    weight at every output position (claim C6's dense side)."""
+    tokens = model_cfg.get("tokens", 1)
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens <= 0:
+        raise ValueError(f"model.tokens must be a positive integer, got {tokens!r}")
+    return tokens
 
 
 def ops(cfg: mlp.MLPConfig, batch_size: int) -> list[Op]:
     """One forward pass as ops: `depth` dense layers of [B, W] × [W, W], each followed by its
-    bias add and activation.
+    bias add and activation (B: rows, the batch times the tokens per example).
 
     FLOPs: 2 per weight per example (multiply and add), plus the bias add, counted with the
     product. Bytes: every weight read once, plus each layer's input read and output written
@@ -78,9 +89,11 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
         with topo.activate():
             return nnx.merge(graphdef, state)(x_BxD)
 
+    tokens = tokens_of(run_cfg.model)
+
     def make_args(batch_size: int):
         key = jax.random.key(run_cfg.seed + batch_size)
-        x_BxD = jax.random.normal(key, (batch_size, cfg.width), dtype)
+        x_BxD = jax.random.normal(key, (batch_size * tokens, cfg.width), dtype)
         return state, topo.put_batch(x_BxD)
 
     params = mlp.num_params(cfg)
@@ -89,7 +102,12 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
         make_args=make_args,
         params=params,
         param_bytes=params * resolve_dtype(cfg.param_dtype).itemsize,
-        ops=lambda batch_size: ops(cfg, batch_size),
+        ops=lambda batch_size: ops(cfg, batch_size * tokens),
         parallel_shape=topo.parallel_shape(experts=False, model=True),
-        fields={"width": cfg.width, "depth": cfg.depth, "activation": cfg.activation},
+        fields={
+            "width": cfg.width,
+            "depth": cfg.depth,
+            "activation": cfg.activation,
+            "tokens": tokens,
+        },
     )

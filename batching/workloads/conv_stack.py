@@ -1,0 +1,79 @@
+"""A stack of same-size convolutions as a workload: y = ConvStack(x) for x [batch, H, W, C]
+(claim C6's convolution side; its dense side is the MLP workload with `tokens`)."""
+
+import jax
+import ml_collections
+from flax import nnx
+
+from batching.ops import Op
+from batching.topology import Topology
+from batching.workload import Workload
+from models import conv_stack
+from models.dtypes import resolve_dtype
+
+
+def model_config(model_cfg: ml_collections.ConfigDict) -> conv_stack.ConvStackConfig:
+    fields = ("channels", "depth", "image_size", "kernel", "dtype", "param_dtype")
+    return conv_stack.ConvStackConfig(**{f: model_cfg[f] for f in fields})
+
+
+def validate(model_cfg: ml_collections.ConfigDict) -> None:
+    model_config(model_cfg)
+
+
+def ops(cfg: conv_stack.ConvStackConfig, batch_size: int) -> list[Op]:
+    """One forward pass as ops: each layer a conv (with its bias and ReLU, as the conv
+    microbenchmark runs its epilogue) of 2·k²·C² FLOPs per output position, reading its
+    weights and input and writing its output once."""
+    B, H, C, k = batch_size, cfg.image_size, cfg.channels, cfg.kernel
+    pb, ab = resolve_dtype(cfg.param_dtype).itemsize, resolve_dtype(cfg.dtype).itemsize
+    weights = (k * k * C * C + C) * pb
+    activations = B * H * H * C * ab
+    return [
+        Op(
+            name=f"layers.{i}",
+            kind="conv",
+            shape=(B, H, H, C, C, k, 1),
+            flops=2 * B * H * H * k * k * C * C,
+            bytes=weights + 2 * activations,
+            weight_bytes=weights,
+            dtype=cfg.dtype,
+        )
+        for i in range(cfg.depth)
+    ]
+
+
+def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> Workload:
+    """The conv stack, placed on the run's mesh, timed on random images."""
+    del workdir
+    cfg = model_config(run_cfg.model)
+    model = conv_stack.ConvStack(cfg, rngs=nnx.Rngs(run_cfg.seed))
+    graphdef, state = nnx.split(model)
+    state = topo.put_state(state)
+    dtype = resolve_dtype(cfg.dtype)
+
+    def forward(state, x_BxHxWxC):
+        with topo.activate():
+            return nnx.merge(graphdef, state)(x_BxHxWxC)
+
+    def make_args(batch_size: int):
+        key = jax.random.key(run_cfg.seed + batch_size)
+        shape = (batch_size, cfg.image_size, cfg.image_size, cfg.channels)
+        return state, topo.put_batch(jax.random.normal(key, shape, dtype))
+
+    params = conv_stack.num_params(cfg)
+    return Workload(
+        fn=forward,
+        make_args=make_args,
+        params=params,
+        param_bytes=params * resolve_dtype(cfg.param_dtype).itemsize,
+        ops=lambda batch_size: ops(cfg, batch_size),
+        parallel_shape=topo.parallel_shape(experts=False, model=False),
+        fields={
+            "channels": cfg.channels,
+            "depth": cfg.depth,
+            "image_size": cfg.image_size,
+            # Each weight is used at every output position: FLOPs per weight per example.
+            "weight_uses_per_example_position": cfg.image_size**2,
+        },
+    )

@@ -1,0 +1,71 @@
+"""A dense SwiGLU stack as a workload: y = SwiGLUStack(x) for x [batch, d_model], one token
+per example: the MoE MLP's dense counterpart with the same active parameters."""
+
+import jax
+import ml_collections
+from flax import nnx
+
+from batching.ops import Op
+from batching.topology import Topology
+from batching.workload import Workload
+from models import swiglu
+from models.dtypes import resolve_dtype
+
+
+def model_config(model_cfg: ml_collections.ConfigDict) -> swiglu.SwiGLUConfig:
+    fields = ("d_model", "mlp_dim", "depth", "dtype", "param_dtype")
+    return swiglu.SwiGLUConfig(**{f: model_cfg[f] for f in fields})
+
+
+def validate(model_cfg: ml_collections.ConfigDict) -> None:
+    model_config(model_cfg)
+
+
+def ops(cfg: swiglu.SwiGLUConfig, batch_size: int) -> list[Op]:
+    """Per layer: the gate and up products [B, D] × [D, F], the SiLU-gated product (an
+    elementwise pass over [B, F]) and the down product [B, F] × [F, D] with its residual add.
+    Weights read once; the input and output activations charged to the first and last
+    product."""
+    B, D, F, L = batch_size, cfg.d_model, cfg.mlp_dim, cfg.depth
+    pb, ab = resolve_dtype(cfg.param_dtype).itemsize, resolve_dtype(cfg.dtype).itemsize
+    w = D * F * pb
+    return [
+        Op("gate_up", "gemm", (B, D, F), 2 * B * D * F, w + B * D * ab, w, count=2 * L,
+           dtype=cfg.dtype),
+        Op("swiglu", "elementwise", (B, F), 3 * B * F, 0, count=L, dtype=cfg.dtype),
+        Op("down", "gemm", (B, F, D), 2 * B * F * D, w + B * D * ab, w, count=L, dtype=cfg.dtype),
+    ]  # fmt: skip
+
+
+def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> Workload:
+    """The SwiGLU stack, placed on the run's mesh, timed on random tokens."""
+    del workdir
+    cfg = model_config(run_cfg.model)
+    model = swiglu.SwiGLUStack(cfg, rngs=nnx.Rngs(run_cfg.seed))
+    graphdef, state = nnx.split(model)
+    state = topo.put_state(state)
+    dtype = resolve_dtype(cfg.dtype)
+
+    def forward(state, x_BxD):
+        with topo.activate():
+            return nnx.merge(graphdef, state)(x_BxD)
+
+    def make_args(batch_size: int):
+        key = jax.random.key(run_cfg.seed + batch_size)
+        return state, topo.put_batch(jax.random.normal(key, (batch_size, cfg.d_model), dtype))
+
+    params = swiglu.num_params(cfg)
+    return Workload(
+        fn=forward,
+        make_args=make_args,
+        params=params,
+        param_bytes=params * resolve_dtype(cfg.param_dtype).itemsize,
+        ops=lambda batch_size: ops(cfg, batch_size),
+        parallel_shape=topo.parallel_shape(experts=False, model=True),
+        fields={
+            "d_model": cfg.d_model,
+            "mlp_dim": cfg.mlp_dim,
+            "depth": cfg.depth,
+            "active_params": params,
+        },  # fmt: skip
+    )
