@@ -256,14 +256,17 @@ def analyze_run(
     # One device's share of each call (the rows themselves on a single device).
     device_rows = [roofline.per_device_work(r) for r in rows]
     model = device_model(rows, device_rows, device, roofline_cfg, peak_source)
-    # The knee is fitted on the points whose median met its precision target; points that
-    # stopped on their budget are drawn and predicted, not fitted.
+    # The knee is fitted on the points whose median met its precision target (points that
+    # stopped on their budget are drawn and predicted, not fitted), unless too few did: then
+    # on every point, and the knee says so; its interval across passes carries the noise.
     converged = [r for r in rows if r.get("converged", True)]
-    fit = roofline.fit_knee(converged, samples, n_bootstrap=roofline_cfg.bootstrap)
+    fitted = converged if len(converged) >= roofline.MIN_POINTS_TO_FIT else rows
+    fit = roofline.fit_knee(fitted, samples, n_bootstrap=roofline_cfg.bootstrap)
     out, not_measured = predicted_rows(rows, device_rows, model, fit, peak_source, roofline_cfg)
     summary = {
         **roof_fields(out, model, peak_source, not_measured),
-        **knee_fields(out, samples, fit, converged, model, roofline_cfg),
+        **knee_fields(out, samples, fit, fitted, model, roofline_cfg),
+        "points_converged": len(converged),
         **error_fields(out),
         "shape_aware": bool(roofline_cfg.shape_aware),
         "cold_weights": bool(model.cold),
@@ -518,7 +521,7 @@ def knee_fields(
     out: list[dict[str, Any]],
     samples: dict[int, Any],
     fit: roofline.KneeFit,
-    converged: list[dict[str, Any]],
+    fitted: list[dict[str, Any]],
     model: DeviceModel,
     roofline_cfg: Any,
 ) -> dict[str, Any]:
@@ -544,7 +547,7 @@ def knee_fields(
         "knee_interval_degenerate": fit.interval_degenerate,
         # "passes": the interval spans what moved between the sweep's passes.
         "knee_interval_from": fit.interval_from,
-        "knee_fit_points": len(converged),
+        "knee_fit_points": len(fitted),
         "free_batching_limit": (
             roofline.free_batching_limit(samples, roofline_cfg.free_batching_alpha)
             # A limit read off fewer than three points is the sweep's grid, not a finding.

@@ -131,22 +131,30 @@ def c3_mlp_knee(summaries: list[dict[str, Any]], rows: list[dict[str, Any]]) -> 
 
 
 def knee_text(s: dict[str, Any]) -> str:
-    """'21.7 [21.2, 22.1], ±2% across 3 passes, 10 of 10 points' or why there is none."""
+    """'21.7 [21.2, 22.1] (±2% across passes), fitted on 10 converged of 10 points', or why
+    there is no knee or no interval."""
     knee = s.get("knee_batch_size")
     if knee is None or not math.isfinite(knee):
-        return f"none ({s.get('knee_fit_points', 0)} converged points fitted)"
+        return "none" + _fit_points(s).replace(", fitted", " (fitted", 1) + ")"
     lo, hi = s["knee_low"], s["knee_high"]
     if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
-        text = f"{_fmt(knee)} (no interval: no timing samples kept)"
-        return text + f", fitted on {s.get('knee_fit_points', '?')} of {s['points']} points"
+        return f"{_fmt(knee)} (no interval: no timing samples kept)" + _fit_points(s)
     text = f"{_fmt(knee)} [{_fmt(lo)}, {_fmt(hi)}]"
     if s.get("knee_interval_degenerate"):
         text += " (a degenerate interval: the fit sits at an end)"
-    elif math.isfinite(lo) and math.isfinite(hi):
+    else:
         width = (hi - lo) / 2 / knee
         where = "across passes" if s.get("knee_interval_from") == "passes" else "within one pass"
         text += f" (±{width:.0%} {where})"
-    return text + f", fitted on {s.get('knee_fit_points', '?')} of {s['points']} points"
+    return text + _fit_points(s)
+
+
+def _fit_points(s: dict[str, Any]) -> str:
+    """Which points the knee rests on: the converged ones, or all when too few converged."""
+    fitted, converged = s.get("knee_fit_points"), s.get("points_converged", s["points"])
+    if fitted is not None and fitted > converged:
+        return f", fitted on all {fitted} points (only {converged} converged)"
+    return f", fitted on {fitted if fitted is not None else '?'} converged of {s['points']} points"
 
 
 def c4_knee_across_widths(summaries: list[dict[str, Any]], rows: list[dict[str, Any]]) -> Verdict:

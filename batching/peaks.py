@@ -80,9 +80,9 @@ def measure_matmul_flops(device: jax.Device, dtype: str, n: int | None = None) -
     return 2.0 * n**3 / _median_time(lambda a, b: a @ b, (a, b), STREAM_SETTINGS)
 
 
-# A sweep measures one GEMM shape per batch size: keep each short (cold start <= 30 s).
+# A sweep measures one GEMM shape per batch size: keep each short (cold start <= 25 s).
 GEMM_SETTINGS = timing.TimingSettings(
-    warmup_runs=1, warmup_s=0.0, min_runs=5, max_runs=1000, budget_s=0.2
+    warmup_runs=1, warmup_s=0.0, min_runs=5, max_runs=1000, budget_s=0.12
 )
 
 
@@ -562,7 +562,7 @@ def measure_bandwidth(
 
 
 FLOOR_SETTINGS = timing.TimingSettings(
-    warmup_runs=50, min_runs=300, max_runs=5000, target_rel_ci=0.01, budget_s=0.4
+    warmup_runs=50, min_runs=300, max_runs=5000, target_rel_ci=0.01, budget_s=0.25
 )
 
 

@@ -765,8 +765,8 @@ def knee_reason(s: dict[str, Any]) -> str:
     first = min(s["batch_sizes"])
     if not claims._knee_inside(s):
         return (
-            f"no knee inside the sweep ({s.get('knee_fit_points', 0)} converged points); a sweep "
-            f"to batch {claims.testing_batch(s)} would test it"
+            f"no knee inside the sweep{claims._fit_points(s)}; a sweep to batch "
+            f"{claims.testing_batch(s)} would test it"
         )
     ratio = knee / b_star
     predicted = s.get("predicted_curve_knee_batch_size")

@@ -229,19 +229,21 @@ def measure_point(
     return {**row, **pooled_fields(row, [m.samples_s], [m.stop_reason], run)}, m.samples_s, program
 
 
-def pass_settings(settings: timing.TimingSettings, passes: int) -> timing.TimingSettings:
-    """One pass's share of a point's timing: a P-th of the budget, of the warm-up time and of
-    the runs, and a precision target sqrt(P) wider (P passes together then reach about the
-    configured one: an interval's width goes as 1/sqrt(samples))."""
+def pass_settings(
+    settings: timing.TimingSettings, passes: int, first: bool = True
+) -> timing.TimingSettings:
+    """One pass's share of a point's timing: a P-th of the budget and of the minimum runs, and
+    the same precision target (each pass pins its own median when it can; the row pools them
+    and says whether together they met it). A point's first visit keeps the whole warm-up
+    (right after compiling, calls run slow for a while); later visits a P-th of its time."""
     if passes == 1:
         return settings
     min_runs = max(3, math.ceil(settings.min_runs / passes))
     return dataclasses.replace(
         settings,
-        warmup_s=settings.warmup_s / passes,
+        warmup_s=settings.warmup_s if first else settings.warmup_s / passes,
         min_runs=min_runs,
         max_runs=max(min_runs, settings.max_runs // passes),
-        target_rel_ci=settings.target_rel_ci * math.sqrt(passes),
         budget_s=settings.budget_s / passes,
     )
 
@@ -313,7 +315,10 @@ def repeat_point(
         state.program = Program(flat, compiled)
     else:
         flat = state.program.flat.rebind(wl.make_args(batch_size))
-    m = timing.measure(state.program.compiled.call, flat.args, settings, flat.next_args, share)
+    prior = np.concatenate(state.pass_samples) if state.pass_samples else None
+    m = timing.measure(
+        state.program.compiled.call, flat.args, settings, flat.next_args, share, prior=prior
+    )
     flat.args = ()
     reasons = [*state.row.get("pass_stop_reasons", []), m.stop_reason]
     fields = pooled_fields(state.row, [*state.pass_samples, m.samples_s], reasons, run)
@@ -520,7 +525,7 @@ class Sweep:
             return
         topo, wl = built
         passes = run.config.sweep.get("passes", 1)
-        settings = pass_settings(runs.timing_settings(run.config), passes)
+        settings = runs.timing_settings(run.config)
         points = PointWriter(self.store.workdir, run.name) if self.writer else None
         try:
             for p in range(min(st.passes_done for st in todo.values()), passes):
@@ -567,12 +572,15 @@ class Sweep:
         self.bar.set_postfix_str(f"{run.name} batch={batch_size} pass={state.passes_done + 1}")
         wall_before = self.oom_at.get(run.name)
         fingerprint = self.fingerprints[run.name]
+        passes = run.config.sweep.get("passes", 1)
         if state.passes_done == 0:
+            first = pass_settings(settings, passes, first=True)
             row, samples = guarded_point(
-                run, topo, wl, batch_size, fingerprint, settings, self.oom_at, self.share, state
+                run, topo, wl, batch_size, fingerprint, first, self.oom_at, self.share, state
             )
         else:
-            row, samples = guarded_repeat(run, wl, batch_size, state, settings, self.share)
+            later = pass_settings(settings, passes, first=False)
+            row, samples = guarded_repeat(run, wl, batch_size, state, later, self.share)
         if self.share is not None:
             row, samples = agree_on_outcome(run, row, samples, self.oom_at, wall_before)
         ok = row["status"] == "ok"

@@ -157,6 +157,7 @@ def measure(
     next_args: Callable[[Sequence[Any], Any], Sequence[Any]] | None = None,
     share: Callable[[str, int], int] | None = None,
     keep_outputs: bool = False,
+    prior: np.ndarray | None = None,
 ) -> Measurement:
     """Times `call(*args)` until the median is known to `target_rel_ci` or the budget is spent.
 
@@ -170,6 +171,9 @@ def measure(
       graph on every call (openxla/xla#35315), a cost of the harness, not of the model.
       `keep_outputs` holds each call's outputs through the next call instead (what a loop
       `out = f(x)` does), for measuring that difference.
+    - `prior` (the same point's samples from earlier sweep passes) counts toward the
+      precision target: a later pass stops once the point's pooled samples are precise
+      enough, after its own min_runs.
     - `share(tag, decision)` (several processes, batching.distributed.share) replaces each
       clock-dependent decision by process 0's, so every process makes the same number of
       calls; it runs outside the clock, only where a decision is due (after warmup_runs,
@@ -212,7 +216,8 @@ def measure(
         if n >= next_check:
             # Checking costs a sort, so look again only after ~10% more samples.
             next_check = n + max(1, n // 10)
-            if stats.relative_halfwidth(samples[:n], settings.confidence) <= settings.target_rel_ci:
+            pooled = samples[:n] if prior is None else np.concatenate([prior, samples[:n]])
+            if stats.relative_halfwidth(pooled, settings.confidence) <= settings.target_rel_ci:
                 code = 1
             else:
                 code = 2 if clock() - t_begin >= settings.budget_s else 0

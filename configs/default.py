@@ -106,7 +106,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     config.roofline.peaks_file = config_dict.placeholder(str)
     # Spec-table devices whose predicted curves are drawn next to the measured one.
     config.roofline.whatif_devices = ("T4", "A100 80GB SXM", "H100 SXM")
-    config.roofline.bootstrap = 200
+    config.roofline.bootstrap = 100
     config.roofline.free_batching_alpha = 0.01
     # XLA's counted FLOPs/bytes further than this from the analytic ones get flagged.
     config.roofline.cost_tolerance = 0.10

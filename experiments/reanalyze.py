@@ -47,7 +47,9 @@ def _copy_inputs(workdir: str, out: str) -> bool:
     return zipped
 
 
-def reanalyze(workdir: str, peaks_file: str | None = None, out: str | None = None) -> list[dict]:
+def reanalyze(
+    workdir: str, peaks_file: str | None = None, out: str | None = None, plots: bool = True
+) -> list[dict]:
     """Runs the lab's analysis and outputs on a finished workdir; returns the run summaries."""
     out = out or workdir
     peaks_file = peaks_file or os.path.join(workdir, results.PEAKS)
@@ -63,6 +65,7 @@ def reanalyze(workdir: str, peaks_file: str | None = None, out: str | None = Non
     with config.unlocked():
         config.roofline.peaks_file = os.path.abspath(peaks_file)
         config.output.progress_bar = False
+        config.output.plots = plots
     all_runs = runs.expand(config)
     rows = results.latest(store.rows())
     devices = {}

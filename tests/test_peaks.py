@@ -212,9 +212,8 @@ def test_a_cache_filled_on_a_busy_machine_is_noticed_and_measured_again(tmp_path
     """Every rate of the cache scaled by 0.4 (a first run beside other work): this run's
     check reads 2.5x more, the entry is measured again and its per-shape rates dropped, the
     report says so, and the predictions equal those made from a fresh cache."""
-    from tests.conftest import tiny
-
     from batching import app
+    from tests.conftest import tiny
 
     dev = jax.devices()[0]
     _mock_device_measurements(monkeypatch)

@@ -55,9 +55,11 @@ def test_gpu_rows_are_analysed_here_with_the_gpu_peaks_file(tmp_path, monkeypatc
     assert sorted(r["batch_size"] for r in results.Store(str(out)).rows()) == [1, 2, 4]
 
 
-def test_a_peaks_file_without_the_rows_device_is_one_clear_error(tmp_path):
+def test_a_run_whose_device_the_peaks_file_lacks_is_shown_unanalysed(tmp_path):
     lab.run(tiny(), str(tmp_path / "w"))
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"gpu:NVIDIA H200": SEEDED_PEAKS}))
-    with pytest.raises(ValueError, match="has no float32 .* peaks for cpu:cpu"):
-        reanalyze.reanalyze(str(tmp_path / "w"), str(other), str(tmp_path / "o"))
+    (s,) = reanalyze.reanalyze(str(tmp_path / "w"), str(other), str(tmp_path / "o"))
+    assert "has no float32" in s["not_analysed"] and "cpu:cpu" in s["not_analysed"]
+    assert "knee_batch_size" not in s
+    assert "## Runs" in (tmp_path / "o" / "report.md").read_text()
