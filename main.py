@@ -22,9 +22,9 @@ def main(argv):
     # Imported after the flags are parsed: a mistake on the command line is reported
     # before JAX and the plotting libraries load.
     from batching import app as lab
-    from batching import distributed
-    from batching.results import WorkdirError
-    from batching.runs import ConfigError
+    from batching.outputs.results import WorkdirError
+    from batching.setup import distributed
+    from batching.setup.runs import ConfigError
 
     try:
         lab.run(FLAGS.config, FLAGS.workdir)

@@ -1,5 +1,5 @@
 """The batching lab: timing, sweeps, roofline analysis and writers."""
 
-from batching.specs import critical_batch_size
+from batching.setup.specs import critical_batch_size
 
 __all__ = ["critical_batch_size"]

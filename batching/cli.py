@@ -50,6 +50,9 @@ def fail(message: str) -> NoReturn:
 
 
 def usage(doc: str) -> str:
+    """The help text: `doc` (main.py's docstring), then USAGE naming the launchable configs and
+    experiments."""
+
     def names(folder: str) -> str:
         """The folder's launchable files: those with a get_config, the defaults aside."""
         found = []

@@ -7,7 +7,7 @@ import os
 
 from ml_collections import config_dict
 
-# The repository's committed sweeps from other machines (batching.archive).
+# The repository's committed sweeps from other machines (batching.outputs.archive).
 ARCHIVE_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "results")
 POWERS_OF_TWO_TO_512 = tuple(2**i for i in range(10))
 
@@ -99,7 +99,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     config.roofline.shape_aware = True
     # Seconds each run's per-shape microbenchmarks may take (GEMM, conv, attention rates);
     # beyond it rates are interpolated between measured shapes. Unset: no limit on a CPU,
-    # 45 s on an accelerator (batching.analysis.ACCELERATOR_BUDGET_S); 0: measure none.
+    # 45 s on an accelerator (batching.measure.rates.ACCELERATOR_BUDGET_S); 0: measure none.
     config.roofline.microbenchmark_budget_s = config_dict.placeholder(float)
     # Analyse with the peaks in this file (a workdir's device_peaks.json, e.g. from a rented
     # GPU) instead of measuring: rows measured elsewhere re-analysed here. Unset: measure.
@@ -117,7 +117,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     config.profile.batch_sizes = ()
     config.profile.steps = 3
 
-    # Claims of the post (shared/ANCHORS.md §1) this config's report gives a verdict on.
+    # Claims of the post (batching.predict.claims.CLAIMS) this config's report judges.
     config.report = config_dict.ConfigDict()
     config.report.claims = ()
     # Sweeps of the same experiment committed from other machines (experiments/results/

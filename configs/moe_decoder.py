@@ -1,13 +1,16 @@
 """A small byte-level decoder with an MoE layer in every second block, trained on stdlib text.
 
-Train it from Python (about a minute and a half on 2 CPU cores; batching/train.py):
+Train it from Python (about a minute and a half on 2 CPU cores; batching/workloads/train.py):
 
-    from batching import train
+    from batching.outputs.tensorboard import EventLog
+    from batching.workloads import train
     from configs import moe_decoder
-    summary = train.run(moe_decoder.get_config(), "/tmp/moe")  # or get_config("expert_choice")
+    config = moe_decoder.get_config()  # or get_config("expert_choice")
+    summary = train.run(config, "/tmp/moe", EventLog("/tmp/moe", config.name))
 
-The trained weights land in <workdir>/params/<name>.npz; `train.load_params` restores them for
-inference sweeps, which read `model.phase`, `model.cache_len` and `model.prompt_len`.
+The trained weights land in <workdir>/params/<name>.npz; batching.workloads.checkpoint's
+`load_params` restores them for inference sweeps, which read `model.phase`, `model.cache_len`
+and `model.prompt_len`.
 
 arg: "token_choice_k1" (Switch), "token_choice_k2" (GShard, the default) or "expert_choice".
 """

@@ -4,10 +4,11 @@
     python -m experiments.attention_layouts
     python -m experiments.attention_layouts --batches=1,8 --cache_lens=1024 --dtypes=float32
 
-Each method is timed as the roofline times attention (batching.peaks.measure_attention_seconds:
-enough distinct caches per call to overflow the last-level cache twice, so every cache is read
-from memory as in a decode step, the call's dispatch floor taken off), at the default decoder's
-heads (4 kv heads, 3 queries per kv head, head dim 64):
+Each method is timed as the roofline times attention
+(batching.measure.shape_bench.measure_attention_seconds: enough distinct caches per call to
+overflow the last-level cache twice, so every cache is read from memory as in a decode step,
+the call's dispatch floor taken off), at the default decoder's heads (4 kv heads, 3 queries
+per kv head, head dim 64):
 
 - `bksh`, `bskh`: the model's own attention (models.kv_cache.attend_cache) over that layout;
 - `dpa_xla`: jax.nn.dot_product_attention(implementation="xla") over a [B, S, K, H] cache with
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from batching import peaks
+from batching.measure import microbench, shape_bench
 from models import kv_cache
 
 FLAGS = flags.FLAGS
@@ -75,7 +76,7 @@ def methods(platform: str, dtype: str) -> dict[str, tuple[str, object] | str]:
 
 def measure(batches, cache_lens, dtypes, kv_heads, q_per_kv, head_dim) -> dict:
     device = jax.devices()[0]
-    floor = peaks.measure_dispatch_floor(device)
+    floor = microbench.measure_dispatch_floor(device)
     result = {
         "device_kind": device.device_kind,
         "platform": device.platform,
@@ -95,7 +96,7 @@ def measure(batches, cache_lens, dtypes, kv_heads, q_per_kv, head_dim) -> dict:
                         continue
                     layout, attend = how
                     try:
-                        s = peaks.measure_attention_seconds(
+                        s = shape_bench.measure_attention_seconds(
                             device, dtype, layout, shape, attend, floor
                         )
                     except Exception as e:  # noqa: BLE001 - a method that cannot run says why

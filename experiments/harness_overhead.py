@@ -14,8 +14,9 @@ read back into kernel seconds against wall seconds per call.
 For each case, at its batch size, in interleaved rounds (the methods' order shuffled each
 round, so drift hits them alike), it times:
 
-- `lab`: the sweep's own path: the workload's call as flat arrays (batching.workload.FlatCall),
-  compiled once (batching.timing.compile_fn) and timed by batching.timing.measure;
+- `lab`: the sweep's own path: the workload's call as flat arrays
+  (batching.workloads.base.FlatCall), compiled once (batching.measure.timing.compile_fn) and
+  timed by batching.measure.timing.measure;
 - `bare`: `jax.jit` of the same flat function, `f(*arrays)` then blocking on its outputs, in a
   plain loop (the decoder's donated cache fed back outside the clock in both);
 - `state`: `jax.jit` of the workload's own function over its pytree arguments (the model's
@@ -24,8 +25,9 @@ round, so drift hits them alike), it times:
   next call, as `out = f(x)` in a loop does (on a GPU the outputs then alternate between two
   buffers and XLA updates its CUDA graph on every call; README, "What a run does").
 
-It also measures the call floor the prediction uses (batching.peaks.measure_call_floor: a
-trivial jitted call handed the same arguments), flat and as pytrees. The table gives µs per
+It also measures the call floor the prediction uses
+(batching.measure.microbench.measure_call_floor: a trivial jitted call handed the same
+arguments), flat and as pytrees. The table gives µs per
 call (median over rounds of each round's median) and lab / bare; the last line is JSON.
 """
 
@@ -43,7 +45,9 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from batching import peaks, profiling, sweep, timing, topology, workload
+from batching.measure import microbench, profiling, timing
+from batching.setup import runs
+from batching.workloads import base as workload
 from configs import decoder as decoder_config
 from configs import default
 from configs import resnet as resnet_config
@@ -142,8 +146,7 @@ class Case:
     """One workload at one batch size, ready to be called every way the benchmark compares."""
 
     def __init__(self, name: str, config: Any, batch: int):
-        topo = topology.build(config)
-        wl = workload.build(config, topo, "")
+        wl = workload.Bench(runs.Run(name, config)).workload("")
         self.wl = wl
         self.name, self.batch = name, batch
         self.flat = workload.flat_call(wl, batch)
@@ -163,8 +166,8 @@ class Case:
         self.run("state", 1)
         # The call floor the roofline uses, with these arguments flat and as pytrees (the
         # donated cache is alive here: the floor's trivial call donates nothing).
-        self.floor_flat_s = peaks.measure_call_floor(self.args["bare"])
-        self.floor_state_s = peaks.measure_call_floor(self.args["state"])
+        self.floor_flat_s = microbench.measure_call_floor(self.args["bare"])
+        self.floor_state_s = microbench.measure_call_floor(self.args["state"])
 
     def run(self, method: str, n: int) -> np.ndarray:
         args = self.args[method]
@@ -221,10 +224,10 @@ def trivial_floor(n: int = 2000, queued: int = 200) -> dict[str, float]:
 
 def traced(case: Case, steps: int = 12) -> dict[str, float]:
     """Kernel seconds against wall seconds of the median traced call (the lab's own trace of
-    a point, batching.sweep.trace_point, read back by batching.profiling)."""
+    a point, batching.measure.profiling.trace_point, read back by batching.measure.profiling)."""
     logdir = tempfile.mkdtemp(prefix="overhead_trace_")
     since = time.time()
-    hlo = sweep.trace_point(case.wl, case.batch, steps, logdir)
+    hlo = profiling.trace_point(case.wl, case.batch, steps, logdir)
     fields = profiling.read(profiling.newest_trace(logdir, since), hlo)
     wall = fields["traced_latency_s"]
     other = fields["traced_ops"].get(profiling.OTHER, {}).get("seconds", 0.0)

@@ -22,8 +22,11 @@ import shutil
 import ml_collections
 from absl import app, flags
 
-from batching import analysis, results, runs
 from batching import app as lab
+from batching.measure import rates
+from batching.outputs import results
+from batching.setup import runs
+from batching.workloads import base
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The workdir to analyse (its rows and config.json).")
@@ -70,8 +73,8 @@ def reanalyze(
     rows = results.latest(store.rows())
     devices = {}
     for r in rows:
-        devices.setdefault(r["run"], analysis.DeviceRef(r["platform"], r["device_kind"]))
-    measured = [run for run in all_runs if run.name in devices]
+        devices.setdefault(r["run"], rates.DeviceRef(r["platform"], r["device_kind"]))
+    measured = [base.Bench(run) for run in all_runs if run.name in devices]
     summaries = lab.finalize(config, measured, stored["fingerprints"], store, devices=devices)
     if zipped:
         plain = store.path(results.RESULTS)

@@ -21,6 +21,9 @@ from models.dtypes import resolve_dtype
 
 @dataclasses.dataclass(frozen=True)
 class ConvStackConfig:
+    """The conv stack: `depth` `kernel`×`kernel` convolutions of `channels` channels on
+    `image_size`×`image_size` inputs; a bad field raises ValueError naming model.<field>."""
+
     channels: int = 64
     depth: int = 4
     image_size: int = 16

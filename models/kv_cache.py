@@ -174,10 +174,12 @@ class KVCache(nnx.Module):
 
     @property
     def batch(self) -> int:
+        """Sequences the cache holds."""
         return self.lengths.shape[0]
 
     @property
     def max_len(self) -> int:
+        """Positions per sequence."""
         return self.k.shape[1]
 
     def _stored(self, x_BxLxKxH: jax.Array) -> jax.Array:

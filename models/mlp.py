@@ -19,6 +19,9 @@ ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "tanh": jnp.tanh, "iden
 
 @dataclasses.dataclass(frozen=True)
 class MLPConfig:
+    """The MLP: `depth` dense layers of `width`, `activation` between them; a bad field raises
+    ValueError naming model.<field>."""
+
     width: int = 1024
     depth: int = 8
     activation: str = "relu"
@@ -70,4 +73,5 @@ class MLP(nnx.Module):
 
 
 def num_params(cfg: MLPConfig) -> int:
+    """Weights and biases: W² + W per layer (W² without bias)."""
     return cfg.depth * (cfg.width * cfg.width + (cfg.width if cfg.use_bias else 0))

@@ -116,18 +116,13 @@ class MoELayer(nnx.Module):
         if x.shape[-1] != D:
             raise ValueError(f"MoE input must end in model.d_model={D}, got shape {x.shape}")
         T = x.size // D
-        S = (cfg.group_size if group_size is None else group_size) or T
-        if T % S != 0:
-            raise ValueError(
-                f"tokens per call ({T}) must be a multiple of the routing group size "
-                f"({S}, model.group_size ({cfg.group_size}))"
-            )
+        G, S, _ = routing_shape(cfg, T, group_size)
         dtype = resolve_dtype(cfg.dtype)
         # Expert parallelism (GShard, Lepikhin et al. 2020 §3.2): groups live where their
         # tokens are (`groups`: every device holding a token shard), experts on the `experts`
         # axis. The dispatched [E, G, C, D] is constrained expert-major, so XLA moves it with
         # an all-to-all, and back after the experts. Without a mesh these are no-ops.
-        x_GxSxD = partitioning.constrain(x.reshape(T // S, S, D), "groups", None, "embed")
+        x_GxSxD = partitioning.constrain(x.reshape(G, S, D), "groups", None, "embed")
 
         logits_GxSxE = self.router(x_GxSxD)
         # Routing never looks across groups, so each device routes its own groups.
@@ -201,28 +196,20 @@ def num_active_params(cfg: MoEMLPConfig) -> int:
     return int(cfg.depth * _layer_params(cfg, experts))
 
 
-def moe_layer_cost(cfg: MoEConfig, tokens: int, param_bytes: int) -> dict[str, int]:
-    """Analytic cost of one MoELayer call on `tokens` tokens: {"flops": FLOP, "bytes": bytes}.
+def routing_shape(cfg: MoEConfig, tokens: int, group_size: int | None = None) -> tuple[int, ...]:
+    """(G groups, S tokens per group, C slots per expert) of one MoELayer call on `tokens`
+    tokens: what the layer computes, and what its cost (the lab's ops list) counts.
 
-    The capacity-padded einsums compute all E*C slots of every group whatever the balance:
-    an empty slot costs as much as a full one, so imbalance shows up as dropped tokens, not as
-    time. FLOPs count a multiply-add as 2 and include the router (2*T*D*E), dispatch and combine
-    (2*G*S*E*C*D each) and the three expert matmuls (6*G*E*C*D*F); softmax, top-k and SwiGLU
-    elementwise work is left out. Bytes are the weights read once (router and every expert,
-    used or not) plus the input and output activations, all at `param_bytes` per element;
-    the [G, S, E, C] masks and expert intermediates are assumed to stay on chip.
+    `group_size` None takes the config's; 0 (either) puts all tokens in one group. C is
+    routers.expert_capacity at the config's capacity factor, with top_k assignments per
+    token for token-choice and one for expert-choice (GShard, Lepikhin et al. 2020;
+    Expert Choice, Zhou et al. 2022).
     """
-    D, E, F = cfg.d_model, cfg.num_experts, cfg.mlp_dim
-    S = cfg.group_size or tokens
+    S = (cfg.group_size if group_size is None else group_size) or tokens
     if tokens % S != 0:
         raise ValueError(
-            f"tokens per call ({tokens}) must be a multiple of model.group_size ({cfg.group_size})"
+            f"tokens per call ({tokens}) must be a multiple of the routing group size "
+            f"({S}, model.group_size ({cfg.group_size}))"
         )
-    G = tokens // S
     top_k = cfg.top_k if cfg.router == "token_choice" else 1
-    C = expert_capacity(S, E, cfg.capacity_factor, top_k)
-    slots = G * E * C
-    flops = 2 * tokens * D * E + 2 * 2 * slots * S * D + 3 * 2 * slots * D * F
-    weight_bytes = int(_layer_params(cfg, E)) * param_bytes
-    activation_bytes = 2 * tokens * D * param_bytes
-    return {"flops": flops, "bytes": weight_bytes + activation_bytes}
+    return tokens // S, S, expert_capacity(S, cfg.num_experts, cfg.capacity_factor, top_k)

@@ -1,7 +1,9 @@
 """MoE routers as pure functions of the router logits, and the load-balance statistics.
 
 Both routers return the same `RoutingResult`, so the MoE layer and `routing_stats` never ask
-which router ran. Rules and formulas follow ANCHORS.md §5.
+which router ran. The rules and formulas are those of Switch (Fedus et al. 2021), GShard
+(Lepikhin et al. 2020), ST-MoE (Zoph et al. 2022), Expert Choice (Zhou et al. 2022) and
+flaxformer's `routing.py`; routing_stats cites each statistic's source.
 
 Letters in array names: G groups, S tokens per group, E experts, C capacity (slots per expert
 per group), K top-k choices per token, T tokens (G*S).
@@ -173,7 +175,7 @@ SCALAR_STATS = (
 
 
 def routing_stats(result: RoutingResult) -> dict[str, jax.Array]:
-    """Load-balance statistics of one routing, from the result alone (ANCHORS.md §5).
+    """Load-balance statistics of one routing, from the result alone.
 
     Loads are token counts. The number of wanted assignments per token k is read off the
     result as sum(assigned) / T: top_k for token-choice, E*C/S for expert-choice. So:

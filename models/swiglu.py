@@ -20,6 +20,9 @@ from models.dtypes import resolve_dtype
 
 @dataclasses.dataclass(frozen=True)
 class SwiGLUConfig:
+    """The SwiGLU stack: `depth` residual layers d_model → mlp_dim → d_model; a bad field raises
+    ValueError naming model.<field>."""
+
     d_model: int = 512
     mlp_dim: int = 2048
     depth: int = 2
@@ -64,4 +67,5 @@ class SwiGLUStack(nnx.Module):
 
 
 def num_params(cfg: SwiGLUConfig) -> int:
+    """Gate, up and down weights: 3·D·F per layer, no biases."""
     return cfg.depth * 3 * cfg.d_model * cfg.mlp_dim

@@ -4,6 +4,7 @@ import fcntl
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -99,6 +100,39 @@ SEEDED_PEAKS = {
 }
 with open(os.path.join(PEAKS_DIR, "device_peaks.json"), "w") as f:
     json.dump({"cpu:cpu": SEEDED_PEAKS}, f)
+
+
+MAIN = os.path.join(ROOT, "main.py")
+
+
+def main_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a main.py child runs in: this one (the session's caches), on the CPU,
+    unbuffered, with `env` on top."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", **(env or {})}
+
+
+def run_main(*args: str, cwd: str = ROOT, env: dict[str, str] | None = None, timeout=120):
+    """`python main.py *args` to completion: the CompletedProcess, output captured as text."""
+    return subprocess.run(
+        [sys.executable, MAIN, *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=main_env(env),
+        timeout=timeout,
+    )
+
+
+def start_main(*args: str, cwd: str = ROOT, env: dict[str, str] | None = None):
+    """`python main.py *args` started in the background: the Popen, stdout and stderr piped."""
+    return subprocess.Popen(
+        [sys.executable, MAIN, *args],
+        cwd=cwd,
+        env=main_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def tiny(**model) -> "default.config_dict.ConfigDict":

@@ -21,15 +21,18 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
-from batching import timing, topology, train, workload  # noqa: E402
+from batching.measure import timing  # noqa: E402
+from batching.setup import topology  # noqa: E402
+from batching.workloads import base as workload  # noqa: E402
 from batching.workloads import decoder as decoder_workload  # noqa: E402
 from batching.workloads import mlp as mlp_workload  # noqa: E402
 from batching.workloads import moe as moe_workload  # noqa: E402
+from batching.workloads import train  # noqa: E402
 from configs import decoder as decoder_configs  # noqa: E402
 from configs import default  # noqa: E402
 from configs import moe as moe_configs  # noqa: E402
 from configs import moe_decoder as moe_decoder_configs  # noqa: E402
-from models import decoder  # noqa: E402
+from models import decoder, decoding  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -146,11 +149,11 @@ def prefill_then_decode(cfg, topo, layout: str, tokens_BxL, steps: int = 2, dcfg
 
     def prefill(params, cache, tokens, lengths):
         with topo.activate():
-            return decoder.prefill(graphdef, params, cache, tokens, lengths)
+            return decoding.prefill(graphdef, params, cache, tokens, lengths)
 
     def step(params, cache, tokens):
         with topo.activate():
-            return decoder.decode_step(graphdef, params, cache, tokens)
+            return decoding.decode_step(graphdef, params, cache, tokens)
 
     B, L = tokens_BxL.shape
     prompt = topo.put_batch(tokens_BxL[:, : L - steps])
@@ -226,7 +229,7 @@ def check_moe_decoder() -> dict:
 
     def step(params, cache, tokens):
         with topo.activate():
-            return decoder.decode_step(graphdef, params, cache, tokens)
+            return decoding.decode_step(graphdef, params, cache, tokens)
 
     args = (params, topo.put_state(cache), topo.put_batch(tokens[:, 0]))
     text = jax.jit(step, donate_argnums=1).lower(*args).compile().as_text()

@@ -4,7 +4,8 @@ import gzip
 import json
 import os
 
-from batching import app, archive, report
+from batching import app
+from batching.outputs import archive, report_sections
 from tests.conftest import tiny
 
 
@@ -64,7 +65,7 @@ def test_report_shows_archived_sweeps_beside_the_run_and_c2_cites_them(tmp_path)
     assert "## Measured elsewhere (archived)" in text
     assert "| fake-gpu/tiny | Fake GPU | resnet50_gpu | float32 | 1→8 | 2 | 2.6 |" in text
     assert os.path.exists(tmp_path / "run" / "plots" / "archive.png")
-    line = report._archived_c2(archive.load(root, "tiny"))
+    line = report_sections.archived_c2(archive.load(root, "tiny"))
     assert line.startswith("Archived measurement, not this run (Fake GPU, fake-gpu/tiny")
     assert "batch 2: 1.1x, batch 4: 1.05x, batch 8: 1.3x" in line
 

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.test_sweep import TINY_FLAGS, run_main
+from tests.conftest import ROOT, run_main
+from tests.test_sweep import TINY_FLAGS
 
 MLP = os.path.join(ROOT, "configs", "mlp.py")
 

@@ -8,7 +8,9 @@ import textwrap
 
 import pytest
 
-from batching import collectives, roofline
+from batching.measure import collectives
+from batching.predict import roofline
+from batching.workloads import collectives as comm
 from batching.workloads import decoder as decoder_wl
 from batching.workloads import moe as moe_wl
 from models import decoder
@@ -18,13 +20,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_bus_factors_follow_nccl_tests():
-    assert collectives.bus_factor("all_reduce", 8) == pytest.approx(2 * 7 / 8)
-    assert collectives.bus_factor("all_to_all", 8) == pytest.approx(7 / 8)
-    assert collectives.bus_factor("all_gather", 4) == pytest.approx(3 / 4)
+    assert comm.bus_factor("all_reduce", 8) == pytest.approx(2 * 7 / 8)
+    assert comm.bus_factor("all_to_all", 8) == pytest.approx(7 / 8)
+    assert comm.bus_factor("all_gather", 4) == pytest.approx(3 / 4)
     # One device sends nothing.
-    assert collectives.bus_factor("all_reduce", 1) == 0.0
+    assert comm.bus_factor("all_reduce", 1) == 0.0
     with pytest.raises(ValueError, match="all_reduce"):
-        collectives.bus_factor("broadcast", 2)
+        comm.bus_factor("broadcast", 2)
 
 
 def test_latency_bandwidth_model_through_two_cached_points(tmp_path, monkeypatch):
@@ -47,10 +49,10 @@ def test_latency_bandwidth_model_through_two_cached_points(tmp_path, monkeypatch
     alpha, beta = collectives.latency_model(Cpu, "all_reduce", 4, str(tmp_path))
     assert alpha == pytest.approx(1e-4) and beta == pytest.approx(1e9)
     # An all-gather uses the all-reduce's model; an all-to-all was never measured.
-    c = collectives.entry("all_gather", "model", 4, 1e5, 3)
+    c = comm.entry("all_gather", "model", 4, 1e5, 3)
     t = roofline.comm_time([c], lambda c: collectives.effective_busbw(Cpu, c, str(tmp_path)))
     assert t == pytest.approx(3 * (1e-4 + 1e5 / 1e9))  # count x (α + S/β)
-    a2a = collectives.entry("all_to_all", "model", 4, 1e5, 1)
+    a2a = comm.entry("all_to_all", "model", 4, 1e5, 1)
     assert collectives.effective_busbw(Cpu, a2a, str(tmp_path)) is None
 
 
@@ -65,27 +67,27 @@ HLO = """
 
 
 def test_collectives_read_from_hlo_text():
-    got = collectives.from_hlo(HLO)
+    got = comm.from_hlo(HLO)
     assert got["counts"] == {"all_reduce": 1, "all_to_all": 1, "all_gather": 1}
     # 2*64*4 all-reduce + 2 x 3*64*4 all-to-all tuple + the all-gather's 16*8*2 result.
     assert got["bytes"] == 512 + 2 * 768 + 256
-    assert collectives.from_hlo("%x = f32[4]{0} add(%a, %b)") == {"counts": {}, "bytes": 0.0}
+    assert comm.from_hlo("%x = f32[4]{0} add(%a, %b)") == {"counts": {}, "bytes": 0.0}
     # Tuples of 6 or more carry /*index=5*/ comments (the MoE decoder's EP all-to-all): once
     # missed, so its rows showed no collective at all.
     parts = ", ".join(("/*index=5*/" if i == 5 else "") + "f32[1,3,128]{2,1,0}" for i in range(8))
-    got = collectives.from_hlo(f"  %all-to-all.2 = ({parts}) all-to-all(%a, %b), channel_id=4")
+    got = comm.from_hlo(f"  %all-to-all.2 = ({parts}) all-to-all(%a, %b), channel_id=4")
     assert got == {"counts": {"all_to_all": 1}, "bytes": 8 * 3 * 128 * 4.0}
 
 
 def test_total_and_wire_bytes():
     cs = [
-        collectives.entry("all_reduce", "model", 4, 1000, 6),
-        collectives.entry("all_to_all", "expert", 8, 800, 2),
+        comm.entry("all_reduce", "model", 4, 1000, 6),
+        comm.entry("all_to_all", "expert", 8, 800, 2),
     ]
-    assert collectives.total_bytes(cs) == 1000 * 6 + 800 * 2
-    assert collectives.total_bytes(None) == 0.0
-    assert collectives.wire_bytes(cs[0]) == pytest.approx(1000 * 6 * 1.5)
-    assert collectives.wire_bytes(cs[1]) == pytest.approx(800 * 2 * 7 / 8)
+    assert comm.total_bytes(cs) == 1000 * 6 + 800 * 2
+    assert comm.total_bytes(None) == 0.0
+    assert comm.wire_bytes(cs[0]) == pytest.approx(1000 * 6 * 1.5)
+    assert comm.wire_bytes(cs[1]) == pytest.approx(800 * 2 * 7 / 8)
 
 
 CHILD = textwrap.dedent(
@@ -94,7 +96,8 @@ CHILD = textwrap.dedent(
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax, numpy as np
     from jax.sharding import Mesh
-    from batching import collectives
+    from batching.measure import collectives
+    from batching.workloads import collectives as comm
 
     cache_dir = sys.argv[1]
     devices = np.array(jax.devices()).reshape(2, 1, 4)
@@ -138,7 +141,7 @@ def test_microbenchmarks_on_8_forced_host_devices_are_positive_and_cached(tmp_pa
             assert r["seconds"] > 0 and r["payload_bytes"] > 0
             assert r["algbw_bytes_per_s"] == pytest.approx(r["payload_bytes"] / r["seconds"])
             assert r["busbw_bytes_per_s"] == pytest.approx(
-                r["algbw_bytes_per_s"] * collectives.bus_factor(kind, n)
+                r["algbw_bytes_per_s"] * comm.bus_factor(kind, n)
             )
             # Host memory moves somewhere between 1 MB/s and 1 TB/s: anything else is a bug.
             assert 1e6 < r["busbw_bytes_per_s"] < 1e12
@@ -230,8 +233,8 @@ def test_a_batch_that_does_not_split_over_the_mesh_is_an_error_naming_it():
 
 def test_comm_time_uses_the_bus_factor_and_the_bandwidth():
     cs = [
-        collectives.entry("all_reduce", "model", 4, 1e6, 2),
-        collectives.entry("all_to_all", "expert", 8, 8e5, 2),
+        comm.entry("all_reduce", "model", 4, 1e6, 2),
+        comm.entry("all_to_all", "expert", 8, 8e5, 2),
     ]
     # 1e6*2*1.5 + 8e5*2*7/8 = 3e6 + 1.4e6 bytes at 1e9 B/s.
     assert roofline.comm_time(cs, 1e9) == pytest.approx(4.4e-3)
@@ -270,7 +273,12 @@ ANALYSIS_CHILD = textwrap.dedent(
     import json, os, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax, ml_collections, numpy as np
-    from batching import analysis, collectives, report, roofline
+    from batching.measure import collectives
+    from batching.workloads import collectives as comm
+    from batching.outputs.doc import Doc, ReportData
+    from batching.outputs.report_mesh import mesh_section
+    from batching.measure import rates
+    from batching.predict import analysis, roofline
     from configs import default
     from tests import conftest
 
@@ -278,22 +286,22 @@ ANALYSIS_CHILD = textwrap.dedent(
     mesh_shape = {"data": 2, "expert": 1, "model": 4}
     rows, samples = [], {}
     for b in (2, 4, 8, 16):
-        calls = [collectives.entry("all_reduce", "model", 4, b / 2 * 64 * 4, 4)]
+        calls = [comm.entry("all_reduce", "model", 4, b / 2 * 64 * 4, 4)]
         rows.append({
             "run": "tp", "model": "decoder", "batch_size": b, "latency_s": 1e-3 * (1 + b / 8),
             "dtype": "float32", "param_dtype": "float32", "analytic_flops": 2e6 * b,
             "analytic_bytes": 4e6 + 1e4 * b, "weight_bytes": 4e6, "flops": None,
             "bytes_accessed": None, "achieved_bytes_per_s": 1e9, "mesh_shape": mesh_shape,
-            "collectives": calls, "comm_bytes": collectives.total_bytes(calls),
+            "collectives": calls, "comm_bytes": comm.total_bytes(calls),
         })
         samples[b] = np.full(5, rows[-1]["latency_s"])
     cfg = default.get_config().roofline
     cfg.shape_aware = False
     cfg.bootstrap = 5
-    source = analysis.PeakSource(conftest.PEAKS_DIR, refresh=False)
+    source = rates.RateSource(conftest.PEAKS_DIR, refresh=False)
     # Nothing measured yet and a CPU has no spec interconnect: no comm term at all.
     _, before = analysis.analyze_run(rows, samples, jax.devices()[0], cfg, source)
-    mesh = jax.make_mesh((2, 1, 4), collectives.AXES)
+    mesh = jax.make_mesh((2, 1, 4), comm.AXES)
     # What the sweep does before its points: measure every collective the rows list.
     collectives.measure_run(mesh, conftest.PEAKS_DIR)
     out, s = analysis.analyze_run(rows, samples, jax.devices()[0], cfg, source)
@@ -305,11 +313,11 @@ ANALYSIS_CHILD = textwrap.dedent(
         for r in rows
     ]
     ep_out, ep = analysis.analyze_run(ep_rows, samples, jax.devices()[0], cfg, source)
-    doc = report.Doc()
-    report.mesh_section(doc, [
+    doc = Doc()
+    mesh_section(doc, ReportData("/", "x", (), [
         {**s, "run": "tp", "knee_batch_size": 1.0, "router": None},
         {**ep, "run": "ep", "knee_batch_size": 1.0, "router": "token_choice"},
-    ])
+    ], [], {}, []))
     print(json.dumps({
         "rows": out, "summary": s, "ep_rows": ep_out, "ep": ep, "alpha": alpha, "beta": beta,
         "before": before, "report": doc.markdown("/"),

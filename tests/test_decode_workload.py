@@ -8,7 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from batching import app, claims, runs, timing, topology, workload
+from batching import app
+from batching.measure import timing
+from batching.predict import claims_models
+from batching.setup import runs, topology
+from batching.workloads import base as workload
 from batching.workloads import decoder as decoder_workload
 from configs import decoder as decoder_config
 from tests.conftest import tiny
@@ -90,19 +94,19 @@ def test_analytic_flops_match_xla(phase):
 def test_bad_decoder_fields_are_named():
     config = tiny_decoder(cache_len=0)
     with pytest.raises(runs.ConfigError, match="model.cache_len"):
-        runs.validate(config, runs.expand(config))
+        app.validate(config)
     config = tiny_decoder(cache_len=1000)
     with pytest.raises(runs.ConfigError, match="max_seq_len"):
-        runs.validate(config, runs.expand(config))
+        app.validate(config)
     config = tiny_decoder(n_heads=3)
     with pytest.raises(runs.ConfigError, match="n_heads"):
-        runs.validate(config, runs.expand(config))
+        app.validate(config)
     config = tiny_decoder(cache_layout="bhsk")
     with pytest.raises(runs.ConfigError, match="model.cache_layout must be 'auto' or one of"):
-        runs.validate(config, runs.expand(config))
+        app.validate(config)
     config = tiny_decoder(phase="train")
     with pytest.raises(runs.ConfigError, match="model.phase"):
-        runs.validate(config, runs.expand(config))
+        app.validate(config)
 
 
 def test_decode_experiment_rows_report_and_plots(tmp_path):
@@ -171,7 +175,7 @@ def test_c7_says_whether_the_cache_was_read_once(xla_ratio, clean):
             xla_bytes_ratio=xla_ratio,
         ),
     ]
-    text = claims._c7_cache_reads(summaries, rows)
+    text = claims_models.c7_cache_reads(summaries, rows)
     assert text.startswith("The cache was stored as bksh")
     assert "At cache 4096 the step moves its analytic bytes at 0.4-0.4" in text
     assert ("reads each sequence's cache once" in text) == clean

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import decoder, kv_cache
+from models import attention, decoder, decoding, kv_cache
 from models.decoder import Decoder, DecoderConfig
 
 CFG = DecoderConfig(
@@ -84,8 +84,8 @@ def _setup_once(n_kv_heads: int, n_layers: int):
     return dict(
         graphdef=graphdef,
         params=params,
-        prefill_fn=decoder.make_prefill_fn(cached_graphdef),
-        decode_fn=decoder.make_decode_fn(cached_graphdef),
+        prefill_fn=decoding.make_prefill_fn(cached_graphdef),
+        decode_fn=decoding.make_decode_fn(cached_graphdef),
         tokens_BxT=tokens_BxT,
         prompt_BxL=prompt_BxL,
         lengths_B=lengths_B,
@@ -130,7 +130,7 @@ def _layout_run(s, layout: str):
     """Prefill and teacher-forced decode with the cache in `layout`: (logits per call, cache)."""
     graphdef, _ = _split_random_model(dataclasses.replace(CFG, cache_layout=layout))
     graphdef, params, cache = _with_cache(graphdef, s["params"], len(LENGTHS), MAX_LEN)
-    prefill_fn, decode_fn = decoder.make_prefill_fn(graphdef), decoder.make_decode_fn(graphdef)
+    prefill_fn, decode_fn = decoding.make_prefill_fn(graphdef), decoding.make_decode_fn(graphdef)
     logits_BxV, cache = prefill_fn(params, cache, s["prompt_BxL"], s["lengths_B"])
     logits = [np.asarray(logits_BxV)]
     rows_B = np.arange(len(LENGTHS))
@@ -193,7 +193,7 @@ def test_decode_step_writes_the_donated_cache_in_place(layout, batch):
     zeros = lambda x: jnp.zeros(x.shape, x.dtype)  # noqa: E731
     params, cache = jax.tree.map(zeros, params), jax.tree.map(zeros, cache)
     tokens_B = jnp.zeros((batch,), jnp.int32)
-    memory = decoder.make_decode_fn(graphdef).lower(params, cache, tokens_B).compile()
+    memory = decoding.make_decode_fn(graphdef).lower(params, cache, tokens_B).compile()
     memory = memory.memory_analysis()
     cache_bytes = sum(x.nbytes for x in jax.tree.leaves(cache))
     assert memory.alias_size_in_bytes == cache_bytes
@@ -209,7 +209,9 @@ def test_bfloat16_compute_and_cache_stay_close_to_float32():
     graphdef, _, cache = _with_cache(graphdef, s["params"], len(LENGTHS), MAX_LEN)
     assert cache["blocks"][0]["attn"]["cache"]["k"].dtype == jnp.bfloat16
     bf16 = dict(
-        s, prefill_fn=decoder.make_prefill_fn(graphdef), decode_fn=decoder.make_decode_fn(graphdef)
+        s,
+        prefill_fn=decoding.make_prefill_fn(graphdef),
+        decode_fn=decoding.make_decode_fn(graphdef),
     )
     errors, _ = _run_cached(bf16, batch=len(LENGTHS))
     # bfloat16 keeps ~3 significant digits; these logits have std ~1, a cache bug errs by ~1.
@@ -224,7 +226,7 @@ def test_grouped_query_heads_share_kv_head_n_over_g():
     k_BxSxKxH, v_BxSxKxH = rng.standard_normal((2, B, S, K, H)).astype(np.float32)
     mask_BxLxS = rng.random((B, L, S)) < 0.6
     mask_BxLxS[..., 0] = True
-    out_BxLxNxH = jax.jit(decoder.attend)(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxLxS)
+    out_BxLxNxH = jax.jit(attention.attend)(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxLxS)
 
     k_BxSxNxH, v_BxSxNxH = np.repeat(k_BxSxKxH, G, axis=2), np.repeat(v_BxSxKxH, G, axis=2)
     scores_BxNxLxS = np.einsum("blnh,bsnh->bnls", q_BxLxNxH, k_BxSxNxH) / np.sqrt(H)
@@ -259,7 +261,7 @@ def test_cached_greedy_generation_matches_recomputing_the_full_forward():
     s = _setup()
     steps = TOTAL_LEN - PROMPT_LEN
     graphdef, params, cache = _with_cache(s["graphdef"], s["params"], len(LENGTHS), MAX_LEN)
-    generate_fn = decoder.make_generate_fn(graphdef, steps)
+    generate_fn = decoding.make_generate_fn(graphdef, steps)
     generated_BxS, cache = generate_fn(params, cache, s["prompt_BxL"], s["lengths_B"])
     assert generated_BxS.shape == (len(LENGTHS), steps)
 
@@ -349,31 +351,6 @@ def test_tied_embeddings_save_one_table():
     assert decoder.num_non_embedding_params(untied) == decoder.num_non_embedding_params(tied)
 
 
-def test_decode_step_cost_follows_the_anchor_formula():
-    cfg, batch, cache_len = CFG, 8, 100
-    p = decoder.num_non_embedding_params(cfg)
-    dv = cfg.d_model * cfg.vocab_size
-    cost = decoder.decode_step_cost(cfg, batch, cache_len, param_bytes=2, cache_bytes=1)
-    attention_flops = 4 * batch * cfg.n_layers * cfg.n_heads * cfg.head_dim * cache_len
-    assert cost["flops"] == 2 * batch * (p + dv) + attention_flops
-    kv_per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim
-    assert cost["bytes"] == 2 * (p + dv) + batch * kv_per_token * (cache_len + 1)
-    # Weights are read once per step; the cache once per sequence.
-    double = decoder.decode_step_cost(cfg, 2 * batch, cache_len, param_bytes=2, cache_bytes=1)
-    assert double["bytes"] - cost["bytes"] == batch * kv_per_token * (cache_len + 1)
-
-
-def test_prefill_cost_counts_tokens_and_the_square_score_matrix():
-    cfg = CFG
-    one = decoder.prefill_cost(cfg, 1, 10, param_bytes=4, cache_bytes=4)
-    two = decoder.prefill_cost(cfg, 1, 20, param_bytes=4, cache_bytes=4)
-    p = decoder.num_non_embedding_params(cfg)
-    attention_flops_10 = 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * 10**2
-    assert two["flops"] - one["flops"] == 2 * 10 * p + 3 * attention_flops_10
-    kv_bytes_10 = 4 * 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 10
-    assert two["bytes"] - one["bytes"] == kv_bytes_10
-
-
 @pytest.mark.parametrize(
     "changes, match",
     [
@@ -406,4 +383,4 @@ def test_bad_inputs_are_rejected():
         model.prefill(np.zeros((3, 4), np.int32), np.ones((2,), np.int32))
     graphdef, params, cache = nnx.split(model, nnx.Param, nnx.Cache)
     with pytest.raises(ValueError, match="does not fit the cache's max_len 16"):
-        decoder.generate(graphdef, params, cache, np.zeros((3, 8), np.int32), lengths_B, 10)
+        decoding.generate(graphdef, params, cache, np.zeros((3, 8), np.int32), lengths_B, 10)

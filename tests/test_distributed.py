@@ -16,13 +16,13 @@ import time
 
 import pytest
 
-from batching import app, distributed
-from batching.runs import ConfigError
+from batching import app
+from batching.setup import distributed
+from batching.setup.runs import ConfigError
 from configs import default
-from tests.conftest import ROOT, tiny
+from tests.conftest import ROOT, start_main, tiny
 
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
-MAIN = os.path.join(ROOT, "main.py")
 TINY_FLAGS = [
     "--config=" + os.path.join(ROOT, "configs", "mlp.py") + ":width=16,depth=2",
     "--config.timing.min_runs=3",
@@ -60,6 +60,11 @@ def start(args_by_process: list[list[str]]) -> list[subprocess.Popen]:
     ]
 
 
+def start_mains(args_by_process: list[list[str]]) -> list[subprocess.Popen]:
+    """One main.py process per argument list (conftest.start_main), all started at once."""
+    return [start_main(*args, env={"PYTHONPATH": ROOT}) for args in args_by_process]
+
+
 def finish(procs: list[subprocess.Popen], timeout_s: float = 90) -> list[tuple[int, str, str]]:
     out = []
     for p in procs:
@@ -80,7 +85,7 @@ def main_args(
     flags = [*TINY_FLAGS, f"--config.sweep.batch_sizes={sizes}", workdir]
     address = f"--config.distributed.coordinator_address=127.0.0.1:{port}"
     return [
-        [MAIN, *flags, address, f"--config.distributed.process_id={pid}", *extra]
+        [*flags, address, f"--config.distributed.process_id={pid}", *extra]
         for pid, extra in enumerate(extra_by_process)
     ]
 
@@ -150,7 +155,9 @@ TIMER_WORKER = textwrap.dedent(
     import numpy as np
     import jax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
-    from batching import distributed, results, runs, timing
+    from batching.measure import timing
+    from batching.outputs import results
+    from batching.setup import distributed, runs
     from configs import default
 
     pid, port = int(sys.argv[1]), int(sys.argv[2])
@@ -192,13 +199,15 @@ TIMER_WORKER = textwrap.dedent(
         print("MISMATCH", e, flush=True)
     # A point that hit OOM on process 1 only is an OOM in process 0's row too.
     from batching import sweep
+    from batching.measure.point import PointContext
+    ctx = PointContext(run, None, None, "f")
     row = {"batch_size": 8, "status": "oom" if pid else "ok", "fingerprint": "f"}
     oom_at = {"tiny": 8} if pid else {}  # guarded_point set process 1's wall
-    row, samples = sweep.agree_on_outcome(run, row, None if pid else np.ones(3), oom_at, None)
+    row, samples = sweep.agree_on_outcome(ctx, row, None if pid else np.ones(3), oom_at, None)
     print("OUTCOME", row["status"], samples is None, oom_at, row.get("message"), flush=True)
     # Failures that differ: every process takes the first failing process's status.
     row = {"batch_size": 16, "status": "error" if pid else "skipped_memory", "fingerprint": "f"}
-    row, _ = sweep.agree_on_outcome(run, row, None, oom_at, 8)
+    row, _ = sweep.agree_on_outcome(ctx, row, None, oom_at, 8)
     print("FIRST", row["status"], oom_at, flush=True)
     """
 )
@@ -234,7 +243,7 @@ def test_timer_stop_config_check_and_point_outcome_are_shared_between_processes(
 def test_two_process_sweep_writes_once_from_process_0(tmp_path):
     workdir = f"--workdir={tmp_path}"
     t0 = time.perf_counter()
-    procs = start(main_args(free_port(), workdir, [], []))
+    procs = start_mains(main_args(free_port(), workdir, [], []))
     (rc0, out0, err0), (rc1, out1, err1) = finish(procs)
     wall_s = time.perf_counter() - t0
     assert rc0 == 0, err0[-3000:]
@@ -262,7 +271,7 @@ def test_killing_one_process_ends_the_other_with_an_error(tmp_path):
     # A sweep long enough to be killed in the middle: many points, 0.2 s each.
     slow = ["--config.timing.budget_s=0.2"]
     sizes = "(2,4,6,8,10,12,14,16)"
-    procs = start(main_args(free_port(), f"--workdir={tmp_path}", slow, slow, sizes=sizes))
+    procs = start_mains(main_args(free_port(), f"--workdir={tmp_path}", slow, slow, sizes=sizes))
     deadline = time.monotonic() + 60
     results = tmp_path / "results.jsonl"
     while not (results.exists() and results.read_text().count("\n") >= 1):

@@ -5,8 +5,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -14,19 +12,26 @@ import jax
 import numpy as np
 import pytest
 
-from batching import app, claims, peaks, results, sweep
-from tests.conftest import ROOT, tiny
-from tests.test_sweep import _accumulator, read_rows, run_main
+from batching import app, sweep
+from batching.measure import peaks_cache
+from batching.outputs import results
+from batching.predict import claims
+from batching.workloads import base
+from tests.conftest import ROOT, run_main, start_main, tiny
+from tests.test_sweep import _accumulator, read_rows
 
 OOM_MESSAGE = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1099511627776 bytes."
 
 
 def failing_build(monkeypatch, fails):
     """Wraps the real workload so that make_args raises `fails(batch_size)` when not None."""
-    real = sweep.workload.build
+    real = base.Bench.workload
 
-    def build(*args, **kwargs):
-        wl = real(*args, **kwargs)
+    def build(self, workdir):
+        wl = real(self, workdir)
+        if getattr(wl, "wrapped", False):
+            return wl
+        wl.wrapped = True
         make_args = wl.make_args
 
         def make(batch_size):
@@ -38,7 +43,7 @@ def failing_build(monkeypatch, fails):
         wl.make_args = make
         return wl
 
-    monkeypatch.setattr(sweep.workload, "build", build)
+    monkeypatch.setattr(base.Bench, "workload", build)
 
 
 def statuses(workdir):
@@ -179,13 +184,13 @@ def test_one_and_two_point_sweeps_write_every_output(tmp_path, family):
 
 
 def test_corrupt_peaks_cache_is_remeasured_and_parallel_writers_keep_every_entry(tmp_path):
-    path = peaks.cache_path(str(tmp_path))
+    path = peaks_cache.cache_path(str(tmp_path))
     with open(path, "w") as f:
         f.write('{"cpu:cpu": {"matmul')  # killed mid-write by an older version
-    assert peaks._load(path) == {}
+    assert peaks_cache._load(path) == {}
 
     def save(i):
-        peaks._save(path, {}, f"dev{i}", {"i": i})
+        peaks_cache._save(path, {}, f"dev{i}", {"i": i})
 
     threads = [threading.Thread(target=save, args=(i,)) for i in range(8)]
     for t in threads:
@@ -225,14 +230,6 @@ FAST = [
 MANY = "--config.sweep.batch_sizes=(" + ",".join(str(b) for b in range(1, 13)) + ")"
 
 
-def start_main(*args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, os.path.join(ROOT, "main.py"), *args]
-    return subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-
-
 def wait_for_rows(workdir, n, proc, timeout=60):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
@@ -259,13 +256,13 @@ def test_sigterm_that_a_library_turns_into_another_error_still_terminates(tmp_pa
     # a ValueError instead; the sweep recorded an error row and ran on (exit 1, not 143).
     measure = sweep.measure_point
 
-    def swallowing(run, topo, wl, batch_size, *args):
+    def swallowing(ctx, batch_size, *args):
         if batch_size == 4:
             try:
                 app._terminate(signal.SIGTERM, None)
             except KeyboardInterrupt as e:
                 raise ValueError("Exception raised while checking equality of metadata") from e
-        return measure(run, topo, wl, batch_size, *args)
+        return measure(ctx, batch_size, *args)
 
     monkeypatch.setattr(sweep, "measure_point", swallowing)
     config = tiny()
@@ -350,7 +347,7 @@ def heavy(x):
 
 @pytest.mark.parametrize("pytree", [False, True])
 def test_the_timer_brackets_the_device_work(pytree):
-    from batching import timing
+    from batching.measure import timing
 
     fn = jax.jit(lambda x: {"a": heavy(x), "b": [x[0]]} if pytree else heavy(x))
     x = jax.numpy.ones((512, 512), jax.numpy.float32) / 512

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.conftest import once_per_session
+from tests.conftest import once_per_session, run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EIGHT = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
@@ -119,14 +119,7 @@ def test_mesh_config_errors_are_one_line_exit_2(tmp_path, flags, field):
     workdir = tmp_path / "w"
     config = [f for f in flags if f.startswith("--config=")] or ["--config=configs/mlp.py"]
     rest = [f for f in flags if not f.startswith("--config=")]
-    proc = subprocess.run(
-        [sys.executable, "main.py", *config, f"--workdir={workdir}", *rest],
-        capture_output=True,
-        text=True,
-        env=EIGHT,
-        cwd=ROOT,
-        timeout=300,
-    )
+    proc = run_main(*config, f"--workdir={workdir}", *rest, env=EIGHT, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and field in errors[0], proc.stderr[-2000:]

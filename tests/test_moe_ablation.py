@@ -7,7 +7,9 @@ import matplotlib.pyplot as plt
 import pytest
 from tensorboard.backend.event_processing import plugin_event_accumulator
 
-from batching import app, claims, plots
+from batching import app
+from batching.outputs import plots_extra
+from batching.predict import claims_models
 from experiments import moe_router_ablation
 from tests.conftest import tiny
 
@@ -110,14 +112,14 @@ def test_c8_verdict_is_short_and_compares_the_aux_scopes():
         _summary("batch", "token_choice", 0.01, "batch", heldout_loss=2.1, heldout_load_cv=0.3),
         _summary("ec", "expert_choice", load_cv_last=0.0, cross_sequence_logit_change=0.02),
     ]
-    v = claims.c8_moe_routers(summaries, [])
+    v = claims_models.c8_moe_routers(summaries, [])
     assert v["verdict"] == "confirmed"
     assert v["evidence"].count(". ") <= 2  # two or three sentences
     assert "Aux loss off / per group / over the batch" in v["evidence"]
     assert "held-out loss 2.3 / 2.2 / 2.1" in v["evidence"]
     assert "held-out load CV 0.5 / 0.1 / 0.3" in v["evidence"]
     # without an aux comparison there is no third sentence
-    v = claims.c8_moe_routers([summaries[1], summaries[3]], [])
+    v = claims_models.c8_moe_routers([summaries[1], summaries[3]], [])
     assert "Aux loss" not in v["evidence"]
 
 
@@ -127,14 +129,14 @@ def test_only_figures_that_apply_are_drawn():
         return dict(run=run, batch_size=b, latency_s=1e-3 * b, num_experts=experts, top_k=2) | stats
 
     rows = [row(run, b, e) for run, e in (("moe", 8), ("dense", 2)) for b in (1, 4)]
-    figures = plots.routing_figures(rows, [{"run": "moe"}, {"run": "dense"}])
+    figures = plots_extra.routing_figures(rows, [{"run": "moe"}, {"run": "dense"}])
     # no trained run: no loss-vs-CV point to draw; a dense run of the same active params: drawn
     assert set(figures) == {f"routing_{n}" for n in ROUTING_FIGURES[:3]} | {
         "routing_latency_vs_dense"
     }
     assert all(isinstance(f, plt.Figure) for f in figures.values())
-    assert plots.routing_figures([dict(r, drop_fraction=None) for r in rows], []) == {}
+    assert plots_extra.routing_figures([dict(r, drop_fraction=None) for r in rows], []) == {}
     # two decode runs with one cache length: no knee-vs-context figure
     decode = [{"phase": "decode", "cache_len": 128}] * 2
-    assert "knee_vs_context" not in plots.extra_figures([], decode)
+    assert "knee_vs_context" not in plots_extra.extra_figures([], decode)
     plt.close("all")

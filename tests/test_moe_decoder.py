@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import decoder
+from models import decoder, decoding
 from models.decoder import Decoder, DecoderConfig
 
 DENSE = DecoderConfig(
@@ -75,12 +75,12 @@ def _with_cache(graphdef, params, batch: int, max_len: int):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(graphdef, params, tokens_BxT):
-    return decoder.forward_with_stats(graphdef, params, tokens_BxT)
+    return decoding.forward_with_stats(graphdef, params, tokens_BxT)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _decode(graphdef, params, cache, tokens_B):
-    return decoder.decode_step_with_stats(graphdef, params, cache, tokens_B)
+    return decoding.decode_step_with_stats(graphdef, params, cache, tokens_B)
 
 
 @functools.cache
@@ -147,7 +147,7 @@ def test_prefill_and_decode_match_the_full_forward_when_nothing_drops(layout):
     prompt_BxL = np.where(np.arange(PROMPT_LEN) < lengths_B[:, None], tokens_BxT[:, :7], pad_BxL)
     rows_B = np.arange(len(LENGTHS))
 
-    prefill = jax.jit(functools.partial(decoder.prefill_with_stats, cached_graphdef))
+    prefill = jax.jit(functools.partial(decoding.prefill_with_stats, cached_graphdef))
     logits_BxV, cache, _ = prefill(params, cache, prompt_BxL, lengths_B)
     errors = [np.abs(np.asarray(logits_BxV) - full_BxTxV[rows_B, lengths_B - 1]).max()]
     for step in range(MAX_LEN - max(LENGTHS)):

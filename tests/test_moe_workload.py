@@ -50,7 +50,7 @@ def test_moe_rows_carry_routing_stats_and_tensorboard_shows_them(tmp_path):
 
 
 def test_bad_moe_config_is_named(tmp_path):
-    from batching.runs import ConfigError
+    from batching.setup.runs import ConfigError
 
     for field, value in (("top_k", 5), ("capacity_factor", 0.0), ("router", "random")):
         config = tiny_moe(**{field: value})

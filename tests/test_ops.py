@@ -3,13 +3,17 @@
 import numpy as np
 import pytest
 
-from batching import analysis, ops, roofline, topology
-from batching.ops import Op
+from batching.measure import shape_bench
+from batching.predict import knee, pricing, run_fields, whatif
+from batching.setup import topology
 from batching.workloads import decoder as decoder_workload
 from batching.workloads import mlp as mlp_workload
 from batching.workloads import moe as moe_workload
+from batching.workloads import ops
 from batching.workloads import resnet as resnet_workload
+from batching.workloads.ops import Op
 from models import decoder, mlp, moe, resnet
+from models.routers import expert_capacity
 from tests.conftest import tiny
 from tests.test_decode_workload import tiny_decoder
 
@@ -43,9 +47,8 @@ def test_resnet_ops_total_the_layer_costs(depth, batch):
 
 
 def peaks_flops(shape):
-    from batching import peaks
 
-    return peaks.conv_flops_of(shape)
+    return shape_bench.conv_flops_of(shape)
 
 
 @pytest.mark.parametrize("phase", ["decode", "prefill"])
@@ -54,10 +57,8 @@ def test_decoder_ops_give_the_reference_formulas_and_todays_gemm_shapes(phase, b
     cfg = decoder_workload.model_config(tiny_decoder(phase).model)
     length = 32 if phase == "decode" else 16
     o = decoder_workload.step_ops(cfg, batch, length, phase, 4, 2, "bksh")
-    cost = decoder.decode_step_cost if phase == "decode" else decoder.prefill_cost
-    ref = cost(cfg, batch, length, 4, 2)
     t = ops.totals(o)
-    assert t.flops == ref["flops"] and t.bytes == ref["bytes"]
+    assert (t.flops, t.bytes) == reference_cost(cfg, batch, length, phase, 4, 2)
     D, N, K, H, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim
     L, T = cfg.n_layers, batch if phase == "decode" else batch * length
     assert ops.gemm_shapes(o) == [
@@ -76,12 +77,59 @@ def test_decoder_ops_give_the_reference_formulas_and_todays_gemm_shapes(phase, b
         assert shapes == []  # prefill attends over its prompt, not a cache
 
 
+def reference_cost(cfg, batch, length, phase, param_bytes, cache_bytes):
+    """A decoder call's (FLOPs, bytes) in closed form, written out independently of the ops
+    list: a multiply-add is 2 FLOPs, so 2 per weight per token, and QKᵀ and AV 2 each per
+    head dim per cached position; P non-embedding parameters, D·V unembedding.
+    decode: 2·B·(P + D·V) + 4·B·n_layers·N·H·S FLOPs; weights once, K/V read per sequence over
+    the cache and written for the new token.
+    prefill: 2·B·L·P + 2·B·D·V (last token) + 4·B·n_layers·N·H·L² (the full score matrix);
+    weights once, K/V written for L tokens."""
+    P, DV = decoder.num_non_embedding_params(cfg), cfg.d_model * cfg.vocab_size
+    heads, kv = cfg.n_layers * cfg.n_heads * cfg.head_dim, 2 * cfg.n_layers * cfg.n_kv_heads
+    kv *= cfg.head_dim
+    if phase == "decode":
+        flops = 2 * batch * (P + DV) + 4 * batch * heads * length
+        return float(flops), float(param_bytes * (P + DV) + batch * kv * (length + 1) * cache_bytes)
+    flops = 2 * batch * length * P + 2 * batch * DV + 4 * batch * heads * length**2
+    return float(flops), float(param_bytes * (P + DV) + batch * kv * length * cache_bytes)
+
+
+def test_decode_ops_read_weights_once_and_the_cache_per_sequence():
+    cfg = decoder_workload.model_config(tiny_decoder("decode").model)
+    one = ops.totals(decoder_workload.step_ops(cfg, 8, 100, "decode", 2, 1, "bksh"))
+    two = ops.totals(decoder_workload.step_ops(cfg, 16, 100, "decode", 2, 1, "bksh"))
+    kv_per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim
+    assert two.bytes - one.bytes == 8 * kv_per_token * 101
+
+
+def moe_layer_reference(cfg, tokens, param_bytes):
+    """One capacity-padded MoE layer (GShard, Lepikhin et al. 2020) in closed form: router
+    2·T·D·E, dispatch and combine 2·G·S·E·C·D each, experts 6·G·E·C·D·F FLOPs; the weights
+    read once and the input and output activations, at `param_bytes` per element."""
+    D, E, F = cfg.d_model, cfg.num_experts, cfg.mlp_dim
+    S = cfg.group_size or tokens
+    G, k = tokens // S, cfg.top_k if cfg.router == "token_choice" else 1
+    C = expert_capacity(S, E, cfg.capacity_factor, k)
+    flops = 2 * tokens * D * E + 2 * 2 * G * E * C * S * D + 3 * 2 * G * E * C * D * F
+    weights = (D * E + 3 * E * D * F) * param_bytes
+    return flops, weights + 2 * tokens * D * param_bytes
+
+
+def test_moe_ops_count_padded_slots():
+    cfg = moe.MoEConfig(d_model=8, mlp_dim=16, num_experts=4, top_k=2, capacity_factor=1.0)
+    T, D, E, F, C = 32, 8, 4, 16, 16  # C = ceil(1.0 * 32 * 2 / 4)
+    t = ops.totals(moe_workload.layer_ops(cfg, T, 0, 2, 2))
+    assert t.flops == 2 * T * D * E + 2 * 2 * E * C * T * D + 6 * E * C * D * F
+    assert t.bytes == 2 * (D * E + 3 * E * D * F) + 2 * 2 * T * D
+
+
 @pytest.mark.parametrize("batch,group", [(1, 0), (64, 0), (64, 16)])
-def test_moe_ops_total_moe_layer_cost(batch, group):
+def test_moe_ops_total_the_reference_layer(batch, group):
     cfg = moe.MoEMLPConfig(d_model=32, mlp_dim=64, num_experts=4, group_size=group, depth=2)
     t = ops.totals(moe_workload.layer_ops(cfg, batch, group, 4, 4, count=2))
-    ref = moe.moe_layer_cost(cfg, batch, 4)
-    assert t.flops == 2 * ref["flops"] and t.bytes == 2 * ref["bytes"]
+    flops, bytes_ = moe_layer_reference(cfg, batch, 4)
+    assert t.flops == 2 * flops and t.bytes == 2 * bytes_
     assert t.weight_bytes == moe.num_params(cfg) * 4
     # The expert einsums are one batched product over E: as GEMM shapes, E products each.
     gate_up = next(
@@ -92,7 +140,7 @@ def test_moe_ops_total_moe_layer_cost(batch, group):
     assert ops.gemm_shapes([gate_up]) == [(gate_up.shape[1], 32, 64, 8)] and C >= 1
 
 
-RATES = ops.Rates(
+RATES = pricing.Rates(
     dram_bytes_per_s=1e10,
     cache_bytes_per_s=1e11,
     cache_bytes=1e6,
@@ -109,29 +157,29 @@ RATES = ops.Rates(
 def test_each_op_is_priced_at_its_own_limit():
     # A GEMM with 8 MB of DRAM weights (0.8 ms) and 2·4·1024·1024 FLOPs at 1e11 (84 µs): memory.
     g = Op("g", "gemm", (4, 1024, 1024), 2 * 4 * 1024 * 1024, 8e6 + 4e4, 8e6, count=2)
-    t = ops.op_time(g, RATES)
+    t = pricing.op_time(g, RATES)
     assert t.limit == "memory" and t.seconds == pytest.approx(2 * (8e6 / 1e10 + 4e4 / 1e11))
     # A big-batch GEMM: compute at its measured shape rate.
     big = Op("g", "gemm", (4096, 1024, 1024), 2 * 4096 * 1024**2, 8e6 + 1e5, 8e6)
-    t = ops.op_time(big, RATES)
+    t = pricing.op_time(big, RATES)
     assert t.limit == "compute" and t.seconds == pytest.approx(2 * 4096 * 1024**2 / 1e11)
     # A conv at its own measured rate.
     c = Op("c", "conv", (1, 8, 8, 4, 4, 3, 1), 1e7, 1e3, 5e2)
-    t = ops.op_time(c, RATES)
+    t = pricing.op_time(c, RATES)
     assert (t.seconds, t.limit) == (1e7 / 5e10, "compute")
     # An elementwise op whose bytes fit half the cache: bandwidth-bound at the cache's rate.
     e = Op("e", "elementwise", (100,), 1e6, 4e5)
-    t = ops.op_time(e, RATES)
+    t = pricing.op_time(e, RATES)
     assert (t.seconds, t.limit) == (4e5 / 1e11, "cache")
     # Fused into its producer: no time of its own, no launch.
     f = Op("f", "elementwise", (100,), 1e6, 0, fused=True)
-    assert ops.op_time(f, RATES).seconds == 0 and ops.launches([f, e]) == 1
+    assert pricing.op_time(f, RATES).seconds == 0 and ops.launches([f, e]) == 1
     # Attention: its measured seconds against its bytes.
     a = Op("a", "attention", (1, 1, 10, 1, 8), 320, 640, count=3, layout="bksh")
-    assert ops.op_time(a, RATES).seconds == pytest.approx(6e-4)
-    call = ops.predict_call([g, c, e, f, a], RATES)
+    assert pricing.op_time(a, RATES).seconds == pytest.approx(6e-4)
+    call = pricing.predict_call([g, c, e, f, a], RATES)
     overhead = 1e-5 + (2 + 1 + 1 + 3) * 1e-6
-    parts = [ops.op_time(x, RATES).seconds for x in (g, c, e, a)]
+    parts = [pricing.op_time(x, RATES).seconds for x in (g, c, e, a)]
     assert call.seconds == pytest.approx(overhead + sum(parts))
     assert set(call.by_kind()) == {"gemm", "conv", "elementwise", "attention"}
     kinds = call.kind_detail()
@@ -144,8 +192,8 @@ def test_each_op_is_priced_at_its_own_limit():
 
 def test_warm_weights_read_at_cache_bandwidth():
     g = Op("g", "gemm", (1, 256, 256), 2 * 256 * 256, 262144 + 2048, 262144)
-    cold = ops.op_time(g, RATES)
-    warm = ops.op_time(g, ops.Rates(**{**RATES.__dict__, "weights_warm": True}))
+    cold = pricing.op_time(g, RATES)
+    warm = pricing.op_time(g, pricing.Rates(**{**RATES.__dict__, "weights_warm": True}))
     assert warm.limit == "cache" and cold.limit == "memory"
     assert warm.seconds == pytest.approx((262144 + 2048) / 1e11)
 
@@ -156,7 +204,7 @@ def test_whatif_is_the_per_op_sum_at_spec_peaks():
         Op("e", "elementwise", (1000,), 1e3, 8e3),
     ]
     rows = [{"batch_size": 1, "ops": [x.to_dict() for x in o]}]
-    w = analysis.whatif(rows, ("T4",), "float32", "default", 4)["T4"]
+    w = whatif.whatif(rows, ("T4",), "float32", "default", 4)["T4"]
     assert w["latency_s"][1] == pytest.approx(4e6 / 320e9 + 8e3 / 320e9)
 
 
@@ -179,13 +227,13 @@ def test_predicted_curve_knee_uses_the_fitted_knee_definition():
                 "analytic_bytes": W,
             }
         )
-    knee = analysis.predicted_knee(rows, samples, 50)
-    direct = roofline.fit_knee(
+    fit = run_fields.predicted_knee(rows, samples, 50)
+    direct = knee.fit_knee(
         [{**r, "latency_s": r["predicted_latency_s"]} for r in rows], {}, n_bootstrap=0
     )
-    assert knee.knee_batch_size == pytest.approx(direct.knee_batch_size)
-    assert knee.knee_batch_size == pytest.approx(40, rel=0.1)
-    assert knee.knee_low <= 40 <= knee.knee_high
+    assert fit.knee_batch_size == pytest.approx(direct.knee_batch_size)
+    assert fit.knee_batch_size == pytest.approx(40, rel=0.1)
+    assert fit.knee_low <= 40 <= fit.knee_high
 
 
 def test_small_ops_are_priced_from_their_lone_calls_and_pay_the_call_extra_once():
@@ -201,22 +249,22 @@ def test_small_ops_are_priced_from_their_lone_calls_and_pay_the_call_extra_once(
         asked.append(op.shape)
         return lone[op.shape]
 
-    rates = ops.Rates(**{**RATES.__dict__, "lone": lone_s})
-    call = ops.predict_call([small, other, big], rates)
-    base = ops.predict_call([small, other, big], RATES)
+    rates = pricing.Rates(**{**RATES.__dict__, "lone": lone_s})
+    call = pricing.predict_call([small, other, big], rates)
+    base = pricing.predict_call([small, other, big], RATES)
     # One more instance costs two − one, less its launch (counted with the launches).
-    assert ops.op_time(small, rates).seconds == pytest.approx(2 * (6e-6 - 1e-6))
-    assert ops.op_time(other, rates).seconds == pytest.approx(10e-6 - 1e-6)
-    assert ops.op_time(big, rates) == ops.op_time(big, RATES)
+    assert pricing.op_time(small, rates).seconds == pytest.approx(2 * (6e-6 - 1e-6))
+    assert pricing.op_time(other, rates).seconds == pytest.approx(10e-6 - 1e-6)
+    assert pricing.op_time(big, rates) == pricing.op_time(big, RATES)
     assert big.shape not in asked  # big ops are priced as before
     # Paid once per call: the median one − (two − one) over the small ops (44 and 70 µs).
     assert call.call_extra_s == pytest.approx(57e-6)
     assert call.overhead_s == pytest.approx(base.overhead_s + 57e-6)
-    parts = sum(ops.op_time(o, rates).seconds for o in (small, other, big))
+    parts = sum(pricing.op_time(o, rates).seconds for o in (small, other, big))
     assert call.seconds == pytest.approx(call.overhead_s + parts)
     # Without lone measurements nothing changes; noise (two < one) adds no negative time:
     # the op is left at its bytes (none here) and the call pays `one` once.
     assert base.call_extra_s == 0.0
-    noisy = ops.Rates(**{**RATES.__dict__, "lone": lambda op: (5e-6, 4e-6)})
-    assert ops.op_time(other, noisy).seconds == 0.0
-    assert ops.predict_call([other], noisy).call_extra_s == pytest.approx(5e-6)
+    noisy = pricing.Rates(**{**RATES.__dict__, "lone": lambda op: (5e-6, 4e-6)})
+    assert pricing.op_time(other, noisy).seconds == 0.0
+    assert pricing.predict_call([other], noisy).call_extra_s == pytest.approx(5e-6)

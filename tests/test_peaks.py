@@ -5,7 +5,8 @@ import json
 import jax
 import pytest
 
-from batching import analysis, peaks
+from batching.measure import microbench, peaks, peaks_cache, rates, shape_bench
+from batching.predict import analysis
 from models.kv_cache import attend_cache as ATTEND
 
 
@@ -20,16 +21,16 @@ def _optimized_xla():
 
 def test_microbenchmarks_measure_something_plausible():
     dev = jax.devices()[0]
-    f = peaks.measure_matmul_flops(dev, "float32", n=256)
+    f = microbench.measure_matmul_flops(dev, "float32", n=256)
     assert 1e8 < f < 1e15
-    bw = peaks.measure_bandwidth(dev, buffer_bytes=8 << 20)
+    bw = microbench.measure_bandwidth(dev, buffer_bytes=8 << 20)
     assert 1e8 < bw["read_bytes_per_s"] < 1e13
-    assert 0 < peaks.measure_dispatch_floor(dev) < 0.01
-    assert 0 <= peaks.measure_kernel_overhead(dev, chain=4) < 0.01
-    warm = peaks.measure_gemm_flops(dev, "float32", 4, 64, 64)
-    cold = peaks.measure_gemm_flops(dev, "float32", 4, 64, 64, cold=True)
+    assert 0 < microbench.measure_dispatch_floor(dev) < 0.01
+    assert 0 <= microbench.measure_kernel_overhead(dev, chain=4) < 0.01
+    warm = shape_bench.measure_gemm_flops(dev, "float32", 4, 64, 64)
+    cold = shape_bench.measure_gemm_flops(dev, "float32", 4, 64, 64, cold=True)
     assert 1e6 < warm < 1e15 and 1e6 < cold < 1e15
-    batched = peaks.measure_gemm_flops(dev, "float32", 4, 64, 64, batch=3)
+    batched = shape_bench.measure_gemm_flops(dev, "float32", 4, 64, 64, batch=3)
     assert 1e6 < batched < 1e15
 
 
@@ -42,7 +43,7 @@ def test_attention_microbenchmark_is_cached_and_slower_for_a_longer_cache(tmp_pa
         dev, "float32", "bksh", (4, 2, 8192, 2, 64), str(tmp_path), ATTEND
     )
     assert 0 < short < long < 1.0
-    with open(peaks.cache_path(str(tmp_path))) as f:
+    with open(peaks_cache.cache_path(str(tmp_path))) as f:
         table = next(iter(json.load(f).values()))["attention_s"]
     assert table["float32:bksh:4x2x8192x2x64"] == long
     # cached: a second call measures nothing
@@ -57,16 +58,16 @@ def test_conv_microbenchmark_is_cached_and_capped_at_its_saturating_batch(tmp_pa
     shape = (2, 8, 8, 4, 8, 3, 1)
     f = peaks.conv_flops(dev, "float32", shape, str(tmp_path))
     assert 1e6 < f < 1e15
-    with open(peaks.cache_path(str(tmp_path))) as fh:
+    with open(peaks_cache.cache_path(str(tmp_path))) as fh:
         table = next(iter(json.load(fh).values()))["conv_flops_per_s"]
     assert table == {"float32:2x8x8x4x8x3x1": f}
     # cached: a second call measures nothing
-    monkeypatch.setattr(peaks, "measure_conv_flops", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(shape_bench, "measure_conv_flops", lambda *a, **k: 1 / 0)
     assert peaks.conv_flops(dev, "float32", shape, str(tmp_path)) == f
     # 2·56·56·64·9·64 ≈ 0.23 GFLOP per example: measured at batch 16 (>= 2 GFLOP), not 64
-    assert peaks.conv_measured_batch((64, 56, 56, 64, 64, 3, 1)) == 16
-    assert peaks.conv_measured_batch((4, 56, 56, 64, 64, 3, 1)) == 4
-    assert peaks.conv_flops_of((1, 56, 56, 64, 64, 3, 2)) == 2 * 28 * 28 * 64 * 9 * 64
+    assert shape_bench.conv_measured_batch((64, 56, 56, 64, 64, 3, 1)) == 16
+    assert shape_bench.conv_measured_batch((4, 56, 56, 64, 64, 3, 1)) == 4
+    assert shape_bench.conv_flops_of((1, 56, 56, 64, 64, 3, 2)) == 2 * 28 * 28 * 64 * 9 * 64
 
 
 def test_call_floor_is_measured_with_the_workloads_own_arguments():
@@ -76,13 +77,13 @@ def test_call_floor_is_measured_with_the_workloads_own_arguments():
 
     state = nnx.state(mlp.MLP(mlp.MLPConfig(width=8, depth=8), rngs=nnx.Rngs(0)))
     x = jax.numpy.ones((1, 8))
-    floor = peaks.measure_call_floor((state, x))
+    floor = microbench.measure_call_floor((state, x))
     assert 0 < floor < 0.01
     assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(state))  # nothing donated
 
 
 def test_cache_bandwidth_is_measured_on_a_buffer_that_fits():
-    bw = peaks.measure_cache_bandwidth(jax.devices()[0], buffer_bytes=1 << 20)
+    bw = microbench.measure_cache_bandwidth(jax.devices()[0], buffer_bytes=1 << 20)
     assert 1e8 < bw < 1e14
 
 
@@ -90,27 +91,27 @@ def test_cache_bandwidth_timed_as_passes_inside_one_call_agrees_with_one_pass():
     # Accelerators time 32 dependent passes against one (their call overhead dwarfs a pass);
     # on this CPU, where one pass per call is accurate, both ways must read the same cache.
     dev = jax.devices()[0]
-    one = peaks.measure_cache_bandwidth(dev, buffer_bytes=2 << 20, passes=1)
-    many = peaks.measure_cache_bandwidth(dev, buffer_bytes=2 << 20, passes=8)
+    one = microbench.measure_cache_bandwidth(dev, buffer_bytes=2 << 20, passes=1)
+    many = microbench.measure_cache_bandwidth(dev, buffer_bytes=2 << 20, passes=8)
     assert 0.25 < many / one < 4, (one, many)
 
 
 def test_last_level_cache_is_read_or_bounded():
-    assert (1 << 20) <= peaks.last_level_cache_bytes(jax.devices()[0]) <= (1 << 30)
+    assert (1 << 20) <= microbench.last_level_cache_bytes(jax.devices()[0]) <= (1 << 30)
 
 
 def test_peaks_are_cached_per_device(tmp_path, monkeypatch):
     dev = jax.devices()[0]
     calls = []
-    monkeypatch.setattr(peaks, "measure_matmul_flops", lambda d, t: calls.append(t) or 1e11)
+    monkeypatch.setattr(microbench, "measure_matmul_flops", lambda d, t: calls.append(t) or 1e11)
     monkeypatch.setattr(
-        peaks,
+        microbench,
         "measure_bandwidth",
         lambda d, **kw: {"read_bytes_per_s": 2e10, "copy_bytes_per_s": 1e10, "buffer_bytes": 1.0},
     )
-    monkeypatch.setattr(peaks, "measure_dispatch_floor", lambda d: 1e-5)
-    monkeypatch.setattr(peaks, "measure_kernel_overhead", lambda d: 1e-6)
-    monkeypatch.setattr(peaks, "measure_cache_bandwidth", lambda d: 4e10)
+    monkeypatch.setattr(microbench, "measure_dispatch_floor", lambda d: 1e-5)
+    monkeypatch.setattr(microbench, "measure_kernel_overhead", lambda d: 1e-6)
+    monkeypatch.setattr(microbench, "measure_cache_bandwidth", lambda d: 4e10)
     p = peaks.measured_peaks(dev, ("float32",), str(tmp_path))
     peaks.measured_peaks(dev, ("float32",), str(tmp_path))
     assert calls == ["float32"]  # second call read the cache
@@ -120,7 +121,7 @@ def test_peaks_are_cached_per_device(tmp_path, monkeypatch):
     # Another matmul precision is another peak, measured under that precision.
     precisions = []
     monkeypatch.setattr(
-        peaks,
+        microbench,
         "measure_matmul_flops",
         lambda d, t: precisions.append(jax.config.jax_default_matmul_precision) or 3e11,
     )
@@ -138,9 +139,9 @@ def test_unmeasured_shape_rates_are_interpolated_within_their_family(tmp_path):
         "gemm_flops_per_s": {"float32:1x16x16:warm": 1e9, "float32:4x16x16:warm": 4e9},
         "attention_s": {"float32:bksh:2x1x64x2x8": 2e-5, "float32:bksh:8x1x64x2x8": 2e-5},
     }
-    with open(peaks.cache_path(str(tmp_path)), "w") as f:
+    with open(peaks_cache.cache_path(str(tmp_path)), "w") as f:
         json.dump({f"{dev.platform}:{dev.device_kind}": entry}, f)
-    source = analysis.PeakSource(str(tmp_path), refresh=False)
+    source = rates.RateSource(str(tmp_path), refresh=False)
     source.start_run(0.0)
     rate = source.gemm(dev, "float32", cold=False)
     assert rate((2, 16, 16)) == pytest.approx(2e9)
@@ -157,7 +158,7 @@ def test_unmeasured_shape_rates_are_interpolated_within_their_family(tmp_path):
         "attention_s:float32:bksh:4x1x64x2x8": "interpolated",
     }
     assert source.budget.refused == 4
-    with open(peaks.cache_path(str(tmp_path))) as f:
+    with open(peaks_cache.cache_path(str(tmp_path))) as f:
         assert next(iter(json.load(f).values())) == entry  # nothing was measured
 
 
@@ -170,23 +171,26 @@ def test_lone_op_microbenchmark_is_cached_per_kind_and_shape(tmp_path, monkeypat
     # a batched product and a conv that changes its shape (not chainable) run too
     for kind, shape in (("gemm", (3, 2, 16, 8)), ("conv", (1, 8, 8, 4, 8, 3, 2))):
         assert all(
-            0 < t < 0.01 for t in peaks.measure_lone_op_seconds(dev, "float32", kind, shape, 0.0)
+            0 < t < 0.01
+            for t in shape_bench.measure_lone_op_seconds(dev, "float32", kind, shape, 0.0)
         )
-    with open(peaks.cache_path(str(tmp_path))) as f:
+    with open(peaks_cache.cache_path(str(tmp_path))) as f:
         table = next(iter(json.load(f).values()))["lone_op_s"]
     assert table == {"gemm:float32:2x16x16": list(gemm), "conv:float32:1x8x8x4x4x3x1": list(conv)}
     with pytest.raises(ValueError, match="attention"):
-        peaks.measure_lone_op_seconds(dev, "float32", "attention", (1, 1, 8, 1, 8), 0.0)
-    monkeypatch.setattr(peaks, "measure_lone_op_seconds", lambda *a, **k: 1 / 0)
+        shape_bench.measure_lone_op_seconds(dev, "float32", "attention", (1, 1, 8, 1, 8), 0.0)
+    monkeypatch.setattr(shape_bench, "measure_lone_op_seconds", lambda *a, **k: 1 / 0)
     assert peaks.lone_op_seconds(dev, "float32", "gemm", (2, 16, 16), str(tmp_path)) == gemm
 
 
 def test_gemm_microbenchmarks_of_one_weight_shape_share_their_weights():
     dev = jax.devices()[0]
-    peaks.measure_gemm_flops(dev, "float32", 2, 32, 48, cold=True)
-    made = list(next(iter(peaks._WEIGHTS.values())))
-    peaks.measure_gemm_flops(dev, "float32", 8, 32, 48, cold=True)  # another batch, same weights
-    again = next(iter(peaks._WEIGHTS.values()))
+    shape_bench.measure_gemm_flops(dev, "float32", 2, 32, 48, cold=True)
+    made = list(next(iter(shape_bench._WEIGHTS.values())))
+    shape_bench.measure_gemm_flops(
+        dev, "float32", 8, 32, 48, cold=True
+    )  # another batch, same weights
+    again = next(iter(shape_bench._WEIGHTS.values()))
     assert len(made) > 1 and all(a is b for a, b in zip(made, again, strict=True))
     first = made[0]
     assert first.shape == (32, 48) and float(first[0, 0]) == 1 / 32
@@ -194,17 +198,17 @@ def test_gemm_microbenchmarks_of_one_weight_shape_share_their_weights():
 
 def _mock_device_measurements(monkeypatch, f=1e11, read=2e10):
     """This 'device' measures f FLOP/s and `read` bytes/s, whatever a cache says."""
-    monkeypatch.setattr(peaks, "measure_matmul_flops", lambda d, t: f)
+    monkeypatch.setattr(microbench, "measure_matmul_flops", lambda d, t: f)
     monkeypatch.setattr(
-        peaks,
+        microbench,
         "measure_bandwidth",
         lambda d, **kw: {"read_bytes_per_s": read, "copy_bytes_per_s": read, "buffer_bytes": 1.0},
     )
-    monkeypatch.setattr(peaks, "measure_dispatch_floor", lambda d: 1e-5)
-    monkeypatch.setattr(peaks, "measure_kernel_overhead", lambda d: 1e-6)
-    monkeypatch.setattr(peaks, "measure_cache_bandwidth", lambda d: 4e10)
+    monkeypatch.setattr(microbench, "measure_dispatch_floor", lambda d: 1e-5)
+    monkeypatch.setattr(microbench, "measure_kernel_overhead", lambda d: 1e-6)
+    monkeypatch.setattr(microbench, "measure_cache_bandwidth", lambda d: 4e10)
     monkeypatch.setattr(
-        peaks, "quick_peaks", lambda d, t: {"matmul_flops_per_s": f, "read_bytes_per_s": read}
+        microbench, "quick_peaks", lambda d, t: {"matmul_flops_per_s": f, "read_bytes_per_s": read}
     )
 
 
@@ -219,7 +223,7 @@ def test_a_cache_filled_on_a_busy_machine_is_noticed_and_measured_again(tmp_path
     _mock_device_measurements(monkeypatch)
     fresh, busy = tmp_path / "fresh", tmp_path / "busy"
     peaks.measured_peaks(dev, ("float32",), str(fresh))
-    entry = peaks.device_entry(dev, str(fresh))
+    entry = peaks_cache.device_entry(dev, str(fresh))
     poisoned = {
         **entry,
         "matmul_flops_per_s": {"float32": 0.4e11},
@@ -227,7 +231,7 @@ def test_a_cache_filled_on_a_busy_machine_is_noticed_and_measured_again(tmp_path
         "gemm_flops_per_s": {"float32:1x16x16:warm": 0.4e9},
     }
     busy.mkdir()
-    with open(peaks.cache_path(str(busy)), "w") as f:
+    with open(peaks_cache.cache_path(str(busy)), "w") as f:
         json.dump({f"{dev.platform}:{dev.device_kind}": poisoned}, f)
     predicted = {}
     for name, cache in (("fresh", fresh), ("busy", busy)):
@@ -241,22 +245,25 @@ def test_a_cache_filled_on_a_busy_machine_is_noticed_and_measured_again(tmp_path
         check = s["peaks_check"]
         assert check["verdict"] == ("agreed" if name == "fresh" else "re-measured")
     assert predicted["busy"] == predicted["fresh"]
-    assert "gemm_flops_per_s" not in peaks.device_entry(dev, str(busy)) or not peaks.device_entry(
+    assert "gemm_flops_per_s" not in peaks_cache.device_entry(
         dev, str(busy)
-    )["gemm_flops_per_s"].get("float32:1x16x16:warm")
+    ) or not peaks_cache.device_entry(dev, str(busy))["gemm_flops_per_s"].get(
+        "float32:1x16x16:warm"
+    )
     report = (tmp_path / "run_busy" / "report.md").read_text()
     assert "measured again" in report
 
 
 def results_of(workdir):
-    from batching import results
+    from batching.outputs import results
 
     return results.Store(str(workdir)).rows()
 
 
-def test_the_compute_roof_is_the_best_rate_measured():
+def test_the_compute_roof_is_the_best_rate_measured(tmp_path):
     """A large GEMM microbenchmark above the square matmul raises the roof; a tiny one (its
     rate rests on subtracting fixed costs) does not; a measured point above both does."""
+    dev = jax.devices()[0]
     entry = {
         "gemm_flops_per_s": {
             "float32:256x2048x2048:cold": 1.8e11,  # 2.1 GFLOP per product
@@ -264,9 +271,13 @@ def test_the_compute_roof_is_the_best_rate_measured():
             "bfloat16:512x4096x4096:cold": 5e12,  # another dtype
         }
     }
+    with open(peaks_cache.cache_path(str(tmp_path)), "w") as f:
+        json.dump({f"{dev.platform}:{dev.device_kind}": entry}, f)
+    best = rates.RateSource(str(tmp_path), refresh=False).best_rate(dev, "float32", "default", 1e8)
+    assert best[0] == 1.8e11 and "256x2048x2048" in best[1]
     rows = [{"batch_size": 512, "analytic_flops": 8.6e9, "latency_s": 8.6e9 / 1.9e11}]
-    f, source = analysis.compute_ceiling(1.5e11, entry, "float32", [])
+    f, source = analysis.compute_ceiling(1.5e11, best, [])
     assert f == 1.8e11 and "256x2048x2048" in source
-    f, source = analysis.compute_ceiling(1.5e11, entry, "float32", rows)
+    f, source = analysis.compute_ceiling(1.5e11, best, rows)
     assert f == pytest.approx(1.9e11) and "batch 512" in source
-    assert analysis.compute_ceiling(2e11, entry, "float32", rows)[0] == 2e11
+    assert analysis.compute_ceiling(2e11, best, rows)[0] == 2e11

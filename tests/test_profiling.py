@@ -7,7 +7,10 @@ import os
 import jax
 import pytest
 
-from batching import app, ops, plots, profiling, sweep
+from batching import app
+from batching.measure import profiling
+from batching.outputs import hparams, plots_extra
+from batching.workloads import ops
 from tests.conftest import tiny
 from tests.test_resnet_workload import tiny_resnet
 
@@ -52,10 +55,10 @@ def test_mlp_trace_puts_gemm_first_and_reaches_report_figure_and_tensorboard(tmp
     assert set(traced) == {8} and traced[8]["traced"] == rows[8]["traced_ops"]
     report = (tmp_path / "report.md").read_text()
     assert "| tiny | 8 |" in report and "gemm" in report and "→" in report
-    fig = plots.breakdown_figure(summaries[0])
+    fig = plots_extra.breakdown_figure(summaries[0])
     assert len(fig.axes[0].get_xticklabels()) == 2  # batch 1 (predicted), batch 8 (both)
     assert "traced" in fig.axes[0].get_xticklabels()[1].get_text()
-    scalars = app.derived_point_scalars(list(rows.values()))
+    scalars = hparams.derived_point_scalars(list(rows.values()))
     assert scalars["ops/traced_gemm_ms"] == {8: rows[8]["traced_ops"]["gemm"]["seconds"] * 1e3}
     assert 8 in scalars["ops/predicted_gemm_ms"] and 8 in scalars["latency/traced_ms"]
 
@@ -89,7 +92,7 @@ def test_missing_or_corrupt_trace_is_a_row_field_not_a_failure(tmp_path, monkeyp
                 f.write(trace_bytes)
         return "HloModule jit_forward\n"
 
-    monkeypatch.setattr(sweep, "trace_point", fake_trace)
+    monkeypatch.setattr(profiling, "trace_point", fake_trace)
     app.run(_traced_point(tiny(), 2), str(tmp_path))
     (row,) = _rows(tmp_path)
     assert row["status"] == "ok" and "traced_ops" not in row

@@ -6,7 +6,8 @@ import os
 import pytest
 
 from batching import app as lab
-from batching import peaks, results
+from batching.measure import peaks, peaks_cache, shape_bench
+from batching.outputs import results
 from experiments import reanalyze
 from tests.conftest import PEAKS_DIR, SEEDED_PEAKS, tiny
 
@@ -38,9 +39,9 @@ def test_gpu_rows_are_analysed_here_with_the_gpu_peaks_file(tmp_path, monkeypatc
     }
     peaks_file = tmp_path / "h200_peaks.json"
     peaks_file.write_text(json.dumps({"gpu:NVIDIA H200": gpu_peaks}))
-    before = os.path.getmtime(peaks.cache_path(PEAKS_DIR))
+    before = os.path.getmtime(peaks_cache.cache_path(PEAKS_DIR))
     monkeypatch.setattr(peaks, "lone_op_seconds", lambda *a, **k: pytest.fail("lone op"))
-    monkeypatch.setattr(peaks, "measure_gemm_flops", lambda *a, **k: pytest.fail("measured"))
+    monkeypatch.setattr(shape_bench, "measure_gemm_flops", lambda *a, **k: pytest.fail("measured"))
     out = tmp_path / "here"
     (s,) = reanalyze.reanalyze(str(measured), str(peaks_file), str(out))
     assert s["peak_flops_per_s"] == 3.8e14 and s["peak_bytes_per_s"] == 4.2e12
@@ -48,7 +49,7 @@ def test_gpu_rows_are_analysed_here_with_the_gpu_peaks_file(tmp_path, monkeypatc
     assert s["last_level_cache_bytes"] == 50e6  # the spec table's, not this CPU's
     # batch 2's product is in the file; 1 and 4 are interpolated from it
     assert s["rates_interpolated"] == 2 and s["rates_at_peak"] == 0
-    assert os.path.getmtime(peaks.cache_path(PEAKS_DIR)) == before
+    assert os.path.getmtime(peaks_cache.cache_path(PEAKS_DIR)) == before
     report = (out / "report.md").read_text()
     assert "NVIDIA H200" in report and f"Peaks taken from the file {peaks_file}" in report
     assert _read(out / results.PEAKS) == {"gpu:NVIDIA H200": gpu_peaks}

@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from batching import app, timing, topology
+from batching import app
+from batching.measure import timing
+from batching.setup import topology
 from batching.workloads import resnet as resnet_workload
 from configs import resnet as resnet_config
 from experiments import resnet_cpu_vs_gpu
@@ -69,7 +71,7 @@ def test_multi_platform_sweep_with_only_a_cpu(tmp_path):
 
 
 def test_bad_resnet_depth_is_named(tmp_path):
-    from batching.runs import ConfigError
+    from batching.setup.runs import ConfigError
 
     config = tiny_resnet(depth=20)
     with pytest.raises(ConfigError, match="model.depth"):

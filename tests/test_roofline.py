@@ -4,7 +4,10 @@ import os
 import numpy as np
 import pytest
 
-from batching import app, roofline, timing, topology
+from batching import app
+from batching.measure import timing
+from batching.predict import knee, roofline, whatif
+from batching.setup import topology
 from batching.workloads import mlp as mlp_workload
 from tests.conftest import tiny
 
@@ -36,15 +39,15 @@ def synthetic(knee_true, noise=0.05, n=300, seed=0):
 @pytest.mark.parametrize("knee_true", [12.0, 100.0])
 def test_knee_fit_recovers_a_known_knee_with_its_interval(knee_true):
     rows, samples = synthetic(knee_true)
-    fit = roofline.fit_knee(rows, samples, n_bootstrap=100)
+    fit = knee.fit_knee(rows, samples, n_bootstrap=100)
     assert fit.knee_low <= knee_true <= fit.knee_high
     assert fit.knee_batch_size == pytest.approx(knee_true, rel=0.15)
     assert fit.knee_high / fit.knee_low < 1.5  # the interval says something
 
 
 def test_knee_interval_widens_with_noise():
-    quiet = roofline.fit_knee(*synthetic(50.0, noise=0.01), n_bootstrap=100)
-    noisy = roofline.fit_knee(*synthetic(50.0, noise=0.3, n=20), n_bootstrap=100)
+    quiet = knee.fit_knee(*synthetic(50.0, noise=0.01), n_bootstrap=100)
+    noisy = knee.fit_knee(*synthetic(50.0, noise=0.3, n=20), n_bootstrap=100)
     assert noisy.knee_high / noisy.knee_low > quiet.knee_high / quiet.knee_low
 
 
@@ -57,8 +60,8 @@ def test_knee_interval_spans_what_moves_between_passes():
     for r in rows:
         r["latency_s"] = float(np.median(np.concatenate(passes[r["batch_size"]])))
     pooled = {b: np.concatenate(p) for b, p in passes.items()}
-    across = roofline.fit_knee(rows, passes, n_bootstrap=100)
-    within = roofline.fit_knee(rows, pooled, n_bootstrap=100)
+    across = knee.fit_knee(rows, passes, n_bootstrap=100)
+    within = knee.fit_knee(rows, pooled, n_bootstrap=100)
     assert across.interval_from == "passes" and within.interval_from == "samples"
     assert across.knee_batch_size == within.knee_batch_size
     width = lambda f: f.knee_high / f.knee_low
@@ -66,9 +69,9 @@ def test_knee_interval_spans_what_moves_between_passes():
 
 
 def test_a_degenerate_knee_interval_is_flagged():
-    assert roofline._degenerate(1.62, 1.19, 1.62)
-    assert roofline._degenerate(5.0, 5.0, 5.0)
-    assert not roofline._degenerate(25.3, 24.6, 25.9)
+    assert knee._degenerate(1.62, 1.19, 1.62)
+    assert knee._degenerate(5.0, 5.0, 5.0)
+    assert not knee._degenerate(25.3, 24.6, 25.9)
 
 
 def test_regime_labels_on_synthetic_points():
@@ -82,7 +85,7 @@ def test_free_batching_limit_stops_at_the_first_significant_slowdown():
     rng = np.random.default_rng(0)
     base = lambda scale: scale * rng.lognormal(0, 0.02, 200)
     samples = {1: base(1.0), 2: base(1.0), 4: base(1.0), 8: base(1.1), 16: base(1.0)}
-    assert roofline.free_batching_limit(samples) == 4
+    assert knee.free_batching_limit(samples) == 4
 
 
 @pytest.mark.parametrize("batch", [1, 16, 128])
@@ -163,7 +166,6 @@ def test_sweep_rows_and_summary_carry_the_roofline(tmp_path):
 def test_a_node_does_not_split_one_example_over_its_replicas():
     """On an 8-GPU node, batch 1 runs on one GPU (the others idle): never faster than one
     GPU; batch 64 splits 8 ways."""
-    from batching import analysis
 
     W = 4 * 1024 * 1024 * 8  # 8 layers of 1024x1024 fp32 weights
     rows = [
@@ -178,8 +180,8 @@ def test_a_node_does_not_split_one_example_over_its_replicas():
         }
         for b in (1, 8, 64)
     ]
-    one = analysis.whatif(rows, ("H100 SXM",), "float32", "default", 4)["H100 SXM"]
-    node = analysis.whatif_nodes(rows, "float32", "default", 4)["8x H100 SXM (HGX)"]
+    one = whatif.whatif(rows, ("H100 SXM",), "float32", "default", 4)["H100 SXM"]
+    node = whatif.whatif_nodes(rows, "float32", "default", 4)["8x H100 SXM (HGX)"]
     assert node["latency_s"][1] >= one["latency_s"][1] * (1 - 1e-9)
     assert node["latency_s"][8] == pytest.approx(one["latency_s"][1], rel=1e-6)
     assert node["latency_s"][64] < one["latency_s"][64]

@@ -2,7 +2,8 @@
 
 import pytest
 
-from batching import critical_batch_size, specs
+from batching import critical_batch_size
+from batching.setup import specs
 
 
 def test_critical_batch_on_the_posts_inputs_and_t4_fp32():
@@ -18,7 +19,8 @@ def test_critical_batch_rejects_nonpositive_inputs():
         critical_batch_size(0, 1e9, 2)
 
 
-# B* columns of shared/ANCHORS.md §2 (fp32 weights, 2-byte weights), rounded there.
+# B* = peak·bytes/(2·BW) for fp32 and 2-byte weights, worked out by hand from each
+# datasheet's figures and rounded.
 ANCHOR_BSTAR = {
     "T4": (51, 203),
     "V100 SXM2": (35, 139),

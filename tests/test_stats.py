@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from batching import stats
+from batching.measure import stats
 
 
 def test_summarize_on_known_samples():
@@ -60,7 +60,7 @@ def test_slower_than_detects_a_shift_and_not_noise():
 def test_binomial_quantile_equals_scipys_without_importing_it_at_run_time():
     from scipy import stats as scipy_stats
 
-    from batching.stats import binom_half_ppf
+    from batching.measure.stats import binom_half_ppf
 
     for q in (0.005, 0.025, 0.05):
         for n in (*range(1, 400), 999, 1000, 2501, 5000):

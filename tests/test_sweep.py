@@ -2,17 +2,16 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing import plugin_event_accumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from batching import app, results
-from batching.runs import ConfigError
-from tests.conftest import PEAKS_DIR, ROOT, tiny
+from batching import app
+from batching.outputs import results
+from batching.setup.runs import ConfigError
+from tests.conftest import PEAKS_DIR, ROOT, run_main, tiny
 
 ROW_FIELDS = (
     "run model batch_size dtype platform device_kind latency_s latency_p10_s latency_p90_s "
@@ -188,18 +187,6 @@ def test_bad_config_is_refused_before_writing(tmp_path, config_mod, field):
     assert not workdir.exists()
 
 
-def run_main(*args, cwd=ROOT):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "main.py"), *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=120,
-    )
-
-
 TINY_FLAGS = [
     "--config=" + os.path.join(ROOT, "configs", "mlp.py") + ":width=16,depth=2",
     "--config.sweep.batch_sizes=(1,2)",
@@ -290,7 +277,7 @@ def test_passes_visit_every_point_again_and_resume_mid_pass(tmp_path, monkeypatc
     assert sorted(done.values()) == [1, 1, 1, 2]  # pass 1 whole, one point of pass 2
     monkeypatch.setattr(sweep, "repeat_point", real)
     first_visits = []
-    monkeypatch.setattr(sweep, "measure_point", lambda *a, **k: first_visits.append(a[3]) or 1 / 0)
+    monkeypatch.setattr(sweep, "measure_point", lambda *a, **k: first_visits.append(a[1]) or 1 / 0)
     app.run(config, str(tmp_path))
     assert first_visits == []  # nothing was measured from scratch
     rows = read_rows(tmp_path)

@@ -8,7 +8,7 @@ import sys
 import time
 import urllib.request
 
-from batching.tensorboard_writer import write_experiment_config, write_run_summary
+from batching.outputs.tensorboard import write_experiment_config, write_run_summary
 
 RUNS = {
     "tc_k2_cf100_aux": {"model.router": "token_choice", "model.top_k": 2,

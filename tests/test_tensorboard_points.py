@@ -11,7 +11,7 @@ import urllib.parse
 import urllib.request
 
 from batching import app
-from batching.tensorboard_writer import POINT_SCALARS
+from batching.outputs.tensorboard import POINT_SCALARS
 from tests.conftest import tiny
 from tests.test_tensorboard_hparams import _free_port
 

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from batching import app, timing
+from batching import app
+from batching.measure import timing
 from tests.conftest import tiny
 
 

@@ -4,7 +4,8 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from batching import runs, topology
+from batching import app
+from batching.setup import runs, topology
 from configs import default
 
 
@@ -40,7 +41,7 @@ def test_bad_mesh_fields_name_the_field(field, value, names):
     config = default.get_config()
     config.mesh[field] = value
     with pytest.raises(runs.ConfigError, match=names):
-        runs.validate(config, runs.expand(config))
+        app.validate(config)
 
 
 def test_one_device_fingerprint_ignores_the_rules():

@@ -16,7 +16,8 @@ from flax import nnx
 from tensorboard.backend.event_processing import plugin_event_accumulator
 from tensorboard.util import tensor_util
 
-from batching import text_data, train
+from batching.outputs.tensorboard import EventLog
+from batching.workloads import checkpoint, text_data, train
 from configs import moe_decoder
 from models import decoder
 from models.routers import SCALAR_STATS
@@ -101,7 +102,8 @@ def test_windows_are_shifted_by_one_and_seeded():
 
 
 def _train(folder: str) -> None:
-    summary = train.run(tiny_config(), os.path.join(folder, "run"))
+    config, workdir = tiny_config(), os.path.join(folder, "run")
+    summary = train.run(config, workdir, EventLog(workdir, config.name))
     with open(os.path.join(folder, "summary.pkl"), "wb") as f:
         pickle.dump(summary, f)  # what train.run returned, as it returned it
 
@@ -163,7 +165,7 @@ def test_saved_params_load_back_to_identical_logits(trained, tmp_path):
     with open(path[: -len(".npz")] + ".json") as f:
         assert json.load(f)["model"]["num_experts"] == config.model.num_experts
     cfg = train.model_config(config.model)
-    params = train.load_params(path, config.model)
+    params = checkpoint.load_params(path, config.model)
     abstract = nnx.eval_shape(lambda: decoder.Decoder(cfg, rngs=nnx.Rngs(0)))
     graphdef, _ = nnx.split(abstract, nnx.Param)
 
@@ -181,14 +183,16 @@ def test_saved_params_load_back_to_identical_logits(trained, tmp_path):
     logits_BxLxV = logits(params, inputs_BxL)
 
     again = str(tmp_path / "again.npz")
-    train.save_params(again, params, cfg)
-    np.testing.assert_array_equal(logits(train.load_params(again, cfg), inputs_BxL), logits_BxLxV)
+    checkpoint.save_params(again, params, cfg)
+    np.testing.assert_array_equal(
+        logits(checkpoint.load_params(again, cfg), inputs_BxL), logits_BxLxV
+    )
     wider = dict(config.model.to_dict(), d_model=64)
     with pytest.raises(ValueError, match="has shape"):
-        train.load_params(path, wider)
+        checkpoint.load_params(path, wider)
     dense = dict(config.model.to_dict(), moe_every=0)
     with pytest.raises(ValueError, match="does not fit this model config"):
-        train.load_params(path, dense)
+        checkpoint.load_params(path, dense)
 
 
 def _aux_and_z_part(summary) -> float:
@@ -224,7 +228,7 @@ def test_aux_loss_scope_picks_the_trained_balancing_loss(scope):
 @pytest.mark.parametrize("arg", ["token_choice_k1", "expert_choice"])
 def test_training_runs_without_aux_loss(arg, tmp_path):
     config = tiny_config(arg, aux_loss_weight=0.0, steps=10, eval_every=10, log_every=5)
-    summary = train.run(config, str(tmp_path))
+    summary = train.run(config, str(tmp_path), EventLog(str(tmp_path), config.name))
     assert np.isfinite(summary["train_loss"]) and np.isfinite(summary["heldout_loss"])
     assert 0.0 <= _aux_and_z_part(summary) < 0.01  # only 0.001 * z-loss is left
     acc = _event_accumulator(os.path.join(str(tmp_path), "tb", config.name))

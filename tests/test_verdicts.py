@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from batching import archive
+from batching.outputs import archive
 from experiments import reanalyze
 from tests.conftest import ROOT
 

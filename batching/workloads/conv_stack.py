@@ -5,19 +5,22 @@ import jax
 import ml_collections
 from flax import nnx
 
-from batching.ops import Op
-from batching.topology import Topology
-from batching.workload import Workload
+from batching.setup.topology import Topology
+from batching.workloads import base
+from batching.workloads.base import Workload
+from batching.workloads.ops import Op
 from models import conv_stack
 from models.dtypes import resolve_dtype
 
 
 def model_config(model_cfg: ml_collections.ConfigDict) -> conv_stack.ConvStackConfig:
-    fields = ("channels", "depth", "image_size", "kernel", "dtype", "param_dtype")
-    return conv_stack.ConvStackConfig(**{f: model_cfg[f] for f in fields})
+    """The model's config from the run's `model` section (base.config_of)."""
+    return base.config_of(conv_stack.ConvStackConfig, model_cfg)
 
 
 def validate(model_cfg: ml_collections.ConfigDict) -> None:
+    """Checks the model section (ConvStackConfig); raises ValueError naming the bad model.*
+    field."""
     model_config(model_cfg)
 
 

@@ -18,12 +18,13 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from batching import collectives as comm
-from batching.ops import Op
-from batching.topology import Topology
-from batching.workload import Workload
+from batching.setup.topology import Topology
+from batching.workloads import base
+from batching.workloads import collectives as comm
 from batching.workloads import moe as moe_workload
-from models import decoder, kv_cache
+from batching.workloads.base import Workload
+from batching.workloads.ops import Op
+from models import decoder, decoding, kv_cache
 from models.dtypes import resolve_dtype
 
 PHASES = ("decode", "prefill")
@@ -32,25 +33,13 @@ ATTEND = kv_cache.attend_cache
 
 
 def model_config(model_cfg: ml_collections.ConfigDict) -> decoder.DecoderConfig:
-    return decoder.DecoderConfig(
-        vocab_size=model_cfg.vocab_size,
-        d_model=model_cfg.d_model,
-        n_layers=model_cfg.n_layers,
-        n_heads=model_cfg.n_heads,
-        n_kv_heads=model_cfg.n_kv_heads,
-        head_dim=model_cfg.head_dim,
-        mlp_dim=model_cfg.mlp_dim,
-        max_seq_len=model_cfg.max_seq_len,
-        rope_theta=model_cfg.rope_theta,
-        tie_embeddings=model_cfg.tie_embeddings,
-        dtype=model_cfg.dtype,
-        param_dtype=model_cfg.param_dtype,
-        cache_dtype=model_cfg.cache_dtype,
-        cache_layout=model_cfg.get("cache_layout", "auto"),
-    )
+    """The model's config from the run's `model` section (base.config_of)."""
+    return base.config_of(decoder.DecoderConfig, model_cfg)
 
 
 def validate(model_cfg: ml_collections.ConfigDict) -> None:
+    """Checks the model section (DecoderConfig, phase, cache_len or prompt_len); raises ValueError
+    naming the bad model.* field."""
     check_phase(model_cfg, model_config(model_cfg))
 
 
@@ -80,15 +69,14 @@ def step_ops(
     """One decode step (B tokens attending over `length` cache slots) or one prefill (B prompts
     of `length` tokens) as ops: the source of the workload's cost and GEMM shapes.
 
-    The totals are models.decoder.decode_step_cost and prefill_cost (ANCHORS §4): 2 FLOPs per
-    parameter per token (an RMSNorm's scale counts as a parameter, as in the formula's P), the
-    unembedding at one token per sequence, QKᵀ and AV over the cache (decode) or the L×L scores
-    (prefill); bytes are the weights read once and the KV cache read (decode) and written.
-    Activations, the embedding rows and the logits are left out, as the formulas do; the
+    The count: 2 FLOPs per parameter per token (a multiply-add; an RMSNorm's scale counts as a
+    parameter), the unembedding at one token per sequence, QKᵀ and AV over the cache (decode)
+    or the L×L scores (prefill); bytes are the weights read once and the KV cache read
+    (decode) and written. Activations, the embedding rows and the logits are left out; the
     embedding gather is a launch with no bytes. An MoE block's MLP is models.moe's
     capacity-padded einsums (moe workload's layer_ops) with the step's tokens as one routing
-    group (a sequence's L tokens in prefill), so its FLOPs are the exact count, below the
-    dense-equivalent upper bound of decode_step_cost.
+    group (a sequence's L tokens in prefill), so its FLOPs are the exact count of the padded
+    slots, not the dense-equivalent model's.
     """
     D, N, K, H, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim
     L, V = cfg.n_layers, cfg.vocab_size
@@ -105,28 +93,7 @@ def step_ops(
         return Op(name, "elementwise", (T, D), 2 * T * D, D * pb, D * pb, count=count, dtype=dt)
 
     kv_written = 2 * batch * K * H * (1 if decode else length) * cache_bytes
-    if decode:
-        attention = Op(
-            "attention",
-            "attention",
-            (batch, K, length, N // K, H),
-            flops=4 * batch * K * length * (N // K) * H,
-            bytes=2 * batch * K * length * H * cache_bytes,
-            count=L,
-            dtype=cfg.cache_dtype,
-            layout=layout,
-        )
-    else:
-        # Over the prompt's own L×L scores, no cache read: priced at the peak FLOP rate.
-        attention = Op(
-            "attention",
-            "attention",
-            (batch, N, length, length, H),
-            flops=4 * batch * N * H * length * length,
-            bytes=0,
-            count=L,
-            dtype=dt,
-        )
+    attention = attention_op(cfg, batch, length, decode, cache_bytes, layout)
     ops = [
         Op("embed", "gather_scatter", (T, D), 0, 0, dtype=dt),
         norm("attn_norm", L),
@@ -144,6 +111,40 @@ def step_ops(
         ops += moe_workload.layer_ops(cfg.moe_config(), T, group, pb, 0, count=n_moe)
     ops += [norm("final_norm", 1), gemm("unembed", batch, D, V, 1)]
     return ops
+
+
+def attention_op(
+    cfg: decoder.DecoderConfig,
+    batch: int,
+    length: int,
+    decode: bool,
+    cache_bytes: int,
+    layout: str,
+) -> Op:
+    """The layers' attention: a decode step's over the KV cache (QKᵀ and AV over `length`
+    slots, the cache read once), or a prefill's over the prompt's own L×L scores (no cache
+    read: priced at the peak FLOP rate)."""
+    N, K, H, L = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_layers
+    if decode:
+        return Op(
+            "attention",
+            "attention",
+            (batch, K, length, N // K, H),
+            flops=4 * batch * K * length * (N // K) * H,
+            bytes=2 * batch * K * length * H * cache_bytes,
+            count=L,
+            dtype=cfg.cache_dtype,
+            layout=layout,
+        )
+    return Op(
+        "attention",
+        "attention",
+        (batch, N, length, length, H),
+        flops=4 * batch * N * H * length * length,
+        bytes=0,
+        count=L,
+        dtype=cfg.dtype,
+    )
 
 
 def tensor_parallel_all_reduces(
@@ -231,6 +232,8 @@ def cache_layout(cfg: decoder.DecoderConfig, topo: Topology) -> str:
 
 
 def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> Workload:
+    """A randomly initialised decoder's decode step or prefill (model.phase), placed on the run's
+    mesh, timed with its cache donated."""
     del workdir
     return build_decoder(run_cfg, model_config(run_cfg.model), topo)
 
@@ -247,80 +250,25 @@ def build_decoder(
     m = run_cfg.model
     layout = cache_layout(cfg, topo)
     cfg = dataclasses.replace(cfg, cache_layout=layout)
-    model = abstract_decoder(cfg)
     param_bytes = resolve_dtype(cfg.param_dtype).itemsize
     cache_bytes = resolve_dtype(cfg.cache_dtype).itemsize
-    model.init_cache(1, 1)
-    graphdef = nnx.split(model, nnx.Param, nnx.Cache)[0]
-    if params is None:
-        params = random_params(cfg, run_cfg.seed)
-    params = topo.put_state(params)
-    rng = np.random.default_rng(run_cfg.seed)
-
-    def input_tokens(shape: tuple[int, ...]) -> jax.Array:
-        if tokens is None:
-            return topo.put_batch(jnp.zeros(shape, jnp.int32))
-        start = rng.integers(0, tokens.size - int(np.prod(shape)))
-        flat = tokens[start : start + int(np.prod(shape))].astype(np.int32)
-        return topo.put_batch(flat.reshape(shape))
-
-    def keep_placement(cache: nnx.State) -> nnx.State:
-        # The new cache leaves as the old one came in (XLA would otherwise pick its own
-        # placement), so feeding it back neither recompiles nor moves it.
-        return jax.lax.with_sharding_constraint(cache, topo.state_shardings(cache))
-
     decode = m.phase == "decode"
     length = m.cache_len if decode else m.prompt_len
-
-    def empty_cache(batch: int) -> nnx.State:
-        model.init_cache(batch, length)
-        cache = nnx.state(model, nnx.Cache)
-        model.init_cache(1, 1)  # the model keeps no big buffers between points
-        return topo.put_state(cache)
-
-    if decode:
-
-        def fn(params, cache, tokens_B, lengths_B):
-            # Every step starts from the same lengths (cache_len - 1): it writes the same
-            # slot and attends over the same positions, so each timed step costs the same and
-            # the cache it feeds back never overflows.
-            with topo.activate():
-                cache = _with_lengths(cache, lengths_B)
-                logits_BxV, cache = decoder.decode_step(graphdef, params, cache, tokens_B)
-            return logits_BxV, keep_placement(cache)
-
-        def make_args(batch: int):
-            lengths = topo.put_batch(np.full((batch,), length - 1, np.int32))
-            return params, empty_cache(batch), input_tokens((batch,)), lengths
-
-        examples = lambda batch: batch
-    else:
-
-        def fn(params, cache, tokens_BxL, lengths_B):
-            with topo.activate():
-                logits_BxV, cache = decoder.prefill(graphdef, params, cache, tokens_BxL, lengths_B)
-            return logits_BxV, keep_placement(cache)
-
-        def make_args(batch: int):
-            lengths = jnp.full((batch,), length, jnp.int32)
-            prompt = input_tokens((batch, length))
-            return params, empty_cache(batch), prompt, topo.put_batch(lengths)
-
-        examples = lambda batch: batch * length
-
+    if params is None:
+        params = random_params(cfg, run_cfg.seed)
+    call = DecoderCall(cfg, topo, topo.put_state(params), length, tokens, run_cfg.seed)
     mesh_shape = topo.parallel_shape(experts=bool(decoder.moe_layers(cfg)), model=True)
-
     n_params = decoder.num_params(cfg)
     return Workload(
-        fn=fn,
-        make_args=make_args,
+        fn=call.decode_fn if decode else call.prefill_fn,
+        make_args=call.decode_args if decode else call.prefill_args,
         params=n_params,
         param_bytes=n_params * param_bytes,
         ops=lambda batch: step_ops(cfg, batch, length, m.phase, param_bytes, cache_bytes, layout),
         donate_argnums=(1,),
         # The new cache (output 1) is the next call's cache (argument 1).
         carry={1: 1},
-        examples=examples,
+        examples=(lambda batch: batch) if decode else (lambda batch: batch * length),
         example_unit="tokens",
         collectives=lambda batch: step_collectives(cfg, mesh_shape, batch, length, decode),
         parallel_shape=mesh_shape,
@@ -333,3 +281,63 @@ def build_decoder(
             "cache_layout": layout,
         },
     )
+
+
+class DecoderCall:
+    """A decoder's decode step or prefill as the sweep times it: the pure function over
+    (params, cache, tokens, lengths) on the run's mesh, and its arguments at a batch size."""
+
+    def __init__(self, cfg, topo, params, length, tokens, seed):
+        self.topo, self.params, self.length, self.tokens = topo, params, length, tokens
+        self.model = abstract_decoder(cfg)
+        self.model.init_cache(1, 1)
+        self.graphdef = nnx.split(self.model, nnx.Param, nnx.Cache)[0]
+        self.rng = np.random.default_rng(seed)
+
+    def input_tokens(self, shape: tuple[int, ...]) -> jax.Array:
+        """Zeros, or a window of the held-out tokens the workload was given."""
+        if self.tokens is None:
+            return self.topo.put_batch(jnp.zeros(shape, jnp.int32))
+        start = self.rng.integers(0, self.tokens.size - int(np.prod(shape)))
+        flat = self.tokens[start : start + int(np.prod(shape))].astype(np.int32)
+        return self.topo.put_batch(flat.reshape(shape))
+
+    def empty_cache(self, batch: int) -> nnx.State:
+        """A fresh cache of `batch` sequences, placed on the mesh."""
+        self.model.init_cache(batch, self.length)
+        cache = nnx.state(self.model, nnx.Cache)
+        self.model.init_cache(1, 1)  # the model keeps no big buffers between points
+        return self.topo.put_state(cache)
+
+    def keep_placement(self, cache: nnx.State) -> nnx.State:
+        """The new cache leaves as the old one came in (XLA would otherwise pick its own
+        placement), so feeding it back neither recompiles nor moves it."""
+        return jax.lax.with_sharding_constraint(cache, self.topo.state_shardings(cache))
+
+    def decode_fn(self, params, cache, tokens_B, lengths_B):
+        """One decode step. Every step starts from the same lengths (cache_len - 1): it writes
+        the same slot and attends over the same positions, so each timed step costs the same
+        and the cache it feeds back never overflows."""
+        with self.topo.activate():
+            cache = _with_lengths(cache, lengths_B)
+            logits_BxV, cache = decoding.decode_step(self.graphdef, params, cache, tokens_B)
+        return logits_BxV, self.keep_placement(cache)
+
+    def decode_args(self, batch: int):
+        """(params, an empty cache, one token per sequence, lengths cache_len - 1)."""
+        lengths = self.topo.put_batch(np.full((batch,), self.length - 1, np.int32))
+        return self.params, self.empty_cache(batch), self.input_tokens((batch,)), lengths
+
+    def prefill_fn(self, params, cache, tokens_BxL, lengths_B):
+        """One prefill of the batch's prompts into the cache."""
+        with self.topo.activate():
+            logits_BxV, cache = decoding.prefill(
+                self.graphdef, params, cache, tokens_BxL, lengths_B
+            )
+        return logits_BxV, self.keep_placement(cache)
+
+    def prefill_args(self, batch: int):
+        """(params, an empty cache, the prompts, their lengths)."""
+        lengths = jnp.full((batch,), self.length, jnp.int32)
+        prompt = self.input_tokens((batch, self.length))
+        return self.params, self.empty_cache(batch), prompt, self.topo.put_batch(lengths)

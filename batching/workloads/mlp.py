@@ -8,25 +8,22 @@ import jax
 import ml_collections
 from flax import nnx
 
-from batching.ops import Op
-from batching.topology import Topology
-from batching.workload import Cost, Workload, cost_of
+from batching.setup.topology import Topology
+from batching.workloads import base
+from batching.workloads.base import Cost, Workload, cost_of
+from batching.workloads.ops import Op
 from models import mlp
 from models.dtypes import resolve_dtype
 
 
 def model_config(model_cfg: ml_collections.ConfigDict) -> mlp.MLPConfig:
-    return mlp.MLPConfig(
-        width=model_cfg.width,
-        depth=model_cfg.depth,
-        activation=model_cfg.activation,
-        dtype=model_cfg.dtype,
-        param_dtype=model_cfg.param_dtype,
-        use_bias=model_cfg.use_bias,
-    )
+    """The model's config from the run's `model` section (base.config_of)."""
+    return base.config_of(mlp.MLPConfig, model_cfg)
 
 
 def validate(model_cfg: ml_collections.ConfigDict) -> None:
+    """Checks the model section (MLPConfig and model.tokens); raises ValueError naming the bad
+    model.* field."""
     model_config(model_cfg)
     tokens_of(model_cfg)
 
@@ -77,6 +74,7 @@ def cost(cfg: mlp.MLPConfig, batch_size: int) -> Cost:
 
 
 def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> Workload:
+    """The MLP, placed on the run's mesh, timed on random inputs of `tokens` rows per example."""
     del workdir
     cfg = model_config(run_cfg.model)
     model = mlp.MLP(cfg, rngs=nnx.Rngs(run_cfg.seed))

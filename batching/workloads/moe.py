@@ -8,38 +8,30 @@ after the timing (untimed) and go on the row without the `moe/` prefix.
 """
 
 import math
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 from flax import nnx
 
-from batching import collectives as comm
-from batching.ops import Op
-from batching.topology import Topology
-from batching.workload import Workload
+from batching.setup.topology import Topology
+from batching.workloads import base
+from batching.workloads import collectives as comm
+from batching.workloads.base import Workload
+from batching.workloads.ops import Op
 from models import moe
 from models.dtypes import resolve_dtype
-from models.routers import SCALAR_STATS, expert_capacity
+from models.routers import SCALAR_STATS
 
 
 def model_config(model_cfg: ml_collections.ConfigDict) -> moe.MoEMLPConfig:
-    return moe.MoEMLPConfig(
-        d_model=model_cfg.d_model,
-        mlp_dim=model_cfg.mlp_dim,
-        num_experts=model_cfg.num_experts,
-        top_k=model_cfg.top_k,
-        capacity_factor=model_cfg.capacity_factor,
-        router=model_cfg.router,
-        renormalize=model_cfg.renormalize,
-        group_size=model_cfg.group_size,
-        dtype=model_cfg.dtype,
-        param_dtype=model_cfg.param_dtype,
-        depth=model_cfg.depth,
-    )
+    """The model's config from the run's `model` section (base.config_of)."""
+    return base.config_of(moe.MoEMLPConfig, model_cfg)
 
 
 def validate(model_cfg: ml_collections.ConfigDict) -> None:
+    """Checks the model section (MoEMLPConfig); raises ValueError naming the bad model.* field."""
     model_config(model_cfg)
 
 
@@ -54,26 +46,19 @@ def layer_ops(
 ) -> list[Op]:
     """One MoELayer call on `tokens` tokens in groups of `group_size`, as its einsums.
 
-    The same count as models.moe.moe_layer_cost (GShard-style capacity-padded einsums: every
-    one of the E·C slots of a group is computed, full or empty): router 2·T·D·E, dispatch and
+    GShard-style capacity-padded einsums (every one of the E·C slots of a group is computed,
+    full or empty; G, S and C from models.moe.routing_shape): router 2·T·D·E, dispatch and
     combine 2·G·S·E·C·D each, experts 6·G·E·C·D·F. Dispatch and combine multiply by one-hot
     [G, S, E, C] masks: real matmuls, batched over the G groups, [E·C, S] × [S, D] and
     [S, E·C] × [E·C, D], priced at the measured rate of that batched product. The experts are
     one einsum each, batched over E: [G·C, D] × [D, F] (gate, up) and [G·C, F] × [F, D]
-    (down). Routing (softmax, top-k, the masks) is left out of the FLOPs and bytes, as
-    moe_layer_cost does; it is one kernel launch here. Weights are read once; the input and
+    (down). Routing (softmax, top-k, the masks) is left out of the FLOPs and bytes; it is one
+    kernel launch here. Weights are read once; the input and
     output activations (`activation_bytes` per element; 0 leaves them out) are charged to the
     router and the combine.
     """
     D, E, F = cfg.d_model, cfg.num_experts, cfg.mlp_dim
-    S = group_size or tokens
-    if tokens % S != 0:
-        raise ValueError(
-            f"tokens per call ({tokens}) must be a multiple of model.group_size ({group_size})"
-        )
-    G = tokens // S
-    top_k = cfg.top_k if cfg.router == "token_choice" else 1
-    C = expert_capacity(S, E, cfg.capacity_factor, top_k)
+    G, S, C = moe.routing_shape(cfg, tokens, group_size)
     act = tokens * D * activation_bytes
     dt = cfg.dtype
 
@@ -107,6 +92,7 @@ def device_loads(wanted_E: np.ndarray, expert_devices: int) -> np.ndarray:
 
 
 def max_mean(loads: np.ndarray) -> float:
+    """The largest load over the mean load (1: even); nan when the mean is 0."""
     mean = float(np.mean(loads))
     return float(np.max(loads)) / mean if mean > 0 else float("nan")
 
@@ -116,7 +102,8 @@ def mean_stats(stats: list[dict], expert_devices: int = 1) -> dict[str, float]:
 
     `device_loads` is the layer-mean load of each of the `expert_devices` devices of the
     expert axis, and `device_max_mean_load` its max over mean: under expert parallelism a
-    layer waits for its most-loaded device (ANCHORS §5).
+    layer waits for its most-loaded device (GShard, Lepikhin et al. 2020; Zhou et al. 2022,
+    §4.2).
     """
     out = {k: float(np.mean([np.asarray(s[k]) for s in stats])) for k in SCALAR_STATS}
     loads = [device_loads(np.asarray(s["tokens_per_expert_wanted"]), expert_devices) for s in stats]
@@ -148,14 +135,13 @@ def all_to_alls(
     MoE layer moves this device's dispatched tokens [E, G, C, D] to the devices holding
     their experts and the experts' outputs back: 2 all-to-alls per MoE layer, payload
     G·E·C·D·act_bytes, its G groups of `group_size` tokens with C slots per expert
-    (models.routers.expert_capacity; expert-choice takes k=1). None without an expert axis.
+    (models.moe.routing_shape). None without an expert axis.
     """
     n = mesh_shape["expert"]
     if n == 1 or not moe_layers:
         return []
-    top_k = cfg.top_k if cfg.router == "token_choice" else 1
     G = comm.shards(tokens_per_device, group_size, "tokens per device over the routing group")
-    C = expert_capacity(group_size, cfg.num_experts, cfg.capacity_factor, top_k)
+    _, _, C = moe.routing_shape(cfg, group_size, group_size)  # one group's slots per expert
     payload = G * cfg.num_experts * C * cfg.d_model * act_bytes
     return [comm.entry("all_to_all", "expert", n, payload, 2 * moe_layers)]
 
@@ -179,6 +165,8 @@ def layer_collectives(
 
 
 def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> Workload:
+    """The MoE MLP, placed on the run's mesh, timed on random tokens; each point's routing
+    statistics are computed after, untimed."""
     del workdir
     cfg = model_config(run_cfg.model)
     model = moe.MoEMLP(cfg, rngs=nnx.Rngs(run_cfg.seed))
@@ -206,7 +194,7 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
 
     def ops(batch_size: int) -> list[Op]:
         # Capacity is per routing group, so the groups the mesh makes set the padded
-        # work; moe_layer_cost counts activations at param_bytes per element: so do the ops.
+        # work; activations are counted at param_bytes per element.
         groups = group_size(cfg, topo, batch_size)
         return layer_ops(cfg, batch_size, groups, param_bytes, param_bytes, count=cfg.depth)
 
@@ -219,7 +207,6 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
 
     mesh_shape = topo.parallel_shape(experts=True, model=True)
     params = moe.num_params(cfg)
-    top_k = cfg.top_k if cfg.router == "token_choice" else cfg.capacity_factor
     return Workload(
         fn=forward,
         make_args=make_args,
@@ -229,13 +216,20 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
         point_fields=point_fields,
         collectives=lambda batch_size: layer_collectives(cfg, mesh_shape, batch_size),
         parallel_shape=mesh_shape,
-        fields={
-            "router": cfg.router,
-            "num_experts": cfg.num_experts,
-            "top_k": cfg.top_k,
-            "capacity_factor": cfg.capacity_factor,
-            "active_params": moe.num_active_params(cfg),
-            # Each expert weight serves ~k/E of the batch, so B* grows by E/k (ANCHORS §5).
-            "weight_uses_per_example": min(top_k / cfg.num_experts, 1.0),
-        },
+        fields=moe_fields(cfg),
     )
+
+
+def moe_fields(cfg: moe.MoEMLPConfig) -> dict[str, Any]:
+    """The run-level fields of an MoE workload's rows."""
+    top_k = cfg.top_k if cfg.router == "token_choice" else cfg.capacity_factor
+    return {
+        "router": cfg.router,
+        "num_experts": cfg.num_experts,
+        "top_k": cfg.top_k,
+        "capacity_factor": cfg.capacity_factor,
+        "active_params": moe.num_active_params(cfg),
+        # An expert's weights are reused only by the ~k/E of the batch routed to it, so it
+        # takes E/k times the batch to reuse them as often as a dense layer's: B* grows by E/k.
+        "weight_uses_per_example": min(top_k / cfg.num_experts, 1.0),
+    }

@@ -21,22 +21,25 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from batching import text_data, train
-from batching.topology import Topology
-from batching.workload import Workload
+from batching.setup.topology import Topology
+from batching.workloads import checkpoint, text_data, train, train_log
 from batching.workloads import decoder as decoder_workload
 from batching.workloads import moe as moe_workload
-from models import decoder
+from batching.workloads.base import Workload
+from models import decoder, decoding
 
 # Its decode step shares the dense decoder's attention over the cache.
 ATTEND = decoder_workload.ATTEND
 
 
 def model_config(model_cfg: ml_collections.ConfigDict) -> decoder.DecoderConfig:
+    """The model's config from the run's `model` section (train.model_config)."""
     return train.model_config(model_cfg)
 
 
 def validate(model_cfg: ml_collections.ConfigDict) -> None:
+    """Checks the model section (DecoderConfig, phase, cache_len or prompt_len); raises ValueError
+    naming the bad model.* field."""
     decoder_workload.check_phase(model_cfg, model_config(model_cfg))
 
 
@@ -44,16 +47,19 @@ def _summary_path(workdir: str, run: str) -> str:
     return os.path.join(workdir, "params", f"{run}.train_summary.json")
 
 
-def prepare(run_cfg: ml_collections.ConfigDict, run: str, workdir: str) -> dict[str, Any]:
-    """Trains the run's model unless its parameters exist; returns the training summary."""
+def prepare(
+    run_cfg: ml_collections.ConfigDict, run: str, workdir: str, log: train_log.Log | None = None
+) -> dict[str, Any]:
+    """Trains the run's model unless its parameters exist, its curves into `log`; returns the
+    training summary."""
     path = _summary_path(workdir, run)
-    if os.path.exists(train.params_path(workdir, run)) and os.path.exists(path):
+    if os.path.exists(checkpoint.params_path(workdir, run)) and os.path.exists(path):
         with open(path) as f:
             return json.load(f)
     cfg = run_cfg.copy_and_resolve_references()
     with cfg.unlocked():
         cfg.name = run  # params/<run>.npz and the run's own TensorBoard folder
-    summary = train.run(cfg, workdir)
+    summary = train.run(cfg, workdir, log)
     summary["cross_sequence_logit_change"] = cross_sequence_dependence(run_cfg, workdir, run)
     with open(path + ".tmp", "w") as f:
         json.dump(summary, f, indent=2)
@@ -70,10 +76,10 @@ def cross_sequence_dependence(run_cfg: ml_collections.ConfigDict, workdir: str, 
     """
     cfg = model_config(run_cfg.model)
     model = decoder_workload.abstract_decoder(cfg)
-    nnx.update(model, train.load_params(train.params_path(workdir, run), cfg))
+    nnx.update(model, checkpoint.load_params(checkpoint.params_path(workdir, run), cfg))
     model.init_cache(8, 16)
     graphdef, params, cache = nnx.split(model, nnx.Param, nnx.Cache)
-    step = jax.jit(decoder.decode_step)
+    step = jax.jit(decoding.decode_step)
     base = jnp.asarray(np.frombuffer(b"def main", np.uint8).astype(np.int32))
     logits_a, _ = step(graphdef, params, cache, base)
     change = 0.0
@@ -84,10 +90,12 @@ def cross_sequence_dependence(run_cfg: ml_collections.ConfigDict, workdir: str, 
 
 
 def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> Workload:
+    """The MoE decoder's decode step on the run's mesh, with the run's trained params (random where
+    none are saved); each point's routing is measured on held-out text, untimed."""
     # A decode step's routing groups are the devices' token shards (GShard); 1 on one device.
     cfg = dataclasses.replace(model_config(run_cfg.model), decode_groups=topo.token_shards)
-    path = train.params_path(workdir, run_cfg.run_name) if workdir else ""
-    params = train.load_params(path, cfg) if path and os.path.exists(path) else None
+    path = checkpoint.params_path(workdir, run_cfg.run_name) if workdir else ""
+    params = checkpoint.load_params(path, cfg) if path and os.path.exists(path) else None
     t = run_cfg.train
     heldout = text_data.load_split(t.max_text_bytes, t.heldout_fraction).heldout
     if params is None:
@@ -99,8 +107,8 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
     model = decoder_workload.abstract_decoder(cfg)
     length = run_cfg.model.cache_len
     rng = np.random.default_rng(run_cfg.seed)
-    prefill = jax.jit(decoder.prefill)
-    step_stats = jax.jit(decoder.decode_step_with_stats)
+    prefill = jax.jit(decoding.prefill)
+    step_stats = jax.jit(decoding.decode_step_with_stats)
 
     def point_fields(batch: int) -> dict[str, Any]:
         """Routing of one decode step over `batch` held-out windows, prefilled first."""

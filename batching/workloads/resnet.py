@@ -4,26 +4,21 @@ import jax
 import ml_collections
 from flax import nnx
 
-from batching.ops import Op
-from batching.topology import Topology
-from batching.workload import Workload
+from batching.setup.topology import Topology
+from batching.workloads import base
+from batching.workloads.base import Workload
+from batching.workloads.ops import Op
 from models import resnet
 from models.dtypes import resolve_dtype
 
 
 def model_config(model_cfg: ml_collections.ConfigDict) -> resnet.ResNetConfig:
-    return resnet.ResNetConfig(
-        depth=model_cfg.depth,
-        num_classes=model_cfg.num_classes,
-        image_size=model_cfg.image_size,
-        width=model_cfg.width,
-        dtype=model_cfg.dtype,
-        param_dtype=model_cfg.param_dtype,
-        small_input=model_cfg.small_input,
-    )
+    """The model's config from the run's `model` section (base.config_of)."""
+    return base.config_of(resnet.ResNetConfig, model_cfg)
 
 
 def validate(model_cfg: ml_collections.ConfigDict) -> None:
+    """Checks the model section (ResNetConfig); raises ValueError naming the bad model.* field."""
     model_config(model_cfg)
 
 
@@ -59,6 +54,7 @@ def ops(cfg: resnet.ResNetConfig, batch_size: int) -> list[Op]:
 
 
 def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> Workload:
+    """The ResNet, placed on the run's mesh, timed on random images."""
     del workdir
     cfg = model_config(run_cfg.model)
     # An rbg key: threefry's sampler compiles a program per kernel shape, ~5x slower on a CPU.

@@ -1,0 +1,213 @@
+"""Which lab op kind each instruction of a compiled program is, read from its HLO text.
+
+An instruction's kind is its opcode, or for a fusion or custom call, what its called
+computations contain (a fusion with a convolution is conv, with a dot is gemm, ...) and the
+custom-call target (cuBLAS gemm, cuDNN convolution or fused attention). Instructions that are
+no op of the lab (copies, control-flow bookkeeping) are OTHER. The trace reader
+(batching.measure.profiling) sums traced time by these kinds.
+"""
+
+import dataclasses
+import re
+
+OTHER = "other"
+COLLECTIVE = "collective"
+
+# Opcodes that are no lab op: bookkeeping, layout copies, host transfer.
+_OTHER_OPS = {
+    "copy", "copy-start", "copy-done", "parameter", "tuple", "get-tuple-element", "bitcast",
+    "constant", "after-all", "opt-barrier", "add-dependency", "domain", "partition-id",
+    "replica-id", "send", "send-done", "recv", "recv-done", "infeed", "outfeed", "iota",
+}  # fmt: skip
+# Control flow: its body's instructions are traced one by one, so its own event is skipped.
+_CONTROL_OPS = {"while", "conditional", "call", "async-start", "async-done", "async-update"}
+_COLLECTIVE_OPS = {
+    "all-reduce", "all-reduce-start", "all-reduce-done", "all-gather", "all-gather-start",
+    "all-gather-done", "all-to-all", "reduce-scatter", "collective-permute",
+    "collective-permute-start", "collective-permute-done", "ragged-all-to-all",
+}  # fmt: skip
+_GATHER_SCATTER_OPS = {"gather", "scatter", "dynamic-slice", "dynamic-update-slice"}
+_REDUCTION_OPS = {"reduce", "reduce-window", "select-and-scatter", "sort"}
+# Custom-call targets of the vendor libraries (XLA:GPU): cuBLAS / cuBLASLt GEMMs, cuDNN
+# convolutions and fused attention.
+_CUSTOM_CALL_KINDS = (
+    ("cudnn$conv", "conv"),
+    ("cudnn$fmha", "attention"),
+    ("cudnn$flash", "attention"),
+    ("cublas", "gemm"),
+    ("topk", "reduction"),
+    ("gemm", "gemm"),
+    ("matmul", "gemm"),
+)
+# When a fusion holds several kinds, the one that dominates its time names it.
+_PRIORITY = (
+    "conv",
+    "attention",
+    "gemm",
+    "moe_dispatch_combine",
+    "gather_scatter",
+    "reduction",
+    COLLECTIVE,
+    "elementwise",
+)
+# A dot with batch dimensions (scores q·kᵀ and probs·v, batched over sequences and heads)
+# whose jax name stack says attention (a model's `attention` named scope or `attend`
+# function) is attention; other dots are GEMMs, the Q/K/V and output projections inside that
+# scope too (x·W has no batch dimensions).
+_ATTENTION_NAME = re.compile(r"attention|attend", re.IGNORECASE)
+
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s+\(.*\{\s*$")
+_INSTRUCTION = re.compile(
+    r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<type>.+?)\s+(?P<op>[a-z][\w\-]*)\("
+)
+_CALLS = re.compile(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TARGET = re.compile(r'custom_call_target="([^"]*)"')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_MODULE = re.compile(r"^HloModule\s+([\w.\-]+)", re.MULTILINE)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Instruction:
+    opcode: str
+    calls: tuple[str, ...]
+    target: str
+    op_name: str
+    operands: tuple[str, ...]
+    batched: bool  # a dot with batch dimensions (an einsum over batch or heads)
+
+
+def _operands(rest: str) -> tuple[str, ...]:
+    """The instruction names in an operand list `a, %b, f32[2] %c), attrs...`."""
+    depth = 1
+    for i, ch in enumerate(rest):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth == 0:
+            return tuple(re.findall(r"%([\w.\-]+)", rest[:i]))
+    return ()
+
+
+def _parse(hlo_text: str) -> tuple[dict[str, dict[str, _Instruction]], str]:
+    """(computation name -> instruction name -> instruction, the entry computation's name),
+    from HLO text."""
+    comps: dict[str, dict[str, _Instruction]] = {}
+    current, entry = None, ""
+    for line in hlo_text.splitlines():
+        m = _COMPUTATION.match(line)
+        if m and "=" not in line.split("(", 1)[0]:
+            current = comps.setdefault(m["name"], {})
+            entry = m["name"] if line.startswith("ENTRY") else entry
+            continue
+        if current is None:
+            continue
+        m = _INSTRUCTION.match(line)
+        if not m:
+            continue
+        calls = _CALLS.findall(line)
+        for group in _BRANCHES.findall(line):
+            calls += [c.strip().lstrip("%") for c in group.split(",") if c.strip()]
+        target = _TARGET.search(line)
+        op_name = _OP_NAME.search(line)
+        current[m["name"]] = _Instruction(
+            m["op"],
+            tuple(calls),
+            target[1] if target else "",
+            op_name[1] if op_name else "",
+            _operands(line[m.end() :]),
+            "lhs_batch_dims={" in line,
+        )
+    return comps, entry
+
+
+def module_name(hlo_text: str) -> str:
+    """The program's name as the trace's `hlo_module` stat gives it ("jit_forward")."""
+    m = _MODULE.search(hlo_text)
+    return m[1] if m else ""
+
+
+def instruction_kinds(hlo_text: str) -> dict[str, str]:
+    """Every instruction of a compiled program -> the lab op kind (batching.workloads.ops.KINDS),
+    COLLECTIVE, OTHER, or "" for control flow (while, conditional, call: not an op)."""
+    comps, _ = _parse(hlo_text)
+    memo: dict[str, set[str]] = {}
+
+    def own_kind(ins: _Instruction) -> str:
+        op = ins.opcode
+        if op == "custom-call":
+            target = ins.target.lower()
+            return next((k for key, k in _CUSTOM_CALL_KINDS if key in target), OTHER)
+        if op == "convolution":
+            return "conv"
+        if op in ("dot", "ragged-dot"):
+            attention = ins.batched and _ATTENTION_NAME.search(ins.op_name)
+            return "attention" if attention else "gemm"
+        if op in _GATHER_SCATTER_OPS:
+            return "gather_scatter"
+        if op in _REDUCTION_OPS:
+            return "reduction"
+        if op in _COLLECTIVE_OPS:
+            return COLLECTIVE
+        if op in _OTHER_OPS:
+            return OTHER
+        return "elementwise"
+
+    def contents(comp: str) -> set[str]:
+        if comp not in memo:
+            memo[comp] = set()  # a cycle (never in valid HLO) ends here
+            kinds = set()
+            for ins in comps.get(comp, {}).values():
+                kinds |= kinds_of(ins)
+            memo[comp] = kinds
+        return memo[comp]
+
+    def kinds_of(ins: _Instruction) -> set[str]:
+        if ins.opcode == "fusion" or (ins.opcode == "custom-call" and ins.calls):
+            inner = set().union(*(contents(c) for c in ins.calls)) if ins.calls else set()
+            if ins.opcode == "custom-call":
+                inner.add(own_kind(ins))
+            return inner - {OTHER} or {OTHER}
+        if ins.opcode in _CONTROL_OPS:
+            return set()
+        return {own_kind(ins)}
+
+    out = {}
+    for instructions in comps.values():
+        for name, ins in instructions.items():
+            kinds = kinds_of(ins)
+            out[name] = next((k for k in _PRIORITY if k in kinds), OTHER if kinds else "")
+    return out
+
+
+def _tokens(name: str) -> tuple[str, ...]:
+    """A module path's words and indices: "stages.0.0.conv1" and the flattened parameter name
+    "state__stages___0__0___conv1____kernel___value.1" both give stages, 0, 0, conv, 1, ..."""
+    return tuple(re.findall(r"[A-Za-z]+|\d+", name.lower()))
+
+
+def _within(part: tuple[str, ...], whole: tuple[str, ...]) -> bool:
+    return any(whole[i : i + len(part)] == part for i in range(len(whole) - len(part) + 1))
+
+
+def lab_op_names(hlo_text: str, lab_ops: list[tuple[str, str]]) -> dict[str, str]:
+    """Entry instructions -> the lab op (name, kind) they run, where the parameters they read
+    name it: XLA keeps a Flax module's parameter path in the entry parameter's name
+    ("state__stages___0__0___conv1____kernel___value.1" for the op "stages.0.0.conv1"). An
+    instruction maps when its kind is the op's and exactly one lab op's path is among the
+    parameters it reads (a fusion of several convolutions maps to none)."""
+    comps, entry = _parse(hlo_text)
+    if not entry:
+        return {}
+    kinds = instruction_kinds(hlo_text)
+    instructions = comps[entry]
+    params = {n: _tokens(n) for n, ins in instructions.items() if ins.opcode == "parameter"}
+    out = {}
+    for name, ins in instructions.items():
+        read = [params[o] for o in ins.operands if o in params]
+        hits = {
+            op
+            for op, kind in lab_ops
+            if kind == kinds.get(name) and any(_within(_tokens(op), p) for p in read)
+        }
+        if len(hits) == 1:
+            out[name] = hits.pop()
+    return out

@@ -1,0 +1,341 @@
+"""One point of a sweep: compile the workload at a batch size, time it, and make its row.
+
+The sweep (batching.sweep) decides which points to visit, in which order and pass, and what
+happens when one fails; this module measures one visit and builds its row through the row
+schema (batching.rows).
+"""
+
+import dataclasses
+import math
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from batching import rows
+from batching.measure import microbench, stats, timing
+from batching.setup import distributed, runs, specs, topology
+from batching.setup.topology import Topology
+from batching.workloads import base as workload
+from batching.workloads import collectives
+
+
+class OverBudget(Exception):
+    """A compiled point needs more memory than the budget; it is recorded, not run."""
+
+    def __init__(self, fields: dict[str, Any]):
+        super().__init__("over the memory budget")
+        self.fields = fields
+
+
+@dataclasses.dataclass
+class PointContext:
+    """What every visit of a run's points shares: the run, its mesh and workload (None when
+    they could not be built), its fingerprint, and how several processes agree (`share`)."""
+
+    run: runs.Run
+    topo: Topology | None
+    wl: workload.Workload | None
+    fingerprint: str
+    share: distributed.Share | None = None
+
+    @property
+    def config(self) -> Any:
+        """The run's config."""
+        return self.run.config
+
+    @property
+    def passes(self) -> int:
+        """Sweep passes over each point (`sweep.passes`, default 1)."""
+        return self.run.config.sweep.get("passes", 1)
+
+    @property
+    def precision(self) -> str:
+        """The run's matmul precision (`model.matmul_precision`, default "default")."""
+        return self.run.config.model.get("matmul_precision", "default")
+
+
+@dataclasses.dataclass
+class Program:
+    """A point's compiled executable and its traced flat call, kept between passes."""
+
+    flat: workload.FlatCall
+    compiled: timing.Compiled
+
+
+@dataclasses.dataclass
+class PointState:
+    """What a point carries from one pass to the next: its latest row, each earlier pass's
+    samples, and its compiled program (None until compiled in this process)."""
+
+    row: dict[str, Any] | None = None
+    pass_samples: list[np.ndarray] = dataclasses.field(default_factory=list)
+    program: Program | None = None
+    # Passes done whose samples this process does not hold (another process's rows).
+    unseen: int = 0
+
+    @property
+    def passes_done(self) -> int:
+        """Passes done at the point: those whose samples this process holds, plus `unseen`."""
+        return self.unseen + len(self.pass_samples)
+
+
+def is_oom(e: BaseException) -> bool:
+    """XLA's out-of-memory: an XlaRuntimeError (or MemoryError) saying RESOURCE_EXHAUSTED."""
+    return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e)
+
+
+def why(e: BaseException) -> dict[str, str]:
+    """A failed point's `error_type` and `message` (first line, at most 500 characters)."""
+    return {"error_type": type(e).__name__, "message": str(e).strip().splitlines()[0][:500]}
+
+
+def memory_fields(compiled: timing.Compiled, dev: jax.Device) -> dict[str, Any]:
+    """What the program needs (arguments + outputs + temporaries - aliased, bytes) and has."""
+    m = compiled.memory
+    parts = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes")
+    need = None
+    if all(k in m for k in parts):
+        need = sum(m[k] for k in parts) - m.get("alias_size_in_bytes", 0)
+    return {"memory_bytes": need, "device_memory_bytes": specs.device_memory_bytes(dev)}
+
+
+def memory_budget(cfg, device_bytes: int) -> float:
+    """Bytes a point may need: config.memory.max_bytes, else max_fraction of the device."""
+    mem = cfg.get("memory")
+    if mem is None:
+        return 0.9 * device_bytes
+    if mem.get("max_bytes") is not None:
+        return float(mem.max_bytes)
+    return mem.max_fraction * device_bytes
+
+
+def mesh_fields(ctx: PointContext, batch_size: int) -> dict[str, Any]:
+    """Where a point runs: the mesh, and the batch as a global and a per-device size.
+
+    `batch_size` is the global batch (the swept size); each device holds batch_size over
+    the devices `batch` maps to (mesh.data, or data x expert under the MoE decoder's GShard
+    rules; topology.validate checked that it divides). A run whose mesh could not be built
+    (its rows are errors) reads the mesh from its config.
+    """
+    if ctx.topo is not None:
+        shape, shards, count = ctx.topo.shape, ctx.topo.axis_size("batch"), ctx.topo.num_devices
+    else:
+        shape = topology.mesh_shape(ctx.config)
+        shards = topology.split_size(shape, topology.axis_rules(ctx.config), "batch")
+        count = math.prod(shape.values())
+    return {
+        "global_batch_size": batch_size,
+        "per_device_batch_size": batch_size // shards,
+        "num_devices": count,
+        "process_count": jax.process_count(),
+        "mesh_shape": shape,
+    }
+
+
+def status_row(ctx: PointContext, batch_size: int, status: str, **fields: Any) -> rows.Row:
+    """A point's row: who, where, its status, then `fields` (what was measured, or why not)."""
+    cfg = ctx.config
+    dev = ctx.topo.device if ctx.topo is not None else runs.device(cfg)
+    return rows.make(
+        experiment=cfg.name,
+        run=ctx.run.name,
+        model=cfg.model.name,
+        batch_size=batch_size,
+        platform=dev.platform,
+        device_kind=dev.device_kind,
+        **mesh_fields(ctx, batch_size),
+        status=status,
+        fingerprint=ctx.fingerprint,
+        jax_version=jax.__version__,
+        timestamp=time.time(),
+        **fields,
+    )
+
+
+def compile_point(ctx: PointContext, batch_size: int) -> tuple[Program, dict[str, Any]]:
+    """The point's flat call compiled under the run's precision, and its memory fields;
+    OverBudget when it needs more than the budget (process 0 decides for every process)."""
+    # Flat arrays in and out: per call only jit's dispatch of a tuple of arrays runs.
+    flat = workload.flat_call(ctx.wl, batch_size)
+    # The timed calls run this executable: compiled once, under the run's precision.
+    compiled = timing.compile_fn(flat.fn, flat.args, flat.donate_argnums, ctx.precision)
+    # Per device: an SPMD program's memory analysis is one device's share.
+    memory = memory_fields(compiled, ctx.topo.device)
+    budget = memory_budget(ctx.config, memory["device_memory_bytes"])
+    over = memory["memory_bytes"] is not None and memory["memory_bytes"] > budget
+    if ctx.share is not None:
+        over = bool(ctx.share("memory", int(over)))
+    if over:
+        raise OverBudget({**memory, "memory_budget_bytes": budget})
+    return Program(flat, compiled), memory
+
+
+def measure_point(
+    ctx: PointContext, batch_size: int, settings: timing.TimingSettings
+) -> tuple[rows.Row, np.ndarray, Program]:
+    """A point's first visit: compiles and times the workload at one batch size; returns the
+    row, the samples and the program later passes time again.
+
+    `settings` are the pass's (pass_settings); with several processes (`ctx.share`) the
+    memory-budget and timer decisions are process 0's.
+    """
+    program, memory = compile_point(ctx, batch_size)
+    flat = program.flat
+    # The call's own dispatch floor (its arguments' flattening), before donation consumes
+    # them: a per-point microbenchmark of the shape-aware roofline; one process only (a timed
+    # call per process would not stay in step).
+    roof = ctx.config.roofline
+    per_point = roof.enabled and roof.shape_aware and ctx.share is None
+    call_floor_s = microbench.measure_call_floor(flat.args) if per_point else None
+    m = timing.measure(program.compiled.call, flat.args, settings, flat.next_args, ctx.share)
+    flat.args = ()  # the donated arguments are gone; the rest need not outlive the visit
+    fields = {
+        **run_fields(ctx, program.compiled),
+        **memory,
+        **work_fields(ctx, batch_size, program.compiled),
+        "call_floor_s": call_floor_s,
+        **ctx.wl.fields,
+        "parallel_shape": ctx.wl.parallel_shape or ctx.topo.shape,
+        **(ctx.wl.point_fields(batch_size) if ctx.wl.point_fields else {}),
+    }
+    row = status_row(ctx, batch_size, "ok", **fields)
+    pooled = pooled_fields(row, [m.samples_s], [m.stop_reason], ctx.run)
+    return rows.extend(row, **pooled), m.samples_s, program
+
+
+def run_fields(ctx: PointContext, compiled: timing.Compiled) -> dict[str, Any]:
+    """The numerics, devices, compile times and model size of a compiled point."""
+    return {
+        "dtype": ctx.config.model.get("dtype"),
+        "param_dtype": ctx.config.model.get("param_dtype"),
+        "matmul_precision": ctx.precision,
+        "device_count": len(jax.devices(ctx.topo.device.platform)),
+        "compile_s": compiled.compile_s,
+        "lower_s": compiled.lower_s,
+        "params": ctx.wl.params,
+        "param_bytes": ctx.wl.param_bytes,
+    }
+
+
+def work_fields(ctx: PointContext, batch_size: int, compiled: timing.Compiled) -> dict[str, Any]:
+    """The call's work: XLA's count and the lab's (its ops), its examples, shapes and
+    collectives, and on a mesh the collectives XLA compiled in."""
+    wl = ctx.wl
+    cost = wl.cost(batch_size) if wl.cost else None
+    calls = wl.collectives(batch_size) if wl.collectives else []
+    # What XLA actually put in the program, next to the analytic count (a mesh only: one
+    # device has none, and the HLO text of a big model is long).
+    several = ctx.topo.num_devices > 1
+    xla_comm = collectives.from_hlo(compiled.executable.as_text()) if several else None
+    return {
+        "flops": compiled.flops,
+        "bytes_accessed": compiled.bytes_accessed,
+        "analytic_flops": cost.flops if cost else None,
+        "analytic_bytes": cost.bytes if cost else None,
+        "weight_bytes": cost.weight_bytes if cost else None,
+        "temp_bytes": compiled.memory.get("temp_size_in_bytes"),
+        "examples": wl.examples(batch_size),
+        "example_unit": wl.example_unit,
+        "gemm_shapes": wl.gemm_shapes(batch_size) if wl.gemm_shapes else None,
+        "attention_shapes": wl.attention_shapes(batch_size) if wl.attention_shapes else None,
+        "collectives": calls,
+        # Payload per device of the call's collectives (Σ bytes·count).
+        "comm_bytes": collectives.total_bytes(calls),
+        "xla_collectives": xla_comm["counts"] if xla_comm else None,
+        "xla_comm_bytes": xla_comm["bytes"] if xla_comm else None,
+        # The call as ops (batching.workloads.ops.Op), priced one by one by the roofline.
+        "ops": [o.to_dict() for o in wl.ops(batch_size)] if wl.ops else None,
+    }
+
+
+def pass_settings(
+    settings: timing.TimingSettings, passes: int, first: bool = True
+) -> timing.TimingSettings:
+    """One pass's share of a point's timing: a P-th of the budget and of the minimum runs, and
+    the same precision target (each pass pins its own median when it can; the row pools them
+    and says whether together they met it). A point's first visit keeps the whole warm-up
+    (right after compiling, calls run slow for a while); later visits a P-th of its time."""
+    if passes == 1:
+        return settings
+    min_runs = max(3, math.ceil(settings.min_runs / passes))
+    return dataclasses.replace(
+        settings,
+        warmup_s=settings.warmup_s if first else settings.warmup_s / passes,
+        min_runs=min_runs,
+        max_runs=max(min_runs, settings.max_runs // passes),
+        budget_s=settings.budget_s / passes,
+    )
+
+
+def pooled_fields(
+    row: dict[str, Any], samples_by_pass: list[np.ndarray], reasons: list[str], run: runs.Run
+) -> dict[str, Any]:
+    """A point's timing fields from every pass so far (`reasons`: why each pass stopped): the
+    median and its interval over all their samples, each pass's median, whether the pooled
+    interval met the configured target (`converged`), and what follows from the latency
+    (throughput, achieved rates)."""
+    settings = timing.TimingSettings.from_config(run.config)
+    pooled = np.concatenate(samples_by_pass)
+    summary = stats.summarize(pooled, settings.confidence)
+    latency = summary["latency_s"]
+    converged = stats.relative_halfwidth(pooled, settings.confidence) <= settings.target_rel_ci
+    work_flops = row["analytic_flops"] or row["flops"]
+    work_bytes = row["analytic_bytes"] or row["bytes_accessed"]
+    examples = row["examples"]
+    return {
+        **summary,
+        "converged": bool(converged),
+        # "precision" when the pooled interval met the target; else why the passes stopped, or
+        # "pass_spread" when each met its share but the passes' samples disagree together.
+        "stop_reason": "precision" if converged else _unconverged_reason(reasons),
+        "passes": run.config.sweep.get("passes", 1),
+        "passes_done": len(samples_by_pass),
+        "pass_medians_s": [float(np.median(s)) for s in samples_by_pass],
+        "pass_n_runs": [int(s.size) for s in samples_by_pass],
+        "pass_stop_reasons": list(reasons),
+        "achieved_flops_per_s": work_flops / latency if work_flops else None,
+        "achieved_bytes_per_s": work_bytes / latency if work_bytes else None,
+        "throughput_per_s": examples / latency,
+        f"{row.get('example_unit', 'examples')}_per_s": examples / latency,
+        "per_example_s": latency / examples,
+        "timestamp": time.time(),
+    }
+
+
+def _unconverged_reason(reasons: list[str]) -> str:
+    for reason in ("budget", "max_runs"):
+        if reason in reasons:
+            return reason
+    return "pass_spread"
+
+
+def repeat_point(
+    ctx: PointContext, batch_size: int, state: PointState, settings: timing.TimingSettings
+) -> tuple[rows.Row, np.ndarray]:
+    """A later pass over a point: its program timed again on fresh arguments (compiled again,
+    unrecorded, when the run resumed in a new process); the row pooled over every pass."""
+    wl = ctx.wl
+    if state.row is None:
+        # Another process's point resumed here: this process writes no row, but keeps the
+        # fields its own pooled timing needs.
+        state.row = status_row(
+            dataclasses.replace(ctx, fingerprint=""), batch_size, "ok",
+            examples=wl.examples(batch_size), example_unit=wl.example_unit,
+            analytic_flops=None, flops=None, analytic_bytes=None, bytes_accessed=None,
+        )  # fmt: skip
+    if state.program is None:
+        flat = workload.flat_call(wl, batch_size)
+        compiled = timing.compile_fn(flat.fn, flat.args, flat.donate_argnums, ctx.precision)
+        state.program = Program(flat, compiled)
+    else:
+        flat = state.program.flat.rebind(wl.make_args(batch_size))
+    prior = np.concatenate(state.pass_samples) if state.pass_samples else None
+    m = timing.measure(
+        state.program.compiled.call, flat.args, settings, flat.next_args, ctx.share, prior=prior
+    )
+    flat.args = ()
+    reasons = [*state.row.get("pass_stop_reasons", []), m.stop_reason]
+    fields = pooled_fields(state.row, [*state.pass_samples, m.samples_s], reasons, ctx.run)
+    return rows.extend(state.row, **fields), m.samples_s

@@ -1,0 +1,270 @@
+"""The one timer: compile separated from run, adaptive repetition, honest blocking.
+
+A measured call is `out = compiled(*args)` followed by blocking on every output
+leaf; the clock brackets exactly that. Inputs are already on the device, and
+nothing moves to the host inside the timed region.
+"""
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from batching.measure import stats
+
+
+@dataclasses.dataclass(frozen=True)
+class TimingSettings:
+    """How long and how precisely to time one point (seconds and fractions)."""
+
+    warmup_runs: int = 3
+    warmup_s: float = 0.05
+    min_runs: int = 10
+    max_runs: int = 5000
+    target_rel_ci: float = 0.03
+    confidence: float = 0.95
+    budget_s: float = 2.0
+
+    def __post_init__(self):
+        checks = {
+            "warmup_runs": self.warmup_runs >= 1,
+            "warmup_s": self.warmup_s >= 0,
+            "min_runs": self.min_runs >= 3,
+            "max_runs": self.max_runs >= self.min_runs,
+            "target_rel_ci": self.target_rel_ci > 0,
+            "confidence": 0 < self.confidence < 1,
+            "budget_s": self.budget_s > 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"timing.{name} is out of range, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "TimingSettings":
+        """A run config's `timing` section; TypeError naming an unknown field."""
+        return cls(**cfg.timing.to_dict())
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+    """An executable with what compiling it cost and what XLA says it does.
+
+    `call` is the compiled executable itself (jax's AOT `Compiled`, with its C++ dispatch
+    path), never the `jax.jit` function it came from: jit's cache key includes the matmul
+    precision and other context, so calling the jit function outside the context it was
+    compiled in would compile (and time) another program. The executable cannot retrace.
+    """
+
+    call: Callable[..., Any]
+    compile_s: float
+    lower_s: float
+    flops: float | None
+    bytes_accessed: float | None
+    memory: dict[str, int]
+
+    @property
+    def executable(self) -> Any:
+        """The compiled executable (`call`)."""
+        return self.call
+
+
+def _cost_value(cost: Any, key: str) -> float | None:
+    # cost_analysis() is best effort: a dict, a one-element list in old JAX, or None;
+    # -1 or a missing key means XLA did not count it.
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    if not cost or key not in cost:
+        return None
+    value = float(cost[key])
+    return value if value >= 0 and math.isfinite(value) else None
+
+
+def precision_context(matmul_precision: str = "default"):
+    """`jax.default_matmul_precision(p)`, or nothing for "default" (XLA's choice)."""
+    if matmul_precision in (None, "default"):
+        return contextlib.nullcontext()
+    return jax.default_matmul_precision(matmul_precision)
+
+
+def compile_fn(
+    fn: Callable,
+    args: Sequence[Any],
+    donate_argnums: tuple[int, ...] = (),
+    matmul_precision: str = "default",
+) -> Compiled:
+    """Lowers and compiles `fn` for `args` under `matmul_precision`, timing each stage apart.
+
+    The returned `call` is that executable: the precision is held by every timed call.
+    """
+    jitted = jax.jit(fn, donate_argnums=donate_argnums)
+    with precision_context(matmul_precision):
+        t0 = time.perf_counter()
+        lowered = jitted.lower(*args)
+        t1 = time.perf_counter()
+        executable = lowered.compile()
+        t2 = time.perf_counter()
+    try:
+        cost = executable.cost_analysis()
+    except Exception:  # noqa: BLE001 - some backends raise instead of returning None
+        cost = None
+    memory = {}
+    try:
+        mem = executable.memory_analysis()
+        for field in (
+            "argument_size_in_bytes",
+            "output_size_in_bytes",
+            "temp_size_in_bytes",
+            "alias_size_in_bytes",
+        ):
+            if mem is not None and hasattr(mem, field):
+                memory[field] = int(getattr(mem, field))
+    except Exception:  # noqa: BLE001
+        pass
+    return Compiled(
+        call=executable,
+        compile_s=t2 - t1,
+        lower_s=t1 - t0,
+        flops=_cost_value(cost, "flops"),
+        bytes_accessed=_cost_value(cost, "bytes accessed"),
+        memory=memory,
+    )
+
+
+def _blocker(out: Any) -> Callable[[Any], None]:
+    """How to wait for a call's outputs: one array blocks on itself; several (a flat tuple,
+    or any pytree) go through jax.block_until_ready, which waits for all of them in one C++
+    call."""
+    if isinstance(out, jax.Array):
+        return lambda out: out.block_until_ready()
+    return jax.block_until_ready
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    """One point's timing: the seconds of each timed call, whether the median reached the precision
+    target, why the loop stopped, and the wall seconds of warmup and timing."""
+
+    samples_s: np.ndarray
+    converged: bool
+    stop_reason: str  # "precision", "budget" or "max_runs"
+    wall_s: float
+
+
+# Why the timed loop stopped, as the code a shared decision carries (0: go on).
+STOP_REASONS = {1: "precision", 2: "budget"}
+
+
+def measure(
+    call: Callable[..., Any],
+    args: Sequence[Any],
+    settings: TimingSettings,
+    next_args: Callable[[Sequence[Any], Any], Sequence[Any]] | None = None,
+    share: Callable[[str, int], int] | None = None,
+    keep_outputs: bool = False,
+    prior: np.ndarray | None = None,
+) -> Measurement:
+    """Times `call(*args)` until the median is known to `target_rel_ci` or the budget is spent.
+
+    The clock brackets the call and the wait for every output, nothing else. Around it:
+
+    - `next_args(args, out)` feeds a call's output back in (a donated KV cache, say); it runs
+      outside the clock, and what it returns is waited for before the clock starts again.
+    - The previous call's outputs are released before the next call (unless they are fed
+      back), so that call's outputs can take the same device buffers. On a GPU, XLA runs a
+      program as a CUDA graph ("command buffer"); outputs at new addresses make it update the
+      graph on every call (openxla/xla#35315), a cost of the harness, not of the model.
+      `keep_outputs` holds each call's outputs through the next call instead (what a loop
+      `out = f(x)` does), for measuring that difference.
+    - `prior` (the same point's samples from earlier sweep passes) counts toward the
+      precision target: a later pass stops once the point's pooled samples are precise
+      enough, after its own min_runs.
+    - `share(tag, decision)` (several processes, batching.setup.distributed.share) replaces each
+      clock-dependent decision by process 0's, so every process makes the same number of
+      calls; it runs outside the clock, only where a decision is due (after warmup_runs,
+      then at the precision checks).
+    """
+    clock = time.perf_counter
+    start = clock()
+    args, block, kept = _warm_up(call, tuple(args), settings, next_args, share, keep_outputs)
+    samples = np.empty(settings.max_runs, dtype=np.float64)
+    n = 0
+    next_check = settings.min_runs
+    stop_reason = "max_runs"
+    t_begin = clock()
+    while n < settings.max_runs:
+        t0 = clock()
+        out = call(*args)
+        block(out)
+        samples[n] = clock() - t0
+        n += 1
+        args, kept = _between_calls(args, out, next_args, keep_outputs)
+        del out
+        if n >= next_check:
+            # Checking costs a sort, so look again only after ~10% more samples.
+            next_check = n + max(1, n // 10)
+            pooled = samples[:n] if prior is None else np.concatenate([prior, samples[:n]])
+            if stats.relative_halfwidth(pooled, settings.confidence) <= settings.target_rel_ci:
+                code = 1
+            else:
+                code = 2 if clock() - t_begin >= settings.budget_s else 0
+            if share is not None:
+                code = share("stop", code)
+            if code:
+                stop_reason = STOP_REASONS[code]
+                break
+    del kept
+    return Measurement(
+        samples_s=samples[:n].copy(),
+        converged=stop_reason == "precision",
+        stop_reason=stop_reason,
+        wall_s=clock() - start,
+    )
+
+
+def _warm_up(
+    call: Callable[..., Any],
+    args: tuple[Any, ...],
+    settings: TimingSettings,
+    next_args: Callable[[Sequence[Any], Any], Sequence[Any]] | None,
+    share: Callable[[str, int], int] | None,
+    keep_outputs: bool,
+) -> tuple[tuple[Any, ...], Callable[[Any], None], Any]:
+    """`warmup_runs` calls, then more until `warmup_s` (or the budget) has passed; returns the
+    next arguments, how to wait for an output, and what stays alive into the first timed
+    call (see _between_calls)."""
+    clock = time.perf_counter
+    start = clock()
+    runs, block, kept = 0, None, None
+    while True:
+        if runs >= settings.warmup_runs:
+            elapsed = clock() - start
+            go_on = elapsed < settings.warmup_s and elapsed < settings.budget_s
+            if share is not None:
+                go_on = bool(share("warmup", int(go_on)))
+            if not go_on:
+                return args, block, kept
+        out = call(*args)
+        block = block or _blocker(out)
+        block(out)
+        args, kept = _between_calls(args, out, next_args, keep_outputs)
+        del out
+        runs += 1
+
+
+def _between_calls(
+    args: tuple[Any, ...],
+    out: Any,
+    next_args: Callable[[Sequence[Any], Any], Sequence[Any]] | None,
+    keep_outputs: bool,
+) -> tuple[tuple[Any, ...], Any]:
+    """The next call's arguments, ready, and what stays alive through it beside them (the
+    outputs with `keep_outputs`, else nothing)."""
+    if next_args is not None:
+        args = tuple(next_args(args, out))
+        jax.block_until_ready(args)
+    return args, (out if keep_outputs else None)

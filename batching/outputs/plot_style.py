@@ -1,0 +1,68 @@
+"""The lab's figure style and how figures become files and TensorBoard images."""
+
+import os
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+def finish(
+    fig: plt.Figure,
+    ax: plt.Axes,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    xbase: int = 10,
+    ybase: int = 10,
+    ncol: int = 1,
+    linear: str = "",
+) -> plt.Figure:
+    """The lab's figure style: log-log axes (`linear` names those that are not: "x", "y",
+    "xy"), labels, a light grid, a small legend."""
+    ax.set_xscale("linear") if "x" in linear else ax.set_xscale("log", base=xbase)
+    ax.set_yscale("linear") if "y" in linear else ax.set_yscale("log", base=ybase)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small", ncol=ncol)
+    fig.tight_layout()
+    return fig
+
+
+def mark_unconverged(ax: plt.Axes, rows: list[dict[str, Any]], y: np.ndarray, color) -> None:
+    """A hollow ring over each point whose median missed the precision target (converged
+    false: the timer stopped on its budget), so a reader weighs it less."""
+    idx = [i for i, r in enumerate(rows) if not r.get("converged", True)]
+    if idx:
+        b = np.array([rows[i]["batch_size"] for i in idx])
+        ax.plot(b, y[idx], "o", mfc="white", mec=color, ms=7, mew=1.5, zorder=5)
+
+
+def to_image(fig: plt.Figure) -> np.ndarray:
+    """The figure as an HxWx3 uint8 array (for TensorBoard)."""
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def save_all(figures: dict[str, plt.Figure], plots_dir: str) -> dict[str, np.ndarray]:
+    """Saves each figure as <plots_dir>/<name>.png, closes it, returns the images by name.
+
+    Each figure is drawn once: the PNG is the same pixels as the TensorBoard image (savefig
+    would draw it a second time, ~0.1 s a figure, most of a cold start's plotting).
+    """
+    os.makedirs(plots_dir, exist_ok=True)
+    images = {}
+    for name, fig in figures.items():
+        images[name] = to_image(fig)
+        # A palette of 32 colours holds a line plot's pixels: a quarter of the RGB file's
+        # size, which matters for the sweeps committed under experiments/results.
+        png = Image.fromarray(images[name]).convert("P", palette=Image.ADAPTIVE, colors=32)
+        png.save(os.path.join(plots_dir, f"{name}.png"), optimize=True)
+        plt.close(fig)
+    return images

@@ -1,0 +1,339 @@
+"""<workdir>/report.md and report.html: the device, the runs, the plots and a verdict per claim.
+
+The report is a list of sections (SECTIONS), each a function that reads the ReportData and
+adds its blocks to the document, or nothing when the runs carry no data for it. Every
+number comes from this workdir's rows and summaries, from the cited spec table, or from
+sweeps of other machines committed to the repository (batching.outputs.archive), which are
+labelled archived; the HTML embeds the plots so it opens offline.
+"""
+
+import math
+import os
+from typing import Any
+
+from batching.outputs import archive
+from batching.outputs.doc import Doc, ReportData
+from batching.outputs.report_mesh import mesh_section
+from batching.outputs.report_sections import (
+    archive_section,
+    archived_c2,
+    memory_wall,
+    peaks_provenance,
+    router_section,
+    where_time_goes,
+)
+from batching.predict import claims, claims_mlp, verdict
+from batching.setup import specs
+from batching.text import fmt
+
+
+def post_corrections(doc: Doc, data: ReportData) -> None:
+    """The post's arithmetic corrected from the spec table, and, where this run's own data
+    shows it, the third limit that moves a knee past B*."""
+    analyzed = data.analyzed
+    t4 = specs.SPECS["T4"]
+    post = specs.critical_batch_size(specs.POST_T4_FLOPS, specs.POST_T4_BANDWIDTH, 2)
+    t4_fp32 = specs.critical_batch_size(t4.flops_per_s["float32"], t4.bandwidth_bytes_per_s, 4)
+    t4_fp16 = specs.critical_batch_size(t4.flops_per_s["float16"], t4.bandwidth_bytes_per_s, 2)
+    doc.heading("What the post's arithmetic gets wrong")
+    text = (
+        f"The critical batch size of a dense layer is B* = peak FLOP/s × bytes per parameter / "
+        f"(2 × bandwidth); it equals FLOPS/bandwidth only for 2-byte weights. The post's inputs "
+        f"(65 TFLOP/s, 300 GB/s, 2 bytes) give {post:.1f}. But 65 TFLOP/s is the T4's fp16 "
+        f"tensor-core peak; in fp32 the T4 does 8.1 TFLOP/s at 320 GB/s ({t4.source}), so an "
+        f"fp32 MLP has B* ≈ {t4_fp32:.0f}, and an fp16 one ≈ {t4_fp16:.0f}. The knee the post "
+        f"saw near {claims_mlp.POST_T4_KNEE} is later than the fp32 figure. This lab models three "
+        "limits, t(B) = max(overhead, bytes/BW, flops/F)."
+    )
+    hidden = [
+        s["run"]
+        for s in analyzed
+        if not s.get("functional_simulation")
+        and verdict.knee_inside(s)
+        and s["knee_batch_size"] > 1.5 * s["predicted_critical_batch"]
+        and s["regimes"].get(min(s["batch_sizes"])) == "overhead"
+    ]
+    if hidden:
+        text += (
+            " In this run the third limit shows: for "
+            + ", ".join(hidden)
+            + " the smallest batch is overhead-bound and the fitted knee lies past B*, the "
+            "memory-bound region hidden under the fixed cost per call."
+        )
+    doc.para(text)
+
+
+def runs_section(doc: Doc, data: ReportData) -> None:
+    """One line per run of what was measured, and how far the prediction and the fit are."""
+    summaries, rows, analyzed = data.summaries, data.rows, data.analyzed
+    doc.heading("Runs")
+    header = [
+        "run",
+        "params",
+        "B first→last",
+        "latency first (ms, measured)",
+        "latency last (ms, measured)",
+        "best throughput (measured)",
+        "converged points",
+    ]
+    if analyzed:
+        header += ["pred. err (median)", "fit err (median)", "cost flags"]
+    table = []
+    for s in summaries:
+        unit = s.get("example_unit") or "examples"
+        row = [
+            s["run"],
+            s["params"],
+            f"{min(s['batch_sizes'])}→{max(s['batch_sizes'])}",
+            s["latency_first_s"] * 1e3,
+            s["latency_last_s"] * 1e3,
+            f"{fmt(s['best_throughput_per_s'])} {unit}/s at B={s['best_throughput_batch_size']}",
+            f"{s.get('points_converged', s['points'])}/{s['points']}",
+        ]
+        if "knee_batch_size" in s:
+            row += [s["prediction_error_median"], s["fit_error_median"], s["cost_mismatches"]]
+        table.append(row)
+    doc.table(header, table)
+    unconverged = [f"{r['run']}@{r['batch_size']}" for r in rows if not r.get("converged", True)]
+    if unconverged:
+        doc.para(
+            f"Converged points: those whose median's 95% interval met the precision target "
+            f"(timing.target_rel_ci). {len(unconverged)} of {len(rows)} stopped on their "
+            f"budget instead (hollow rings in the plots): {', '.join(unconverged)}."
+        )
+    if not analyzed:
+        return
+    doc.para(
+        "pred. err and fit err: median over the run's points of |predicted / measured − 1| "
+        "for the a-priori per-op roofline (dispatch floor + Σ over the call's ops of "
+        "max(bytes / bandwidth, FLOPs / F(op)) + kernel launches) and for the fitted "
+        "three-limit model. cost flags: points where XLA's counted FLOPs or bytes differ "
+        "from the analytic count by more than the configured tolerance."
+    )
+    flagged = [r for r in rows if r.get("cost_mismatch")]
+    if flagged:
+        doc.para(
+            "XLA vs analytic cost disagreements (>tolerance): "
+            + "; ".join(
+                f"{r['run']} B={r['batch_size']}: flops ×{fmt(r['xla_flops_ratio'])}, "
+                f"bytes ×{fmt(r['xla_bytes_ratio'])}"
+                for r in flagged[:12]
+            )
+            + (" …" if len(flagged) > 12 else "")
+        )
+
+
+def knee_section(doc: Doc, data: ReportData) -> None:
+    """Per run: the knee as fitted, as predicted, and B* from the roofs, side by side."""
+    analyzed = data.analyzed
+    if not analyzed:
+        return
+    doc.heading("Knees and critical batch sizes")
+    doc.para(
+        "Fitted knee (from the measurements): where the three-limit model fitted to the "
+        "converged points' medians turns compute-bound; its 95% interval is a bootstrap that "
+        "draws each point's sweep pass at random (what moves between passes), ± its half "
+        "width. Predicted-curve knee: the same fit read off the per-op prediction. A-priori "
+        "crossing: where FLOPs / F overtakes bytes / BW with the workload's own bytes per "
+        "example (activations, a KV cache); none when it never does. B*: F·bytes per "
+        "parameter / (2·BW), weights only, from the measured roofs and from the datasheet. "
+        "The fitted model's floor, F and BW are fitted parameters, not measurements."
+    )
+    doc.table(
+        [
+            "run",
+            "fitted knee [95%]",
+            "predicted-curve knee [95%]",
+            "a-priori crossing",
+            "B* (measured roofs)",
+            "B* (datasheet)",
+            "fitted knee / B*",
+            "fitted floor (µs)",
+            "fitted F (GFLOP/s)",
+            "fitted BW (GB/s)",
+            "why they differ",
+        ],
+        [
+            [
+                s["run"],
+                verdict.knee_text(s),
+                f"{fmt(s['predicted_curve_knee_batch_size'])} "
+                f"[{fmt(s['predicted_curve_knee_low'])}, {fmt(s['predicted_curve_knee_high'])}]",
+                s["predicted_knee_batch_size"],
+                s["predicted_critical_batch"],
+                s["spec_critical_batch"]
+                if s.get("spec_critical_batch")
+                else f"none: {s.get('spec_note') or 'no spec'}",
+                _ratio(s["knee_batch_size"], s["predicted_critical_batch"]),
+                s["overhead_s"] * 1e6,
+                s["effective_flops_per_s"] / 1e9,
+                s["effective_bytes_per_s"] / 1e9,
+                knee_reason(s),
+            ]
+            for s in analyzed
+        ],
+    )
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or not b or not math.isfinite(a):
+        return None
+    return a / b
+
+
+def knee_reason(s: dict[str, Any]) -> str:
+    """One sentence on why the fitted knee and B* differ, from the run's own numbers."""
+    knee, b_star = s["knee_batch_size"], s["predicted_critical_batch"]
+    crossing = s["predicted_knee_batch_size"]
+    first = min(s["batch_sizes"])
+    if not verdict.knee_inside(s):
+        return (
+            f"no knee inside the sweep{verdict.fit_points(s)}; a sweep to batch "
+            f"{verdict.testing_batch(s)} would test it"
+        )
+    ratio = knee / b_star
+    predicted = s.get("predicted_curve_knee_batch_size")
+    tail = (
+        f"; the per-op prediction puts it at {fmt(predicted)}"
+        if predicted is not None and math.isfinite(predicted)
+        else ""
+    )
+    if 1 / 1.5 <= ratio <= 1.5:
+        return f"they agree within 1.5x{tail}"
+    if ratio > 1.5:
+        if s["regimes"].get(first) == "overhead":
+            return (
+                f"batch {first} is overhead-bound: the fixed cost per call hides the "
+                f"memory-bound region, and latency starts growing past B*{tail}"
+            )
+        if math.isfinite(crossing) and crossing > 1.5 * b_star:
+            return (
+                "bytes per example besides the weights move compute-bound out to "
+                f"{fmt(crossing)}{tail}"
+            )
+        return f"the rates measured at the small shapes lie below the roofs{tail}"
+    if not math.isfinite(crossing) or crossing > b_star:
+        return (
+            "latency grows before compute-bound: bytes per example (activations, a KV cache) "
+            f"grow the memory time with the batch{tail}"
+        )
+    return f"the per-shape compute rates at these shapes lie below the ceiling{tail}"
+
+
+def device_section(doc: Doc, data: ReportData) -> None:
+    """The device, its measured peaks and where they came from, and whether the runs are a
+    functional simulation."""
+    if not data.summaries:
+        return
+    s0, analyzed = data.summaries[0], data.analyzed
+    doc.heading("Device")
+    text = f"Platform {s0['platform']}, device kind {s0['device_kind']}."
+    if analyzed:
+        a = analyzed[0]
+        text += (
+            f" Measured peaks: matmul {fmt(a['peak_flops_per_s'] / 1e9)} GFLOP/s "
+            f"({s0['dtype']}), streaming bandwidth {fmt(a['peak_bytes_per_s'] / 1e9)} GB/s, "
+            f"dispatch floor {fmt(a['dispatch_floor_s'] * 1e6)} µs per call, "
+            f"{fmt(a['kernel_overhead_s'] * 1e6)} µs per extra kernel."
+        )
+        if a["spec_device"]:
+            text += f" Spec table entry: {a['spec_device']}."
+        text += " " + peaks_provenance(analyzed)
+    doc.para(text)
+    if any(r.get("num_devices", 1) > 1 and r.get("platform") == "cpu" for r in data.rows):
+        doc.para(
+            "Functional simulation: these runs use several forced host devices "
+            "(XLA_FLAGS=--xla_force_host_platform_device_count), which share the same "
+            "CPU cores, so their timings say nothing about accelerators, and no claim of "
+            "the post is judged from them (see 'Devices and interconnect')."
+        )
+
+
+def whatif_section(doc: Doc, data: ReportData) -> None:
+    """The first analysed run's ops priced on the spec table's devices."""
+    if not data.analyzed:
+        return
+    a = data.analyzed[0]
+    doc.heading("What-if on spec devices")
+    doc.para(
+        f"Run {a['run']}'s ops, each at max(bytes / datasheet bandwidth, FLOPs / datasheet "
+        "peak), summed (the same per-op model as above; no dispatch floor, no launches, no "
+        "cache: per-call overhead there is unmeasured, so these are lower bounds, predictions "
+        "rather than measurements)."
+    )
+    doc.table(
+        ["device", "TFLOP/s", "GB/s", "B*", "latency at first B (µs)", "at last B (µs)", "source"],
+        [
+            [
+                name,
+                w["flops_per_s"] / 1e12,
+                w["bandwidth_bytes_per_s"] / 1e9,
+                w["critical_batch"],
+                w["latency_s"][min(w["latency_s"])] * 1e6,
+                w["latency_s"][max(w["latency_s"])] * 1e6,
+                w["source"],
+            ]
+            for name, w in a["whatif"].items()
+        ],
+    )
+
+
+def plots_section(doc: Doc, data: ReportData) -> None:
+    """Every figure saved, by name."""
+    doc.heading("Plots")
+    for name, path in data.plot_paths.items():
+        doc.image(path, name)
+
+
+def claims_section(doc: Doc, data: ReportData) -> None:
+    """A verdict per claim the experiment judges, with the claim and its evidence."""
+    if not data.verdicts:
+        return
+    doc.heading("Claims of the post")
+    for cid, v in data.verdicts.items():
+        doc.heading(f"{cid}: {v['verdict']}", 3)
+        doc.para(f"Claim: {claims.CLAIMS[cid]}")
+        doc.para(v["evidence"])
+        elsewhere = archived_c2(data.archived) if cid == "C2" else None
+        if elsewhere:
+            doc.para(elsewhere)
+
+
+# The report, in order; the device-and-interconnect and what-if sections follow the knees.
+SECTIONS = (
+    device_section,
+    runs_section,
+    knee_section,
+    where_time_goes,
+    whatif_section,
+    mesh_section,
+    memory_wall,
+    router_section,
+    archive_section,
+    plots_section,
+    claims_section,
+    post_corrections,
+)
+
+
+def write(
+    workdir: str,
+    experiment: str,
+    claim_ids: tuple[str, ...],
+    summaries: list[dict[str, Any]],
+    rows: list[dict[str, Any]],
+    plot_paths: dict[str, str],
+    archived: list[archive.Archived] = (),
+) -> dict[str, verdict.Verdict]:
+    """Writes report.md and report.html, section by section; returns the verdicts."""
+    data = ReportData(workdir, experiment, claim_ids, summaries, rows, plot_paths, list(archived))
+    data.verdicts = claims.verdicts(claim_ids, data.analyzed, rows)
+    doc = Doc()
+    doc.heading(f"Batching report: {experiment}", 1)
+    for section in SECTIONS:
+        section(doc, data)
+    with open(os.path.join(workdir, "report.md"), "w") as f:
+        f.write(doc.markdown(workdir))
+    with open(os.path.join(workdir, "report.html"), "w") as f:
+        f.write(doc.html(f"Batching report: {experiment}"))
+    return data.verdicts

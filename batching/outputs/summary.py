@@ -1,0 +1,172 @@
+"""Run-level numbers from a run's rows: the summary.json objects and the printed table."""
+
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+from batching.setup import specs
+
+ROUTING_ENDS = (
+    "drop_fraction",
+    "max_mean_load",
+    "load_cv",
+    "token_drop_fraction",
+    "device_max_mean_load",
+)
+RUN_FIELDS = (
+    "num_devices",
+    "process_count",
+    "width",
+    "tokens",
+    "channels",
+    "d_model",
+    "mlp_dim",
+    "depth",
+    "phase",
+    "cache_len",
+    "prompt_len",
+    "image_size",
+    "intensity_b1",
+    "router",
+    "num_experts",
+    "top_k",
+    "capacity_factor",
+    "aux_loss_weight",
+    "aux_loss_scope",
+    "trained",
+)
+
+
+def by_run(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Rows grouped by run, each run's in batch order."""
+    runs = defaultdict(list)
+    for row in rows:
+        runs[row["run"]].append(row)
+    return {run: sorted(rs, key=lambda r: r["batch_size"]) for run, rs in runs.items()}
+
+
+def run_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One object per run: size, the ends of the sweep and where throughput peaks."""
+    rows = sorted(rows, key=lambda r: r["batch_size"])
+    first, last = rows[0], rows[-1]
+    best = max(rows, key=lambda r: r["throughput_per_s"])
+    return {
+        "run": first["run"],
+        "experiment": first["experiment"],
+        "model": first["model"],
+        "platform": first["platform"],
+        "device_kind": first["device_kind"],
+        "dtype": first["dtype"],
+        "params": first["params"],
+        "param_bytes": first["param_bytes"],
+        "batch_sizes": [r["batch_size"] for r in rows],
+        "points": len(rows),
+        "points_converged": sum(bool(r["converged"]) for r in rows),
+        "latency_first_s": first["latency_s"],
+        "latency_last_s": last["latency_s"],
+        # How much slower the largest batch is than the smallest, per call.
+        "slowdown_last_vs_first": last["latency_s"] / first["latency_s"],
+        "best_throughput_per_s": best["throughput_per_s"],
+        "best_throughput_batch_size": best["batch_size"],
+        # What throughput counts: examples, or tokens for a decoder's prefill and decode.
+        "example_unit": first.get("example_unit")
+        or ("tokens" if first.get("phase") else "examples"),
+        "compile_s_total": float(np.sum([r["compile_s"] for r in rows])),
+        # Workload facts that name the run (MLP width, decoder phase and context, ...).
+        **{k: first[k] for k in RUN_FIELDS if k in first},
+        # Routing statistics at the ends of the sweep (MoE runs).
+        **{f"{k}_first": first[k] for k in ROUTING_ENDS if k in first},
+        **{f"{k}_last": last[k] for k in ROUTING_ENDS if k in last},
+    }
+
+
+def training_fields(train_summary: dict[str, Any]) -> dict[str, Any]:
+    """Held-out loss and routing statistics of a run's training, for its summary and hparams."""
+    held = train_summary.get("heldout_stats", {})
+    return {
+        "train_loss": train_summary.get("train_loss"),
+        "heldout_loss": train_summary.get("heldout_loss"),
+        "heldout_load_cv": held.get("load_cv"),
+        "heldout_drop_fraction": held.get("drop_fraction"),
+        "heldout_max_mean_load": held.get("max_mean_load"),
+        "heldout_tokens_per_expert": held.get("tokens_per_expert"),
+        "cross_sequence_logit_change": train_summary.get("cross_sequence_logit_change"),
+        "train_seconds": train_summary.get("train_seconds"),
+    }
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table of every point, one line per (run, batch size)."""
+    header = (
+        f"{'run':<24} {'batch':>6} {'latency ms':>11} {'95% CI ms':>19} "
+        f"{'per s':>12} {'GFLOP/s':>9} {'runs':>6} {'stopped on':>10} {'compile s':>9}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in sorted(rows, key=lambda r: (r["run"], r["batch_size"])):
+        gflops = r["achieved_flops_per_s"]
+        ci = f"[{r['latency_ci_low_s'] * 1e3:.4g}, {r['latency_ci_high_s'] * 1e3:.4g}]"
+        # "precision": the ±target interval was met; "budget"/"max_runs": it was not (*).
+        stop = r.get("stop_reason", "precision")
+        stop = stop if r.get("converged", True) else f"{stop} *"
+        lines.append(
+            f"{r['run']:<24} {r['batch_size']:>6} {r['latency_s'] * 1e3:>11.4g} {ci:>19} "
+            f"{r['throughput_per_s']:>12.4g} "
+            f"{(gflops or float('nan')) / 1e9:>9.4g} {r['n_runs']:>6} {stop:>10} "
+            f"{r['compile_s']:>9.3f}"
+        )
+    if any(not r.get("converged", True) for r in rows):
+        lines.append("* the median's 95% interval missed timing.target_rel_ci")
+    return "\n".join(lines)
+
+
+def memory_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's memory wall from all its rows, any status.
+
+    memory_bytes is linear in the batch (weights + bytes per example x batch): a
+    least-squares line through the compiled programs' needs gives `bytes_per_example`
+    and `memory_fixed_bytes`, and `max_batch_predicted` is the largest batch whose
+    need fits the device's memory. Fewer than three batch sizes with a known need
+    give no fit (None).
+    """
+    sized = sorted(
+        (r["batch_size"], r["memory_bytes"]) for r in rows if r.get("memory_bytes") is not None
+    )
+    ok = [r["batch_size"] for r in rows if r.get("status", "ok") == "ok"]
+    oom = [r["batch_size"] for r in rows if r.get("status") == "oom"]
+    device = next((r["device_memory_bytes"] for r in rows if r.get("device_memory_bytes")), None)
+    out = {
+        "max_batch_measured": max(ok) if ok else None,
+        "first_oom_batch": min(oom) if oom else None,
+        "device_memory_bytes": device,
+        "bytes_per_example": None,
+        "memory_fixed_bytes": None,
+        "max_batch_predicted": None,
+        "status_counts": {
+            s: sum(r.get("status", "ok") == s for r in rows)
+            for s in sorted({r.get("status", "ok") for r in rows})
+        },
+    }
+    # A line through two points always fits: three batch sizes at least.
+    if len({b for b, _ in sized}) >= 3:
+        b, m = np.array(sized, dtype=np.float64).T
+        slope, fixed = np.polyfit(b, m, 1)
+        out["bytes_per_example"] = float(slope)
+        out["memory_fixed_bytes"] = float(fixed)
+        if device and slope > 0:
+            out["max_batch_predicted"] = int(max(0.0, (device - fixed) / slope))
+    return out
+
+
+def whatif_max_batch(s: dict[str, Any], devices: tuple[str, ...]) -> dict[str, int | None]:
+    """Largest batch whose program fits each spec device: (memory - fixed) / bytes per example.
+
+    Uses this run's fitted memory line (weights and fixed buffers + bytes per example),
+    so it holds for the same dtype and program on the other device; None without a fit.
+    """
+    per, fixed = s.get("bytes_per_example"), s.get("memory_fixed_bytes")
+    out = {}
+    for name in devices:
+        memory = specs.SPECS[name].memory_bytes
+        out[name] = int(max(0.0, (memory - fixed) / per)) if per and per > 0 else None
+    return out

@@ -1,0 +1,278 @@
+"""Roofline analysis of a finished sweep: per-row predictions and fits, per-run summaries.
+
+Reads rows and samples; the device's peaks and per-shape rates come from a rate source
+(batching.measure.rates.RateSource, handed in: measured once, up front, for every shape the
+run's predictions need, or read from a cache or file). Returns rows augmented with
+`predicted_latency_s`, `regime`, `fitted_latency_s` and the XLA-vs-analytic cost check, plus
+the roofline fields of each run's summary (batching.predict.run_fields).
+
+On a mesh the prediction is the single-device one at ONE device's share of the work
+(roofline.per_device_work) plus, as a separate summand, the call's collectives at the
+mesh's measured bus bandwidth (roofline.comm_time, batching.workloads.collectives): the row's
+`predicted_comm_s`.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from batching import rows as rows_lib
+from batching.predict import knee, mesh, pricing, roofline, run_fields
+from batching.predict.device import DeviceModel
+from batching.workloads import ops as ops_lib
+
+
+def _ratio(xla: float | None, analytic: float | None) -> float | None:
+    if xla is None or not analytic:
+        return None
+    return xla / analytic
+
+
+def analyze_run(
+    rows: list[dict[str, Any]],
+    samples: dict[int, Any],
+    device: jax.Device,
+    roofline_cfg: Any,
+    peak_source: Any,
+    attend: Callable[..., Any] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Returns (rows with roofline fields, the run's roofline summary fields). `samples` are
+    each point's timing samples per sweep pass ({batch: [pass 0, pass 1, ...]});
+    `peak_source` a batching.measure.rates.RateSource; `attend` the workload's attention over
+    its KV cache (its module's ATTEND), for rows that carry attention shapes."""
+    rows = sorted(rows, key=lambda r: r["batch_size"])
+    # One device's share of each call (the rows themselves on a single device).
+    device_rows = [roofline.per_device_work(r) for r in rows]
+    model = device_model(rows, device_rows, device, roofline_cfg, peak_source, attend)
+    peak_source.freeze()  # everything this run measures, it measured for its device model
+    # The knee is fitted on the points whose median met its precision target (points that
+    # stopped on their budget are drawn and predicted, not fitted), unless too few did: then
+    # on every point, and the knee says so; its interval across passes carries the noise.
+    converged = [r for r in rows if r.get("converged", True)]
+    fitted = converged if len(converged) >= knee.MIN_POINTS_TO_FIT else rows
+    fit = knee.fit_knee(fitted, samples, n_bootstrap=roofline_cfg.bootstrap)
+    out, not_measured = predicted_rows(rows, device_rows, model, fit, peak_source, roofline_cfg)
+    summary = {
+        **run_fields.roof_fields(out, model, peak_source, not_measured),
+        **run_fields.knee_fields(out, samples, fit, fitted, model, roofline_cfg),
+        "points_converged": len(converged),
+        **run_fields.error_fields(out),
+        "shape_aware": bool(roofline_cfg.shape_aware),
+        "cold_weights": bool(model.cold),
+        **run_fields.spec_fields(out, model, roofline_cfg),
+        "breakdown": run_fields.breakdown(out),
+        "traced_breakdown": run_fields.traced_breakdown(out),
+        **mesh.mesh_summary(
+            out, roofline.mesh_shape_of(rows[0]), device, model.comm_source, peak_source
+        ),
+    }
+    # Each data replica batches on its own: a device turns compute-bound at B* of its own
+    # share, so the global batch does at B* x data (the model and expert axes share one
+    # replica's batch, so they do not multiply it).
+    split = roofline.mesh_shape_of(rows[0], "parallel_shape")
+    for key in ("predicted_critical_batch", "spec_critical_batch"):
+        per_device = summary[key]
+        summary[f"{key}_global"] = per_device * split["data"] if per_device else None
+    summary["num_devices"] = int(np.prod(list(roofline.mesh_shape_of(rows[0]).values())))
+    summary["parallel_shape"] = split
+    return out, summary
+
+
+def device_model(
+    rows: list[dict[str, Any]],
+    device_rows: list[dict[str, Any]],
+    device: Any,
+    roofline_cfg: Any,
+    peak_source: Any,
+    attend: Callable[..., Any] | None,
+) -> DeviceModel:
+    """The run's peaks and per-op rates: every shape the run needs is measured (within the
+    budget; the sweep's ends first), then the compute roof is set to the best rate measured
+    for the dtype (ceiling), and the rates priced with it."""
+    dtype = rows[0]["dtype"] or "float32"
+    precision = rows[0].get("matmul_precision", "default")
+    measured = peak_source.peaks(device, dtype, precision)
+    square_f = measured.matmul(dtype, precision)
+    bw = measured.bandwidth_bytes_per_s
+    llc = measured.details.get("last_level_cache_bytes") or peak_source.last_level_cache(device)
+    # Weights bigger than the last-level cache stream from DRAM on every call: time the
+    # GEMMs the same way, or small batches look faster than they can be.
+    cold = (device_rows[0].get("weight_bytes") or 0) > llc
+    shape_aware = roofline_cfg.shape_aware
+    attention = peak_source.attention(device, attend, precision) if shape_aware and attend else None
+    rates = pricing.Rates(
+        dram_bytes_per_s=bw,
+        cache_bytes_per_s=measured.cache_bandwidth_bytes_per_s or bw,
+        cache_bytes=float(llc),
+        peak_flops_per_s=square_f,
+        dispatch_floor_s=measured.dispatch_floor_s,
+        kernel_overhead_s=measured.kernel_overhead_s,
+        # Weights that fit the last-level cache stay there between timed calls.
+        weights_warm=not cold,
+        gemm=peak_source.gemm(device, dtype, cold, precision) if shape_aware else None,
+        conv=peak_source.conv(device, dtype, precision) if shape_aware else None,
+        # What a call pays once for handing a small op to XLA:CPU's worker threads; a GPU or
+        # TPU has no such hand-off, and measuring it there cost a GPU lease minutes.
+        lone=(
+            peak_source.lone(device, dtype, precision)
+            if shape_aware and device.platform == "cpu"
+            else None
+        ),
+        attention=(lambda op: attention(ops_lib.attention_shapes([op])[0])) if attention else None,
+    )
+    # Measure every shape the run's predictions ask for, the sweep's ends first, then the
+    # middles: what a bounded budget cannot measure lies between measured shapes. With
+    # expert parallelism also each point at the mean load (predicted_balanced_latency_s).
+    expert_parallel = roofline.mesh_shape_of(rows[0], "parallel_shape")["expert"] > 1
+    for i in spread_order(len(device_rows)):
+        pricing.predict_call(roofline.row_ops(device_rows[i]), rates)
+        if expert_parallel and rows[i].get("device_max_mean_load"):
+            balanced = roofline.per_device_work({**rows[i], "device_max_mean_load": 1.0})
+            pricing.predict_call(roofline.row_ops(balanced), rates)
+    peak_f, source = compute_ceiling(
+        square_f, peak_source.best_rate(device, dtype, precision, CEILING_MIN_FLOPS), device_rows
+    )
+    comm_bw, comm_source = mesh.comm_bandwidth(rows, device, peak_source)
+    return DeviceModel(
+        device, dtype, precision, measured, dataclasses.replace(rates, peak_flops_per_s=peak_f),
+        peak_f, source, square_f, bw, llc, cold, comm_bw, comm_source,
+    )  # fmt: skip
+
+
+# Measurements of less work than this per kernel do not set the compute roof: their rate
+# rests on subtracting a call's fixed costs, which a small kernel does not dwarf.
+CEILING_MIN_FLOPS = 1e8
+
+
+def compute_ceiling(
+    square_f: float, best_measured: tuple[float, str] | None, device_rows: list[dict[str, Any]]
+) -> tuple[float, str]:
+    """The compute roof: the best FLOP rate this device was measured at in the dtype, so no
+    row or op sits above it. Candidates: the square-matmul microbenchmark, the best per-shape
+    GEMM or conv rate of at least CEILING_MIN_FLOPS per kernel (`best_measured`, from the
+    rate source), and the run's own points of at least that much work per call (one
+    device's share). Returns (FLOP/s, what set it)."""
+    best, source = square_f, "square-matmul microbenchmark"
+    if best_measured is not None and best_measured[0] > best:
+        best, source = best_measured
+    for r in device_rows:
+        flops = r.get("analytic_flops") or 0.0
+        if flops >= CEILING_MIN_FLOPS and flops / r["latency_s"] > best:
+            best, source = flops / r["latency_s"], f"measured point batch {r['batch_size']}"
+    return best, source
+
+
+def predicted_rows(
+    rows: list[dict[str, Any]],
+    device_rows: list[dict[str, Any]],
+    model: DeviceModel,
+    fit: knee.KneeFit,
+    peak_source: Any,
+    roofline_cfg: Any,
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Each row with its prediction, regime, roof fractions, fit and cost check; and every
+    per-shape rate the run could not measure."""
+    split = roofline.mesh_shape_of(rows[0], "parallel_shape")
+    out, not_measured = [], {}
+    for r, rd in zip(rows, device_rows, strict=True):
+        peak_source.unmeasured = {}
+        call = predict_device(rd, model)
+        not_measured.update(peak_source.unmeasured)
+        # The interconnect: the call's collectives, after (not overlapping) its compute.
+        comm_s = roofline.comm_time(r.get("collectives"), model.comm_bw) if model.comm_bw else 0.0
+        extra = {}
+        if split["expert"] > 1 and r.get("device_max_mean_load"):
+            # What the slowest device costs: the same call with every device at the mean load.
+            mean_load = roofline.per_device_work({**r, "device_max_mean_load": 1.0})
+            extra["predicted_balanced_latency_s"] = (
+                predict_device(mean_load, model).seconds + comm_s
+            )
+        fields = {
+            "predicted_latency_s": call.seconds + comm_s,
+            "predicted_overhead_s": call.overhead_s,
+            # Of which paid once per call by its small ops' lone calls (pricing.call_extra).
+            "predicted_call_extra_s": call.call_extra_s,
+            # Predicted seconds per op kind and limit: where the time goes.
+            "predicted_by_kind": call.by_kind(),
+            "predicted_kinds": call.kind_detail(),
+            "predicted_peak_latency_s": naive_prediction(rd, model),
+            "predicted_comm_s": comm_s,
+            **regime_fields(r, rd, call, model),
+            "fitted_latency_s": fit.fitted(r["batch_size"]),
+            # Per-shape rates this prediction could not measure: interpolated or peak.
+            "rates_not_measured": dict(peak_source.unmeasured) or None,
+            **cost_check(r, roofline_cfg.cost_tolerance),
+            **extra,
+        }
+        out.append(rows_lib.extend(r, **fields))
+    return out, not_measured
+
+
+def predict_device(rd: dict[str, Any], model: DeviceModel) -> pricing.CallTime:
+    """The per-op predicted call of one device's share of a call, no communication; the
+    floor is the call's own (its arguments) where the sweep measured it."""
+    floor_s = rd.get("call_floor_s") or model.peaks.dispatch_floor_s
+    rates = dataclasses.replace(model.rates, dispatch_floor_s=floor_s)
+    return pricing.predict_call(roofline.row_ops(rd), rates)
+
+
+def naive_prediction(rd: dict[str, Any], model: DeviceModel) -> float:
+    """The whole-program max(overhead, bytes / BW, FLOPs / square-matmul peak) baseline."""
+    flops, bytes_moved = roofline.work(rd)
+    overhead_s = roofline.overhead_time(
+        rd.get("gemm_shapes"), model.peaks.dispatch_floor_s, model.peaks.kernel_overhead_s
+    )
+    return roofline.predict(flops, bytes_moved, overhead_s, model.bw, flops / model.square_f)[0]
+
+
+def regime_fields(
+    r: dict[str, Any], rd: dict[str, Any], call: pricing.CallTime, model: DeviceModel
+) -> dict[str, Any]:
+    """Which limit a point is at, by the roofline: one device's FLOPs per byte against the
+    ridge of the measured roofs (compute or memory), or overhead where the predicted fixed
+    cost per call exceeds both roof times; and the achieved fraction of each roof."""
+    flops, bytes_moved = roofline.work(rd)
+    terms = {
+        "overhead": call.overhead_s,
+        "memory": (bytes_moved or 0.0) / model.roof_bytes_per_s,
+        "compute": (flops or 0.0) / model.peak_f,
+    }
+    latency = r["latency_s"]
+    return {
+        "regime": max(terms, key=terms.get),
+        "regime_terms_s": terms,
+        "intensity_flops_per_byte": flops / bytes_moved if flops and bytes_moved else None,
+        "compute_roof_fraction": flops / latency / model.peak_f if flops else None,
+        "memory_roof_fraction": (
+            bytes_moved / latency / model.roof_bytes_per_s if bytes_moved else None
+        ),
+    }
+
+
+def cost_check(r: dict[str, Any], tolerance: float) -> dict[str, Any]:
+    """XLA's counted FLOPs and bytes against the analytic count, flagged beyond `tolerance`."""
+    flops_ratio = _ratio(r["flops"], r["analytic_flops"])
+    bytes_ratio = _ratio(r["bytes_accessed"], r["analytic_bytes"])
+    mismatch = any(x is not None and abs(x - 1) > tolerance for x in (flops_ratio, bytes_ratio))
+    return {
+        "xla_flops_ratio": flops_ratio,
+        "xla_bytes_ratio": bytes_ratio,
+        "cost_mismatch": mismatch,
+    }
+
+
+def spread_order(n: int) -> list[int]:
+    """0..n-1 with the ends first, then each gap's middle, breadth first: 0, n-1, n/2, ..."""
+    if n <= 2:
+        return list(range(n))
+    order, gaps = [0, n - 1], [(0, n - 1)]
+    while gaps:
+        lo, hi = gaps.pop(0)
+        if hi - lo > 1:
+            mid = (lo + hi) // 2
+            order.append(mid)
+            gaps += [(lo, mid), (mid, hi)]
+    return order

@@ -1,0 +1,135 @@
+"""Verdicts on the post's MLP claims: the knee against B* (C3), across widths (C4), and
+small networks bound by overhead (C5)."""
+
+import math
+from typing import Any
+
+from batching.predict.verdict import (
+    SIMULATION,
+    Verdict,
+    fmt,
+    knee_inside,
+    knee_text,
+    regimes_below,
+    run_rows,
+    simulated,
+    testing_batch,
+)
+from batching.setup import specs
+
+
+def t4_sentence(s: dict[str, Any]) -> str:
+    """The post's T4 under the roofline for this run's dtype: the datasheet peak that applies
+    (or says it has none), its B*, and the post's knee near 128 set against it."""
+    t4 = specs.SPECS["T4"]
+    f, note = specs.matmul_peak(t4, s["dtype"], s.get("matmul_precision", "default"))
+    if f is None:
+        return f"The post's T4 cannot run {s['dtype']} matmuls at a datasheet rate ({note})."
+    b = specs.critical_batch_size(f, t4.bandwidth_bytes_per_s, s.get("bytes_per_param", 4))
+    side = (
+        "later than"
+        if POST_T4_KNEE > 1.25 * b
+        else "earlier than"
+        if POST_T4_KNEE < b / 1.25
+        else "near"
+    )
+    return (
+        f"On the post's T4 the datasheet ({fmt(f / 1e12)} TFLOP/s {s['dtype']}"
+        + (f", {note}" if note else "")
+        + f"; {fmt(t4.bandwidth_bytes_per_s / 1e9)} GB/s) puts B* at {fmt(b)}; the post saw "
+        f"its MLP slow down near batch {POST_T4_KNEE}, {side} that."
+    )
+
+
+# Where the post's T4 MLP (depth 8, width 1024) started slowing down.
+POST_T4_KNEE = 128
+
+
+def c3_mlp_knee(summaries: list[dict[str, Any]], rows: list[dict[str, Any]]) -> Verdict:
+    """C3 on the first run: its fitted knee against the B* of the measured roofs (confirmed within
+    1.5x), and its regimes below the knee (overhead-bound: partly confirmed)."""
+    s = summaries[0]
+    if simulated(summaries):
+        return {"verdict": SIMULATION, "evidence": f"Run {s['run']} ran on forced host devices."}
+    pred, knee = s["predicted_critical_batch"], s["knee_batch_size"]
+    regimes = regimes_below(rows, s["run"], knee if math.isfinite(knee) else max(s["batch_sizes"]))
+    evidence = (
+        f"Run {s['run']} on {s['device_kind']}: fitted knee {knee_text(s)}; B* = "
+        f"F·bytes/(2·BW) = {fmt(pred)} from the measured roofs "
+        f"({fmt(s['peak_flops_per_s'] / 1e9)} GFLOP/s, {fmt(s['peak_bytes_per_s'] / 1e9)} GB/s); "
+        f"regimes by intensity below the knee: {', '.join(regimes) or 'none'}; free-batching "
+        f"limit {s['free_batching_limit']}. {t4_sentence(s)}"
+    )
+    if not knee_inside(s):
+        evidence += (
+            f" No knee lies inside the sweep (batch {min(s['batch_sizes'])} to "
+            f"{max(s['batch_sizes'])}): sweep to batch {testing_batch(s)} or more to test it."
+        )
+        return {"verdict": "not tested by this sweep", "evidence": evidence}
+    if regimes == ["overhead"]:
+        return {
+            "verdict": "partly confirmed: a knee exists, but below it the call is "
+            "overhead-bound, not memory-bound",
+            "evidence": evidence,
+        }
+    if pred / 1.5 <= knee <= pred * 1.5:
+        return {"verdict": "confirmed", "evidence": evidence}
+    return {
+        "verdict": f"partly confirmed: a knee exists, at {fmt(knee / pred)}x the B* "
+        "FLOPS/bandwidth gives",
+        "evidence": evidence,
+    }
+
+
+def c4_knee_across_widths(summaries: list[dict[str, Any]], rows: list[dict[str, Any]]) -> Verdict:
+    """C4: confirmed for the runs (widths) whose fitted knee lies inside their sweep."""
+    del rows
+    if simulated(summaries):
+        return {"verdict": SIMULATION, "evidence": "The widths ran on forced host devices."}
+    inside = [s for s in summaries if knee_inside(s)]
+    knees = "; ".join(f"{s['run']}: {knee_text(s)}" for s in summaries)
+    evidence = f"{len(inside)} of {len(summaries)} widths have a knee inside the sweep. {knees}."
+    outside = [s for s in summaries if s not in inside]
+    if outside:
+        evidence += (
+            " Not tested by this sweep: "
+            + ", ".join(f"{s['run']} (sweep to {testing_batch(s)})" for s in outside)
+            + "."
+        )
+    if len(inside) == len(summaries):
+        verdict = "confirmed"
+    elif inside:
+        verdict = f"confirmed for {len(inside)} of {len(summaries)} widths; the others not tested"
+    else:
+        verdict = "not tested by this sweep"
+    return {"verdict": verdict, "evidence": evidence}
+
+
+def c5_small_networks(summaries: list[dict[str, Any]], rows: list[dict[str, Any]]) -> Verdict:
+    """C5 on the run with fewest params: confirmed when its largest batch takes under twice its
+    smallest batch's latency, partly when latency grows under a tenth as fast as the work."""
+    s = min(summaries, key=lambda s: s["params"])
+    small = run_rows(rows, s["run"])
+    first, last = small[0], small[-1]
+    if simulated(summaries):
+        return {"verdict": SIMULATION, "evidence": f"Run {s['run']} ran on forced host devices."}
+    slowdown = last["latency_s"] / first["latency_s"]
+    work = last["batch_size"] / first["batch_size"]
+    evidence = (
+        f"Smallest network {s['run']} ({s['params']:,} params): batch {first['batch_size']} "
+        f"takes {fmt(first['latency_s'] * 1e6)} µs (measured), batch {last['batch_size']} "
+        f"{fmt(last['latency_s'] * 1e6)} µs ({fmt(slowdown)}x for {fmt(work)}x the work); "
+        f"the fitted model's flat floor {fmt(s['overhead_s'] * 1e6)} µs (fitted), a trivial "
+        f"call's dispatch floor {fmt(s['dispatch_floor_s'] * 1e6)} µs (measured); regime by "
+        f"intensity at batch {first['batch_size']}: {first['regime']}; free-batching limit "
+        f"{s['free_batching_limit']}."
+    )
+    # "Almost no scaling": the whole sweep costs less than doubling the smallest batch's time.
+    # Partly: time grows, but by less than a tenth of the work (overhead dominates).
+    if slowdown < 2:
+        verdict = "confirmed"
+    elif slowdown < 0.1 * work:
+        verdict = "partly confirmed: latency grows, but far slower than the work"
+    else:
+        verdict = "refuted on this device"
+    return {"verdict": verdict, "evidence": evidence}

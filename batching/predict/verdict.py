@@ -1,0 +1,132 @@
+"""What every verdict shares: the verdict type, how its prose writes numbers, and the tests
+of a run's summary that several claims read (is the knee inside the sweep, which points the
+fit rests on, how far a sweep must go)."""
+
+import math
+from typing import Any
+
+import numpy as np
+
+from batching import text
+
+Verdict = dict[str, str]
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+    """A number in a verdict's prose: batching.text.fmt, "none" where there is none."""
+    return text.fmt(x, digits, missing="none")
+
+
+def knee_inside(s: dict[str, Any]) -> bool:
+    """Whether the run's fitted knee lies strictly between its smallest and largest batch size."""
+    sizes = s["batch_sizes"]
+    knee = s.get("knee_batch_size")
+    return knee is not None and math.isfinite(knee) and min(sizes) < knee < max(sizes)
+
+
+SIMULATION = (
+    "not judged: a functional simulation (forced host devices share the same CPU cores, so "
+    "their timings say nothing about a device)"
+)
+
+
+def simulated(summaries: list[dict[str, Any]]) -> bool:
+    """Whether any run is a functional simulation (forced host devices)."""
+    return any(s.get("functional_simulation") for s in summaries)
+
+
+def testing_batch(s: dict[str, Any]) -> int:
+    """A batch size a sweep must reach to see this run turn compute-bound: 4x the largest of
+    the measured B*, the predicted curve's knee and the a-priori crossing, as a power of 2."""
+    marks = [
+        s.get(k)
+        for k in ("predicted_critical_batch", "predicted_curve_knee_batch_size",
+                  "predicted_knee_batch_size")
+        if s.get(k) is not None and math.isfinite(s.get(k))
+    ]  # fmt: skip
+    target = 4 * max(marks or [max(s["batch_sizes"])])
+    return int(2 ** math.ceil(math.log2(max(target, 2))))
+
+
+def regimes_below(rows: list[dict[str, Any]], run: str, below: float) -> list[str]:
+    """The run's regimes by intensity at batch sizes under `below`, each once, sorted."""
+    return sorted({r["regime"] for r in rows if r["run"] == run and r["batch_size"] < below})
+
+
+def knee_text(s: dict[str, Any]) -> str:
+    """'21.7 [21.2, 22.1] (±2% across passes), fitted on 10 converged of 10 points', or why
+    there is no knee or no interval."""
+    knee = s.get("knee_batch_size")
+    if knee is None or not math.isfinite(knee):
+        return "none" + fit_points(s).replace(", fitted", " (fitted", 1) + ")"
+    lo, hi = s["knee_low"], s["knee_high"]
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"{fmt(knee)} (no interval: no timing samples kept)" + fit_points(s)
+    text = f"{fmt(knee)} [{fmt(lo)}, {fmt(hi)}]"
+    if s.get("knee_interval_degenerate"):
+        text += " (a degenerate interval: the fit sits at an end)"
+    else:
+        width = (hi - lo) / 2 / knee
+        where = "across passes" if s.get("knee_interval_from") == "passes" else "within one pass"
+        text += f" (±{width:.0%} {where})"
+    return text + fit_points(s)
+
+
+def fit_points(s: dict[str, Any]) -> str:
+    """Which points the knee rests on: the converged ones, or all when too few converged."""
+    fitted, converged = s.get("knee_fit_points"), s.get("points_converged", s["points"])
+    if fitted is not None and fitted > converged:
+        return f", fitted on all {fitted} points (only {converged} converged)"
+    return f", fitted on {fitted if fitted is not None else '?'} converged of {s['points']} points"
+
+
+def trend(values: list[float]) -> str:
+    """How a quantity moves from the first to the last value ("none" counts as beyond)."""
+    first, last = values[0], values[-1]
+    if not math.isfinite(last) and math.isfinite(first):
+        return "moves out of reach"
+    if not (math.isfinite(first) and math.isfinite(last)):
+        return "cannot be followed"
+    if last < first / 1.25:
+        return "falls"
+    return "rises" if last > first * 1.25 else "stays about the same"
+
+
+def loglog_slope(rows: list[dict[str, Any]]) -> float:
+    """Least-squares slope of log latency against log batch size (1: linear)."""
+    b = np.log([r["batch_size"] for r in rows])
+    t = np.log([r["latency_s"] for r in rows])
+    return float(np.polyfit(b, t, 1)[0])
+
+
+def resnet50(summaries: list[dict[str, Any]], platform: str) -> dict[str, Any] | None:
+    """The summary of the ResNet50 run (depth 50) on `platform`, or None."""
+    return next((s for s in summaries if s.get("depth") == 50 and s["platform"] == platform), None)
+
+
+def run_rows(rows: list[dict[str, Any]], run: str) -> list[dict[str, Any]]:
+    """The run's rows, by batch size."""
+    return sorted((r for r in rows if r["run"] == run), key=lambda r: r["batch_size"])
+
+
+def throughput_gain(rows: list[dict[str, Any]], run: str, up_to: int) -> float:
+    """Best throughput at batch <= up_to over the smallest batch's: what batching bought."""
+    rs = [r for r in run_rows(rows, run) if r["batch_size"] <= up_to]
+    return max(r["throughput_per_s"] for r in rs) / rs[0]["throughput_per_s"]
+
+
+def first_regime(rows: list[dict[str, Any]], run: str) -> str:
+    """The run's regime by intensity at its smallest batch size."""
+    return run_rows(rows, run)[0]["regime"]
+
+
+# A verdict fits a trend: fewer measured batch sizes in a run than this give none.
+MIN_POINTS = 3
+
+
+def not_enough_points(why: str) -> Verdict:
+    """The verdict when runs have too few ok points; `why` says which."""
+    return {
+        "verdict": "not enough points",
+        "evidence": f"{why}; a verdict needs at least {MIN_POINTS} ok points per run",
+    }

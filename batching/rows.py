@@ -1,0 +1,375 @@
+"""One row of results.jsonl: every field a row may carry, with its group, unit and meaning.
+
+A row is one (run, batch size) point, self-contained: read alone it says what ran, where,
+how it was timed and what the analysis made of it, so rows from several machines can be
+concatenated and archived. The sweep builds rows through `make` and the analysis extends
+them through `extend`, both of which refuse a field this table does not list; the README's
+"Results schema" table is `markdown_table()` (a test keeps them equal). Rows written before
+a field existed stay readable: readers use `.get` for everything outside the point group.
+"""
+
+import dataclasses
+import re
+from typing import Any
+
+Row = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """A row field: its name, the group it belongs to, its unit ("" for none) and meaning."""
+
+    name: str
+    group: str
+    unit: str
+    meaning: str
+
+
+GROUPS = {
+    "point": "what ran, where, and whether it was measured",
+    "mesh": "the devices a point ran on and how the batch splits over them",
+    "timing": "the timed calls, pooled over the sweep's passes",
+    "cost": "the call's work: XLA's count, the lab's own, its ops and collectives",
+    "memory": "what the compiled program needs and what the device has",
+    "prediction": "the roofline analysis, added after the sweep",
+    "profile": "profiled points: the traced call read back per op kind",
+    "routing": "MoE rows: how the tokens spread over experts and devices",
+    "router": "MoE rows: the router's statistics (models.routers.routing_stats), mean over layers",
+    "workload": "the workload's own fields",
+}
+
+
+def _fields(group: str, *entries: tuple[str, str, str]) -> tuple[Field, ...]:
+    return tuple(Field(name, group, unit, meaning) for name, unit, meaning in entries)
+
+
+FIELDS: tuple[Field, ...] = (
+    *_fields(
+        "point",
+        ("experiment", "", "the experiment (config name)"),
+        ("run", "", "the run within it"),
+        ("model", "", "the workload's name (`model.name`)"),
+        ("batch_size", "examples", "the swept batch (global on a mesh)"),
+        ("dtype", "", "activation dtype"),
+        ("param_dtype", "", "parameter dtype"),
+        ("matmul_precision", "", "the precision the timed executable was compiled under"),
+        ("platform", "", "JAX platform (`cpu`, `gpu`, `tpu`)"),
+        ("device_kind", "", "the device's `device_kind`"),
+        ("device_count", "devices", "devices of that platform JAX sees"),
+        ("jax_version", "", "the JAX that measured it"),
+        (
+            "status",
+            "",
+            "`ok`, `skipped_memory`, `oom`, `skipped_after_oom` or `error` (see "
+            '"Faults, statuses and exit codes"); rows without one are ok',
+        ),
+        ("message", "", "rows that are not ok: why"),
+        ("error_type", "", "rows that raised: the exception's type"),
+        ("fingerprint", "", "the run's fingerprint: a rerun resumes rows that match it"),
+        ("timestamp", "s", "Unix time the row was written"),
+    ),
+    *_fields(
+        "mesh",
+        ("global_batch_size", "examples", "the swept (global) batch"),
+        (
+            "per_device_batch_size",
+            "examples",
+            "one device's share: the batch over the devices `batch` maps to (`mesh.data`, "
+            "or data × expert for the MoE decoder)",
+        ),
+        ("num_devices", "devices", "the mesh's devices"),
+        ("process_count", "processes", "JAX processes"),
+        ("mesh_shape", "", '`{"data", "expert", "model"}` sizes'),
+        (
+            "parallel_shape",
+            "",
+            "how many ways each mesh axis splits this workload (`data`: what `batch` maps "
+            "to; `expert`: the experts where the model has them; `model`: heads/mlp); an "
+            "axis that holds only replicas counts 1. The per-device prediction, the analytic "
+            "collectives and the global B* use it",
+        ),
+    ),
+    *_fields(
+        "timing",
+        ("latency_s", "s", "median seconds per call, over every pass's samples"),
+        ("latency_p10_s", "s", "10th percentile"),
+        ("latency_p90_s", "s", "90th percentile"),
+        ("latency_min_s", "s", "fastest call"),
+        ("latency_iqr_s", "s", "interquartile range"),
+        ("latency_ci_low_s", "s", "distribution-free 95% interval of the median: low end"),
+        ("latency_ci_high_s", "s", "its high end"),
+        ("n_runs", "calls", "timed calls, all passes"),
+        ("converged", "", "whether the pooled samples met the precision target"),
+        (
+            "stop_reason",
+            "",
+            "`precision`, else why not: `budget`, `max_runs`, or `pass_spread` (each pass "
+            "met its share but the passes disagree)",
+        ),
+        ("passes", "passes", "the sweep's passes"),
+        ("passes_done", "passes", "how many this point has"),
+        ("pass_medians_s", "s", "each pass's median"),
+        ("pass_n_runs", "calls", "each pass's timed calls"),
+        ("pass_stop_reasons", "", "why each pass stopped"),
+        (
+            "modes",
+            "",
+            'when the samples fall into two clearly separated groups: `[{"median_s", '
+            '"share"}, ...]` (faster first); else null',
+        ),
+        ("compile_s", "s", "XLA compile seconds for this shape"),
+        ("lower_s", "s", "lowering seconds"),
+        (
+            "call_floor_s",
+            "s",
+            "median seconds of a trivial jitted call handed this point's own arguments (the "
+            "flat arrays the timed call takes): the prediction's dispatch floor; measured "
+            "with `roofline.shape_aware` in one process, else null",
+        ),
+        ("examples", "examples", "examples per call (tokens for a decoder)"),
+        ("example_unit", "", "what `examples` counts: `examples` or `tokens`"),
+        ("throughput_per_s", "examples/s", "examples per second"),
+        ("examples_per_s", "examples/s", "the same, named by its unit"),
+        ("tokens_per_s", "tokens/s", "decoder rows: tokens per second"),
+        ("per_example_s", "s", "seconds per example"),
+        ("achieved_flops_per_s", "FLOP/s", "analytic FLOPs / median latency"),
+        ("achieved_bytes_per_s", "bytes/s", "analytic bytes / median latency"),
+    ),
+    *_fields(
+        "cost",
+        ("params", "parameters", "model size"),
+        ("param_bytes", "bytes", "the parameters' bytes"),
+        ("weight_bytes", "bytes", "weight bytes one call reads"),
+        ("flops", "FLOP", "XLA's cost analysis of the compiled program (null where none)"),
+        ("bytes_accessed", "bytes", "XLA's bytes accessed (null where none)"),
+        ("analytic_flops", "FLOP", "the lab's own count: Σ of `ops`"),
+        ("analytic_bytes", "bytes", "the lab's own bytes: Σ of `ops`"),
+        ("xla_flops_ratio", "", "XLA's FLOPs over the lab's"),
+        ("xla_bytes_ratio", "", "XLA's bytes over the lab's"),
+        ("cost_mismatch", "", "either ratio beyond `roofline.cost_tolerance`"),
+        (
+            "ops",
+            "",
+            "the call as ops (name, kind, shape, flops, bytes, weight_bytes, count, fused, "
+            "dtype, layout), per instance",
+        ),
+        ("gemm_shapes", "", "the call's matmuls (m, k, n, count), derived from `ops`"),
+        (
+            "attention_shapes",
+            "",
+            "decoder rows: the decode attention the roofline times (batch, kv_heads, "
+            "cache_len, q_per_kv, head_dim, count, layout, dtype, bytes)",
+        ),
+        (
+            "collectives",
+            "",
+            "the call's collectives (`kind`, `axis`, `axis_size`, `bytes` per device of one, "
+            "`count`)",
+        ),
+        ("comm_bytes", "bytes", "Σ bytes·count of `collectives`, per device"),
+        (
+            "xla_collectives",
+            "",
+            "on a mesh: the collectives XLA compiled into the program (count per op), from "
+            "its HLO text",
+        ),
+        ("xla_comm_bytes", "bytes", "their bytes per device"),
+    ),
+    *_fields(
+        "memory",
+        (
+            "memory_bytes",
+            "bytes",
+            "what the compiled program needs: arguments + outputs + temporaries − aliased "
+            "(donated) bytes, from XLA's `memory_analysis()`",
+        ),
+        ("temp_bytes", "bytes", "of which temporaries"),
+        (
+            "device_memory_bytes",
+            "bytes",
+            'what the device has: `memory_stats()["bytes_limit"]`, physical RAM on a CPU',
+        ),
+        ("memory_budget_bytes", "bytes", "`skipped_memory` rows: the budget it exceeded"),
+    ),
+    *_fields(
+        "prediction",
+        ("predicted_latency_s", "s", "the a-priori per-op roofline prediction"),
+        ("predicted_peak_latency_s", "s", "the same from the two peak rates alone"),
+        (
+            "predicted_overhead_s",
+            "s",
+            "the prediction's dispatch floor + launches + call extra",
+        ),
+        (
+            "predicted_call_extra_s",
+            "s",
+            "of the overhead, what the call pays once beyond the trivial floor, from its "
+            "small ops' lone calls (0 without small ops or `roofline.shape_aware`)",
+        ),
+        ("predicted_by_kind", "s", "the prediction's seconds per op kind and limit"),
+        (
+            "predicted_kinds",
+            "",
+            "per op kind: predicted seconds, FLOPs, its intensity `bound`, the FLOP rate the "
+            "prediction gives it and whether that leaves it `slower_than_roofs`",
+        ),
+        ("predicted_comm_s", "s", "the comm term of `predicted_latency_s` (0 without)"),
+        (
+            "predicted_balanced_latency_s",
+            "s",
+            "expert-parallel rows: the prediction with every device at the mean load",
+        ),
+        (
+            "regime",
+            "",
+            "the roofline's limit: `overhead`, `memory` or `compute`, the largest of "
+            "`regime_terms_s`",
+        ),
+        (
+            "regime_terms_s",
+            "s",
+            "the predicted fixed cost, bytes / memory roof and FLOPs / compute roof",
+        ),
+        ("intensity_flops_per_byte", "FLOP/byte", "FLOPs per byte of one device's share"),
+        ("compute_roof_fraction", "", "achieved FLOP/s over the compute roof"),
+        ("memory_roof_fraction", "", "achieved bytes/s over the memory roof"),
+        ("fitted_latency_s", "s", "the fitted three-limit model"),
+        (
+            "rates_not_measured",
+            "",
+            'per-shape rates the prediction could not measure: `{"<table>:<key>": '
+            '"interpolated" | "peak"}`; null when all were measured',
+        ),
+    ),
+    *_fields(
+        "profile",
+        (
+            "traced_ops",
+            "s",
+            'the median traced call per op kind, `{kind: {"seconds", "count"}}`, plus '
+            "`collective` and `other` (what no op kernel covers); kinds + other = "
+            "`traced_latency_s`",
+        ),
+        (
+            "traced_by_op",
+            "s",
+            "the same call's seconds and kernels per lab op name (`ops[].name`), where the "
+            "instructions' parameters name exactly that op",
+        ),
+        ("traced_latency_s", "s", "the traced call's wall time"),
+        ("traced_steps", "calls", "how many calls it is the median of (`profile.steps` − 1)"),
+        ("traced_vs_measured", "", "its ratio to `latency_s`"),
+        ("trace_file", "", "the `.xplane.pb`, relative to the workdir"),
+        ("traced_ops_error", "", "why the trace could not be read (the point stays `ok`)"),
+    ),
+    *_fields(
+        "routing",
+        ("routing_group_size", "tokens", "tokens per routing group"),
+        (
+            "tokens_per_expert",
+            "tokens",
+            "first MoE layer: tokens each expert computed (after capacity)",
+        ),
+        (
+            "device_loads",
+            "",
+            "tokens routed to each expert-axis device (before capacity, mean over layers)",
+        ),
+        ("device_max_mean_load", "", "their max over mean: what the slowest device waits for"),
+        ("layer_<i>/<stat>", "", "one MoE layer's `load_cv`, `max_mean_load`, ..."),
+    ),
+    *_fields(
+        "router",
+        ("aux_loss", "", "Switch/GShard load-balancing loss per routing group, mean over layers"),
+        ("aux_loss_batch", "", "the same with f and P pooled over the whole batch first"),
+        ("z_loss", "", "ST-MoE router z-loss"),
+        ("load_cv", "", "std / mean of tokens per expert (after capacity)"),
+        ("max_mean_load", "", "most-loaded expert over the mean, before capacity"),
+        ("drop_fraction", "", "routed assignments past capacity"),
+        ("token_drop_fraction", "", "tokens that lost every assignment"),
+        ("expert_usage", "", "expert slots filled over slots available"),
+        ("router_confidence", "", "mean combine weight of a dispatched slot"),
+        ("router_entropy", "nats", "mean entropy of the router's distribution"),
+    ),
+    *_fields(
+        "workload",
+        ("width", "", "MLP and ResNet width"),
+        ("depth", "layers", "layers"),
+        ("activation", "", "MLP activation"),
+        ("tokens", "tokens", "MLP tokens per example"),
+        ("image_size", "pixels", "ResNet and conv-stack input side"),
+        ("num_classes", "", "ResNet classes"),
+        ("intensity_b1", "FLOP/byte", "ResNet: FLOPs per byte at batch 1"),
+        ("channels", "", "conv stack channels"),
+        (
+            "weight_uses_per_example_position",
+            "",
+            "conv stack: how often one weight serves one example (its output positions)",
+        ),
+        ("d_model", "", "model width"),
+        ("mlp_dim", "", "feed-forward width"),
+        ("active_params", "parameters", "parameters one token uses"),
+        ("router", "", "`token_choice` or `expert_choice`"),
+        ("num_experts", "experts", "experts per MoE layer"),
+        ("top_k", "experts", "experts per token (token choice)"),
+        ("capacity_factor", "", "expert capacity over the balanced share"),
+        (
+            "weight_uses_per_example",
+            "",
+            "MoE: the share of the batch each expert weight serves (k/E)",
+        ),
+        ("aux_loss_weight", "", "MoE decoder: the training's load-balancing weight"),
+        ("aux_loss_scope", "", "MoE decoder: `group` or `batch`"),
+        ("trained", "", "MoE decoder: trained before timing"),
+        ("phase", "", "decoder rows: `decode` or `prefill`"),
+        ("cache_len", "tokens", "decoder rows: context"),
+        ("prompt_len", "tokens", "prefill rows: prompt length"),
+        ("kv_bytes_per_token", "bytes", "KV-cache bytes per token"),
+        ("cache_dtype", "", "the KV cache's dtype"),
+        ("cache_layout", "", "the resolved KV-cache layout"),
+    ),
+)
+
+BY_NAME = {f.name: f for f in FIELDS}
+# Fields named by a pattern: per-layer routing statistics.
+PATTERNS = (re.compile(r"layer_\d+/[a-z_]+"),)
+
+
+def is_field(name: str) -> bool:
+    """Whether a row may carry `name`."""
+    return name in BY_NAME or any(p.fullmatch(name) for p in PATTERNS)
+
+
+def check(fields: dict[str, Any]) -> None:
+    """KeyError naming every field `fields` holds that no row may carry."""
+    unknown = sorted(k for k in fields if not is_field(k))
+    if unknown:
+        raise KeyError(f"row fields {unknown} are not in batching.rows.FIELDS")
+
+
+def make(**fields: Any) -> Row:
+    """A new row from `fields`, every one of them a schema field."""
+    check(fields)
+    return dict(fields)
+
+
+def extend(row: Row, **fields: Any) -> Row:
+    """`row` with `fields` added or replaced (a new dict), every one of them a schema field."""
+    check(fields)
+    return {**row, **fields}
+
+
+def names(group: str) -> tuple[str, ...]:
+    """The fields of one group, in table order."""
+    if group not in GROUPS:
+        raise KeyError(f"no row group {group!r}; the groups are {sorted(GROUPS)}")
+    return tuple(f.name for f in FIELDS if f.group == group)
+
+
+def markdown_table() -> str:
+    """The README's field table: one line per field, grouped."""
+    lines = ["| field | group | unit | meaning |", "|---|---|---|---|"]
+    for f in FIELDS:
+        unit = f.unit or "–"
+        lines.append(f"| `{f.name}` | {f.group} | {unit} | {f.meaning} |")
+    return "\n".join(lines)

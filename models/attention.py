@@ -1,0 +1,144 @@
+"""Grouped-query self-attention with rotary positions that owns its KV cache (MaxText
+style), and the projections the decoder builds from.
+
+`cfg` is a models.decoder_config.DecoderConfig (any object with its fields: d_model, n_heads,
+n_kv_heads, head_dim, rope_theta, dtype, param_dtype); this module does not import it, so
+the decoder's config can name what the attention reads without a cycle.
+
+Letters in array names: B batch, L length, S cache slots per sequence, D model dim, K kv
+heads, G query heads per kv head, N query heads (N = K*G), H head dim.
+"""
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models import kv_cache, partitioning
+from models.dtypes import resolve_dtype
+from models.kv_cache import KVCache
+
+
+def apply_rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+    """Rotates the two halves of each head by angles position * theta^(-2i/H), in float32."""
+    H = x_BxLxNxH.shape[-1]
+    inv_freq = theta ** (-jnp.arange(0, H, 2, dtype=jnp.float32) / H)  # H/2 frequencies
+    angles = positions_BxL.astype(jnp.float32)[:, :, None, None] * inv_freq  # B x L x 1 x H/2
+    sin, cos = jnp.sin(angles), jnp.cos(angles)
+    x1, x2 = jnp.split(x_BxLxNxH.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x_BxLxNxH.dtype)
+
+
+def attend(
+    q_BxLxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array, mask_BxLxS: jax.Array
+) -> jax.Array:
+    """Grouped-query attention without repeating K/V: query head n reads kv head n // G.
+
+    Scores and softmax are float32; masked positions get zero weight. Returns out_BxLxNxH.
+    """
+    B, L, N, H = q_BxLxNxH.shape
+    K = k_BxSxKxH.shape[2]
+    q_BxLxKxGxH = q_BxLxNxH.reshape(B, L, K, N // K, H)
+    k_BxSxKxH = k_BxSxKxH.astype(q_BxLxNxH.dtype)
+    v_BxSxKxH = v_BxSxKxH.astype(q_BxLxNxH.dtype)
+    scores_BxKxGxLxS = jnp.einsum("blkgh,bskh->bkgls", q_BxLxKxGxH, k_BxSxKxH)
+    scores_BxKxGxLxS = scores_BxKxGxLxS.astype(jnp.float32) / math.sqrt(H)
+    scores_BxKxGxLxS = jnp.where(
+        mask_BxLxS[:, None, None], scores_BxKxGxLxS, jnp.finfo(jnp.float32).min
+    )
+    probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS, axis=-1).astype(v_BxSxKxH.dtype)
+    out_BxLxKxGxH = jnp.einsum("bkgls,bskh->blkgh", probs_BxKxGxLxS, v_BxSxKxH)
+    return out_BxLxKxGxH.reshape(B, L, N, H)
+
+
+# nnx.Linear's and nnx.Embed's own default initialisers, named so their weights carry axes.
+KERNEL_INIT = nnx.initializers.lecun_normal()
+EMBED_INIT = nnx.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
+
+
+def dense(cfg: Any, d_in: int, d_out: int, rngs: nnx.Rngs, axes: tuple[str, str]) -> nnx.Linear:
+    """A bias-free projection whose kernel [d_in, d_out] carries logical `axes` (Megatron
+    tensor parallelism: `heads`/`mlp` out of the column-parallel ones, into the row-parallel)."""
+    return nnx.Linear(
+        d_in,
+        d_out,
+        use_bias=False,
+        dtype=resolve_dtype(cfg.dtype),
+        param_dtype=resolve_dtype(cfg.param_dtype),
+        kernel_init=partitioning.param_init(KERNEL_INIT, *axes),
+        rngs=rngs,
+    )
+
+
+class Attention(nnx.Module):
+    """Self-attention with rotary positions and grouped-query heads; owns the KV cache."""
+
+    def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        # The N·H and K·H columns are head-major, so splitting them over `model` splits heads.
+        self.query = dense(cfg, D, N * H, rngs, ("embed", "heads"))
+        self.key = dense(cfg, D, K * H, rngs, ("embed", "kv_heads"))
+        self.value = dense(cfg, D, K * H, rngs, ("embed", "kv_heads"))
+        self.out = dense(cfg, N * H, D, rngs, ("heads", "embed"))
+        self.cache = nnx.data(None)
+
+    def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype, layout: str) -> None:
+        """Gives the layer an empty KVCache for `batch` sequences of up to `max_len` tokens, in
+        `dtype` and `layout`."""
+        cfg = self.cfg
+        self.cache = KVCache(batch, max_len, cfg.n_kv_heads, cfg.head_dim, dtype, layout)
+
+    def _project(self, x_BxLxD: jax.Array, positions_BxL: jax.Array):
+        B, L, _ = x_BxLxD.shape
+        N, K, H = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim
+        q_BxLxNxH = self.query(x_BxLxD).reshape(B, L, N, H)
+        k_BxLxKxH = self.key(x_BxLxD).reshape(B, L, K, H)
+        v_BxLxKxH = self.value(x_BxLxD).reshape(B, L, K, H)
+        q_BxLxNxH = apply_rope(q_BxLxNxH, positions_BxL, self.cfg.rope_theta)
+        k_BxLxKxH = apply_rope(k_BxLxKxH, positions_BxL, self.cfg.rope_theta)
+        return q_BxLxNxH, k_BxLxKxH, v_BxLxKxH
+
+    def _output(self, out_BxLxNxH: jax.Array) -> jax.Array:
+        B, L, N, H = out_BxLxNxH.shape
+        return self.out(out_BxLxNxH.reshape(B, L, N * H))
+
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        """Causal attention over the sequence itself; reads and writes no cache."""
+        B, L, _ = x_BxLxD.shape
+        with jax.named_scope("attention"):
+            positions_BxL = jnp.broadcast_to(jnp.arange(L), (B, L))
+            q_BxLxNxH, k_BxLxKxH, v_BxLxKxH = self._project(x_BxLxD, positions_BxL)
+            mask_BxLxL = jnp.broadcast_to(jnp.tril(jnp.ones((L, L), bool)), (B, L, L))
+            return self._output(attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_BxLxL))
+
+    def prefill(self, x_BxLxD: jax.Array, lengths_B: jax.Array) -> jax.Array:
+        """Causal attention over a right-padded prompt that also writes its K/V to the cache.
+
+        Padding sits after each sequence's real tokens, so the causal mask alone keeps it out
+        of the real positions.
+        """
+        B, L, _ = x_BxLxD.shape
+        with jax.named_scope("attention"):
+            positions_BxL = jnp.broadcast_to(jnp.arange(L), (B, L))
+            q_BxLxNxH, k_BxLxKxH, v_BxLxKxH = self._project(x_BxLxD, positions_BxL)
+        self.cache.write_prompt(k_BxLxKxH, v_BxLxKxH, lengths_B)
+        with jax.named_scope("attention"):
+            mask_BxLxL = jnp.broadcast_to(jnp.tril(jnp.ones((L, L), bool)), (B, L, L))
+            return self._output(attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_BxLxL))
+
+    def decode(self, x_BxD: jax.Array) -> jax.Array:
+        """One token per sequence at position lengths[b]; attends over the static cache."""
+        with jax.named_scope("attention"):
+            positions_Bx1 = self.cache.lengths[...][: x_BxD.shape[0], None]
+            q_Bx1xNxH, k_Bx1xKxH, v_Bx1xKxH = self._project(x_BxD[:, None], positions_Bx1)
+        k, v, lengths_B = self.cache.append(k_Bx1xKxH[:, 0], v_Bx1xKxH[:, 0])
+        with jax.named_scope("attention"):
+            B, _, N, H = q_Bx1xNxH.shape
+            K = self.cfg.n_kv_heads
+            q_BxKxGxH = q_Bx1xNxH.reshape(B, K, N // K, H)
+            out_BxKxGxH = kv_cache.attend_cache(q_BxKxGxH, k, v, lengths_B, self.cache.layout)
+            return self._output(out_BxKxGxH.astype(q_Bx1xNxH.dtype).reshape(B, 1, N, H))[:, 0]
