@@ -47,7 +47,7 @@ from models.decoder_config import (  # noqa: F401 - the decoder's config and cou
 )
 from models.dtypes import resolve_dtype
 from models.kv_cache import KVCache
-from models.moe import MoELayer
+from models.moe import MoELayer, RouterBias
 
 Stats = dict[str, jax.Array]
 
@@ -285,6 +285,22 @@ class Decoder(nnx.Module):
         The caller keeps every length below the cache's max_len (see KVCache).
         """
         return self.decode_step_with_stats(tokens_B)[0]
+
+    def update_router_bias(self, stats: list[Stats], rate: float) -> None:
+        """Moves each MoE block's routing bias by its own step's loads (`stats`: one dict per
+        MoE block, in block order, as the *_with_stats methods return them)."""
+        layers = [b.mlp for b in self.blocks if isinstance(b.mlp, DecoderMoE)]
+        if len(layers) != len(stats):
+            raise ValueError(f"{len(stats)} routing stats for {len(layers)} MoE blocks")
+        for layer, layer_stats in zip(layers, stats, strict=True):
+            if layer.router_bias is not None:
+                layer.update_router_bias(layer_stats, rate)
+
+
+# What inference reads from a Decoder: its parameters and the routing biases training set
+# (models.moe.RouterBias; none without model.router_bias). Split a model with
+# nnx.split(model, WEIGHTS, nnx.Cache) where a decode step or prefill is jitted.
+WEIGHTS = nnx.Any(nnx.Param, RouterBias)
 
 
 def _collect(all_stats: list[Stats], stats: Stats | None) -> None:

@@ -38,6 +38,8 @@ class DecoderConfig:
     router: str = "token_choice"
     renormalize: bool = False
     moe_group_size: int = 0
+    # A per-expert bias on the top-k choice, set by training (auxiliary-loss-free balancing).
+    router_bias: bool = False
     # A decode step routes its B tokens in this many groups of B / decode_groups (1: one
     # group). Under expert parallelism it is the number of devices holding token shards, so a
     # group is one device's tokens (GShard); the run sets it, not the config.
@@ -101,6 +103,7 @@ class DecoderConfig:
             group_size=self.moe_group_size,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            router_bias=self.router_bias,
         )
 
 

@@ -1,6 +1,7 @@
 """A Decoder as pure functions over its split state, `graphdef, params, cache =
-nnx.split(model, nnx.Param, nnx.Cache)`: what the harness and the train step jit. Each merges
-a copy of the model, runs one of its modes and returns the new cache beside the outputs.
+nnx.split(model, models.decoder.WEIGHTS, nnx.Cache)`: what the harness and the train step
+jit. Each merges a copy of the model, runs one of its modes and returns the new cache beside
+the outputs.
 
 Letters in array names: B batch, L length, V vocab, T generated steps.
 """
@@ -17,13 +18,14 @@ from models.decoder import Stats
 
 
 def forward_with_stats(
-    graphdef: nnx.GraphDef, params: nnx.State, tokens_BxL: jax.Array
+    graphdef: nnx.GraphDef, params: nnx.State, tokens_BxL: jax.Array, *rest: nnx.State
 ) -> tuple[jax.Array, list[Stats]]:
     """Decoder.with_stats as a pure function: returns (logits_BxLxV, stats per MoE block).
 
-    Differentiable in params, stats["aux_loss"] and stats["z_loss"] included: the train step.
+    Differentiable in params, stats["aux_loss"] and stats["z_loss"] included: the train step,
+    which splits the routing biases off the parameters and hands them in `rest`.
     """
-    model = nnx.merge(graphdef, params, copy=True)
+    model = nnx.merge(graphdef, params, *rest, copy=True)
     return model.with_stats(tokens_BxL)
 
 

@@ -1,4 +1,16 @@
-"""Mixture-of-experts layer (GShard-style capacity-padded einsums) and an MoE MLP for sweeps.
+"""Mixture-of-experts layer and an MoE MLP for sweeps.
+
+Two ways to run the experts. With a capacity (capacity_factor > 0): GShard-style
+capacity-padded einsums, E x C slots per routing group whatever the loads, the overflow
+dropped (token- or expert-choice). Dropless (capacity_factor = 0, token-choice): the tokens'
+assignments sorted by expert and the experts applied with `jax.lax.ragged_dot` (MaxText's
+sparse-matmul path; Megablocks), nothing dropped and nothing padded, so imbalance costs time
+instead of tokens where the backend's ragged product follows the group sizes.
+
+Auxiliary-loss-free balancing (Wang et al. 2024, arXiv 2408.15664; DeepSeek-V3): with
+`router_bias` each layer holds a per-expert bias (a RouterBias variable, not a parameter: no
+optimizer touches it) added to the scores that pick the top-k only; `update_router_bias`
+moves it after a training step by rate * sign(mean load - load_e).
 
 Routing stats come out of `with_stats`, which returns (y, stats) as plain values instead of
 sowing them into the module: a pure function of (params, x) can then return them from
@@ -19,7 +31,18 @@ from flax import nnx
 
 from models import partitioning
 from models.dtypes import resolve_dtype
-from models.routers import check_router_args, expert_capacity, route, routing_stats
+from models.routers import (
+    check_router_args,
+    dropless_stats,
+    dropless_token_choice,
+    expert_capacity,
+    route,
+    routing_stats,
+)
+
+
+class RouterBias(nnx.Variable):
+    """A per-expert routing bias [E]: state that training sets by a rule, not by gradients."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,14 +60,22 @@ class MoEConfig:
     group_size: int = 0
     dtype: str = "float32"
     param_dtype: str = "float32"
+    # A per-expert bias on the scores that pick the top-k (auxiliary-loss-free balancing).
+    router_bias: bool = False
 
     def __post_init__(self):
         for name in ("d_model", "mlp_dim", "num_experts"):
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("group_size", self.group_size, minimum=0)
         check_router_args(self.router, self.num_experts, self.top_k, self.capacity_factor)
-        if not isinstance(self.renormalize, bool):
-            raise ValueError(f"model.renormalize must be a bool, got {self.renormalize!r}")
+        for name in ("renormalize", "router_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"model.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.router_bias and self.router != "token_choice":
+            raise ValueError(
+                "model.router_bias applies to token-choice routing; expert-choice is balanced "
+                f"by construction, got router={self.router!r}"
+            )
         resolve_dtype(self.dtype)
         resolve_dtype(self.param_dtype)
 
@@ -97,6 +128,7 @@ class MoELayer(nnx.Module):
         self.w_gate_ExDxF = nnx.Param(in_init(rngs.params(), (E, D, F), param_dtype))
         self.w_up_ExDxF = nnx.Param(in_init(rngs.params(), (E, D, F), param_dtype))
         self.w_down_ExFxD = nnx.Param(out_init(rngs.params(), (E, F, D), param_dtype))
+        self.router_bias = RouterBias(jnp.zeros((E,), jnp.float32)) if cfg.router_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.with_stats(x)[0]
@@ -125,14 +157,17 @@ class MoELayer(nnx.Module):
         x_GxSxD = partitioning.constrain(x.reshape(G, S, D), "groups", None, "embed")
 
         logits_GxSxE = self.router(x_GxSxD)
+        bias_E = self.router_bias[...] if self.router_bias is not None else jnp.zeros((0,))
+        if cfg.capacity_factor == 0:
+            return self._dropless(x_GxSxD.astype(dtype), logits_GxSxE, bias_E, x.shape)
         # Routing never looks across groups, so each device routes its own groups.
         routing = partitioning.shard_local(
-            lambda logits: route(
-                cfg.router, logits, cfg.top_k, cfg.capacity_factor, cfg.renormalize
+            lambda logits, bias: route(
+                cfg.router, logits, cfg.top_k, cfg.capacity_factor, cfg.renormalize, _bias(bias)
             ),
-            in_axes=[("groups",)],
+            in_axes=[("groups",), (None,)],
             out_axes=("groups",),
-        )(logits_GxSxE)
+        )(logits_GxSxE, bias_E)
 
         x_GxSxD = x_GxSxD.astype(dtype)
         x_ExGxCxD = jnp.einsum("GSD,GSEC->EGCD", x_GxSxD, routing.dispatch_GxSxExC.astype(dtype))
@@ -145,6 +180,46 @@ class MoELayer(nnx.Module):
         y_GxSxD = jnp.einsum("EGCD,GSEC->GSD", out_ExGxCxD, routing.combine_GxSxExC.astype(dtype))
         y_GxSxD = partitioning.constrain(y_GxSxD, "groups", None, "embed")
         return y_GxSxD.reshape(x.shape), routing_stats(routing)
+
+    def _dropless(
+        self, x_GxSxD: jax.Array, logits_GxSxE: jax.Array, bias_E: jax.Array, shape: tuple
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Every token's k assignments, sorted by expert, through the experts as ragged
+        products (rows grouped by expert, each group with its expert's weights), then put
+        back in token order and summed with their gates. Nothing is dropped or padded."""
+        cfg = self.cfg
+        G, S, D = x_GxSxD.shape
+        E, K, dtype = cfg.num_experts, cfg.top_k, x_GxSxD.dtype
+        routing = partitioning.shard_local(
+            lambda logits, bias: dropless_token_choice(logits, K, cfg.renormalize, _bias(bias)),
+            in_axes=[("groups",), (None,)],
+            out_axes=("groups",),
+        )(logits_GxSxE, bias_E)
+        T, N = G * S, G * S * K  # tokens, assignments
+        expert_N = routing.expert_GxSxK.reshape(N)
+        order_N = jnp.argsort(expert_N, stable=True)
+        x_NxD = x_GxSxD.reshape(T, D)[order_N // K]
+        sizes_E = jnp.bincount(expert_N, length=E).astype(jnp.int32)
+        gate_NxF = jax.lax.ragged_dot(x_NxD, self.w_gate_ExDxF[...].astype(dtype), sizes_E)
+        up_NxF = jax.lax.ragged_dot(x_NxD, self.w_up_ExDxF[...].astype(dtype), sizes_E)
+        h_NxF = jax.nn.silu(gate_NxF) * up_NxF
+        out_NxD = jax.lax.ragged_dot(h_NxF, self.w_down_ExFxD[...].astype(dtype), sizes_E)
+        out_TxKxD = jnp.zeros_like(out_NxD).at[order_N].set(out_NxD).reshape(T, K, D)
+        gate_TxKx1 = routing.gate_GxSxK.reshape(T, K, 1).astype(dtype)
+        y_TxD = jnp.sum(gate_TxKx1 * out_TxKxD, axis=1)
+        y_GxSxD = partitioning.constrain(y_TxD.reshape(G, S, D), "groups", None, "embed")
+        return y_GxSxD.reshape(shape), dropless_stats(routing)
+
+    def update_router_bias(self, stats: dict[str, jax.Array], rate: float) -> None:
+        """After a training step: each expert's bias moves by rate * sign(mean load - load_e),
+        the loads being this step's token assignments (Wang et al. 2024, Algorithm 1)."""
+        load_E = stats["tokens_per_expert_wanted"].astype(jnp.float32)
+        self.router_bias[...] = self.router_bias[...] + rate * jnp.sign(jnp.mean(load_E) - load_E)
+
+
+def _bias(bias_E: jax.Array) -> jax.Array | None:
+    """The routing bias, or None for the empty stand-in of a layer without one."""
+    return bias_E if bias_E.size else None
 
 
 class MoEMLP(nnx.Module):

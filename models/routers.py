@@ -49,7 +49,10 @@ def expert_capacity(
 
 
 def check_router_args(router: str, num_experts: int, top_k: int, capacity_factor: float) -> None:
-    """Raises a ValueError naming the config field (model.*) and its bad value."""
+    """Raises a ValueError naming the config field (model.*) and its bad value.
+
+    A capacity factor of 0 means dropless token-choice (no capacity, nothing dropped);
+    expert-choice has no dropless form (its capacity is what each expert takes)."""
     if router not in ROUTERS:
         raise ValueError(f"model.router must be one of {list(ROUTERS)}, got {router!r}")
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
@@ -59,9 +62,13 @@ def check_router_args(router: str, num_experts: int, top_k: int, capacity_factor
     if (
         not isinstance(capacity_factor, (int, float))
         or isinstance(capacity_factor, bool)
-        or not capacity_factor > 0
+        or capacity_factor < 0
+        or (capacity_factor == 0 and router == "expert_choice")
     ):
-        raise ValueError(f"model.capacity_factor must be > 0, got {capacity_factor!r}")
+        raise ValueError(
+            "model.capacity_factor must be > 0, or 0 for dropless token-choice, got "
+            f"{capacity_factor!r}" + (" with expert_choice" if capacity_factor == 0 else "")
+        )
 
 
 def _check_logits(logits_GxSxE: jax.Array) -> None:
@@ -69,8 +76,32 @@ def _check_logits(logits_GxSxE: jax.Array) -> None:
         raise ValueError(f"router logits must be [G, S, E], got shape {logits_GxSxE.shape}")
 
 
+def top_k_choices(
+    probs_GxSxE: jax.Array, top_k: int, renormalize: bool = False, bias_E: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """(gate_GxSxK, expert_GxSxK): each token's top-k experts and their combine weights.
+
+    With `bias_E` (auxiliary-loss-free balancing, Wang et al. 2024, arXiv 2408.15664, as
+    DeepSeek-V3 uses it) the experts are the top-k of probs + bias, while the gates stay the
+    unbiased probs of the chosen experts: the bias steers which experts a token reaches, never
+    how much their outputs weigh. `renormalize` divides the gates by their sum over the k.
+    """
+    if bias_E is None:
+        gate_GxSxK, expert_GxSxK = jax.lax.top_k(probs_GxSxE, top_k)
+    else:
+        _, expert_GxSxK = jax.lax.top_k(probs_GxSxE + bias_E.astype(jnp.float32), top_k)
+        gate_GxSxK = jnp.take_along_axis(probs_GxSxE, expert_GxSxK, axis=-1)
+    if renormalize:
+        gate_GxSxK = gate_GxSxK / jnp.sum(gate_GxSxK, axis=-1, keepdims=True)
+    return gate_GxSxK, expert_GxSxK
+
+
 def token_choice(
-    logits_GxSxE: jax.Array, top_k: int, capacity_factor: float, renormalize: bool = False
+    logits_GxSxE: jax.Array,
+    top_k: int,
+    capacity_factor: float,
+    renormalize: bool = False,
+    bias_E: jax.Array | None = None,
 ) -> RoutingResult:
     """Each token picks its top-k experts; an expert keeps the first C choices it gets.
 
@@ -80,7 +111,8 @@ def token_choice(
     group; with k>1 a later token's first choice can take the slot an earlier token's second
     choice wanted, so only routing with no drops is causal.
     The combine weight is the router prob, or with `renormalize` the prob divided by the sum of
-    the token's k chosen probs (dropped choices still count in that sum).
+    the token's k chosen probs (dropped choices still count in that sum). `bias_E` steers the
+    choice only (top_k_choices).
     """
     _check_logits(logits_GxSxE)
     _, S, E = logits_GxSxE.shape
@@ -89,9 +121,7 @@ def token_choice(
 
     logits_GxSxE = logits_GxSxE.astype(jnp.float32)
     probs_GxSxE = jax.nn.softmax(logits_GxSxE, axis=-1)
-    gate_GxSxK, expert_GxSxK = jax.lax.top_k(probs_GxSxE, top_k)
-    if renormalize:
-        gate_GxSxK = gate_GxSxK / jnp.sum(gate_GxSxK, axis=-1, keepdims=True)
+    gate_GxSxK, expert_GxSxK = top_k_choices(probs_GxSxE, top_k, renormalize, bias_E)
     choice_GxSxKxE = jax.nn.one_hot(expert_GxSxK, E, dtype=jnp.float32)
 
     # Rank all first choices before all second choices: lay the choices out k-major, count
@@ -147,16 +177,58 @@ def route(
     top_k: int,
     capacity_factor: float,
     renormalize: bool = False,
+    bias_E: jax.Array | None = None,
 ) -> RoutingResult:
-    """Runs the router called `kind`; expert-choice ignores `top_k` and `renormalize`.
+    """Runs the capacity router called `kind`; expert-choice ignores `top_k`, `renormalize`
+    and `bias_E` (a config check refuses a bias for it: it is balanced by construction).
 
     `top_k` is still checked against E for both kinds, as it is one config for both.
     """
     _check_logits(logits_GxSxE)
     check_router_args(kind, logits_GxSxE.shape[-1], top_k, capacity_factor)
     if kind == "token_choice":
-        return token_choice(logits_GxSxE, top_k, capacity_factor, renormalize)
+        return token_choice(logits_GxSxE, top_k, capacity_factor, renormalize, bias_E)
     return expert_choice(logits_GxSxE, capacity_factor)
+
+
+@struct.dataclass
+class DroplessRouting:
+    """Dropless token-choice: every token keeps its k experts (no capacity, no slots).
+
+    expert_GxSxK (int32) and gate_GxSxK: each token's chosen experts and their weights;
+    probs_GxSxE, logits_GxSxE and assigned_GxSxE (the choices as a 0/1 mask) as in
+    RoutingResult.
+    """
+
+    expert_GxSxK: jax.Array
+    gate_GxSxK: jax.Array
+    probs_GxSxE: jax.Array
+    logits_GxSxE: jax.Array
+    assigned_GxSxE: jax.Array
+
+
+def dropless_token_choice(
+    logits_GxSxE: jax.Array,
+    top_k: int,
+    renormalize: bool = False,
+    bias_E: jax.Array | None = None,
+) -> DroplessRouting:
+    """Each token's top-k experts, all of them kept (MaxText's sparse-matmul path, Megablocks):
+    a token's routing depends on its own logits alone, whatever the rest of the group."""
+    _check_logits(logits_GxSxE)
+    E = logits_GxSxE.shape[-1]
+    check_router_args("token_choice", E, top_k, 0)
+    logits_GxSxE = logits_GxSxE.astype(jnp.float32)
+    probs_GxSxE = jax.nn.softmax(logits_GxSxE, axis=-1)
+    gate_GxSxK, expert_GxSxK = top_k_choices(probs_GxSxE, top_k, renormalize, bias_E)
+    assigned_GxSxE = jnp.sum(jax.nn.one_hot(expert_GxSxK, E, dtype=jnp.float32), axis=2)
+    return DroplessRouting(
+        expert_GxSxK=expert_GxSxK.astype(jnp.int32),
+        gate_GxSxK=gate_GxSxK,
+        probs_GxSxE=probs_GxSxE,
+        logits_GxSxE=logits_GxSxE,
+        assigned_GxSxE=assigned_GxSxE,
+    )
 
 
 # The scalar statistics of `routing_stats`; the others are per-expert or per-token arrays.
@@ -171,6 +243,8 @@ SCALAR_STATS = (
     "expert_usage",
     "router_confidence",
     "router_entropy",
+    "max_vio_group",
+    "max_vio_batch",
 )
 
 
@@ -201,27 +275,67 @@ def routing_stats(result: RoutingResult) -> dict[str, jax.Array]:
       expert_usage: slots filled / slots available (E*C*G).
       router_confidence: sum(combine) / sum(dispatch), the mean weight of a dispatched slot.
       router_entropy: mean over tokens of -sum_e p log p (nats).
+      max_vio_group, max_vio_batch: MaxVio (Wang et al. 2024, arXiv 2408.15664), max_e load_e /
+        mean_e load_e - 1 on the wanted loads (the router's choices, before capacity): within
+        each routing group, averaged over the groups; and over the call's tokens pooled
+        (max_mean_load - 1). Over a whole held-out set it is "global" MaxVio (the training's
+        held-out statistics).
       experts_per_token [T]: experts each token reached, in token order.
       f_e [E]: fraction of tokens whose wanted assignments include e (sums to k).
       p_e [E]: mean router prob of e (sums to 1).
     """
     G, S, E, C = result.dispatch_GxSxExC.shape
-    T = G * S
-    assigned_GxSxE = result.assigned_GxSxE.astype(jnp.float32)
-    dispatched_GxSxE = jnp.sum(result.dispatch_GxSxExC, axis=-1)
-    logits_GxSxE = result.logits_GxSxE.astype(jnp.float32)
+    return _stats(
+        result.assigned_GxSxE.astype(jnp.float32),
+        jnp.sum(result.dispatch_GxSxExC, axis=-1),
+        jnp.sum(result.combine_GxSxExC),
+        G * E * C,
+        result.probs_GxSxE,
+        result.logits_GxSxE,
+    )
 
+
+def dropless_stats(routing: DroplessRouting) -> dict[str, jax.Array]:
+    """routing_stats of a dropless routing: every assignment is computed, so what was
+    dispatched is what was wanted (no drops), and a slot is an assignment (usage 1)."""
+    G, S, K = routing.expert_GxSxK.shape
+    assigned_GxSxE = routing.assigned_GxSxE.astype(jnp.float32)
+    return _stats(
+        assigned_GxSxE,
+        assigned_GxSxE,
+        jnp.sum(routing.gate_GxSxK),
+        G * S * K,
+        routing.probs_GxSxE,
+        routing.logits_GxSxE,
+    )
+
+
+def _stats(
+    assigned_GxSxE: jax.Array,
+    dispatched_GxSxE: jax.Array,
+    combined: jax.Array,
+    slots: int,
+    probs_GxSxE: jax.Array,
+    logits_GxSxE: jax.Array,
+) -> dict[str, jax.Array]:
+    """The statistics of routing_stats from what was wanted and dispatched per token and
+    expert, the sum of combine weights, and the slots the layer computes."""
+    G, S, E = assigned_GxSxE.shape
+    T = G * S
+    logits_GxSxE = logits_GxSxE.astype(jnp.float32)
     load_E = jnp.sum(dispatched_GxSxE, axis=(0, 1))
-    wanted_E = jnp.sum(assigned_GxSxE, axis=(0, 1))
+    wanted_GxE = jnp.sum(assigned_GxSxE, axis=1)
+    wanted_E = jnp.sum(wanted_GxE, axis=0)
     total_wanted = jnp.sum(wanted_E)
     total_dispatched = jnp.sum(load_E)
     f_E = wanted_E / T
     f_GxE = jnp.mean(assigned_GxSxE, axis=1)
-    p_GxE = jnp.mean(result.probs_GxSxE, axis=1)
-    p_E = jnp.mean(result.probs_GxSxE, axis=(0, 1))
+    p_GxE = jnp.mean(probs_GxSxE, axis=1)
+    p_E = jnp.mean(probs_GxSxE, axis=(0, 1))
     experts_per_token_T = jnp.sum(dispatched_GxSxE, axis=-1).reshape(T)
     log_probs_GxSxE = jax.nn.log_softmax(logits_GxSxE, axis=-1)
-
+    max_mean_load = jnp.max(wanted_E) / _nonzero(total_wanted / E)
+    max_mean_GxE = jnp.max(wanted_GxE, axis=-1) / _nonzero(jnp.mean(wanted_GxE, axis=-1))
     return {
         "aux_loss": E * jnp.mean(jnp.sum(f_GxE * p_GxE, axis=-1)),
         "aux_loss_batch": E * jnp.sum(f_E * p_E),
@@ -229,12 +343,14 @@ def routing_stats(result: RoutingResult) -> dict[str, jax.Array]:
         "tokens_per_expert": load_E,
         "tokens_per_expert_wanted": wanted_E,
         "load_cv": jnp.std(load_E) / _nonzero(jnp.mean(load_E)),
-        "max_mean_load": jnp.max(wanted_E) / _nonzero(total_wanted / E),
+        "max_mean_load": max_mean_load,
         "drop_fraction": 1.0 - total_dispatched / _nonzero(total_wanted),
         "token_drop_fraction": jnp.mean((experts_per_token_T == 0).astype(jnp.float32)),
-        "expert_usage": total_dispatched / (G * E * C),
-        "router_confidence": jnp.sum(result.combine_GxSxExC) / _nonzero(total_dispatched),
-        "router_entropy": jnp.mean(-jnp.sum(result.probs_GxSxE * log_probs_GxSxE, axis=-1)),
+        "expert_usage": total_dispatched / slots,
+        "router_confidence": combined / _nonzero(total_dispatched),
+        "router_entropy": jnp.mean(-jnp.sum(probs_GxSxE * log_probs_GxSxE, axis=-1)),
+        "max_vio_group": jnp.mean(max_mean_GxE) - 1.0,
+        "max_vio_batch": max_mean_load - 1.0,
         "experts_per_token": experts_per_token_T,
         "f_e": f_E,
         "p_e": p_E,

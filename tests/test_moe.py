@@ -101,7 +101,11 @@ def _np_stats(dispatch, combine, assigned, logits):
     per_token = dispatch.sum((2, 3)).reshape(T)
     lse = np.log(np.exp(logits.astype(np.float64)).sum(-1))
     f_group, P_group = assigned.mean(1), p.mean(1)
+    wanted_group = assigned.sum(1)
+    vio_group = wanted_group.max(-1) / wanted_group.mean(-1) - 1
     return {
+        "max_vio_group": vio_group.mean(),
+        "max_vio_batch": wanted.max() / wanted.mean() - 1,
         "aux_loss": E * np.mean(np.sum(f_group * P_group, -1)),
         "aux_loss_batch": E * np.sum(f * P),
         "z_loss": np.mean(lse**2),
@@ -279,6 +283,8 @@ def test_stats_perfectly_balanced():
             "tokens_per_expert_wanted": [1, 1, 1, 1],
             "load_cv": 0.0,
             "max_mean_load": 1.0,
+            "max_vio_group": 0.0,  # MaxVio: max/mean load - 1
+            "max_vio_batch": 0.0,
             "drop_fraction": 0.0,
             "token_drop_fraction": 0.0,
             "expert_usage": 1.0,
@@ -308,6 +314,8 @@ def test_stats_all_tokens_to_one_expert(cf, dispatched):
             "tokens_per_expert_wanted": [4, 0, 0, 0],
             "load_cv": math.sqrt(3.0),  # std([1,0,0,0]) / mean = sqrt(3/16) / (1/4)
             "max_mean_load": 4.0,  # the cf needed to drop nothing, whatever cf ran
+            "max_vio_group": 3.0,
+            "max_vio_batch": 3.0,
             "drop_fraction": 1 - dispatched / 4,
             "token_drop_fraction": 1 - dispatched / 4,
             "expert_usage": dispatched / (4 * expert_capacity(4, 4, cf)),
@@ -530,7 +538,8 @@ def test_aux_and_z_loss_gradients_reach_the_router():
     [
         ({"top_k": 5}, "model.top_k", "5"),
         ({"top_k": 0}, "model.top_k", "0"),
-        ({"capacity_factor": 0.0}, "model.capacity_factor", "0.0"),
+        ({"capacity_factor": 0.0, "router": "expert_choice"}, "model.capacity_factor", "0.0"),
+        ({"router_bias": True, "router": "expert_choice"}, "model.router_bias", "expert"),
         ({"capacity_factor": -1.0}, "model.capacity_factor", "-1.0"),
         ({"router": "sinkhorn"}, "model.router", "sinkhorn"),
         ({"group_size": -1}, "model.group_size", "-1"),
@@ -569,3 +578,61 @@ def test_param_counts():
     assert moe.num_active_params(cfg) == 3 * (8 * 4 + 2 * 3 * 8 * 16)
     ec = MoEMLPConfig(d_model=8, mlp_dim=16, num_experts=4, router="expert_choice", depth=3)
     assert moe.num_active_params(ec) == int(3 * (8 * 4 + 1.25 * 3 * 8 * 16))
+
+
+# ---- loss-free balancing, MaxVio and the dropless layer ---------------------------------
+
+
+def test_router_bias_steers_the_choice_and_never_the_gates():
+    # Token 0 prefers expert 0, then 1; a bias on expert 2 large enough to enter its top-2.
+    logits = jnp.log(jnp.asarray([[[0.5, 0.3, 0.15, 0.05]]], jnp.float32))
+    bias = jnp.asarray([0.0, 0.0, 0.2, 0.0])
+    r = token_choice(logits, top_k=2, capacity_factor=2.0, bias_E=bias)
+    chosen = np.flatnonzero(np.asarray(r.assigned_GxSxE[0, 0]))
+    assert chosen.tolist() == [0, 2]  # probs + bias: 0.5, 0.3, 0.35, 0.05
+    combine = np.asarray(r.combine_GxSxExC[0, 0]).sum(-1)
+    np.testing.assert_allclose(combine, [0.5, 0.0, 0.15, 0.0], rtol=1e-6)  # unbiased probs
+    dropless = routers.dropless_token_choice(logits, 2, bias_E=bias)
+    np.testing.assert_allclose(np.asarray(dropless.gate_GxSxK[0, 0]), [0.5, 0.15], rtol=1e-6)
+
+
+def test_router_bias_update_follows_the_rule():
+    """b_e <- b_e + rate * sign(mean load - load_e) on the step's wanted loads (Wang et al.
+    2024, Algorithm 1), checked against numpy."""
+    cfg = MoEConfig(d_model=8, mlp_dim=16, num_experts=4, top_k=2, router_bias=True)
+    layer = moe.MoELayer(cfg, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(3), (16, 8))
+    for step in range(3):
+        before = np.asarray(layer.router_bias[...]).copy()
+        _, stats = layer.with_stats(x)
+        # the wanted loads from the biased top-k, in numpy
+        logits = np.asarray(x @ layer.router.kernel[...], np.float64)
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        top2 = np.argsort(-(p + before), axis=-1, kind="stable")[:, :2]
+        load = np.bincount(top2.ravel(), minlength=4).astype(np.float64)
+        np.testing.assert_array_equal(np.asarray(stats["tokens_per_expert_wanted"]), load)
+        layer.update_router_bias(stats, 0.01)
+        want = before + 0.01 * np.sign(load.mean() - load)
+        np.testing.assert_allclose(np.asarray(layer.router_bias[...]), want, atol=1e-7)
+        assert step or np.abs(want).max() > 0
+
+
+@pytest.mark.parametrize("router_bias", [False, True])
+def test_dropless_layer_equals_the_capacity_layer_when_nothing_drops(router_bias):
+    common = dict(d_model=16, mlp_dim=32, num_experts=4, top_k=2, depth=2, router_bias=router_bias)
+    big = moe.MoEMLP(moe.MoEMLPConfig(capacity_factor=4.0, **common), rngs=nnx.Rngs(0))
+    dropless = moe.MoEMLP(moe.MoEMLPConfig(capacity_factor=0.0, **common), rngs=nnx.Rngs(0))
+    if router_bias:  # the same non-zero bias in both
+        for a, b in zip(big.layers, dropless.layers, strict=True):
+            a.router_bias[...] = b.router_bias[...] = jnp.asarray([0.1, 0.0, -0.1, 0.05])
+    x = jax.random.normal(jax.random.key(1), (24, 16))
+    with jax.default_matmul_precision("highest"):
+        y_big, stats_big = big.with_stats(x)
+        y_dropless, stats_dropless = dropless.with_stats(x)
+    assert all(float(s["drop_fraction"]) == 0 for s in stats_big)
+    np.testing.assert_allclose(np.asarray(y_dropless), np.asarray(y_big), rtol=1e-6, atol=1e-6)
+    for a, b in zip(stats_big, stats_dropless, strict=True):
+        for key in ("max_vio_group", "max_vio_batch", "aux_loss", "load_cv", "router_entropy"):
+            np.testing.assert_allclose(float(b[key]), float(a[key]), rtol=1e-5, err_msg=key)
+        assert float(b["expert_usage"]) == 1.0  # every assignment is computed, none padded
