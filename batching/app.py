@@ -65,6 +65,8 @@ def validate(config: ml_collections.ConfigDict) -> list[workload.Bench]:
             try:
                 bench = workload.Bench(run)
                 bench.module.validate(run.config.model)
+                if hasattr(bench.module, "validate_run"):
+                    bench.module.validate_run(run.config)
             except (ValueError, TypeError) as e:
                 raise runs.ConfigError(f"{e}{runs.where(run)}") from None
             runs.check_placement(run)

@@ -49,6 +49,9 @@ def model(router: str = "token_choice", top_k: int = 2) -> config_dict.ConfigDic
     m.renormalize = False
     # Tokens per routing group in a full forward; 0 = one group per sequence.
     m.moe_group_size = 0
+    # A per-expert bias on the top-k choice (token-choice only), moved by training
+    # (train.router_bias_update_rate); saved with the parameters.
+    m.router_bias = False
     m.dtype = "float32"
     m.param_dtype = "float32"
     m.cache_dtype = "float32"
@@ -80,6 +83,12 @@ def train() -> config_dict.ConfigDict:
     # batch: Qwen 2025 "Demons in the Detail", OLMo-core). Both are logged either way.
     t.aux_loss_scope = "group"
     t.z_loss_weight = 0.001
+    # Auxiliary-loss-free balancing (Wang et al. 2024; DeepSeek-V3 uses 0.001): after each
+    # step every routing bias moves by this rate * sign(mean load - load). Needs
+    # model.router_bias = True; 0 leaves the biases alone.
+    t.router_bias_update_rate = 0.0
+    # Each run trains (and is swept) once per seed: runs named <run>_seed<i>, seed + i.
+    t.seeds = 1
     t.log_every = 10
     t.eval_every = 100
     t.eval_batches = 8

@@ -20,6 +20,7 @@ from batching.outputs.tensorboard import EventLog
 from batching.workloads import checkpoint, text_data, train
 from configs import moe_decoder
 from models import decoder
+from models.moe import RouterBias
 from models.routers import SCALAR_STATS
 from tests.conftest import once_per_session
 
@@ -167,7 +168,7 @@ def test_saved_params_load_back_to_identical_logits(trained, tmp_path):
     cfg = train.model_config(config.model)
     params = checkpoint.load_params(path, config.model)
     abstract = nnx.eval_shape(lambda: decoder.Decoder(cfg, rngs=nnx.Rngs(0)))
-    graphdef, _ = nnx.split(abstract, nnx.Param)
+    graphdef, _ = nnx.split(abstract, decoder.WEIGHTS)
 
     @jax.jit
     def logits(params, tokens_BxL):
@@ -176,7 +177,9 @@ def test_saved_params_load_back_to_identical_logits(trained, tmp_path):
     # These are the final weights: they give the held-out loss the run reported.
     split = text_data.load_split(TEXT_BYTES, config.train.heldout_fraction)
     batches = train.heldout_batches(split, config.train, config.seed)
-    heldout_loss, _ = train.evaluate(train.make_eval_step(graphdef), params, batches)
+    graphdef_2, _, _ = nnx.split(abstract, nnx.Param, RouterBias)
+    weights = nnx.split_state(params, nnx.Param, RouterBias)
+    heldout_loss, _ = train.evaluate(train.make_eval_step(graphdef_2), weights, batches)
     assert heldout_loss == pytest.approx(summary["heldout_loss"], abs=1e-6)
 
     inputs_BxL = batches[0][0]
@@ -254,6 +257,8 @@ def test_training_runs_without_aux_loss(arg, tmp_path):
         ("model", dict(router="switch"), "model.router must be one of"),
         ("model", dict(vocab_size=100), "model.vocab_size must be >= 256"),
         ("model", dict(moe_group_size=7), "model.moe_group_size=7 must divide"),
+        ("train", dict(router_bias_update_rate=0.01), "needs model.router_bias = True"),
+        ("train", dict(router_bias_update_rate=-1.0), "router_bias_update_rate must be >= 0"),
     ],
 )
 def test_bad_config_is_rejected_before_anything_is_written(section, changes, match, tmp_path):
@@ -263,3 +268,26 @@ def test_bad_config_is_rejected_before_anything_is_written(section, changes, mat
     with pytest.raises(ValueError, match=match):
         train.run(config, str(workdir))
     assert not workdir.exists()
+
+
+def test_the_routing_bias_is_state_the_optimizer_never_sees():
+    config = tiny_config()
+    config.model.router_bias = True
+    config.train.router_bias_update_rate = 0.01
+    cfg = train.validate(config)
+    trainer, (params, bias), opt_state = train.make_trainer(config, cfg)
+    paths = ["/".join(map(str, p)) for p, _ in nnx.to_flat_state(params)]
+    biases = ["/".join(map(str, p)) for p, _ in nnx.to_flat_state(bias)]
+    assert biases and all(p.endswith("router_bias") for p in biases)
+    assert not any("router_bias" in p for p in paths)
+    n_params = len(jax.tree.leaves(params))
+    # adamw's moments: one per parameter, none for a bias
+    assert all(len(jax.tree.leaves(m)) == n_params for m in (opt_state[-1][0].mu,))
+    batch = text_data.sample_batch(trainer.split.train, 4, 16, np.random.default_rng(0))
+    before = [(p, np.asarray(v.get_value())) for p, v in nnx.to_flat_state(bias)]
+    params, new_bias, _, _, stats = trainer.train_step(params, bias, opt_state, batch)
+    after = [np.asarray(v.get_value()) for _, v in nnx.to_flat_state(new_bias)]
+    for (path, old), new, layer in zip(before, after, stats, strict=True):
+        load = np.asarray(layer["tokens_per_expert_wanted"], np.float64)
+        want = old + 0.01 * np.sign(load.mean() - load)
+        np.testing.assert_allclose(new, want, atol=1e-7, err_msg=str(path))

@@ -42,6 +42,8 @@ class Run:
 
     name: str
     config: ml_collections.ConfigDict  # the base config with the run's overrides applied
+    # The setting this run is one seed of (train.seeds > 1), else "": the run itself.
+    setting: str = ""
 
     @property
     def batch_sizes(self) -> tuple[int, ...]:
@@ -50,6 +52,31 @@ class Run:
 
 
 def expand(config: ml_collections.ConfigDict) -> list[Run]:
+    """One Run per entry of `config.runs` (or one run named `config.name`), and per seed of a
+    run with train.seeds > 1."""
+    return [seeded for run in _expand_runs(config) for seeded in _seeds(run)]
+
+
+def _seeds(run: Run) -> list[Run]:
+    """The run once per seed (train.seeds): named <run>_seed<i>, with config.seed + i."""
+    train = run.config.get("train")
+    seeds = train.get("seeds", 1) if train is not None else 1
+    if not _positive_int(seeds):
+        raise ConfigError(f"train.seeds must be a positive integer, got {seeds!r}{where(run)}")
+    if seeds == 1:
+        return [run]
+    out = []
+    for i in range(seeds):
+        cfg = run.config.copy_and_resolve_references()
+        name = f"{run.name}_seed{i}"
+        with cfg.unlocked():
+            cfg.seed = run.config.seed + i
+            cfg.run_name = name
+        out.append(Run(name, cfg, setting=run.name))
+    return out
+
+
+def _expand_runs(config: ml_collections.ConfigDict) -> list[Run]:
     """One Run per entry of `config.runs` (or one run named `config.name`)."""
     base = config.copy_and_resolve_references()
     with base.unlocked():

@@ -47,7 +47,8 @@ def save_params(path: str, params: nnx.State, cfg: decoder.DecoderConfig) -> Non
 def load_params(
     path: str, model_cfg: decoder.DecoderConfig | Mapping | ml_collections.ConfigDict
 ) -> nnx.State:
-    """Params saved by `save_params`, as the nnx.State of Decoder(model_cfg)'s nnx.Param.
+    """Params saved by `save_params`, as the nnx.State of Decoder(model_cfg)'s
+    decoder.WEIGHTS (its parameters and any routing biases).
 
     Restore with `nnx.merge(graphdef, load_params(path, cfg))` or `nnx.update(model, ...)`.
     Arrays are cast to model.param_dtype. Routing fields (router, top_k, capacity_factor,
@@ -60,7 +61,7 @@ def load_params(
         else base.config_of(decoder.DecoderConfig, model_cfg)
     )
     abstract = nnx.eval_shape(lambda: decoder.Decoder(cfg, rngs=nnx.Rngs(0)))
-    flat = list(nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
+    flat = list(nnx.to_flat_state(nnx.state(abstract, decoder.WEIGHTS)))
     with np.load(path) as npz:
         arrays = {key: npz[key] for key in npz.files}
     keys = {"/".join(str(part) for part in p): p for p, _ in flat}

@@ -30,7 +30,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -40,97 +40,23 @@ import numpy as np
 import optax
 from flax import nnx
 
-from batching.workloads import base, text_data
+from batching.workloads import text_data
 from batching.workloads.checkpoint import params_path, save_params, write_atomic
+from batching.workloads.train_config import (  # noqa: F401 - train's config API
+    AUX_LOSS_STAT,
+    SCHEDULES,
+    model_config,
+    validate,
+)
 from batching.workloads.train_log import Log, NoLog, write_routing
 from models import decoder, decoding
+from models.moe import RouterBias
 from models.routers import SCALAR_STATS
 
-SCHEDULES = ("cosine", "constant")
-# train.aux_loss_scope -> the routing statistic that is the trained load-balancing loss:
-# "group" balances within each routing group (GShard/Switch/flaxformer/MaxText), "batch" over
-# the pooled global batch (Qwen 2025 "Demons in the Detail", OLMo-core). See routers.routing_stats.
-AUX_LOSS_STAT = {"group": "aux_loss", "batch": "aux_loss_batch"}
 SUMMARY_FILE = "train_summary.json"
 
 Batch = tuple[np.ndarray, np.ndarray]
 Stats = dict[str, Any]
-
-
-# Config.
-
-
-def model_config(model_cfg: Mapping | ml_collections.ConfigDict) -> decoder.DecoderConfig:
-    """The DecoderConfig fields present in `model_cfg` (base.config_of); other keys (name,
-    phase, ...) are ignored and missing ones keep their defaults."""
-    return base.config_of(decoder.DecoderConfig, model_cfg)
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_float(name: str, value: Any, positive: bool) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if (positive and not value > 0) or value < 0:
-        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
-
-
-def validate(config: ml_collections.ConfigDict) -> decoder.DecoderConfig:
-    """Checks the fields training reads; returns the model config. Raises ValueError naming
-    the bad field (config.train.*, config.name, config.seed or model.*)."""
-    t = config.get("train")
-    if t is None:
-        raise ValueError("config.train is missing: see configs/moe_decoder.py for its fields")
-    ints = {"steps": 1, "batch_size": 1, "seq_len": 1, "warmup_steps": 0, "log_every": 1}
-    ints |= {"eval_every": 1, "eval_batches": 1, "max_text_bytes": 1}
-    floats = {"learning_rate": True, "weight_decay": False, "grad_clip_norm": False}
-    floats |= {"aux_loss_weight": False, "z_loss_weight": False, "heldout_fraction": True}
-    for name in [*ints, *floats, "schedule", "aux_loss_scope"]:
-        if name not in t:
-            raise ValueError(f"config.train.{name} is missing")
-    for name, minimum in ints.items():
-        _check_int(f"config.train.{name}", t[name], minimum)
-    for name, positive in floats.items():
-        _check_float(f"config.train.{name}", t[name], positive)
-    if t.warmup_steps >= t.steps:
-        raise ValueError(
-            f"config.train.warmup_steps must be < config.train.steps={t.steps}, "
-            f"got {t.warmup_steps}"
-        )
-    if not t.heldout_fraction < 1:
-        raise ValueError(
-            f"config.train.heldout_fraction must lie in (0, 1), got {t.heldout_fraction!r}"
-        )
-    if t.aux_loss_scope not in AUX_LOSS_STAT:
-        raise ValueError(
-            f"config.train.aux_loss_scope must be one of {list(AUX_LOSS_STAT)}, "
-            f"got {t.aux_loss_scope!r}"
-        )
-    if t.schedule not in SCHEDULES:
-        raise ValueError(f"config.train.schedule must be one of {SCHEDULES}, got {t.schedule!r}")
-    _check_int("config.seed", config.get("seed"), 0)
-    name = config.get("name")
-    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name:
-        raise ValueError(f"config.name must be a plain file name, got {name!r}")
-    cfg = model_config(config.model)
-    if cfg.vocab_size < text_data.VOCAB_SIZE:
-        raise ValueError(
-            f"model.vocab_size must be >= {text_data.VOCAB_SIZE} for byte-level text, "
-            f"got {cfg.vocab_size}"
-        )
-    if t.seq_len > cfg.max_seq_len:
-        raise ValueError(
-            f"config.train.seq_len must be <= model.max_seq_len={cfg.max_seq_len}, got {t.seq_len}"
-        )
-    if cfg.moe_group_size and (t.batch_size * t.seq_len) % cfg.moe_group_size:
-        raise ValueError(
-            f"model.moe_group_size={cfg.moe_group_size} must divide config.train.batch_size * "
-            f"config.train.seq_len = {t.batch_size * t.seq_len}"
-        )
-    return cfg
 
 
 # Optimizer, loss and steps.
@@ -169,12 +95,15 @@ def loss_fn(
     aux_loss_weight: float,
     z_loss_weight: float,
     aux_loss_scope: str = "group",
+    bias: nnx.State | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, list[Stats]]]:
     """(total loss, (mean cross-entropy in nats per byte, routing stats per MoE layer)).
 
-    The aux term is the routing statistic AUX_LOSS_STAT[aux_loss_scope]."""
+    The aux term is the routing statistic AUX_LOSS_STAT[aux_loss_scope]. `bias` holds the
+    routing biases (models.moe.RouterBias) of a graphdef split from them; no gradient."""
     inputs_BxL, targets_BxL = batch
-    logits_BxLxV, stats = decoding.forward_with_stats(graphdef, params, inputs_BxL)
+    rest = () if bias is None else (jax.lax.stop_gradient(bias),)
+    logits_BxLxV, stats = decoding.forward_with_stats(graphdef, params, inputs_BxL, *rest)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL).mean()
     aux = _layer_mean(stats, AUX_LOSS_STAT[aux_loss_scope])
     z = _layer_mean(stats, "z_loss")
@@ -187,41 +116,50 @@ def make_train_step(
     aux_loss_weight: float,
     z_loss_weight: float,
     aux_loss_scope: str = "group",
+    bias_update_rate: float = 0.0,
 ) -> Callable:
-    """jit of step(params, opt_state, batch) -> (params, opt_state, metrics, stats); params
-    and opt_state are donated."""
+    """jit of step(params, bias, opt_state, batch) -> (params, bias, opt_state, metrics,
+    stats); params, bias and opt_state are donated. The optimizer sees the parameters only;
+    with `bias_update_rate` the routing biases then move by that step's loads
+    (Decoder.update_router_bias)."""
 
-    def step(params: nnx.State, opt_state: optax.OptState, batch: Batch):
+    def step(params: nnx.State, bias: nnx.State, opt_state: optax.OptState, batch: Batch):
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, (ce, stats)), grads = grad_fn(
-            params, graphdef, batch, aux_loss_weight, z_loss_weight, aux_loss_scope
+            params, graphdef, batch, aux_loss_weight, z_loss_weight, aux_loss_scope, bias
         )
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
+        if bias_update_rate:
+            model = nnx.merge(graphdef, params, bias, copy=True)
+            model.update_router_bias(stats, bias_update_rate)
+            bias = nnx.state(model, RouterBias)
         metrics = {"loss": loss, "ce_loss": ce, "grad_norm": optax.global_norm(grads)}
-        return params, opt_state, metrics, stats
+        return params, bias, opt_state, metrics, stats
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    return jax.jit(step, donate_argnums=(0, 1, 2))
 
 
 def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
-    """jit of eval(params, batch) -> (mean cross-entropy, routing stats per MoE layer)."""
+    """jit of eval(params, bias, batch) -> (mean cross-entropy, routing stats per MoE layer)."""
 
-    def step(params: nnx.State, batch: Batch):
-        _, (ce, stats) = loss_fn(params, graphdef, batch, 0.0, 0.0)
+    def step(params: nnx.State, bias: nnx.State, batch: Batch):
+        _, (ce, stats) = loss_fn(params, graphdef, batch, 0.0, 0.0, "group", bias)
         return ce, stats
 
     return jax.jit(step)
 
 
 def evaluate(
-    eval_step: Callable, params: nnx.State, batches: list[Batch]
+    eval_step: Callable, weights: tuple[nnx.State, nnx.State], batches: list[Batch]
 ) -> tuple[float, list[Stats]]:
-    """Held-out loss and per-layer stats over `batches`: scalar stats are means over batches
-    of each batch's value; tokens_per_expert is summed and experts_per_token concatenated."""
+    """Held-out loss and per-layer stats over `batches` (`weights`: params and routing
+    biases): scalar stats are means over batches of each batch's value; tokens_per_expert is
+    summed and experts_per_token concatenated; max_vio_global is MaxVio over the whole set
+    (the wanted loads summed over the batches: Wang et al. 2024's global MaxVio)."""
     losses, per_batch = [], []
     for batch in batches:
-        loss, stats = jax.device_get(eval_step(params, batch))
+        loss, stats = jax.device_get(eval_step(*weights, batch))
         losses.append(float(loss))
         per_batch.append(stats)
     layers = []
@@ -229,6 +167,8 @@ def evaluate(
         runs = [stats[i] for stats in per_batch]
         layer = {key: float(np.mean([s[key] for s in runs])) for key in SCALAR_STATS}
         layer["tokens_per_expert"] = np.sum([s["tokens_per_expert"] for s in runs], axis=0)
+        wanted = np.sum([s["tokens_per_expert_wanted"] for s in runs], axis=0)
+        layer["max_vio_global"] = float(np.max(wanted) / np.mean(wanted) - 1.0)
         layer["experts_per_token"] = np.concatenate([s["experts_per_token"] for s in runs])
         layers.append(layer)
     return float(np.mean(losses)), layers
@@ -249,8 +189,12 @@ def heldout_batches(
 # The run.
 
 
+# What the held-out summary keeps per layer: the routing scalars and global MaxVio.
+HELDOUT_STATS = (*SCALAR_STATS, "max_vio_global")
+
+
 def _layer_summary(layer: Stats) -> dict[str, Any]:
-    out = {key: layer[key] for key in SCALAR_STATS}
+    out = {key: layer[key] for key in HELDOUT_STATS}
     out["tokens_per_expert"] = [float(x) for x in layer["tokens_per_expert"]]
     return out
 
@@ -273,10 +217,12 @@ def make_trainer(config: ml_collections.ConfigDict, cfg: decoder.DecoderConfig):
     t = config.train
     split = text_data.load_split(t.max_text_bytes, t.heldout_fraction)
     abstract = nnx.eval_shape(lambda: decoder.Decoder(cfg, rngs=nnx.Rngs(0)))
-    graphdef, _ = nnx.split(abstract, nnx.Param)
+    graphdef, _, _ = nnx.split(abstract, nnx.Param, RouterBias)
     # One jitted init instead of one eager compile per weight shape.
-    params = jax.jit(
-        lambda: nnx.state(decoder.Decoder(cfg, rngs=nnx.Rngs(config.seed)), nnx.Param)
+    params, bias = jax.jit(
+        lambda: nnx.split(decoder.Decoder(cfg, rngs=nnx.Rngs(config.seed)), nnx.Param, RouterBias)[
+            1:
+        ]
     )()
     optimizer, schedule = make_optimizer(t)
     opt_state = jax.jit(optimizer.init)(params)
@@ -285,19 +231,24 @@ def make_trainer(config: ml_collections.ConfigDict, cfg: decoder.DecoderConfig):
         layers=decoder.moe_layers(cfg),
         split=split,
         train_step=make_train_step(
-            graphdef, optimizer, t.aux_loss_weight, t.z_loss_weight, t.aux_loss_scope
+            graphdef,
+            optimizer,
+            t.aux_loss_weight,
+            t.z_loss_weight,
+            t.aux_loss_scope,
+            t.get("router_bias_update_rate", 0.0),
         ),
         eval_step=make_eval_step(graphdef),
         schedule=schedule,
         eval_batches=heldout_batches(split, t, config.seed),
     )
-    return trainer, params, opt_state
+    return trainer, (params, bias), opt_state
 
 
-def train_loop(config: ml_collections.ConfigDict, trainer: Trainer, params, opt_state, log: Log):
+def train_loop(config: ml_collections.ConfigDict, trainer: Trainer, weights, opt_state, log: Log):
     """train.steps steps, logging every train.log_every and evaluating every
-    train.eval_every (and at the last step); returns (params, last metrics, held-out loss,
-    held-out per-layer stats)."""
+    train.eval_every (and at the last step); returns ((params, biases), last metrics,
+    held-out loss, held-out per-layer stats)."""
     t, cfg = config.train, trainer.cfg
     rng = np.random.default_rng(config.seed)
     precision = config.model.get("matmul_precision", "default")
@@ -309,7 +260,8 @@ def train_loop(config: ml_collections.ConfigDict, trainer: Trainer, params, opt_
     with ctx:
         for step in range(1, t.steps + 1):
             batch = text_data.sample_batch(trainer.split.train, t.batch_size, t.seq_len, rng)
-            params, opt_state, metrics, stats = trainer.train_step(params, opt_state, batch)
+            params, bias, opt_state, metrics, stats = trainer.train_step(*weights, opt_state, batch)
+            weights = (params, bias)
             if step % t.log_every == 0 or step in (1, t.steps):
                 metrics, stats = jax.device_get((metrics, stats))
                 for key, value in metrics.items():
@@ -317,10 +269,10 @@ def train_loop(config: ml_collections.ConfigDict, trainer: Trainer, params, opt_
                 log.scalar("train/learning_rate", float(trainer.schedule(step - 1)), step)
                 write_routing(log, "", stats, trainer.layers, step, cfg.router)
             if step % t.eval_every == 0 or step == t.steps:
-                heldout_loss, heldout = evaluate(trainer.eval_step, params, trainer.eval_batches)
+                heldout_loss, heldout = evaluate(trainer.eval_step, weights, trainer.eval_batches)
                 log.scalar("eval/loss", heldout_loss, step)
                 write_routing(log, "eval/", heldout, trainer.layers, step, cfg.router)
-    return params, metrics, heldout_loss, heldout
+    return weights, metrics, heldout_loss, heldout
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, log: Log | None = None) -> dict[str, Any]:
@@ -335,16 +287,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Log | None = None)
     t0 = time.perf_counter()
     cfg = validate(config)
     log = log if log is not None else NoLog()
-    trainer, params, opt_state = make_trainer(config, cfg)
+    trainer, weights, opt_state = make_trainer(config, cfg)
     log.text("config", "```\n" + config.to_json_best_effort(indent=2) + "\n```", 0)
     loop_start = time.perf_counter()
     try:
-        params, metrics, heldout_loss, heldout = train_loop(config, trainer, params, opt_state, log)
+        weights, metrics, heldout_loss, heldout = train_loop(
+            config, trainer, weights, opt_state, log
+        )
         train_seconds = time.perf_counter() - loop_start
     finally:
         log.close()
     path = params_path(workdir, config.name)
-    save_params(path, params, cfg)
+    save_params(path, nnx.merge_state(*weights), cfg)
     summary = {
         "name": config.name,
         "router": cfg.router,
@@ -374,7 +328,7 @@ def heldout_summary(layers: tuple[int, ...], heldout: list[Stats]) -> dict[str, 
         f"layer_{i}": _layer_summary(layer) for i, layer in zip(layers, heldout, strict=True)
     }
     heldout_stats: dict[str, Any] = (
-        {key: float(np.mean([layer[key] for layer in heldout])) for key in SCALAR_STATS}
+        {key: float(np.mean([layer[key] for layer in heldout])) for key in HELDOUT_STATS}
         if heldout
         else {}
     )
