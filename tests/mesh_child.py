@@ -128,6 +128,27 @@ def check_moe() -> dict:
     return result
 
 
+def check_moe_dropless() -> dict:
+    """Dropless token-choice (capacity 0, ragged products) split over 8 expert devices, and
+    over 2 data x 4 expert, against one device: no group can drop, so the output does not
+    depend on the grouping at all."""
+    model = moe_configs.model("token_choice")
+    model.d_model, model.mlp_dim, model.depth, model.capacity_factor = 16, 32, 2, 0.0
+    one = config(model.copy_and_resolve_references(), (32,))
+    _, ref, _ = run(moe_workload, one, one_device(one), 32)
+    result = {}
+    for name, mesh in (("ep", dict(expert=8)), ("dp_ep", dict(data=2, expert=4))):
+        cfg = config(model.copy_and_resolve_references(), (32,), **mesh)
+        wl, out, compiled = run(moe_workload, cfg, topology.build(cfg), 32)
+        fields = wl.point_fields(32)
+        result[f"moe_dropless_{name}"] = rel_diff(out, ref)
+        result[f"moe_dropless_{name}_hlo"] = collectives(compiled.executable.as_text())
+        result[f"moe_dropless_{name}_drop_fraction"] = fields["drop_fraction"]
+        result[f"moe_dropless_{name}_device_max_mean_load"] = fields["device_max_mean_load"]
+        result[f"moe_dropless_{name}_collectives"] = wl.collectives(32)
+    return result
+
+
 def decoder_config(**mesh):
     model = decoder_configs.model("decode")
     model.update(
@@ -245,6 +266,7 @@ if __name__ == "__main__":
     checks = {
         "mlp": check_mlp,
         "moe": check_moe,
+        "moe_dropless": check_moe_dropless,
         "decoder": check_decoder,
         "moe_decoder": check_moe_decoder,
     }

@@ -55,6 +55,20 @@ def test_sharded_outputs_equal_one_device(checks):
             assert checks[key] <= RTOL, (key, checks[key])
 
 
+def test_dropless_moe_on_expert_devices_equals_one_device(checks):
+    for name in ("ep", "dp_ep"):
+        key = f"moe_dropless_{name}"
+        assert checks[key] <= RTOL, (key, checks[key])
+        assert checks[f"{key}_drop_fraction"] == 0.0  # nothing can drop
+        assert checks[f"{key}_device_max_mean_load"] >= 1.0
+        # XLA's partitioner runs every assignment of a data replica through each device's own
+        # experts and all-reduces the partial results (no all-to-all); the analytic count
+        # says the same: gate/up and down, once per layer each.
+        assert "all-reduce" in checks[f"{key}_hlo"] and "all-to-all" not in checks[f"{key}_hlo"]
+        kinds = [(c["kind"], c["count"]) for c in checks[f"{key}_collectives"]]
+        assert kinds == [("all_reduce", 2), ("all_reduce", 2)]
+
+
 def test_collectives_in_compiled_programs(checks):
     # Data parallelism of a replicated MLP needs no collective at all.
     assert checks["mlp_dp_hlo"] == []

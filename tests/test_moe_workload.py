@@ -52,7 +52,7 @@ def test_moe_rows_carry_routing_stats_and_tensorboard_shows_them(tmp_path):
 def test_bad_moe_config_is_named(tmp_path):
     from batching.setup.runs import ConfigError
 
-    for field, value in (("top_k", 5), ("capacity_factor", 0.0), ("router", "random")):
+    for field, value in (("top_k", 5), ("capacity_factor", -1.0), ("router", "random")):
         config = tiny_moe(**{field: value})
         with pytest.raises(ConfigError, match=f"model.{field}"):
             app.run(config, str(tmp_path / "wd"))

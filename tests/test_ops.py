@@ -1,5 +1,7 @@
 """A call as ops: the totals each workload derives from its ops, and the per-op roofline."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -268,3 +270,37 @@ def test_small_ops_are_priced_from_their_lone_calls_and_pay_the_call_extra_once(
     noisy = pricing.Rates(**{**RATES.__dict__, "lone": lambda op: (5e-6, 4e-6)})
     assert pricing.op_time(other, noisy).seconds == 0.0
     assert pricing.predict_call([other], noisy).call_extra_s == pytest.approx(5e-6)
+
+
+def test_dropless_ops_count_the_rows_routed():
+    """Dropless: the experts' FLOPs are the routed rows' own, 2·tokens·k·D·F per matrix (3),
+    plus the router (and the gate-weighted sum, under 1%), whatever E; no slot padding."""
+    for experts in (4, 8):
+        cfg = moe.MoEMLPConfig(d_model=64, mlp_dim=128, num_experts=experts, top_k=2,
+                               capacity_factor=0.0, depth=2)  # fmt: skip
+        t = ops.totals(moe_workload.layer_ops(cfg, 256, 0, 4, 4, count=2))
+        routed = 2 * 256 * 2 * 64 * 128 * 3 + 2 * 256 * 64 * experts
+        assert t.flops == pytest.approx(2 * routed, rel=0.01)
+        assert t.weight_bytes == moe.num_params(cfg) * 4
+    kinds = [o.kind for o in moe_workload.layer_ops(cfg, 256, 0, 4, 4)]
+    assert kinds.count("ragged_gemm") == 2 and "moe_dispatch_combine" not in kinds
+
+
+def test_a_device_prices_its_own_experts_rows_times_its_load():
+    from batching.predict import roofline
+
+    op = Op("moe.down", "ragged_gemm", (8, 512, 128, 64), 2 * 512 * 128 * 64, 8 * 128 * 64 * 4,
+            8 * 128 * 64 * 4).to_dict()  # fmt: skip
+    one = roofline.per_device_op(op, tokens=8, model=1, weight_split=8, load=1.0)
+    slow = roofline.per_device_op(op, tokens=8, model=1, weight_split=8, load=1.5)
+    assert one["shape"] == [1, 64, 128, 64]  # one expert, an eighth of the rows
+    assert one["flops"] == op["flops"] / 8 and slow["flops"] == 1.5 * one["flops"]
+    assert one["weight_bytes"] == op["weight_bytes"] / 8
+
+
+def test_ragged_products_are_priced_at_their_measured_rate():
+    rates = dataclasses.replace(RATES, ragged=lambda shape: 1e9)
+    op = Op("e", "ragged_gemm", (8, 512, 128, 64), 2 * 512 * 128 * 64, 0.0)
+    assert pricing.op_time(op, rates).seconds == pytest.approx(op.flops / 1e9)
+    # without a rate for the shape: the peak, a lower bound
+    assert pricing.op_time(op, RATES).seconds == pytest.approx(op.flops / 1e12)

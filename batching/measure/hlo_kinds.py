@@ -45,6 +45,7 @@ _PRIORITY = (
     "attention",
     "gemm",
     "moe_dispatch_combine",
+    "ragged_gemm",
     "gather_scatter",
     "reduction",
     COLLECTIVE,
@@ -138,7 +139,10 @@ def instruction_kinds(hlo_text: str) -> dict[str, str]:
             return next((k for key, k in _CUSTOM_CALL_KINDS if key in target), OTHER)
         if op == "convolution":
             return "conv"
-        if op in ("dot", "ragged-dot"):
+        if op == "ragged-dot" or (op == "dot" and "ragged_dot" in ins.op_name):
+            # XLA:CPU rewrites a ragged dot into dense dots; jax's name stack keeps the op.
+            return "ragged_gemm"
+        if op == "dot":
             attention = ins.batched and _ATTENTION_NAME.search(ins.op_name)
             return "attention" if attention else "gemm"
         if op in _GATHER_SCATTER_OPS:

@@ -237,6 +237,34 @@ def peaks_of(entry: dict[str, Any], platform: str, device_kind: str) -> Measured
     )
 
 
+def ragged_flops(
+    device: jax.Device,
+    dtype: str,
+    shape: tuple[int, ...],
+    cache_dir: str,
+    matmul_precision: str = "default",
+    budget: peaks_cache.Budget | None = None,
+) -> float | None:
+    """Measured FLOP/s of the rows routed through a grouped product (groups, m, k, n)
+    (shape_bench.measure_ragged_flops), cached; None when it is not cached and `budget` is
+    spent."""
+    return peaks_cache.cached_measurement(
+        device,
+        cache_dir,
+        "ragged_flops_per_s",
+        peaks_cache.ragged_key(peaks_cache.dtype_key(dtype, matmul_precision), shape),
+        lambda entry: shape_bench.measure_ragged_flops(
+            device,
+            dtype,
+            tuple(shape),
+            dispatch_floor_s=entry.get("dispatch_floor_s", 0.0),
+            kernel_overhead_s=entry.get("kernel_overhead_s", 0.0),
+        ),
+        matmul_precision=matmul_precision,
+        budget=budget,
+    )
+
+
 def gemm_flops(
     device: jax.Device,
     dtype: str,

@@ -58,6 +58,12 @@ def gemm_key(dkey: str, shape: tuple[int, ...], cold: bool) -> str:
     return f"{dkey}:{prefix}{m}x{k}x{n}" + (":cold" if cold else ":warm")
 
 
+def ragged_key(dkey: str, shape: tuple[int, ...]) -> str:
+    """ "float32:8@512x64x128": a grouped product of 8 groups, 512 rows in all."""
+    groups, m, k, n = shape
+    return f"{dkey}:{groups}@{m}x{k}x{n}"
+
+
 def conv_key(dkey: str, shape: tuple[int, ...]) -> str:
     """ "float32:16x56x56x64x64x3x1": a conv at the batch it is measured at
     (shape_bench.conv_measured_batch)."""
@@ -122,6 +128,7 @@ def cached_measurement(
 _SWEPT = {
     "gemm_flops_per_s": (r"(?P<pre>[^:]+:(?:\d+@)?)(?P<x>\d+)(?P<post>(?:x\d+){2}:\w+)", True),
     "conv_flops_per_s": (r"(?P<pre>[^:]+:)(?P<x>\d+)(?P<post>(?:x\d+){6})", True),
+    "ragged_flops_per_s": (r"(?P<pre>[^:]+:\d+@)(?P<x>\d+)(?P<post>(?:x\d+){2})", True),
     "attention_s": (r"(?P<pre>[^:]+:[^:]+:)(?P<x>\d+)(?P<post>(?:x\d+){4})", False),
 }
 

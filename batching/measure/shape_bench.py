@@ -117,6 +117,38 @@ def measure_gemm_flops(
     return 2.0 * batch * m * k * n / _per_instance(t, copies, dispatch_floor_s, kernel_overhead_s)
 
 
+def measure_ragged_flops(
+    device: jax.Device,
+    dtype: str,
+    shape: tuple[int, ...],
+    dispatch_floor_s: float = 0.0,
+    kernel_overhead_s: float = 0.0,
+) -> float:
+    """FLOP/s of the rows routed through a grouped product (groups, m, k, n):
+    jax.lax.ragged_dot of m rows, split evenly over the groups, each group times its own
+    [k, n] weights, FLOPs counted as 2·m·k·n. What the backend really computes sets the
+    rate: XLA:CPU rewrites a ragged dot into dense dots over every group (cost analysis and
+    time both grow with the groups), a GPU runs a grouped GEMM. Several distinct weight sets
+    per call (every output kept), as measure_gemm_flops does warm, the call's fixed costs
+    taken off."""
+    groups, m, k, n = shape
+    item = jnp.dtype(dtype).itemsize
+    llc = microbench.last_level_cache_bytes(device)
+    wanted = -(-int(WARM_CALL_FLOPS) // (2 * m * k * n))
+    copies = max(1, min(16, wanted, llc // 4 // (groups * k * n * item)))
+    x = jax.device_put(jnp.ones((m, k), jnp.dtype(dtype)), device)
+    sizes = jax.device_put(
+        jnp.asarray([m // groups + (g < m % groups) for g in range(groups)], jnp.int32), device
+    )
+    ws = _gemm_weights(device, dtype, (groups, k, n), copies)
+
+    def products(x, sizes, *ws):
+        return tuple(jax.lax.ragged_dot(x, w, sizes) for w in ws)
+
+    t = microbench._median_time(products, (x, sizes, *ws), GEMM_SETTINGS)
+    return 2.0 * m * k * n / _per_instance(t, copies, dispatch_floor_s, kernel_overhead_s)
+
+
 # Above this many FLOPs a convolution runs at its saturated rate: a larger batch of the same
 # layer is measured at the batch that reaches it (keeps a cold start short, ResNet50 at batch
 # 64 would otherwise cost minutes of microbenchmarks).

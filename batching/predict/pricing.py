@@ -59,6 +59,9 @@ class Rates:
     gemm: Callable[[tuple[int, ...]], float | None] | None = None
     conv: Callable[[tuple[int, ...]], float | None] | None = None
     attention: Callable[[Op], float | None] | None = None
+    # FLOP/s of the rows routed through a grouped product (groups, m, k, n), as the backend
+    # runs jax.lax.ragged_dot at that shape (shape_bench.measure_ragged_flops).
+    ragged: Callable[[tuple[int, ...]], float | None] | None = None
     # (one, two): seconds beyond the dispatch floor of calls running one and two instances of
     # an op alone (peaks.lone_op_seconds); asked only for ops under `small_op_s` (lone_times).
     lone: Callable[[Op], tuple[float, float] | None] | None = None
@@ -96,7 +99,7 @@ def _roofline_parts(op: Op, rates: Rates) -> tuple[float, float, str]:
     cached = (op.weight_bytes == 0 or rates.weights_warm) and act_bw == rates.cache_bytes_per_s
     memory_limit = "cache" if cached else "memory"
     compute_s = _measured_compute_s(op, rates)
-    if compute_s is None and op.kind in ("gemm", "conv", "attention", "moe_dispatch_combine"):
+    if compute_s is None and op.kind in (*GEMM_LIKE, "conv", "attention", "ragged_gemm"):
         compute_s = op.flops / rates.peak_flops_per_s
     elif compute_s is None:
         # Elementwise, normalisation, reductions, gathers: bandwidth-bound (a few FLOPs per
@@ -114,6 +117,9 @@ def _measured_compute_s(op: Op, rates: Rates) -> float | None:
         rate = rates.gemm(op.shape)
         # Epilogue FLOPs beyond the product (a bias add) ride along at no extra time.
         return 2.0 * math.prod(op.shape) / rate if rate else None
+    if op.kind == "ragged_gemm" and rates.ragged is not None and op.flops:
+        rate = rates.ragged(op.shape)
+        return op.flops / rate if rate else None
     if op.kind == "conv" and rates.conv is not None and op.flops and len(op.shape) == 7:
         rate = rates.conv(op.shape)
         return op.flops / rate if rate else None

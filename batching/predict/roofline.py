@@ -144,7 +144,11 @@ def per_device_op(
             shape[i] = max(1, -(-shape[i] // n))
 
     kind = op["kind"]
-    if kind in ("gemm", "moe_dispatch_combine") and len(shape) in (3, 4):
+    if kind == "ragged_gemm" and len(shape) == 4:
+        split(0, weight_split // model)  # each device's experts
+        split(1, tokens)  # the rows routed to them (times `load` below, in FLOPs)
+        split(3, model)
+    elif kind in ("gemm", "moe_dispatch_combine") and len(shape) in (3, 4):
         split(-3, tokens)  # m: the tokens
         split(-1, model)  # n: output features (Megatron splits one of k, n; the FLOPs agree)
     elif kind == "attention" and len(shape) == 5:

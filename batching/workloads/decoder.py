@@ -209,7 +209,7 @@ def abstract_decoder(cfg: decoder.DecoderConfig) -> decoder.Decoder:
 
 def random_params(cfg: decoder.DecoderConfig, seed: int) -> nnx.State:
     """Freshly initialised weights in one jitted program (eager init compiles per shape)."""
-    return jax.jit(lambda: nnx.state(decoder.Decoder(cfg, rngs=nnx.Rngs(seed)), nnx.Param))()
+    return jax.jit(lambda: nnx.state(decoder.Decoder(cfg, rngs=nnx.Rngs(seed)), decoder.WEIGHTS))()
 
 
 def _with_lengths(cache: nnx.State, lengths_B: jax.Array) -> nnx.State:
@@ -291,7 +291,7 @@ class DecoderCall:
         self.topo, self.params, self.length, self.tokens = topo, params, length, tokens
         self.model = abstract_decoder(cfg)
         self.model.init_cache(1, 1)
-        self.graphdef = nnx.split(self.model, nnx.Param, nnx.Cache)[0]
+        self.graphdef = nnx.split(self.model, decoder.WEIGHTS, nnx.Cache)[0]
         self.rng = np.random.default_rng(seed)
 
     def input_tokens(self, shape: tuple[int, ...]) -> jax.Array:

@@ -55,8 +55,10 @@ def layer_ops(
     (down). Routing (softmax, top-k, the masks) is left out of the FLOPs and bytes; it is one
     kernel launch here. Weights are read once; the input and
     output activations (`activation_bytes` per element; 0 leaves them out) are charged to the
-    router and the combine.
+    router and the combine. A dropless layer (capacity_factor 0) is dropless_layer_ops.
     """
+    if cfg.capacity_factor == 0:
+        return dropless_layer_ops(cfg, tokens, param_bytes, activation_bytes, count, prefix)
     D, E, F = cfg.d_model, cfg.num_experts, cfg.mlp_dim
     G, S, C = moe.routing_shape(cfg, tokens, group_size)
     act = tokens * D * activation_bytes
@@ -83,6 +85,45 @@ def layer_ops(
         gemm("down", (E, G * C, F, D), weights=E * F * D * param_bytes),
         gemm("combine", (G, S, E * C, D), extra=act, kind="moe_dispatch_combine"),
     ]
+
+
+def dropless_layer_ops(
+    cfg: moe.MoEConfig,
+    tokens: int,
+    param_bytes: int,
+    activation_bytes: int,
+    count: int = 1,
+    prefix: str = "moe.",
+) -> list[Op]:
+    """One dropless MoELayer call (models.moe, capacity_factor 0) as its kernels: the router
+    2·T·D·E; the N = T·k assignments sorted by expert and gathered (a launch); the experts as
+    grouped products over E groups of the N rows (`ragged_gemm`), gate and up [N, D] × [D, F]
+    and down [N, F] × [F, D], 6·N·D·F FLOPs: the rows routed, no slot padded; the outputs
+    scattered back and summed with their gates, 2·N·D. Weights are read once; the input and
+    output activations are charged to the router and the combine, the sorted copies assumed
+    to stay on chip, as the capacity-based layer's masks are."""
+    D, E, F, K = cfg.d_model, cfg.num_experts, cfg.mlp_dim, cfg.top_k
+    N = tokens * K
+    act = tokens * D * activation_bytes
+    dt = cfg.dtype
+
+    def ragged(name, k, n, copies=1):
+        weights = E * k * n * param_bytes
+        return Op(
+            prefix + name, "ragged_gemm", (E, N, k, n), 2 * N * k * n, weights, weights,
+            count=copies * count, dtype=dt,
+        )  # fmt: skip
+
+    router_w = D * E * param_bytes
+    return [
+        Op(prefix + "router", "gemm", (tokens, D, E), 2 * tokens * D * E, router_w + act,
+           router_w, count=count, dtype=dt),
+        Op(prefix + "routing", "elementwise", (tokens, E), 0, 0, count=count, dtype=dt),
+        Op(prefix + "sort", "gather_scatter", (N, D), 0, 0, count=count, dtype=dt),
+        ragged("gate_up", D, F, copies=2),
+        ragged("down", F, D),
+        Op(prefix + "combine", "elementwise", (N, D), 2 * N * D, act, count=count, dtype=dt),
+    ]  # fmt: skip
 
 
 def device_loads(wanted_E: np.ndarray, expert_devices: int) -> np.ndarray:
@@ -135,11 +176,24 @@ def all_to_alls(
     MoE layer moves this device's dispatched tokens [E, G, C, D] to the devices holding
     their experts and the experts' outputs back: 2 all-to-alls per MoE layer, payload
     G·E·C·D·act_bytes, its G groups of `group_size` tokens with C slots per expert
-    (models.moe.routing_shape). None without an expert axis.
+    (models.moe.routing_shape); a dropless layer all-reduces its experts' partial results
+    instead (what XLA compiles). None without an expert axis.
     """
     n = mesh_shape["expert"]
     if n == 1 or not moe_layers:
         return []
+    if cfg.capacity_factor == 0:
+        # Dropless: what XLA's partitioner compiles for ragged products whose experts are
+        # split (jax 0.10, tests/test_mesh.py reads the program): every expert device runs
+        # all of its data replica's N = tokens·k assignments through its own experts, and the
+        # partial results are all-reduced, gate and up [N, 2F] then down [N, D]; no
+        # all-to-all (a ragged all-to-all would move N·D each way).
+        rows = tokens_per_device * n * cfg.top_k
+        F, D = cfg.mlp_dim, cfg.d_model
+        return [
+            comm.entry("all_reduce", "expert", n, rows * 2 * F * act_bytes, moe_layers),
+            comm.entry("all_reduce", "expert", n, rows * D * act_bytes, moe_layers),
+        ]
     G = comm.shards(tokens_per_device, group_size, "tokens per device over the routing group")
     _, _, C = moe.routing_shape(cfg, group_size, group_size)  # one group's slots per expert
     payload = G * cfg.num_experts * C * cfg.d_model * act_bytes

@@ -10,6 +10,9 @@ truth for what a call does; the microbenchmarks, the trace reader and the per-op
 Shapes by kind (`Op.shape`):
   gemm, moe_dispatch_combine: (m, k, n), one [m, k] × [k, n] product per instance, or
     (batch, m, k, n), `batch` such products in one kernel (an einsum over experts or groups).
+  ragged_gemm: (groups, m, k, n), a grouped product (jax.lax.ragged_dot): m rows in all, each
+    group of rows times its own [k, n] (a dropless MoE's experts); FLOPs 2·m·k·n, the rows
+    actually routed, whatever the backend computes.
   conv: (batch, height, width, c_in, c_out, kernel, stride), NHWC input, (kernel - 1) // 2
     symmetric padding as models.resnet.
   attention: over a KV cache (batch, kv_heads, cache_len, q_per_kv, head_dim) with the cache's
@@ -29,6 +32,7 @@ KINDS = (
     "reduction",
     "gather_scatter",
     "moe_dispatch_combine",
+    "ragged_gemm",
 )
 # Which limit an op is at: DRAM bytes, bytes from the last-level cache, its measured (or
 # peak) FLOP rate, or nothing of its own (fused into its producer).
