@@ -48,6 +48,13 @@ FIELDS: tuple[Field, ...] = (
         "point",
         ("experiment", "", "the experiment (config name)"),
         ("run", "", "the run within it"),
+        (
+            "setting",
+            "",
+            "the setting the run is one seed of (train.seeds > 1: runs <setting>_seed<i>), "
+            "else the run itself",
+        ),
+        ("seed", "", "the run's config.seed (its parameters' init, its inputs, its training)"),
         ("model", "", "the workload's name (`model.name`)"),
         ("batch_size", "examples", "the swept batch (global on a mesh)"),
         ("dtype", "", "activation dtype"),
@@ -187,7 +194,7 @@ FIELDS: tuple[Field, ...] = (
         (
             "device_memory_bytes",
             "bytes",
-            'what the device has: `memory_stats()["bytes_limit"]`, physical RAM on a CPU',
+            'the device\'s: `memory_stats()["bytes_limit"]`, RAM on a CPU',
         ),
         ("memory_budget_bytes", "bytes", "`skipped_memory` rows: the budget it exceeded"),
     ),
@@ -195,11 +202,7 @@ FIELDS: tuple[Field, ...] = (
         "prediction",
         ("predicted_latency_s", "s", "the a-priori per-op roofline prediction"),
         ("predicted_peak_latency_s", "s", "the same from the two peak rates alone"),
-        (
-            "predicted_overhead_s",
-            "s",
-            "the prediction's dispatch floor + launches + call extra",
-        ),
+        ("predicted_overhead_s", "s", "dispatch floor + launches + call extra"),
         (
             "predicted_call_extra_s",
             "s",
@@ -214,22 +217,14 @@ FIELDS: tuple[Field, ...] = (
             "prediction gives it and whether that leaves it `slower_than_roofs`",
         ),
         ("predicted_comm_s", "s", "the comm term of `predicted_latency_s` (0 without)"),
-        (
-            "predicted_balanced_latency_s",
-            "s",
-            "expert-parallel rows: the prediction with every device at the mean load",
-        ),
+        ("predicted_balanced_latency_s", "s", "EP rows: the prediction at the mean device load"),
         (
             "regime",
             "",
             "the roofline's limit: `overhead`, `memory` or `compute`, the largest of "
             "`regime_terms_s`",
         ),
-        (
-            "regime_terms_s",
-            "s",
-            "the predicted fixed cost, bytes / memory roof and FLOPs / compute roof",
-        ),
+        ("regime_terms_s", "s", "fixed cost, bytes / memory roof, FLOPs / compute roof"),
         ("intensity_flops_per_byte", "FLOP/byte", "FLOPs per byte of one device's share"),
         ("compute_roof_fraction", "", "achieved FLOP/s over the compute roof"),
         ("memory_roof_fraction", "", "achieved bytes/s over the memory roof"),
@@ -265,18 +260,18 @@ FIELDS: tuple[Field, ...] = (
     *_fields(
         "routing",
         ("routing_group_size", "tokens", "tokens per routing group"),
-        (
-            "tokens_per_expert",
-            "tokens",
-            "first MoE layer: tokens each expert computed (after capacity)",
-        ),
-        (
-            "device_loads",
-            "",
-            "tokens routed to each expert-axis device (before capacity, mean over layers)",
-        ),
+        ("tokens_per_expert", "tokens", "first MoE layer: tokens per expert, after capacity"),
+        ("device_loads", "", "tokens per expert-axis device (before capacity, layer mean)"),
         ("device_max_mean_load", "", "their max over mean: what the slowest device waits for"),
         ("layer_<i>/<stat>", "", "one MoE layer's `load_cv`, `max_mean_load`, ..."),
+        (
+            "cross_seq_trials",
+            "trials",
+            "MoE decoder rows: trials of the cross-sequence probe (each changes the other "
+            "sequences' tokens of the decode step, sequence 0's kept); 0 at batch 1",
+        ),
+        ("cross_seq_leak_fraction", "", "the share of trials that changed sequence 0's logits"),
+        ("cross_seq_max_change", "", "the largest change of one of its logits"),
     ),
     *_fields(
         "router",
@@ -290,6 +285,13 @@ FIELDS: tuple[Field, ...] = (
         ("expert_usage", "", "expert slots filled over slots available"),
         ("router_confidence", "", "mean combine weight of a dispatched slot"),
         ("router_entropy", "nats", "mean entropy of the router's distribution"),
+        (
+            "max_vio_group",
+            "",
+            "MaxVio (Wang et al. 2024): max/mean tokens per expert − 1 within each routing "
+            "group, mean over groups",
+        ),
+        ("max_vio_batch", "", "MaxVio over the call's tokens pooled (max_mean_load − 1)"),
     ),
     *_fields(
         "workload",
@@ -304,7 +306,7 @@ FIELDS: tuple[Field, ...] = (
         (
             "weight_uses_per_example_position",
             "",
-            "conv stack: how often one weight serves one example (its output positions)",
+            "conv stack: uses of a weight per example (output positions)",
         ),
         ("d_model", "", "model width"),
         ("mlp_dim", "", "feed-forward width"),
@@ -313,13 +315,10 @@ FIELDS: tuple[Field, ...] = (
         ("num_experts", "experts", "experts per MoE layer"),
         ("top_k", "experts", "experts per token (token choice)"),
         ("capacity_factor", "", "expert capacity over the balanced share"),
-        (
-            "weight_uses_per_example",
-            "",
-            "MoE: the share of the batch each expert weight serves (k/E)",
-        ),
+        ("weight_uses_per_example", "", "MoE: share of the batch an expert weight serves (k/E)"),
         ("aux_loss_weight", "", "MoE decoder: the training's load-balancing weight"),
         ("aux_loss_scope", "", "MoE decoder: `group` or `batch`"),
+        ("router_bias_update_rate", "", "MoE decoder: loss-free balancing rate (0: off)"),
         ("trained", "", "MoE decoder: trained before timing"),
         ("phase", "", "decoder rows: `decode` or `prefill`"),
         ("cache_len", "tokens", "decoder rows: context"),

@@ -141,6 +141,8 @@ def status_row(ctx: PointContext, batch_size: int, status: str, **fields: Any) -
     return rows.make(
         experiment=cfg.name,
         run=ctx.run.name,
+        setting=ctx.run.setting or ctx.run.name,
+        seed=cfg.get("seed"),
         model=cfg.model.name,
         batch_size=batch_size,
         platform=dev.platform,

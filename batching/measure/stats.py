@@ -156,3 +156,20 @@ def _has_valley(x_sorted: np.ndarray, m1: float, m2: float) -> bool:
 
     valley = min(count(m1 + j * (m2 - m1) / 8) for j in range(2, 7))
     return valley < 0.5 * min(count(m1), count(m2))
+
+
+def mean_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of per-seed results and its Student-t interval, mean ±
+    t(confidence, n - 1)·s/√n (s the sample standard deviation). With one value the interval
+    is that value (no spread to estimate); NaN where there is no value."""
+    x = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    if x.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    mean = float(np.mean(x))
+    if x.size == 1:
+        return mean, mean, mean
+    from scipy import stats as scipy_stats  # only reports over seeds pay its import
+
+    half = float(scipy_stats.t.ppf(0.5 + confidence / 2, x.size - 1) * np.std(x, ddof=1))
+    half /= math.sqrt(x.size)
+    return mean, mean - half, mean + half

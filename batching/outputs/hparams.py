@@ -67,6 +67,10 @@ METRICS = {
     "heldout_load_cv": ("hparams/heldout_load_cv", 1.0),
     "heldout_drop_fraction": ("hparams/heldout_drop_fraction", 1.0),
     "heldout_max_mean_load": ("hparams/heldout_max_mean_load", 1.0),
+    "heldout_max_vio_global": ("hparams/heldout_max_vio_global", 1.0),
+    "max_vio_batch_first": ("hparams/max_vio_first_batch", 1.0),
+    "max_vio_batch_last": ("hparams/max_vio_last_batch", 1.0),
+    "cross_seq_leak_fraction_max": ("hparams/cross_seq_leak_fraction_max", 1.0),
     "drop_fraction_first": ("hparams/drop_fraction_first_batch", 1.0),
     "drop_fraction_last": ("hparams/drop_fraction_last_batch", 1.0),
     "max_mean_load_first": ("hparams/max_mean_load_first_batch", 1.0),
@@ -120,6 +124,9 @@ def hparams(run: runs.Run, s: dict[str, Any]) -> dict[str, Any]:
         hp.update({f"train.{k}": v for k, v in run.config.train.to_dict().items()})
     hp.update(
         run=run.name,
+        # Seeds of one setting (train.seeds) share `setting`: the HParams tab groups by it.
+        setting=run.setting or run.name,
+        seed=run.config.get("seed"),
         platform=s["platform"],
         device_kind=s["device_kind"],
         params=s["params"],

@@ -13,8 +13,11 @@ ROUTING_ENDS = (
     "load_cv",
     "token_drop_fraction",
     "device_max_mean_load",
+    "max_vio_batch",
 )
 RUN_FIELDS = (
+    "setting",
+    "seed",
     "num_devices",
     "process_count",
     "width",
@@ -34,6 +37,7 @@ RUN_FIELDS = (
     "capacity_factor",
     "aux_loss_weight",
     "aux_loss_scope",
+    "router_bias_update_rate",
     "trained",
 )
 
@@ -78,6 +82,25 @@ def run_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         # Routing statistics at the ends of the sweep (MoE runs).
         **{f"{k}_first": first[k] for k in ROUTING_ENDS if k in first},
         **{f"{k}_last": last[k] for k in ROUTING_ENDS if k in last},
+        **probe_summary(rows),
+    }
+
+
+def probe_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The cross-sequence probe over a run's batch sizes (MoE decoder rows): the largest
+    fraction of trials that leaked, at which batch, and the largest logit change; {} where
+    nothing was probed (no rows with another sequence to change)."""
+    probed = [r for r in rows if r.get("cross_seq_leak_fraction") is not None]
+    if not probed:
+        return {}
+    worst = max(probed, key=lambda r: (r["cross_seq_leak_fraction"], r["batch_size"]))
+    return {
+        "cross_seq_leak_fraction_max": worst["cross_seq_leak_fraction"],
+        "cross_seq_leak_batch": worst["batch_size"],
+        "cross_seq_max_change": max(r["cross_seq_max_change"] for r in probed),
+        "cross_seq_trials": worst["cross_seq_trials"],
+        "cross_seq_trials_total": sum(r["cross_seq_trials"] for r in probed),
+        "cross_seq_batches": [r["batch_size"] for r in probed],
     }
 
 
@@ -90,8 +113,9 @@ def training_fields(train_summary: dict[str, Any]) -> dict[str, Any]:
         "heldout_load_cv": held.get("load_cv"),
         "heldout_drop_fraction": held.get("drop_fraction"),
         "heldout_max_mean_load": held.get("max_mean_load"),
+        # MaxVio over the whole held-out set, mean over MoE layers (Wang et al. 2024).
+        "heldout_max_vio_global": held.get("max_vio_global"),
         "heldout_tokens_per_expert": held.get("tokens_per_expert"),
-        "cross_sequence_logit_change": train_summary.get("cross_sequence_logit_change"),
         "train_seconds": train_summary.get("train_seconds"),
     }
 

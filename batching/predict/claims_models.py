@@ -3,6 +3,7 @@ C2), convolutions against matmuls (C6), decoding with a KV cache (C7), MoE route
 
 from typing import Any
 
+from batching.predict import seeds as seeds_lib
 from batching.predict.verdict import (
     SIMULATION,
     Verdict,
@@ -259,79 +260,126 @@ def _c6_resnet_only(summaries: list[dict[str, Any]], rows: list[dict[str, Any]])
 
 
 def c8_moe_routers(summaries: list[dict[str, Any]], rows: list[dict[str, Any]]) -> Verdict:
-    """Two or three sentences; the report's router table holds every run's numbers."""
+    """Two to four sentences from the runs' numbers: how unevenly token-choice spread the
+    batch against expert-choice (MaxVio at the largest batch), how often another sequence's
+    token changed a sequence's output under each router (the cross-sequence probe), and what
+    the balancing settings did beyond the seed spread; the router table holds the rest."""
     del rows
     moe = [s for s in summaries if s.get("router")]
     tc = [s for s in moe if s["router"] == "token_choice"]
     ec = [s for s in moe if s["router"] == "expert_choice"]
     if not tc or not ec:
         return {"verdict": "not tested here", "evidence": "needs token- and expert-choice runs"}
+    evidence, spread = _spread_sentence(tc, ec)
+    probe, leaks = _probe_sentence(tc, ec)
+    balance = balancing_comparison(tc)
+    evidence += " " + (probe or _NOT_PROBED) + (" " + balance if balance else "")
+    if not probe:
+        verdict = "partly tested: " + ("confirmed" if spread else "refuted")
+        return {"verdict": verdict + " for the spread; the decoding part not tested here",
+                "evidence": evidence}  # fmt: skip
+    if spread and leaks:
+        return {"verdict": "confirmed", "evidence": evidence}
+    if spread or leaks:
+        return {"verdict": "partly confirmed", "evidence": evidence}
+    return {"verdict": "refuted on this model", "evidence": evidence}
 
-    uneven = max(tc, key=lambda s: s.get("load_cv_last") or 0)
+
+_NOT_PROBED = (
+    "Whether expert-choice is awkward for autoregressive decoding is not tested by this "
+    "experiment (no decode step was probed; moe_router_ablation probes each one)."
+)
+
+
+def _max_vio(s: dict[str, Any]) -> float:
+    """A run's MaxVio at its largest batch (the decode step's tokens pooled), else its
+    max/mean load there minus 1 (rows written before MaxVio)."""
+    vio = s.get("max_vio_batch_last")
+    if vio is None and s.get("max_mean_load_last") is not None:
+        vio = s["max_mean_load_last"] - 1.0
+    return vio if vio is not None else 0.0
+
+
+def _spread_sentence(tc: list[dict[str, Any]], ec: list[dict[str, Any]]) -> tuple[str, bool]:
+    """The spread of the batch over experts: the most uneven token-choice run and the most
+    dropping one, against expert-choice's MaxVio."""
+    uneven = max(tc, key=_max_vio)
     dropping = max(tc, key=lambda s: s.get("drop_fraction_last") or 0)
-    ec_cv = max(s.get("load_cv_last") or 0 for s in ec)
-    last_b = max(uneven["batch_sizes"])
-    evidence = (
-        f"Token-choice spread the batch unevenly: load CV up to "
-        f"{fmt(uneven.get('load_cv_last'))} ({uneven['run']}) and up to "
+    ec_vio = max(_max_vio(s) for s in ec)
+    text = (
+        f"Token-choice spread the batch unevenly: MaxVio (max/mean tokens per expert − 1) up "
+        f"to {fmt(_max_vio(uneven))} ({uneven['run']}) and up to "
         f"{fmt(dropping.get('drop_fraction_last'))} of assignments dropped "
-        f"({dropping['run']}) at batch {last_b}, while expert-choice's load CV is "
-        f"{fmt(ec_cv)} by construction."
+        f"({dropping['run']}) at batch {max(uneven['batch_sizes'])}, while expert-choice's "
+        f"MaxVio is {fmt(ec_vio)} by construction."
     )
-    spread = (uneven.get("load_cv_last") or 0) > 0.05 and ec_cv < 0.05
-    probed = [s for s in ec if s.get("cross_sequence_logit_change") is not None]
-    if not probed:
-        evidence += (
-            " Whether expert-choice is awkward for autoregressive decoding is not tested by "
-            "this experiment (no decode step was probed; moe_router_ablation probes one)."
-        )
-        aux = _aux_comparison(tc)
-        return {
-            "verdict": ("partly tested: " + ("confirmed" if spread else "refuted"))
-            + " for the spread; the decoding part not tested here",
-            "evidence": evidence + (" " + aux if aux else ""),
-        }
-    coupled = max(probed, key=lambda s: s["cross_sequence_logit_change"])
-    ec_coupled = coupled["cross_sequence_logit_change"]
-    evidence += (
-        f" Expert-choice routes a decode step's tokens as one group: changing another "
-        f"sequence's token moved this sequence's logits by up to {fmt(ec_coupled)} "
-        f"({coupled['run']})"
-    )
-    evidence += (
-        ", which breaks the independence autoregressive serving relies on."
-        if ec_coupled > 1e-4
-        else "; no coupling was seen."
-    )
-    aux = _aux_comparison(tc)
-    if aux:
-        evidence += " " + aux
-    confirmed = spread and ec_coupled > 1e-4
-    return {"verdict": "confirmed" if confirmed else "partly confirmed", "evidence": evidence}
+    return text, _max_vio(uneven) > 0.05 and ec_vio < 0.05
 
 
-def _aux_comparison(tc: list[dict[str, Any]]) -> str:
-    """One sentence on aux off / per group / over the batch, among token-choice runs that
-    share router, k and capacity factor (the ablation's scope axis); '' if fewer than two."""
-    by_setting: dict[tuple, dict[str, dict[str, Any]]] = {}
-    for s in tc:
-        label = (
-            "over the batch"
-            if s.get("aux_loss_weight") and s.get("aux_loss_scope") == "batch"
-            else "per group"
-            if s.get("aux_loss_weight")
-            else "off"
+def _probe_sentence(tc: list[dict[str, Any]], ec: list[dict[str, Any]]) -> tuple[str, bool]:
+    """The cross-sequence probe by router: the share of trials in which changing the other
+    sequences' tokens changed a sequence's output; '' where no run was probed."""
+    probed = [s for s in (*tc, *ec) if s.get("cross_seq_leak_fraction_max") is not None]
+    ec_probed = [s for s in probed if s["router"] == "expert_choice"]
+    if not ec_probed:
+        return "", False
+    worst = max(ec_probed, key=lambda s: s["cross_seq_leak_fraction_max"])
+    text = (
+        f"Changing the other sequences' next tokens of a decode step changed a sequence's "
+        f"logits in {worst['cross_seq_leak_fraction_max']:.0%} of the trials under "
+        f"expert-choice ({worst['run']}, batch {worst['cross_seq_leak_batch']}, by up to "
+        f"{fmt(worst['cross_seq_max_change'])})"
+    )
+    dropless = [s for s in probed if s["router"] == "token_choice" and not s["capacity_factor"]]
+    capped = [s for s in probed if s["router"] == "token_choice" and s["capacity_factor"]]
+    if dropless:
+        trials = sum(s.get("cross_seq_trials_total", s["cross_seq_trials"]) for s in dropless)
+        leaked = max(s["cross_seq_leak_fraction_max"] for s in dropless)
+        text += f"; dropless token-choice in {leaked:.0%} of {trials} trials"
+    if capped:
+        c = max(capped, key=lambda s: s["cross_seq_leak_fraction_max"])
+        text += (
+            f"; capacity-based token-choice in up to {c['cross_seq_leak_fraction_max']:.0%} "
+            f"({c['run']}: where its group drops, a token's slot depends on the others)"
         )
+    return text + ".", worst["cross_seq_leak_fraction_max"] > 0
+
+
+def balancing_comparison(tc: list[dict[str, Any]]) -> str:
+    """One sentence on the balancing settings (none, aux per group or over the batch, the
+    loss-free bias, bias + aux) among capacity-based token-choice settings of one router k
+    and capacity: held-out loss and global MaxVio as means with 95% intervals over seeds,
+    and which pairs differ beyond the seed spread; '' with fewer than two settings."""
+    by_key: dict[tuple, dict[str, seeds_lib.Setting]] = {}
+    for setting in seeds_lib.group([s for s in tc if s.get("capacity_factor")]):
+        s = setting.first
         key = (s.get("top_k"), s.get("capacity_factor"))
-        by_setting.setdefault(key, {}).setdefault(label, s)
-    (k, cf), runs = max(by_setting.items(), key=lambda kv: len(kv[1]))
-    if len(runs) < 2:
+        by_key.setdefault(key, {}).setdefault(seeds_lib.balancing(s), setting)
+    if not by_key:
         return ""
-    order = [label for label in ("off", "per group", "over the batch") if label in runs]
+    (k, cf), settings = max(by_key.items(), key=lambda kv: len(kv[1]))
+    if len(settings) < 2:
+        return ""
+    n = min(st.seeds for st in settings.values())
+    names = list(settings)
+    loss = "; ".join(f"{b} {st.text('heldout_loss')}" for b, st in settings.items())
+    vio = "; ".join(f"{b} {st.text('heldout_max_vio_global')}" for b, st in settings.items())
+    differ = [
+        f"{a} vs {b} in {what}"
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+        for field, what in (("heldout_loss", "loss"), ("heldout_max_vio_global", "MaxVio"))
+        if seeds_lib.differs(settings[a], settings[b], field)
+    ]
+    seeds = f"{n} seeds each, means [95% intervals]" if n > 1 else "one seed each"
+    verdict = (
+        "beyond the seed spread: " + ", ".join(differ)
+        if differ
+        else "no difference exceeds the seed spread (indistinguishable at this scale)"
+        if n > 1
+        else "one seed cannot tell a difference from seed noise"
+    )
     return (
-        f"Aux loss {' / '.join(order)} (token-choice k={k}, capacity {fmt(cf)}, same seed): "
-        f"held-out loss {' / '.join(fmt(runs[o].get('heldout_loss')) for o in order)}, "
-        f"held-out load CV {' / '.join(fmt(runs[o].get('heldout_load_cv')) for o in order)}, "
-        f"drop fraction at the last batch "
-        f"{' / '.join(fmt(runs[o].get('drop_fraction_last')) for o in order)}."
+        f"Balancing at token-choice k={k}, capacity {fmt(cf)} ({seeds}): held-out loss "
+        f"{loss}; held-out MaxVio (global) {vio}; {verdict}."
     )

@@ -43,6 +43,12 @@ def validate(model_cfg: ml_collections.ConfigDict) -> None:
     decoder_workload.check_phase(model_cfg, model_config(model_cfg))
 
 
+def validate_run(run_cfg: ml_collections.ConfigDict) -> None:
+    """The training fields too (train.validate), before anything is written: a run trains
+    before it is timed."""
+    train.validate(run_cfg)
+
+
 def _summary_path(workdir: str, run: str) -> str:
     return os.path.join(workdir, "params", f"{run}.train_summary.json")
 
@@ -60,33 +66,54 @@ def prepare(
     with cfg.unlocked():
         cfg.name = run  # params/<run>.npz and the run's own TensorBoard folder
     summary = train.run(cfg, workdir, log)
-    summary["cross_sequence_logit_change"] = cross_sequence_dependence(run_cfg, workdir, run)
     with open(path + ".tmp", "w") as f:
         json.dump(summary, f, indent=2)
     os.replace(path + ".tmp", path)
     return summary
 
 
-def cross_sequence_dependence(run_cfg: ml_collections.ConfigDict, workdir: str, run: str) -> float:
-    """Largest change in sequence 0's decode logits when only sequence 1's token changes.
+# Trials of the cross-sequence probe per point: each changes every other sequence's token.
+PROBE_TRIALS = 32
 
-    Zero means a sequence's next token depends on itself alone (token-choice without
-    drops); expert-choice routes the step's tokens as one group, so it is not zero (C8).
-    Sixteen replacement tokens are tried on a batch of eight, taking the largest change.
-    """
-    cfg = model_config(run_cfg.model)
-    model = decoder_workload.abstract_decoder(cfg)
-    nnx.update(model, checkpoint.load_params(checkpoint.params_path(workdir, run), cfg))
-    model.init_cache(8, 16)
-    graphdef, params, cache = nnx.split(model, nnx.Param, nnx.Cache)
-    step = jax.jit(decoding.decode_step)
-    base = jnp.asarray(np.frombuffer(b"def main", np.uint8).astype(np.int32))
-    logits_a, _ = step(graphdef, params, cache, base)
-    change = 0.0
-    for token in range(0, 256, 16):
-        logits_b, _ = step(graphdef, params, cache, base.at[1].set(token))
-        change = max(change, float(jnp.max(jnp.abs(logits_a[0] - logits_b[0]))))
-    return change
+
+def cross_sequence_probe(
+    step: Any,
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    cache: nnx.State,
+    tokens_B: jax.Array,
+    rng: np.random.Generator,
+    vocab: int,
+    trials: int = PROBE_TRIALS,
+) -> dict[str, Any]:
+    """Does sequence 0's next-token output depend on the other sequences of its decode step?
+
+    `trials` times, the other B - 1 sequences get random next tokens (their caches, and
+    sequence 0's token and cache, kept); a trial leaks when sequence 0's logits change at
+    all. Returns the trials, the fraction that leaked and the largest change in a logit.
+    Dropless token-choice routes each token by its own logits alone, so it cannot leak;
+    capacity-based token-choice leaks when other tokens take the slots this one wanted (only
+    where its group drops); expert-choice, whose experts pick among the group's tokens, leaks
+    by construction (Zhou et al. 2022, §6: not for autoregressive decoding as it stands).
+    With one sequence there is nothing to change: None."""
+    batch = tokens_B.shape[0]
+    if batch < 2:
+        return {
+            "cross_seq_trials": 0,
+            "cross_seq_leak_fraction": None,
+            "cross_seq_max_change": None,
+        }
+    base_BxV, _ = step(graphdef, params, cache, tokens_B)
+    changes = []
+    for _ in range(trials):
+        others = jnp.asarray(rng.integers(0, vocab, batch - 1), tokens_B.dtype)
+        logits_BxV, _ = step(graphdef, params, cache, tokens_B.at[1:].set(others))
+        changes.append(float(jnp.max(jnp.abs(logits_BxV[0] - base_BxV[0]))))
+    return {
+        "cross_seq_trials": trials,
+        "cross_seq_leak_fraction": float(np.mean(np.asarray(changes) > 0)),
+        "cross_seq_max_change": float(max(changes)),
+    }
 
 
 def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> Workload:
@@ -109,21 +136,26 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
     rng = np.random.default_rng(run_cfg.seed)
     prefill = jax.jit(decoding.prefill)
     step_stats = jax.jit(decoding.decode_step_with_stats)
+    step = jax.jit(decoding.decode_step)
 
     def point_fields(batch: int) -> dict[str, Any]:
-        """Routing of one decode step over `batch` held-out windows, prefilled first."""
+        """Routing of one decode step over `batch` held-out windows, prefilled first, and the
+        cross-sequence probe on that step (cross_sequence_probe)."""
         model.init_cache(batch, length)
-        graphdef, _, cache = nnx.split(model, nnx.Param, nnx.Cache)
+        graphdef, _, cache = nnx.split(model, decoder.WEIGHTS, nnx.Cache)
         starts = rng.integers(0, heldout.size - length, batch)
         windows = np.stack([heldout[s : s + length] for s in starts]).astype(np.int32)
         prompt, nxt = jnp.asarray(windows[:, :-1]), jnp.asarray(windows[:, -1])
         lengths = jnp.full((batch,), length - 1, jnp.int32)
         _, cache = prefill(graphdef, params, cache, prompt, lengths)
         _, _, stats = step_stats(graphdef, params, cache, nxt)
+        probe_rng = np.random.default_rng([run_cfg.seed, batch])
+        probe = cross_sequence_probe(step, graphdef, params, cache, nxt, probe_rng, cfg.vocab_size)
         model.init_cache(1, 1)
         return {
             **moe_workload.mean_stats(jax.device_get(stats), topo.expert_shards),
             "routing_group_size": batch // cfg.decode_groups,
+            **probe,
         }
 
     wl.point_fields = point_fields
@@ -134,6 +166,7 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
         capacity_factor=cfg.capacity_factor,
         aux_loss_weight=t.aux_loss_weight,
         aux_loss_scope=t.aux_loss_scope,
+        router_bias_update_rate=t.get("router_bias_update_rate", 0.0),
         trained=trained,
         active_params=decoder.num_active_params(cfg),
     )
