@@ -268,9 +268,13 @@ FIELDS: tuple[Field, ...] = (
             "cross_seq_trials",
             "trials",
             "MoE decoder rows: trials of the cross-sequence probe (each changes the other "
-            "sequences' tokens of the decode step, sequence 0's kept); 0 at batch 1",
+            "sequences' tokens of the decode step, one drawn sequence kept); 0 at batch 1",
         ),
-        ("cross_seq_leak_fraction", "", "the share of trials that changed sequence 0's logits"),
+        (
+            "cross_seq_leak_fraction",
+            "",
+            "the share of trials that changed the kept sequence's logits",
+        ),
         ("cross_seq_max_change", "", "the largest change of one of its logits"),
     ),
     *_fields(

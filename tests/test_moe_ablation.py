@@ -109,6 +109,8 @@ def test_ablation_trains_sweeps_judges_and_resumes(tmp_path):
     assert biases and any(np.abs(b).max() > 0 for b in biases)
     report = (tmp_path / "report.md").read_text()
     assert "### C8:" in report
+    # priced at the peak (no per-shape microbenchmarks): said to be a lower bound
+    assert "2 of 2 runs priced every op at the device's peak rates" in report
     # the router section: a table with one line per setting, then the verdict
     routers = report.split("## Routers")[1].split("\n## ")[0]
     assert "| balancing |" in routers and "Verdict on C8" in routers
@@ -193,7 +195,9 @@ def test_c8_verdict_from_the_probe_and_the_balancing_axis_over_seeds():
 
 def test_the_probe_gives_the_same_verdict_at_other_seeds():
     """Untrained decoders, one per router: expert-choice leaks in some trials at both probe
-    seeds, dropless token-choice in none, so the verdict does not hinge on the seed."""
+    seeds, dropless token-choice in none, so the verdict does not hinge on the seed.
+    Capacity-based top-1 leaks too: the kept sequence is drawn, and a later one's only
+    choice can lose its slot (the first sequence's never does: slots fill in token order)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -205,7 +209,8 @@ def test_the_probe_gives_the_same_verdict_at_other_seeds():
     step = jax.jit(decoding.decode_step)
     found = {}
     for name, changes in (("ec", dict(router="expert_choice", capacity_factor=1.0)),
-                          ("dropless", dict(capacity_factor=0.0))):  # fmt: skip
+                          ("dropless", dict(capacity_factor=0.0)),
+                          ("tc_k1", dict(top_k=1, capacity_factor=1.0))):  # fmt: skip
         model_cfg = tiny_ablation().model
         model_cfg.update(changes)
         cfg = moe_decoder.model_config(model_cfg)
@@ -222,6 +227,7 @@ def test_the_probe_gives_the_same_verdict_at_other_seeds():
             found[name, seed] = probe["cross_seq_leak_fraction"]
     assert found["ec", 0] > 0 and found["ec", 1] > 0
     assert found["dropless", 0] == 0.0 and found["dropless", 1] == 0.0
+    assert found["tc_k1", 0] > 0 and found["tc_k1", 1] > 0
 
 
 def test_only_figures_that_apply_are_drawn():

@@ -138,6 +138,12 @@ def test_unmeasured_shape_rates_are_interpolated_within_their_family(tmp_path):
     entry = {
         "gemm_flops_per_s": {"float32:1x16x16:warm": 1e9, "float32:4x16x16:warm": 4e9},
         "attention_s": {"float32:bksh:2x1x64x2x8": 2e-5, "float32:bksh:8x1x64x2x8": 2e-5},
+        # a ragged family's cold rates are interpolated apart from its warm one
+        "ragged_flops_per_s": {
+            "float32:8@2x16x16:cold": 1e9,
+            "float32:8@8x16x16:cold": 4e9,
+            "float32:8@4x16x16:warm": 9e9,
+        },
     }
     with open(peaks_cache.cache_path(str(tmp_path)), "w") as f:
         json.dump({f"{dev.platform}:{dev.device_kind}": entry}, f)
@@ -147,6 +153,7 @@ def test_unmeasured_shape_rates_are_interpolated_within_their_family(tmp_path):
     assert rate((2, 16, 16)) == pytest.approx(2e9)
     assert rate((64, 16, 16)) == pytest.approx(4e9)
     assert rate((2, 32, 32)) is None
+    assert source.ragged(dev, "float32", cold=True)((8, 4, 16, 16)) == pytest.approx(2e9)
     # attention is stored as seconds: interpolated as sequences per second, 4 -> 2e-5 too
     shape = dict(batch=4, kv_heads=1, cache_len=64, q_per_kv=2, head_dim=8)
     attend = source.attention(dev, ATTEND)
@@ -155,9 +162,10 @@ def test_unmeasured_shape_rates_are_interpolated_within_their_family(tmp_path):
         "gemm_flops_per_s:float32:2x16x16:warm": "interpolated",
         "gemm_flops_per_s:float32:64x16x16:warm": "interpolated",
         "gemm_flops_per_s:float32:2x32x32:warm": "peak",
+        "ragged_flops_per_s:float32:8@4x16x16:cold": "interpolated",
         "attention_s:float32:bksh:4x1x64x2x8": "interpolated",
     }
-    assert source.budget.refused == 4
+    assert source.budget.refused == 5
     with open(peaks_cache.cache_path(str(tmp_path))) as f:
         assert next(iter(json.load(f).values())) == entry  # nothing was measured
 
@@ -281,3 +289,23 @@ def test_the_compute_roof_is_the_best_rate_measured(tmp_path):
     f, source = analysis.compute_ceiling(1.5e11, best, rows)
     assert f == pytest.approx(1.9e11) and "batch 512" in source
     assert analysis.compute_ceiling(2e11, best, rows)[0] == 2e11
+
+
+@pytest.mark.parametrize("cold", [False, True])
+def test_ragged_microbenchmark_reads_its_weights_warm_or_from_beyond_the_cache(monkeypatch, cold):
+    """A cold ragged dot runs over enough distinct weight sets to overflow the last-level
+    cache twice (a model whose experts exceed it reads them from DRAM: ~4x slower on the CPU
+    here); a warm one keeps them within a quarter of it."""
+    llc = 64 << 10
+    monkeypatch.setattr(microbench, "last_level_cache_bytes", lambda device: llc)
+    seen = []
+
+    def fake_median_time(fn, args, settings):
+        seen.append(sum(a.nbytes for a in args[2:]))
+        return 1e-3
+
+    monkeypatch.setattr(microbench, "_median_time", fake_median_time)
+    shape = (4, 8, 16, 32)  # 4 experts of [16, 32] float32: 8 KiB per weight set
+    rate = shape_bench.measure_ragged_flops(jax.devices()[0], "float32", shape, cold=cold)
+    assert rate == pytest.approx(2 * 8 * 16 * 32 / (1e-3 / (seen[0] // (4 * 16 * 32 * 4))))
+    assert seen[0] >= 2 * llc if cold else seen[0] <= llc // 4

@@ -242,23 +242,25 @@ def ragged_flops(
     dtype: str,
     shape: tuple[int, ...],
     cache_dir: str,
+    cold: bool = False,
     matmul_precision: str = "default",
     budget: peaks_cache.Budget | None = None,
 ) -> float | None:
     """Measured FLOP/s of the rows routed through a grouped product (groups, m, k, n)
-    (shape_bench.measure_ragged_flops), cached; None when it is not cached and `budget` is
-    spent."""
+    (shape_bench.measure_ragged_flops), warm or with cold weights, cached; None when it is
+    not cached and `budget` is spent."""
     return peaks_cache.cached_measurement(
         device,
         cache_dir,
         "ragged_flops_per_s",
-        peaks_cache.ragged_key(peaks_cache.dtype_key(dtype, matmul_precision), shape),
+        peaks_cache.ragged_key(peaks_cache.dtype_key(dtype, matmul_precision), shape, cold),
         lambda entry: shape_bench.measure_ragged_flops(
             device,
             dtype,
             tuple(shape),
             dispatch_floor_s=entry.get("dispatch_floor_s", 0.0),
             kernel_overhead_s=entry.get("kernel_overhead_s", 0.0),
+            cold=cold,
         ),
         matmul_precision=matmul_precision,
         budget=budget,

@@ -58,10 +58,11 @@ def gemm_key(dkey: str, shape: tuple[int, ...], cold: bool) -> str:
     return f"{dkey}:{prefix}{m}x{k}x{n}" + (":cold" if cold else ":warm")
 
 
-def ragged_key(dkey: str, shape: tuple[int, ...]) -> str:
-    """ "float32:8@512x64x128": a grouped product of 8 groups, 512 rows in all."""
+def ragged_key(dkey: str, shape: tuple[int, ...], cold: bool = False) -> str:
+    """ "float32:8@512x64x128:warm": a grouped product of 8 groups, 512 rows in all, its
+    weights warm (":cold": read from DRAM)."""
     groups, m, k, n = shape
-    return f"{dkey}:{groups}@{m}x{k}x{n}"
+    return f"{dkey}:{groups}@{m}x{k}x{n}" + (":cold" if cold else ":warm")
 
 
 def conv_key(dkey: str, shape: tuple[int, ...]) -> str:
@@ -128,7 +129,7 @@ def cached_measurement(
 _SWEPT = {
     "gemm_flops_per_s": (r"(?P<pre>[^:]+:(?:\d+@)?)(?P<x>\d+)(?P<post>(?:x\d+){2}:\w+)", True),
     "conv_flops_per_s": (r"(?P<pre>[^:]+:)(?P<x>\d+)(?P<post>(?:x\d+){6})", True),
-    "ragged_flops_per_s": (r"(?P<pre>[^:]+:\d+@)(?P<x>\d+)(?P<post>(?:x\d+){2})", True),
+    "ragged_flops_per_s": (r"(?P<pre>[^:]+:\d+@)(?P<x>\d+)(?P<post>(?:x\d+){2}:\w+)", True),
     "attention_s": (r"(?P<pre>[^:]+:[^:]+:)(?P<x>\d+)(?P<post>(?:x\d+){4})", False),
 }
 

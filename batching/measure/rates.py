@@ -179,13 +179,15 @@ class RateSource:
 
         return rate
 
-    def ragged(self, device: Any, dtype: str, precision: str = "default"):
+    def ragged(self, device: Any, dtype: str, cold: bool, precision: str = "default"):
         """FLOP/s of the rows routed through a grouped product at its shape (groups, m, k,
-        n), cached; interpolated, or None, where not measured."""
+        n), warm or with `cold` weights, cached; interpolated, or None, where not measured."""
 
         def rate(shape):
-            name = peaks_cache.ragged_key(peaks_cache.dtype_key(dtype, precision), shape)
-            found = peaks.ragged_flops(device, dtype, shape, self.cache_dir, precision, self.budget)
+            name = peaks_cache.ragged_key(peaks_cache.dtype_key(dtype, precision), shape, cold)
+            found = peaks.ragged_flops(
+                device, dtype, shape, self.cache_dir, cold, precision, self.budget
+            )
             return self._or_interpolated(device, "ragged_flops_per_s", name, found)
 
         return rate

@@ -110,6 +110,14 @@ def runs_section(doc: Doc, data: ReportData) -> None:
         "three-limit model. cost flags: points where XLA's counted FLOPs or bytes differ "
         "from the analytic count by more than the configured tolerance."
     )
+    at_peak = [s["run"] for s in summaries if "knee_batch_size" in s and not s.get("shape_aware")]
+    if at_peak:
+        doc.para(
+            f"{len(at_peak)} of {len(summaries)} runs priced every op at the device's peak "
+            "rates (roofline.shape_aware = False: no per-shape microbenchmarks, to keep the "
+            "experiment short): for them the prediction is the roofline's lower bound, not a "
+            "forecast, and pred. err says how far below that roof they run."
+        )
     cost_flags(doc, rows)
 
 

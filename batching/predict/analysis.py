@@ -114,7 +114,7 @@ def device_model(
         weights_warm=not cold,
         gemm=peak_source.gemm(device, dtype, cold, precision) if shape_aware else None,
         conv=peak_source.conv(device, dtype, precision) if shape_aware else None,
-        ragged=peak_source.ragged(device, dtype, precision) if shape_aware else None,
+        ragged=peak_source.ragged(device, dtype, cold, precision) if shape_aware else None,
         # What a call pays once for handing a small op to XLA:CPU's worker threads; a GPU or
         # TPU has no such hand-off, and measuring it there cost a GPU lease minutes.
         lone=(

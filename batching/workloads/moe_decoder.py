@@ -86,11 +86,14 @@ def cross_sequence_probe(
     vocab: int,
     trials: int = PROBE_TRIALS,
 ) -> dict[str, Any]:
-    """Does sequence 0's next-token output depend on the other sequences of its decode step?
+    """Does a sequence's next-token output depend on the other sequences of its decode step?
 
-    `trials` times, the other B - 1 sequences get random next tokens (their caches, and
-    sequence 0's token and cache, kept); a trial leaks when sequence 0's logits change at
-    all. Returns the trials, the fraction that leaked and the largest change in a logit.
+    `trials` times, one sequence is drawn at random and kept (its token and every cache
+    kept) while the other B - 1 get random next tokens; a trial leaks when the kept
+    sequence's logits change at all. Drawn, not always the first: capacity-based routing
+    fills an expert's slots in token order (GShard), so the first sequence's first choice is
+    never the one dropped and a probe of it alone would read 0 where later ones leak.
+    Returns the trials, the fraction that leaked and the largest change in a logit.
     Dropless token-choice routes each token by its own logits alone, so it cannot leak;
     capacity-based token-choice leaks when other tokens take the slots this one wanted (only
     where its group drops); expert-choice, whose experts pick among the group's tokens, leaks
@@ -106,9 +109,10 @@ def cross_sequence_probe(
     base_BxV, _ = step(graphdef, params, cache, tokens_B)
     changes = []
     for _ in range(trials):
-        others = jnp.asarray(rng.integers(0, vocab, batch - 1), tokens_B.dtype)
-        logits_BxV, _ = step(graphdef, params, cache, tokens_B.at[1:].set(others))
-        changes.append(float(jnp.max(jnp.abs(logits_BxV[0] - base_BxV[0]))))
+        kept = int(rng.integers(0, batch))
+        others = jnp.asarray(rng.integers(0, vocab, batch), tokens_B.dtype)
+        logits_BxV, _ = step(graphdef, params, cache, others.at[kept].set(tokens_B[kept]))
+        changes.append(float(jnp.max(jnp.abs(logits_BxV[kept] - base_BxV[kept]))))
     return {
         "cross_seq_trials": trials,
         "cross_seq_leak_fraction": float(np.mean(np.asarray(changes) > 0)),
