@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import jax
 import ml_collections
+import numpy as np
 
 from batching.setup import runs, topology
 from batching.setup.topology import Topology
@@ -199,6 +200,14 @@ def _leaf_names(fn: Callable[..., Any], args: Sequence[Any]) -> list[str]:
             seen.add(name)
             names.append(name)
     return names
+
+
+def normal_input(seed: int, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """Standard-normal input values made on the host with numpy: jax.random would compile
+    one program per input shape, 0.1-0.3 s each on a 2-core CPU (3 s of a cold 10-point
+    sweep), before the point's own program."""
+    values = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+    return values.astype(dtype)
 
 
 def flat_call(wl: "Workload", batch_size: int) -> FlatCall:

@@ -1,7 +1,6 @@
 """A stack of same-size convolutions as a workload: y = ConvStack(x) for x [batch, H, W, C]
 (claim C6's convolution side; its dense side is the MLP workload with `tokens`)."""
 
-import jax
 import ml_collections
 from flax import nnx
 
@@ -60,9 +59,8 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
             return nnx.merge(graphdef, state)(x_BxHxWxC)
 
     def make_args(batch_size: int):
-        key = jax.random.key(run_cfg.seed + batch_size)
         shape = (batch_size, cfg.image_size, cfg.image_size, cfg.channels)
-        return state, topo.put_batch(jax.random.normal(key, shape, dtype))
+        return state, topo.put_batch(base.normal_input(run_cfg.seed + batch_size, shape, dtype))
 
     params = conv_stack.num_params(cfg)
     return Workload(

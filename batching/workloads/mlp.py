@@ -4,7 +4,6 @@ On a mesh the batch is split over `data` (data parallelism) and the weights are 
 their logical axes (`embed`, `mlp`; replicated under the default rules unless mesh.model > 1).
 """
 
-import jax
 import ml_collections
 from flax import nnx
 
@@ -90,8 +89,9 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
     tokens = tokens_of(run_cfg.model)
 
     def make_args(batch_size: int):
-        key = jax.random.key(run_cfg.seed + batch_size)
-        x_BxD = jax.random.normal(key, (batch_size * tokens, cfg.width), dtype)
+        x_BxD = base.normal_input(
+            run_cfg.seed + batch_size, (batch_size * tokens, cfg.width), dtype
+        )
         return state, topo.put_batch(x_BxD)
 
     params = mlp.num_params(cfg)

@@ -241,8 +241,7 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
     stats_fn = jax.jit(routing)
 
     def make_args(batch_size: int):
-        key = jax.random.key(run_cfg.seed + batch_size)
-        x_BxD = jax.random.normal(key, (batch_size, cfg.d_model), dtype)
+        x_BxD = base.normal_input(run_cfg.seed + batch_size, (batch_size, cfg.d_model), dtype)
         # Tokens split over every device that routes its own group (data x expert).
         return state, topo.put(x_BxD, ("groups", "embed"))
 

@@ -67,9 +67,8 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
         return nnx.merge(graphdef, state)(images_BxHxWx3)
 
     def make_args(batch_size: int):
-        key = jax.random.key(run_cfg.seed + batch_size)
         shape = (batch_size, cfg.image_size, cfg.image_size, 3)
-        return state, topo.put_batch(jax.random.normal(key, shape, dtype))
+        return state, topo.put_batch(base.normal_input(run_cfg.seed + batch_size, shape, dtype))
 
     intensity = resnet.arithmetic_intensity_by_kind(cfg, 1)
     params = resnet.num_params(cfg)

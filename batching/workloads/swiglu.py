@@ -1,7 +1,6 @@
 """A dense SwiGLU stack as a workload: y = SwiGLUStack(x) for x [batch, d_model], one token
 per example: the MoE MLP's dense counterpart with the same active parameters."""
 
-import jax
 import ml_collections
 from flax import nnx
 
@@ -53,8 +52,8 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
             return nnx.merge(graphdef, state)(x_BxD)
 
     def make_args(batch_size: int):
-        key = jax.random.key(run_cfg.seed + batch_size)
-        return state, topo.put_batch(jax.random.normal(key, (batch_size, cfg.d_model), dtype))
+        x_BxD = base.normal_input(run_cfg.seed + batch_size, (batch_size, cfg.d_model), dtype)
+        return state, topo.put_batch(x_BxD)
 
     params = swiglu.num_params(cfg)
     return Workload(
