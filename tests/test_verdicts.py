@@ -2,12 +2,14 @@
 peaks measured there (experiments/reanalyze.py)."""
 
 import json
+import math
 import os
 import shutil
 
 import pytest
 
 from batching.outputs import archive
+from batching.predict import verdict
 from experiments import reanalyze
 from tests.conftest import ROOT
 
@@ -66,3 +68,16 @@ def test_sentences_follow_their_numbers(h200):
     assert "(no interval: no timing samples kept)" in report  # no samples, no interval
     with open(os.path.join(H200, "device_peaks.json")) as f:
         assert "note" in json.load(f)["gpu:NVIDIA H200"]
+
+
+def test_an_interval_without_an_upper_end_is_called_open_not_missing():
+    """A bootstrap whose resamples sometimes never turn compute-bound has a low end and no
+    high one (stored as None): the knee text says the interval is open, not that no
+    samples were kept; with neither end, it says no samples were kept."""
+    s = dict(knee_batch_size=39.5, knee_low=11.6, knee_high=None, points=7,
+             points_converged=1, knee_fit_points=7)  # fmt: skip
+    text = verdict.knee_text(s)
+    assert text.startswith("39.5 [11.6, open] (in over 2.5% of resamples the fit never")
+    assert "no timing samples" not in text
+    assert "no timing samples kept" in verdict.knee_text(s | dict(knee_low=None))
+    assert "no timing samples kept" in verdict.knee_text(s | dict(knee_low=math.nan))

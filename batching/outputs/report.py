@@ -112,11 +112,12 @@ def runs_section(doc: Doc, data: ReportData) -> None:
     )
     at_peak = [s["run"] for s in summaries if "knee_batch_size" in s and not s.get("shape_aware")]
     if at_peak:
+        which = "" if len(at_peak) == len(summaries) else f" ({', '.join(at_peak)})"
         doc.para(
-            f"{len(at_peak)} of {len(summaries)} runs priced every op at the device's peak "
-            "rates (roofline.shape_aware = False: no per-shape microbenchmarks, to keep the "
-            "experiment short): for them the prediction is the roofline's lower bound, not a "
-            "forecast, and pred. err says how far below that roof they run."
+            f"{len(at_peak)} of {len(summaries)} runs{which} priced every op at the device's "
+            "peak rates (roofline.shape_aware = False: no per-shape microbenchmarks): for them "
+            "the prediction is the roofline's lower bound, not a forecast, and pred. err says "
+            "how far below that roof they run."
         )
     cost_flags(doc, rows)
 

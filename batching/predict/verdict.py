@@ -60,8 +60,15 @@ def knee_text(s: dict[str, Any]) -> str:
     if knee is None or not math.isfinite(knee):
         return "none" + fit_points(s).replace(", fitted", " (fitted", 1) + ")"
     lo, hi = s["knee_low"], s["knee_high"]
-    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+    if lo is None or not math.isfinite(lo):
         return f"{fmt(knee)} (no interval: no timing samples kept)" + fit_points(s)
+    if hi is None or not math.isfinite(hi):
+        # Samples were resampled (the low end exists), but in more than 2.5% of the
+        # resamples the fit never turns compute-bound: the interval has no upper end.
+        return (
+            f"{fmt(knee)} [{fmt(lo)}, open] (in over 2.5% of resamples the fit never turns "
+            "compute-bound)" + fit_points(s)
+        )
     text = f"{fmt(knee)} [{fmt(lo)}, {fmt(hi)}]"
     if s.get("knee_interval_degenerate"):
         text += " (a degenerate interval: the fit sits at an end)"
