@@ -262,6 +262,39 @@ def test_a_cache_filled_on_a_busy_machine_is_noticed_and_measured_again(tmp_path
     assert "measured again" in report
 
 
+def test_rates_measured_while_the_machine_is_busier_are_not_cached(tmp_path, monkeypatch):
+    """The device reads 2.5x slower than when its peaks were cached: the cache is kept, this
+    run measures its shapes' rates and uses them, but saves none of them to the shared cache
+    (a quiet machine would inherit them); the report says so."""
+    from batching import app
+    from tests.conftest import tiny
+
+    dev = jax.devices()[0]
+    _mock_device_measurements(monkeypatch, f=1e11, read=2e10)
+    cache = tmp_path / "cache"
+    peaks.measured_peaks(dev, ("float32",), str(cache))
+    entry = peaks_cache.device_entry(dev, str(cache))
+    quiet = {
+        **entry,
+        "matmul_flops_per_s": {"float32": 2.5e11},
+        "bandwidth": {"read_bytes_per_s": 5e10, "copy_bytes_per_s": 5e10, "buffer_bytes": 1},
+    }
+    with open(peaks_cache.cache_path(str(cache)), "w") as f:
+        json.dump({f"{dev.platform}:{dev.device_kind}": quiet}, f)
+    before = peaks_cache.device_entry(dev, str(cache))
+    config = tiny()
+    config.roofline.peaks_cache_dir = str(cache)
+    config.roofline.check_peaks = True
+    config.roofline.shape_aware = True  # the per-shape rates this is about
+    (s,) = app.run(config, str(tmp_path / "run"))
+    assert s["peaks_check"]["verdict"].startswith("kept")
+    assert peaks_cache.device_entry(dev, str(cache)) == before  # nothing measured was saved
+    with open(tmp_path / "run" / "device_peaks.json") as f:
+        used = next(iter(json.load(f).values()))
+    assert used.get("gemm_flops_per_s")  # measured and used by this run
+    assert "not saved to the cache" in (tmp_path / "run" / "report.md").read_text()
+
+
 def results_of(workdir):
     from batching.outputs import results
 

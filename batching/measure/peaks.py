@@ -173,7 +173,13 @@ def measured_peaks(
 CHECK_TOLERANCE = 0.25
 # Tables of rates measured at a model's shapes: measured in the same sitting as the peaks, so
 # they go with them when a check finds the peaks stale.
-PER_SHAPE_TABLES = ("gemm_flops_per_s", "conv_flops_per_s", "attention_s", "lone_op_s")
+PER_SHAPE_TABLES = (
+    "gemm_flops_per_s",
+    "conv_flops_per_s",
+    "ragged_flops_per_s",
+    "attention_s",
+    "lone_op_s",
+)
 
 
 def check_cached(

@@ -344,8 +344,9 @@ def _check_sentence(check: dict[str, Any] | None) -> str:
         return f"This run's check agreed within {tol} ({numbers})."
     return (
         f"This run's check ({numbers}) read the device more than {tol} slower than when the "
-        "peaks were cached: the machine is busier now; the cache was kept, and this run's "
-        "timings may be slow."
+        "peaks were cached: the machine is busier now; the cache was kept, this run's "
+        "timings may be slow, and the rates it measured at its shapes were used here but not "
+        "saved to the cache (they would skew later runs' predictions)."
     )
 
 
