@@ -68,10 +68,7 @@ class RateSource:
             if not os.path.isfile(peaks_file):
                 raise ValueError(f"roofline.peaks_file does not exist: {peaks_file!r}")
             # A private copy as the cache: lookups read it, and nothing can write the file.
-            # Removed with this object.
-            self._copy = tempfile.TemporaryDirectory(prefix="lab_peaks_file_")
-            cache_dir = self._copy.name
-            shutil.copy(peaks_file, peaks_cache.cache_path(cache_dir))
+            cache_dir = self._private_copy(peaks_file, "lab_peaks_file_")
         self.cache_dir = cache_dir
         self._refresh = refresh and not peaks_file
         self._refreshed: set[str] = set()
@@ -166,13 +163,18 @@ class RateSource:
         rates measured while the device reads slower than when its peaks were cached would
         skew every later run (on the 2-core CPU here, mlp_widths' prediction median went from
         0.19 to 0.77 on a quiet machine once a busy run had cached its GEMM rates)."""
-        if self._copy is not None:
-            return
-        self._copy = tempfile.TemporaryDirectory(prefix="lab_peaks_busy_")
-        shared = peaks_cache.cache_path(self.cache_dir)
-        if os.path.exists(shared):
-            shutil.copy(shared, peaks_cache.cache_path(self._copy.name))
-        self.cache_dir = self._copy.name
+        if self._copy is None:
+            self.cache_dir = self._private_copy(
+                peaks_cache.cache_path(self.cache_dir), "lab_peaks_busy_"
+            )
+
+    def _private_copy(self, cache_file: str, prefix: str) -> str:
+        """A temporary cache folder holding a copy of `cache_file` (none if it does not
+        exist), removed with this object: its name."""
+        self._copy = tempfile.TemporaryDirectory(prefix=prefix)
+        if os.path.exists(cache_file):
+            shutil.copy(cache_file, peaks_cache.cache_path(self._copy.name))
+        return self._copy.name
 
     def _or_interpolated(self, device: Any, table: str, name: str, value: Any) -> Any:
         if value is None and table != "lone_op_s":
