@@ -240,11 +240,12 @@ def test_predicted_curve_knee_uses_the_fitted_knee_definition():
 
 def test_small_ops_are_priced_from_their_lone_calls_and_pay_the_call_extra_once():
     # Two small GEMMs (~1 µs at 1e11 FLOP/s, warm weights from the cache) whose calls alone
-    # measured (one, two) instances beyond the floor; a big GEMM (10 ms) that is never asked.
+    # measured (one, many) instances beyond the floor; a big GEMM (10 ms) that is never asked.
     small = Op("s", "gemm", (2, 64, 64), 2 * 2 * 64 * 64, 0, count=2)
     other = Op("o", "gemm", (2, 64, 128), 2 * 2 * 64 * 128, 0)
     big = Op("b", "gemm", (1000, 1000, 500), 1e9, 0)
-    lone = {small.shape: (50e-6, 56e-6), other.shape: (80e-6, 90e-6)}
+    more = ops.LONE_COPIES - 1  # instances beyond the first in the `many` call
+    lone = {small.shape: (50e-6, 50e-6 + more * 6e-6), other.shape: (80e-6, 80e-6 + more * 10e-6)}
     asked = []
 
     def lone_s(op):
@@ -254,17 +255,17 @@ def test_small_ops_are_priced_from_their_lone_calls_and_pay_the_call_extra_once(
     rates = pricing.Rates(**{**RATES.__dict__, "lone": lone_s})
     call = pricing.predict_call([small, other, big], rates)
     base = pricing.predict_call([small, other, big], RATES)
-    # One more instance costs two − one, less its launch (counted with the launches).
+    # One more instance costs the slope (many − one) / more, less its launch (counted apart).
     assert pricing.op_time(small, rates).seconds == pytest.approx(2 * (6e-6 - 1e-6))
     assert pricing.op_time(other, rates).seconds == pytest.approx(10e-6 - 1e-6)
     assert pricing.op_time(big, rates) == pricing.op_time(big, RATES)
     assert big.shape not in asked  # big ops are priced as before
-    # Paid once per call: the median one − (two − one) over the small ops (44 and 70 µs).
+    # Paid once per call: the median of one − slope over the small ops (44 and 70 µs).
     assert call.call_extra_s == pytest.approx(57e-6)
     assert call.overhead_s == pytest.approx(base.overhead_s + 57e-6)
     parts = sum(pricing.op_time(o, rates).seconds for o in (small, other, big))
     assert call.seconds == pytest.approx(call.overhead_s + parts)
-    # Without lone measurements nothing changes; noise (two < one) adds no negative time:
+    # Without lone measurements nothing changes; noise (many < one) adds no negative time:
     # the op is left at its bytes (none here) and the call pays `one` once.
     assert base.call_extra_s == 0.0
     noisy = pricing.Rates(**{**RATES.__dict__, "lone": lambda op: (5e-6, 4e-6)})

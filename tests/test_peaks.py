@@ -7,6 +7,7 @@ import pytest
 
 from batching.measure import microbench, peaks, peaks_cache, rates, shape_bench
 from batching.predict import analysis
+from batching.workloads import ops
 from models.kv_cache import attend_cache as ATTEND
 
 
@@ -174,8 +175,11 @@ def test_lone_op_microbenchmark_is_cached_per_kind_and_shape(tmp_path, monkeypat
     dev = jax.devices()[0]
     gemm = peaks.lone_op_seconds(dev, "float32", "gemm", (2, 16, 16), str(tmp_path))
     conv = peaks.lone_op_seconds(dev, "float32", "conv", (1, 8, 8, 4, 4, 3, 1), str(tmp_path))
-    for one, two in (gemm, conv):
-        assert 0 <= one < 0.01 and 0 <= two < 0.01
+    for one, many in (gemm, conv):
+        assert 0 <= one < 0.01 and 0 <= many < 0.01
+    # `many` runs LONE_COPIES products, chained as layers are
+    fn, args = shape_bench._lone_program(dev, "float32", "gemm", (2, 16, 16), ops.LONE_COPIES)
+    assert jax.jit(fn).lower(*args).as_text().count("dot_general") == ops.LONE_COPIES
     # a batched product and a conv that changes its shape (not chainable) run too
     for kind, shape in (("gemm", (3, 2, 16, 8)), ("conv", (1, 8, 8, 4, 8, 3, 2))):
         assert all(
@@ -183,7 +187,7 @@ def test_lone_op_microbenchmark_is_cached_per_kind_and_shape(tmp_path, monkeypat
             for t in shape_bench.measure_lone_op_seconds(dev, "float32", kind, shape, 0.0)
         )
     with open(peaks_cache.cache_path(str(tmp_path))) as f:
-        table = next(iter(json.load(f).values()))["lone_op_s"]
+        table = next(iter(json.load(f).values()))["lone_op_chain_s"]
     assert table == {"gemm:float32:2x16x16": list(gemm), "conv:float32:1x8x8x4x4x3x1": list(conv)}
     with pytest.raises(ValueError, match="attention"):
         shape_bench.measure_lone_op_seconds(dev, "float32", "attention", (1, 1, 8, 1, 8), 0.0)

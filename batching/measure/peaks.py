@@ -77,7 +77,7 @@ def lone_op_seconds(
     found = peaks_cache.cached_measurement(
         device,
         cache_dir,
-        "lone_op_s",
+        "lone_op_chain_s",
         peaks_cache.lone_key(peaks_cache.dtype_key(dtype, matmul_precision), kind, shape),
         lambda entry: shape_bench.measure_lone_op_seconds(
             device, dtype, kind, shape, entry.get("dispatch_floor_s", 0.0)
@@ -178,7 +178,7 @@ PER_SHAPE_TABLES = (
     "conv_flops_per_s",
     "ragged_flops_per_s",
     "attention_s",
-    "lone_op_s",
+    "lone_op_chain_s",
 )
 
 

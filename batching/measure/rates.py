@@ -177,7 +177,7 @@ class RateSource:
         return self._copy.name
 
     def _or_interpolated(self, device: Any, table: str, name: str, value: Any) -> Any:
-        if value is None and table != "lone_op_s":
+        if value is None and table != "lone_op_chain_s":
             value = peaks_cache.interpolate(self.entry(device), table, name)
             self.unmeasured[f"{table}:{name}"] = "interpolated" if value else "peak"
         elif value is None:
@@ -230,7 +230,7 @@ class RateSource:
             found = peaks.lone_op_seconds(
                 device, dtype, op.kind, shape, self.cache_dir, precision, self.budget
             )
-            return self._or_interpolated(device, "lone_op_s", name, found)
+            return self._or_interpolated(device, "lone_op_chain_s", name, found)
 
         return seconds
 

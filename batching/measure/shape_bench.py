@@ -279,22 +279,22 @@ def _lone_program(
 def measure_lone_op_seconds(
     device: jax.Device, dtype: str, kind: str, shape: tuple[int, ...], dispatch_floor_s: float
 ) -> list[float]:
-    """Seconds a jitted call running ONE instance of an op, and one running TWO in a row, cost
-    beyond the trivial call's dispatch floor: medians of back-to-back calls, as the sweep
-    times a point. [one, two].
+    """Seconds a jitted call running ONE instance of an op, and one running ops.LONE_COPIES
+    in a row, cost beyond the trivial call's dispatch floor: medians of back-to-back calls,
+    as the sweep times a point. [one, many].
 
     The chained microbenchmarks (measure_gemm_flops, measure_conv_flops) run many instances
     in one call and divide, so what a call pays once whatever its kernels do (handing the
     program to a worker thread, waking the intra-op thread pool that a library kernel such as
     XLA:CPU's YNNPACK fusion forks onto) is spread thin there and vanishes. Here it stays:
-    two − one is what one more instance costs inside a call (with its launch), and
-    one − (two − one) what the call paid once for it (ops.call_extra). Two instances keep
-    their weights in the cache, as a small model's layers do. Shapes: gemm and
+    (many − one) / (LONE_COPIES − 1) is what one more instance costs inside a call (with its
+    launch), and one minus that what the call paid once for it (pricing.call_extra). The
+    copies keep their weights in the cache, as a small model's layers do. Shapes: gemm and
     moe_dispatch_combine (m, k, n) or (batch, m, k, n); conv (B, H, W, Cin, Cout, k, stride),
     with its BatchNorm and ReLU as measure_conv_flops runs it.
     """
     out = []
-    for copies in (1, 2):
+    for copies in (1, ops.LONE_COPIES):
         fn, args = _lone_program(device, dtype, kind, shape, copies)
         out.append(max(microbench._median_time(fn, args, LONE_SETTINGS) - dispatch_floor_s, 0.0))
     return out

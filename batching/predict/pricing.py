@@ -10,10 +10,10 @@ each at its own limit:
   model's parameter pytree is per-call Python work); each launch is the measured cost of one
   more kernel in a program.
 - A small op (under SMALL_OP_S at its per-shape rates, where a per-call cost of tens of µs
-  is as large as the op) is priced from calls that run one and two instances of it alone at
-  its shape (`lone_times`): two − one per instance, and the call extra, what a real program
-  pays once per call beyond the trivial floor (a worker thread or thread pool woken), is the
-  median one − (two − one) over the call's small ops (`call_extra`).
+  is as large as the op) is priced from calls that run one and LONE_COPIES instances of it
+  alone at its shape (`lone_costs`): the slope between them per instance, and the call extra,
+  what a real program pays once per call beyond the trivial floor (a worker thread or thread
+  pool woken), is the median of one − slope over the call's small ops (`call_extra`).
 - F(op) is measured by a microbenchmark at the op's own shape where the lab has one (GEMMs,
   batched or not, the MoE dispatch/combine einsums, convolutions, attention); other ops are
   bandwidth-bound and priced on their bytes only.
@@ -35,7 +35,7 @@ import statistics
 from collections.abc import Callable
 from typing import Any
 
-from batching.workloads.ops import GEMM_LIKE, LONE_KINDS, Op, launches
+from batching.workloads.ops import GEMM_LIKE, LONE_COPIES, LONE_KINDS, Op, launches
 
 # An op whose roofline time is under this is small: a per-call cost of tens of µs (a worker
 # thread woken, see call_extra) is then as large as the op itself, so it is measured.
@@ -62,8 +62,9 @@ class Rates:
     # FLOP/s of the rows routed through a grouped product (groups, m, k, n), as the backend
     # runs jax.lax.ragged_dot at that shape (shape_bench.measure_ragged_flops).
     ragged: Callable[[tuple[int, ...]], float | None] | None = None
-    # (one, two): seconds beyond the dispatch floor of calls running one and two instances of
-    # an op alone (peaks.lone_op_seconds); asked only for ops under `small_op_s` (lone_times).
+    # (one, many): seconds beyond the dispatch floor of calls running one and LONE_COPIES
+    # instances of an op alone (peaks.lone_op_seconds); asked only for ops under `small_op_s`
+    # (lone_costs).
     lone: Callable[[Op], tuple[float, float] | None] | None = None
     small_op_s: float = SMALL_OP_S
 
@@ -126,10 +127,12 @@ def _measured_compute_s(op: Op, rates: Rates) -> float | None:
     return None
 
 
-def lone_times(op: Op, rates: Rates) -> tuple[float, float] | None:
-    """(one, two): seconds beyond the dispatch floor of a call running one, and two, instances
-    of a small op alone (peaks.lone_op_seconds); None for an op that is not small (roofline
-    time per instance at its per-shape rates `rates.small_op_s` or more) or not measurable."""
+def lone_costs(op: Op, rates: Rates) -> tuple[float, float] | None:
+    """(each, once) of a small op, from calls running one and LONE_COPIES instances of it alone
+    (peaks.lone_op_seconds, seconds beyond the dispatch floor): what one more instance costs
+    in a call, (many − one) / (LONE_COPIES − 1) with its launch, and what the call paid once
+    for it, one − each. None for an op that is not small (roofline time per instance at its
+    per-shape rates `rates.small_op_s` or more) or not measurable."""
     if (
         rates.lone is None
         or op.fused
@@ -141,23 +144,27 @@ def lone_times(op: Op, rates: Rates) -> tuple[float, float] | None:
     memory_s, compute_s, _ = _roofline_parts(op, rates)
     if max(memory_s, compute_s) >= rates.small_op_s:
         return None
-    return rates.lone(op)
+    measured = rates.lone(op)
+    if measured is None:
+        return None
+    one, many = measured
+    each = max((many - one) / (LONE_COPIES - 1), 0.0)
+    return each, one - each
 
 
 def op_time(op: Op, rates: Rates) -> OpTime:
     """max(bytes / BW_op, flops / F(op)) for each instance, times its count.
 
-    A small op (lone_times) is priced from calls that run it alone instead: one more instance
-    in a call costs two − one (its launch taken off, as launches are counted apart); what the
-    call pays once for it is call_extra's.
+    A small op (lone_costs) is priced from calls that run it alone instead: one more instance
+    in a call costs the slope between them (its launch taken off, as launches are counted
+    apart); what the call pays once for it is call_extra's.
     """
     if op.fused:
         return OpTime(op.name, op.kind, op.count, 0.0, "fused", op.flops * op.count)
     memory_s, compute_s, memory_limit = _roofline_parts(op, rates)
-    lone = lone_times(op, rates)
+    lone = lone_costs(op, rates)
     if lone is not None:
-        one, two = lone
-        compute_s = max(two - one - rates.kernel_overhead_s, 0.0)
+        compute_s = max(lone[0] - rates.kernel_overhead_s, 0.0)
     n = op.count
     roofs = (memory_s * n, op.flops * n / rates.peak_flops_per_s)
     if compute_s >= memory_s:
@@ -217,18 +224,18 @@ def call_extra(ops: list[Op], rates: Rates) -> float:
     program of 1000 FLOPs or more to a worker thread (`cheap_computation` in its cpu_client),
     and a library kernel (the YNNPACK fusion XLA:CPU uses for a product from 2 rows up) forks
     onto the intra-op thread pool, whose threads sleep between calls. For each small op the
-    calls running one and two instances alone are measured (lone_times); one − (two − one) is
-    what a call paid once for it. A call pays it once, not once per op: on a quiet 2-core CPU
-    the 2-layer and the 8-layer width-64 MLPs both measured ~80-100 µs above the per-op sum
-    from batch 2 up. Each small op of a call measures the same hand-off, so the call pays the
-    median of their estimates (one noisy lone call among many does not set it).
+    calls running one and LONE_COPIES instances alone are measured (lone_costs); one minus the
+    slope per instance is what a call paid once for it. A call pays it once, not once per op:
+    on a quiet 2-core CPU the 2-layer and the 8-layer width-64 MLPs both measured ~80-100 µs
+    above the per-op sum from batch 2 up. Each small op of a call measures the same hand-off,
+    so the call pays the median of their estimates (one noisy lone call among many does not
+    set it).
     """
     extras = []
     for op in ops:
-        lone = lone_times(op, rates)
+        lone = lone_costs(op, rates)
         if lone is not None:
-            one, two = lone
-            extras.append(one - max(two - one, 0.0))
+            extras.append(lone[1])
     return max(float(statistics.median(extras)), 0.0) if extras else 0.0
 
 

@@ -133,3 +133,9 @@ def launches(ops: list[Op]) -> int:
 # Kinds a lone-op microbenchmark runs (shape_bench.measure_lone_op_seconds), with the ranks of the
 # shapes it takes: gemm and moe_dispatch_combine (m, k, n) or (batch, m, k, n), conv 7 dims.
 LONE_KINDS = {"gemm": (3, 4), "moe_dispatch_combine": (3, 4), "conv": (7,)}
+# It times a call running one instance and one running LONE_COPIES in a row. The slope between
+# them is what one more instance costs: eight instances apart, a call's noise (a sleeping
+# worker thread woken or not, tens of µs on a small VM) is divided by eight, where one and
+# two instances apart it was not (width 64 at batch 1 read 14 µs per product from one and
+# two, and ~0.8 µs from the 8-layer MLP itself, on a 2-core CPU).
+LONE_COPIES = 9
