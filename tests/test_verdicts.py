@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from batching.outputs import archive
-from batching.predict import verdict
+from batching.predict import knee, verdict
 from experiments import reanalyze
 from tests.conftest import ROOT
 
@@ -81,3 +81,18 @@ def test_an_interval_without_an_upper_end_is_called_open_not_missing():
     assert "no timing samples" not in text
     assert "no timing samples kept" in verdict.knee_text(s | dict(knee_low=None))
     assert "no timing samples kept" in verdict.knee_text(s | dict(knee_low=math.nan))
+
+
+def test_a_knee_outside_its_own_interval_is_said_to_be_poorly_determined():
+    """bench24's mlp_article: the predicted curve's knee 25.7 with [25.8, 44.2] (fits to
+    single passes skew above the fit to the pooled medians): the tables say so, and the
+    fitted knee's interval counts as degenerate, not as ±x% across passes."""
+    assert verdict.interval_text(25.7, 25.8, 44.2).endswith(verdict.OUTSIDE)
+    assert verdict.interval_text(26.8, 26.7, 40.1) == "26.8 [26.7, 40.1]"
+    assert verdict.interval_text(math.nan, math.nan, math.nan) == "– [–, –]"
+    assert knee._degenerate(25.7, 25.8, 44.2) and not knee._degenerate(26.8, 26.7, 40.1)
+    s = dict(knee_batch_size=25.7, knee_low=25.8, knee_high=44.2, points=10,
+             knee_interval_degenerate=True, knee_interval_from="passes", knee_fit_points=6,
+             points_converged=6)  # fmt: skip
+    text = verdict.knee_text(s)
+    assert verdict.OUTSIDE in text and "across passes" not in text

@@ -181,8 +181,11 @@ def knee_section(doc: Doc, data: ReportData) -> None:
             [
                 s["run"],
                 verdict.knee_text(s),
-                f"{fmt(s['predicted_curve_knee_batch_size'])} "
-                f"[{fmt(s['predicted_curve_knee_low'])}, {fmt(s['predicted_curve_knee_high'])}]",
+                verdict.interval_text(
+                    s["predicted_curve_knee_batch_size"],
+                    s["predicted_curve_knee_low"],
+                    s["predicted_curve_knee_high"],
+                ),
                 s["predicted_knee_batch_size"],
                 s["predicted_critical_batch"],
                 s["spec_critical_batch"]

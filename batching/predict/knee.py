@@ -201,12 +201,14 @@ def fit_knee(
 
 
 def _degenerate(knee: float, lo: float, hi: float) -> bool:
-    """An interval that says little: zero width, or the estimate at one of its ends (the
-    replicates piled onto one boundary value of the fit)."""
+    """An interval that says little: zero width, the estimate at one of its ends (the
+    replicates piled onto one boundary value of the fit), or the estimate outside it (the
+    fits to single passes put the knee elsewhere than the fit to their pooled medians)."""
     if not all(math.isfinite(x) for x in (knee, lo, hi)):
         return False
     tol = 1e-3 * max(abs(knee), 1e-12)
-    return hi - lo <= tol or abs(knee - lo) <= tol or abs(knee - hi) <= tol
+    at_an_end = abs(knee - lo) <= tol or abs(knee - hi) <= tol
+    return hi - lo <= tol or at_an_end or not lo <= knee <= hi
 
 
 def free_batching_limit(samples: dict[int, Any], alpha: float = 0.01) -> int:

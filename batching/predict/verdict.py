@@ -53,6 +53,22 @@ def regimes_below(rows: list[dict[str, Any]], run: str, below: float) -> list[st
     return sorted({r["regime"] for r in rows if r["run"] == run and r["batch_size"] < below})
 
 
+# A knee whose bootstrap interval (each point's pass drawn at random) leaves out the fit to the
+# pooled medians: single passes put the knee elsewhere.
+OUTSIDE = (
+    " (outside its interval: fits to single passes put the knee elsewhere, so this run "
+    "does not determine it well)"
+)
+
+
+def interval_text(knee: float, lo: float, hi: float) -> str:
+    """'22.7 [19.7, 26.3]' for a table ('–' where a value is missing), saying so when the
+    estimate lies outside its interval."""
+    shown = f"{text.fmt(knee)} [{text.fmt(lo)}, {text.fmt(hi)}]"
+    finite = all(x is not None and math.isfinite(x) for x in (knee, lo, hi))
+    return shown + (OUTSIDE if finite and not lo <= knee <= hi else "")
+
+
 def knee_text(s: dict[str, Any]) -> str:
     """'21.7 [21.2, 22.1] (±2% across passes), fitted on 10 converged of 10 points', or why
     there is no knee or no interval."""
@@ -70,7 +86,9 @@ def knee_text(s: dict[str, Any]) -> str:
             "compute-bound)" + fit_points(s)
         )
     text = f"{fmt(knee)} [{fmt(lo)}, {fmt(hi)}]"
-    if s.get("knee_interval_degenerate"):
+    if not lo <= knee <= hi:
+        text += OUTSIDE
+    elif s.get("knee_interval_degenerate"):
         text += " (a degenerate interval: the fit sits at an end)"
     else:
         width = (hi - lo) / 2 / knee
