@@ -96,3 +96,16 @@ def test_a_knee_outside_its_own_interval_is_said_to_be_poorly_determined():
              points_converged=6)  # fmt: skip
     text = verdict.knee_text(s)
     assert verdict.OUTSIDE in text and "across passes" not in text
+
+
+def test_regimes_below_the_knee_read_in_batch_order_with_their_batches():
+    """bench26's mlp_article: memory at batch 1-8, compute from 16, knee 19.4. The C3 text
+    once listed the set sorted ("compute, memory"), which reads as if batch 1 were
+    compute-bound."""
+    regimes = ["memory"] * 4 + ["compute"] * 6
+    rows = [dict(run="r", batch_size=2**i, regime=g) for i, g in enumerate(regimes)]
+    rows.append(dict(run="other", batch_size=1, regime="overhead"))
+    assert verdict.regime_spans(rows, "r", 19.4) == "memory at B=1–8, compute at B=16"
+    assert verdict.regime_spans(rows, "r", 2) == "memory at B=1"
+    assert verdict.regime_spans(rows, "r", 1) == "none"
+    assert verdict.regimes_below(rows, "r", 19.4) == ["compute", "memory"]

@@ -10,6 +10,7 @@ from batching.predict.verdict import (
     fmt,
     knee_inside,
     knee_text,
+    regime_spans,
     regimes_below,
     run_rows,
     simulated,
@@ -52,13 +53,14 @@ def c3_mlp_knee(summaries: list[dict[str, Any]], rows: list[dict[str, Any]]) -> 
     if simulated(summaries):
         return {"verdict": SIMULATION, "evidence": f"Run {s['run']} ran on forced host devices."}
     pred, knee = s["predicted_critical_batch"], s["knee_batch_size"]
-    regimes = regimes_below(rows, s["run"], knee if math.isfinite(knee) else max(s["batch_sizes"]))
+    below = knee if math.isfinite(knee) else max(s["batch_sizes"])
+    regimes = regimes_below(rows, s["run"], below)
     evidence = (
         f"Run {s['run']} on {s['device_kind']}: fitted knee {knee_text(s)}; B* = "
         f"F·bytes/(2·BW) = {fmt(pred)} from the measured roofs "
         f"({fmt(s['peak_flops_per_s'] / 1e9)} GFLOP/s, {fmt(s['peak_bytes_per_s'] / 1e9)} GB/s); "
-        f"regimes by intensity below the knee: {', '.join(regimes) or 'none'}; free-batching "
-        f"limit {s['free_batching_limit']}. {t4_sentence(s)}"
+        f"regimes by intensity below the knee: {regime_spans(rows, s['run'], below)}; "
+        f"free-batching limit {s['free_batching_limit']}. {t4_sentence(s)}"
     )
     if not knee_inside(s):
         evidence += (

@@ -136,7 +136,8 @@ def c1_resnet_cpu_linear(summaries: list[dict[str, Any]], rows: list[dict[str, A
     evidence = (
         f"ResNet50 on {s['device_kind']}: {fmt(rs[0]['latency_s'] * 1e3)} ms at batch "
         f"{rs[0]['batch_size']}, {fmt(rs[-1]['latency_s'] * 1e3)} ms at batch "
-        f"{rs[-1]['batch_size']}; log-log slope of latency vs batch {fmt(slope)} (1 = linear); "
+        f"{rs[-1]['batch_size']}; log-log slope of latency against batch size {slope:.2f} "
+        "(1 = linear); "
         f"the best throughput, at batch {best['batch_size']}, is {fmt(gain)}x batch "
         f"{rs[0]['batch_size']}'s; fitted knee {knee_text(s)}; regime by intensity at batch "
         f"{rs[0]['batch_size']}: {rs[0]['regime']}."

@@ -53,6 +53,25 @@ def regimes_below(rows: list[dict[str, Any]], run: str, below: float) -> list[st
     return sorted({r["regime"] for r in rows if r["run"] == run and r["batch_size"] < below})
 
 
+def regime_spans(rows: list[dict[str, Any]], run: str, below: float) -> str:
+    """The run's regimes by intensity at batch sizes under `below`, in batch order with the
+    batches each covers: 'memory at B=1–8, compute at B=16' ('none' without such a point)."""
+    spans: list[list[Any]] = []  # [regime, first batch, last batch]
+    for r in sorted((r for r in rows if r["run"] == run), key=lambda r: r["batch_size"]):
+        if r["batch_size"] >= below:
+            break
+        if spans and spans[-1][0] == r["regime"]:
+            spans[-1][2] = r["batch_size"]
+        else:
+            spans.append([r["regime"], r["batch_size"], r["batch_size"]])
+    return (
+        ", ".join(
+            f"{regime} at B={lo}" + (f"–{hi}" if hi != lo else "") for regime, lo, hi in spans
+        )
+        or "none"
+    )
+
+
 # A knee whose bootstrap interval (each point's pass drawn at random) leaves out the fit to the
 # pooled medians: single passes put the knee elsewhere.
 OUTSIDE = (
