@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from batching.measure import shape_bench
-from batching.predict import knee, pricing, run_fields, whatif
+from batching.predict import analysis, knee, pricing, run_fields, whatif
 from batching.setup import topology
 from batching.workloads import decoder as decoder_workload
 from batching.workloads import mlp as mlp_workload
@@ -305,3 +305,14 @@ def test_ragged_products_are_priced_at_their_measured_rate():
     assert pricing.op_time(op, rates).seconds == pytest.approx(op.flops / 1e9)
     # without a rate for the shape: the peak, a lower bound
     assert pricing.op_time(op, RATES).seconds == pytest.approx(op.flops / 1e12)
+
+
+def test_weights_over_half_the_last_level_cache_are_priced_cold():
+    """moe_vs_dense's dense SwiGLU (25 MB) in a 32 MiB L3 ran at the cold microbenchmarks'
+    rates from batch 2 (1.67-1.88 ms measured, 1.76 cold, 0.99 warm): such weights do not
+    stay in the cache between calls; mlp_widths' width 512 (8.4 MB) does."""
+    llc = 32 * 2**20
+    assert analysis.weights_cold(25.2e6, llc)
+    assert not analysis.weights_cold(8.4e6, llc)
+    assert analysis.weights_cold(33.6e6, llc)
+    assert not analysis.weights_cold(None, llc)

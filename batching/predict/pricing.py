@@ -19,8 +19,9 @@ each at its own limit:
   bandwidth-bound and priced on their bytes only.
 - BW_op is the DRAM bandwidth, or the measured last-level-cache bandwidth for bytes that stay
   in that cache between calls or between ops: the weights when all of the call's weights fit
-  in the LLC (they stay warm between timed calls), an op's activations when they fit in half
-  of it (produced by the op before, consumed straight after).
+  in half of the LLC (they stay warm between timed calls; analysis.WARM_WEIGHTS_SHARE), an
+  op's activations when they fit in half of it (produced by the op before, consumed straight
+  after).
 - Ops XLA fuses into the producer's epilogue (`fused`) move no bytes and cost no launch of
   their own; their FLOPs stay in the totals. Fusion differs by backend: XLA on a CPU runs the
   elementwise work after a product as a loop fusion of its own (a trace shows `ynn_fusion`
