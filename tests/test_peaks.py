@@ -346,3 +346,32 @@ def test_ragged_microbenchmark_reads_its_weights_warm_or_from_beyond_the_cache(m
     rate = shape_bench.measure_ragged_flops(jax.devices()[0], "float32", shape, cold=cold)
     assert rate == pytest.approx(2 * 8 * 16 * 32 / (1e-3 / (seen[0] // (4 * 16 * 32 * 4))))
     assert seen[0] >= 2 * llc if cold else seen[0] <= llc // 4
+
+
+def test_one_stray_check_reading_changes_nothing(tmp_path, monkeypatch):
+    """A check whose first quick reading is 1.5x the cached stream (one stray reading on a
+    host whose bandwidth wanders) takes a second one; the second agrees, so the cache and
+    its per-shape rates stay, and the report gives both readings. Two fast readings in a
+    row still re-measure."""
+    from batching.outputs import report_sections
+
+    dev = jax.devices()[0]
+    _mock_device_measurements(monkeypatch)
+    peaks.measured_peaks(dev, ("float32",), str(tmp_path))
+    entry = peaks_cache.device_entry(dev, str(tmp_path))
+    entry["gemm_flops_per_s"] = {"float32:1x16x16:warm": 1e9}
+    with open(peaks_cache.cache_path(str(tmp_path)), "w") as f:
+        json.dump({f"{dev.platform}:{dev.device_kind}": entry}, f)
+    normal = {"matmul_flops_per_s": 1e11, "read_bytes_per_s": 2e10}
+    stray = {**normal, "read_bytes_per_s": 3e10}
+    readings = iter([stray, normal, stray, stray])
+    monkeypatch.setattr(microbench, "quick_peaks", lambda d, t: next(readings))
+    check = peaks.check_cached(dev, str(tmp_path), "float32")
+    assert check["verdict"] == "agreed" and check["readings"] == [stray, normal]
+    assert check["now"] == normal
+    assert peaks_cache.device_entry(dev, str(tmp_path)) == entry  # nothing dropped
+    sentence = report_sections._check_sentence(check)
+    assert "agreed" in sentence and "matmul 100 and 100 GFLOP/s, stream 30 and 20 GB/s" in sentence
+    again = peaks.check_cached(dev, str(tmp_path), "float32")
+    assert again["verdict"] == "re-measured"
+    assert "gemm_flops_per_s" not in peaks_cache.device_entry(dev, str(tmp_path))

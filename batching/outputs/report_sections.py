@@ -334,6 +334,15 @@ def _check_sentence(check: dict[str, Any] | None) -> str:
         f"{fmt(cached['read_bytes_per_s'] / 1e9)}"
     )
     tol = f"{check['tolerance']:.0%}"
+    if len(check.get("readings") or []) > 1:
+        flops, reads = (
+            " and ".join(fmt(r[k] / 1e9) for r in check["readings"])
+            for k in ("matmul_flops_per_s", "read_bytes_per_s")
+        )
+        numbers += (
+            f"; two readings, matmul {flops} GFLOP/s, stream {reads} GB/s, of which the one "
+            "nearer the cache counts"
+        )
     if check["verdict"] == "re-measured":
         return (
             f"This run's check ({numbers}) found the cache slower than the device by more than "
