@@ -15,8 +15,9 @@ from tests.conftest import tiny
 from tests.test_resnet_workload import tiny_resnet
 
 # Tracing adds its own cost, and this machine is shared: the traced call only has to be
-# the same order of magnitude as the timed median.
-FACTOR = 5.0
+# the same order of magnitude as the timed median (a loaded CI run traced the tiny MLP's
+# 8-row call at 6.6x its median).
+FACTOR = 10.0
 
 
 def _rows(workdir) -> list[dict]:

@@ -335,14 +335,10 @@ def _check_sentence(check: dict[str, Any] | None) -> str:
     )
     tol = f"{check['tolerance']:.0%}"
     if len(check.get("readings") or []) > 1:
-        flops, reads = (
-            " and ".join(fmt(r[k] / 1e9) for r in check["readings"])
-            for k in ("matmul_flops_per_s", "read_bytes_per_s")
-        )
-        numbers += (
-            f"; two readings, matmul {flops} GFLOP/s, stream {reads} GB/s, of which the one "
-            "nearer the cache counts"
-        )
+        flops, reads = (" and ".join(fmt(r[k] / 1e9) for r in check["readings"])
+                        for k in ("matmul_flops_per_s", "read_bytes_per_s"))  # fmt: skip
+        numbers += f"; two readings, matmul {flops} GFLOP/s, stream {reads} GB/s"
+        numbers += ", of which the one nearer the cache counts"
     if check["verdict"] == "re-measured":
         return (
             f"This run's check ({numbers}) found the cache slower than the device by more than "
