@@ -172,15 +172,6 @@ def measured_peaks(
 # A cached peak and this run's quick measurement of it disagree when one is more than this
 # fraction above the other.
 CHECK_TOLERANCE = 0.25
-# Tables of rates measured at a model's shapes: measured in the same sitting as the peaks, so
-# they go with them when a check finds the peaks stale.
-PER_SHAPE_TABLES = (
-    "gemm_flops_per_s",
-    "conv_flops_per_s",
-    "ragged_flops_per_s",
-    "attention_s",
-    "lone_op_chain_s",
-)
 
 
 def check_cached(
@@ -223,27 +214,35 @@ def check_cached(
     }
     if len(readings) > 1:
         out["readings"] = readings
-    if any(r > 1 + CHECK_TOLERANCE for r in ratios.values()):
+    if any(_side(r) > 0 for r in ratios.values()):
         logging.warning("peaks cache for %s reads below this machine now %s: measuring again",
                         peaks_cache._device_key(device), ratios)  # fmt: skip
-        for table in PER_SHAPE_TABLES:
-            entry.pop(table, None)
+        # The entry keeps only what no peak decides (the interconnect's collectives, the cache's
+        # size): the peaks and every per-shape table (GEMM, conv, ragged, attention, lone-op
+        # rates, measured in the same sitting as the peaks) go, to be measured again as asked.
         peaks_cache._save(peaks_cache.cache_path(cache_dir), {}, peaks_cache._device_key(device), {
             k: v for k, v in entry.items()
             if k in ("collectives", "last_level_cache_bytes", "last_level_cache_source")
         })  # fmt: skip
         out["verdict"] = "re-measured"
-    elif any(r < 1 / (1 + CHECK_TOLERANCE) for r in ratios.values()):
+    elif any(_side(r) < 0 for r in ratios.values()):
         out["verdict"] = "kept: the device is slower now than when they were measured"
     else:
         out["verdict"] = "agreed"
     return out
 
 
+def _side(ratio: float) -> int:
+    """+1 where a reading now is more than CHECK_TOLERANCE above its cached value, −1 where
+    it is as far below, 0 within."""
+    if ratio > 1 + CHECK_TOLERANCE:
+        return 1
+    return -1 if ratio < 1 / (1 + CHECK_TOLERANCE) else 0
+
+
 def _beyond_tolerance(now: dict[str, float], cached: dict[str, float]) -> bool:
     """Whether any quick reading is more than CHECK_TOLERANCE above or below its cached value."""
-    ratios = [now[k] / cached[k] for k in cached]
-    return any(r > 1 + CHECK_TOLERANCE or r < 1 / (1 + CHECK_TOLERANCE) for r in ratios)
+    return any(_side(now[k] / cached[k]) for k in cached)
 
 
 def _confirmed(readings: list[float], cached: float) -> float:

@@ -48,15 +48,10 @@ def testing_batch(s: dict[str, Any]) -> int:
     return int(2 ** math.ceil(math.log2(max(target, 2))))
 
 
-def regimes_below(rows: list[dict[str, Any]], run: str, below: float) -> list[str]:
-    """The run's regimes by intensity at batch sizes under `below`, each once, sorted."""
-    return sorted({r["regime"] for r in rows if r["run"] == run and r["batch_size"] < below})
-
-
-def regime_spans(rows: list[dict[str, Any]], run: str, below: float) -> str:
-    """The run's regimes by intensity at batch sizes under `below`, in batch order with the
-    batches each covers: 'memory at B=1–8, compute at B=16' ('none' without such a point)."""
-    spans: list[list[Any]] = []  # [regime, first batch, last batch]
+def _spans(rows: list[dict[str, Any]], run: str, below: float) -> list[list[Any]]:
+    """[regime, first batch, last batch] of the run's points under `below`, in batch order,
+    neighbouring points of one regime merged."""
+    spans: list[list[Any]] = []
     for r in sorted((r for r in rows if r["run"] == run), key=lambda r: r["batch_size"]):
         if r["batch_size"] >= below:
             break
@@ -64,12 +59,20 @@ def regime_spans(rows: list[dict[str, Any]], run: str, below: float) -> str:
             spans[-1][2] = r["batch_size"]
         else:
             spans.append([r["regime"], r["batch_size"], r["batch_size"]])
-    return (
-        ", ".join(
-            f"{regime} at B={lo}" + (f"–{hi}" if hi != lo else "") for regime, lo, hi in spans
-        )
-        or "none"
-    )
+    return spans
+
+
+def regimes_below(rows: list[dict[str, Any]], run: str, below: float) -> list[str]:
+    """The run's regimes by intensity at batch sizes under `below`, each once, sorted."""
+    return sorted({regime for regime, _, _ in _spans(rows, run, below)})
+
+
+def regime_spans(rows: list[dict[str, Any]], run: str, below: float) -> str:
+    """The run's regimes by intensity at batch sizes under `below`, in batch order with the
+    batches each covers: 'memory at B=1–8, compute at B=16' ('none' without such a point)."""
+    spans = _spans(rows, run, below)
+    parts = (f"{regime} at B={lo}" + (f"–{hi}" if hi != lo else "") for regime, lo, hi in spans)
+    return ", ".join(parts) or "none"
 
 
 # A knee whose bootstrap interval (each point's pass drawn at random) leaves out the fit to the
@@ -104,12 +107,11 @@ def knee_text(s: dict[str, Any]) -> str:
             f"{fmt(knee)} [{fmt(lo)}, open] (in over 2.5% of resamples the fit never turns "
             "compute-bound)" + fit_points(s)
         )
-    text = f"{fmt(knee)} [{fmt(lo)}, {fmt(hi)}]"
-    if not lo <= knee <= hi:
-        text += OUTSIDE
-    elif s.get("knee_interval_degenerate"):
+    text = interval_text(knee, lo, hi)  # says so itself when the knee lies outside
+    inside = lo <= knee <= hi
+    if inside and s.get("knee_interval_degenerate"):
         text += " (a degenerate interval: the fit sits at an end)"
-    else:
+    elif inside:
         width = (hi - lo) / 2 / knee
         where = "across passes" if s.get("knee_interval_from") == "passes" else "within one pass"
         text += f" (±{width:.0%} {where})"
