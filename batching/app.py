@@ -58,7 +58,7 @@ def validate(config: ml_collections.ConfigDict) -> list[workload.Bench]:
     try:
         for run in runs.expand(config):
             runs.check_fields(run)
-            timing.TimingSettings.from_config(run.config)
+            timing.RunTiming.from_config(run.config)
             for claim in run.config.report.claims:
                 if claim not in claims.CLAIMS:
                     raise runs.ConfigError(f"report.claims has an unknown claim {claim!r}")
@@ -298,6 +298,7 @@ def analyze(
             s.update(roof)
             if "not_analysed" not in roof:
                 used_peaks[f"{device.platform}:{device.device_kind}"] = peak_source.entry(device)
+        s.update(summary.timing_summary(rows, bench.config.timing))
         summaries.append(s)
         analyzed_rows.extend(rows)
     if used_peaks:
@@ -314,8 +315,9 @@ def analyze_run(bench, rows, samples, device, peak_source):
         # The family's attention over its KV cache: the attention microbenchmark times what
         # the model runs.
         return analysis.analyze_run(
-            rows, samples, device, bench.config.roofline, peak_source, bench.attend
-        )
+            rows, samples, device, bench.config.roofline, peak_source, bench.attend,
+            bench.config.timing.get("confidence", 0.95),
+        )  # fmt: skip
     except rates.NoPeaks as e:  # a peaks file without this run's device
         logging.warning("run %s is not analysed: %s", bench.name, e)
         return rows, {"not_analysed": str(e)}
@@ -328,7 +330,10 @@ def closing_line(store: results.Store, rows: list[dict[str, Any]]) -> str:
     converged = sum(bool(r.get("converged", True)) for r in ok)
     line += f" | {converged} of {len(ok)} measured points converged"
     if converged < len(ok):
-        line += " (the others stopped on their budget; marked in the table and plots)"
+        line += (
+            " (the others ran out of the run's budget or passes; the report's Timing section "
+            "says what precision this machine allowed)"
+        )
     why = collections.Counter(r["status"] for r in rows if not results.is_ok(r))
     if why:
         counts = ", ".join(f"{n} {status}" for status, n in sorted(why.items()))

@@ -30,7 +30,7 @@ usage: python main.py --config=<file>[:<arg>] --workdir=<dir> [--config.<field>=
   --config.<field>=<value>  override any field of the config, e.g.
                               --config.model.width=2048
                               --config.sweep.batch_sizes='(1,8,64,512)'
-                              --config.model.dtype=bfloat16 --config.timing.budget_s=5
+                              --config.model.dtype=bfloat16 --config.timing.run_budget_s=60
                             every field, with its default and a comment, is in
                             configs/default.py; README.md, "Configs and overrides",
                             says what each one means

@@ -28,7 +28,7 @@ class Field:
 GROUPS = {
     "point": "what ran, where, and whether it was measured",
     "mesh": "the devices a point ran on and how the batch splits over them",
-    "timing": "the timed calls, pooled over the sweep's passes",
+    "timing": "the timed calls: the point's passes, its latency and interval from them",
     "cost": "the call's work: XLA's count, the lab's own, its ops and collectives",
     "memory": "what the compiled program needs and what the device has",
     "prediction": "the roofline analysis, added after the sweep",
@@ -98,31 +98,53 @@ FIELDS: tuple[Field, ...] = (
     ),
     *_fields(
         "timing",
-        ("latency_s", "s", "median seconds per call, over every pass's samples"),
-        ("latency_p10_s", "s", "10th percentile"),
-        ("latency_p90_s", "s", "90th percentile"),
-        ("latency_min_s", "s", "fastest call"),
-        ("latency_iqr_s", "s", "interquartile range"),
-        ("latency_ci_low_s", "s", "distribution-free 95% interval of the median: low end"),
+        ("latency_s", "s", "`estimator` over the pass medians (old rows: all samples' median)"),
+        ("estimator", "", "`timing.estimator`: `geomean`, `median` or `trimmed` of pass medians"),
+        ("latency_ci_low_s", "s", "95% interval of `latency_s`: `pass_ci_*` ⊕ machine drift"),
         ("latency_ci_high_s", "s", "its high end"),
+        ("pass_ci_low_s", "s", "95% interval from the spread between passes (`converged`'s)"),
+        ("pass_ci_high_s", "s", "its high end"),
+        ("machine_drift_sd", "", "the machine's log sd between runs added (drift log; null: none)"),
+        ("interval_method", "", "how it was made (absent: old rows, whose interval is pooled)"),
+        (
+            "pooled_samples_ci_low_s",
+            "s",
+            "a diagnostic, not the point's interval: the median's distribution-free 95% "
+            "interval over every sample pooled as if independent (too narrow)",
+        ),
+        ("pooled_samples_ci_high_s", "s", "its high end"),
+        ("latency_p10_s", "s", "10th percentile of every sample pooled"),
+        ("latency_p90_s", "s", "90th percentile of every sample pooled"),
+        ("latency_min_s", "s", "fastest call"),
+        ("latency_iqr_s", "s", "interquartile range of every sample pooled"),
         ("n_runs", "calls", "timed calls, all passes"),
-        ("converged", "", "whether the pooled samples met the precision target"),
+        ("converged", "", "whether the interval met ±`timing.target_rel_ci` (from `passes` on)"),
         (
             "stop_reason",
             "",
-            "`precision`, else why not: `budget`, `max_runs`, or `pass_spread` (each pass "
-            "met its share but the passes disagree)",
+            "`precision` (converged), `budget` (the run spent `timing.run_budget_s`), "
+            "`max_passes`, or `pending` (passes due: a rerun resumes it); old rows: "
+            "`max_runs`, `pass_spread`",
         ),
-        ("passes", "passes", "the sweep's passes"),
+        ("cache_state", "", "`timing.cache`: `warm` (back to back) or `cold` (LLC evicted)"),
+        ("passes", "passes", "`sweep.passes`: the passes every point gets"),
         ("passes_done", "passes", "how many this point has"),
         ("pass_medians_s", "s", "each pass's median"),
+        ("pass_cv", "", "std / mean of the pass medians: how far the passes moved"),
         ("pass_n_runs", "calls", "each pass's timed calls"),
-        ("pass_stop_reasons", "", "why each pass stopped"),
+        (
+            "pass_stop_reasons",
+            "",
+            "why each pass's calls stopped: `precision` (its own median known to the target), "
+            "`budget` (`timing.pass_s` spent) or `max_runs`",
+        ),
+        ("pass_wall_s", "s", "each pass's wall seconds (warm-up and timed calls)"),
+        ("pass_host_busy", "", "each pass: the host CPU share others and the hypervisor took"),
         (
             "modes",
             "",
-            'when the samples fall into two clearly separated groups: `[{"median_s", '
-            '"share"}, ...]` (faster first); else null',
+            'two programs within passes: `[{"median_s", "share"}, ...]`, faster first; null '
+            "when passes hold one group (a pass slower as a whole is not a mode: `pass_cv`)",
         ),
         ("compile_s", "s", "XLA compile seconds for this shape"),
         ("lower_s", "s", "lowering seconds"),

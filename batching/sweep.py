@@ -8,6 +8,7 @@ every row it wrote, and a rerun resumes from them.
 
 import random
 import sys
+import time
 from typing import Any
 
 import jax
@@ -16,15 +17,14 @@ from absl import logging
 from tqdm import tqdm
 
 from batching import rows
+from batching.measure import cold, microbench
 from batching.measure import collectives as collectives_bench
-from batching.measure import timing
 from batching.measure.point import (
     OverBudget,
     PointContext,
     PointState,
     is_oom,
     measure_point,
-    pass_settings,
     repeat_point,
     status_row,
     why,
@@ -43,6 +43,8 @@ from batching.workloads.base import Bench
 NOT_RETRIED = ("ok", "oom", "skipped_after_oom")
 # Statuses as the codes processes exchange to agree on a point's outcome (0 is ok).
 STATUS_CODES = {"ok": 0, "skipped_memory": 1, "oom": 2, "skipped_after_oom": 3, "error": 4}
+# A point's stop reasons once the sweep is done with it; "pending" rows get more passes.
+FINAL = ("precision", "budget", "max_passes")
 
 
 def plan(
@@ -88,7 +90,7 @@ def _resumed(
     if not results.is_ok(row):
         return None
     done = row.get("passes_done", passes)  # rows written before passes: one complete pass
-    if done >= passes:
+    if done >= passes and row.get("stop_reason", "precision") in FINAL:
         return None
     return PointState(row, [np.asarray(s, np.float64) for s in pass_samples[:done]])
 
@@ -109,7 +111,7 @@ def run_sweep(
     all_runs = [b.run for b in benches]
     todo, oom_at = plan(all_runs, fingerprints, store, writer, share)
     total = sum(
-        r.config.sweep.get("passes", 1) - st.passes_done
+        max(r.config.sweep.get("passes", 1) - st.passes_done, 0)
         for r in all_runs
         for st in todo[r.name].values()
     )
@@ -141,26 +143,67 @@ class Sweep:
         self.visits = 0
 
     def run(self, bench: Bench, todo: dict[int, PointState]) -> None:
-        """A run's points in passes: pass p visits, in a shuffled order, the points with p
-        passes done; a point that fails leaves the later passes."""
+        """A run's points in rounds of passes: round p visits, in a shuffled order, the points
+        with p passes done; every point gets sweep.passes, then the unconverged ones more
+        until the run's budget (timing.run_budget_s) or sweep.max_passes; a point that fails
+        leaves the later rounds."""
         ctx = self.build(bench, list(todo))
         if ctx is None:
             return
-        run = bench.run
-        settings = timing.TimingSettings.from_config(run.config)
-        points = PointWriter(self.store.workdir, run.name) if self.writer else None
+        points = PointWriter(self.store.workdir, bench.run.name) if self.writer else None
+        started = time.perf_counter()
         try:
-            for p in range(min(st.passes_done for st in todo.values()), ctx.passes):
-                order = [b for b, st in todo.items() if st.passes_done == p]
-                if run.config.sweep.shuffle:
-                    seed = f"{run.config.seed}/{run.name}" + (f"/pass{p}" if p else "")
-                    random.Random(seed).shuffle(order)
+            p = min(st.passes_done for st in todo.values())
+            while order := self.round(ctx, todo, p, started):
                 for b in order:
-                    if not self.visit(ctx, b, todo[b], settings, points, p == ctx.passes - 1):
+                    if p >= ctx.passes and self.spent(ctx, started):
+                        break
+                    if not self.visit(ctx, b, todo[b], points):
                         del todo[b]
+                if points is not None and p:
+                    # Later rounds move points that are all shown already: once per round.
+                    points.write(run_rows(self.store, bench.run.name, ctx.fingerprint))
+                p += 1
+            self.finish(ctx, todo)
         finally:
             if points is not None:
                 points.close()
+
+    def round(self, ctx: PointContext, todo: dict[int, PointState], p: int, started: float):
+        """The points of round p, shuffled: those with p passes done, unless p is past the
+        passes every point gets and the point converged, the run's budget is spent, or p
+        reached sweep.max_passes. Process 0 decides for every process."""
+        run = ctx.run
+        due = [b for b, st in todo.items() if st.passes_done == p]
+        if p >= ctx.max_passes:
+            due = []
+        elif p >= ctx.passes:
+            due = [] if self.spent(ctx, started) else [b for b in due if not _converged(todo[b])]
+        if self.share is not None:
+            due = distributed.broadcast_json(due)
+        if run.config.sweep.shuffle:
+            seed = f"{run.config.seed}/{run.name}" + (f"/pass{p}" if p else "")
+            random.Random(seed).shuffle(due)
+        if p >= ctx.passes and due:
+            logging.log_if(logging.INFO, "%s: pass %d over %d unconverged points", self.bar.disable,
+                           run.name, p + 1, len(due))  # fmt: skip
+        return due
+
+    def spent(self, ctx: PointContext, started: float) -> bool:
+        """Whether the run has spent its budget for passes (process 0's clock decides)."""
+        over = time.perf_counter() - started >= ctx.timing.run_budget_s
+        return bool(self.share("run_budget", int(over))) if self.share is not None else over
+
+    def finish(self, ctx: PointContext, todo: dict[int, PointState]) -> None:
+        """Every point the sweep stops adding passes to without its target met is rewritten
+        with why: `max_passes` (it has sweep.max_passes) or `budget` (the run's budget)."""
+        for st in todo.values():
+            if st.row is None or _converged(st) or st.row.get("stop_reason") in FINAL:
+                continue
+            reason = "max_passes" if st.passes_done >= ctx.max_passes else "budget"
+            st.row = rows.extend(st.row, stop_reason=reason)
+            if self.writer:
+                self.store.append(st.row, None)
 
     def build(self, bench: Bench, sizes: list[int]) -> PointContext | None:
         """The run's points' context (its mesh and workload, built once by the bench), or
@@ -182,7 +225,10 @@ class Sweep:
                 failure = {"error_type": "RemoteError", "message": f"process {p} failed"}
         fingerprint = self.fingerprints[bench.name]
         if failure is None:
-            return PointContext(bench.run, topo, wl, fingerprint, self.share)
+            flush = cold.for_run(
+                bench.config.timing.cache, topo.mesh, microbench.last_level_cache_bytes(topo.device)
+            )
+            return PointContext(bench.run, topo, wl, fingerprint, self.share, flush)
         broken = PointContext(bench.run, None, None, fingerprint)
         for batch_size in sizes:
             if self.writer:
@@ -190,21 +236,21 @@ class Sweep:
         logging.warning("run %s could not be built: %s", bench.name, failure["message"])
         return None
 
-    def visit(self, ctx, batch_size, state, settings, points, last) -> bool:
+    def visit(self, ctx, batch_size, state, points) -> bool:
         """One pass over one point: measured (the first pass compiles it), recorded, shown;
         False when the point failed and leaves the later passes."""
         run = ctx.run
         self.bar.set_postfix_str(f"{run.name} batch={batch_size} pass={state.passes_done + 1}")
         wall_before = self.oom_at.get(run.name)
         if state.passes_done == 0:
-            first = pass_settings(settings, ctx.passes, first=True)
-            row, samples = guarded_point(ctx, batch_size, first, self.oom_at, state)
+            row, samples = guarded_point(ctx, batch_size, self.oom_at, state)
         else:
-            later = pass_settings(settings, ctx.passes, first=False)
-            row, samples = guarded_repeat(ctx, batch_size, state, later)
+            row, samples = guarded_repeat(ctx, batch_size, state)
         if self.share is not None:
             row, samples = agree_on_outcome(ctx, row, samples, self.oom_at, wall_before)
         ok = row["status"] == "ok"
+        # Profiled once, after the pass that completes the passes every point gets.
+        last = state.passes_done + 1 == ctx.passes
         if ok and last and batch_size in run.config.profile.batch_sizes:
             logdir = points.logdir if points is not None else ""
             row = rows.extend(row, **profile_point(ctx, row, logdir, capture=self.writer))
@@ -219,7 +265,8 @@ class Sweep:
             return False
         state.row = row
         state.pass_samples.append(np.asarray(samples))
-        if points is not None:
+        if points is not None and state.passes_done == 1:
+            # A point's first pass shows it at once (later passes: once per round, run).
             points.write(run_rows(self.store, run.name, ctx.fingerprint))
         self.log_visit(ctx, row, state)
         return True
@@ -240,6 +287,11 @@ class Sweep:
         )
 
 
+def _converged(state: PointState) -> bool:
+    """Whether the point's latest row met its target (process 0's rows decide)."""
+    return bool(state.row is not None and state.row.get("converged"))
+
+
 def run_rows(store: results.Store, run: str, fingerprint: str) -> list[dict[str, Any]]:
     """The run's measured (ok) points so far, latest row per batch size."""
     return [
@@ -252,7 +304,6 @@ def run_rows(store: results.Store, run: str, fingerprint: str) -> list[dict[str,
 def guarded_point(
     ctx: PointContext,
     batch_size: int,
-    settings: timing.TimingSettings,
     oom_at: dict[str, int],
     state: PointState | None = None,
 ) -> tuple[dict[str, Any], np.ndarray | None]:
@@ -266,7 +317,7 @@ def guarded_point(
         message = f"batch {wall} hit OOM"
         return status_row(ctx, batch_size, "skipped_after_oom", message=message), None
     try:
-        row, samples, program = measure_point(ctx, batch_size, settings)
+        row, samples, program = measure_point(ctx, batch_size)
         if state is not None:
             state.program = program
         return row, samples
@@ -281,12 +332,12 @@ def guarded_point(
 
 
 def guarded_repeat(
-    ctx: PointContext, batch_size: int, state: PointState, settings: timing.TimingSettings
+    ctx: PointContext, batch_size: int, state: PointState
 ) -> tuple[dict[str, Any], np.ndarray | None]:
     """A later pass over a point, one row whatever happens (a failure replaces the point's
     row: a rerun measures it again from its first pass)."""
     try:
-        return repeat_point(ctx, batch_size, state, settings)
+        return repeat_point(ctx, batch_size, state)
     except distributed.DistributedError:
         raise
     except Exception as e:  # noqa: BLE001

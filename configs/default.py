@@ -67,20 +67,35 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     config.sweep.batch_sizes = POWERS_OF_TWO_TO_512
     # Visit batch sizes in a random order so slow drift is not read as a trend.
     config.sweep.shuffle = True
-    # Passes over the batch sizes, each visiting every one once (shuffled anew), each with a
-    # 1/passes share of a point's timing budget. A knee's interval is taken across passes:
-    # what moves between passes (a busy neighbour, clocks) is what moves between reruns.
-    config.sweep.passes = 3
+    # A pass visits every point once, in a new shuffled order; a point's latency and its
+    # interval come from its passes (what moves between passes moves between reruns). Every
+    # point gets `passes`; points whose interval misses timing.target_rel_ci get more, one
+    # round at a time, until timing.run_budget_s is spent or they have `max_passes`.
+    config.sweep.passes = 6
+    config.sweep.max_passes = 40
 
+    # The plan every pass of a point follows (batching.measure.timing.RunTiming): warm-up,
+    # then at least min_runs calls, until the pass's own median is known to ±target_rel_ci or
+    # pass_s seconds have gone (at most max_runs calls).
     config.timing = config_dict.ConfigDict()
-    config.timing.warmup_runs = 3
-    config.timing.warmup_s = 0.05
-    config.timing.min_runs = 10
-    config.timing.max_runs = 5000
-    # Stop once the 95% interval of the median is within ±3% of it, or the budget is spent.
+    config.timing.warmup_runs = 1
+    config.timing.warmup_s = 0.01
+    config.timing.min_runs = 3
+    config.timing.max_runs = 1000
+    config.timing.pass_s = 0.03
+    # A point is converged once the 95% interval of its latency, from the spread between its
+    # passes, is within ±3%; passes beyond sweep.passes stop when the run has spent this long.
     config.timing.target_rel_ci = 0.03
     config.timing.confidence = 0.95
-    config.timing.budget_s = 2.0
+    config.timing.run_budget_s = 20.0
+    # The latency from the pass medians: "geomean", "median" or "trimmed" (pass_stats).
+    config.timing.estimator = "geomean"
+    # "warm": calls back to back (weights that fit the last-level cache stay there); "cold":
+    # the cache evicted before each call, outside the clock (weights come from DRAM).
+    config.timing.cache = "warm"
+    # Passes of a point further apart than this (std / mean of their medians) mark the
+    # machine as noisy in the report (pyperf warns at 10%).
+    config.timing.max_pass_cv = 0.10
 
     # Runs of an experiment: run name -> nested overrides of the fields above.
     # Empty means one run called `name`.
@@ -106,7 +121,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     config.roofline.peaks_file = config_dict.placeholder(str)
     # Spec-table devices whose predicted curves are drawn next to the measured one.
     config.roofline.whatif_devices = ("T4", "A100 80GB SXM", "H100 SXM")
-    config.roofline.bootstrap = 100
+    # Replicates of the resampling over passes behind the knee's interval (and other
+    # statistics of several points): enough for stable 2.5% and 97.5% tails.
+    config.roofline.bootstrap = 2000
     config.roofline.free_batching_alpha = 0.01
     # XLA's counted FLOPs/bytes further than this from the analytic ones get flagged.
     config.roofline.cost_tolerance = 0.10

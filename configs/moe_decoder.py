@@ -108,7 +108,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     config.model = model(router, top_k)
     config.train = train()
     config.sweep.batch_sizes = (1, 2, 4, 8, 16, 32, 64)
-    config.timing.budget_s = 1.0
+    config.timing.run_budget_s = 10.0
     # GShard (Lepikhin et al. 2020, §3.2) shards every token over every device: the
     # sequences, their KV cache and the attention split over data x expert as the MoE's
     # routing groups do, so a decode step's MoE blocks exchange tokens by all-to-all

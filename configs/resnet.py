@@ -34,9 +34,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
         )
     config.model = model(int(arg) if arg else 50)
     config.sweep.batch_sizes = (1, 2, 4, 8, 16, 32, 64)
-    # A ResNet50 call is 8 GFLOP per image: seconds at batch 64 on a CPU.
-    config.timing.min_runs = 5
-    config.timing.budget_s = 1.0
+    # A ResNet50 call is 8 GFLOP per image: seconds at batch 64 on a CPU, so a pass times a
+    # few calls (its median) and the passes give the spread.
+    config.timing.min_runs = 3
+    config.timing.run_budget_s = 10.0
     # Per-op prediction: each GEMM (and conv) timed at its own shape, cached per device.
     config.roofline.shape_aware = True
     config.report.claims = ("C1", "C6")

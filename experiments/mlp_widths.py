@@ -23,6 +23,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     config.name = "mlp_widths"
     config.model.depth = 8
     config.sweep.batch_sizes = default.POWERS_OF_TWO_TO_512
+    # Seven runs: each gets its six passes per point, and 5 s of passes beyond them.
+    config.timing.run_budget_s = 5.0
     config.runs = runs(widths)
     config.report.claims = ("C4", "C5")
     return config

@@ -28,8 +28,8 @@ MLP = os.path.join(ROOT, "configs", "mlp.py")
             "--config.model.width must be an int, got 'abc'",
         ),
         (
-            [f"--config={MLP}", "--workdir=w", "--config.timing.budget_s=fast"],
-            "--config.timing.budget_s must be a number, got 'fast'",
+            [f"--config={MLP}", "--workdir=w", "--config.timing.pass_s=fast"],
+            "--config.timing.pass_s must be a number, got 'fast'",
         ),
         ([f"--config={MLP}", "--workdri=w"], "--workdri: no such flag (did you mean --workdir?)"),
         ([f"--config={MLP}"], "--workdir is required"),

@@ -28,7 +28,12 @@ TINY_FLAGS = [
     "--config.timing.min_runs=3",
     # Data parallel over both processes' devices (one CPU device each).
     "--config.mesh.data=2",
-    "--config.timing.budget_s=0.02",
+    "--config.timing.pass_s=0.02",
+    # Two passes, then a third for points still short of a target no point meets, while the
+    # run's budget lasts: process 0 decides which points get it, for both processes.
+    "--config.sweep.passes=2",
+    "--config.sweep.max_passes=3",
+    "--config.timing.run_budget_s=0.2",
     "--config.output.plots=false",
     # The analysis runs in process 0 alone, after the sweep: not what these tests are about.
     "--config.roofline.enabled=false",
@@ -254,8 +259,12 @@ def test_two_process_sweep_writes_once_from_process_0(tmp_path):
     assert all(r["status"] == "ok" for r in rows)
     assert all(r["process_count"] == 2 and r["num_devices"] == 2 for r in rows)
     assert {r["per_device_batch_size"] for r in rows} == {1, 2}
-    # one samples record per point and sweep pass (3 by default)
-    assert len(read_jsonl(tmp_path / "samples.jsonl")) == 2 * 3
+    # One samples record per point and pass: the two every point gets, and a third where
+    # process 0 found the budget left (both processes timed the same passes, or they would
+    # have been out of step at the next shared decision).
+    done = [r["passes_done"] for r in rows]
+    assert all(2 <= d <= 3 for d in done)
+    assert len(read_jsonl(tmp_path / "samples.jsonl")) == sum(done)
     # Process 0 holds the lock and wrote the report; process 1 printed no report line.
     assert (tmp_path / ".lock").read_text() == str(procs[0].pid)
     assert (tmp_path / "report.md").exists()
@@ -269,7 +278,7 @@ def test_two_process_sweep_writes_once_from_process_0(tmp_path):
 
 def test_killing_one_process_ends_the_other_with_an_error(tmp_path):
     # A sweep long enough to be killed in the middle: many points, 0.2 s each.
-    slow = ["--config.timing.budget_s=0.2"]
+    slow = ["--config.timing.pass_s=0.2"]
     sizes = "(2,4,6,8,10,12,14,16)"
     procs = start_mains(main_args(free_port(), f"--workdir={tmp_path}", slow, slow, sizes=sizes))
     deadline = time.monotonic() + 60

@@ -79,7 +79,7 @@ def test_oom_ends_the_run_at_the_wall_and_exits_cleanly(tmp_path, monkeypatch, c
     assert s["batch_sizes"] == [8, 16, 32]
     assert (tmp_path / "report.md").exists()
     assert "memory wall" in (tmp_path / "report.md").read_text()
-    steps = [e.step for e in _accumulator(tmp_path / "tb" / "tiny").Tensors("latency/median_ms")]
+    steps = [e.step for e in _accumulator(tmp_path / "tb" / "tiny").Tensors("latency/ms")]
     assert sorted(steps) == [8, 16, 32]
     out = capsys.readouterr().out
     assert "3 of 6 points not ok" in out
@@ -221,9 +221,10 @@ FAST = [
     "--config.timing.min_runs=3",
     "--config.timing.warmup_runs=1",
     "--config.timing.warmup_s=0",
-    "--config.timing.budget_s=0.05",
+    "--config.timing.pass_s=0.025",
     # Two passes: a kill can land between a point's passes, and the rerun must finish them.
     "--config.sweep.passes=2",
+    "--config.timing.run_budget_s=0",
     "--config.roofline.enabled=false",
     "--config.output.plots=false",
 ]
@@ -315,7 +316,7 @@ def test_sigkill_at_random_moments_loses_and_repeats_nothing(tmp_path):
     with open(tmp_path / "results.jsonl") as f:
         batch_sizes = [json.loads(line)["batch_size"] for line in f]
     assert sorted(batch_sizes) == list(range(1, 13))
-    steps = [e.step for e in _accumulator(tmp_path / "tb" / "mlp").Tensors("latency/median_ms")]
+    steps = [e.step for e in _accumulator(tmp_path / "tb" / "mlp").Tensors("latency/ms")]
     assert len(steps) == len(set(steps))
 
 

@@ -25,10 +25,11 @@ ALLOWED = {
         *GROUND,
     ),
     # The analysis is handed measured rates (a rate source); of measure it reads the
-    # statistics of samples only, never the timer or the microbenchmarks.
+    # statistics of samples and of passes only, never the timer or the microbenchmarks.
     "batching.predict": (
         "batching.predict",
         "batching.measure.stats",
+        "batching.measure.pass_stats",
         "batching.workloads.ops",
         "batching.workloads.collectives",
         "batching.setup",

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from batching.measure import shape_bench
-from batching.predict import analysis, knee, pricing, run_fields, whatif
+from batching.predict import analysis, knee, pricing, replicates, run_fields, whatif
 from batching.setup import topology
 from batching.workloads import decoder as decoder_workload
 from batching.workloads import mlp as mlp_workload
@@ -229,7 +229,8 @@ def test_predicted_curve_knee_uses_the_fitted_knee_definition():
                 "analytic_bytes": W,
             }
         )
-    fit = run_fields.predicted_knee(rows, samples, 50)
+    draws = replicates.draw([r["batch_size"] for r in rows], samples, "median", 50)
+    fit = run_fields.predicted_knee(rows, draws)
     direct = knee.fit_knee(
         [{**r, "latency_s": r["predicted_latency_s"]} for r in rows], {}, n_bootstrap=0
     )

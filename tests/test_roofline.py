@@ -85,7 +85,11 @@ def test_free_batching_limit_stops_at_the_first_significant_slowdown():
     rng = np.random.default_rng(0)
     base = lambda scale: scale * rng.lognormal(0, 0.02, 200)
     samples = {1: base(1.0), 2: base(1.0), 4: base(1.0), 8: base(1.1), 16: base(1.0)}
-    assert knee.free_batching_limit(samples) == 4
+    # One pass per point: the samples within it decide, and the limit says so.
+    assert knee.free_batching_limit(samples) == (4, "samples")
+    passes = {b: [s[i::5] * f for i, f in enumerate((1, 1.3, 0.8, 1.1, 0.9))]
+              for b, s in samples.items()}  # fmt: skip
+    assert knee.free_batching_limit(passes) == (4, "passes")
 
 
 @pytest.mark.parametrize("batch", [1, 16, 128])

@@ -20,9 +20,9 @@ STREAM_SETTINGS = timing.TimingSettings(
 )
 
 
-def _median_time(fn, args, settings: timing.TimingSettings = QUICK) -> float:
+def _median_time(fn, args, settings: timing.TimingSettings = QUICK, before_call=None) -> float:
     compiled = timing.compile_fn(fn, args)
-    m = timing.measure(compiled.call, args, settings)
+    m = timing.measure(compiled.call, args, settings, before_call=before_call)
     return float(sorted(m.samples_s)[len(m.samples_s) // 2])
 
 
@@ -167,19 +167,21 @@ CALL_FLOOR_SETTINGS = timing.TimingSettings(
 )
 
 
-def measure_call_floor(args: Any) -> float:
+def measure_call_floor(args: Any, before_call=None) -> float:
     """Median seconds of a trivial jitted call that takes a workload's own arguments.
 
     What a call costs before any kernel runs depends on what it is handed: flattening an
     nnx.State of many parameters is Python work on every call (~80 µs for an 8-layer MLP on a
     2-core CPU, against ~7 µs for one array). The roofline uses this floor for the workload's
     points instead of the one-array dispatch floor. Nothing is donated: the args stay alive.
+    `before_call` (a cold run's cache flush) runs before each call, outside the clock: on a
+    CPU a cold cache slows the runtime's own path too, and the floor says so.
     """
 
     def trivial(*args):
         return jnp.zeros((), jnp.float32)
 
-    return _median_time(trivial, tuple(args), CALL_FLOOR_SETTINGS)
+    return _median_time(trivial, tuple(args), CALL_FLOOR_SETTINGS, before_call)
 
 
 def measure_kernel_overhead(device: jax.Device, chain: int = 32) -> float:

@@ -6,15 +6,17 @@ schema (batching.rows).
 """
 
 import dataclasses
+import functools
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 
 from batching import rows
-from batching.measure import microbench, stats, timing
+from batching.measure import microbench, pass_stats, stats, timing
 from batching.setup import distributed, runs, specs, topology
 from batching.setup.topology import Topology
 from batching.workloads import base as workload
@@ -32,13 +34,16 @@ class OverBudget(Exception):
 @dataclasses.dataclass
 class PointContext:
     """What every visit of a run's points shares: the run, its mesh and workload (None when
-    they could not be built), its fingerprint, and how several processes agree (`share`)."""
+    they could not be built), its fingerprint, how several processes agree (`share`) and
+    the cache flush of a cold run."""
 
     run: runs.Run
     topo: Topology | None
     wl: workload.Workload | None
     fingerprint: str
     share: distributed.Share | None = None
+    # Evicts the last-level cache before each timed call (timing.cache = "cold"), else None.
+    flush: Callable[[], None] | None = None
 
     @property
     def config(self) -> Any:
@@ -47,8 +52,18 @@ class PointContext:
 
     @property
     def passes(self) -> int:
-        """Sweep passes over each point (`sweep.passes`, default 1)."""
+        """The passes every point gets (`sweep.passes`, default 1)."""
         return self.run.config.sweep.get("passes", 1)
+
+    @property
+    def max_passes(self) -> int:
+        """The most passes a point gets (`sweep.max_passes`, default `passes`)."""
+        return max(self.passes, self.run.config.sweep.get("max_passes", self.passes))
+
+    @functools.cached_property
+    def timing(self) -> timing.RunTiming:
+        """The run's timing section."""
+        return timing.RunTiming.from_config(self.run.config)
 
     @property
     def precision(self) -> str:
@@ -174,14 +189,11 @@ def compile_point(ctx: PointContext, batch_size: int) -> tuple[Program, dict[str
     return Program(flat, compiled), memory
 
 
-def measure_point(
-    ctx: PointContext, batch_size: int, settings: timing.TimingSettings
-) -> tuple[rows.Row, np.ndarray, Program]:
+def measure_point(ctx: PointContext, batch_size: int) -> tuple[rows.Row, np.ndarray, Program]:
     """A point's first visit: compiles and times the workload at one batch size; returns the
-    row, the samples and the program later passes time again.
+    row, the pass's samples and the program later passes time again.
 
-    `settings` are the pass's (pass_settings); with several processes (`ctx.share`) the
-    memory-budget and timer decisions are process 0's.
+    With several processes (`ctx.share`) the memory-budget and timer decisions are process 0's.
     """
     program, memory = compile_point(ctx, batch_size)
     flat = program.flat
@@ -190,9 +202,8 @@ def measure_point(
     # call per process would not stay in step).
     roof = ctx.config.roofline
     per_point = roof.enabled and roof.shape_aware and ctx.share is None
-    call_floor_s = microbench.measure_call_floor(flat.args) if per_point else None
-    m = timing.measure(program.compiled.call, flat.args, settings, flat.next_args, ctx.share)
-    flat.args = ()  # the donated arguments are gone; the rest need not outlive the visit
+    call_floor_s = microbench.measure_call_floor(flat.args, ctx.flush) if per_point else None
+    m = time_pass(ctx, program.compiled.call, flat)
     fields = {
         **run_fields(ctx, program.compiled),
         **memory,
@@ -203,8 +214,17 @@ def measure_point(
         **(ctx.wl.point_fields(batch_size) if ctx.wl.point_fields else {}),
     }
     row = status_row(ctx, batch_size, "ok", **fields)
-    pooled = pooled_fields(row, [m.samples_s], [m.stop_reason], ctx.run)
-    return rows.extend(row, **pooled), m.samples_s, program
+    return rows.extend(row, **point_fields(row, [m.samples_s], [m], ctx)), m.samples_s, program
+
+
+def time_pass(ctx: PointContext, call: Callable[..., Any], flat: workload.FlatCall):
+    """One pass of a point: the run's pass plan over `flat`'s arguments (consumed)."""
+    m = timing.measure(
+        call, flat.args, ctx.timing.pass_settings(), flat.next_args, ctx.share,
+        before_call=ctx.flush,
+    )  # fmt: skip
+    flat.args = ()  # the donated arguments are gone; the rest need not outlive the visit
+    return m
 
 
 def run_fields(ctx: PointContext, compiled: timing.Compiled) -> dict[str, Any]:
@@ -252,51 +272,49 @@ def work_fields(ctx: PointContext, batch_size: int, compiled: timing.Compiled) -
     }
 
 
-def pass_settings(
-    settings: timing.TimingSettings, passes: int, first: bool = True
-) -> timing.TimingSettings:
-    """One pass's share of a point's timing: a P-th of the budget and of the minimum runs, and
-    the same precision target (each pass pins its own median when it can; the row pools them
-    and says whether together they met it). A point's first visit keeps the whole warm-up
-    (right after compiling, calls run slow for a while); later visits a P-th of its time."""
-    if passes == 1:
-        return settings
-    min_runs = max(3, math.ceil(settings.min_runs / passes))
-    return dataclasses.replace(
-        settings,
-        warmup_s=settings.warmup_s if first else settings.warmup_s / passes,
-        min_runs=min_runs,
-        max_runs=max(min_runs, settings.max_runs // passes),
-        budget_s=settings.budget_s / passes,
-    )
-
-
-def pooled_fields(
-    row: dict[str, Any], samples_by_pass: list[np.ndarray], reasons: list[str], run: runs.Run
+def point_fields(
+    row: dict[str, Any], samples_by_pass: list[np.ndarray], passes: list[Any], ctx: PointContext
 ) -> dict[str, Any]:
-    """A point's timing fields from every pass so far (`reasons`: why each pass stopped): the
-    median and its interval over all their samples, each pass's median, whether the pooled
-    interval met the configured target (`converged`), and what follows from the latency
-    (throughput, achieved rates)."""
-    settings = timing.TimingSettings.from_config(run.config)
+    """A point's timing fields from every pass so far (`passes`: each pass's timing.Measurement
+    or its stored fields): the latency and its interval from the pass medians
+    (pass_stats.from_passes), whether that interval met the target, what the pooled samples
+    look like (a description, not the interval), two programs within passes, the passes' own
+    records, and what follows from the latency (throughput, achieved rates)."""
+    settings = ctx.timing
+    est = pass_stats.from_passes(samples_by_pass, settings.estimator, settings.confidence)
     pooled = np.concatenate(samples_by_pass)
-    summary = stats.summarize(pooled, settings.confidence)
-    latency = summary["latency_s"]
-    converged = stats.relative_halfwidth(pooled, settings.confidence) <= settings.target_rel_ci
+    described = stats.summarize(pooled, settings.confidence)
+    latency = est.latency_s
+    done = len(samples_by_pass)
+    # Never before the passes every point gets: an interval needs its passes first.
+    converged = done >= ctx.passes and est.rel_halfwidth <= settings.target_rel_ci
     work_flops = row["analytic_flops"] or row["flops"]
     work_bytes = row["analytic_bytes"] or row["bytes_accessed"]
     examples = row["examples"]
     return {
-        **summary,
+        **{k: v for k, v in described.items() if k not in DESCRIBED_ONLY},
+        "latency_s": latency,
+        "estimator": settings.estimator,
+        # The analysis widens this by the machine's drift between runs (pass_ci_* keep it).
+        "latency_ci_low_s": est.low_s,
+        "latency_ci_high_s": est.high_s,
+        "pass_ci_low_s": est.low_s,
+        "pass_ci_high_s": est.high_s,
+        "interval_method": est.method,
+        "pooled_samples_ci_low_s": described["latency_ci_low_s"],
+        "pooled_samples_ci_high_s": described["latency_ci_high_s"],
+        "modes": pass_stats.modes_within_passes(samples_by_pass),
         "converged": bool(converged),
-        # "precision" when the pooled interval met the target; else why the passes stopped, or
-        # "pass_spread" when each met its share but the passes' samples disagree together.
-        "stop_reason": "precision" if converged else _unconverged_reason(reasons),
-        "passes": run.config.sweep.get("passes", 1),
-        "passes_done": len(samples_by_pass),
+        # Final once converged; the sweep sets `budget` or `max_passes` when it stops adding
+        # passes to a point that is not.
+        "stop_reason": "precision" if converged else "pending",
+        "cache_state": settings.cache,
+        "passes": ctx.passes,
+        "passes_done": done,
         "pass_medians_s": [float(np.median(s)) for s in samples_by_pass],
+        "pass_cv": est.pass_cv,
         "pass_n_runs": [int(s.size) for s in samples_by_pass],
-        "pass_stop_reasons": list(reasons),
+        **_pass_records(row, passes),
         "achieved_flops_per_s": work_flops / latency if work_flops else None,
         "achieved_bytes_per_s": work_bytes / latency if work_bytes else None,
         "throughput_per_s": examples / latency,
@@ -306,22 +324,30 @@ def pooled_fields(
     }
 
 
-def _unconverged_reason(reasons: list[str]) -> str:
-    for reason in ("budget", "max_runs"):
-        if reason in reasons:
-            return reason
-    return "pass_spread"
+# Fields of stats.summarize that describe the pooled samples but are not the point's.
+DESCRIBED_ONLY = ("latency_s", "latency_ci_low_s", "latency_ci_high_s", "modes")
+
+
+def _pass_records(row: dict[str, Any], passes: list[Any]) -> dict[str, list]:
+    """Each pass's stop reason, wall seconds and host load: the earlier passes' from the
+    point's row, the new ones from their measurements."""
+    new = passes[len(row.get("pass_stop_reasons", [])) :]
+    return {
+        "pass_stop_reasons": [*row.get("pass_stop_reasons", []), *(m.stop_reason for m in new)],
+        "pass_wall_s": [*row.get("pass_wall_s", []), *(m.wall_s for m in new)],
+        "pass_host_busy": [*row.get("pass_host_busy", []), *(m.host_busy for m in new)],
+    }
 
 
 def repeat_point(
-    ctx: PointContext, batch_size: int, state: PointState, settings: timing.TimingSettings
+    ctx: PointContext, batch_size: int, state: PointState
 ) -> tuple[rows.Row, np.ndarray]:
     """A later pass over a point: its program timed again on fresh arguments (compiled again,
-    unrecorded, when the run resumed in a new process); the row pooled over every pass."""
+    unrecorded, when the run resumed in a new process); the row over every pass."""
     wl = ctx.wl
     if state.row is None:
         # Another process's point resumed here: this process writes no row, but keeps the
-        # fields its own pooled timing needs.
+        # fields its own timing fields need.
         state.row = status_row(
             dataclasses.replace(ctx, fingerprint=""), batch_size, "ok",
             examples=wl.examples(batch_size), example_unit=wl.example_unit,
@@ -333,11 +359,8 @@ def repeat_point(
         state.program = Program(flat, compiled)
     else:
         flat = state.program.flat.rebind(wl.make_args(batch_size))
-    prior = np.concatenate(state.pass_samples) if state.pass_samples else None
-    m = timing.measure(
-        state.program.compiled.call, flat.args, settings, flat.next_args, ctx.share, prior=prior
-    )
-    flat.args = ()
-    reasons = [*state.row.get("pass_stop_reasons", []), m.stop_reason]
-    fields = pooled_fields(state.row, [*state.pass_samples, m.samples_s], reasons, ctx.run)
+    m = time_pass(ctx, state.program.compiled.call, flat)
+    n_before = len(state.row.get("pass_stop_reasons", []))
+    passes = [None] * n_before + [m]
+    fields = point_fields(state.row, [*state.pass_samples, m.samples_s], passes, ctx)
     return rows.extend(state.row, **fields), m.samples_s

@@ -16,7 +16,7 @@ from typing import Any
 
 import jax
 
-from batching.measure import collectives, microbench, peaks, peaks_cache, shape_bench
+from batching.measure import collectives, drift, microbench, peaks, peaks_cache, shape_bench
 
 
 class NoPeaks(ValueError):
@@ -37,6 +37,11 @@ class DeviceRef:
 # roofline.microbenchmark_budget_s is unset (a CPU: no limit). A GPU lease is minutes long,
 # and every shape costs a compile; beyond the budget, rates are interpolated.
 ACCELERATOR_BUDGET_S = 45.0
+
+
+def _drift_key(device_key: str, dtype: str, precision: str) -> str:
+    """The drift log's key: the device and the dtype its matmul reading was taken in."""
+    return f"{device_key}/{peaks_cache.dtype_key(dtype, precision)}"
 
 
 def microbenchmark_budget(roofline_cfg: Any, platform: str) -> float | None:
@@ -70,6 +75,9 @@ class RateSource:
             # A private copy as the cache: lookups read it, and nothing can write the file.
             cache_dir = self._private_copy(peaks_file, "lab_peaks_file_")
         self.cache_dir = cache_dir
+        # The drift log stays in the shared cache folder, even when the peaks are read from
+        # a private copy (a busy machine's readings are what the log is for).
+        self._log_dir = cache_dir
         self._refresh = refresh and not peaks_file
         self._refreshed: set[str] = set()
         self.budget = peaks_cache.Budget(0.0 if peaks_file else None)
@@ -153,10 +161,23 @@ class RateSource:
         if first and self._check and not self._refresh:
             # Once per device and process: are the cached peaks still this device's?
             self.checks[key] = peaks.check_cached(device, self.cache_dir, dtype, precision)
+            check = self.checks[key]
+            if check is not None:
+                # The check's readings are the machine's speed now: the drift log's entries.
+                readings = check.get("readings") or [check["now"]]
+                drift.record(self._log_dir, _drift_key(key, dtype, precision), readings)
             if (self.checks[key] or {}).get("verdict", "").startswith("kept"):
                 self._measure_privately()
         refresh = self._refresh and first
         return peaks.measured_peaks(device, (dtype,), self.cache_dir, refresh, precision)
+
+    def machine_drift(self, device: Any, dtype: str, precision: str = "default") -> Any:
+        """The device's drift between runs (drift.Drift) from the readings logged beside the
+        peaks cache; None with a peaks file (rows measured elsewhere) or too few readings."""
+        if self.peaks_file:
+            return None
+        key = f"{device.platform}:{device.device_kind}"
+        return drift.drift(self._log_dir, _drift_key(key, dtype, precision))
 
     def _measure_privately(self) -> None:
         """From now on, read the cache from a private copy and save what is measured there:

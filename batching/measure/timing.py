@@ -7,6 +7,7 @@ nothing moves to the host inside the timed region.
 
 import contextlib
 import dataclasses
+import gc
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -15,12 +16,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from batching.measure import stats
+from batching.measure import host, pass_stats, stats
 
 
 @dataclasses.dataclass(frozen=True)
 class TimingSettings:
-    """How long and how precisely to time one point (seconds and fractions)."""
+    """How one series of timed calls runs (seconds and fractions): its warm-up, at least
+    `min_runs` and at most `max_runs` calls, stopping once its own median's `confidence`
+    interval is within ±`target_rel_ci` or `budget_s` seconds of calls have gone."""
 
     warmup_runs: int = 3
     warmup_s: float = 0.05
@@ -44,10 +47,73 @@ class TimingSettings:
             if not ok:
                 raise ValueError(f"timing.{name} is out of range, got {getattr(self, name)!r}")
 
+
+# What the caches hold when a timed call starts (timing.cache).
+CACHE_STATES = ("warm", "cold")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunTiming:
+    """A run's `timing` section: the plan every pass of a point follows, how a point's passes
+    make its latency, and when a point is done.
+
+    Every pass, first or later, follows one plan: `warmup_runs` calls and `warmup_s`
+    seconds of warm-up, then timed calls, at least `min_runs`, until its own median is known
+    to ±`target_rel_ci` or `pass_s` seconds have gone (at most `max_runs`). The point's
+    latency is `estimator` over its pass medians (batching.measure.pass_stats) and its
+    `confidence` interval comes from their spread; the point is converged once that interval
+    is within ±`target_rel_ci`. Passes beyond sweep.passes go to unconverged points until
+    the run has spent `run_budget_s` seconds. `cache`: "warm" times calls back to back;
+    "cold" evicts the last-level cache before each call, outside the clock. A point whose
+    passes differ by more than `max_pass_cv` (std / mean) is reported as timed on a noisy
+    machine.
+    """
+
+    warmup_runs: int = 1
+    warmup_s: float = 0.01
+    min_runs: int = 3
+    max_runs: int = 1000
+    pass_s: float = 0.03
+    target_rel_ci: float = 0.03
+    confidence: float = 0.95
+    run_budget_s: float = 20.0
+    estimator: str = "geomean"
+    cache: str = "warm"
+    max_pass_cv: float = 0.10
+
+    def __post_init__(self):
+        checks = {
+            "pass_s": self.pass_s > 0,
+            "run_budget_s": self.run_budget_s >= 0,
+            "max_pass_cv": self.max_pass_cv > 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"timing.{name} is out of range, got {getattr(self, name)!r}")
+        if self.estimator not in pass_stats.ESTIMATORS:
+            raise ValueError(
+                f"timing.estimator must be one of {pass_stats.ESTIMATORS}, got {self.estimator!r}"
+            )
+        if self.cache not in CACHE_STATES:
+            raise ValueError(f"timing.cache must be one of {CACHE_STATES}, got {self.cache!r}")
+        self.pass_settings()  # the pass plan's own checks
+
     @classmethod
-    def from_config(cls, cfg: Any) -> "TimingSettings":
+    def from_config(cls, cfg: Any) -> "RunTiming":
         """A run config's `timing` section; TypeError naming an unknown field."""
         return cls(**cfg.timing.to_dict())
+
+    def pass_settings(self) -> TimingSettings:
+        """The timer's settings for one pass (the same for every pass of every point)."""
+        return TimingSettings(
+            warmup_runs=self.warmup_runs,
+            warmup_s=self.warmup_s,
+            min_runs=self.min_runs,
+            max_runs=self.max_runs,
+            target_rel_ci=self.target_rel_ci,
+            confidence=self.confidence,
+            budget_s=self.pass_s,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,17 +212,35 @@ def _blocker(out: Any) -> Callable[[Any], None]:
 
 @dataclasses.dataclass(frozen=True)
 class Measurement:
-    """One point's timing: the seconds of each timed call, whether the median reached the precision
-    target, why the loop stopped, and the wall seconds of warmup and timing."""
+    """One series of timed calls (a sweep pass, a microbenchmark): the seconds of each call,
+    whether its own median reached the precision target, why the loop stopped, the wall
+    seconds of warm-up and timing, and the share of the host's CPU time other processes took
+    meanwhile (host.Window; None where unknown)."""
 
     samples_s: np.ndarray
     converged: bool
     stop_reason: str  # "precision", "budget" or "max_runs"
     wall_s: float
+    host_busy: float | None = None
 
 
 # Why the timed loop stopped, as the code a shared decision carries (0: go on).
 STOP_REASONS = {1: "precision", 2: "budget"}
+
+
+@contextlib.contextmanager
+def no_garbage_collection():
+    """The young generations collected, then no collection until the block ends: a
+    collection inside the timed loop would land in one call's sample. (A full collection
+    walks every object JAX holds, tens of ms; the old generation waits until after.)"""
+    gc.collect(1)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def measure(
@@ -166,37 +250,58 @@ def measure(
     next_args: Callable[[Sequence[Any], Any], Sequence[Any]] | None = None,
     share: Callable[[str, int], int] | None = None,
     keep_outputs: bool = False,
-    prior: np.ndarray | None = None,
+    before_call: Callable[[], None] | None = None,
 ) -> Measurement:
-    """Times `call(*args)` until the median is known to `target_rel_ci` or the budget is spent.
+    """Times `call(*args)` until its median is known to `target_rel_ci` or the budget is spent.
 
-    The clock brackets the call and the wait for every output, nothing else. Around it:
+    The clock brackets the call and the wait for every output, nothing else. Only this
+    series' own samples decide when it stops. Around it:
 
     - `next_args(args, out)` feeds a call's output back in (a donated KV cache, say); it runs
       outside the clock, and what it returns is waited for before the clock starts again.
+    - `before_call()` runs before every call, outside the clock, and finishes before it
+      starts (a cache flush: timing.cache = "cold").
     - The previous call's outputs are released before the next call (unless they are fed
       back), so that call's outputs can take the same device buffers. On a GPU, XLA runs a
       program as a CUDA graph ("command buffer"); outputs at new addresses make it update the
       graph on every call (openxla/xla#35315), a cost of the harness, not of the model.
       `keep_outputs` holds each call's outputs through the next call instead (what a loop
       `out = f(x)` does), for measuring that difference.
-    - `prior` (the same point's samples from earlier sweep passes) counts toward the
-      precision target: a later pass stops once the point's pooled samples are precise
-      enough, after its own min_runs.
     - `share(tag, decision)` (several processes, batching.setup.distributed.share) replaces each
       clock-dependent decision by process 0's, so every process makes the same number of
       calls; it runs outside the clock, only where a decision is due (after warmup_runs,
       then at the precision checks).
+    - Python's garbage collector does not run inside the series (no_garbage_collection).
     """
+    window = host.Window()
+    with no_garbage_collection():
+        samples, stop_reason, start = _timed_series(
+            call, args, settings, next_args, share, keep_outputs, before_call
+        )
+    return Measurement(
+        samples_s=samples,
+        converged=stop_reason == "precision",
+        stop_reason=stop_reason,
+        wall_s=time.perf_counter() - start,
+        host_busy=window.others_share(),
+    )
+
+
+def _timed_series(call, args, settings, next_args, share, keep_outputs, before_call):
+    """Warm-up, then the timed loop: (samples, why it stopped, when it started)."""
     clock = time.perf_counter
     start = clock()
-    args, block, kept = _warm_up(call, tuple(args), settings, next_args, share, keep_outputs)
+    args, block, kept = _warm_up(
+        call, tuple(args), settings, next_args, share, keep_outputs, before_call
+    )
     samples = np.empty(settings.max_runs, dtype=np.float64)
     n = 0
     next_check = settings.min_runs
     stop_reason = "max_runs"
     t_begin = clock()
     while n < settings.max_runs:
+        if before_call is not None:
+            before_call()
         t0 = clock()
         out = call(*args)
         block(out)
@@ -207,8 +312,7 @@ def measure(
         if n >= next_check:
             # Checking costs a sort, so look again only after ~10% more samples.
             next_check = n + max(1, n // 10)
-            pooled = samples[:n] if prior is None else np.concatenate([prior, samples[:n]])
-            if stats.relative_halfwidth(pooled, settings.confidence) <= settings.target_rel_ci:
+            if stats.relative_halfwidth(samples[:n], settings.confidence) <= settings.target_rel_ci:
                 code = 1
             else:
                 code = 2 if clock() - t_begin >= settings.budget_s else 0
@@ -218,12 +322,7 @@ def measure(
                 stop_reason = STOP_REASONS[code]
                 break
     del kept
-    return Measurement(
-        samples_s=samples[:n].copy(),
-        converged=stop_reason == "precision",
-        stop_reason=stop_reason,
-        wall_s=clock() - start,
-    )
+    return samples[:n].copy(), stop_reason, start
 
 
 def _warm_up(
@@ -233,6 +332,7 @@ def _warm_up(
     next_args: Callable[[Sequence[Any], Any], Sequence[Any]] | None,
     share: Callable[[str, int], int] | None,
     keep_outputs: bool,
+    before_call: Callable[[], None] | None = None,
 ) -> tuple[tuple[Any, ...], Callable[[Any], None], Any]:
     """`warmup_runs` calls, then more until `warmup_s` (or the budget) has passed; returns the
     next arguments, how to wait for an output, and what stays alive into the first timed
@@ -248,6 +348,8 @@ def _warm_up(
                 go_on = bool(share("warmup", int(go_on)))
             if not go_on:
                 return args, block, kept
+        if before_call is not None:
+            before_call()
         out = call(*args)
         block = block or _blocker(out)
         block(out)

@@ -36,8 +36,8 @@ def finish(
 
 
 def mark_unconverged(ax: plt.Axes, rows: list[dict[str, Any]], y: np.ndarray, color) -> None:
-    """A hollow ring over each point whose median missed the precision target (converged
-    false: the timer stopped on its budget), so a reader weighs it less."""
+    """A hollow ring over each point whose interval missed the precision target (converged
+    false: the run's budget or passes ran out first), so a reader weighs it less."""
     idx = [i for i, r in enumerate(rows) if not r.get("converged", True)]
     if idx:
         b = np.array([rows[i]["batch_size"] for i in idx])

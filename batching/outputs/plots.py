@@ -12,30 +12,30 @@ __all__ = ["all_figures", "save_all"]
 
 # Figure name -> (row field, y label, scale).
 CURVES = {
-    "latency": ("latency_s", "latency (ms, median, p10-p90 bars)", 1e3),
+    "latency": ("latency_s", "latency (ms, bars: 95% interval)", 1e3),
     "throughput": ("throughput_per_s", "throughput (examples/s)", 1.0),
     "per_example": ("per_example_s", "latency per example (µs)", 1e6),
 }
 
 
 def curve_figure(rows: list[dict[str, Any]], name: str, title: str) -> plt.Figure:
-    """Figure `name` of CURVES against batch size, a line per run; hollow rings mark points that
-    stopped on their budget."""
+    """Figure `name` of CURVES against batch size, a line per run (latency with each point's
+    95% interval); hollow rings mark points whose interval missed the target."""
     field, ylabel, scale = CURVES[name]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     for run, rs in by_run(rows).items():
         b = np.array([r["batch_size"] for r in rs])
         y = np.array([r[field] for r in rs]) * scale
         if name == "latency":
-            lo = np.array([r["latency_p10_s"] for r in rs]) * scale
-            hi = np.array([r["latency_p90_s"] for r in rs]) * scale
+            lo = np.array([r["latency_ci_low_s"] for r in rs]) * scale
+            hi = np.array([r["latency_ci_high_s"] for r in rs]) * scale
             line = ax.errorbar(b, y, yerr=[y - lo, hi - y], marker="o", ms=3, capsize=2, label=run)
             color = line.lines[0].get_color()
         else:
             color = ax.plot(b, y, marker="o", ms=3, label=run)[0].get_color()
         mark_unconverged(ax, rs, y, color)
     if any(not r.get("converged", True) for r in rows):
-        ax.plot([], [], "o", mfc="white", mec="k", ms=7, label="stopped on its budget")
+        ax.plot([], [], "o", mfc="white", mec="k", ms=7, label="not converged")
     return finish(fig, ax, "batch size", ylabel, title, xbase=2, ncol=2)
 
 
@@ -50,11 +50,12 @@ def fit_figure(rows: list[dict[str, Any]], s: dict[str, Any]) -> plt.Figure:
     b = np.array([r["batch_size"] for r in rows])
     ms = lambda field: np.array([r[field] for r in rows]) * 1e3
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-    y, lo, hi = ms("latency_s"), ms("latency_p10_s"), ms("latency_p90_s")
-    ax.errorbar(b, y, yerr=[y - lo, hi - y], fmt="o", ms=4, capsize=2, label="measured (median)")
+    y, lo, hi = ms("latency_s"), ms("latency_ci_low_s"), ms("latency_ci_high_s")
+    ax.errorbar(b, y, yerr=[y - lo, hi - y], fmt="o", ms=4, capsize=2,
+                label="measured (95% interval)")  # fmt: skip
     mark_unconverged(ax, rows, y, "C0")
     if any(not r.get("converged", True) for r in rows):
-        ax.plot([], [], "o", mfc="white", mec="C0", ms=7, label="stopped on its budget")
+        ax.plot([], [], "o", mfc="white", mec="C0", ms=7, label="not converged")
     label = "predicted a priori" + (" (GEMMs at their shapes)" if s.get("shape_aware") else "")
     ax.plot(b, ms("predicted_latency_s"), "--", label=label)
     ax.plot(b, ms("predicted_peak_latency_s"), ":", label="predicted with square-matmul peak")

@@ -22,6 +22,7 @@ from batching.outputs.report_sections import (
     router_section,
     where_time_goes,
 )
+from batching.outputs.report_timing import noisy_sentence, timing_section
 from batching.predict import claims, claims_mlp, verdict
 from batching.setup import specs
 from batching.text import fmt
@@ -96,10 +97,11 @@ def runs_section(doc: Doc, data: ReportData) -> None:
     doc.table(header, table)
     unconverged = [f"{r['run']}@{r['batch_size']}" for r in rows if not r.get("converged", True)]
     if unconverged:
+        shown = ", ".join(unconverged[:12]) + (" …" if len(unconverged) > 12 else "")
         doc.para(
-            f"Converged points: those whose median's 95% interval met the precision target "
-            f"(timing.target_rel_ci). {len(unconverged)} of {len(rows)} stopped on their "
-            f"budget instead (hollow rings in the plots): {', '.join(unconverged)}."
+            f"Converged points: those whose latency's 95% interval, from the spread between "
+            f"their passes, met timing.target_rel_ci. {len(unconverged)} of {len(rows)} did not "
+            f"(hollow rings in the plots; the Timing section says why): {shown}."
         )
     if not analyzed:
         return
@@ -155,8 +157,9 @@ def knee_section(doc: Doc, data: ReportData) -> None:
     doc.heading("Knees and critical batch sizes")
     doc.para(
         "Fitted knee (from the measurements): where the three-limit model fitted to the "
-        "converged points' medians turns compute-bound; its 95% interval is a bootstrap that "
-        "draws each point's sweep pass at random (what moves between passes), ± its half "
+        "converged points' latencies turns compute-bound; its 95% interval comes from "
+        "replicates that draw whole passes, the same passes for every point (a slow spell "
+        "moves every point timed in it), each fitted like the run: ± its half "
         "width. Predicted-curve knee: the same fit read off the per-op prediction. A-priori "
         "crossing: where FLOPs / F overtakes bytes / BW with the workload's own bytes per "
         "example (activations, a KV cache); none when it never does. B*: F·bytes per "
@@ -192,14 +195,22 @@ def knee_section(doc: Doc, data: ReportData) -> None:
                 if s.get("spec_critical_batch")
                 else f"none: {s.get('spec_note') or 'no spec'}",
                 _ratio(s["knee_batch_size"], s["predicted_critical_batch"]),
-                s["overhead_s"] * 1e6,
-                s["effective_flops_per_s"] / 1e9,
-                s["effective_bytes_per_s"] / 1e9,
+                _fitted_term(s["overhead_s"] * 1e6, "overhead"),
+                _fitted_term(s["effective_flops_per_s"] / 1e9, "compute"),
+                _fitted_term(s["effective_bytes_per_s"] / 1e9, "memory"),
                 knee_reason(s),
             ]
             for s in analyzed
         ],
     )
+
+
+def _fitted_term(value: float | None, regime: str) -> Any:
+    """A fitted parameter for the knee table; "none" where the fit put no point in its regime
+    (the parameter then only keeps its term below the others: 0 or ∞)."""
+    if value is None or not math.isfinite(value) or value == 0:
+        return f"none: no point {regime}-bound"
+    return value
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -266,7 +277,8 @@ def device_section(doc: Doc, data: ReportData) -> None:
         if a["spec_device"]:
             text += f" Spec table entry: {a['spec_device']}."
         text += " " + peaks_provenance(analyzed)
-    doc.para(text)
+    noisy = noisy_sentence(data.summaries)
+    doc.para(text + (" " + noisy if noisy else ""))
     if any(r.get("num_devices", 1) > 1 and r.get("platform") == "cpu" for r in data.rows):
         doc.para(
             "Functional simulation: these runs use several forced host devices "
@@ -330,6 +342,7 @@ def claims_section(doc: Doc, data: ReportData) -> None:
 SECTIONS = (
     device_section,
     runs_section,
+    timing_section,
     knee_section,
     where_time_goes,
     whatif_section,

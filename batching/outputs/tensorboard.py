@@ -29,7 +29,7 @@ EXPERIMENT_SUFFIX = ".hparams_experiment"
 
 # Row field -> (tag, scale) of the scalars written per point.
 POINT_SCALARS = {
-    "latency_s": ("latency/median_ms", 1e3),
+    "latency_s": ("latency/ms", 1e3),
     "latency_p10_s": ("latency/p10_ms", 1e3),
     "latency_p90_s": ("latency/p90_ms", 1e3),
     "latency_min_s": ("latency/min_ms", 1e3),
@@ -39,6 +39,11 @@ POINT_SCALARS = {
     "achieved_bytes_per_s": ("achieved/gbytes_per_s", 1e-9),
     "compile_s": ("compile/seconds", 1.0),
     "n_runs": ("timing/n_runs", 1.0),
+    # The point's interval (passes and drift), the passes' own spread and count.
+    "latency_ci_low_s": ("latency/ci_low_ms", 1e3),
+    "latency_ci_high_s": ("latency/ci_high_ms", 1e3),
+    "pass_cv": ("timing/pass_cv", 1.0),
+    "passes_done": ("timing/passes", 1.0),
 }
 
 
@@ -152,7 +157,7 @@ def _point_scalars(writer: tensorboardX.SummaryWriter, row: dict[str, Any]) -> N
         value = row.get(field)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             writer.add_scalar(tag, value * scale, step)
-    # 1 where the median met the precision target, 0 where the point stopped on its budget.
+    # 1 where the passes' interval met the precision target, 0 where it did not.
     if "converged" in row:
         writer.add_scalar("timing/converged", float(bool(row["converged"])), step)
     for field, value in row.items():

@@ -20,7 +20,8 @@ import jax
 import numpy as np
 
 from batching import rows as rows_lib
-from batching.predict import knee, mesh, pricing, roofline, run_fields
+from batching.measure import pass_stats
+from batching.predict import knee, mesh, pricing, replicates, roofline, run_fields
 from batching.predict.device import DeviceModel
 from batching.workloads import ops as ops_lib
 
@@ -38,30 +39,45 @@ def analyze_run(
     roofline_cfg: Any,
     peak_source: Any,
     attend: Callable[..., Any] | None = None,
+    confidence: float = 0.95,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Returns (rows with roofline fields, the run's roofline summary fields). `samples` are
     each point's timing samples per sweep pass ({batch: [pass 0, pass 1, ...]});
     `peak_source` a batching.measure.rates.RateSource; `attend` the workload's attention over
-    its KV cache (its module's ATTEND), for rows that carry attention shapes."""
+    its KV cache (its module's ATTEND), for rows that carry attention shapes. Each row's
+    interval is widened by the machine's drift between runs where the rate source knows it
+    (drift_fields)."""
     rows = sorted(rows, key=lambda r: r["batch_size"])
     # One device's share of each call (the rows themselves on a single device).
     device_rows = [roofline.per_device_work(r) for r in rows]
     model = device_model(rows, device_rows, device, roofline_cfg, peak_source, attend)
     peak_source.freeze()  # everything this run measures, it measured for its device model
-    # The knee is fitted on the points whose median met its precision target (points that
-    # stopped on their budget are drawn and predicted, not fitted), unless too few did: then
-    # on every point, and the knee says so; its interval across passes carries the noise.
+    drift = peak_source.machine_drift(device, model.dtype, model.precision)
+    rows = [rows_lib.extend(r, **drift_fields(r, drift, confidence)) for r in rows]
+    # The knee is fitted on the converged points (the others are drawn and predicted, not
+    # fitted), unless too few converged: then on every point, and the knee says so; its
+    # interval, drawn from whole passes, carries the noise.
     converged = [r for r in rows if r.get("converged", True)]
     fitted = converged if len(converged) >= knee.MIN_POINTS_TO_FIT else rows
-    fit = knee.fit_knee(fitted, samples, n_bootstrap=roofline_cfg.bootstrap)
+    # One set of replicates (whole passes drawn) for every statistic of several points.
+    draws = replicates.draw(
+        [r["batch_size"] for r in rows], samples, replicates.estimator_of(rows),
+        roofline_cfg.bootstrap,
+    )  # fmt: skip
+    fit = knee.fit_knee(fitted, samples, draws=draws)
     out, not_measured = predicted_rows(rows, device_rows, model, fit, peak_source, roofline_cfg)
     summary = {
         **run_fields.roof_fields(out, model, peak_source, not_measured),
-        **run_fields.knee_fields(out, samples, fit, fitted, model, roofline_cfg),
+        **run_fields.knee_fields(out, samples, fit, fitted, model, roofline_cfg, draws),
         "points_converged": len(converged),
         **run_fields.error_fields(out),
         "shape_aware": bool(roofline_cfg.shape_aware),
+        # How the calls were timed (timing.cache; rows before it: warm) and so how priced.
+        "cache_state": rows[0].get("cache_state") or "warm",
         "cold_weights": bool(model.cold),
+        "machine_drift_sd": drift.sd if drift else rows[0].get("machine_drift_sd"),
+        "machine_drift_readings": drift.readings if drift else None,
+        "machine_drift_span_s": drift.span_s if drift else None,
         **run_fields.spec_fields(out, model, roofline_cfg),
         "breakdown": run_fields.breakdown(out),
         "traced_breakdown": run_fields.traced_breakdown(out),
@@ -81,6 +97,20 @@ def analyze_run(
     return out, summary
 
 
+def drift_fields(r: dict[str, Any], drift: Any, confidence: float) -> dict[str, Any]:
+    """A row's interval as a rerun would see it: the passes' interval (`pass_ci_*`) widened by
+    the machine's drift between runs (pass_stats.with_drift) — this analysis's drift, else the
+    one the row was first analysed with (rows measured elsewhere keep their machine's).
+    Rows stored before passes were the unit keep their interval."""
+    if r.get("pass_ci_low_s") is None:
+        return {}
+    sd = drift.sd if drift is not None else r.get("machine_drift_sd")
+    low, high = r["pass_ci_low_s"], r["pass_ci_high_s"]
+    if sd:
+        low, high = pass_stats.with_drift(r["latency_s"], low, high, sd, confidence)
+    return {"latency_ci_low_s": low, "latency_ci_high_s": high, "machine_drift_sd": sd}
+
+
 # Weights stay warm between calls only while they fill at most this share of the last-level
 # cache, the share the activations get too (pricing). Measured, not derived: the activations
 # and other ops' data share the cache, a library GEMM kernel may work on a packed copy of its
@@ -92,10 +122,11 @@ def analyze_run(
 WARM_WEIGHTS_SHARE = 0.5
 
 
-def weights_cold(weight_bytes: float | None, llc_bytes: float) -> bool:
-    """Whether a call's weights come from DRAM on every call: more than WARM_WEIGHTS_SHARE of
-    the last-level cache."""
-    return (weight_bytes or 0) > WARM_WEIGHTS_SHARE * llc_bytes
+def weights_cold(weight_bytes: float | None, llc_bytes: float, cache_state: str = "warm") -> bool:
+    """Whether a call's weights come from DRAM on every call: always when the cache was
+    evicted before each call (timing.cache = "cold"), else when they fill more than
+    WARM_WEIGHTS_SHARE of the last-level cache."""
+    return cache_state == "cold" or (weight_bytes or 0) > WARM_WEIGHTS_SHARE * llc_bytes
 
 
 def device_model(
@@ -117,7 +148,9 @@ def device_model(
     llc = measured.details.get("last_level_cache_bytes") or peak_source.last_level_cache(device)
     # Weights that do not stay in the last-level cache stream from DRAM on every call: time
     # the GEMMs the same way, or small batches look faster than they can be.
-    cold = weights_cold(device_rows[0].get("weight_bytes"), llc)
+    cold = weights_cold(
+        device_rows[0].get("weight_bytes"), llc, rows[0].get("cache_state") or "warm"
+    )
     shape_aware = roofline_cfg.shape_aware
     attention = peak_source.attention(device, attend, precision) if shape_aware and attend else None
     rates = pricing.Rates(

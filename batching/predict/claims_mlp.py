@@ -7,6 +7,7 @@ from typing import Any
 from batching.predict.verdict import (
     SIMULATION,
     Verdict,
+    against_band,
     fmt,
     knee_inside,
     knee_text,
@@ -74,8 +75,15 @@ def c3_mlp_knee(summaries: list[dict[str, Any]], rows: list[dict[str, Any]]) -> 
             "overhead-bound, not memory-bound",
             "evidence": evidence,
         }
-    if pred / 1.5 <= knee <= pred * 1.5:
+    band = against_band(knee, s.get("knee_low"), s.get("knee_high"), pred / 1.5, pred * 1.5)
+    if band == "inside":
         return {"verdict": "confirmed", "evidence": evidence}
+    if band == "straddles":
+        return {
+            "verdict": f"consistent within its interval: the knee is {fmt(knee / pred)}x the "
+            "B* FLOPS/bandwidth gives, and its 95% interval reaches within 1.5x of it",
+            "evidence": evidence,
+        }
     return {
         "verdict": f"partly confirmed: a knee exists, at {fmt(knee / pred)}x the B* "
         "FLOPS/bandwidth gives",
@@ -116,22 +124,36 @@ def c5_small_networks(summaries: list[dict[str, Any]], rows: list[dict[str, Any]
     if simulated(summaries):
         return {"verdict": SIMULATION, "evidence": f"Run {s['run']} ran on forced host devices."}
     slowdown = last["latency_s"] / first["latency_s"]
+    lo, hi = s.get("slowdown_low"), s.get("slowdown_high")
     work = last["batch_size"] / first["batch_size"]
     evidence = (
         f"Smallest network {s['run']} ({s['params']:,} params): batch {first['batch_size']} "
         f"takes {fmt(first['latency_s'] * 1e6)} µs (measured), batch {last['batch_size']} "
-        f"{fmt(last['latency_s'] * 1e6)} µs ({fmt(slowdown)}x for {fmt(work)}x the work); "
+        f"{fmt(last['latency_s'] * 1e6)} µs ({fmt(slowdown)}x{_interval(lo, hi)} for "
+        f"{fmt(work)}x the work); "
         f"the fitted model's flat floor {fmt(s['overhead_s'] * 1e6)} µs (fitted), a trivial "
         f"call's dispatch floor {fmt(s['dispatch_floor_s'] * 1e6)} µs (measured); regime by "
         f"intensity at batch {first['batch_size']}: {first['regime']}; free-batching limit "
         f"{s['free_batching_limit']}."
     )
     # "Almost no scaling": the whole sweep costs less than doubling the smallest batch's time.
-    # Partly: time grows, but by less than a tenth of the work (overhead dominates).
-    if slowdown < 2:
+    # Partly: time grows, but by less than a tenth of the work (overhead dominates). Each
+    # judged on the slowdown's interval where it has one: a side it reaches is not excluded.
+    flat = against_band(slowdown, lo, hi, 0.0, 2.0)
+    slow = against_band(slowdown, lo, hi, 0.0, 0.1 * work)
+    if flat == "inside":
         verdict = "confirmed"
-    elif slowdown < 0.1 * work:
+    elif slow == "inside" and flat == "outside":
         verdict = "partly confirmed: latency grows, but far slower than the work"
-    else:
+    elif slow == "outside":
         verdict = "refuted on this device"
+    else:
+        verdict = "not determined: the slowdown's 95% interval spans the bounds this verdict draws"
     return {"verdict": verdict, "evidence": evidence}
+
+
+def _interval(lo: float | None, hi: float | None) -> str:
+    """' [lo, hi]' for a number's 95% interval in prose; '' without one."""
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return ""
+    return f" [{fmt(lo)}, {fmt(hi)}]"

@@ -1,16 +1,19 @@
 """Verdicts on the claims about other models: ResNet50 on a CPU and on an accelerator (C1,
 C2), convolutions against matmuls (C6), decoding with a KV cache (C7), MoE routers (C8)."""
 
+import math
 from typing import Any
 
 from batching.predict import seeds as seeds_lib
 from batching.predict.verdict import (
     SIMULATION,
     Verdict,
+    against_band,
     first_regime,
     fmt,
     knee_inside,
     knee_text,
+    knee_trend,
     loglog_slope,
     resnet50,
     run_rows,
@@ -48,7 +51,7 @@ def c7_decode_like_mlp(summaries: list[dict[str, Any]], rows: list[dict[str, Any
         "model, and the same fit read off the per-op prediction); the a-priori crossing is "
         "where FLOPs/F overtakes bytes/BW with the KV cache's bytes per sequence (none: never). "
         f"From cache {short['cache_len']} to {long_['cache_len']} the fitted knee "
-        f"{trend(fitted)} ({' → '.join(fmt(x) for x in fitted)}) and the compute crossing "
+        f"{knee_trend(decode)} ({' → '.join(fmt(x) for x in fitted)}) and the compute crossing "
         f"{trend(crossing)} ({' → '.join(fmt(x) for x in crossing)}). At cache "
         f"{long_['cache_len']}, {memory_share:.0%} of the points are memory-bound by intensity"
     )
@@ -60,11 +63,11 @@ def c7_decode_like_mlp(summaries: list[dict[str, Any]], rows: list[dict[str, Any
     else:
         evidence += "."
     evidence += " " + c7_cache_reads(decode, rows)
-    like_mlp = knee_inside(short) and (
-        short["predicted_critical_batch"] / 2
-        <= short["knee_batch_size"]
-        <= short["predicted_critical_batch"] * 2
-    )
+    b_star = short["predicted_critical_batch"]
+    like_mlp = knee_inside(short) and against_band(
+        short["knee_batch_size"], short.get("knee_low"), short.get("knee_high"),
+        b_star / 2, b_star * 2,
+    ) != "outside"  # fmt: skip
     breaks = trend(crossing) in ("rises", "moves out of reach") or not knee_inside(long_)
     if not knee_inside(short):
         verdict = "not tested by this sweep: no knee at short context"
@@ -130,19 +133,27 @@ def c1_resnet_cpu_linear(summaries: list[dict[str, Any]], rows: list[dict[str, A
     if s is None:
         return {"verdict": "not tested here", "evidence": "no ResNet50 run on a CPU"}
     rs = run_rows(rows, s["run"])
-    slope = loglog_slope(rs)
+    slope = s.get("loglog_slope", loglog_slope(rs))
+    lo, hi = s.get("loglog_slope_low"), s.get("loglog_slope_high")
     best = max(rs, key=lambda r: r["throughput_per_s"])
     gain = best["throughput_per_s"] / rs[0]["throughput_per_s"]
     evidence = (
         f"ResNet50 on {s['device_kind']}: {fmt(rs[0]['latency_s'] * 1e3)} ms at batch "
         f"{rs[0]['batch_size']}, {fmt(rs[-1]['latency_s'] * 1e3)} ms at batch "
-        f"{rs[-1]['batch_size']}; log-log slope of latency against batch size {slope:.2f} "
-        "(1 = linear); "
+        f"{rs[-1]['batch_size']}; log-log slope of latency against batch size {slope:.2f}"
+        + (f" [{lo:.2f}, {hi:.2f}]" if lo is not None and math.isfinite(lo) else "")
+        + " (1 = linear); "
         f"the best throughput, at batch {best['batch_size']}, is {fmt(gain)}x batch "
         f"{rs[0]['batch_size']}'s; fitted knee {knee_text(s)}; regime by intensity at batch "
         f"{rs[0]['batch_size']}: {rs[0]['regime']}."
     )
-    verdict = "confirmed" if slope >= 0.8 else "refuted on this device"
+    # Linear enough: a slope of at least 0.8, judged on its interval where it has one.
+    band = against_band(slope, lo, hi, 0.8, math.inf)
+    verdict = {
+        "inside": "confirmed",
+        "outside": "refuted on this device",
+        "straddles": "not determined: the slope's 95% interval reaches 0.8",
+    }[band]
     return {"verdict": verdict, "evidence": evidence}
 
 

@@ -2,8 +2,8 @@
 
 The same form as the roofline, t(B) = max(overhead, bytes(B)/BW, flops(B)/F), with free
 overhead, effective bandwidth and effective FLOP/s, fitted in log space. Its knee is the
-batch size where the compute term overtakes the others; its interval comes from a bootstrap
-over the timing samples (each point's sweep pass drawn at random).
+batch size where the compute term overtakes the others; its interval comes from replicates
+that draw whole passes (batching.predict.replicates), fitted all at once.
 """
 
 import dataclasses
@@ -13,10 +13,15 @@ from typing import Any
 import numpy as np
 from scipy import optimize
 
-from batching.measure import stats
+from batching.measure import pass_stats, stats
+from batching.predict import replicates
 from batching.predict.roofline import work
 
 MIN_POINTS_TO_FIT = 4
+# A regime the fit assigns points to holds at least this many: one point alone would be
+# matched exactly by its own parameter (no residual), so any last point that rose a little
+# would read as compute-bound.
+MIN_REGIME_POINTS = 2
 
 
 # ---------------------------------------------------------------- the fit
@@ -60,47 +65,83 @@ def three_limits(params: np.ndarray, cost: LinearCost, b: np.ndarray) -> np.ndar
 
 def knee_of(params: np.ndarray, cost: LinearCost) -> float:
     """Smallest batch size where the compute term is at least the overhead and memory terms."""
-    o, bw, f = np.exp(params)
-    over_overhead = (o - cost.f0 / f) / (cost.f1 / f)
-    slope = cost.f1 / f - cost.a / bw  # compute grows faster than memory by this much per example
-    if slope <= 0:
-        return math.inf
-    over_memory = (cost.w / bw - cost.f0 / f) / slope
-    return float(max(over_overhead, over_memory, 0.0))
+    return float(knees_of(np.asarray(params, dtype=float)[None, :], cost)[0])
 
 
-def fit_three_limits(
-    b: np.ndarray, t: np.ndarray, cost: LinearCost, start: np.ndarray | None = None
-) -> np.ndarray:
-    """Least squares on log latency. Without `start`, several starts, because max() has
-    flat directions; a bootstrap refit starts from the full fit instead."""
+def knees_of(params: np.ndarray, cost: LinearCost) -> np.ndarray:
+    """knee_of for each row of `params` (R, 3); inf where compute never overtakes (F = inf:
+    no point was compute-bound, or compute grows no faster than memory)."""
+    o, bw, f = np.exp(params).T
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        over_overhead = (o - cost.f0 / f) / (cost.f1 / f)
+        slope = cost.f1 / f - cost.a / bw  # compute outgrows memory by this much per example
+        over_memory = (cost.w / bw - cost.f0 / f) / slope
+    over_overhead = np.nan_to_num(over_overhead, nan=0.0, posinf=np.inf, neginf=0.0)
+    over_memory = np.nan_to_num(over_memory, nan=0.0, posinf=np.inf, neginf=0.0)
+    knee = np.maximum(np.maximum(over_overhead, over_memory), 0.0)
+    return np.where((slope > 0) & np.isfinite(f), knee, np.inf)
+
+
+def fit_three_limits(b: np.ndarray, t: np.ndarray, cost: LinearCost) -> np.ndarray:
+    """Least squares on log latency: log(overhead, BW, F) for one set of points (fit_many)."""
+    params = fit_many(b, t[None, :], cost)[0]
+    if _monotone(cost):
+        return params
+    # The regimes need not follow overhead, memory, compute along the batch: polish the best
+    # ordered split with a local search (max() has flat directions, so it needs the start).
     log_t = np.log(t)
-    # log max(o, bytes/BW, flops/F) = max(log o, log bytes − log BW, log flops − log F): the
-    # same loss as log(three_limits(p, cost, b)), without exp and log per evaluation (a
-    # bootstrap runs hundreds of fits; this is most of a cold start's analysis time).
     with np.errstate(divide="ignore"):
-        log_bytes, log_flops = np.log(cost.bytes(b)), np.log(cost.flops(b))
+        lb, lf = np.log(cost.bytes(b)), np.log(cost.flops(b))
 
     def loss(p):
-        residual = np.maximum(np.maximum(p[0], log_bytes - p[1]), log_flops - p[2]) - log_t
-        return float(residual @ residual)
+        r = np.maximum(np.maximum(p[0], lb - p[1]), lf - p[2]) - log_t
+        return float(r @ r)
 
-    if start is not None:
-        starts = [start]
-    else:
-        f_guess = cost.flops(b[-1]) / t[-1]
-        bw_guess = cost.bytes(b[0]) / t[0]
-        starts = [
-            np.log([o0, bw_guess * scale, f_guess])
-            for o0 in (t.min() * 0.5, t.min())
-            for scale in (0.3, 1.0, 3.0)
-        ]
-    best = None
-    for p0 in starts:
-        r = optimize.minimize(loss, p0, method="Nelder-Mead", options={"xatol": 1e-3})
-        if best is None or r.fun < best.fun:
-            best = r
-    return best.x
+    start = np.clip(params, -50.0, 50.0)
+    polished = optimize.minimize(loss, start, method="Nelder-Mead", options={"xatol": 1e-3})
+    return polished.x if polished.fun < loss(params) else params
+
+
+def _monotone(cost: LinearCost) -> bool:
+    """Whether log flops − log bytes never falls with the batch (f1·w >= a·f0): then the
+    fitted regimes go overhead, memory, compute in batch order, and fit_many is exact."""
+    return cost.f1 * cost.w >= cost.a * cost.f0
+
+
+def fit_many(b: np.ndarray, t: np.ndarray, cost: LinearCost) -> np.ndarray:
+    """The least-squares fit of log max(o, bytes/BW, flops/F) to each row of log `t` (R, n),
+    as log(o, BW, F) rows (R, 3), over batch sizes `b` in increasing order.
+
+    Exact, with no search: at the optimum every point sits in the regime whose term is the
+    max, and each parameter is the mean over its own points (where its squared residuals'
+    gradient vanishes). When the regimes follow batch order (_monotone) the groups are
+    contiguous (overhead below i, memory from i to j, compute from j): every split (i, j)
+    is tried with its closed-form parameters, and the lowest true loss wins. A regime with
+    no point gets the value that keeps its term out of the max (o = 0, BW or F = inf); one
+    with points has at least MIN_REGIME_POINTS.
+    """
+    y = np.log(t)
+    with np.errstate(divide="ignore"):
+        lb, lf = np.log(cost.bytes(b)), np.log(cost.flops(b))
+    n = b.size
+    i_, j_ = np.array(
+        [(i, j) for i in range(n + 1) for j in range(i, n + 1)
+         if all(size == 0 or size >= MIN_REGIME_POINTS for size in (i, j - i, n - j))]
+    ).T  # fmt: skip
+    # Prefix sums along the points: the mean of any contiguous group at once.
+    zero = np.zeros((y.shape[0], 1))
+    cy = np.hstack([zero, np.cumsum(y, axis=1)])
+    cm = np.hstack([zero, np.cumsum(lb - y, axis=1)])
+    cc = np.hstack([zero, np.cumsum(lf - y, axis=1)])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p0 = np.where(i_ > 0, cy[:, i_] / np.maximum(i_, 1), -np.inf)
+        p1 = np.where(j_ > i_, (cm[:, j_] - cm[:, i_]) / np.maximum(j_ - i_, 1), np.inf)
+        p2 = np.where(j_ < n, (cc[:, -1:] - cc[:, j_]) / np.maximum(n - j_, 1), np.inf)
+    model = np.maximum(np.maximum(p0[..., None], lb - p1[..., None]), lf - p2[..., None])
+    loss = np.sum((model - y[:, None, :]) ** 2, axis=2)  # (R, splits)
+    best = np.argmin(loss, axis=1)
+    rows = np.arange(y.shape[0])
+    return np.stack([p0[rows, best], p1[rows, best], p2[rows, best]], axis=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +160,7 @@ class KneeFit:
     # The interval says little: (nearly) zero width, or the knee at one of its ends (most
     # replicates fitted the same boundary value).
     interval_degenerate: bool = False
-    # "passes": replicates drew each point's pass at random; "samples": one pass only.
+    # "passes": replicates drew whole passes; "samples": samples within each point's one pass.
     interval_from: str | None = None
     params: tuple[float, ...] | None = None  # log(overhead, BW, F) of the fit
     cost: LinearCost | None = None
@@ -131,29 +172,23 @@ class KneeFit:
         return float(three_limits(np.asarray(self.params), self.cost, np.array([batch_size]))[0])
 
 
-def pass_lists(samples: dict[int, Any]) -> dict[int, list[np.ndarray]]:
-    """{batch: [samples of pass 0, of pass 1, ...]} from either that or {batch: samples}."""
-    out = {}
-    for b, s in samples.items():
-        if isinstance(s, np.ndarray) or (len(s) and not hasattr(s[0], "__len__")):
-            s = [s]
-        out[int(b)] = [np.asarray(p, np.float64) for p in s if len(p)]
-    return out
-
-
 def fit_knee(
     rows: list[dict[str, Any]],
     samples: dict[int, Any],
-    n_bootstrap: int = 200,
+    n_bootstrap: int = 2000,
     seed: int = 0,
+    draws: replicates.Replicates | None = None,
+    scale: dict[int, float] | None = None,
 ) -> KneeFit:
-    """Fits the three-limit model to a run's medians and bootstraps the knee's interval.
+    """Fits the three-limit model to a run's point latencies and bootstraps the knee's interval.
 
     `samples` are each point's timing samples, per sweep pass ({batch: [pass 0, pass 1, ...]})
-    or pooled ({batch: samples}). A bootstrap replicate takes, for every point, one of its
-    passes at random and the median of a resample of that pass's samples, so the interval
-    holds what moves between passes (what moves between reruns), not only the spread within
-    one; with one pass it is the within-pass bootstrap."""
+    or one pass ({batch: samples}). A replicate draws whole passes by pass index, the same
+    draw for every point (batching.predict.replicates), takes each point's latency from its
+    drawn passes with the estimator its row's latency came from, and is fitted like the
+    rows: the estimate and its interval are the same statistic of the same unit. With one
+    pass per point, replicates resample the samples within it. `draws` (made once for a
+    run's points) are used instead of drawing anew, each point's column times `scale[b]`."""
     rows = sorted(rows, key=lambda r: r["batch_size"])
     b = np.array([r["batch_size"] for r in rows], dtype=float)
     t = np.array([r["latency_s"] for r in rows])
@@ -164,40 +199,39 @@ def fit_knee(
     cost = LinearCost.from_rows(rows)
     params = fit_three_limits(b, t, cost)
     knee = knee_of(params, cost)
-    passes = pass_lists(samples)
-    rng = np.random.default_rng(seed)
-    boot_t = np.tile(t, (n_bootstrap, 1))
-    for j, bj in enumerate(b):
-        runs = passes.get(int(bj)) or []
-        if not runs:
-            continue
-        chosen = rng.integers(0, len(runs), n_bootstrap)
-        for k, s in enumerate(runs):
-            idx = np.flatnonzero(chosen == k)
-            if idx.size:
-                draws = s[rng.integers(0, s.size, (idx.size, s.size))]
-                boot_t[idx, j] = np.median(draws, axis=1)
-    if any(passes.values()):
-        knees = [knee_of(fit_three_limits(b, tb, cost, start=params), cost) for tb in boot_t]
-        lo, hi = np.percentile(knees, [2.5, 97.5])
-    else:
-        lo = hi = math.nan  # no timing samples kept (rows alone): no interval
+    sizes = [int(x) for x in b]
+    if draws is None:
+        draws = replicates.draw(sizes, samples, replicates.estimator_of(rows), n_bootstrap, seed)
+    drawn = draws.at(sizes, scale)
+    lo = hi = math.nan  # no timing samples kept (rows alone): no interval
+    if drawn is not None:
+        boot = np.where(np.isnan(drawn), t, drawn)
+        lo, hi = percentiles(knees_of(fit_many(b, boot, cost), cost))
     o, bw, f = np.exp(params)
     fitted = three_limits(params, cost, b)
-    several = any(len(p) > 1 for p in passes.values())
     return KneeFit(
         knee_batch_size=knee,
-        knee_low=float(lo),
-        knee_high=float(hi),
+        knee_low=lo,
+        knee_high=hi,
         overhead_s=float(o),
         effective_bytes_per_s=float(bw),
         effective_flops_per_s=float(f),
         fitted_latency_s={int(bi): float(ti) for bi, ti in zip(b, fitted, strict=True)},
-        interval_degenerate=_degenerate(knee, float(lo), float(hi)),
-        interval_from="passes" if several else "samples",
+        interval_degenerate=_degenerate(knee, lo, hi),
+        interval_from=draws.kind,
         params=tuple(float(x) for x in params),
         cost=cost,
     )
+
+
+def percentiles(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """The (1 − confidence)/2 and (1 + confidence)/2 order statistics of replicate values
+    (inf allowed: a replicate that never turns compute-bound)."""
+    v = np.sort(np.asarray(values, dtype=float))
+    tail = (1 - confidence) / 2
+    lo = v[int(math.floor(tail * (v.size - 1)))]
+    hi = v[int(math.ceil((1 - tail) * (v.size - 1)))]
+    return float(lo), float(hi)
 
 
 def _degenerate(knee: float, lo: float, hi: float) -> bool:
@@ -211,16 +245,24 @@ def _degenerate(knee: float, lo: float, hi: float) -> bool:
     return hi - lo <= tol or at_an_end or not lo <= knee <= hi
 
 
-def free_batching_limit(samples: dict[int, Any], alpha: float = 0.01) -> int:
+def free_batching_limit(samples: dict[int, Any], alpha: float = 0.01) -> tuple[int, str]:
     """Largest batch size such that it and every smaller one are not significantly slower
-    than the smallest batch (one-sided Mann-Whitney U on the timing samples, pooled over
-    passes)."""
-    samples = {b: np.concatenate(p) for b, p in pass_lists(samples).items() if p}
-    sizes = sorted(samples)
-    base = samples[sizes[0]]
+    than the smallest batch, and the test that decided: "passes" (one-sided paired t on log
+    pass medians, pass_stats.slower_between_passes) when every point has two passes or more,
+    else "samples" (one-sided Mann-Whitney U on the samples of one pass, which holds only
+    what moves between calls)."""
+    passes = {b: p for b, p in replicates.pass_lists(samples).items() if p}
+    sizes = sorted(passes)
+    by_pass = all(len(p) >= 2 for p in passes.values())
+    if by_pass:
+        values = {b: np.array([np.median(s) for s in p]) for b, p in passes.items()}
+        slower = pass_stats.slower_between_passes
+    else:
+        values = {b: np.concatenate(p) for b, p in passes.items()}
+        slower = stats.slower_than
     limit = sizes[0]
     for size in sizes[1:]:
-        if stats.slower_than(base, samples[size], alpha)[0]:
+        if slower(values[sizes[0]], values[size], alpha)[0]:
             break
         limit = size
-    return limit
+    return limit, "passes" if by_pass else "samples"

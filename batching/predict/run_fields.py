@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from batching.predict import knee, whatif
+from batching.predict import knee, replicates, whatif
 from batching.predict.device import DeviceModel
 from batching.setup import specs
 from models.dtypes import resolve_dtype
@@ -54,11 +54,12 @@ def knee_fields(
     fitted: list[dict[str, Any]],
     model: DeviceModel,
     roofline_cfg: Any,
+    draws: replicates.Replicates,
 ) -> dict[str, Any]:
     """The fitted knee (converged points, interval across passes), the predicted curve's knee
-    read the same way, the a-priori crossing of the three limits, and the free-batching
-    limit."""
-    predicted_fit = predicted_knee(out, samples, roofline_cfg.bootstrap)
+    read the same way, the a-priori crossing of the three limits, the free-batching limit,
+    and the intervals of the slope and slowdown; `draws` are the run's replicates (the knee's)."""
+    predicted_fit = predicted_knee(out, draws)
     return {
         # Where the a-priori three limits cross, with this workload's own bytes per example
         # (activations, a KV cache) rather than the weights-only formula of B*.
@@ -78,17 +79,52 @@ def knee_fields(
         # "passes": the interval spans what moved between the sweep's passes.
         "knee_interval_from": fit.interval_from,
         "knee_fit_points": len(fitted),
-        "free_batching_limit": (
-            knee.free_batching_limit(samples, roofline_cfg.free_batching_alpha)
-            # A limit read off fewer than three points is the sweep's grid, not a finding.
-            if len(samples) == len(out) and len(out) >= 3
-            else None
-        ),
+        **free_batching(out, samples, roofline_cfg.free_batching_alpha),
+        **spread_fields(out, draws),
         # The fitted three-limit model's own parameters (not measurements).
         "overhead_s": fit.overhead_s,
         "effective_flops_per_s": fit.effective_flops_per_s,
         "effective_bytes_per_s": fit.effective_bytes_per_s,
     }
+
+
+def free_batching(
+    out: list[dict[str, Any]], samples: dict[int, Any], alpha: float
+) -> dict[str, Any]:
+    """The free-batching limit (knee.free_batching_limit) and the test behind it; None when
+    a point has no samples or the run has fewer than three points (a limit read off fewer
+    is the sweep's grid, not a finding)."""
+    if not (len(samples) == len(out) and len(out) >= 3):
+        return {"free_batching_limit": None, "free_batching_test": None}
+    limit, test = knee.free_batching_limit(samples, alpha)
+    return {"free_batching_limit": limit, "free_batching_test": test}
+
+
+def spread_fields(out: list[dict[str, Any]], draws: replicates.Replicates) -> dict[str, Any]:
+    """95% intervals, from the same replicates as the knee's (whole passes drawn), of the
+    comparisons the verdicts make between points: the log-log slope of latency against
+    batch size and the slowdown of the largest batch over the smallest. Nan without samples."""
+    rows = sorted(out, key=lambda r: r["batch_size"])
+    sizes = [r["batch_size"] for r in rows]
+    t = np.array([r["latency_s"] for r in rows])
+    x = np.log(np.array(sizes, dtype=float))
+    fields = {"loglog_slope": _slopes(x, t[None, :])[0] if len(rows) > 1 else np.nan}
+    fields.update(loglog_slope_low=np.nan, loglog_slope_high=np.nan)
+    fields.update(slowdown_low=np.nan, slowdown_high=np.nan)
+    drawn = draws.at(sizes)
+    if drawn is None or len(rows) < 2:
+        return fields
+    boot = np.where(np.isnan(drawn), t, drawn)
+    fields["loglog_slope_low"], fields["loglog_slope_high"] = knee.percentiles(_slopes(x, boot))
+    fields["slowdown_low"], fields["slowdown_high"] = knee.percentiles(boot[:, -1] / boot[:, 0])
+    return fields
+
+
+def _slopes(x: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Least-squares slopes of log t (R, n) against x (n,)."""
+    xc = x - x.mean()
+    y = np.log(t)
+    return (y - y.mean(axis=1, keepdims=True)) @ xc / (xc @ xc)
 
 
 def error_fields(out: list[dict[str, Any]]) -> dict[str, Any]:
@@ -143,21 +179,14 @@ def spec_fields(out: list[dict[str, Any]], model: DeviceModel, roofline_cfg: Any
     }
 
 
-def predicted_knee(
-    rows: list[dict[str, Any]], samples: dict[int, Any], n_bootstrap: int
-) -> knee.KneeFit:
+def predicted_knee(rows: list[dict[str, Any]], draws: replicates.Replicates) -> knee.KneeFit:
     """knee.fit_knee on the predicted curve. Its interval carries the measurement's own
-    spread: each point's samples (each pass's) scaled onto its prediction (samples ·
-    predicted / measured), so it says how well a knee on this grid can be located at this
-    noise, as for the fit."""
+    spread: the run's replicates scaled onto the prediction (predicted / measured per
+    point), so it says how well a knee on this grid can be located at this noise, as for
+    the fit."""
     predicted = [{**r, "latency_s": r["predicted_latency_s"]} for r in rows]
-    passes = knee.pass_lists(samples)
-    scaled = {
-        r["batch_size"]: [p * (r["predicted_latency_s"] / r["latency_s"]) for p in passes[b]]
-        for r in rows
-        if (b := r["batch_size"]) in passes
-    }
-    return knee.fit_knee(predicted, scaled, n_bootstrap=n_bootstrap)
+    scale = {r["batch_size"]: r["predicted_latency_s"] / r["latency_s"] for r in rows}
+    return knee.fit_knee(predicted, {}, draws=draws, scale=scale)
 
 
 def breakdown(rows: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:

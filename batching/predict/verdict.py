@@ -13,7 +13,10 @@ Verdict = dict[str, str]
 
 
 def fmt(x: Any, digits: int = 3) -> str:
-    """A number in a verdict's prose: batching.text.fmt, "none" where there is none."""
+    """A number in a verdict's prose: batching.text.fmt, "none" where there is none (a knee
+    or crossing at infinity: it never comes)."""
+    if isinstance(x, float) and x == math.inf:
+        return "none"
     return text.fmt(x, digits, missing="none")
 
 
@@ -98,6 +101,11 @@ def knee_text(s: dict[str, Any]) -> str:
     if knee is None or not math.isfinite(knee):
         return "none" + fit_points(s).replace(", fitted", " (fitted", 1) + ")"
     lo, hi = s["knee_low"], s["knee_high"]
+    if lo is not None and lo == math.inf:
+        return (
+            f"{fmt(knee)} [open] (in over 97.5% of resamples the fit never turns "
+            "compute-bound)" + fit_points(s)
+        )
     if lo is None or not math.isfinite(lo):
         return f"{fmt(knee)} (no interval: no timing samples kept)" + fit_points(s)
     if hi is None or not math.isfinite(hi):
@@ -124,6 +132,40 @@ def fit_points(s: dict[str, Any]) -> str:
     if fitted is not None and fitted > converged:
         return f", fitted on all {fitted} points (only {converged} converged)"
     return f", fitted on {fitted if fitted is not None else '?'} converged of {s['points']} points"
+
+
+def against_band(
+    estimate: float, low: float | None, high: float | None, band_low: float, band_high: float
+) -> str:
+    """Where an estimate with its interval [low, high] stands against [band_low, band_high]:
+    "inside" (the estimate lies in it), "outside" (its whole interval lies out of it), or
+    "straddles" (the estimate lies out, its interval reaches in). Without an interval the
+    estimate alone decides."""
+    if band_low <= estimate <= band_high:
+        return "inside"
+    if low is None or high is None or not (math.isfinite(low) or math.isfinite(high)):
+        return "outside"
+    return "outside" if high < band_low or low > band_high else "straddles"
+
+
+def knee_trend(summaries: list[dict[str, Any]]) -> str:
+    """How the fitted knee moves from the first run to the last, judged on their intervals:
+    "rises" or "falls" only when the two intervals do not overlap ("moves out of reach":
+    no knee in the last run)."""
+    first, last = summaries[0], summaries[-1]
+    k0, k1 = first.get("knee_batch_size"), last.get("knee_batch_size")
+    finite = [k is not None and math.isfinite(k) for k in (k0, k1)]
+    if not all(finite):
+        return "moves out of reach" if finite == [True, False] else "cannot be followed"
+    lo0, hi0 = first.get("knee_low"), first.get("knee_high")
+    lo1, hi1 = last.get("knee_low"), last.get("knee_high")
+    if None in (lo0, hi0, lo1, hi1) or any(math.isnan(x) for x in (lo0, hi0, lo1, hi1)):
+        return trend([k0, k1])
+    if lo1 > hi0:
+        return "rises"
+    if hi1 < lo0:
+        return "falls"
+    return "stays within their intervals"
 
 
 def trend(values: list[float]) -> str:

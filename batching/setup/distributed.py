@@ -49,6 +49,7 @@ TAGS = {
     "outcome": 7,
     "json_length": 8,
     "build": 9,
+    "run_budget": 10,
 }
 
 Share = Callable[[str, int], int]

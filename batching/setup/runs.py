@@ -123,6 +123,11 @@ def check_fields(run: Run) -> None:
     passes = cfg.sweep.get("passes", 1)
     if not _positive_int(passes):
         raise ConfigError(f"sweep.passes must be a positive integer, got {passes!r}{where_}")
+    most = cfg.sweep.get("max_passes", passes)
+    if not _positive_int(most) or most < passes:
+        raise ConfigError(
+            f"sweep.max_passes must be an integer >= sweep.passes, got {most!r}{where_}"
+        )
     _check_model_numerics(cfg.model, where_)
     _check_memory(cfg.get("memory"))
     for name in cfg.roofline.whatif_devices:
