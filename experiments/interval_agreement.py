@@ -7,7 +7,9 @@ For each pair of workdirs (the same experiment, run one after the other), each p
 measured, and each candidate rule, from the rows' pass medians (or, for `pooled`, the old
 rule, from samples.jsonl): whether each run's estimate lies inside the other run's 95%
 interval (two estimates with equal, honest errors do so ~83% of the time), how far apart the
-two estimates are (median |log ratio|), and the median half width. The rule whose estimates
+two estimates are (median |log ratio|), and the median half width. The rule `row` scores what
+the rows say: `latency_s` in `latency_ci_*`, the passes' interval widened by the drift
+between runs once the drift log holds enough readings. The rule whose estimates
 of two runs agree best, at intervals that still say something, is the default.
 """
 
@@ -24,7 +26,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("pairs", [], "Two workdirs of the same job, comma-separated.")
 flags.DEFINE_string("json_out", None, "Also write the table as JSON here.")
 
-RULES = (*pass_stats.ESTIMATORS, "pooled")
+RULES = (*pass_stats.ESTIMATORS, "pooled", "row")
 
 
 def point_estimates(workdir: str, rule: str) -> dict[tuple[str, int], tuple[float, float, float]]:
@@ -34,6 +36,10 @@ def point_estimates(workdir: str, rule: str) -> dict[tuple[str, int], tuple[floa
     out = {}
     for r in results.latest(store.rows()):
         if not results.is_ok(r) or (r["run"], r["batch_size"]) not in samples:
+            continue
+        if rule == "row":
+            out[(r["run"], r["batch_size"])] = (
+                r["latency_s"], r["latency_ci_low_s"], r["latency_ci_high_s"])
             continue
         passes = [np.asarray(p) for p in samples[(r["run"], r["batch_size"])]]
         if rule == "pooled":
