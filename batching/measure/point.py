@@ -118,9 +118,7 @@ def memory_fields(compiled: timing.Compiled, dev: jax.Device) -> dict[str, Any]:
 
 def memory_budget(cfg, device_bytes: int) -> float:
     """Bytes a point may need: config.memory.max_bytes, else max_fraction of the device."""
-    mem = cfg.get("memory")
-    if mem is None:
-        return 0.9 * device_bytes
+    mem = cfg.memory
     if mem.get("max_bytes") is not None:
         return float(mem.max_bytes)
     return mem.max_fraction * device_bytes

@@ -40,8 +40,10 @@ def post_corrections(doc: Doc, data: ReportData) -> None:
     text = (
         f"The critical batch size of a dense layer is B* = peak FLOP/s × bytes per parameter / "
         f"(2 × bandwidth); it equals FLOPS/bandwidth only for 2-byte weights. The post's inputs "
-        f"(65 TFLOP/s, 300 GB/s, 2 bytes) give {post:.1f}. But 65 TFLOP/s is the T4's fp16 "
-        f"tensor-core peak; in fp32 the T4 does 8.1 TFLOP/s at 320 GB/s ({t4.source}), so an "
+        f"({fmt(specs.POST_T4_FLOPS / 1e12)} TFLOP/s, {fmt(specs.POST_T4_BANDWIDTH / 1e9)} GB/s, "
+        f"2 bytes) give {post:.1f}. But {fmt(specs.POST_T4_FLOPS / 1e12)} TFLOP/s is the T4's fp16 "
+        f"tensor-core peak; in fp32 the T4 does {fmt(t4.flops_per_s['float32'] / 1e12)} TFLOP/s at "
+        f"{fmt(t4.bandwidth_bytes_per_s / 1e9)} GB/s ({t4.source}), so an "
         f"fp32 MLP has B* ≈ {t4_fp32:.0f}, and an fp16 one ≈ {t4_fp16:.0f}. The knee the post "
         f"saw near {claims_mlp.POST_T4_KNEE} is later than the fp32 figure. This lab models three "
         "limits, t(B) = max(overhead, bytes/BW, flops/F)."
@@ -51,7 +53,7 @@ def post_corrections(doc: Doc, data: ReportData) -> None:
         for s in analyzed
         if not s.get("functional_simulation")
         and verdict.knee_inside(s)
-        and s["knee_batch_size"] > 1.5 * s["predicted_critical_batch"]
+        and s["knee_batch_size"] > verdict.AGREE * s["predicted_critical_batch"]
         and s["regimes"].get(min(s["batch_sizes"])) == "overhead"
     ]
     if hidden:
@@ -236,15 +238,15 @@ def knee_reason(s: dict[str, Any]) -> str:
         if predicted is not None and math.isfinite(predicted)
         else ""
     )
-    if 1 / 1.5 <= ratio <= 1.5:
-        return f"they agree within 1.5x{tail}"
-    if ratio > 1.5:
+    if 1 / verdict.AGREE <= ratio <= verdict.AGREE:
+        return f"they agree within {fmt(verdict.AGREE)}x{tail}"
+    if ratio > verdict.AGREE:
         if s["regimes"].get(first) == "overhead":
             return (
                 f"batch {first} is overhead-bound: the fixed cost per call hides the "
                 f"memory-bound region, and latency starts growing past B*{tail}"
             )
-        if math.isfinite(crossing) and crossing > 1.5 * b_star:
+        if math.isfinite(crossing) and crossing > verdict.AGREE * b_star:
             return (
                 "bytes per example besides the weights move compute-bound out to "
                 f"{fmt(crossing)}{tail}"

@@ -4,6 +4,7 @@ small networks bound by overhead (C5)."""
 import math
 from typing import Any
 
+from batching.predict import verdict
 from batching.predict.verdict import (
     SIMULATION,
     Verdict,
@@ -30,9 +31,9 @@ def t4_sentence(s: dict[str, Any]) -> str:
     b = specs.critical_batch_size(f, t4.bandwidth_bytes_per_s, s.get("bytes_per_param", 4))
     side = (
         "later than"
-        if POST_T4_KNEE > 1.25 * b
+        if POST_T4_KNEE > verdict.MOVES * b
         else "earlier than"
-        if POST_T4_KNEE < b / 1.25
+        if POST_T4_KNEE < b / verdict.MOVES
         else "near"
     )
     return (
@@ -75,7 +76,8 @@ def c3_mlp_knee(summaries: list[dict[str, Any]], rows: list[dict[str, Any]]) -> 
             "overhead-bound, not memory-bound",
             "evidence": evidence,
         }
-    band = against_band(knee, s.get("knee_low"), s.get("knee_high"), pred / 1.5, pred * 1.5)
+    low, high = pred / verdict.AGREE, pred * verdict.AGREE
+    band = against_band(knee, s.get("knee_low"), s.get("knee_high"), low, high)
     if band == "inside":
         return {"verdict": "confirmed", "evidence": evidence}
     if band == "straddles":

@@ -5,6 +5,7 @@ import math
 from typing import Any
 
 from batching.predict import seeds as seeds_lib
+from batching.predict import verdict
 from batching.predict.verdict import (
     SIMULATION,
     Verdict,
@@ -22,6 +23,9 @@ from batching.predict.verdict import (
     throughput_gain,
     trend,
 )
+
+# C2: a T4 curve is flat while the second batch costs under this factor of the first.
+FLAT_GROWTH = 1.2
 
 
 def c7_decode_like_mlp(summaries: list[dict[str, Any]], rows: list[dict[str, Any]]) -> Verdict:
@@ -114,7 +118,7 @@ def c7_cache_reads(decode: list[dict[str, Any]], rows: list[dict[str, Any]]) -> 
     if not ratios:
         return text + "."
     text += f" and XLA counts at most {fmt(max(ratios))}x the analytic bytes"
-    if max(ratios) <= 1.5:
+    if max(ratios) <= verdict.AGREE:
         return text + (
             ": the attention reads each sequence's cache once, so the KV-cache growth above "
             "is the cache's own bytes, not a copy made by the implementation."
@@ -188,7 +192,7 @@ def c2_accelerator_flat(summaries: list[dict[str, Any]], rows: list[dict[str, An
     t4 = w["latency_s"]
     sizes = sorted(t4)
     ratios = ", ".join(f"batch {b}: {fmt(t4[b] / t4[sizes[0]])}x" for b in sizes[1:4])
-    flat = t4[sizes[1]] / t4[sizes[0]] < 1.2
+    flat = t4[sizes[1]] / t4[sizes[0]] < FLAT_GROWTH
     evidence = (
         "No accelerator ran: this is a prediction, not a measurement. The T4 roofline (spec "
         f"{fmt(w['flops_per_s'] / 1e12)} TFLOP/s {s['dtype']}, "
@@ -244,8 +248,8 @@ def c6_convolutions_reuse_weights(
         f"batch 1: {first_regime(rows, conv['run'])}, {first_regime(rows, same_flops['run'])}, "
         f"{first_regime(rows, one_token['run'])}."
     )
-    less = g_conv < g_one / 1.5
-    like_dense = g_flops / 1.5 <= g_conv <= g_flops * 1.5
+    less = g_conv < g_one / verdict.AGREE
+    like_dense = g_flops / verdict.AGREE <= g_conv <= g_flops * verdict.AGREE
     if less and like_dense:
         return {"verdict": "confirmed, and it is the reuse, not the convolution: dense layers "
                 "with the same reuse gain as little", "evidence": evidence}  # fmt: skip

@@ -41,6 +41,8 @@ from batching.workloads.ops import GEMM_LIKE, LONE_COPIES, LONE_KINDS, Op, launc
 # An op whose roofline time is under this is small: a per-call cost of tens of µs (a worker
 # thread woken, see call_extra) is then as large as the op itself, so it is measured.
 SMALL_OP_S = 100e-6
+# A kernel traced this much slower than both its roofs is flagged `slower_than_roofs`.
+SLOWER_THAN_ROOFS = 1.2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +214,8 @@ class CallTime:
         for k in out.values():
             k["bound"] = "compute" if k["compute_s"] >= k["memory_s"] else "memory"
             k["flops_per_s"] = k["flops"] / k["seconds"] if k["flops"] else None
-            k["slower_than_roofs"] = k["seconds"] > 1.2 * max(k["memory_s"], k["compute_s"])
+            roof = max(k["memory_s"], k["compute_s"])
+            k["slower_than_roofs"] = k["seconds"] > SLOWER_THAN_ROOFS * roof
         return out
 
 

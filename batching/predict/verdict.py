@@ -12,6 +12,12 @@ from batching import text
 Verdict = dict[str, str]
 
 
+# Two figures agree (a knee and B*, a measured and a spec growth) within this factor.
+AGREE = 1.5
+# A quantity moves (a trend, a knee set against the post's) beyond this factor.
+MOVES = 1.25
+
+
 def fmt(x: Any, digits: int = 3) -> str:
     """A number in a verdict's prose: batching.text.fmt, "none" where there is none (a knee
     or crossing at infinity: it never comes)."""
@@ -175,9 +181,9 @@ def trend(values: list[float]) -> str:
         return "moves out of reach"
     if not (math.isfinite(first) and math.isfinite(last)):
         return "cannot be followed"
-    if last < first / 1.25:
+    if last < first / MOVES:
         return "falls"
-    return "rises" if last > first * 1.25 else "stays about the same"
+    return "rises" if last > first * MOVES else "stays about the same"
 
 
 def loglog_slope(rows: list[dict[str, Any]]) -> float:
