@@ -84,7 +84,8 @@ def router_outputs() -> dict[str, np.ndarray]:
     """Each router on fixed logits: dispatch and combine (or sorted choices), and losses."""
     logits_GxSxE = jnp.asarray(np.random.default_rng(3).standard_normal((2, 8, 4)), jnp.float32)
     out = {}
-    for kind, k, cap in (("token_choice", 2, 1.0), ("token_choice", 1, 1.25), ("expert_choice", 1, 1.0)):
+    settings = (("token_choice", 2, 1.0), ("token_choice", 1, 1.25), ("expert_choice", 1, 1.0))
+    for kind, k, cap in settings:
         result = routers.route(kind, logits_GxSxE, k, cap)
         name = f"router/{kind}_k{k}"
         out[f"{name}/dispatch"] = result.dispatch_GxSxExC
@@ -123,7 +124,8 @@ def test_model_outputs_are_pinned():
     now = all_outputs()
     assert sorted(now) == sorted(pinned.files)
     for key in pinned.files:
-        np.testing.assert_allclose(now[key], pinned[key], rtol=PINNED_TOL, atol=PINNED_TOL, err_msg=key)
+        tol = {"rtol": PINNED_TOL, "atol": PINNED_TOL}
+        np.testing.assert_allclose(now[key], pinned[key], **tol, err_msg=key)
 
 
 if __name__ == "__main__":
