@@ -10,7 +10,7 @@
 #    the lab's timer, a bare flat-array loop and an nnx.State loop, with a profiler trace of
 #    each: once with XLA's command buffers (CUDA graphs) on, once off
 #    (XLA_FLAGS=--xla_gpu_enable_command_buffer=). Then decode attention in both cache layouts
-#    and through cuDNN (experiments/attention_layouts.py), which chooses DEFAULT_LAYOUT["gpu"].
+#    and through cuDNN (experiments/attention_layouts.py), which chooses batching.workloads.decoder.DEFAULT_LAYOUT["gpu"].
 # 2. The experiments, in order of value, each under its own time limit and all under one
 #    deadline (DEADLINE_S, default 540 s from the start), so a slow one cannot starve the rest;
 #    per-shape microbenchmarks are budgeted per run (roofline.microbenchmark_budget_s). Every

@@ -1,5 +1,5 @@
 """Benchmark: one layer's decode attention over its KV cache in each cache layout, and through
-`jax.nn.dot_product_attention`, to choose models.kv_cache.DEFAULT_LAYOUT by measurement.
+`jax.nn.dot_product_attention`, to choose batching.workloads.decoder.DEFAULT_LAYOUT by measurement.
 
     python -m experiments.attention_layouts
     python -m experiments.attention_layouts --batches=1,8 --cache_lens=1024 --dtypes=float32

@@ -86,11 +86,14 @@ class Attention(nnx.Module):
         self.out = dense(cfg, N * H, D, rngs, ("heads", "embed"))
         self.cache = nnx.data(None)
 
-    def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype, layout: str) -> None:
-        """Gives the layer an empty KVCache for `batch` sequences of up to `max_len` tokens, in
-        `dtype` and `layout`."""
+    def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> None:
+        """Gives the layer an empty KVCache for `batch` sequences of up to `max_len` tokens.
+
+        Its layout and update come from the config.
+        """
         cfg = self.cfg
-        self.cache = KVCache(batch, max_len, cfg.n_kv_heads, cfg.head_dim, dtype, layout)
+        K, H = cfg.n_kv_heads, cfg.head_dim
+        self.cache = KVCache(batch, max_len, K, H, dtype, cfg.cache_layout, cfg.cache_update)
 
     def _project(self, x_BxLxD: jax.Array, positions_BxL: jax.Array):
         B, L, _ = x_BxLxD.shape

@@ -11,8 +11,8 @@ Blocks are pre-norm: RMSNorm -> grouped-query self-attention with rotary positio
   in the cache's own layout (`cache_layout`, models.kv_cache.attend_cache).
 
 The cache exists only after `model.init_cache(batch, max_len)`. The harness jits the pure
-functions of models.decoding over `graphdef, params, cache = nnx.split(model, nnx.Param,
-nx.Cache)`.
+functions of models.decoding over `graphdef, params, cache = nnx.split(model, WEIGHTS,
+nnx.Cache)`.
 
 Mixture of experts: with `moe_every = n > 0`, block `layer` uses an MoE layer instead of SwiGLU
 when (layer + 1) % n == 0 (blocks n-1, 2n-1, ...). Each has `num_experts` SwiGLU experts of
@@ -24,8 +24,8 @@ hidden dim `mlp_dim`. Its routing group, the tokens a router sees together, is:
   can take expert capacity that real tokens of their group would otherwise get;
 - decode step: the B tokens of the step, one per sequence, whatever `moe_group_size`.
 
-`with_stats`, `prefill_with_stats` and `decode_step_with_stats` also return one routing
-statistics dict per MoE block (models.routers.routing_stats), in block order.
+Each mode takes `stats=True` to also return the routing statistics: one dict per MoE block
+(models.routers.routing_stats), in block order.
 
 Letters in array names: B batch, L length, S cache slots per sequence (max_len), D model dim,
 K kv heads, G query heads per kv head, N query heads (N = K*G), H head dim, V vocab,
@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models import kv_cache, partitioning
+from models import partitioning
 from models.attention import EMBED_INIT, Attention, dense
 from models.decoder_config import (  # noqa: F401 - the decoder's config and counts
     DecoderConfig,
@@ -83,7 +83,7 @@ class DecoderMoE(MoELayer):
 class Block(nnx.Module):
     """Pre-norm block: x + attention(norm(x)), then x + mlp(norm(x)); x_BxLxD -> x_BxLxD.
 
-    The `*_with_stats` methods also return the MoE layer's routing stats, or None for SwiGLU.
+    With `stats=True` each mode also returns the MoE layer's routing stats (None for SwiGLU).
     """
 
     def __init__(self, cfg: DecoderConfig, layer: int, *, rngs: nnx.Rngs):
@@ -106,7 +106,7 @@ class Block(nnx.Module):
         with jax.named_scope("mlp"):
             h_BxLxD = self.mlp_norm(x_BxLxD)
             if isinstance(self.mlp, DecoderMoE):
-                y_BxLxD, stats = self.mlp.with_stats(h_BxLxD, group_size)
+                y_BxLxD, stats = self.mlp(h_BxLxD, group_size, stats=True)
             else:
                 y_BxLxD, stats = self.mlp(h_BxLxD), None
             return x_BxLxD + y_BxLxD, stats
@@ -114,38 +114,24 @@ class Block(nnx.Module):
     def _sequence_group(self, length: int) -> int:
         return self.cfg.moe_group_size or length
 
-    def with_stats(self, x_BxLxD: jax.Array) -> tuple[jax.Array, Stats | None]:
-        """Full forward (causal, no cache); returns y and the MoE layer's routing stats (None for
-        SwiGLU)."""
+    def __call__(self, x_BxLxD: jax.Array, *, stats: bool = False):
+        """Full forward: causal, no cache."""
         x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD))
-        return self._mlp(x_BxLxD, self._sequence_group(x_BxLxD.shape[1]))
+        y, s = self._mlp(x_BxLxD, self._sequence_group(x_BxLxD.shape[1]))
+        return (y, s) if stats else y
 
-    def prefill_with_stats(
-        self, x_BxLxD: jax.Array, lengths_B: jax.Array
-    ) -> tuple[jax.Array, Stats | None]:
-        """Prefill of a right-padded prompt, writing its K/V to the cache; returns y and the MoE
-        layer's routing stats (None for SwiGLU)."""
+    def prefill(self, x_BxLxD: jax.Array, lengths_B: jax.Array, *, stats: bool = False):
+        """Prefill of a right-padded prompt; writes its K/V to the cache."""
         x_BxLxD = x_BxLxD + self.attn.prefill(self.attn_norm(x_BxLxD), lengths_B)
-        return self._mlp(x_BxLxD, self._sequence_group(x_BxLxD.shape[1]))
+        y, s = self._mlp(x_BxLxD, self._sequence_group(x_BxLxD.shape[1]))
+        return (y, s) if stats else y
 
-    def decode_with_stats(self, x_BxD: jax.Array) -> tuple[jax.Array, Stats | None]:
-        """One token per sequence; the MoE routes the step's B tokens in cfg.decode_groups
-        groups (1: one group)."""
+    def decode(self, x_BxD: jax.Array, *, stats: bool = False):
+        """One token per sequence. The MoE routes the B tokens in cfg.decode_groups groups."""
         x_BxD = x_BxD + self.attn.decode(self.attn_norm(x_BxD))
         group_size = x_BxD.shape[0] // self.cfg.decode_groups
-        x_Bx1xD, stats = self._mlp(x_BxD[:, None], group_size=group_size)
-        return x_Bx1xD[:, 0], stats
-
-    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-        return self.with_stats(x_BxLxD)[0]
-
-    def prefill(self, x_BxLxD: jax.Array, lengths_B: jax.Array) -> jax.Array:
-        """`prefill_with_stats` without the routing stats."""
-        return self.prefill_with_stats(x_BxLxD, lengths_B)[0]
-
-    def decode(self, x_BxD: jax.Array) -> jax.Array:
-        """`decode_with_stats` without the routing stats."""
-        return self.decode_with_stats(x_BxD)[0]
+        x_Bx1xD, s = self._mlp(x_BxD[:, None], group_size=group_size)
+        return (x_Bx1xD[:, 0], s) if stats else x_Bx1xD[:, 0]
 
 
 class Decoder(nnx.Module):
@@ -172,8 +158,8 @@ class Decoder(nnx.Module):
     def init_cache(self, batch: int, max_len: int, dtype: str | None = None) -> None:
         """Gives every attention layer an empty KVCache of `batch` x `max_len` positions.
 
-        `dtype` names the cache's dtype (default `cfg.cache_dtype`); its layout is
-        `cfg.cache_layout`, "auto" resolved for jax.default_backend(). Replaces any earlier cache.
+        `dtype` names the cache's dtype (default `cfg.cache_dtype`). Its layout and update
+        come from the config. Replaces any earlier cache.
         """
         for name, value in (("batch", batch), ("max_len", max_len)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -183,9 +169,8 @@ class Decoder(nnx.Module):
                 f"cache max_len must be <= model.max_seq_len={self.cfg.max_seq_len}, got {max_len}"
             )
         cache_dtype = resolve_dtype(self.cfg.cache_dtype if dtype is None else dtype)
-        layout = kv_cache.resolve_layout(self.cfg.cache_layout, jax.default_backend())
         for block in self.blocks:
-            block.attn.init_cache(batch, max_len, cache_dtype, layout)
+            block.attn.init_cache(batch, max_len, cache_dtype)
 
     def _cache(self) -> KVCache:
         cache = self.blocks[0].attn.cache
@@ -204,11 +189,11 @@ class Decoder(nnx.Module):
         unembed = self.embed.attend if self.unembed is None else self.unembed
         return unembed(x_BxLxD).astype(jnp.float32)
 
-    def with_stats(self, tokens_BxL: jax.Array) -> tuple[jax.Array, list[Stats]]:
-        """Full causal forward without a cache: tokens_BxL -> (logits_BxLxV, stats).
+    def __call__(self, tokens_BxL: jax.Array, *, stats: bool = False):
+        """Full causal forward without a cache: tokens_BxL -> logits_BxLxV.
 
-        stats holds one routing_stats dict per MoE block, in block order ([] if dense). Each
-        MoE routes groups of model.moe_group_size tokens (0: one group per sequence).
+        With `stats`, also one routing_stats dict per MoE block ([] if dense). Each MoE
+        routes groups of model.moe_group_size tokens (0: one group per sequence).
         """
         if tokens_BxL.ndim != 2:
             raise ValueError(f"tokens must be [batch, length], got shape {tokens_BxL.shape}")
@@ -220,20 +205,19 @@ class Decoder(nnx.Module):
         x_BxLxD = self.embed(tokens_BxL)
         all_stats = []
         for block in self.blocks:
-            x_BxLxD, stats = block.with_stats(x_BxLxD)
-            _collect(all_stats, stats)
-        return self._logits(x_BxLxD), all_stats
+            x_BxLxD, s = block(x_BxLxD, stats=True)
+            _collect(all_stats, s)
+        logits = self._logits(x_BxLxD)
+        return (logits, all_stats) if stats else logits
 
-    def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
-        """Full causal forward without a cache: tokens_BxL -> logits_BxLxV."""
-        return self.with_stats(tokens_BxL)[0]
+    def prefill(self, tokens_BxL: jax.Array, lengths_B: jax.Array, *, stats: bool = False):
+        """Writes a right-padded prompt batch into the cache.
 
-    def prefill_with_stats(
-        self, tokens_BxL: jax.Array, lengths_B: jax.Array
-    ) -> tuple[jax.Array, list[Stats]]:
-        """`prefill` that also returns one routing_stats dict per MoE block.
-
-        The stats count every prompt position, padding included: padding routes like any token.
+        Returns logits_BxV at each sequence's last real token, position lengths_B[b] - 1.
+        Each length must lie in [1, L]; inside jit that cannot be checked. Sequences go to
+        cache slots [0, B) and the prompt to positions [0, L): prefill starts sequences
+        afresh. With `stats`, also one routing_stats dict per MoE block. They count every
+        prompt position: padding routes like any token.
         """
         if tokens_BxL.ndim != 2:
             raise ValueError(f"prompt must be [batch, length], got shape {tokens_BxL.shape}")
@@ -248,26 +232,19 @@ class Decoder(nnx.Module):
         x_BxLxD = self.embed(tokens_BxL)
         all_stats = []
         for block in self.blocks:
-            x_BxLxD, stats = block.prefill_with_stats(x_BxLxD, lengths_B)
-            _collect(all_stats, stats)
+            x_BxLxD, s = block.prefill(x_BxLxD, lengths_B, stats=True)
+            _collect(all_stats, s)
         last_B = jnp.clip(lengths_B - 1, 0, length - 1)
         x_BxD = jnp.take_along_axis(x_BxLxD, last_B[:, None, None], axis=1)[:, 0]
-        return self._logits(x_BxD), all_stats
+        logits = self._logits(x_BxD)
+        return (logits, all_stats) if stats else logits
 
-    def prefill(self, tokens_BxL: jax.Array, lengths_B: jax.Array) -> jax.Array:
-        """Writes a right-padded prompt batch into the cache; returns logits_BxV at each
-        sequence's last real token, position lengths_B[b] - 1.
+    def decode_step(self, tokens_B: jax.Array, *, stats: bool = False):
+        """Appends one token per sequence at its own position; returns the next logits_BxV.
 
-        Each length must lie in [1, L]; inside jit that cannot be checked. Sequences go to cache
-        slots [0, B) and the prompt to positions [0, L): prefill starts sequences afresh.
-        """
-        return self.prefill_with_stats(tokens_BxL, lengths_B)[0]
-
-    def decode_step_with_stats(self, tokens_B: jax.Array) -> tuple[jax.Array, list[Stats]]:
-        """`decode_step` that also returns one routing_stats dict per MoE block.
-
-        Each MoE routes the step's B tokens (one per sequence) as one group: under
-        expert-choice a sequence's next token then depends on the other sequences in the batch.
+        The caller keeps every length below the cache's max_len (see KVCache). Each MoE
+        routes the step's B tokens as one group. Under expert-choice a sequence's next token
+        then depends on the other sequences. With `stats`, also the routing stats.
         """
         if tokens_B.ndim != 1:
             raise ValueError(f"decode tokens must be [batch], got shape {tokens_B.shape}")
@@ -275,20 +252,16 @@ class Decoder(nnx.Module):
         x_BxD = self.embed(tokens_B)
         all_stats = []
         for block in self.blocks:
-            x_BxD, stats = block.decode_with_stats(x_BxD)
-            _collect(all_stats, stats)
-        return self._logits(x_BxD), all_stats
-
-    def decode_step(self, tokens_B: jax.Array) -> jax.Array:
-        """Appends one token per sequence at its own position; returns the next logits_BxV.
-
-        The caller keeps every length below the cache's max_len (see KVCache).
-        """
-        return self.decode_step_with_stats(tokens_B)[0]
+            x_BxD, s = block.decode(x_BxD, stats=True)
+            _collect(all_stats, s)
+        logits = self._logits(x_BxD)
+        return (logits, all_stats) if stats else logits
 
     def update_router_bias(self, stats: list[Stats], rate: float) -> None:
-        """Moves each MoE block's routing bias by its own step's loads (`stats`: one dict per
-        MoE block, in block order, as the *_with_stats methods return them)."""
+        """Moves each MoE block's routing bias by its own step's loads.
+
+        `stats` holds one dict per MoE block, in block order, as `stats=True` returns them.
+        """
         layers = [b.mlp for b in self.blocks if isinstance(b.mlp, DecoderMoE)]
         if len(layers) != len(stats):
             raise ValueError(f"{len(stats)} routing stats for {len(layers)} MoE blocks")

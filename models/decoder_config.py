@@ -26,9 +26,10 @@ class DecoderConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     cache_dtype: str = "float32"
-    # "bksh" [B, K, S, H], "bskh" [B, S, K, H], or "auto": the platform's default
-    # (models.kv_cache.DEFAULT_LAYOUT), resolved when the cache is made.
-    cache_layout: str = "auto"
+    # The KV cache's axis order, "bksh" or "bskh" (models.kv_cache).
+    cache_layout: str = "bksh"
+    # How a decode step writes its new K/V: "scatter" or "loop" (models.kv_cache).
+    cache_update: str = "scatter"
     # Mixture of experts (see the module docstring); 0 keeps every block dense. The MoE fields
     # are checked even then, so a typo does not wait for moe_every to be set.
     moe_every: int = 0
@@ -74,7 +75,14 @@ class DecoderConfig:
             raise ValueError(f"model.tie_embeddings must be a bool, got {self.tie_embeddings!r}")
         for name in ("dtype", "param_dtype", "cache_dtype"):
             resolve_dtype(getattr(self, name))
-        kv_cache.resolve_layout(self.cache_layout, "cpu")  # raises naming model.cache_layout
+        if self.cache_layout not in kv_cache.LAYOUTS:
+            raise ValueError(
+                f"model.cache_layout must be one of {kv_cache.LAYOUTS}, got {self.cache_layout!r}"
+            )
+        if self.cache_update not in kv_cache.UPDATES:
+            raise ValueError(
+                f"model.cache_update must be one of {kv_cache.UPDATES}, got {self.cache_update!r}"
+            )
         if not isinstance(self.decode_groups, int) or self.decode_groups <= 0:
             raise ValueError(
                 f"decode_groups must be a positive integer, got {self.decode_groups!r}"

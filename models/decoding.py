@@ -12,44 +12,25 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.decoder import Stats
-
-# Pure functions over (params, cache) for the harness to jit.
-
-
-def forward_with_stats(
-    graphdef: nnx.GraphDef, params: nnx.State, tokens_BxL: jax.Array, *rest: nnx.State
-) -> tuple[jax.Array, list[Stats]]:
-    """Decoder.with_stats as a pure function: returns (logits_BxLxV, stats per MoE block).
-
-    Differentiable in params, stats["aux_loss"] and stats["z_loss"] included: the train step,
-    which splits the routing biases off the parameters and hands them in `rest`.
-    """
-    model = nnx.merge(graphdef, params, *rest, copy=True)
-    return model.with_stats(tokens_BxL)
+# Pure functions over (params, cache) for the harness to jit. With `stats=True` each also
+# returns one routing_stats dict per MoE block, last. Under jit, bind `stats` with
+# functools.partial: it decides the output's structure.
 
 
-def prefill_with_stats(
+def forward(
     graphdef: nnx.GraphDef,
     params: nnx.State,
-    cache: nnx.State,
     tokens_BxL: jax.Array,
-    lengths_B: jax.Array,
-) -> tuple[jax.Array, nnx.State, list[Stats]]:
-    """Decoder.prefill_with_stats as a pure function: returns (logits_BxV, new cache, stats)."""
-    model = nnx.merge(graphdef, params, cache, copy=True)
-    logits_BxV, stats = model.prefill_with_stats(tokens_BxL, lengths_B)
-    return logits_BxV, nnx.state(model, nnx.Cache), stats
+    *rest: nnx.State,
+    stats: bool = False,
+):
+    """Decoder.__call__ as a pure function: logits_BxLxV (and stats).
 
-
-def decode_step_with_stats(
-    graphdef: nnx.GraphDef, params: nnx.State, cache: nnx.State, tokens_B: jax.Array
-) -> tuple[jax.Array, nnx.State, list[Stats]]:
-    """Decoder.decode_step_with_stats as a pure function: returns (logits_BxV, new cache,
-    stats per MoE block)."""
-    model = nnx.merge(graphdef, params, cache, copy=True)
-    logits_BxV, stats = model.decode_step_with_stats(tokens_B)
-    return logits_BxV, nnx.state(model, nnx.Cache), stats
+    Differentiable in params, stats["aux_loss"] and stats["z_loss"] included. The train
+    step splits the routing biases off the parameters and hands them in `rest`.
+    """
+    model = nnx.merge(graphdef, params, *rest, copy=True)
+    return model(tokens_BxL, stats=stats)
 
 
 def prefill(
@@ -58,20 +39,32 @@ def prefill(
     cache: nnx.State,
     tokens_BxL: jax.Array,
     lengths_B: jax.Array,
-) -> tuple[jax.Array, nnx.State]:
-    """Decoder.prefill as a pure function: returns (logits_BxV, new cache)."""
+    *,
+    stats: bool = False,
+):
+    """Decoder.prefill as a pure function: (logits_BxV, new cache) (and stats)."""
     model = nnx.merge(graphdef, params, cache, copy=True)
-    logits_BxV = model.prefill(tokens_BxL, lengths_B)
-    return logits_BxV, nnx.state(model, nnx.Cache)
+    out = model.prefill(tokens_BxL, lengths_B, stats=stats)
+    return _with_cache(out, model, stats)
 
 
 def decode_step(
-    graphdef: nnx.GraphDef, params: nnx.State, cache: nnx.State, tokens_B: jax.Array
-) -> tuple[jax.Array, nnx.State]:
-    """Decoder.decode_step as a pure function: returns (logits_BxV, new cache)."""
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    cache: nnx.State,
+    tokens_B: jax.Array,
+    *,
+    stats: bool = False,
+):
+    """Decoder.decode_step as a pure function: (logits_BxV, new cache) (and stats)."""
     model = nnx.merge(graphdef, params, cache, copy=True)
-    logits_BxV = model.decode_step(tokens_B)
-    return logits_BxV, nnx.state(model, nnx.Cache)
+    out = model.decode_step(tokens_B, stats=stats)
+    return _with_cache(out, model, stats)
+
+
+def _with_cache(out, model: nnx.Module, stats: bool) -> tuple:
+    cache = nnx.state(model, nnx.Cache)
+    return (out[0], cache, out[1]) if stats else (out, cache)
 
 
 def make_prefill_fn(graphdef: nnx.GraphDef) -> Callable:

@@ -1,23 +1,25 @@
 """The KV cache an attention layer owns during inference (MaxText style), and decode attention
 over it.
 
-Letters in array names: B batch, S cache slots per sequence (max_len), L length of a prompt,
-K kv heads, G query heads per kv head, H head dim, N rows of a merged B·K axis.
+Letters in array names: B batch, S cache slots per sequence (max_len), L prompt length,
+K kv heads, G query heads per kv head, H head dim, R rows of the merged B·K axis.
 
-Two layouts of the cache arrays (MaxText makes the axis order a knob too,
-`ar_cache_axis_order`), because the layout decides whether the decode attention streams the
-cache or copies it:
+The cache has two layouts. MaxText makes the axis order a knob too (`ar_cache_axis_order`).
+The layout decides whether decode attention streams the cache or copies it.
 
-- "bksh": [B, K, S, H] (stored as [B·K, S, H], see KVCache). Each (sequence, kv head) owns
-  one contiguous [S, H] slab, so the scores K·qᵀ and the weighted sum pᵀ·V are batched matrix
-  products over (B, K) that read every slab once, in place. On a 2-core CPU one layer's decode
-  attention (B 32, S 4096, K 4 of H 64, G 3, fp32, 268 MB of K and V) took 38 ms with XLA
-  counting 325 MB.
+- "bksh": [B, K, S, H], stored as [B·K, S, H]. Each (sequence, kv head) owns one
+  contiguous [S, H] slab. The scores K·qᵀ and the sum pᵀ·V are batched products over
+  (B, K). They read every slab once, in place.
 - "bskh": [B, S, K, H], the order the projections produce. The (B, K) batch axes are not
-  leading, so XLA transposes the cache into a temporary before each product: the same
-  attention took 176 ms with XLA counting 862 MB (same process, machine shared).
+  leading. XLA then transposes the cache into a temporary before each product.
 
-"auto" picks per platform from DEFAULT_LAYOUT (README, "KV-cache layout").
+`experiments/attention_layouts.py` times both layouts.
+
+Two ways to write a decode step's new K/V (`update`):
+
+- "scatter": one vmapped `dynamic_update_slice`, one kernel.
+- "loop": a `fori_loop` of per-sequence slices. It also runs in place. XLA's cost analysis
+  then counts only the rows written, where a scatter's fusion counts the whole cache.
 """
 
 import math
@@ -29,20 +31,7 @@ from flax import nnx
 from models import partitioning
 
 LAYOUTS = ("bksh", "bskh")
-# jax.default_backend() -> layout. CPU: measured (module docstring, README). GPU and TPU are
-# not measured here: "bksh" is chosen because it keeps each (sequence, head) slab contiguous,
-# the [batch, heads, seq, head_dim] order FlashAttention and PyTorch's
-# scaled_dot_product_attention take; measure with `cache_layout` before trusting it.
-DEFAULT_LAYOUT = {"cpu": "bksh", "gpu": "bksh", "tpu": "bksh"}
-
-
-def resolve_layout(layout: str, platform: str) -> str:
-    """`layout` itself, or for "auto" the default of `platform` (a jax backend name)."""
-    if layout == "auto":
-        return DEFAULT_LAYOUT.get(platform, "bksh")
-    if layout not in LAYOUTS:
-        raise ValueError(f"model.cache_layout must be 'auto' or one of {LAYOUTS}, got {layout!r}")
-    return layout
+UPDATES = ("scatter", "loop")
 
 
 def _write_bskh(cache_SxKxH: jax.Array, new_KxH: jax.Array, position: jax.Array) -> jax.Array:
@@ -54,21 +43,20 @@ def _write_bksh(cache_KxSxH: jax.Array, new_KxH: jax.Array, position: jax.Array)
 
 
 def write_positions(
-    cache: jax.Array, new_BxKxH: jax.Array, positions_B: jax.Array, layout: str
+    cache: jax.Array,
+    new_BxKxH: jax.Array,
+    positions_B: jax.Array,
+    layout: str,
+    update: str = "scatter",
 ) -> jax.Array:
-    """`cache` (as KVCache stores `layout`) with new_BxKxH[b] written at position
-    positions_B[b] of sequence b, for the first B sequences; the others are untouched. Runs in
-    place on a donated buffer.
+    """`cache` with new_BxKxH[b] written at position positions_B[b] of sequence b.
 
-    On a CPU: a loop of B dynamic_update_slices. A scatter (vmap of dynamic_update_slice)
-    also runs in place there (15 us for B 32, S 4096, K 4, H 64), but XLA wraps it in a
-    fusion whose cost analysis counts the whole cache as read and written (268 MB for 64 KB
-    of new keys), and the lab compares XLA's bytes with the analytic ones; the loop costs the
-    same (18 us) and XLA counts only the rows written. On accelerators: the scatter, one
-    kernel, where a loop would pay a launch and a predicate round trip per sequence.
+    `cache` is stored as KVCache stores `layout`. Only the first B sequences change. The
+    write runs in place on a donated buffer. `update` picks a scatter or a loop (module
+    docstring); both write the same values.
     """
     batch, K, _ = new_BxKxH.shape
-    if jax.default_backend() == "cpu" and batch > 1:
+    if update == "loop" and batch > 1:
 
         def write_one(b, cache):
             if layout == "bksh":  # [B·K, S, H]: sequence b owns rows b·K .. b·K + K - 1
@@ -157,10 +145,14 @@ class KVCache(nnx.Module):
         head_dim: int,
         dtype: jnp.dtype,
         layout: str = "bksh",
+        update: str = "scatter",
     ):
         if layout not in LAYOUTS:
             raise ValueError(f"cache layout must be one of {LAYOUTS}, got {layout!r}")
+        if update not in UPDATES:
+            raise ValueError(f"cache update must be one of {UPDATES}, got {update!r}")
         self.layout = layout
+        self.update = update
         axes = CACHE_AXES[layout]
         if layout == "bksh":
             shape = (batch * n_kv_heads, max_len, head_dim)
@@ -222,8 +214,8 @@ class KVCache(nnx.Module):
 
             def write(k, v, k_BxKxH, v_BxKxH, positions_B):
                 return (
-                    write_positions(k, k_BxKxH, positions_B, self.layout),
-                    write_positions(v, v_BxKxH, positions_B, self.layout),
+                    write_positions(k, k_BxKxH, positions_B, self.layout, self.update),
+                    write_positions(v, v_BxKxH, positions_B, self.layout, self.update),
                 )
 
             if batch == self.batch:

@@ -12,12 +12,12 @@ Auxiliary-loss-free balancing (Wang et al. 2024, arXiv 2408.15664; DeepSeek-V3):
 optimizer touches it) added to the scores that pick the top-k only; `update_router_bias`
 moves it after a training step by rate * sign(mean load - load_e).
 
-Routing stats come out of `with_stats`, which returns (y, stats) as plain values instead of
-sowing them into the module: a pure function of (params, x) can then return them from
-`jax.jit` with no state to pop, and repeated calls in a timing loop do not grow an
-`nnx.Intermediate` tuple (which would change the state's structure and retrace). Only the
-small stats dict leaves the layer, not the [G, S, E, C] masks. `__call__` is `with_stats`
-without the stats; under jit XLA drops their computation.
+Routing stats come out of a call with `stats=True`, as a plain (y, stats) pair. They are not
+sown into the module. A pure function of (params, x) can then return them from `jax.jit`
+with no state to pop. Repeated calls in a timing loop do not grow an `nnx.Intermediate`
+tuple, which would change the state's structure and retrace. Only the small stats dict
+leaves the layer, not the [G, S, E, C] masks. Without `stats`, XLA drops their computation
+under jit.
 
 Letters in array names: B batch, L length, G groups, S tokens per group, E experts,
 C capacity, D model dim, F expert hidden dim, T tokens.
@@ -130,19 +130,18 @@ class MoELayer(nnx.Module):
         self.w_down_ExFxD = nnx.Param(out_init(rngs.params(), (E, F, D), param_dtype))
         self.router_bias = RouterBias(jnp.zeros((E,), jnp.float32)) if cfg.router_bias else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.with_stats(x)[0]
+    def __call__(self, x: jax.Array, group_size: int | None = None, *, stats: bool = False):
+        """y for x of shape [..., D]; with `stats`, (y, routers.routing_stats).
 
-    def with_stats(
-        self, x: jax.Array, group_size: int | None = None
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Returns (y, routing_stats) for x of shape [..., D]; see routers.routing_stats.
-
-        Tokens are flattened in order and cut into groups of `group_size` (None: the
-        config's; 0: one group of all tokens): a decoder routes the L tokens of a sequence,
-        or the B tokens of a decode step, as one group whatever its config says.
-        stats["aux_loss"] and stats["z_loss"] are differentiable w.r.t. the router weights.
+        Tokens are flattened in order and cut into groups of `group_size`. None takes the
+        config's; 0 makes one group of all tokens. A decoder routes the L tokens of a
+        sequence, or the B tokens of a decode step, as one group. stats["aux_loss"] and
+        stats["z_loss"] are differentiable w.r.t. the router weights.
         """
+        y, s = self._route(x, group_size)
+        return (y, s) if stats else y
+
+    def _route(self, x: jax.Array, group_size: int | None) -> tuple[jax.Array, dict]:
         cfg = self.cfg
         D = cfg.d_model
         if x.shape[-1] != D:
@@ -233,19 +232,14 @@ class MoEMLP(nnx.Module):
         self.cfg = cfg
         self.layers = nnx.List([MoELayer(cfg, rngs=rngs) for _ in range(cfg.depth)])
 
-    def __call__(self, x_BxD: jax.Array, group_size: int | None = None) -> jax.Array:
-        return self.with_stats(x_BxD, group_size)[0]
-
-    def with_stats(
-        self, x_BxD: jax.Array, group_size: int | None = None
-    ) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
-        """Returns (y_BxD, one routing_stats dict per layer); `group_size` None: the config's."""
-        stats = []
+    def __call__(self, x_BxD: jax.Array, group_size: int | None = None, *, stats: bool = False):
+        """y_BxD; with `stats`, (y_BxD, one routing_stats dict per layer)."""
+        all_stats = []
         for layer in self.layers:
-            y_BxD, layer_stats = layer.with_stats(x_BxD, group_size)
+            y_BxD, layer_stats = layer(x_BxD, group_size, stats=True)
             x_BxD = x_BxD + y_BxD
-            stats.append(layer_stats)
-        return x_BxD, stats
+            all_stats.append(layer_stats)
+        return (x_BxD, all_stats) if stats else x_BxD
 
 
 def _layer_params(cfg: MoEConfig, experts: float) -> float:

@@ -158,9 +158,9 @@ def test_decode_is_the_same_in_every_cache_layout():
 
 @pytest.mark.parametrize("layout", kv_cache.LAYOUTS)
 @pytest.mark.parametrize("batch", [1, 3, 4])
-def test_cache_writes_agree_on_every_platform_path(layout, batch, monkeypatch):
-    """The CPU loop and the accelerators' scatter write the same positions, for a batch that
-    fills the cache (4), a smaller one (3) and one sequence; other slots stay untouched."""
+def test_cache_writes_agree_in_every_update(layout, batch):
+    """The loop and the scatter write the same positions, for a batch that fills the cache
+    (4), a smaller one (3) and one sequence; other slots stay untouched."""
     K, S, H = 2, 6, 3
     rng = np.random.default_rng(0)
     shape = (4 * K, S, H) if layout == "bksh" else (4, S, K, H)
@@ -173,19 +173,19 @@ def test_cache_writes_agree_on_every_platform_path(layout, batch, monkeypatch):
             expected[b, :, p] = new_BxKxH[b]
         else:
             expected[b, p] = new_BxKxH[b]
-    for platform in ("cpu", "gpu"):
-        monkeypatch.setattr(jax, "default_backend", lambda p=platform: p)
+    for update in kv_cache.UPDATES:
         args = (jnp.asarray(cache), jnp.asarray(new_BxKxH), jnp.asarray(positions_B))
-        out = kv_cache.write_positions(*args, layout)
+        out = kv_cache.write_positions(*args, layout, update)
         np.testing.assert_array_equal(np.asarray(out).reshape(expected.shape), expected)
 
 
+@pytest.mark.parametrize("update", kv_cache.UPDATES)
 @pytest.mark.parametrize("layout, batch", [("bskh", 8), ("bksh", 8), ("bksh", 1)])
-def test_decode_step_writes_the_donated_cache_in_place(layout, batch):
+def test_decode_step_writes_the_donated_cache_in_place(layout, batch, update):
     """The compiled step aliases every cache buffer to its output; with "bksh" it also makes no
     cache-sized temporary, so neither a copy of the cache nor a transposed one can hide (at
     batch 1 a [B, K, S, H] cache was copied every step: XLA drops the size-1 axis)."""
-    cfg = dataclasses.replace(CFG, cache_layout=layout)
+    cfg = dataclasses.replace(CFG, cache_layout=layout, cache_update=update)
     model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
     max_len = CFG.max_seq_len
     model.init_cache(batch, max_len)

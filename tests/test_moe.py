@@ -27,12 +27,12 @@ def token_choice_stats(logits_GxSxE, top_k, capacity_factor):
 
 
 def _jit_layer(layer: MoELayer, with_stats: bool = True):
-    """layer.with_stats (or layer.__call__) as a jitted pure function of x."""
+    """layer(x, stats=True) (or layer(x)) as a jitted pure function of x."""
     graphdef, state = nnx.split(layer)
 
     def forward(state, x):
         layer = nnx.merge(graphdef, state)
-        return layer.with_stats(x) if with_stats else layer(x)
+        return layer(x, stats=True) if with_stats else layer(x)
 
     forward = jax.jit(forward)
     return lambda x: forward(state, x)
@@ -471,11 +471,11 @@ def test_jit_pure_function_matches_eager(router):
 
     @jax.jit
     def forward(params, x_BxD):
-        return nnx.merge(graphdef, params).with_stats(x_BxD)
+        return nnx.merge(graphdef, params)(x_BxD, stats=True)
 
     x_BxD = _normal(5, (16, 8))
     y_jit, stats_jit = forward(params, x_BxD)
-    y, stats = model.with_stats(x_BxD)
+    y, stats = model(x_BxD, stats=True)
     assert len(stats) == 2 and set(stats[0]) == set(stats_jit[0])
     np.testing.assert_allclose(y_jit, y, rtol=1e-5, atol=1e-6)
     for layer_jit, layer in zip(stats_jit, stats, strict=True):
@@ -518,7 +518,7 @@ def test_aux_and_z_loss_gradients_reach_the_router():
     x_BxD = _normal(6, (16, 8))
 
     def loss(params, name):
-        _, stats = nnx.merge(graphdef, params).with_stats(x_BxD)
+        _, stats = nnx.merge(graphdef, params)(x_BxD, stats=True)
         return sum(s[name] for s in stats)
 
     for name in ("aux_loss", "aux_loss_batch", "z_loss"):
@@ -604,7 +604,7 @@ def test_router_bias_update_follows_the_rule():
     x = jax.random.normal(jax.random.key(3), (16, 8))
     for step in range(3):
         before = np.asarray(layer.router_bias[...]).copy()
-        _, stats = layer.with_stats(x)
+        _, stats = layer(x, stats=True)
         # the wanted loads from the biased top-k, in numpy
         logits = np.asarray(x @ layer.router.kernel[...], np.float64)
         p = np.exp(logits - logits.max(-1, keepdims=True))
@@ -628,8 +628,8 @@ def test_dropless_layer_equals_the_capacity_layer_when_nothing_drops(router_bias
             a.router_bias[...] = b.router_bias[...] = jnp.asarray([0.1, 0.0, -0.1, 0.05])
     x = jax.random.normal(jax.random.key(1), (24, 16))
     with jax.default_matmul_precision("highest"):
-        y_big, stats_big = big.with_stats(x)
-        y_dropless, stats_dropless = dropless.with_stats(x)
+        y_big, stats_big = big(x, stats=True)
+        y_dropless, stats_dropless = dropless(x, stats=True)
     assert all(float(s["drop_fraction"]) == 0 for s in stats_big)
     np.testing.assert_allclose(np.asarray(y_dropless), np.asarray(y_big), rtol=1e-6, atol=1e-6)
     for a, b in zip(stats_big, stats_dropless, strict=True):

@@ -77,12 +77,12 @@ def _with_cache(graphdef, params, batch: int, max_len: int):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(graphdef, params, tokens_BxT):
-    return decoding.forward_with_stats(graphdef, params, tokens_BxT)
+    return decoding.forward(graphdef, params, tokens_BxT, stats=True)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _decode(graphdef, params, cache, tokens_B):
-    return decoding.decode_step_with_stats(graphdef, params, cache, tokens_B)
+    return decoding.decode_step(graphdef, params, cache, tokens_B, stats=True)
 
 
 @functools.cache
@@ -149,7 +149,7 @@ def test_prefill_and_decode_match_the_full_forward_when_nothing_drops(layout):
     prompt_BxL = np.where(np.arange(PROMPT_LEN) < lengths_B[:, None], tokens_BxT[:, :7], pad_BxL)
     rows_B = np.arange(len(LENGTHS))
 
-    prefill = jax.jit(functools.partial(decoding.prefill_with_stats, cached_graphdef))
+    prefill = jax.jit(functools.partial(decoding.prefill, cached_graphdef, stats=True))
     logits_BxV, cache, _ = prefill(params, cache, prompt_BxL, lengths_B)
     errors = [np.abs(np.asarray(logits_BxV) - full_BxTxV[rows_B, lengths_B - 1]).max()]
     for step in range(MAX_LEN - max(LENGTHS)):
@@ -278,7 +278,7 @@ def test_named_scopes_appear_in_the_lowered_moe_decode_step():
         (dict(moe_group_size=-2), "model.moe_group_size must be an integer >= 0, got -2"),
         (dict(renormalize="yes"), "model.renormalize must be a bool"),
         (dict(moe_every=0, router="switch"), "model.router must be one of"),
-        (dict(cache_layout="sbkh"), "model.cache_layout must be 'auto' or one of"),
+        (dict(cache_layout="sbkh"), "model.cache_layout must be one of"),
     ],
 )
 def test_bad_moe_config_is_rejected(changes, match):

@@ -62,7 +62,7 @@ def decoder_outputs(name: str, cfg: DecoderConfig) -> dict[str, np.ndarray]:
     graphdef, params = _model(cfg)
     out = {}
     tokens_BxL = _tokens(1, (3, 9))
-    logits, stats = decoding.forward_with_stats(graphdef, params, tokens_BxL)
+    logits, stats = decoding.forward(graphdef, params, tokens_BxL, stats=True)
     out[f"{name}/forward"] = logits
     for i, layer in enumerate(stats):
         for key in STAT_KEYS:
@@ -104,7 +104,7 @@ def moe_layer_outputs() -> dict[str, np.ndarray]:
     cfg = MoEConfig(d_model=16, mlp_dim=24, num_experts=4, top_k=2, capacity_factor=1.0)
     layer = MoELayer(cfg, rngs=nnx.Rngs(0))
     x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 8, 16)), jnp.float32)
-    y, stats = layer.with_stats(x, 8)
+    y, stats = layer(x, 8, stats=True)
     return {"moe_layer/y": y, "moe_layer/aux_loss": stats["aux_loss"]}
 
 

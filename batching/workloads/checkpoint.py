@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from batching.workloads import base
+from batching.workloads import decoder as decoder_workload
 from models import decoder
 
 # Params on disk.
@@ -58,7 +58,7 @@ def load_params(
     cfg = (
         model_cfg
         if isinstance(model_cfg, decoder.DecoderConfig)
-        else base.config_of(decoder.DecoderConfig, model_cfg)
+        else decoder_workload.model_config(model_cfg)
     )
     abstract = nnx.eval_shape(lambda: decoder.Decoder(cfg, rngs=nnx.Rngs(0)))
     flat = list(nnx.to_flat_state(nnx.state(abstract, decoder.WEIGHTS)))

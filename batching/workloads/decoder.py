@@ -5,12 +5,11 @@
   lengths are set back, so every step costs the same and the cache never overflows.
 - phase "prefill": B prompts of `prompt_len` tokens written into an empty cache.
 
-The cache's layout is `model.cache_layout`, "auto" resolved for the device's platform
-(models.kv_cache.DEFAULT_LAYOUT); rows carry the resolved `cache_layout`, and decode rows the
-`ops` the roofline prices one by one (batching/ops.py).
+`model_config` is the one place the cache is resolved for a device. "auto" picks the
+platform's layout from DEFAULT_LAYOUT, or "bskh" under tensor parallelism. The write method
+follows the platform (CACHE_UPDATE). Rows carry the resolved `cache_layout`.
 """
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -32,9 +31,35 @@ PHASES = ("decode", "prefill")
 ATTEND = kv_cache.attend_cache
 
 
-def model_config(model_cfg: ml_collections.ConfigDict) -> decoder.DecoderConfig:
-    """The model's config from the run's `model` section (base.config_of)."""
-    return base.config_of(decoder.DecoderConfig, model_cfg)
+# jax platform -> the cache layout "auto" picks. Only the CPU's is measured here
+# (`experiments/attention_layouts.py`). "bksh" elsewhere keeps each (sequence, head) slab
+# contiguous: the [batch, heads, seq, head_dim] order FlashAttention takes.
+DEFAULT_LAYOUT = {"cpu": "bksh", "gpu": "bksh", "tpu": "bksh"}
+# jax platform -> how a decode step writes the cache. On a CPU the loop costs what the
+# scatter does, and XLA's byte count then matches the analytic one. An accelerator runs the
+# scatter as one kernel, where a loop pays a launch per sequence.
+CACHE_UPDATE = {"cpu": "loop"}
+
+
+def model_config(
+    model_cfg: ml_collections.ConfigDict, topo: Topology | None = None
+) -> decoder.DecoderConfig:
+    """The model's config from the run's `model` section (base.config_of).
+
+    The cache is resolved for `topo`'s platform and mesh; None (validation) is one CPU.
+    """
+    platform = topo.device.platform if topo is not None else "cpu"
+    layout = model_cfg.get("cache_layout", "auto")
+    if layout == "auto":
+        tensor_parallel = topo is not None and topo.shape["model"] > 1
+        layout = "bskh" if tensor_parallel else DEFAULT_LAYOUT.get(platform, "bksh")
+    elif layout not in kv_cache.LAYOUTS:
+        raise ValueError(
+            f"model.cache_layout must be 'auto' or one of {kv_cache.LAYOUTS}, got {layout!r}"
+        )
+    fields = {key: model_cfg[key] for key in model_cfg}
+    fields.update(cache_layout=layout, cache_update=CACHE_UPDATE.get(platform, "scatter"))
+    return base.config_of(decoder.DecoderConfig, fields)
 
 
 def validate(model_cfg: ml_collections.ConfigDict) -> None:
@@ -222,20 +247,11 @@ def _with_lengths(cache: nnx.State, lengths_B: jax.Array) -> nnx.State:
     return jax.tree_util.tree_map_with_path(put, cache)
 
 
-def cache_layout(cfg: decoder.DecoderConfig, topo: Topology) -> str:
-    """The resolved cache layout: "auto" is the platform's, except under tensor parallelism,
-    where it is "bskh": "bksh" merges kv heads into the batch axis, so it cannot be split by
-    head over `model` (topology.validate refuses an explicit "bksh" there)."""
-    if cfg.cache_layout == "auto" and topo.shape["model"] > 1:
-        return "bskh"
-    return kv_cache.resolve_layout(cfg.cache_layout, topo.device.platform)
-
-
 def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> Workload:
     """A randomly initialised decoder's decode step or prefill (model.phase), placed on the run's
     mesh, timed with its cache donated."""
     del workdir
-    return build_decoder(run_cfg, model_config(run_cfg.model), topo)
+    return build_decoder(run_cfg, model_config(run_cfg.model, topo), topo)
 
 
 def build_decoder(
@@ -248,8 +264,7 @@ def build_decoder(
     """The decode or prefill workload of Decoder(cfg); `params` replace the random init
     (trained weights), and `tokens` (int32) are drawn for the inputs instead of zeros."""
     m = run_cfg.model
-    layout = cache_layout(cfg, topo)
-    cfg = dataclasses.replace(cfg, cache_layout=layout)
+    layout = cfg.cache_layout
     param_bytes = resolve_dtype(cfg.param_dtype).itemsize
     cache_bytes = resolve_dtype(cfg.cache_dtype).itemsize
     decode = m.phase == "decode"

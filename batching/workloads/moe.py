@@ -236,7 +236,7 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
     def routing(state, x_BxD):
         with topo.activate():
             model = nnx.merge(graphdef, state)
-            return model.with_stats(x_BxD, group_size(cfg, topo, x_BxD.shape[0]))[1]
+            return model(x_BxD, group_size(cfg, topo, x_BxD.shape[0]), stats=True)[1]
 
     stats_fn = jax.jit(routing)
 

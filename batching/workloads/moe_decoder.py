@@ -11,6 +11,7 @@ all-reduces and, on an expert axis, two all-to-alls per MoE block.
 """
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any
@@ -32,9 +33,11 @@ from models import decoder, decoding
 ATTEND = decoder_workload.ATTEND
 
 
-def model_config(model_cfg: ml_collections.ConfigDict) -> decoder.DecoderConfig:
+def model_config(
+    model_cfg: ml_collections.ConfigDict, topo: Topology | None = None
+) -> decoder.DecoderConfig:
     """The model's config from the run's `model` section (train.model_config)."""
-    return train.model_config(model_cfg)
+    return train.model_config(model_cfg, topo)
 
 
 def validate(model_cfg: ml_collections.ConfigDict) -> None:
@@ -124,7 +127,7 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
     """The MoE decoder's decode step on the run's mesh, with the run's trained params (random where
     none are saved); each point's routing is measured on held-out text, untimed."""
     # A decode step's routing groups are the devices' token shards (GShard); 1 on one device.
-    cfg = dataclasses.replace(model_config(run_cfg.model), decode_groups=topo.token_shards)
+    cfg = dataclasses.replace(model_config(run_cfg.model, topo), decode_groups=topo.token_shards)
     path = checkpoint.params_path(workdir, run_cfg.run_name) if workdir else ""
     params = checkpoint.load_params(path, cfg) if path and os.path.exists(path) else None
     t = run_cfg.train
@@ -139,7 +142,7 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
     length = run_cfg.model.cache_len
     rng = np.random.default_rng(run_cfg.seed)
     prefill = jax.jit(decoding.prefill)
-    step_stats = jax.jit(decoding.decode_step_with_stats)
+    step_stats = jax.jit(functools.partial(decoding.decode_step, stats=True))
     step = jax.jit(decoding.decode_step)
 
     def point_fields(batch: int) -> dict[str, Any]:

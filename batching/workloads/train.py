@@ -103,7 +103,7 @@ def loss_fn(
     routing biases (models.moe.RouterBias) of a graphdef split from them; no gradient."""
     inputs_BxL, targets_BxL = batch
     rest = () if bias is None else (jax.lax.stop_gradient(bias),)
-    logits_BxLxV, stats = decoding.forward_with_stats(graphdef, params, inputs_BxL, *rest)
+    logits_BxLxV, stats = decoding.forward(graphdef, params, inputs_BxL, *rest, stats=True)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL).mean()
     aux = _layer_mean(stats, AUX_LOSS_STAT[aux_loss_scope])
     z = _layer_mean(stats, "z_loss")

@@ -7,7 +7,9 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from batching.workloads import base, text_data
+from batching.setup.topology import Topology
+from batching.workloads import decoder as decoder_workload
+from batching.workloads import text_data
 from models import decoder
 
 SCHEDULES = ("cosine", "constant")
@@ -20,10 +22,11 @@ AUX_LOSS_STAT = {"group": "aux_loss", "batch": "aux_loss_batch"}
 # Config.
 
 
-def model_config(model_cfg: Mapping | ml_collections.ConfigDict) -> decoder.DecoderConfig:
-    """The DecoderConfig fields present in `model_cfg` (base.config_of); other keys (name,
-    phase, ...) are ignored and missing ones keep their defaults."""
-    return base.config_of(decoder.DecoderConfig, model_cfg)
+def model_config(
+    model_cfg: Mapping | ml_collections.ConfigDict, topo: Topology | None = None
+) -> decoder.DecoderConfig:
+    """The DecoderConfig of `model_cfg`, its cache resolved for `topo` (decoder workload)."""
+    return decoder_workload.model_config(model_cfg, topo)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
