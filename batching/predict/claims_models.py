@@ -91,10 +91,9 @@ def c7_decode_like_mlp(summaries: list[dict[str, Any]], rows: list[dict[str, Any
 def c7_cache_reads(decode: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
     """Whether the KV-cache term above is the cache's bytes or the attention's implementation.
 
-    Until the cache layout became a choice (issue 9) the decode attention over a
-    [B, S, K, H] cache made XLA transpose the cache before each product: 4-5x the analytic
-    bytes and 1-2 GB/s where the cache dominated, so the knee moving in with the context was
-    mostly that. The rows say how the attention that ran here reads the cache.
+    A layout that makes XLA transpose the cache before each product moves several times
+    the analytic bytes. The knee then moves in with the context for that reason alone.
+    The rows say how the attention that ran here reads the cache.
     """
     runs = {s["run"]: s for s in decode}
     points = [r for r in rows if r.get("run") in runs and r.get("phase") == "decode"]
