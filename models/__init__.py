@@ -1,0 +1,18 @@
+"""Flax NNX models the lab times: MLP, SwiGLU, conv stack, ResNet, decoder, MoE.
+
+One letter means one thing in every array name here (`x_BxLxD` is [batch, length, d_model]):
+
+    B batch             L sequence length      S cache slots per sequence (max_len)
+    D model dim         F hidden dim of an MLP or expert
+    V output classes (vocab, or ResNet classes)
+    N query heads       K kv heads             Q query heads per kv head (N = K·Q)
+    H head dim          R rows of the merged B·K cache axis
+    E experts           C slots per expert (capacity)
+    G routing groups    M tokens per routing group
+    A choices per token (top-k)                 T tokens in one call (G·M)
+    P assignments (T·A) O generated tokens per sequence
+    I, J image height and width                 Z channels
+    U a ResNet block's planes
+
+A module uses a subset and lists it at its top.
+"""

@@ -5,8 +5,8 @@ style), and the projections the decoder builds from.
 n_kv_heads, head_dim, rope_theta, dtype, param_dtype); this module does not import it, so
 the decoder's config can name what the attention reads without a cycle.
 
-Letters in array names: B batch, L length, S cache slots per sequence, D model dim, K kv
-heads, G query heads per kv head, N query heads (N = K*G), H head dim.
+Letters in array names (models/__init__.py): B batch, L length, S cache slots per sequence,
+D model dim, K kv heads, Q query heads per kv head, N query heads (N = K·Q), H head dim.
 """
 
 import math
@@ -41,17 +41,17 @@ def attend(
     """
     B, L, N, H = q_BxLxNxH.shape
     K = k_BxSxKxH.shape[2]
-    q_BxLxKxGxH = q_BxLxNxH.reshape(B, L, K, N // K, H)
+    q_BxLxKxQxH = q_BxLxNxH.reshape(B, L, K, N // K, H)
     k_BxSxKxH = k_BxSxKxH.astype(q_BxLxNxH.dtype)
     v_BxSxKxH = v_BxSxKxH.astype(q_BxLxNxH.dtype)
-    scores_BxKxGxLxS = jnp.einsum("blkgh,bskh->bkgls", q_BxLxKxGxH, k_BxSxKxH)
-    scores_BxKxGxLxS = scores_BxKxGxLxS.astype(jnp.float32) / math.sqrt(H)
-    scores_BxKxGxLxS = jnp.where(
-        mask_BxLxS[:, None, None], scores_BxKxGxLxS, jnp.finfo(jnp.float32).min
+    scores_BxKxQxLxS = jnp.einsum("blkqh,bskh->bkqls", q_BxLxKxQxH, k_BxSxKxH)
+    scores_BxKxQxLxS = scores_BxKxQxLxS.astype(jnp.float32) / math.sqrt(H)
+    scores_BxKxQxLxS = jnp.where(
+        mask_BxLxS[:, None, None], scores_BxKxQxLxS, jnp.finfo(jnp.float32).min
     )
-    probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS, axis=-1).astype(v_BxSxKxH.dtype)
-    out_BxLxKxGxH = jnp.einsum("bkgls,bskh->blkgh", probs_BxKxGxLxS, v_BxSxKxH)
-    return out_BxLxKxGxH.reshape(B, L, N, H)
+    probs_BxKxQxLxS = jax.nn.softmax(scores_BxKxQxLxS, axis=-1).astype(v_BxSxKxH.dtype)
+    out_BxLxKxQxH = jnp.einsum("bkqls,bskh->blkqh", probs_BxKxQxLxS, v_BxSxKxH)
+    return out_BxLxKxQxH.reshape(B, L, N, H)
 
 
 # nnx.Linear's and nnx.Embed's own default initialisers, named so their weights carry axes.
@@ -142,6 +142,6 @@ class Attention(nnx.Module):
         with jax.named_scope("attention"):
             B, _, N, H = q_Bx1xNxH.shape
             K = self.cfg.n_kv_heads
-            q_BxKxGxH = q_Bx1xNxH.reshape(B, K, N // K, H)
-            out_BxKxGxH = kv_cache.attend_cache(q_BxKxGxH, k, v, lengths_B, self.cache.layout)
-            return self._output(out_BxKxGxH.astype(q_Bx1xNxH.dtype).reshape(B, 1, N, H))[:, 0]
+            q_BxKxQxH = q_Bx1xNxH.reshape(B, K, N // K, H)
+            out_BxKxQxH = kv_cache.attend_cache(q_BxKxQxH, k, v, lengths_B, self.cache.layout)
+            return self._output(out_BxKxQxH.astype(q_Bx1xNxH.dtype).reshape(B, 1, N, H))[:, 0]

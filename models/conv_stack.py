@@ -7,7 +7,7 @@ weight is used H·W times per example. A dense stack of width k·C has the same 
 layer; run over H·W tokens per example (models.mlp with the MLP workload's `tokens`) it does
 the same FLOPs too, and over one token H·W times fewer.
 
-Letters in array names: B batch, H, W height and width, C channels.
+Letters in array names (models/__init__.py): B batch, I, J height and width, Z channels.
 """
 
 import dataclasses
@@ -64,12 +64,12 @@ class ConvStack(nnx.Module):
             ]
         )
 
-    def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    def __call__(self, x_BxIxJxZ: jax.Array) -> jax.Array:
         for i, layer in enumerate(self.layers):
-            x_BxHxWxC = layer(x_BxHxWxC)
+            x_BxIxJxZ = layer(x_BxIxJxZ)
             if i < len(self.layers) - 1:
-                x_BxHxWxC = jax.nn.relu(x_BxHxWxC)
-        return x_BxHxWxC
+                x_BxIxJxZ = jax.nn.relu(x_BxIxJxZ)
+        return x_BxIxJxZ
 
 
 def num_params(cfg: ConvStackConfig) -> int:

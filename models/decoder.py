@@ -27,9 +27,9 @@ hidden dim `mlp_dim`. Its routing group, the tokens a router sees together, is:
 Each mode takes `stats=True` to also return the routing statistics: one dict per MoE block
 (models.routers.routing_stats), in block order.
 
-Letters in array names: B batch, L length, S cache slots per sequence (max_len), D model dim,
-K kv heads, G query heads per kv head, N query heads (N = K*G), H head dim, V vocab,
-F mlp dim, T generated steps.
+Letters in array names (models/__init__.py): B batch, L length, S cache slots per sequence
+(max_len), D model dim, K kv heads, Q query heads per kv head, N query heads (N = K·Q),
+H head dim, V vocab, F mlp dim.
 """
 
 import jax

@@ -3,7 +3,7 @@ nnx.split(model, models.decoder.WEIGHTS, nnx.Cache)`: what the harness and the t
 jit. Each merges a copy of the model, runs one of its modes and returns the new cache beside
 the outputs.
 
-Letters in array names: B batch, L length, V vocab, T generated steps.
+Letters in array names (models/__init__.py): B batch, L length, V vocab, O generated tokens.
 """
 
 from collections.abc import Callable
@@ -96,7 +96,7 @@ def generate(
 ) -> tuple[jax.Array, nnx.State]:
     """Greedy decoding: prefill, then `steps - 1` decode steps inside one lax.scan.
 
-    Returns (tokens_BxT, cache) with T = steps: token 0 comes from the prefill logits, token
+    Returns (tokens_BxO, cache) with O = steps: token 0 comes from the prefill logits, token
     t from the decode step fed token t-1. The last token is returned but not written, so the
     cache ends at lengths_B + steps - 1. `steps` is static; under jit mark it static.
     """
@@ -118,8 +118,8 @@ def generate(
         token_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
         return (cache, token_B), token_B
 
-    (cache, _), tokens_TxB = jax.lax.scan(step, (cache, token_B), length=steps - 1)
-    return jnp.concatenate([token_B[:, None], tokens_TxB.T], axis=1), cache
+    (cache, _), tokens_OxB = jax.lax.scan(step, (cache, token_B), length=steps - 1)
+    return jnp.concatenate([token_B[:, None], tokens_OxB.O], axis=1), cache
 
 
 def make_generate_fn(graphdef: nnx.GraphDef, steps: int) -> Callable:

@@ -1,8 +1,9 @@
 """The KV cache an attention layer owns during inference (MaxText style), and decode attention
 over it.
 
-Letters in array names: B batch, S cache slots per sequence (max_len), L prompt length,
-K kv heads, G query heads per kv head, H head dim, R rows of the merged B·K axis.
+Letters in array names (models/__init__.py): B batch, S cache slots per sequence (max_len),
+L prompt length, K kv heads, Q query heads per kv head, H head dim, R rows of the merged
+B·K axis.
 
 The cache has two layouts. MaxText makes the axis order a knob too (`ar_cache_axis_order`).
 The layout decides whether decode attention streams the cache or copies it.
@@ -83,7 +84,7 @@ def write_positions(
 
 
 def attend_cache(
-    q_BxKxGxH: jax.Array, k: jax.Array, v: jax.Array, lengths_B: jax.Array, layout: str
+    q_BxKxQxH: jax.Array, k: jax.Array, v: jax.Array, lengths_B: jax.Array, layout: str
 ) -> jax.Array:
     """One query per sequence over its cache: slots s < lengths_B[b] are attended.
 
@@ -91,29 +92,29 @@ def attend_cache(
     "bskh": [B, S, K, H]). Query head (k, g) reads kv head k (grouped-query attention without
     repeating K/V). Scores and softmax are float32. Returns out_BxKxGxH (float32).
     """
-    B, K, G, H = q_BxKxGxH.shape
-    q_BxKxGxH = (q_BxKxGxH / math.sqrt(H)).astype(k.dtype)
+    B, K, Q, H = q_BxKxQxH.shape
+    q_BxKxQxH = (q_BxKxQxH / math.sqrt(H)).astype(k.dtype)
     S = k.shape[1]
     valid_BxS = jnp.arange(S) < lengths_B[:, None]
     if layout == "bksh":
-        # Scores as K·qᵀ, one [S, H] x [H, G] product per (sequence, kv head) row block n: the
+        # Scores as K·qᵀ, one [S, H] x [H, Q] product per (sequence, kv head) row block r: the
         # cache is the left operand and each slab streams once.
-        q_NxGxH = q_BxKxGxH.reshape(B * K, G, H)
-        scores_NxSxG = jnp.einsum("nsh,ngh->nsg", k, q_NxGxH, preferred_element_type=jnp.float32)
-        valid_NxS = jnp.repeat(valid_BxS, K, axis=0)
-        scores_NxSxG = jnp.where(valid_NxS[:, :, None], scores_NxSxG, jnp.finfo(jnp.float32).min)
-        probs_NxSxG = jax.nn.softmax(scores_NxSxG, axis=1).astype(v.dtype)
-        out_NxGxH = jnp.einsum("nsg,nsh->ngh", probs_NxSxG, v, preferred_element_type=jnp.float32)
-        return out_NxGxH.reshape(B, K, G, H)
+        q_RxQxH = q_BxKxQxH.reshape(B * K, Q, H)
+        scores_RxSxQ = jnp.einsum("rsh,rqh->rsq", k, q_RxQxH, preferred_element_type=jnp.float32)
+        valid_RxS = jnp.repeat(valid_BxS, K, axis=0)
+        scores_RxSxQ = jnp.where(valid_RxS[:, :, None], scores_RxSxQ, jnp.finfo(jnp.float32).min)
+        probs_RxSxQ = jax.nn.softmax(scores_RxSxQ, axis=1).astype(v.dtype)
+        out_RxQxH = jnp.einsum("rsq,rsh->rqh", probs_RxSxQ, v, preferred_element_type=jnp.float32)
+        return out_RxQxH.reshape(B, K, Q, H)
     if layout == "bskh":
-        scores_BxKxGxS = jnp.einsum(
-            "bkgh,bskh->bkgs", q_BxKxGxH, k, preferred_element_type=jnp.float32
+        scores_BxKxQxS = jnp.einsum(
+            "bkqh,bskh->bkqs", q_BxKxQxH, k, preferred_element_type=jnp.float32
         )
-        scores_BxKxGxS = jnp.where(
-            valid_BxS[:, None, None], scores_BxKxGxS, jnp.finfo(jnp.float32).min
+        scores_BxKxQxS = jnp.where(
+            valid_BxS[:, None, None], scores_BxKxQxS, jnp.finfo(jnp.float32).min
         )
-        probs_BxKxGxS = jax.nn.softmax(scores_BxKxGxS, axis=-1).astype(v.dtype)
-        return jnp.einsum("bkgs,bskh->bkgh", probs_BxKxGxS, v, preferred_element_type=jnp.float32)
+        probs_BxKxQxS = jax.nn.softmax(scores_BxKxQxS, axis=-1).astype(v.dtype)
+        return jnp.einsum("bkqs,bskh->bkqh", probs_BxKxQxS, v, preferred_element_type=jnp.float32)
     raise ValueError(f"cache layout must be one of {LAYOUTS}, got {layout!r}")
 
 

@@ -16,11 +16,12 @@ Routing stats come out of a call with `stats=True`, as a plain (y, stats) pair. 
 sown into the module. A pure function of (params, x) can then return them from `jax.jit`
 with no state to pop. Repeated calls in a timing loop do not grow an `nnx.Intermediate`
 tuple, which would change the state's structure and retrace. Only the small stats dict
-leaves the layer, not the [G, S, E, C] masks. Without `stats`, XLA drops their computation
+leaves the layer, not the [G, M, E, C] masks. Without `stats`, XLA drops their computation
 under jit.
 
-Letters in array names: B batch, L length, G groups, S tokens per group, E experts,
-C capacity, D model dim, F expert hidden dim, T tokens.
+Letters in array names (models/__init__.py): B batch, L length, G routing groups, M tokens
+per group, E experts, C capacity, D model dim, F expert hidden dim, T tokens, A choices
+per token, P assignments.
 """
 
 import dataclasses
@@ -147,18 +148,18 @@ class MoELayer(nnx.Module):
         if x.shape[-1] != D:
             raise ValueError(f"MoE input must end in model.d_model={D}, got shape {x.shape}")
         T = x.size // D
-        G, S, _ = routing_shape(cfg, T, group_size)
+        G, M, _ = routing_shape(cfg, T, group_size)
         dtype = resolve_dtype(cfg.dtype)
         # Expert parallelism (GShard, Lepikhin et al. 2020 §3.2): groups live where their
         # tokens are (`groups`: every device holding a token shard), experts on the `experts`
         # axis. The dispatched [E, G, C, D] is constrained expert-major, so XLA moves it with
         # an all-to-all, and back after the experts. Without a mesh these are no-ops.
-        x_GxSxD = partitioning.constrain(x.reshape(G, S, D), "groups", None, "embed")
+        x_GxMxD = partitioning.constrain(x.reshape(G, M, D), "groups", None, "embed")
 
-        logits_GxSxE = self.router(x_GxSxD)
+        logits_GxMxE = self.router(x_GxMxD)
         bias_E = self.router_bias[...] if self.router_bias is not None else jnp.zeros((0,))
         if cfg.capacity_factor == 0:
-            return self._dropless(x_GxSxD.astype(dtype), logits_GxSxE, bias_E, x.shape)
+            return self._dropless(x_GxMxD.astype(dtype), logits_GxMxE, bias_E, x.shape)
         # Routing never looks across groups, so each device routes its own groups.
         routing = partitioning.shard_local(
             lambda logits, bias: route(
@@ -166,48 +167,48 @@ class MoELayer(nnx.Module):
             ),
             in_axes=[("groups",), (None,)],
             out_axes=("groups",),
-        )(logits_GxSxE, bias_E)
+        )(logits_GxMxE, bias_E)
 
-        x_GxSxD = x_GxSxD.astype(dtype)
-        x_ExGxCxD = jnp.einsum("GSD,GSEC->EGCD", x_GxSxD, routing.dispatch_GxSxExC.astype(dtype))
+        x_GxMxD = x_GxMxD.astype(dtype)
+        x_ExGxCxD = jnp.einsum("GMD,GMEC->EGCD", x_GxMxD, routing.dispatch_GxMxExC.astype(dtype))
         x_ExGxCxD = partitioning.constrain(x_ExGxCxD, "experts", "batch", "capacity", "embed")
         gate_ExGxCxF = jnp.einsum("EGCD,EDF->EGCF", x_ExGxCxD, self.w_gate_ExDxF[...].astype(dtype))
         up_ExGxCxF = jnp.einsum("EGCD,EDF->EGCF", x_ExGxCxD, self.w_up_ExDxF[...].astype(dtype))
         h_ExGxCxF = jax.nn.silu(gate_ExGxCxF) * up_ExGxCxF
         out_ExGxCxD = jnp.einsum("EGCF,EFD->EGCD", h_ExGxCxF, self.w_down_ExFxD[...].astype(dtype))
         out_ExGxCxD = partitioning.constrain(out_ExGxCxD, "experts", "batch", "capacity", "embed")
-        y_GxSxD = jnp.einsum("EGCD,GSEC->GSD", out_ExGxCxD, routing.combine_GxSxExC.astype(dtype))
-        y_GxSxD = partitioning.constrain(y_GxSxD, "groups", None, "embed")
-        return y_GxSxD.reshape(x.shape), routing_stats(routing)
+        y_GxMxD = jnp.einsum("EGCD,GMEC->GMD", out_ExGxCxD, routing.combine_GxMxExC.astype(dtype))
+        y_GxMxD = partitioning.constrain(y_GxMxD, "groups", None, "embed")
+        return y_GxMxD.reshape(x.shape), routing_stats(routing)
 
     def _dropless(
-        self, x_GxSxD: jax.Array, logits_GxSxE: jax.Array, bias_E: jax.Array, shape: tuple
+        self, x_GxMxD: jax.Array, logits_GxMxE: jax.Array, bias_E: jax.Array, shape: tuple
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Every token's k assignments, sorted by expert, through the experts as ragged
         products (rows grouped by expert, each group with its expert's weights), then put
         back in token order and summed with their gates. Nothing is dropped or padded."""
         cfg = self.cfg
-        G, S, D = x_GxSxD.shape
-        E, K, dtype = cfg.num_experts, cfg.top_k, x_GxSxD.dtype
+        G, M, D = x_GxMxD.shape
+        E, A, dtype = cfg.num_experts, cfg.top_k, x_GxMxD.dtype
         routing = partitioning.shard_local(
-            lambda logits, bias: dropless_token_choice(logits, K, cfg.renormalize, _bias(bias)),
+            lambda logits, bias: dropless_token_choice(logits, A, cfg.renormalize, _bias(bias)),
             in_axes=[("groups",), (None,)],
             out_axes=("groups",),
-        )(logits_GxSxE, bias_E)
-        T, N = G * S, G * S * K  # tokens, assignments
-        expert_N = routing.expert_GxSxK.reshape(N)
-        order_N = jnp.argsort(expert_N, stable=True)
-        x_NxD = x_GxSxD.reshape(T, D)[order_N // K]
-        sizes_E = jnp.bincount(expert_N, length=E).astype(jnp.int32)
-        gate_NxF = jax.lax.ragged_dot(x_NxD, self.w_gate_ExDxF[...].astype(dtype), sizes_E)
-        up_NxF = jax.lax.ragged_dot(x_NxD, self.w_up_ExDxF[...].astype(dtype), sizes_E)
-        h_NxF = jax.nn.silu(gate_NxF) * up_NxF
-        out_NxD = jax.lax.ragged_dot(h_NxF, self.w_down_ExFxD[...].astype(dtype), sizes_E)
-        out_TxKxD = jnp.zeros_like(out_NxD).at[order_N].set(out_NxD).reshape(T, K, D)
-        gate_TxKx1 = routing.gate_GxSxK.reshape(T, K, 1).astype(dtype)
-        y_TxD = jnp.sum(gate_TxKx1 * out_TxKxD, axis=1)
-        y_GxSxD = partitioning.constrain(y_TxD.reshape(G, S, D), "groups", None, "embed")
-        return y_GxSxD.reshape(shape), dropless_stats(routing)
+        )(logits_GxMxE, bias_E)
+        T, P = G * M, G * M * A  # tokens, assignments
+        expert_P = routing.expert_GxMxA.reshape(P)
+        order_P = jnp.argsort(expert_P, stable=True)
+        x_PxD = x_GxMxD.reshape(T, D)[order_P // A]
+        sizes_E = jnp.bincount(expert_P, length=E).astype(jnp.int32)
+        gate_PxF = jax.lax.ragged_dot(x_PxD, self.w_gate_ExDxF[...].astype(dtype), sizes_E)
+        up_PxF = jax.lax.ragged_dot(x_PxD, self.w_up_ExDxF[...].astype(dtype), sizes_E)
+        h_PxF = jax.nn.silu(gate_PxF) * up_PxF
+        out_PxD = jax.lax.ragged_dot(h_PxF, self.w_down_ExFxD[...].astype(dtype), sizes_E)
+        out_TxAxD = jnp.zeros_like(out_PxD).at[order_P].set(out_PxD).reshape(T, A, D)
+        gate_TxKx1 = routing.gate_GxMxA.reshape(T, A, 1).astype(dtype)
+        y_TxD = jnp.sum(gate_TxKx1 * out_TxAxD, axis=1)
+        y_GxMxD = partitioning.constrain(y_TxD.reshape(G, M, D), "groups", None, "embed")
+        return y_GxMxD.reshape(shape), dropless_stats(routing)
 
     def update_router_bias(self, stats: dict[str, jax.Array], rate: float) -> None:
         """After a training step: each expert's bias moves by rate * sign(mean load - load_e),
@@ -255,7 +256,7 @@ def num_params(cfg: MoEMLPConfig) -> int:
 def num_active_params(cfg: MoEMLPConfig) -> int:
     """Parameters one token uses: per layer the router and the experts it reaches.
 
-    Token-choice: top_k experts (fewer if dropped). Expert-choice: E*C/S experts on average,
+    Token-choice: top_k experts (fewer if dropped). Expert-choice: E·C/M experts on average,
     which is capacity_factor up to the rounding of C; capacity_factor is used, rounded down.
     """
     if cfg.router == "token_choice":
@@ -266,7 +267,7 @@ def num_active_params(cfg: MoEMLPConfig) -> int:
 
 
 def routing_shape(cfg: MoEConfig, tokens: int, group_size: int | None = None) -> tuple[int, ...]:
-    """(G groups, S tokens per group, C slots per expert) of one MoELayer call on `tokens`
+    """(G groups, M tokens per group, C slots per expert) of one MoELayer call on `tokens`
     tokens: what the layer computes, and what its cost (the lab's ops list) counts.
 
     `group_size` None takes the config's; 0 (either) puts all tokens in one group. C is
@@ -274,11 +275,11 @@ def routing_shape(cfg: MoEConfig, tokens: int, group_size: int | None = None) ->
     token for token-choice and one for expert-choice (GShard, Lepikhin et al. 2020;
     Expert Choice, Zhou et al. 2022).
     """
-    S = (cfg.group_size if group_size is None else group_size) or tokens
-    if tokens % S != 0:
+    M = (cfg.group_size if group_size is None else group_size) or tokens
+    if tokens % M != 0:
         raise ValueError(
             f"tokens per call ({tokens}) must be a multiple of the routing group size "
-            f"({S}, model.group_size ({cfg.group_size}))"
+            f"({M}, model.group_size ({cfg.group_size}))"
         )
     top_k = cfg.top_k if cfg.router == "token_choice" else 1
-    return tokens // S, S, expert_capacity(S, cfg.num_experts, cfg.capacity_factor, top_k)
+    return tokens // M, M, expert_capacity(M, cfg.num_experts, cfg.capacity_factor, top_k)

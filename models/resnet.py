@@ -5,7 +5,8 @@ The architecture follows torchvision's `resnet{18,34,50,101,152}` (He et al. 201
 BatchNorm always uses its running statistics, so one example's output never depends on the
 others in its batch: this is an inference model for latency measurements, not for training.
 
-Letters in array names: B batch, H/W spatial, C channels, K classes.
+Letters in array names (models/__init__.py): B batch, I, J height and width, Z channels,
+U planes, V classes.
 """
 
 import dataclasses
@@ -105,7 +106,7 @@ def _bn(cfg: ResNetConfig, c: int, rngs: nnx.Rngs, *, zero_scale: bool = False) 
 
 
 class BasicBlock(nnx.Module):
-    """x_BxHxWxC -> y_BxH'xW'xP: 3x3 conv (stride s), 3x3 conv, plus the shortcut; P = planes."""
+    """x_BxIxJxZ -> y_BxI'xJ'xU: 3x3 conv (stride s), 3x3 conv, plus the shortcut."""
 
     expansion = EXPANSION["basic"]
 
@@ -119,10 +120,10 @@ class BasicBlock(nnx.Module):
         self.bn2 = _bn(cfg, out_channels, rngs, zero_scale=True)
         self.proj_conv, self.proj_bn = _projection(cfg, in_channels, out_channels, stride, rngs)
 
-    def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
-        y_BxHxWxP = jax.nn.relu(self.bn1(self.conv1(x_BxHxWxC)))
-        y_BxHxWxP = self.bn2(self.conv2(y_BxHxWxP))
-        return jax.nn.relu(y_BxHxWxP + _shortcut(self, x_BxHxWxC))
+    def __call__(self, x_BxIxJxZ: jax.Array) -> jax.Array:
+        y_BxIxJxU = jax.nn.relu(self.bn1(self.conv1(x_BxIxJxZ)))
+        y_BxIxJxU = self.bn2(self.conv2(y_BxIxJxU))
+        return jax.nn.relu(y_BxIxJxU + _shortcut(self, x_BxIxJxZ))
 
 
 class Bottleneck(nnx.Module):
@@ -142,11 +143,11 @@ class Bottleneck(nnx.Module):
         self.bn3 = _bn(cfg, out_channels, rngs, zero_scale=True)
         self.proj_conv, self.proj_bn = _projection(cfg, in_channels, out_channels, stride, rngs)
 
-    def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
-        y_BxHxWxP = jax.nn.relu(self.bn1(self.conv1(x_BxHxWxC)))
-        y_BxHxWxP = jax.nn.relu(self.bn2(self.conv2(y_BxHxWxP)))
-        y_BxHxWx4P = self.bn3(self.conv3(y_BxHxWxP))
-        return jax.nn.relu(y_BxHxWx4P + _shortcut(self, x_BxHxWxC))
+    def __call__(self, x_BxIxJxZ: jax.Array) -> jax.Array:
+        y_BxIxJxU = jax.nn.relu(self.bn1(self.conv1(x_BxIxJxZ)))
+        y_BxIxJxU = jax.nn.relu(self.bn2(self.conv2(y_BxIxJxU)))
+        y_BxIxJx4U = self.bn3(self.conv3(y_BxIxJxU))
+        return jax.nn.relu(y_BxIxJx4U + _shortcut(self, x_BxIxJxZ))
 
 
 def _projection(
@@ -158,10 +159,10 @@ def _projection(
     return _conv(cfg, in_channels, out_channels, 1, stride, rngs), _bn(cfg, out_channels, rngs)
 
 
-def _shortcut(block: BasicBlock | Bottleneck, x_BxHxWxC: jax.Array) -> jax.Array:
+def _shortcut(block: BasicBlock | Bottleneck, x_BxIxJxZ: jax.Array) -> jax.Array:
     if block.proj_conv is None:
-        return x_BxHxWxC
-    return block.proj_bn(block.proj_conv(x_BxHxWxC))
+        return x_BxIxJxZ
+    return block.proj_bn(block.proj_conv(x_BxIxJxZ))
 
 
 class ResNet(nnx.Module):
@@ -194,15 +195,15 @@ class ResNet(nnx.Module):
         )
 
     def __call__(self, images_BxHxWx3: jax.Array) -> jax.Array:
-        x_BxHxWxC = jax.nn.relu(self.stem_bn(self.stem_conv(images_BxHxWx3)))
+        x_BxIxJxZ = jax.nn.relu(self.stem_bn(self.stem_conv(images_BxHxWx3)))
         if not self.cfg.small_input:
             # Padding with -inf (what max_pool pads with) matches torchvision's MaxPool2d(3, 2, 1).
-            x_BxHxWxC = nnx.max_pool(x_BxHxWxC, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            x_BxIxJxZ = nnx.max_pool(x_BxIxJxZ, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for stage in self.stages:
             for block in stage:
-                x_BxHxWxC = block(x_BxHxWxC)
-        x_BxC = jnp.mean(x_BxHxWxC, axis=(1, 2))
-        return self.fc(x_BxC)
+                x_BxIxJxZ = block(x_BxIxJxZ)
+        x_BxZ = jnp.mean(x_BxIxJxZ, axis=(1, 2))
+        return self.fc(x_BxZ)
 
 
 # ---------------------------------------------------------------------------------------------

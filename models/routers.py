@@ -5,8 +5,8 @@ which router ran. The rules and formulas are those of Switch (Fedus et al. 2021)
 (Lepikhin et al. 2020), ST-MoE (Zoph et al. 2022), Expert Choice (Zhou et al. 2022) and
 flaxformer's `routing.py`; routing_stats cites each statistic's source.
 
-Letters in array names: G groups, S tokens per group, E experts, C capacity (slots per expert
-per group), K top-k choices per token, T tokens (G*S).
+Letters in array names (models/__init__.py): G routing groups, M tokens per group,
+E experts, C slots per expert per group, A choices per token (top-k), T tokens (G·M).
 """
 
 import math
@@ -29,11 +29,11 @@ class RoutingResult:
       token-choice; for expert-choice the same as what was dispatched, as nothing is dropped).
     """
 
-    dispatch_GxSxExC: jax.Array
-    combine_GxSxExC: jax.Array
-    probs_GxSxE: jax.Array
-    logits_GxSxE: jax.Array
-    assigned_GxSxE: jax.Array
+    dispatch_GxMxExC: jax.Array
+    combine_GxMxExC: jax.Array
+    probs_GxMxE: jax.Array
+    logits_GxMxE: jax.Array
+    assigned_GxMxE: jax.Array
 
 
 def expert_capacity(
@@ -71,13 +71,13 @@ def check_router_args(router: str, num_experts: int, top_k: int, capacity_factor
         )
 
 
-def _check_logits(logits_GxSxE: jax.Array) -> None:
-    if logits_GxSxE.ndim != 3:
-        raise ValueError(f"router logits must be [G, S, E], got shape {logits_GxSxE.shape}")
+def _check_logits(logits_GxMxE: jax.Array) -> None:
+    if logits_GxMxE.ndim != 3:
+        raise ValueError(f"router logits must be [G, M, E], got shape {logits_GxMxE.shape}")
 
 
 def top_k_choices(
-    probs_GxSxE: jax.Array, top_k: int, renormalize: bool = False, bias_E: jax.Array | None = None
+    probs_GxMxE: jax.Array, top_k: int, renormalize: bool = False, bias_E: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """(gate_GxSxK, expert_GxSxK): each token's top-k experts and their combine weights.
 
@@ -87,17 +87,17 @@ def top_k_choices(
     how much their outputs weigh. `renormalize` divides the gates by their sum over the k.
     """
     if bias_E is None:
-        gate_GxSxK, expert_GxSxK = jax.lax.top_k(probs_GxSxE, top_k)
+        gate_GxMxA, expert_GxMxA = jax.lax.top_k(probs_GxMxE, top_k)
     else:
-        _, expert_GxSxK = jax.lax.top_k(probs_GxSxE + bias_E.astype(jnp.float32), top_k)
-        gate_GxSxK = jnp.take_along_axis(probs_GxSxE, expert_GxSxK, axis=-1)
+        _, expert_GxMxA = jax.lax.top_k(probs_GxMxE + bias_E.astype(jnp.float32), top_k)
+        gate_GxMxA = jnp.take_along_axis(probs_GxMxE, expert_GxMxA, axis=-1)
     if renormalize:
-        gate_GxSxK = gate_GxSxK / jnp.sum(gate_GxSxK, axis=-1, keepdims=True)
-    return gate_GxSxK, expert_GxSxK
+        gate_GxMxA = gate_GxMxA / jnp.sum(gate_GxMxA, axis=-1, keepdims=True)
+    return gate_GxMxA, expert_GxMxA
 
 
 def token_choice(
-    logits_GxSxE: jax.Array,
+    logits_GxMxE: jax.Array,
     top_k: int,
     capacity_factor: float,
     renormalize: bool = False,
@@ -114,66 +114,66 @@ def token_choice(
     the token's k chosen probs (dropped choices still count in that sum). `bias_E` steers the
     choice only (top_k_choices).
     """
-    _check_logits(logits_GxSxE)
-    _, S, E = logits_GxSxE.shape
+    _check_logits(logits_GxMxE)
+    _, M, E = logits_GxMxE.shape
     check_router_args("token_choice", E, top_k, capacity_factor)
-    C = expert_capacity(S, E, capacity_factor, top_k)
+    C = expert_capacity(M, E, capacity_factor, top_k)
 
-    logits_GxSxE = logits_GxSxE.astype(jnp.float32)
-    probs_GxSxE = jax.nn.softmax(logits_GxSxE, axis=-1)
-    gate_GxSxK, expert_GxSxK = top_k_choices(probs_GxSxE, top_k, renormalize, bias_E)
-    choice_GxSxKxE = jax.nn.one_hot(expert_GxSxK, E, dtype=jnp.float32)
+    logits_GxMxE = logits_GxMxE.astype(jnp.float32)
+    probs_GxMxE = jax.nn.softmax(logits_GxMxE, axis=-1)
+    gate_GxMxA, expert_GxMxA = top_k_choices(probs_GxMxE, top_k, renormalize, bias_E)
+    choice_GxMxAxE = jax.nn.one_hot(expert_GxMxA, E, dtype=jnp.float32)
 
     # Rank all first choices before all second choices: lay the choices out k-major, count
     # down the group how many earlier choices each expert already took.
-    choice_GxKxSxE = jnp.swapaxes(choice_GxSxKxE, 1, 2)
-    flat_GxKSxE = choice_GxKxSxE.reshape(choice_GxKxSxE.shape[0], top_k * S, E)
-    position_GxKSxE = jnp.cumsum(flat_GxKSxE, axis=1) * flat_GxKSxE - 1.0
-    position_GxSxKxE = jnp.swapaxes(position_GxKSxE.reshape(choice_GxKxSxE.shape), 1, 2)
+    choice_GxAxMxE = jnp.swapaxes(choice_GxMxAxE, 1, 2)
+    flat_GxAMxE = choice_GxAxMxE.reshape(choice_GxAxMxE.shape[0], top_k * M, E)
+    position_GxAMxE = jnp.cumsum(flat_GxAMxE, axis=1) * flat_GxAMxE - 1.0
+    position_GxMxAxE = jnp.swapaxes(position_GxAMxE.reshape(choice_GxAxMxE.shape), 1, 2)
     # One-hot of a position >= C (or of -1 for "not chosen") is all zeros: that is the drop.
-    slot_GxSxKxExC = jax.nn.one_hot(position_GxSxKxE.astype(jnp.int32), C, dtype=jnp.float32)
+    slot_GxMxAxExC = jax.nn.one_hot(position_GxMxAxE.astype(jnp.int32), C, dtype=jnp.float32)
 
     # A token's k choices are distinct experts, so summing over k keeps dispatch 0/1.
-    dispatch_GxSxExC = jnp.sum(slot_GxSxKxExC, axis=2)
+    dispatch_GxMxExC = jnp.sum(slot_GxMxAxExC, axis=2)
     # A broadcast product, not an einsum: matmul precision on TPU/GPU would round the gates.
-    combine_GxSxExC = jnp.sum(gate_GxSxK[..., None, None] * slot_GxSxKxExC, axis=2)
+    combine_GxMxExC = jnp.sum(gate_GxMxA[..., None, None] * slot_GxMxAxExC, axis=2)
     return RoutingResult(
-        dispatch_GxSxExC=dispatch_GxSxExC,
-        combine_GxSxExC=combine_GxSxExC,
-        probs_GxSxE=probs_GxSxE,
-        logits_GxSxE=logits_GxSxE,
-        assigned_GxSxE=jnp.sum(choice_GxSxKxE, axis=2),
+        dispatch_GxMxExC=dispatch_GxMxExC,
+        combine_GxMxExC=combine_GxMxExC,
+        probs_GxMxE=probs_GxMxE,
+        logits_GxMxE=logits_GxMxE,
+        assigned_GxMxE=jnp.sum(choice_GxMxAxE, axis=2),
     )
 
 
-def expert_choice(logits_GxSxE: jax.Array, capacity_factor: float) -> RoutingResult:
+def expert_choice(logits_GxMxE: jax.Array, capacity_factor: float) -> RoutingResult:
     """Each expert takes its top-C tokens of the group by router prob (Zhou et al. 2022).
 
     A token may get 0..E experts; the combine weight is the prob. Slot c of an expert holds its
     c-th most confident token. Not causal: a token's routing depends on the whole group.
     """
-    _check_logits(logits_GxSxE)
-    _, S, E = logits_GxSxE.shape
+    _check_logits(logits_GxMxE)
+    _, M, E = logits_GxMxE.shape
     check_router_args("expert_choice", E, 1, capacity_factor)
-    C = expert_capacity(S, E, capacity_factor)
+    C = expert_capacity(M, E, capacity_factor)
 
-    logits_GxSxE = logits_GxSxE.astype(jnp.float32)
-    probs_GxSxE = jax.nn.softmax(logits_GxSxE, axis=-1)
-    _, token_GxExC = jax.lax.top_k(jnp.swapaxes(probs_GxSxE, 1, 2), C)
-    dispatch_GxExCxS = jax.nn.one_hot(token_GxExC, S, dtype=jnp.float32)
-    dispatch_GxSxExC = jnp.transpose(dispatch_GxExCxS, (0, 3, 1, 2))
+    logits_GxMxE = logits_GxMxE.astype(jnp.float32)
+    probs_GxMxE = jax.nn.softmax(logits_GxMxE, axis=-1)
+    _, token_GxExC = jax.lax.top_k(jnp.swapaxes(probs_GxMxE, 1, 2), C)
+    dispatch_GxExCxM = jax.nn.one_hot(token_GxExC, M, dtype=jnp.float32)
+    dispatch_GxMxExC = jnp.transpose(dispatch_GxExCxM, (0, 3, 1, 2))
     return RoutingResult(
-        dispatch_GxSxExC=dispatch_GxSxExC,
-        combine_GxSxExC=dispatch_GxSxExC * probs_GxSxE[..., None],
-        probs_GxSxE=probs_GxSxE,
-        logits_GxSxE=logits_GxSxE,
-        assigned_GxSxE=jnp.sum(dispatch_GxSxExC, axis=-1),
+        dispatch_GxMxExC=dispatch_GxMxExC,
+        combine_GxMxExC=dispatch_GxMxExC * probs_GxMxE[..., None],
+        probs_GxMxE=probs_GxMxE,
+        logits_GxMxE=logits_GxMxE,
+        assigned_GxMxE=jnp.sum(dispatch_GxMxExC, axis=-1),
     )
 
 
 def route(
     kind: str,
-    logits_GxSxE: jax.Array,
+    logits_GxMxE: jax.Array,
     top_k: int,
     capacity_factor: float,
     renormalize: bool = False,
@@ -184,11 +184,11 @@ def route(
 
     `top_k` is still checked against E for both kinds, as it is one config for both.
     """
-    _check_logits(logits_GxSxE)
-    check_router_args(kind, logits_GxSxE.shape[-1], top_k, capacity_factor)
+    _check_logits(logits_GxMxE)
+    check_router_args(kind, logits_GxMxE.shape[-1], top_k, capacity_factor)
     if kind == "token_choice":
-        return token_choice(logits_GxSxE, top_k, capacity_factor, renormalize, bias_E)
-    return expert_choice(logits_GxSxE, capacity_factor)
+        return token_choice(logits_GxMxE, top_k, capacity_factor, renormalize, bias_E)
+    return expert_choice(logits_GxMxE, capacity_factor)
 
 
 @struct.dataclass
@@ -200,34 +200,34 @@ class DroplessRouting:
     RoutingResult.
     """
 
-    expert_GxSxK: jax.Array
-    gate_GxSxK: jax.Array
-    probs_GxSxE: jax.Array
-    logits_GxSxE: jax.Array
-    assigned_GxSxE: jax.Array
+    expert_GxMxA: jax.Array
+    gate_GxMxA: jax.Array
+    probs_GxMxE: jax.Array
+    logits_GxMxE: jax.Array
+    assigned_GxMxE: jax.Array
 
 
 def dropless_token_choice(
-    logits_GxSxE: jax.Array,
+    logits_GxMxE: jax.Array,
     top_k: int,
     renormalize: bool = False,
     bias_E: jax.Array | None = None,
 ) -> DroplessRouting:
     """Each token's top-k experts, all of them kept (MaxText's sparse-matmul path, Megablocks):
     a token's routing depends on its own logits alone, whatever the rest of the group."""
-    _check_logits(logits_GxSxE)
-    E = logits_GxSxE.shape[-1]
+    _check_logits(logits_GxMxE)
+    E = logits_GxMxE.shape[-1]
     check_router_args("token_choice", E, top_k, 0)
-    logits_GxSxE = logits_GxSxE.astype(jnp.float32)
-    probs_GxSxE = jax.nn.softmax(logits_GxSxE, axis=-1)
-    gate_GxSxK, expert_GxSxK = top_k_choices(probs_GxSxE, top_k, renormalize, bias_E)
-    assigned_GxSxE = jnp.sum(jax.nn.one_hot(expert_GxSxK, E, dtype=jnp.float32), axis=2)
+    logits_GxMxE = logits_GxMxE.astype(jnp.float32)
+    probs_GxMxE = jax.nn.softmax(logits_GxMxE, axis=-1)
+    gate_GxMxA, expert_GxMxA = top_k_choices(probs_GxMxE, top_k, renormalize, bias_E)
+    assigned_GxMxE = jnp.sum(jax.nn.one_hot(expert_GxMxA, E, dtype=jnp.float32), axis=2)
     return DroplessRouting(
-        expert_GxSxK=expert_GxSxK.astype(jnp.int32),
-        gate_GxSxK=gate_GxSxK,
-        probs_GxSxE=probs_GxSxE,
-        logits_GxSxE=logits_GxSxE,
-        assigned_GxSxE=assigned_GxSxE,
+        expert_GxMxA=expert_GxMxA.astype(jnp.int32),
+        gate_GxMxA=gate_GxMxA,
+        probs_GxMxE=probs_GxMxE,
+        logits_GxMxE=logits_GxMxE,
+        assigned_GxMxE=assigned_GxMxE,
     )
 
 
@@ -252,7 +252,7 @@ def routing_stats(result: RoutingResult) -> dict[str, jax.Array]:
     """Load-balance statistics of one routing, from the result alone.
 
     Loads are token counts. The number of wanted assignments per token k is read off the
-    result as sum(assigned) / T: top_k for token-choice, E*C/S for expert-choice. So:
+    result as sum(assigned) / T: top_k for token-choice, E·C/M for expert-choice. So:
       aux_loss: the load-balancing loss per group, averaged over groups: E * sum_e f_ge * P_ge
         with f and P taken within group g (Switch eq. 4-6, GShard, flaxformer
         `_load_balancing_loss`, MaxText per sequence; k at perfect balance). Gradient flows
@@ -284,62 +284,62 @@ def routing_stats(result: RoutingResult) -> dict[str, jax.Array]:
       f_e [E]: fraction of tokens whose wanted assignments include e (sums to k).
       p_e [E]: mean router prob of e (sums to 1).
     """
-    G, S, E, C = result.dispatch_GxSxExC.shape
+    G, M, E, C = result.dispatch_GxMxExC.shape
     return _stats(
-        result.assigned_GxSxE.astype(jnp.float32),
-        jnp.sum(result.dispatch_GxSxExC, axis=-1),
-        jnp.sum(result.combine_GxSxExC),
+        result.assigned_GxMxE.astype(jnp.float32),
+        jnp.sum(result.dispatch_GxMxExC, axis=-1),
+        jnp.sum(result.combine_GxMxExC),
         G * E * C,
-        result.probs_GxSxE,
-        result.logits_GxSxE,
+        result.probs_GxMxE,
+        result.logits_GxMxE,
     )
 
 
 def dropless_stats(routing: DroplessRouting) -> dict[str, jax.Array]:
     """routing_stats of a dropless routing: every assignment is computed, so what was
     dispatched is what was wanted (no drops), and a slot is an assignment (usage 1)."""
-    G, S, K = routing.expert_GxSxK.shape
-    assigned_GxSxE = routing.assigned_GxSxE.astype(jnp.float32)
+    G, M, A = routing.expert_GxMxA.shape
+    assigned_GxMxE = routing.assigned_GxMxE.astype(jnp.float32)
     return _stats(
-        assigned_GxSxE,
-        assigned_GxSxE,
-        jnp.sum(routing.gate_GxSxK),
-        G * S * K,
-        routing.probs_GxSxE,
-        routing.logits_GxSxE,
+        assigned_GxMxE,
+        assigned_GxMxE,
+        jnp.sum(routing.gate_GxMxA),
+        G * M * A,
+        routing.probs_GxMxE,
+        routing.logits_GxMxE,
     )
 
 
 def _stats(
-    assigned_GxSxE: jax.Array,
-    dispatched_GxSxE: jax.Array,
+    assigned_GxMxE: jax.Array,
+    dispatched_GxMxE: jax.Array,
     combined: jax.Array,
     slots: int,
-    probs_GxSxE: jax.Array,
-    logits_GxSxE: jax.Array,
+    probs_GxMxE: jax.Array,
+    logits_GxMxE: jax.Array,
 ) -> dict[str, jax.Array]:
     """The statistics of routing_stats from what was wanted and dispatched per token and
     expert, the sum of combine weights, and the slots the layer computes."""
-    G, S, E = assigned_GxSxE.shape
-    T = G * S
-    logits_GxSxE = logits_GxSxE.astype(jnp.float32)
-    load_E = jnp.sum(dispatched_GxSxE, axis=(0, 1))
-    wanted_GxE = jnp.sum(assigned_GxSxE, axis=1)
+    G, M, E = assigned_GxMxE.shape
+    T = G * M
+    logits_GxMxE = logits_GxMxE.astype(jnp.float32)
+    load_E = jnp.sum(dispatched_GxMxE, axis=(0, 1))
+    wanted_GxE = jnp.sum(assigned_GxMxE, axis=1)
     wanted_E = jnp.sum(wanted_GxE, axis=0)
     total_wanted = jnp.sum(wanted_E)
     total_dispatched = jnp.sum(load_E)
     f_E = wanted_E / T
-    f_GxE = jnp.mean(assigned_GxSxE, axis=1)
-    p_GxE = jnp.mean(probs_GxSxE, axis=1)
-    p_E = jnp.mean(probs_GxSxE, axis=(0, 1))
-    experts_per_token_T = jnp.sum(dispatched_GxSxE, axis=-1).reshape(T)
-    log_probs_GxSxE = jax.nn.log_softmax(logits_GxSxE, axis=-1)
+    f_GxE = jnp.mean(assigned_GxMxE, axis=1)
+    p_GxE = jnp.mean(probs_GxMxE, axis=1)
+    p_E = jnp.mean(probs_GxMxE, axis=(0, 1))
+    experts_per_token_T = jnp.sum(dispatched_GxMxE, axis=-1).reshape(T)
+    log_probs_GxMxE = jax.nn.log_softmax(logits_GxMxE, axis=-1)
     max_mean_load = jnp.max(wanted_E) / _nonzero(total_wanted / E)
     max_mean_GxE = jnp.max(wanted_GxE, axis=-1) / _nonzero(jnp.mean(wanted_GxE, axis=-1))
     return {
         "aux_loss": E * jnp.mean(jnp.sum(f_GxE * p_GxE, axis=-1)),
         "aux_loss_batch": E * jnp.sum(f_E * p_E),
-        "z_loss": jnp.mean(jax.nn.logsumexp(logits_GxSxE, axis=-1) ** 2),
+        "z_loss": jnp.mean(jax.nn.logsumexp(logits_GxMxE, axis=-1) ** 2),
         "tokens_per_expert": load_E,
         "tokens_per_expert_wanted": wanted_E,
         "load_cv": jnp.std(load_E) / _nonzero(jnp.mean(load_E)),
@@ -348,7 +348,7 @@ def _stats(
         "token_drop_fraction": jnp.mean((experts_per_token_T == 0).astype(jnp.float32)),
         "expert_usage": total_dispatched / slots,
         "router_confidence": combined / _nonzero(total_dispatched),
-        "router_entropy": jnp.mean(-jnp.sum(probs_GxSxE * log_probs_GxSxE, axis=-1)),
+        "router_entropy": jnp.mean(-jnp.sum(probs_GxMxE * log_probs_GxMxE, axis=-1)),
         "max_vio_group": jnp.mean(max_mean_GxE) - 1.0,
         "max_vio_batch": max_mean_load - 1.0,
         "experts_per_token": experts_per_token_T,

@@ -76,8 +76,8 @@ def _with_cache(graphdef, params, batch: int, max_len: int):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _forward(graphdef, params, tokens_BxT):
-    return decoding.forward(graphdef, params, tokens_BxT, stats=True)
+def _forward(graphdef, params, tokens_BxL):
+    return decoding.forward(graphdef, params, tokens_BxL, stats=True)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -108,21 +108,21 @@ def test_moe_every_0_is_the_dense_decoder():
     assert decoder.num_active_params(off) == decoder.num_params(DENSE)
     assert decoder.moe_layers(off) == ()
 
-    tokens_BxT = _tokens()
+    tokens_BxL = _tokens()
     dense_graphdef, _ = nnx.split(nnx.eval_shape(lambda: Decoder(DENSE, rngs=nnx.Rngs(0))))
     off_graphdef, _ = nnx.split(nnx.eval_shape(lambda: Decoder(off, rngs=nnx.Rngs(0))))
-    dense_BxTxV, dense_stats = _forward(dense_graphdef, dense_params, tokens_BxT)
-    off_BxTxV, off_stats = _forward(off_graphdef, off_params, tokens_BxT)
-    np.testing.assert_array_equal(dense_BxTxV, off_BxTxV)
+    dense_BxLxV, dense_stats = _forward(dense_graphdef, dense_params, tokens_BxL)
+    off_BxLxV, off_stats = _forward(off_graphdef, off_params, tokens_BxL)
+    np.testing.assert_array_equal(dense_BxLxV, off_BxLxV)
     assert dense_stats == off_stats == []
 
 
 @functools.cache
 def _moe_setup():
     graphdef, params = _random_model(MOE)
-    tokens_BxT = _tokens()
-    full_BxTxV, stats = _forward(graphdef, params, tokens_BxT)
-    return graphdef, params, tokens_BxT, np.asarray(full_BxTxV), jax.device_get(stats)
+    tokens_BxL = _tokens()
+    full_BxLxV, stats = _forward(graphdef, params, tokens_BxL)
+    return graphdef, params, tokens_BxL, np.asarray(full_BxLxV), jax.device_get(stats)
 
 
 def test_blocks_every_moe_every_are_moe_layers():
@@ -139,32 +139,32 @@ def test_prefill_and_decode_match_the_full_forward_when_nothing_drops(layout):
     """Full forward routes groups of T tokens, prefill groups of L, decode the B tokens of a
     step: with no drops under token-choice the logits still agree at every position, whatever
     the cache layout (the MoE decoder shares the dense decoder's attention)."""
-    _, params, tokens_BxT, full_BxTxV, full_stats = _moe_setup()
+    _, params, tokens_BxL, full_BxLxV, full_stats = _moe_setup()
     graphdef, _ = _random_model(dataclasses.replace(MOE, cache_layout=layout))
     for stats in full_stats:
         assert stats["drop_fraction"] == 0.0
     cached_graphdef, params, cache = _with_cache(graphdef, params, len(LENGTHS), MAX_LEN)
     lengths_B = np.array(LENGTHS, np.int32)
     pad_BxL = np.random.default_rng(2).integers(0, MOE.vocab_size, (3, PROMPT_LEN), np.int32)
-    prompt_BxL = np.where(np.arange(PROMPT_LEN) < lengths_B[:, None], tokens_BxT[:, :7], pad_BxL)
+    prompt_BxL = np.where(np.arange(PROMPT_LEN) < lengths_B[:, None], tokens_BxL[:, :7], pad_BxL)
     rows_B = np.arange(len(LENGTHS))
 
     prefill = jax.jit(functools.partial(decoding.prefill, cached_graphdef, stats=True))
     logits_BxV, cache, _ = prefill(params, cache, prompt_BxL, lengths_B)
-    errors = [np.abs(np.asarray(logits_BxV) - full_BxTxV[rows_B, lengths_B - 1]).max()]
+    errors = [np.abs(np.asarray(logits_BxV) - full_BxLxV[rows_B, lengths_B - 1]).max()]
     for step in range(MAX_LEN - max(LENGTHS)):
         positions_B = lengths_B + step
         logits_BxV, cache, stats = _decode(
-            cached_graphdef, params, cache, tokens_BxT[rows_B, positions_B]
+            cached_graphdef, params, cache, tokens_BxL[rows_B, positions_B]
         )
-        errors.append(np.abs(np.asarray(logits_BxV) - full_BxTxV[rows_B, positions_B]).max())
+        errors.append(np.abs(np.asarray(logits_BxV) - full_BxLxV[rows_B, positions_B]).max())
         assert [float(s["drop_fraction"]) for s in stats] == [0.0, 0.0]
     assert max(errors) < TOL, errors
 
 
 def test_stats_have_one_entry_per_moe_layer_and_count_the_group():
-    graphdef, params, tokens_BxT, _, full_stats = _moe_setup()
-    B, T = tokens_BxT.shape
+    graphdef, params, tokens_BxL, _, full_stats = _moe_setup()
+    B, T = tokens_BxL.shape
     assert len(full_stats) == len(decoder.moe_layers(MOE)) == 2
     for stats in full_stats:
         assert set(stats) == STAT_KEYS
@@ -174,7 +174,7 @@ def test_stats_have_one_entry_per_moe_layer_and_count_the_group():
         np.testing.assert_array_equal(stats["experts_per_token"], MOE.top_k)
 
     cached_graphdef, params, cache = _with_cache(graphdef, params, B, MAX_LEN)
-    _, _, decode_stats = _decode(cached_graphdef, params, cache, tokens_BxT[:, 0])
+    _, _, decode_stats = _decode(cached_graphdef, params, cache, tokens_BxL[:, 0])
     assert len(decode_stats) == 2
     for stats in decode_stats:
         assert set(stats) == STAT_KEYS
@@ -210,19 +210,19 @@ def test_expert_choice_decode_couples_sequences_and_token_choice_does_not():
 def test_full_forward_routes_one_group_per_sequence_by_default():
     """moe_group_size 0: under expert-choice a sequence's logits do not depend on the rest
     of the batch; one group spanning the batch couples them."""
-    tokens_BxT = _tokens()
-    perturbed_BxT = tokens_BxT.copy()
+    tokens_BxL = _tokens()
+    perturbed_BxT = tokens_BxL.copy()
     perturbed_BxT[1:] = (perturbed_BxT[1:] + 7) % MOE.vocab_size
 
     def row0_change(cfg):
         graphdef, params = _random_model(cfg)
-        a, _ = _forward(graphdef, params, tokens_BxT)
+        a, _ = _forward(graphdef, params, tokens_BxL)
         b, _ = _forward(graphdef, params, perturbed_BxT)
         return float(np.abs(np.asarray(a - b)[0]).max())
 
     per_sequence = dataclasses.replace(MOE, router="expert_choice", capacity_factor=1.0)
     assert row0_change(per_sequence) < 1e-6
-    across = dataclasses.replace(per_sequence, moe_group_size=tokens_BxT.size)
+    across = dataclasses.replace(per_sequence, moe_group_size=tokens_BxL.size)
     assert row0_change(across) > 1e-3
 
 
@@ -257,9 +257,9 @@ def test_num_params_matches_the_module(changes):
 
 
 def test_named_scopes_appear_in_the_lowered_moe_decode_step():
-    graphdef, params, tokens_BxT, _, _ = _moe_setup()
+    graphdef, params, tokens_BxL, _, _ = _moe_setup()
     cached_graphdef, params, cache = _with_cache(graphdef, params, len(LENGTHS), MAX_LEN)
-    text = _decode.lower(cached_graphdef, params, cache, tokens_BxT[:, 0]).as_text(debug_info=True)
+    text = _decode.lower(cached_graphdef, params, cache, tokens_BxL[:, 0]).as_text(debug_info=True)
     for scope in ("attention", "kv_cache_update", "mlp"):
         assert f"{scope}/" in text, scope
 

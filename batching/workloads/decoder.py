@@ -10,7 +10,6 @@ platform's layout from DEFAULT_LAYOUT, or "bskh" under tensor parallelism. The w
 follows the platform (CACHE_UPDATE). Rows carry the resolved `cache_layout`.
 """
 
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -104,7 +103,7 @@ def step_ops(
     slots, not the dense-equivalent model's.
     """
     D, N, K, H, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim
-    L, V = cfg.n_layers, cfg.vocab_size
+    layers, V = cfg.n_layers, cfg.vocab_size
     decode = phase == "decode"
     T = batch if decode else batch * length  # tokens through the weight matmuls
     n_moe = len(decoder.moe_layers(cfg))
@@ -121,16 +120,19 @@ def step_ops(
     attention = attention_op(cfg, batch, length, decode, cache_bytes, layout)
     ops = [
         Op("embed", "gather_scatter", (T, D), 0, 0, dtype=dt),
-        norm("attn_norm", L),
-        gemm("query", T, D, N * H, L),
-        gemm("key_value", T, D, K * H, 2 * L),
-        Op("kv_write", "gather_scatter", (batch, K, H), 0, kv_written, count=L, dtype=dt),
+        norm("attn_norm", layers),
+        gemm("query", T, D, N * H, layers),
+        gemm("key_value", T, D, K * H, 2 * layers),
+        Op("kv_write", "gather_scatter", (batch, K, H), 0, kv_written, count=layers, dtype=dt),
         attention,
-        gemm("out", T, N * H, D, L),
-        norm("mlp_norm", L),
+        gemm("out", T, N * H, D, layers),
+        norm("mlp_norm", layers),
     ]
-    if L - n_moe:
-        ops += [gemm("gate_up", T, D, F, 2 * (L - n_moe)), gemm("down", T, F, D, L - n_moe)]
+    if layers - n_moe:
+        ops += [
+            gemm("gate_up", T, D, F, 2 * (layers - n_moe)),
+            gemm("down", T, F, D, layers - n_moe),
+        ]
     if n_moe:
         group = batch if decode else length
         ops += moe_workload.layer_ops(cfg.moe_config(), T, group, pb, 0, count=n_moe)
@@ -149,7 +151,7 @@ def attention_op(
     """The layers' attention: a decode step's over the KV cache (QKᵀ and AV over `length`
     slots, the cache read once), or a prefill's over the prompt's own L×L scores (no cache
     read: priced at the peak FLOP rate)."""
-    N, K, H, L = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_layers
+    N, K, H, layers = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_layers
     if decode:
         return Op(
             "attention",
@@ -157,7 +159,7 @@ def attention_op(
             (batch, K, length, N // K, H),
             flops=4 * batch * K * length * (N // K) * H,
             bytes=2 * batch * K * length * H * cache_bytes,
-            count=L,
+            count=layers,
             dtype=cfg.cache_dtype,
             layout=layout,
         )
@@ -167,7 +169,7 @@ def attention_op(
         (batch, N, length, length, H),
         flops=4 * batch * N * H * length * length,
         bytes=0,
-        count=L,
+        count=layers,
         dtype=cfg.dtype,
     )
 

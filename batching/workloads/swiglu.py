@@ -1,5 +1,8 @@
-"""A dense SwiGLU stack as a workload: y = SwiGLUStack(x) for x [batch, d_model], one token
-per example: the MoE MLP's dense counterpart with the same active parameters."""
+"""A dense SwiGLU stack as a workload: y = SwiGLUStack(x) for x [batch, d_model].
+
+Each example is one token. It is the MoE MLP's dense counterpart, with the same active
+parameters.
+"""
 
 import ml_collections
 from flax import nnx
@@ -18,23 +21,29 @@ def model_config(model_cfg: ml_collections.ConfigDict) -> swiglu.SwiGLUConfig:
 
 
 def validate(model_cfg: ml_collections.ConfigDict) -> None:
-    """Checks the model section (SwiGLUConfig); raises ValueError naming the bad model.* field."""
+    """Checks the model section (SwiGLUConfig).
+
+    A bad value raises a ValueError naming its model.* field.
+    """
     model_config(model_cfg)
 
 
 def ops(cfg: swiglu.SwiGLUConfig, batch_size: int) -> list[Op]:
-    """Per layer: the gate and up products [B, D] × [D, F], the SiLU-gated product (an
-    elementwise pass over [B, F]) and the down product [B, F] × [F, D] with its residual add.
-    Weights read once; the input and output activations charged to the first and last
-    product."""
-    B, D, F, L = batch_size, cfg.d_model, cfg.mlp_dim, cfg.depth
+    """One forward pass as ops, three per layer.
+
+    The gate and up products are [B, D] × [D, F]. The SiLU-gated product is an elementwise
+    pass over [B, F]. The down product is [B, F] × [F, D], with its residual add. Weights are
+    read once. The input and output activations are charged to the first and last product.
+    """
+    B, D, F, layers = batch_size, cfg.d_model, cfg.mlp_dim, cfg.depth
     pb, ab = resolve_dtype(cfg.param_dtype).itemsize, resolve_dtype(cfg.dtype).itemsize
     w = D * F * pb
     return [
-        Op("gate_up", "gemm", (B, D, F), 2 * B * D * F, w + B * D * ab, w, count=2 * L,
+        Op("gate_up", "gemm", (B, D, F), 2 * B * D * F, w + B * D * ab, w, count=2 * layers,
            dtype=cfg.dtype),
-        Op("swiglu", "elementwise", (B, F), 3 * B * F, 0, count=L, dtype=cfg.dtype),
-        Op("down", "gemm", (B, F, D), 2 * B * F * D, w + B * D * ab, w, count=L, dtype=cfg.dtype),
+        Op("swiglu", "elementwise", (B, F), 3 * B * F, 0, count=layers, dtype=cfg.dtype),
+        Op("down", "gemm", (B, F, D), 2 * B * F * D, w + B * D * ab, w, count=layers,
+           dtype=cfg.dtype),
     ]  # fmt: skip
 
 
