@@ -1,20 +1,24 @@
-"""The command line of main.py: help that exits 0, and every mistake as one line with exit 2.
+"""The command line of main.py: help exits 0, and a mistake is one line with exit 2.
 
-absl parses `--config` (an ml_collections config file) and its `--config.<field>=<value>`
-overrides; its own errors are tracebacks (an unknown field ends with ml_collections' "Did
-you mean"), its help exits 1 and shows the config flag's default as 'None'. Here the flags
-are parsed before absl's app.run, and what goes wrong is said in one line naming the flag,
-the field and the value, with nothing written.
+absl parses `--config`, an ml_collections config file. It also parses the
+`--config.<field>=<value>` overrides. Left alone, absl reports a mistake as a traceback.
+Its help exits 1. It shows the required config flag's default as 'None'. So this module
+checks the command line before absl's app.run sees it. It loads the config itself. It walks
+each override down the config. Each mistake becomes one line naming the flag and the value.
+The errors absl still raises are caught by type, never by their text. Nothing is written
+before these checks pass.
 """
 
 import difflib
 import glob
+import importlib.util
 import os
 import re
 import sys
 from typing import NoReturn
 
 from absl import flags
+from ml_collections import config_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELP_FLAGS = ("-h", "--help", "-?", "--helpshort", "--helpfull")
@@ -22,9 +26,9 @@ HELP_FLAGS = ("-h", "--help", "-?", "--helpshort", "--helpfull")
 USAGE = """\
 usage: python main.py --config=<file>[:<arg>] --workdir=<dir> [--config.<field>=<value> ...]
 
-  --config=<file>[:<arg>]   a config (configs/) or an experiment (experiments/); <arg> is
-                            handed to its get_config, e.g. configs/resnet.py:18,
-                            configs/mlp.py:width=2048,depth=4
+  --config=<file>[:<arg>]   a config (configs/) or an experiment (experiments/); <arg>
+                            picks a variant where the file has some, e.g.
+                            configs/resnet.py:18 (the depth)
   --workdir=<dir>           where rows, samples, TensorBoard events, plots and the report
                             go; rerunning the same command resumes there
   --config.<field>=<value>  override any field of the config, e.g.
@@ -32,7 +36,7 @@ usage: python main.py --config=<file>[:<arg>] --workdir=<dir> [--config.<field>=
                               --config.sweep.batch_sizes='(1,8,64,512)'
                               --config.model.dtype=bfloat16 --config.timing.run_budget_s=60
                             every field, with its default and a comment, is in
-                            configs/default.py; README.md, "Configs and overrides",
+                            configs/default.py; docs/configs.md
                             says what each one means
 
 configs:     {configs}
@@ -50,8 +54,10 @@ def fail(message: str) -> NoReturn:
 
 
 def usage(doc: str) -> str:
-    """The help text: `doc` (main.py's docstring), then USAGE naming the launchable configs and
-    experiments."""
+    """The help text: `doc` (main.py's docstring), then USAGE.
+
+    USAGE names the launchable configs and experiments.
+    """
 
     def names(folder: str) -> str:
         """The folder's launchable files: those with a get_config, the defaults aside."""
@@ -70,9 +76,12 @@ def usage(doc: str) -> str:
 
 
 def parse_flags(argv: list[str], FLAGS: flags.FlagValues, doc: str) -> list[str]:
-    """Parses argv into FLAGS; returns what is left (the program name). Help prints and exits
-    0; a missing flag, an unreadable config file, an unknown field or a bad value exits 2
-    with one line."""
+    """Parses argv into FLAGS and returns what is left (the program name).
+
+    Help prints and exits 0. A mistake prints one line and exits 2. A flag or value may be
+    missing. The config file may be unreadable, or reject its argument. A field or flag may
+    be unknown. A value may have the wrong type.
+    """
     args = argv[1:]
     if any(a in HELP_FLAGS for a in args):
         print(usage(doc))
@@ -80,23 +89,37 @@ def parse_flags(argv: list[str], FLAGS: flags.FlagValues, doc: str) -> list[str]
             # absl shows an unset required flag's default as 'None'.
             print(FLAGS.get_help().replace("(default: 'None')", "(required)"))
         sys.exit(0)
-    config = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
-    if config is None:
+    check_values_given(args, FLAGS)
+    config_arg = next((a for a in args if a.startswith("--config=")), None)
+    if config_arg is None:
         fail("--config is required: a config or experiment file, e.g. --config=configs/mlp.py")
+    config = config_arg.split("=", 1)[1]
     if problem := check_config_file(config):
         fail(problem)
     try:
+        loaded = load_config(config)
+    except ValueError as e:
+        # A config rejects a bad argument with a ValueError that says why.
+        fail(f"{config_arg}: {e}")
+    if problem := check_overrides(args, loaded):
+        fail(problem)
+    try:
         rest = FLAGS(argv)
-    except Exception as e:  # noqa: BLE001 - absl and ml_collections raise many types here
-        fail(explain(e, args))
+    except flags.UnrecognizedFlagError as e:
+        fail(unknown_flag(e.flagname))
+    except flags.Error as e:
+        # A mistake the checks above missed. absl's own first line is all there is.
+        fail(first_line(e))
     if not FLAGS["workdir"].value:
         fail("--workdir is required: where results go, e.g. --workdir=runs/mlp")
     return rest
 
 
 def check_config_file(config: str) -> str | None:
-    """One line if --config names a missing file or one Python cannot parse, else None: the
-    file is read while absl parses flags, where its errors are tracebacks."""
+    """One line if --config names a missing or unparsable file, else None.
+
+    absl would read the file while parsing flags. There its errors are tracebacks.
+    """
     path = config.split(":", 1)[0]
     if not os.path.isfile(path):
         return f"config file not found: {path!r}"
@@ -110,38 +133,101 @@ def check_config_file(config: str) -> str | None:
     return None
 
 
-def explain(e: Exception, args: list[str]) -> str:
-    """absl's or ml_collections' parsing error as one line naming the flag and the value."""
-    text = str(e)
-    suggestion = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
-    if suggestion:
-        right, wrong = suggestion.groups()
-        flag = next(
-            (
-                a.split("=", 1)[0]
-                for a in args
-                if a.startswith("--config.") and wrong in a.split("=", 1)[0].split(".")
-            ),
-            f"--config...{wrong}",
-        )
-        return (
-            f"{flag}: no config field {wrong!r} (did you mean {right!r}?); every field is "
-            "listed in configs/default.py"
-        )
-    if "Error whilst parsing config file" in text:
-        # The config's get_config raised: its own message is the last line of the traceback.
-        last = [line for line in text.strip().splitlines() if line.strip()][-1]
-        flag = next(a for a in args if a.startswith("--config="))
-        return f"{flag}: {re.sub(r'^[A-Za-z]*Error: ', '', last.strip())}"
-    line = text.strip().splitlines()[0] if text.strip() else type(e).__name__
-    line = re.sub(r"^flag (--\S+?)=(\S*): invalid literal for int\(\) with base 10: .*",
-                  r"\1 must be an int, got '\2'", line)  # fmt: skip
-    line = re.sub(r"^flag (--\S+?)=(\S*): could not convert string to float: .*",
-                  r"\1 must be a number, got '\2'", line)  # fmt: skip
-    line = re.sub(r"^Missing value for flag (--\S+)", r"\1 needs a value: \1=<value>", line)
-    unknown = re.match(r"Unknown command line flag '([^']+)'", line)
-    if unknown and not unknown.group(1).startswith("config."):
-        close = difflib.get_close_matches(unknown.group(1), ["config", "workdir"], n=1)
-        hint = f" (did you mean --{close[0]}?)" if close else ""
-        return f"--{unknown.group(1)}: no such flag{hint}; see --help"
-    return line
+def load_config(config: str) -> config_dict.ConfigDict:
+    """Runs the file's get_config, as ml_collections does.
+
+    The text after ':' is its argument. A ValueError from get_config propagates. That is how
+    a config rejects its argument.
+    """
+    path, *arg = config.split(":", 1)
+    spec = importlib.util.spec_from_file_location("batching_cli_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*arg)
+
+
+# An override: --config.<path>, -config.<path> or --noconfig.<path> (a bool set false).
+OVERRIDE = re.compile(r"^--?(no)?config\.([^=]+)(=?)")
+# What absl parses a field's value with, by the field's type.
+PARSERS = {
+    int: (flags.IntegerParser(), "an int"),
+    float: (flags.FloatParser(), "a number"),
+    bool: (flags.BooleanParser(), "true or false"),
+}
+
+
+def check_overrides(args: list[str], config: config_dict.ConfigDict) -> str | None:
+    """One line for the first bad override, else None.
+
+    An override is bad if it names no field. It is also bad if its value does not fit the
+    field. Each `--config.a.b=v` is walked down the config, one name at a time. An unknown
+    name gets difflib's closest field as a suggestion. An int, float or bool value goes
+    through the parser absl would use.
+    """
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        match = OVERRIDE.match(arg)
+        if not match:
+            continue
+        negated, path, has_value = match.groups()
+        flag = arg.split("=", 1)[0]
+        node = config
+        names = path.split(".")
+        for depth, name in enumerate(names):
+            if not isinstance(node, config_dict.ConfigDict):
+                where = ".".join(names[:depth]) or "config"
+                return f"{flag}: config field {where!r} has no fields; it holds {node!r}"
+            if name not in node:
+                close = difflib.get_close_matches(name, list(node.keys()), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                return (
+                    f"{flag}: no config field {name!r}{hint}; every field is listed in "
+                    "configs/default.py"
+                )
+            parent, node = node, node[name]
+        kind = parent.get_type(names[-1])
+        if negated or (not has_value and kind is bool):
+            continue  # a bool flag without a value: absl sets it
+        if has_value:
+            value = arg.split("=", 1)[1]
+        elif i + 1 < len(args):
+            value = args[i + 1]  # absl takes the next argument as the value
+        else:
+            return f"{flag} needs a value: {flag}=<value>"
+        if kind in PARSERS:
+            parser, what = PARSERS[kind]
+            try:
+                parser.parse(value)
+            except ValueError:
+                return f"{flag} must be {what}, got {value!r}"
+    return None
+
+
+def check_values_given(args: list[str], FLAGS: flags.FlagValues) -> None:
+    """Exits with one line if the last argument is a flag lacking its value.
+
+    absl takes the next argument as a non-bool flag's value. So only the last can lack one.
+    check_overrides handles overrides, as it knows their fields' types.
+    """
+    if not args or "--" in args:
+        return
+    name, has_value = args[-1].lstrip("-"), "=" in args[-1]
+    if args[-1].startswith("-") and not has_value and name in FLAGS and not FLAGS[name].boolean:
+        fail(f"--{name} needs a value: --{name}=<value>")
+
+
+def unknown_flag(name: str) -> str:
+    """One line for a flag absl does not know.
+
+    The closest of our flags is the suggestion.
+    """
+    close = difflib.get_close_matches(name, ["config", "workdir"], n=1)
+    hint = f" (did you mean --{close[0]}?)" if close else ""
+    return f"--{name}: no such flag{hint}; see --help"
+
+
+def first_line(e: Exception) -> str:
+    """An exception's first line of text, else its type's name."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

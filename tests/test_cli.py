@@ -9,19 +9,36 @@ from tests.conftest import ROOT, run_main
 from tests.test_sweep import TINY_FLAGS
 
 MLP = os.path.join(ROOT, "configs", "mlp.py")
+RESNET = os.path.join(ROOT, "configs", "resnet.py")
+# test_sweep's tiny MLP, its size set by overrides: the mlp config takes no argument.
+TINY = [
+    f"--config={MLP}",
+    "--config.model.width=16",
+    "--config.model.depth=2",
+    *(f for f in TINY_FLAGS if not f.startswith("--config=")),
+]
 
 
 @pytest.mark.parametrize(
     "args, expected",
     [
         (
-            [*TINY_FLAGS, "--workdir=w", "--config.sweep.batch_size=(1,8)"],
+            [*TINY, "--workdir=w", "--config.sweep.batch_size=(1,8)"],
             "--config.sweep.batch_size: no config field 'batch_size' (did you mean "
             "'batch_sizes'?); every field is listed in configs/default.py",
         ),
         (
-            [f"--config={MLP}:widht=2048", "--workdir=w"],
-            "no model field 'widht' (did you mean 'width'?)",
+            [f"--config={MLP}", "--workdir=w", "--config.model.widht=2048"],
+            "--config.model.widht: no config field 'widht' (did you mean 'width'?)",
+        ),
+        (
+            [f"--config={MLP}:width=2048", "--workdir=w"],
+            "configs/mlp.py takes no argument, got 'width=2048'; set a model field with "
+            "--config.model.<field>=<value>",
+        ),
+        (
+            [f"--config={RESNET}:19", "--workdir=w"],
+            "resnet.py:19: configs/resnet.py argument must be a depth",
         ),
         (
             [f"--config={MLP}", "--workdir=w", "--config.model.width=abc"],
@@ -31,6 +48,15 @@ MLP = os.path.join(ROOT, "configs", "mlp.py")
             [f"--config={MLP}", "--workdir=w", "--config.timing.pass_s=fast"],
             "--config.timing.pass_s must be a number, got 'fast'",
         ),
+        (
+            [f"--config={MLP}", "--workdir=w", "--config.overwrite=maybe"],
+            "--config.overwrite must be true or false, got 'maybe'",
+        ),
+        (
+            [f"--config={MLP}", "--workdir=w", "--config.model.width"],
+            "--config.model.width needs a value: --config.model.width=<value>",
+        ),
+        ([f"--config={MLP}", "--workdir"], "--workdir needs a value: --workdir=<value>"),
         ([f"--config={MLP}", "--workdri=w"], "--workdri: no such flag (did you mean --workdir?)"),
         ([f"--config={MLP}"], "--workdir is required"),
         (["--workdir=w"], "--config is required"),
@@ -59,7 +85,7 @@ def test_help_exits_0_and_says_how_to_override_a_field(flag):
 
 
 def test_an_unwritable_workdir_is_one_line():
-    proc = run_main(*TINY_FLAGS, "--workdir=/proc/lab/x")
+    proc = run_main(*TINY, "--workdir=/proc/lab/x")
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [
         "error: workdir cannot be created: '/proc/lab/x' (No such file or directory)"

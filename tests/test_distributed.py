@@ -24,7 +24,9 @@ from tests.conftest import ROOT, start_main, tiny
 
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
 TINY_FLAGS = [
-    "--config=" + os.path.join(ROOT, "configs", "mlp.py") + ":width=16,depth=2",
+    "--config=" + os.path.join(ROOT, "configs", "mlp.py"),
+    "--config.model.width=16",
+    "--config.model.depth=2",
     "--config.timing.min_runs=3",
     # Data parallel over both processes' devices (one CPU device each).
     "--config.mesh.data=2",

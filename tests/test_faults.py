@@ -217,7 +217,9 @@ def test_truncated_samples_line_is_tolerated_and_the_point_measured_again(tmp_pa
 
 
 FAST = [
-    "--config=" + os.path.join(ROOT, "configs", "mlp.py") + ":width=16,depth=2",
+    "--config=" + os.path.join(ROOT, "configs", "mlp.py"),
+    "--config.model.width=16",
+    "--config.model.depth=2",
     "--config.timing.min_runs=3",
     "--config.timing.warmup_runs=1",
     "--config.timing.warmup_s=0",

@@ -188,7 +188,9 @@ def test_bad_config_is_refused_before_writing(tmp_path, config_mod, field):
 
 
 TINY_FLAGS = [
-    "--config=" + os.path.join(ROOT, "configs", "mlp.py") + ":width=16,depth=2",
+    "--config=" + os.path.join(ROOT, "configs", "mlp.py"),
+    "--config.model.width=16",
+    "--config.model.depth=2",
     "--config.sweep.batch_sizes=(1,2)",
     "--config.timing.min_runs=3",
     "--config.timing.pass_s=0.02",
