@@ -31,7 +31,7 @@ def model(phase: str = "decode") -> config_dict.ConfigDict:
     m.param_dtype = "float32"
     m.cache_dtype = "float32"
     # KV-cache axis order: "bksh" [B, K, S, H], "bskh" [B, S, K, H], or "auto" for the
-    # platform's default (models/kv_cache.py DEFAULT_LAYOUT; README, "KV-cache layout").
+    # platform's default (batching/workloads/decoder.py DEFAULT_LAYOUT; docs/models.md).
     m.cache_layout = "auto"
     m.matmul_precision = "default"
     # Decode: positions held by each sequence's cache; prefill: tokens per prompt.

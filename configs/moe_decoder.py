@@ -1,6 +1,6 @@
 """A small byte-level decoder with an MoE layer in every second block, trained on stdlib text.
 
-Train it from Python (about a minute and a half on 2 CPU cores; batching/workloads/train.py):
+Train it from Python (batching/workloads/train.py):
 
     from batching.outputs.tensorboard import EventLog
     from batching.workloads import train
@@ -56,7 +56,7 @@ def model(router: str = "token_choice", top_k: int = 2) -> config_dict.ConfigDic
     m.param_dtype = "float32"
     m.cache_dtype = "float32"
     # KV-cache axis order: "bksh" [B, K, S, H], "bskh" [B, S, K, H], or "auto" for the
-    # platform's default (models/kv_cache.py DEFAULT_LAYOUT; README, "KV-cache layout").
+    # platform's default (batching/workloads/decoder.py DEFAULT_LAYOUT; docs/models.md).
     m.cache_layout = "auto"
     m.matmul_precision = "default"
     # Inference sweeps: decode positions per sequence's cache; prefill tokens per prompt.

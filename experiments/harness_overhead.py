@@ -23,7 +23,7 @@ round, so drift hits them alike), it times:
   parameters as an nnx.State, flattened in Python on every call): what the lab timed before;
 - `lab_keep` (with --keep_outputs): the lab's timer holding each call's outputs through the
   next call, as `out = f(x)` in a loop does (on a GPU the outputs then alternate between two
-  buffers and XLA updates its CUDA graph on every call; README, "What a run does").
+  buffers and XLA updates its CUDA graph on every call; docs/measuring.md).
 
 It also measures the call floor the prediction uses
 (batching.measure.microbench.measure_call_floor: a trivial jitted call handed the same
@@ -82,7 +82,7 @@ def _decoder():
     return config
 
 
-# name -> (config maker, batch size). The CPU targets of issue 18: batch 1 of the smallest
+# name -> (config maker, batch size). Batch 1 of the smallest
 # and largest networks, and the decoder's decode step (12 layers, cache 1024).
 CASES: dict[str, tuple[Callable[[], Any], int]] = {
     "mlp_d8_w64": (lambda: _mlp(64, 8), 1),

@@ -39,7 +39,10 @@ def point_estimates(workdir: str, rule: str) -> dict[tuple[str, int], tuple[floa
             continue
         if rule == "row":
             out[(r["run"], r["batch_size"])] = (
-                r["latency_s"], r["latency_ci_low_s"], r["latency_ci_high_s"])
+                r["latency_s"],
+                r["latency_ci_low_s"],
+                r["latency_ci_high_s"],
+            )
             continue
         passes = [np.asarray(p) for p in samples[(r["run"], r["batch_size"])]]
         if rule == "pooled":

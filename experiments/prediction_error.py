@@ -4,8 +4,7 @@
 
 For each workdir: the median and 90th percentile over its points of
 |predicted_latency_s / latency_s - 1|, then each run's median with its fitted
-knee and the knee read from the predicted curve (95% intervals). These are the
-numbers issue 13's targets are stated in.
+knee and the knee read from the predicted curve (95% intervals).
 """
 
 import json

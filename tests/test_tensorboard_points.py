@@ -1,5 +1,5 @@
 """Every measured point in TensorBoard's Scalars tab, in batch order, as a real server serves it
-(started the way the README says), after a shuffled sweep and after the run is extended."""
+(started the way docs/viewing.md says), after a shuffled sweep and after the run is extended."""
 
 import json
 import os
