@@ -1,5 +1,8 @@
-"""One schema for a row: the README's table is the schema, sweeps write only its fields, and
-rows written before today (the committed results) stay readable."""
+"""One schema for a row: docs/results.md's table is the schema, sweeps write only its fields,
+and rows written before today (the committed results) stay readable.
+
+    python -m tests.test_rows    # writes the schema blocks of docs/results.md and docs/summary.md
+"""
 
 import glob
 import gzip
@@ -10,15 +13,33 @@ import pytest
 
 from batching import app, rows
 from batching.outputs import results
-from tests.conftest import ROOT, tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCHEMA_PAGE = os.path.join(ROOT, "docs", "results.md")
+BEGIN = "<!-- schema: generated from batching/rows.py by `python -m tests.test_rows` -->"
+END = "<!-- end of schema -->"
 
 
-def test_readme_field_table_is_the_schema():
-    with open(os.path.join(ROOT, "README.md")) as f:
-        readme = f.read()
-    assert rows.markdown_table() in readme
-    # Every group is described, every field has a group the README lists.
-    assert all(f"- {group}: {meaning}" in readme for group, meaning in rows.GROUPS.items())
+def schema_block(schema=rows, source: str = "batching/rows.py") -> str:
+    """The groups (`- group: meaning`) and the field table, between their markers."""
+    groups = "\n".join(f"- {group}: {meaning}" for group, meaning in schema.GROUPS.items())
+    begin = BEGIN.replace("batching/rows.py", source)
+    return f"{begin}\n{groups}\n\n{schema.markdown_table()}\n{END}"
+
+
+def page_block(text: str, source: str = "batching/rows.py") -> str:
+    """The schema block as the page holds it (markers included), or "" without one."""
+    begin, end = text.find(BEGIN.replace("batching/rows.py", source)), text.find(END)
+    return text[begin : end + len(END)] if 0 <= begin < end else ""
+
+
+def test_results_page_field_table_is_the_schema():
+    with open(SCHEMA_PAGE) as f:
+        page = f.read()
+    assert page_block(page) == schema_block(), "run `python -m tests.test_rows`"
+    assert rows.markdown_table() in page
+    # Every group is described, every field has a group the page lists.
+    assert all(f"- {group}: {meaning}" in page for group, meaning in rows.GROUPS.items())
     assert {f.group for f in rows.FIELDS} == set(rows.GROUPS)
 
 
@@ -39,6 +60,8 @@ def test_router_group_is_what_the_router_reports():
 
 
 def test_a_sweep_writes_only_schema_fields(tmp_path):
+    from tests.conftest import tiny
+
     config = tiny()
     config.profile.batch_sizes = (2,)
     app.run(config, str(tmp_path))
@@ -66,3 +89,22 @@ def test_committed_results_carry_only_schema_fields():
     for path, written in found.items():
         unknown = sorted({k for r in written for k in r if not rows.is_field(k)})
         assert not unknown, (path, unknown)
+
+
+def write_schema_page(page: str = SCHEMA_PAGE, schema=rows, source="batching/rows.py") -> None:
+    """Rewrites a page's schema block from its schema module."""
+    with open(page) as f:
+        text = f.read()
+    old = page_block(text, source)
+    if not old:
+        raise SystemExit(f"{page}: no schema block generated from {source}")
+    with open(page, "w") as f:
+        f.write(text.replace(old, schema_block(schema, source)))
+
+
+if __name__ == "__main__":
+    from batching import summaries
+    from tests import test_summaries
+
+    write_schema_page()
+    write_schema_page(test_summaries.SCHEMA_PAGE, summaries, test_summaries.SOURCE)

@@ -1,8 +1,14 @@
-"""The workdir's files: config.json, results.jsonl (one row per point), samples.jsonl, summary.json.
+"""The workdir's files, and how they are read and written.
 
-Rows are appended, flushed and fsynced one at a time, so an interrupted sweep
-keeps every point it finished. A rerun resumes: a point whose run, batch size
-and run fingerprint are already in results.jsonl is not measured again.
+- config.json: the config and each run's fingerprint.
+- results.jsonl: one row per point.
+- samples.jsonl: each point's timing samples, per pass.
+- summary.json: one summary per run.
+- device_peaks.json: the device peaks the analysis used.
+
+Rows are appended, flushed and fsynced one at a time. So an interrupted sweep keeps every
+point it finished. A rerun resumes where the sweep stopped. It skips a point whose run,
+batch size and fingerprint are in results.jsonl already.
 """
 
 import hashlib
@@ -14,7 +20,10 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 from absl import logging
+
+from batching import summaries
 
 CONFIG = "config.json"
 RESULTS = "results.jsonl"
@@ -28,7 +37,12 @@ OUTPUTS = (CONFIG, RESULTS, SAMPLES, SUMMARY, PEAKS, "plots", "tb", "report.md",
 
 
 def _finite_or_null(obj: Any) -> Any:
-    """NaN and infinity as null: strict JSON readers (a browser's) reject them."""
+    """NaN and infinity as null: strict JSON readers (a browser's) reject them.
+
+    A NumPy scalar becomes its Python number first.
+    """
+    if isinstance(obj, np.generic):
+        obj = obj.item()
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
@@ -39,20 +53,25 @@ def _finite_or_null(obj: Any) -> Any:
 
 
 class WorkdirError(ValueError):
-    """The workdir cannot be used as asked; the message says why in one line."""
+    """The workdir cannot be used as asked. The message says why, in one line."""
 
 
 def fingerprint(run_measurement_cfg: dict[str, Any]) -> str:
-    """Short stable hash of what decides a run's measurements."""
+    """Short stable hash of what decides a run's measurements.
+
+    It is the first 16 hex digits of a SHA-256 over the config's sorted JSON.
+    """
     blob = json.dumps(run_measurement_cfg, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def check_writable(workdir: str) -> None:
-    """Raises WorkdirError unless `workdir` exists writable or can be created; leaves nothing.
+    """Raises WorkdirError unless `workdir` is writable or can be created.
 
-    A missing workdir is created and removed again (with any parents it needed): a path
-    under a folder that takes no new entries (/proc) passes os.access but not mkdir."""
+    The check leaves nothing behind. A missing workdir is created and removed again, with
+    any parents it needed. Only mkdir tells for sure. A path under a folder that takes no
+    new entries (/proc) passes os.access but fails mkdir.
+    """
     if not workdir:
         raise WorkdirError("workdir is missing: pass --workdir=<dir>")
     path = os.path.abspath(workdir)
@@ -73,7 +92,10 @@ def check_writable(workdir: str) -> None:
 
 
 def _read_jsonl(path: str) -> list[dict[str, Any]]:
-    """Rows of a JSON-lines file; a torn last line (killed mid-write) is ignored with a warning."""
+    """Rows of a JSON-lines file. A torn line, left by a kill mid-write, ends the read.
+
+    The torn line is skipped with a warning, and its point is measured again.
+    """
     if not os.path.exists(path):
         return []
     rows = []
@@ -90,12 +112,12 @@ def _read_jsonl(path: str) -> list[dict[str, Any]]:
 
 
 def latest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (run, batch size): the last written (a retried point replaces its error)."""
+    """One row per (run, batch size): the last one written. A retried point replaces its error."""
     return list({(r["run"], r["batch_size"]): r for r in rows}.values())
 
 
 def is_ok(row: dict[str, Any]) -> bool:
-    """A measured point; rows written before statuses existed are measured points."""
+    """Whether the row is a measured point. A row without a status counts as one."""
     return row.get("status", "ok") == "ok"
 
 
@@ -141,8 +163,8 @@ class Store:
         return dest
 
     def write_config(self, config: dict[str, Any], fingerprints: dict[str, str]) -> None:
-        """Writes config.json: `config` and the runs' fingerprints, keeping those of runs it no
-        longer lists."""
+        """Writes config.json: `config` and the runs' fingerprints. It keeps the fingerprints
+        of runs the config no longer lists."""
         os.makedirs(self.workdir, exist_ok=True)
         old = {}
         if os.path.exists(self.path(CONFIG)):
@@ -153,20 +175,20 @@ class Store:
         self._write_json(CONFIG, {"config": config, "fingerprints": merged})
 
     def rows(self) -> list[dict[str, Any]]:
-        """Every row of results.jsonl, in the order written (a torn last line left out)."""
+        """Every row of results.jsonl, in the order written. A torn last line is left out."""
         return _read_jsonl(self.path(RESULTS))
 
     def samples(self) -> dict[tuple[str, int], list[float]]:
-        """Every timing sample of each point, its passes in order (pass_samples, pooled)."""
+        """Every timing sample of each point, its passes pooled in order (see pass_samples)."""
         return {
             key: [x for one_pass in passes for x in one_pass]
             for key, passes in self.pass_samples().items()
         }
 
     def pass_samples(self) -> dict[tuple[str, int], list[list[float]]]:
-        """Each point's samples per sweep pass, in pass order; the newest record of a pass
-        wins (a point measured again from scratch replaces its passes). Records written
-        before passes existed are pass 0."""
+        """Each point's samples per sweep pass, in pass order. The newest record of a pass
+        wins. A pass-0 record starts the point over. So a point measured again from scratch
+        replaces its passes. A record without a pass number counts as pass 0."""
         by_pass: dict[tuple[str, int], dict[int, list[float]]] = {}
         for s in _read_jsonl(self.path(SAMPLES)):
             key = (s["run"], s["batch_size"])
@@ -187,7 +209,8 @@ class Store:
     def measured(
         self, fingerprints: dict[str, str], statuses: tuple[str, ...] = ("ok",)
     ) -> set[tuple[str, int]]:
-        """Points of the current runs whose latest row has one of `statuses` (none reads ok)."""
+        """Points of the current runs whose latest row has one of `statuses`. A row without a
+        status reads ok."""
         return {
             (r["run"], r["batch_size"])
             for r in latest(self.rows())
@@ -206,8 +229,8 @@ class Store:
     def append(
         self, row: dict[str, Any], samples_s: Iterable[float] | None, pass_index: int = 0
     ) -> None:
-        """Appends the point's samples of sweep pass `pass_index` (if timed), then its row;
-        the row marks the pass done."""
+        """Appends the point's samples of sweep pass `pass_index`, if timed, then its row.
+        The row marks the pass done. Each record is flushed and fsynced."""
         os.makedirs(self.workdir, exist_ok=True)
         records = [(RESULTS, _finite_or_null(row))]
         if samples_s is not None:
@@ -223,7 +246,7 @@ class Store:
                 os.fsync(f.fileno())
 
     def rewrite_rows(self, rows: list[dict[str, Any]]) -> None:
-        """Replaces results.jsonl atomically (analysis fields are recomputed on every run)."""
+        """Replaces results.jsonl atomically. Analysis fields are recomputed on every run."""
         tmp = self.path(RESULTS + ".tmp")
         with open(tmp, "w") as f:
             for row in rows:
@@ -233,7 +256,13 @@ class Store:
         os.replace(tmp, self.path(RESULTS))
 
     def write_summary(self, summary: list[dict[str, Any]]) -> None:
-        """Writes summary.json, a summary per run (written then renamed)."""
+        """Writes summary.json, one summary per run. The file is written then renamed.
+
+        Each summary is checked against batching/summaries.py first. A bad one writes nothing.
+        """
+        summary = _finite_or_null(summary)
+        for s in summary:
+            summaries.check(s)
         self._write_json(SUMMARY, summary)
 
     def write_peaks(self, entries: dict[str, dict[str, Any]]) -> None:

@@ -6,42 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from batching.measure import pass_stats
+from batching import summaries
+from batching.measure import pass_stats, stats
 from batching.setup import specs
-
-ROUTING_ENDS = (
-    "drop_fraction",
-    "max_mean_load",
-    "load_cv",
-    "token_drop_fraction",
-    "device_max_mean_load",
-    "max_vio_batch",
-)
-RUN_FIELDS = (
-    "setting",
-    "seed",
-    "num_devices",
-    "process_count",
-    "width",
-    "tokens",
-    "channels",
-    "d_model",
-    "mlp_dim",
-    "depth",
-    "phase",
-    "cache_len",
-    "prompt_len",
-    "image_size",
-    "intensity_b1",
-    "router",
-    "num_experts",
-    "top_k",
-    "capacity_factor",
-    "aux_loss_weight",
-    "aux_loss_scope",
-    "router_bias_update_rate",
-    "trained",
-)
 
 
 def by_run(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -53,7 +20,12 @@ def by_run(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
 
 def run_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """One object per run: size, the ends of the sweep and where throughput peaks."""
+    """A run's summary object, from its ok rows.
+
+    It holds the run's size, the ends of the sweep and where throughput peaks. The workload
+    facts that name the run join it. So do the routing statistics at both ends and the
+    cross-sequence probe.
+    """
     rows = sorted(rows, key=lambda r: r["batch_size"])
     first, last = rows[0], rows[-1]
     best = max(rows, key=lambda r: r["throughput_per_s"])
@@ -80,18 +52,21 @@ def run_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         or ("tokens" if first.get("phase") else "examples"),
         "compile_s_total": float(np.sum([r["compile_s"] for r in rows])),
         # Workload facts that name the run (MLP width, decoder phase and context, ...).
-        **{k: first[k] for k in RUN_FIELDS if k in first},
+        **{k: first[k] for k in summaries.RUN_FIELDS if k in first},
         # Routing statistics at the ends of the sweep (MoE runs).
-        **{f"{k}_first": first[k] for k in ROUTING_ENDS if k in first},
-        **{f"{k}_last": last[k] for k in ROUTING_ENDS if k in last},
+        **{f"{k}_first": first[k] for k in summaries.ROUTING_ENDS if k in first},
+        **{f"{k}_last": last[k] for k in summaries.ROUTING_ENDS if k in last},
         **probe_summary(rows),
     }
 
 
 def probe_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The cross-sequence probe over a run's batch sizes (MoE decoder rows): the largest
-    fraction of trials that leaked, at which batch, and the largest logit change; {} where
-    nothing was probed (no rows with another sequence to change)."""
+    """The cross-sequence probe over a run's batch sizes, for MoE decoder rows.
+
+    It gives the largest fraction of trials that leaked, and at which batch. It also gives
+    the largest logit change and the trial counts. Where nothing was probed it returns {}.
+    That happens when no row has another sequence to change.
+    """
     probed = [r for r in rows if r.get("cross_seq_leak_fraction") is not None]
     if not probed:
         return {}
@@ -107,18 +82,25 @@ def probe_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def timing_summary(rows: list[dict[str, Any]], timing_cfg: Any) -> dict[str, Any]:
-    """How a run's points were timed and how precise they came out: the interval's method,
-    the cache state, passes per point, the median spread between passes and the precision
-    reached, the passes the target would need at that spread, the points whose passes
-    moved more than `timing.max_pass_cv`, and how busy the host was during passes. Rows
-    stored before passes were the unit have no pass fields: None there."""
+    """How a run's points were timed and how precise they came out.
+
+    - The interval's method, the estimator and the cache state.
+    - The fewest and most passes per point.
+    - The median spread between passes, and the precision reached.
+    - The passes the target would need at that spread.
+    - The points whose passes moved more than `timing.max_pass_cv`.
+    - How busy the host was during passes.
+    - Why the points stopped.
+
+    Rows without pass fields give None for the numbers drawn from them.
+    """
     cvs = [r["pass_cv"] for r in rows if r.get("pass_cv") is not None]
     cvs = [c for c in cvs if math.isfinite(c)]
     halves, pass_halves = _half_widths(rows, "latency_ci"), _half_widths(rows, "pass_ci")
     busy = [b for r in rows for b in (r.get("pass_host_busy") or []) if b is not None]
     done = [r.get("passes_done", 1) for r in rows]
     cv = float(np.median(cvs)) if cvs else None
-    confidence = timing_cfg.get("confidence", 0.95)
+    confidence = timing_cfg.get("confidence", stats.CONFIDENCE)
     target = timing_cfg.get("target_rel_ci")
     return {
         "interval_method": rows[0].get("interval_method"),
@@ -142,8 +124,11 @@ def timing_summary(rows: list[dict[str, Any]], timing_cfg: Any) -> dict[str, Any
 
 
 def _half_widths(rows: list[dict[str, Any]], prefix: str) -> list[float]:
-    """Each row's interval `<prefix>_low_s`..`<prefix>_high_s` as half its width over the
-    latency, where it has one."""
+    """Each row's relative half width of its interval `<prefix>_low_s`..`<prefix>_high_s`.
+
+    That is half the interval's width over the latency. Rows without a finite interval are
+    skipped.
+    """
     out = []
     for r in rows:
         lo, hi = r.get(f"{prefix}_low_s"), r.get(f"{prefix}_high_s")
@@ -153,7 +138,10 @@ def _half_widths(rows: list[dict[str, Any]], prefix: str) -> list[float]:
 
 
 def training_fields(train_summary: dict[str, Any]) -> dict[str, Any]:
-    """Held-out loss and routing statistics of a run's training, for its summary and hparams."""
+    """Held-out loss and routing statistics of a run's training, for its summary and hparams.
+
+    `train_summary` is what the workload's prepare step returned.
+    """
     held = train_summary.get("heldout_stats", {})
     return {
         "train_loss": train_summary.get("train_loss"),
@@ -196,13 +184,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def memory_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run's memory wall from all its rows, any status.
+    """The run's memory wall, from all its rows of any status.
 
-    memory_bytes is linear in the batch (weights + bytes per example x batch): a
-    least-squares line through the compiled programs' needs gives `bytes_per_example`
-    and `memory_fixed_bytes`, and `max_batch_predicted` is the largest batch whose
-    need fits the device's memory. Fewer than three batch sizes with a known need
-    give no fit (None).
+    memory_bytes is linear in the batch: weights + bytes per example × batch. A
+    least-squares line through the compiled programs' needs gives both terms. They are
+    `memory_fixed_bytes` and `bytes_per_example`. `max_batch_predicted` is the largest
+    batch whose need fits the device's memory. Fewer than three batch sizes with a known
+    need give no fit. Then all three stay None.
     """
     sized = sorted(
         (r["batch_size"], r["memory_bytes"]) for r in rows if r.get("memory_bytes") is not None
@@ -236,8 +224,9 @@ def memory_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def whatif_max_batch(s: dict[str, Any], devices: tuple[str, ...]) -> dict[str, int | None]:
     """Largest batch whose program fits each spec device: (memory - fixed) / bytes per example.
 
-    Uses this run's fitted memory line (weights and fixed buffers + bytes per example),
-    so it holds for the same dtype and program on the other device; None without a fit.
+    It uses this run's fitted memory line: weights and fixed buffers, plus bytes per
+    example. So it holds for the same dtype and program on the other device. Without a fit
+    each device gets None.
     """
     per, fixed = s.get("bytes_per_example"), s.get("memory_fixed_bytes")
     out = {}
