@@ -1,4 +1,7 @@
-"""What main.py hands off to: validate, prepare the workdir, sweep, then write every output."""
+"""What main.py hands off to.
+
+It validates the config and prepares the workdir. Then it sweeps and writes every output.
+"""
 
 import collections
 import fcntl
@@ -12,7 +15,7 @@ import numpy as np
 from absl import logging
 
 from batching import sweep
-from batching.measure import rates, timing
+from batching.measure import rates, stats, timing
 from batching.outputs import archive, hparams, plots, report, results, summary
 from batching.outputs.tensorboard import EventLog
 from batching.predict import analysis, claims
@@ -23,10 +26,11 @@ from batching.workloads import base as workload
 def prepare(
     config: ml_collections.ConfigDict, workdir: str, writer: bool = True
 ) -> tuple[list[workload.Bench], dict[str, str]]:
-    """Checks everything that can be checked before writing; raises ConfigError/WorkdirError.
-    Returns each run's bench (its workload family, found once) and fingerprint.
+    """Checks everything that can be checked before writing.
 
-    Only the writer (process 0) looks at the workdir: the others never touch it.
+    A problem raises a ConfigError or a WorkdirError. It returns each run's bench and
+    fingerprint. A bench holds the run's workload family, found once. Only the writer
+    (process 0) looks at the workdir. The others never touch it.
     """
     benches = validate(config)
     if distributed.is_multiprocess():
@@ -51,9 +55,12 @@ def prepare(
 
 
 def validate(config: ml_collections.ConfigDict) -> list[workload.Bench]:
-    """Every run of `config`, each field checked by the floor that owns it (setup's own,
-    the timer's, the claims', the model family's, then the mesh against the devices);
-    ConfigError on the first bad one, naming the field and its value."""
+    """Every run of `config`, each field checked by the floor that owns it.
+
+    Setup checks its own fields first. Then come the timer's, the claims' and the model
+    family's. Last, the mesh is checked against the devices. The first bad field raises a
+    ConfigError naming it and its value.
+    """
     benches = []
     try:
         for run in runs.expand(config):
@@ -82,7 +89,7 @@ Terminated = interrupt.Terminated
 
 
 class PointsFailed(RuntimeError):
-    """Some points raised (status "error"); every output was still written. Exit 1."""
+    """Some points raised (status "error"). Every output was still written. Exit 1."""
 
 
 def _terminate(signum, frame):
@@ -91,7 +98,10 @@ def _terminate(signum, frame):
 
 
 def lock_workdir(workdir: str):
-    """An OS-level lock on the workdir (released when the process dies); WorkdirError if held."""
+    """An OS-level lock on the workdir, released when the process dies.
+
+    A held lock raises a WorkdirError.
+    """
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, ".lock")
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -111,8 +121,8 @@ def lock_workdir(workdir: str):
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
     """Runs the experiment described by `config` into `workdir`; returns the run summaries.
 
-    With several processes (config.distributed) every process calls this with the same
-    config; process 0 writes and the others only take part in the measurements.
+    With several processes (config.distributed), every process calls this with the same
+    config. Process 0 writes. The others only take part in the measurements.
     """
     distributed.initialize(config)  # before anything else touches JAX
     writer = distributed.is_writer()
@@ -140,14 +150,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
             os.close(lock)
 
 
-# Fields that may differ between processes: where each host keeps its caches, how it prints.
+# Fields that may differ between processes.
+# They say where each host keeps its caches and how it prints.
 PER_PROCESS = ("distributed", "compilation_cache_dir", "output")
 
 
 def agreement(
     config: ml_collections.ConfigDict, all_runs: list[runs.Run], fingerprints: dict[str, str]
 ) -> dict[str, Any]:
-    """What every process must share with process 0, by name (distributed.check_same_config)."""
+    """What every process must share with process 0, by name.
+
+    distributed.check_same_config compares it.
+    """
     rest = {k: v for k, v in config.to_dict().items() if k not in PER_PROCESS}
     rest.get("roofline", {}).pop("peaks_cache_dir", None)
     points = {r.name: [r.batch_sizes, r.config.sweep.shuffle, r.config.seed] for r in all_runs}
@@ -159,7 +173,7 @@ def _run_locked(config, workdir, benches, fingerprints, writer=True) -> list[dic
     if config.compilation_cache_dir:
         enable_compilation_cache(config.compilation_cache_dir)
     if not writer:
-        # Another process: measure in step with process 0, write nothing.
+        # Another process measures in step with process 0 and writes nothing.
         sweep.run_sweep(benches, fingerprints, store, False, writer=False)
         return []
     if config.overwrite and store.has_outputs():
@@ -188,8 +202,10 @@ def _run_locked(config, workdir, benches, fingerprints, writer=True) -> list[dic
 
 
 def prepare_runs(benches: list[workload.Bench], workdir: str) -> dict[str, dict[str, Any]]:
-    """Steps a workload needs before it can be timed (training an MoE decoder), per run; the
-    step's curves go to the run's TensorBoard folder."""
+    """Runs the steps a workload needs before it can be timed, per run.
+
+    Training an MoE decoder is one. The step's curves go to the run's TensorBoard folder.
+    """
     done = {}
     for bench in benches:
         if bench.prepares:
@@ -200,10 +216,12 @@ def prepare_runs(benches: list[workload.Bench], workdir: str) -> dict[str, dict[
 
 
 def enable_compilation_cache(path: str) -> None:
-    """Turns on JAX's persistent compilation cache in `path`, keeping every executable however small
-    or quick to compile."""
+    """Turns on JAX's persistent compilation cache in `path`.
+
+    It keeps every executable, however small or quick to compile.
+    """
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
-    # Cache every executable: the lab's compiles are small but there are many of them.
+    # Cache every executable. The lab's compiles are small, but there are many.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
@@ -216,10 +234,12 @@ def finalize(
     prepared: dict[str, dict[str, Any]] | None = None,
     devices: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Analysis, summaries, plots, TensorBoard run summaries, the report and the printed table.
+    """Writes the analysis, summaries, plots and TensorBoard run summaries.
 
-    `devices` (run name -> device) stands in for the run's own device: rows measured
-    elsewhere, analysed here (experiments/reanalyze.py)."""
+    It also writes the report and prints the table. `devices` maps run name -> device. It
+    stands in for the run's own device. So rows measured elsewhere are analysed here
+    (experiments/reanalyze.py).
+    """
     stored = store.rows()
     all_rows = results.latest(stored)
     current_all = [r for r in all_rows if fingerprints.get(r["run"]) == r.get("fingerprint")]
@@ -271,8 +291,11 @@ def analyze(
     store: results.Store,
     devices: dict[str, Any] | None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Each measured run's summary (its ends, memory wall and roofline fields) and its rows
-    with their analysis; the peaks it used go to the workdir's device_peaks.json."""
+    """Each measured run's summary, and its rows with their analysis.
+
+    A summary holds the run's ends, memory wall and roofline fields. The peaks used go to
+    the workdir's device_peaks.json.
+    """
     all_samples = store.pass_samples()
     peak_source = rates.RateSource(
         config.roofline.peaks_cache_dir,
@@ -307,16 +330,19 @@ def analyze(
 
 
 def analyze_run(bench, rows, samples, device, peak_source):
-    """One run's rows and summary fields from the roofline analysis, its rates measured by
-    `peak_source` on `device`; a peaks file without this device leaves it unanalysed."""
+    """One run's rows and summary fields from the roofline analysis.
+
+    `peak_source` measures its rates on `device`. A peaks file without this device leaves
+    the run unanalysed.
+    """
     budget = rates.microbenchmark_budget(bench.config.roofline, device.platform)
     peak_source.start_run(budget)
     try:
-        # The family's attention over its KV cache: the attention microbenchmark times what
-        # the model runs.
+        # The family's attention over its KV cache.
+        # So the attention microbenchmark times what the model runs.
         return analysis.analyze_run(
             rows, samples, device, bench.config.roofline, peak_source, bench.attend,
-            bench.config.timing.get("confidence", 0.95),
+            bench.config.timing.get("confidence", stats.CONFIDENCE),
         )  # fmt: skip
     except rates.NoPeaks as e:  # a peaks file without this run's device
         logging.warning("run %s is not analysed: %s", bench.name, e)
@@ -324,7 +350,11 @@ def analyze_run(bench, rows, samples, device, peak_source):
 
 
 def closing_line(store: results.Store, rows: list[dict[str, Any]]) -> str:
-    """Where the report is, how to open TensorBoard, and how many points were not ok and why."""
+    """The closing line: the report, TensorBoard, and the points not ok.
+
+    It says where the report is and how to open TensorBoard. It counts the points that were
+    not ok, and why.
+    """
     line = f"report: {store.path('report.md')} | tensorboard --logdir {store.path('tb')}"
     ok = [r for r in rows if results.is_ok(r)]
     converged = sum(bool(r.get("converged", True)) for r in ok)

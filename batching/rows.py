@@ -1,11 +1,11 @@
 """One row of results.jsonl: every field a row may carry, with its group, unit and meaning.
 
-A row is one (run, batch size) point, self-contained: read alone it says what ran, where,
-how it was timed and what the analysis made of it, so rows from several machines can be
-concatenated and archived. The sweep builds rows through `make` and the analysis extends
-them through `extend`, both of which refuse a field this table does not list; the README's
-"Results schema" table is `markdown_table()` (a test keeps them equal). Rows written before
-a field existed stay readable: readers use `.get` for everything outside the point group.
+A row is one (run, batch size) point, and it stands alone. It says what ran, and where.
+It says how it was timed and what the analysis made of it. So rows from several machines
+can be concatenated and archived. The sweep builds rows through `make`. The analysis extends
+them through `extend`. Both refuse a field this table does not list. The table in
+docs/results.md is `markdown_table()`, and a test keeps them equal. A row may lack any
+field outside the point group. So readers use `.get` for those.
 """
 
 import dataclasses
@@ -17,7 +17,7 @@ Row = dict[str, Any]
 
 @dataclasses.dataclass(frozen=True)
 class Field:
-    """A row field: its name, the group it belongs to, its unit ("" for none) and meaning."""
+    """A row field: its name, group, unit ("" for none) and meaning."""
 
     name: str
     group: str
@@ -366,7 +366,7 @@ def is_field(name: str) -> bool:
 
 
 def check(fields: dict[str, Any]) -> None:
-    """KeyError naming every field `fields` holds that no row may carry."""
+    """Raises a KeyError naming each field in `fields` that no row may carry."""
     unknown = sorted(k for k in fields if not is_field(k))
     if unknown:
         raise KeyError(f"row fields {unknown} are not in batching.rows.FIELDS")
@@ -379,7 +379,7 @@ def make(**fields: Any) -> Row:
 
 
 def extend(row: Row, **fields: Any) -> Row:
-    """`row` with `fields` added or replaced (a new dict), every one of them a schema field."""
+    """A new dict: `row` with `fields`, each a schema field, added or replaced."""
     check(fields)
     return {**row, **fields}
 
@@ -392,7 +392,7 @@ def names(group: str) -> tuple[str, ...]:
 
 
 def markdown_table() -> str:
-    """The README's field table: one line per field, grouped."""
+    """The field table of docs/results.md: one line per field, grouped."""
     lines = ["| field | group | unit | meaning |", "|---|---|---|---|"]
     for f in FIELDS:
         unit = f.unit or "–"

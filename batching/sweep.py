@@ -1,9 +1,10 @@
-"""The sweep: for each run and batch size, in passes, visit the point and append its row.
+"""The sweep visits each run's batch sizes in passes, appending a row per visit.
 
-config -> runs -> a bench per run (its mesh and workload) -> one visit per point and pass
-(batching.measure.point) -> row. Analysis and writers read the rows afterwards; nothing here
-draws or reports. A point that fails is a row, never a crash; an interrupted sweep keeps
-every row it wrote, and a rerun resumes from them.
+The flow: config -> runs -> a bench per run -> visits -> rows. There is one visit per point
+and pass. A bench holds the run's mesh and workload. batching.measure.point makes each
+visit. Analysis and writers read the rows afterwards. Nothing here draws or reports. A point
+that fails is a row, never a crash. An interrupted sweep keeps every row it wrote. A rerun
+resumes from them.
 """
 
 import random
@@ -36,14 +37,17 @@ from batching.setup import distributed, runs
 from batching.setup.interrupt import raise_if_terminated
 from batching.workloads.base import Bench
 
-# A row's status: "ok" (measured), "skipped_memory" (its program needs more than the memory
-# budget, not run), "oom" (RESOURCE_EXHAUSTED), "skipped_after_oom" (a larger batch of a run
-# that hit OOM), "error" (any other exception). Rows without one are ok. A rerun retries
-# "error" and "skipped_memory" points (the budget may have changed; skipping costs a compile).
+# A row's status says what happened to the point. "ok": measured.
+# "skipped_memory": not run, as its program needs more than the memory budget.
+# "oom": RESOURCE_EXHAUSTED. "skipped_after_oom": a larger batch of a run that hit OOM.
+# "error": any other exception. Rows without a status are ok.
+# A rerun retries "error" and "skipped_memory" points.
+# The budget may have changed, and a skip costs only a compile.
 NOT_RETRIED = ("ok", "oom", "skipped_after_oom")
 # Statuses as the codes processes exchange to agree on a point's outcome (0 is ok).
 STATUS_CODES = {"ok": 0, "skipped_memory": 1, "oom": 2, "skipped_after_oom": 3, "error": 4}
-# A point's stop reasons once the sweep is done with it; "pending" rows get more passes.
+# A point's stop reasons once the sweep is done with it.
+# "pending" rows get more passes.
 FINAL = ("precision", "budget", "max_passes")
 
 
@@ -54,8 +58,9 @@ def plan(
     writer: bool,
     share: distributed.Share | None,
 ) -> tuple[dict[str, dict[int, PointState]], dict[str, int]]:
-    """What is left to measure, per run: batch size -> its state (the passes already done,
-    from the store: a rerun resumes mid-pass), and the runs' OOM walls. Process 0 decides."""
+    """What is left to measure per run, and the runs' OOM walls. Each run maps batch size -> state.
+    A state holds the passes already done, from the store. So a rerun resumes mid-pass. Process 0
+    decides."""
     todo, oom_at = {}, {}
     if writer:
         latest = store.latest_rows(fingerprints)
@@ -83,13 +88,14 @@ def plan(
 def _resumed(
     row: dict[str, Any] | None, pass_samples: list[list[float]], passes: int
 ) -> PointState | None:
-    """A point's state from its stored row and samples; None when nothing is left to do (all
-    passes done, or a status a rerun keeps: an OOM, a point past the run's OOM wall)."""
+    """A point's state from its stored row and samples. It is None when nothing is left to do.
+    Either all passes are done, or a rerun keeps the status. A rerun keeps an OOM, and a point
+    past the run's OOM wall."""
     if row is None or row.get("status", "ok") not in NOT_RETRIED:
         return PointState()  # never measured, or to be retried from scratch
     if not results.is_ok(row):
         return None
-    done = row.get("passes_done", passes)  # rows written before passes: one complete pass
+    done = row.get("passes_done", passes)  # a row without passes_done: one complete pass
     if done >= passes and row.get("stop_reason", "precision") in FINAL:
         return None
     return PointState(row, [np.asarray(s, np.float64) for s in pass_samples[:done]])
@@ -102,11 +108,10 @@ def run_sweep(
     progress_bar: bool,
     writer: bool = True,
 ) -> int:
-    """Measures every (run, batch size) not yet in the store, in `sweep.passes` passes per
-    run (each visits every batch size once, shuffled per pass); returns how many visits it
-    made. With several processes, process 0's store decides what is left to measure and
-    only process 0 (`writer`) writes rows, samples and TensorBoard points.
-    """
+    """Measures every (run, batch size) not yet in the store; returns its visits. Each run gets
+    `sweep.passes` passes. Each pass visits every batch size once, shuffled anew. With several
+    processes, process 0's store decides what is left to measure. Only process 0 (`writer`)
+    writes rows, samples and TensorBoard points."""
     share = distributed.sharer()
     all_runs = [b.run for b in benches]
     todo, oom_at = plan(all_runs, fingerprints, store, writer, share)
@@ -135,7 +140,7 @@ def run_sweep(
 
 
 class Sweep:
-    """One sweep's shared state: the store, the OOM walls, the progress bar, the processes."""
+    """One sweep's shared state: store, OOM walls, progress bar and processes."""
 
     def __init__(self, store, fingerprints, oom_at, bar, writer, share):
         self.store, self.fingerprints, self.oom_at = store, fingerprints, oom_at
@@ -143,10 +148,10 @@ class Sweep:
         self.visits = 0
 
     def run(self, bench: Bench, todo: dict[int, PointState]) -> None:
-        """A run's points in rounds of passes: round p visits, in a shuffled order, the points
-        with p passes done; every point gets sweep.passes, then the unconverged ones more
-        until the run's budget (timing.run_budget_s) or sweep.max_passes; a point that fails
-        leaves the later rounds."""
+        """A run's points in rounds of passes. Round p visits the points with p passes done, in a
+        shuffled order. Every point gets sweep.passes. The unconverged ones then get more. That
+        goes on until the run's budget (timing.run_budget_s) or sweep.max_passes. A point that
+        fails leaves the later rounds."""
         ctx = self.build(bench, list(todo))
         if ctx is None:
             return
@@ -161,7 +166,8 @@ class Sweep:
                     if not self.visit(ctx, b, todo[b], points):
                         del todo[b]
                 if points is not None and p:
-                    # Later rounds move points that are all shown already: once per round.
+                    # Later rounds move points that are all shown already.
+                    # So they are written once per round.
                     points.write(run_rows(self.store, bench.run.name, ctx.fingerprint))
                 p += 1
             self.finish(ctx, todo)
@@ -170,9 +176,9 @@ class Sweep:
                 points.close()
 
     def round(self, ctx: PointContext, todo: dict[int, PointState], p: int, started: float):
-        """The points of round p, shuffled: those with p passes done, unless p is past the
-        passes every point gets and the point converged, the run's budget is spent, or p
-        reached sweep.max_passes. Process 0 decides for every process."""
+        """The points of round p, shuffled: those with p passes done. Past the passes every point
+        gets, converged points drop out. So does every point once the run's budget is spent. None
+        are left once p reaches sweep.max_passes. Process 0 decides for every process."""
         run = ctx.run
         due = [b for b, st in todo.items() if st.passes_done == p]
         if p >= ctx.max_passes:
@@ -190,13 +196,13 @@ class Sweep:
         return due
 
     def spent(self, ctx: PointContext, started: float) -> bool:
-        """Whether the run has spent its budget for passes (process 0's clock decides)."""
+        """Whether the run has spent its budget for passes. Process 0's clock decides."""
         over = time.perf_counter() - started >= ctx.timing.run_budget_s
         return bool(self.share("run_budget", int(over))) if self.share is not None else over
 
     def finish(self, ctx: PointContext, todo: dict[int, PointState]) -> None:
-        """Every point the sweep stops adding passes to without its target met is rewritten
-        with why: `max_passes` (it has sweep.max_passes) or `budget` (the run's budget)."""
+        """Rewrites each point that got no more passes before meeting its target. Its row says why.
+        `max_passes` means it has sweep.max_passes. `budget` means the run's budget ran out."""
         for st in todo.values():
             if st.row is None or _converged(st) or st.row.get("stop_reason") in FINAL:
                 continue
@@ -206,14 +212,14 @@ class Sweep:
                 self.store.append(st.row, None)
 
     def build(self, bench: Bench, sizes: list[int]) -> PointContext | None:
-        """The run's points' context (its mesh and workload, built once by the bench), or
-        None after recording every point as an error."""
+        """The run's points' context, or None after recording every point as an error. The context
+        holds the mesh and workload, built once by the bench."""
         failure, topo, wl = None, None, None
         try:
             topo = bench.topology()
             wl = bench.workload(self.store.workdir)
             if bench.config.roofline.enabled and topo.num_devices > 1:
-                # The analysis reads these; every process measures them here, together.
+                # The analysis reads these. Every process measures them here, together.
                 collectives_bench.measure_run(topo.mesh, bench.config.roofline.peaks_cache_dir)
         except Exception as e:  # noqa: BLE001 - a broken run is rows, not a crash
             raise_if_terminated()
@@ -237,8 +243,8 @@ class Sweep:
         return None
 
     def visit(self, ctx, batch_size, state, points) -> bool:
-        """One pass over one point: measured (the first pass compiles it), recorded, shown;
-        False when the point failed and leaves the later passes."""
+        """One pass over one point: measured, recorded and shown. The first pass compiles it. It
+        returns False when the point failed. A failed point leaves the later passes."""
         run = ctx.run
         self.bar.set_postfix_str(f"{run.name} batch={batch_size} pass={state.passes_done + 1}")
         wall_before = self.oom_at.get(run.name)
@@ -266,7 +272,8 @@ class Sweep:
         state.row = row
         state.pass_samples.append(np.asarray(samples))
         if points is not None and state.passes_done == 1:
-            # A point's first pass shows it at once (later passes: once per round, run).
+            # A point's first pass shows it at once.
+            # Later passes show once per round, in `run`.
             points.write(run_rows(self.store, run.name, ctx.fingerprint))
         self.log_visit(ctx, row, state)
         return True
@@ -288,7 +295,7 @@ class Sweep:
 
 
 def _converged(state: PointState) -> bool:
-    """Whether the point's latest row met its target (process 0's rows decide)."""
+    """Whether the point's latest row met its target. Process 0's rows decide."""
     return bool(state.row is not None and state.row.get("converged"))
 
 
@@ -307,11 +314,9 @@ def guarded_point(
     oom_at: dict[str, int],
     state: PointState | None = None,
 ) -> tuple[dict[str, Any], np.ndarray | None]:
-    """A point's first visit, one row whatever happens; an OOM records the run's wall in
-    `oom_at`; the compiled program goes into `state` for the later passes.
-
-    Losing the other processes (DistributedError) is not a point's failure: it ends the run.
-    """
+    """A point's first visit: one row, whatever happens. An OOM records the run's wall in `oom_at`.
+    The compiled program goes into `state` for the later passes. Losing the other processes is
+    not a point's failure. That DistributedError ends the run."""
     wall = oom_at.get(ctx.run.name)
     if wall is not None and batch_size > wall:
         message = f"batch {wall} hit OOM"
@@ -334,8 +339,8 @@ def guarded_point(
 def guarded_repeat(
     ctx: PointContext, batch_size: int, state: PointState
 ) -> tuple[dict[str, Any], np.ndarray | None]:
-    """A later pass over a point, one row whatever happens (a failure replaces the point's
-    row: a rerun measures it again from its first pass)."""
+    """A later pass over a point: one row, whatever happens. A failure replaces the point's row. A
+    rerun then measures it again from its first pass."""
     try:
         return repeat_point(ctx, batch_size, state)
     except distributed.DistributedError:
@@ -347,7 +352,7 @@ def guarded_repeat(
 def _failed(
     ctx: PointContext, batch_size: int, e: Exception, oom_at: dict[str, int]
 ) -> tuple[dict[str, Any], None]:
-    """The row of a point that raised: "oom" (recording the run's wall) or "error"."""
+    """The row of a point that raised: "oom" or "error". An "oom" records the run's wall."""
     raise_if_terminated()
     name = ctx.run.name
     if is_oom(e):
@@ -365,13 +370,11 @@ def agree_on_outcome(
     oom_at: dict[str, int],
     wall_before: int | None,
 ) -> tuple[dict[str, Any], np.ndarray | None]:
-    """A point that failed on any process is recorded alike by every process.
-
-    Processes exchange (batch size, status); when any failed, every process takes the
-    status of the first one that did (lowest index), so process 0's row, the run's OOM
-    wall (`oom_at`, which was `wall_before` before this point) and what a rerun retries
-    are the same everywhere, and the processes go on making the same calls.
-    """
+    """A point that failed on any process is recorded alike by every process. Processes exchange
+    (batch size, status). When any failed, every process takes one status. It is that of the
+    failed process with the lowest index. So process 0's row is the same everywhere. So is the
+    run's OOM wall, `oom_at`. It was `wall_before` before this point. What a rerun retries agrees
+    too. And the processes go on making the same calls."""
     run, batch_size = ctx.run, row["batch_size"]
     table = distributed.gather_codes("outcome", [batch_size, STATUS_CODES[row["status"]]])
     if (table[:, 0] != batch_size).any():

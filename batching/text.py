@@ -1,13 +1,17 @@
-"""How the lab writes a number in a table or a sentence: one function for the report, the
-verdicts and the printed table."""
+"""How the lab writes a number in a table or a sentence.
+
+The report, the verdicts and the printed table share this one function.
+"""
 
 import math
 from typing import Any
 
 
 def fmt(x: Any, digits: int = 3, missing: str = "–") -> str:
-    """`x` with `digits` significant digits if a float, as is if an int or a string;
-    `missing` for None and NaN, ∞ for +inf."""
+    """`x` as text, a float with `digits` significant digits.
+
+    An int or a string is written as is. None and NaN become `missing`. +inf becomes ∞.
+    """
     if x is None:
         return missing
     if isinstance(x, float):

@@ -1,3 +1,6 @@
-"""Measuring, the third floor: the timer, one point's visit, the statistics of samples, and
-the microbenchmarks (peaks, per-shape rates, collectives) with their cache, handed to the
-analysis as a rate source; and the profiler trace read back per op kind."""
+"""Measuring, the third floor of the lab.
+
+It holds the timer and one point's visit. It holds the statistics of samples. It holds the
+microbenchmarks (peaks, per-shape rates, collectives) and their cache. The analysis receives
+them as a rate source. The profiler trace is read back here, per op kind.
+"""

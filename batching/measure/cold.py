@@ -1,10 +1,12 @@
-"""Cold calls: the last-level cache evicted before each timed call (timing.cache = "cold").
+"""Cold calls: the last-level cache is evicted before each timed call.
 
-Calls timed back to back find the weights where the previous call left them: in the
-last-level cache when they fit (an H100's 50 MB L2 holds the post's 33.6 MB MLP), so the
-"memory-bound" region is then cache-bound. A cold call finds them in DRAM: before it, outside
-the clock, one program reads and writes a buffer twice the cache's size on every device of
-the mesh, as triton's do_bench zeroes a 256 MB buffer before each call to evict L2.
+This is `timing.cache = "cold"`. Calls timed back to back find the weights where the last call
+left them. Weights that fit stay in the last-level cache. An H100's 50 MB L2 holds the post's
+33.6 MB MLP, for example. Its "memory-bound" region is then cache-bound. A cold call finds the
+weights in DRAM instead. Before it, outside the clock, one program runs. It streams a buffer
+through every device of the mesh. The buffer is twice the cache's size. The program reads and
+writes it. Triton's do_bench does the same to evict L2. It zeroes a 256 MB buffer before each
+call.
 """
 
 from typing import Any
@@ -18,13 +20,18 @@ MIN_FLUSH_BYTES = 16 << 20
 
 
 def flush_bytes(cache_bytes: int) -> int:
-    """Bytes of the buffer a flush streams through, per device: twice the cache."""
+    """Bytes per device that one flush streams through. That is twice `cache_bytes`. It is never
+    less than MIN_FLUSH_BYTES.
+    """
     return max(2 * int(cache_bytes), MIN_FLUSH_BYTES)
 
 
 class CacheFlush:
-    """Streams a per-device buffer of flush_bytes(cache_bytes) through every device of `mesh`
-    (read and written in place: `x + 1`, donated) and waits for it; a call is one flush."""
+    """Streams a buffer through every device of `mesh`, to evict its cache.
+
+    Each device holds flush_bytes(cache_bytes) of the buffer, as uint32. A call adds one to it
+    in place (donated). It then waits for the result. One call is one flush.
+    """
 
     def __init__(self, mesh: jax.sharding.Mesh, cache_bytes: int):
         per_device = flush_bytes(cache_bytes) // 4
@@ -44,5 +51,5 @@ class CacheFlush:
 
 
 def for_run(cache: str, mesh: Any, cache_bytes: int) -> CacheFlush | None:
-    """The run's flush for `timing.cache`: None when warm."""
+    """The run's flush for `timing.cache`, or None when the run is warm."""
     return CacheFlush(mesh, cache_bytes) if cache == "cold" else None

@@ -1,12 +1,14 @@
 """What a mesh's collectives reach: microbenchmarks of its bus bandwidths, cached.
 
-The microbenchmarks time `jax.lax.psum` and `jax.lax.all_to_all` under `shard_map` over
-one axis of the run's mesh with the lab's timer (batching.measure.timing, as the peaks'
-microbenchmarks do) and keep the result in the peaks cache file, keyed by device kind,
-collective, axis size and payload bytes, as bus bandwidths (batching.workloads.collectives:
-busbw = payload / time · bus factor). Two payloads (4 KiB, 4 MiB) fix a latency-bandwidth
-model t(S) = α + S/β (Hockney), so a call's small collectives pay their latency
-(`effective_busbw`). An axis of one device has no collective: nothing is measured.
+The microbenchmarks time `jax.lax.psum` and `jax.lax.all_to_all` under `shard_map`. Each runs
+over one axis of the run's mesh. The lab's timer times them (batching.measure.timing), as it
+times the peaks. The results go to the peaks cache file, as bus bandwidths. Their key is the
+device kind, collective, axis size and payload bytes. A bus bandwidth is payload / time · bus
+factor (batching.workloads.collectives).
+
+Two payloads, 4 KiB and 4 MiB, fix a latency-bandwidth model. It is t(S) = α + S/β (Hockney). A
+call's small collectives then pay their latency (`effective_busbw`). An axis of one device has
+no collective. Nothing is measured there.
 """
 
 import time
@@ -40,8 +42,10 @@ LOCKSTEP = timing.TimingSettings(
 
 
 def _program(mesh: Mesh, axis: str, kind: str):
-    """The collective over `axis` as a shard_map, and the sharding of its input: every
-    device holds one [rows, 128] float32 block."""
+    """The collective over `axis` as a shard_map, and the sharding of its input.
+
+    Every device holds one [rows, 128] float32 block. `kind` is "all_reduce" or "all_to_all".
+    """
     spec = PartitionSpec(axis)
 
     if kind == "all_reduce":
@@ -62,9 +66,15 @@ def _program(mesh: Mesh, axis: str, kind: str):
 def measure(mesh: Mesh, axis: str, kind: str, payload_bytes: int) -> dict[str, float]:
     """Times one collective of `payload_bytes` per device over `axis` of `mesh`.
 
-    Returns the median seconds, algbw (payload / seconds) and busbw (algbw · factor),
-    bytes/s. The other mesh axes run the same collective side by side (each slice along
-    `axis` is one group), as in a sweep where every group communicates at once.
+    It returns four fields:
+
+    - `seconds`: the median seconds of a call.
+    - `payload_bytes`: the payload per device, rounded to whole rows.
+    - `algbw_bytes_per_s`: payload / seconds.
+    - `busbw_bytes_per_s`: algbw · bus factor.
+
+    The other mesh axes run the same collective side by side. Each slice along `axis` is one
+    group. So every group communicates at once, as in a sweep.
     """
     n = mesh.shape[axis]
     if n < 2:
@@ -100,8 +110,11 @@ def bandwidth(
     payload_bytes: int = DEFAULT_PAYLOAD_BYTES,
     refresh: bool = False,
 ) -> dict[str, float] | None:
-    """`measure` of one (collective, axis size, payload), cached in the peaks file under the
-    device's key (measured again with `refresh`); None on an axis of one device."""
+    """`measure` of one collective, axis size and payload, cached.
+
+    The cache is the peaks file, under the device's key. `refresh` measures it again. It is None
+    on an axis of one device.
+    """
     n = mesh.shape[axis]
     if n < 2:
         return None
@@ -118,7 +131,10 @@ def bandwidth(
 def mesh_bandwidths(
     mesh: Mesh, cache_dir: str, payload_bytes: int = DEFAULT_PAYLOAD_BYTES, refresh: bool = False
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """Measured bus bandwidths of every axis of more than one device: {axis: {kind: result}}."""
+    """Measured bus bandwidths of every axis of more than one device.
+
+    The result is {axis: {kind: bandwidth's result}}.
+    """
     out = {}
     for axis, n in mesh.shape.items():
         if n > 1:
@@ -130,18 +146,22 @@ def mesh_bandwidths(
 
 
 def measured_kind(kind: str) -> str:
-    """The microbenchmark that stands for `kind`: an all-gather, not measured, takes the
-    all-reduce's (a ring all-reduce is a reduce-scatter and an all-gather, each at the same
-    bus bandwidth, nccl-tests)."""
+    """The microbenchmark that stands for `kind`.
+
+    An all-gather is not measured. It takes the all-reduce's bandwidth. A ring all-reduce is a
+    reduce-scatter and an all-gather. Each runs at the same bus bandwidth (nccl-tests).
+    """
     return kind if kind in MEASURED else "all_reduce"
 
 
 def measure_run(mesh: Mesh, cache_dir: str) -> None:
-    """Everything the analysis of a run on `mesh` looks up: each axis of more than one
-    device, each measured collective, at the small and the large payload (`latency_model`).
+    """Measures everything the analysis of a run on `mesh` looks up.
 
-    Run during the sweep, where every process runs the same collectives in the same order
-    (a collective that only process 0 entered would wait forever); the analysis only reads.
+    That is every axis of more than one device and every measured collective. Each is measured
+    at the small and the large payload (`latency_model`).
+
+    It runs during the sweep. There every process runs the same collectives in the same order. A
+    collective that only process 0 entered would wait forever. The analysis only reads.
     """
     # Each host has its own cache file: one host skipping a measurement it has cached while
     # another runs it would hang both, so with several processes every one measures.
@@ -153,8 +173,10 @@ def measure_run(mesh: Mesh, cache_dir: str) -> None:
 def lookup(
     device: jax.Device, kind: str, axis_size: int, payload_bytes: int, cache_dir: str
 ) -> dict[str, float] | None:
-    """A cached measurement (`bandwidth`'s result) of `kind` over `axis_size` devices at
-    `payload_bytes` (what `bandwidth` was asked for); None if it was never measured."""
+    """A cached measurement of `kind` over `axis_size` devices at `payload_bytes`.
+
+    It is `bandwidth`'s result for those arguments. It is None if it was never measured.
+    """
     table = peaks_cache.device_entry(device, cache_dir).get("collectives", {})
     return table.get(_name(measured_kind(kind), axis_size, payload_bytes))
 
@@ -162,10 +184,12 @@ def lookup(
 def latency_model(
     device: jax.Device, kind: str, axis_size: int, cache_dir: str
 ) -> tuple[float, float] | None:
-    """(α seconds, β bytes/s) of t(S) = α + S/β for `kind` over `axis_size` devices, S the
-    payload per device: Hockney's latency-bandwidth model through the two cached
-    measurements (SMALL_PAYLOAD_BYTES, DEFAULT_PAYLOAD_BYTES); None if either is missing.
-    A small message pays the latency α that a large-message bandwidth alone would hide.
+    """(α seconds, β bytes/s) of t(S) = α + S/β for `kind` over `axis_size` devices.
+
+    S is the payload per device. This is Hockney's latency-bandwidth model. It goes through the
+    two cached measurements (SMALL_PAYLOAD_BYTES, DEFAULT_PAYLOAD_BYTES). It is None if either
+    is missing. A small message pays the latency α. A large-message bandwidth alone would hide
+    it.
     """
     small = lookup(device, kind, axis_size, SMALL_PAYLOAD_BYTES, cache_dir)
     large = lookup(device, kind, axis_size, DEFAULT_PAYLOAD_BYTES, cache_dir)
@@ -180,8 +204,11 @@ def latency_model(
 
 
 def effective_busbw(device: jax.Device, c: dict[str, Any], cache_dir: str) -> float | None:
-    """The bus bandwidth a collectives entry `c` reaches at its own payload under
-    `latency_model`: bytes·factor / (α + bytes/β); None where the mesh was not measured."""
+    """The bus bandwidth that a collectives entry `c` reaches at its own payload.
+
+    It follows `latency_model`: bytes·factor / (α + bytes/β). It is None where the mesh was not
+    measured.
+    """
     model = latency_model(device, c["kind"], c["axis_size"], cache_dir)
     if model is None:
         return None

@@ -1,13 +1,15 @@
-"""How far the machine itself moves between runs, from a log of quick reference readings.
+"""How far the machine itself moves between runs, from a log of quick readings.
 
-A run timed while its host is 10% slower (a neighbour on the hypervisor, memory bandwidth
-shared with other guests, clocks) is 10% slower at every point for the whole run; no spread
-between one run's passes can show that. The lab keeps a log per device and dtype, beside the
-peaks cache (DRIFT_LOG): each run's check of the cached peaks (peaks.check_cached) reads the
-square matmul's FLOP/s and the streaming read bandwidth (microbench.quick_peaks), and every
-reading is logged with its time. The spread of the log's speed index (the geometric mean of
-the two rates) over its recent readings is the machine's drift between runs: the analysis
-adds it to each point's interval (pass_stats.with_drift).
+A host can run 10% slower for a whole run. A neighbour on the hypervisor can cause it. So can
+memory bandwidth shared with other guests, or clocks. Every point of that run is then 10%
+slower. No spread between one run's passes can show that.
+
+So the lab keeps a log per device and dtype (DRIFT_LOG). It lies beside the peaks cache. Each
+run checks the cached peaks (peaks.check_cached). The check reads two rates
+(microbench.quick_peaks). One is the square matmul's FLOP/s. The other is the streaming read
+bandwidth. Every reading is logged with its time. A reading's speed index is the geometric mean
+of its two rates. The spread of that index over recent readings is the drift. The analysis adds
+it to each point's interval (pass_stats.with_drift).
 """
 
 import dataclasses
@@ -32,8 +34,12 @@ MIN_READINGS = 4
 
 @dataclasses.dataclass(frozen=True)
 class Drift:
-    """The machine's drift between runs: the standard deviation of the log speed index over
-    `readings` readings spanning `span_s` seconds."""
+    """The machine's drift between runs.
+
+    - `sd`: the standard deviation of the log speed index.
+    - `readings`: how many readings it comes from.
+    - `span_s`: the seconds those readings span.
+    """
 
     sd: float
     readings: int
@@ -54,9 +60,13 @@ def _load(path: str) -> dict[str, Any]:
 
 
 def record(cache_dir: str, key: str, readings: list[dict[str, float]], when: float | None = None):
-    """Appends `readings` (quick_peaks dicts) for `key` ("<device>/<dtype>") to the log, under a
-    lock, keeping the newest MAX_READINGS; a log that cannot be written is skipped with a
-    warning (it is context for intervals, never a reason to fail a run)."""
+    """Appends `readings` for `key` to the log, under a lock.
+
+    `readings` are quick_peaks dicts. `key` is "<device>/<dtype>". `when` is the readings' time
+    in epoch seconds, now by default. The log keeps the newest MAX_READINGS per key. A log that
+    cannot be written is skipped with a warning. It is context for intervals. It is never a
+    reason to fail a run.
+    """
     when = time.time() if when is None else when
     path = _path(cache_dir)
     try:
@@ -77,7 +87,10 @@ def record(cache_dir: str, key: str, readings: list[dict[str, float]], when: flo
 
 
 def drift(cache_dir: str, key: str, now: float | None = None) -> Drift | None:
-    """The drift for `key` from its readings of the last WINDOW_S; None below MIN_READINGS."""
+    """The drift for `key`, from its readings of the last WINDOW_S seconds.
+
+    It is None below MIN_READINGS readings. It is None when a logged rate is not positive.
+    """
     now = time.time() if now is None else now
     entries = [e for e in _load(_path(cache_dir)).get(key, []) if now - e[0] <= WINDOW_S]
     if len(entries) < MIN_READINGS:

@@ -1,10 +1,10 @@
 """Which lab op kind each instruction of a compiled program is, read from its HLO text.
 
-An instruction's kind is its opcode, or for a fusion or custom call, what its called
-computations contain (a fusion with a convolution is conv, with a dot is gemm, ...) and the
-custom-call target (cuBLAS gemm, cuDNN convolution or fused attention). Instructions that are
-no op of the lab (copies, control-flow bookkeeping) are OTHER. The trace reader
-(batching.measure.profiling) sums traced time by these kinds.
+Most instructions take their kind from their opcode. A fusion or a custom call takes it from its
+called computations. A fusion with a convolution is conv. A fusion with a dot is gemm. A custom
+call's target counts too: a cuBLAS gemm, a cuDNN convolution, fused attention. Some instructions
+are no op of the lab. Copies and control-flow bookkeeping are examples. They are OTHER. The
+trace reader (batching.measure.profiling) sums traced time by these kinds.
 """
 
 import dataclasses
@@ -89,8 +89,11 @@ def _operands(rest: str) -> tuple[str, ...]:
 
 
 def _parse(hlo_text: str) -> tuple[dict[str, dict[str, _Instruction]], str]:
-    """(computation name -> instruction name -> instruction, the entry computation's name),
-    from HLO text."""
+    """Parses HLO text into its computations.
+
+    Returns {computation name: {instruction name: instruction}}. It also returns the entry
+    computation's name.
+    """
     comps: dict[str, dict[str, _Instruction]] = {}
     current, entry = None, ""
     for line in hlo_text.splitlines():
@@ -121,14 +124,18 @@ def _parse(hlo_text: str) -> tuple[dict[str, dict[str, _Instruction]], str]:
 
 
 def module_name(hlo_text: str) -> str:
-    """The program's name as the trace's `hlo_module` stat gives it ("jit_forward")."""
+    """The program's name, as the trace's `hlo_module` stat gives it ("jit_forward")."""
     m = _MODULE.search(hlo_text)
     return m[1] if m else ""
 
 
 def instruction_kinds(hlo_text: str) -> dict[str, str]:
-    """Every instruction of a compiled program -> the lab op kind (batching.workloads.ops.KINDS),
-    COLLECTIVE, OTHER, or "" for control flow (while, conditional, call: not an op)."""
+    """Maps every instruction of a compiled program to its kind.
+
+    A kind is a lab op kind (batching.workloads.ops.KINDS), COLLECTIVE or OTHER. Control flow
+    maps to "": while, conditional and call are not ops. A fusion holding several kinds takes
+    the first in _PRIORITY.
+    """
     comps, _ = _parse(hlo_text)
     memo: dict[str, set[str]] = {}
 
@@ -183,8 +190,11 @@ def instruction_kinds(hlo_text: str) -> dict[str, str]:
 
 
 def _tokens(name: str) -> tuple[str, ...]:
-    """A module path's words and indices: "stages.0.0.conv1" and the flattened parameter name
-    "state__stages___0__0___conv1____kernel___value.1" both give stages, 0, 0, conv, 1, ..."""
+    """A module path's words and indices, in lower case.
+
+    The path "stages.0.0.conv1" gives stages, 0, 0, conv, 1. The parameter name
+    "state__stages___0__0___conv1____kernel___value.1" holds the same run of tokens.
+    """
     return tuple(re.findall(r"[A-Za-z]+|\d+", name.lower()))
 
 
@@ -193,11 +203,14 @@ def _within(part: tuple[str, ...], whole: tuple[str, ...]) -> bool:
 
 
 def lab_op_names(hlo_text: str, lab_ops: list[tuple[str, str]]) -> dict[str, str]:
-    """Entry instructions -> the lab op (name, kind) they run, where the parameters they read
-    name it: XLA keeps a Flax module's parameter path in the entry parameter's name
-    ("state__stages___0__0___conv1____kernel___value.1" for the op "stages.0.0.conv1"). An
-    instruction maps when its kind is the op's and exactly one lab op's path is among the
-    parameters it reads (a fusion of several convolutions maps to none)."""
+    """Maps entry instructions to the lab op (name, kind) they run.
+
+    The parameters an instruction reads name its op. XLA keeps a Flax module's parameter path in
+    the entry parameter's name. The op "stages.0.0.conv1" reads
+    "state__stages___0__0___conv1____kernel___value.1", for example. An instruction maps when
+    its kind is the op's kind. Exactly one lab op's path must be among the parameters it reads.
+    So a fusion of several convolutions maps to none.
+    """
     comps, entry = _parse(hlo_text)
     if not entry:
         return {}

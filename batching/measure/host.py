@@ -1,9 +1,9 @@
-"""How busy the host was while a pass ran, from what the kernel counts (Linux /proc/stat).
+"""How busy the host was while a pass ran, from the kernel's counts (Linux /proc/stat).
 
-A pass that ran while other processes (or, in a VM, the hypervisor: `steal`) took the CPUs
-is slower for reasons that are not the model's. The share of the host's CPU time that was
-not this process's, over a pass, says so on the row: `pass_host_busy`. Elsewhere (no
-/proc/stat) it is None.
+Other processes may take the CPUs while a pass runs. In a VM the hypervisor may take them too
+(`steal`). The pass is then slower for reasons that are not the model's. The row says so in
+`pass_host_busy`. It is the share of the host's CPU time that others took. Without /proc/stat it
+is None.
 """
 
 import os
@@ -15,8 +15,11 @@ TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def _busy_s() -> float | None:
-    """CPU seconds the host spent busy since boot (all CPUs): every column of /proc/stat's
-    `cpu` line but idle and iowait; steal (another guest on the hypervisor) counts as busy."""
+    """CPU seconds the host spent busy since boot, over all CPUs.
+
+    It sums the `cpu` line of /proc/stat, but for idle and iowait. Steal counts as busy. That is
+    time another guest on the hypervisor took. None where /proc/stat cannot be read.
+    """
     try:
         with open(STAT) as f:
             fields = f.readline().split()
@@ -37,9 +40,14 @@ class Window:
         self.busy0 = _busy_s()
 
     def others_share(self) -> float | None:
-        """The share of the host's CPU time since the window opened that went to other
-        processes or the hypervisor: (host busy − this process) / (wall · CPUs), in [0, 1];
-        None where the kernel does not say. Ticks are 10 ms: a short window reads coarsely."""
+        """The share of the host's CPU time that others took since the window opened.
+
+        Others are other processes and the hypervisor.
+
+        The share is (host busy − own) / (wall · CPUs). It is clipped to [0, 1]. It is None
+        where the kernel does not say. The counters tick TICKS_PER_S times a second. So a short
+        window reads coarsely.
+        """
         busy = _busy_s()
         if busy is None or self.busy0 is None:
             return None

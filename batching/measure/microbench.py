@@ -1,6 +1,10 @@
-"""Device-level microbenchmarks, timed with the lab's own harness: the square matmul's FLOP/s,
-the streaming and last-level-cache bandwidths, the dispatch floor of a trivial call (and of
-one handed a workload's own arguments), and the cost of one more kernel in a program.
+"""Device-level microbenchmarks, timed with the lab's own harness.
+
+- The square matmul's FLOP/s.
+- The streaming bandwidth, and the last-level cache's bandwidth.
+- The dispatch floor of a trivial call.
+- The floor of a trivial call handed a workload's own arguments.
+- The cost of one more kernel in a program.
 """
 
 from typing import Any
@@ -32,7 +36,7 @@ def _matmul_size(platform: str) -> int:
 
 
 def measure_matmul_flops(device: jax.Device, dtype: str, n: int | None = None) -> float:
-    """FLOP/s of an n×n by n×n product in `dtype` (2·n³ FLOPs per call)."""
+    """FLOP/s of an n×n by n×n product in `dtype`. A call does 2·n³ FLOPs."""
     n = n or _matmul_size(device.platform)
     a = jax.device_put(jnp.ones((n, n), jnp.dtype(dtype)), device)
     b = jax.device_put(jnp.ones((n, n), jnp.dtype(dtype)), device)
@@ -45,9 +49,12 @@ ASSUMED_CACHE_BYTES = 64 << 20
 
 
 def last_level_cache(device: jax.Device) -> tuple[int, str]:
-    """(bytes, where the figure comes from) of the cache that warm weights can sit in: a
-    CPU's L3 read from sysfs; an accelerator's L2 from the spec table (batching.setup.specs, with
-    its datasheet or whitepaper); else ASSUMED_CACHE_BYTES, said so."""
+    """The cache that warm weights can sit in: (bytes, where the figure comes from).
+
+    On a CPU it is the L3, read from sysfs. On an accelerator it is the L2 from the spec table
+    (batching.setup.specs). That table cites a datasheet or whitepaper. Otherwise it is
+    ASSUMED_CACHE_BYTES, and the source says so.
+    """
     if device.platform == "cpu":
         try:
             with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
@@ -64,16 +71,22 @@ def last_level_cache(device: jax.Device) -> tuple[int, str]:
 
 
 def last_level_cache_bytes(device: jax.Device) -> int:
-    """Size of the cache that warm weights can sit in (last_level_cache)."""
+    """Bytes of the cache that warm weights can sit in (last_level_cache)."""
     return last_level_cache(device)[0]
 
 
 def _pass_seconds(body, x: jax.Array, passes: int, settings: timing.TimingSettings) -> float:
-    """Seconds of one pass `body(x, c) -> scalar` over a buffer, from inside one call: a call
-    of `passes` passes minus a call of one, over passes − 1, so the call's fixed cost
-    (dispatch, launch, synchronisation: 60-120 µs on an H200 in a VM, against ~2 µs for a
-    pass over a 16 MiB buffer in its L2) cancels. Each pass reads the buffer scaled by the
-    scalar the last pass returned, so XLA can neither merge the passes nor hoist them."""
+    """Seconds of one pass `body(x, c) -> scalar` over a buffer, timed inside one call.
+
+    It times a call of `passes` passes and a call of one. Their difference over passes − 1 is
+    one pass. So the call's fixed cost cancels: dispatch, launch, synchronisation. On an
+    accelerator that cost can dwarf a pass over a cached buffer.
+    `experiments/harness_overhead.py` measures it there (`--suite=accelerator`). The difference
+    never drops below 1% of `many / passes`.
+
+    Each pass reads the buffer scaled by the scalar the last pass returned. So XLA can neither
+    merge the passes nor hoist them.
+    """
 
     def run(n: int):
         def f(x):
@@ -93,13 +106,14 @@ def _pass_seconds(body, x: jax.Array, passes: int, settings: timing.TimingSettin
 def measure_cache_bandwidth(
     device: jax.Device, buffer_bytes: int | None = None, passes: int | None = None
 ) -> float:
-    """Bytes/s of re-reading a buffer a quarter of the last-level cache's size: what warm
-    weights and activations that stay in the cache between calls are read at.
+    """Bytes/s of re-reading a buffer a quarter of the last-level cache's size.
 
-    On a CPU one pass per call (a pass over 8 MiB takes ~300 µs, the call ~10 µs more). On an
-    accelerator a pass takes microseconds and the call tens of them (on an H200 in a VM one
-    pass per call read as ~240 GB/s), so `passes` (default 32) are timed inside one call
-    against one (_pass_seconds)."""
+    Warm weights and activations are read at this rate. They stay in the cache between calls.
+    The buffer is at least 1 MiB. On a CPU each call reads it once: a pass costs far more than
+    the call there. On an accelerator a pass is far shorter than the call's fixed cost. So
+    `passes` (default 32) run inside one call, against one (_pass_seconds). A GPU's results
+    README shows the gap (`experiments/results/nvidia-h200/README.md`).
+    """
     buffer_bytes = buffer_bytes or max(last_level_cache_bytes(device) // 4, 1 << 20)
     x = jax.device_put(jnp.ones((buffer_bytes // 4,), jnp.float32), device)
     passes = passes or (1 if device.platform == "cpu" else 32)
@@ -118,15 +132,19 @@ def measure_bandwidth(
     dispatch_floor_s: float = 0.0,
     passes: int | None = None,
 ) -> dict[str, float]:
-    """Streaming bandwidth (bytes/s): a full read (sum) and a read+write (scale) of a big buffer.
+    """Streaming bandwidth in bytes/s: a read (sum) and a read+write (scale) of a big buffer.
 
-    The buffer is 4x the last-level cache on a CPU (128 MiB for a 32 MiB L3; at least 64 MiB)
-    and 2 GiB on an accelerator, so neither fits in a cache; a larger one gives the same rate
-    and costs a cold start more seconds. A CPU reads it once per call (the call's ~10 µs are
-    under 0.5% of it). On an accelerator a 2 GiB read takes ~0.5 ms (H200) and a call 60-120
-    µs more, so the read is `passes` (default 8) dependent passes in one call against one
-    (_pass_seconds), which cancels the call's fixed cost; the read+write is one pass per call
-    with the dispatch floor taken off.
+    No cache can hold the buffer. On a CPU it is 4x the last-level cache, at least 64 MiB. A 32
+    MiB L3 gives 128 MiB. On an accelerator it is 2 GiB. A larger buffer gives the same rate. It
+    would cost a cold start more seconds.
+
+    A CPU reads the buffer once per call. The call's fixed cost is small against that read. On
+    an accelerator it is a large share of one read. So the read is `passes` (default 8)
+    dependent passes in one call, against one (_pass_seconds). That cancels the fixed cost. The
+    read+write is one pass per call. Its bytes are twice the buffer's. A one-pass timing has
+    `dispatch_floor_s` taken off, keeping at least half.
+
+    Returns `read_bytes_per_s`, `copy_bytes_per_s`, `buffer_bytes` and `read_passes_per_call`.
     """
     if not buffer_bytes:
         llc = last_level_cache_bytes(device)
@@ -157,7 +175,10 @@ FLOOR_SETTINGS = timing.TimingSettings(
 
 
 def measure_dispatch_floor(device: jax.Device) -> float:
-    """Median seconds of a trivial jitted call: the per-call overhead no batch can avoid."""
+    """Median seconds of a trivial jitted call (`x + 1` on 8 floats).
+
+    It is the per-call overhead that no batch can avoid.
+    """
     x = jax.device_put(jnp.ones((8,), jnp.float32), device)
     return _median_time(lambda x: x + 1.0, (x,), FLOOR_SETTINGS)
 
@@ -170,12 +191,14 @@ CALL_FLOOR_SETTINGS = timing.TimingSettings(
 def measure_call_floor(args: Any, before_call=None) -> float:
     """Median seconds of a trivial jitted call that takes a workload's own arguments.
 
-    What a call costs before any kernel runs depends on what it is handed: flattening an
-    nnx.State of many parameters is Python work on every call (~80 µs for an 8-layer MLP on a
-    2-core CPU, against ~7 µs for one array). The roofline uses this floor for the workload's
-    points instead of the one-array dispatch floor. Nothing is donated: the args stay alive.
-    `before_call` (a cold run's cache flush) runs before each call, outside the clock: on a
-    CPU a cold cache slows the runtime's own path too, and the floor says so.
+    A call's cost before any kernel runs depends on what it is handed. Flattening an nnx.State
+    of many parameters is Python work on every call. One flat array costs far less.
+    `experiments/harness_overhead.py` measures both floors. The roofline uses this floor for the
+    workload's points. It does not use the one-array dispatch floor.
+
+    Nothing is donated, so the arguments stay alive. `before_call` runs before each call,
+    outside the clock. It is a cold run's cache flush. On a CPU a cold cache slows the runtime's
+    own path too. The floor includes that.
     """
 
     def trivial(*args):
@@ -187,9 +210,9 @@ def measure_call_floor(args: Any, before_call=None) -> float:
 def measure_kernel_overhead(device: jax.Device, chain: int = 32) -> float:
     """Seconds each extra kernel in a program costs when it does almost no work.
 
-    Times a chain of `chain` dependent 8x8 matmuls (XLA cannot fuse them) against a
-    single one; the difference per link is the launch/scheduling cost per kernel,
-    which is what keeps small networks flat (overhead-bound) as the batch grows.
+    It times a chain of `chain` dependent 8x8 matmuls against a single one. XLA cannot fuse
+    them. The difference per link is one kernel's launch and scheduling cost. That cost keeps
+    small networks flat (overhead-bound) as the batch grows.
     """
     x = jax.device_put(jnp.eye(8, dtype=jnp.float32), device)
 
@@ -208,9 +231,14 @@ def measure_kernel_overhead(device: jax.Device, chain: int = 32) -> float:
 
 
 def quick_peaks(device: jax.Device, dtype: str) -> dict[str, float]:
-    """The matmul peak and the streaming read bandwidth measured again, briefly (about a
-    second on a CPU): the same square product as the cached peak, and one read of a buffer
-    overflowing the last-level cache (several passes in one call on an accelerator)."""
+    """The matmul peak and the streaming read bandwidth, measured again, briefly.
+
+    It takes about a second on a CPU. The product is the same square one as the cached peak. The
+    read covers a buffer that overflows the last-level cache. On a CPU that is 4x the cache, at
+    least 64 MiB. On an accelerator it is 1 GiB, read as 4 passes in one call.
+
+    Returns `matmul_flops_per_s` and `read_bytes_per_s`.
+    """
     llc = last_level_cache_bytes(device)
     buffer_bytes = max(4 * llc, 64 << 20) if device.platform == "cpu" else 1 << 30
     x = jax.device_put(jnp.ones((buffer_bytes // 4,), jnp.float32), device)

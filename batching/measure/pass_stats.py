@@ -1,25 +1,26 @@
 """A point's latency from its passes: the estimate, its interval, and resampling over passes.
 
-A pass is one visit of a point, at another time than its other visits. Samples inside a
-pass are correlated (a slow spell lasts) and only estimate that pass's value, its median;
-what moves between passes (a busy neighbour, clocks, the host) is what moves between reruns.
-So the pass is the unit: every estimator here weighs each pass's median equally, and every
-interval comes from the spread between passes.
+A pass is one visit of a point, at another time than its other visits. Samples inside a pass are
+correlated, because a slow spell lasts. They only estimate that pass's value, its median. What
+moves between passes also moves between reruns: a busy neighbour, clocks, the host. So the pass
+is the unit. Every estimator here weighs each pass's median equally. Every interval comes from
+the spread between passes.
 
 Estimators of a point's latency from its pass medians (`timing.estimator`):
 
-- `median`: the median of the pass medians; interval from order statistics (distribution
-  free; below six passes [min, max], which covers less than 95%).
-- `geomean`: the geometric mean; interval mean ± t·s/√n on log pass medians.
-- `trimmed`: the 20% trimmed mean of log pass medians; Tukey-McLaughlin interval (Wilcox,
-  "Introduction to Robust Estimation and Hypothesis Testing", §4.4: winsorized standard
-  deviation, t with n − 2g − 1 degrees of freedom).
+- `median`: the median of the pass medians. Its interval comes from order statistics. That is
+  distribution free. Below six passes it is [min, max], which covers less than 95%.
+- `geomean`: the geometric mean. Its interval is mean ± t·s/√n on log pass medians.
+- `trimmed`: the 20% trimmed mean of log pass medians. Its interval is Tukey-McLaughlin's
+  (Wilcox, "Introduction to Robust Estimation and Hypothesis Testing", §4.4). It uses the
+  winsorized standard deviation. Its t has n − 2g − 1 degrees of freedom.
 
-Resampling (the knee, a slope, any statistic of several points) draws whole passes by pass
-index, the same draw for every point, so a slow spell that moved every point timed in it
-moves them together in the replicates too: a Poisson bootstrap (each pass index weighted by
-a Poisson(1) count; Hanley & MacGibbon 2006; Chamandy et al. 2012, "Estimating uncertainty
-for massive data streams"), which handles points with different numbers of passes.
+Resampling draws whole passes by pass index. It serves the knee, a slope, or any statistic of
+several points. Every point gets the same draw. A slow spell moved every point timed in it.
+Those points then move together in the replicates too. The scheme is a Poisson bootstrap. Each
+pass index is weighted by a Poisson(1) count (Hanley & MacGibbon 2006; Chamandy et al. 2012,
+"Estimating uncertainty for massive data streams"). It handles points with different numbers of
+passes.
 """
 
 import dataclasses
@@ -42,8 +43,11 @@ def _t_quantile(q: float, df: float) -> float:
 
 
 def estimate(values: np.ndarray, method: str, weights: np.ndarray | None = None):
-    """The estimate of pass medians `values` (n,), seconds; with integer `weights` (R, n) one
-    estimate per row of weights (R,), each pass counted as often as its weight."""
+    """The estimate of pass medians `values` (n,), in seconds.
+
+    With integer `weights` (R, n) it returns one estimate per row (R,). Each pass then counts as
+    often as its weight.
+    """
     v = np.asarray(values, dtype=np.float64)
     w = np.ones((1, v.size)) if weights is None else np.asarray(weights, dtype=np.float64)
     if method == "geomean":
@@ -58,8 +62,10 @@ def estimate(values: np.ndarray, method: str, weights: np.ndarray | None = None)
 
 
 def _weighted_median(v: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """The median of each row's weighted values: the mean of the lower and upper weighted
-    medians (np.median for unit weights)."""
+    """Each row's weighted median of `v`.
+
+    It is the mean of the lower and upper weighted medians. With unit weights it is np.median.
+    """
     order = np.argsort(v)
     v, c = v[order], np.cumsum(w[:, order], axis=1)
     half = c[:, -1:] / 2
@@ -69,8 +75,10 @@ def _weighted_median(v: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 def _weighted_trimmed_mean(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Each row's TRIM-trimmed mean, the values repeated by their integer weights: of the W
-    repeated values sorted, floor(TRIM·W) are dropped at each end."""
+    """Each row's TRIM-trimmed mean, each value repeated by its integer weight.
+
+    The W repeated values are sorted. floor(TRIM·W) of them are dropped at each end.
+    """
     order = np.argsort(x)
     x, w = x[order], w[:, order]
     total = w.sum(axis=1, keepdims=True)
@@ -81,8 +89,10 @@ def _weighted_trimmed_mean(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 def interval(values: np.ndarray, method: str, confidence: float) -> tuple[float, float]:
-    """The `confidence` interval of the estimate of pass medians `values`, seconds: the
-    spread between passes; (nan, nan) with fewer than two passes."""
+    """The `confidence` interval of the estimate of pass medians `values`, in seconds.
+
+    It comes from the spread between passes. It is (nan, nan) with fewer than two passes.
+    """
     v = np.asarray(values, dtype=np.float64)
     n = v.size
     if n < 2:
@@ -119,9 +129,15 @@ def interval_name(method: str, n_passes: int) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class PassEstimate:
-    """A point's latency from its passes: the estimate and its interval (seconds), how the
-    interval was made, its half width over the estimate, and the passes' coefficient of
-    variation (sample std / mean of the pass medians; nan below two passes)."""
+    """A point's latency from its passes.
+
+    - `latency_s`: the estimate, in seconds.
+    - `low_s`, `high_s`: its interval, in seconds.
+    - `method`: how the interval was made, in words.
+    - `rel_halfwidth`: the interval's half width over the estimate.
+    - `pass_cv`: the pass medians' coefficient of variation (sample std / mean). It is nan below
+      two passes.
+    """
 
     latency_s: float
     low_s: float
@@ -132,10 +148,13 @@ class PassEstimate:
 
 
 def from_passes(
-    pass_samples: list[np.ndarray], method: str, confidence: float = 0.95
+    pass_samples: list[np.ndarray], method: str, confidence: float = stats.CONFIDENCE
 ) -> PassEstimate:
-    """The point's estimate from each pass's samples (seconds). One pass: its median and the
-    distribution-free interval of its samples, named as such."""
+    """The point's estimate from each pass's samples, in seconds.
+
+    With one pass it is that pass's median. Its interval is then the distribution-free interval
+    of that pass's samples. `method` says so.
+    """
     medians = np.array([np.median(s) for s in pass_samples])
     n = medians.size
     if n == 1:
@@ -150,9 +169,14 @@ def from_passes(
     return PassEstimate(latency, lo, hi, interval_name(method, n), half, cv)
 
 
-def passes_needed(pass_cv: float, target_rel_ci: float, confidence: float = 0.95) -> float:
-    """About how many passes an interval of ±`target_rel_ci` needs at this spread between
-    passes: (z·cv / target)², z the normal quantile (the t interval needs a few more)."""
+def passes_needed(
+    pass_cv: float, target_rel_ci: float, confidence: float = stats.CONFIDENCE
+) -> float:
+    """About how many passes an interval of ±`target_rel_ci` needs at this spread.
+
+    It is (z·cv / target)², z the normal quantile. The t interval needs a few more. It is nan
+    when `pass_cv` is not finite.
+    """
     from statistics import NormalDist
 
     if not math.isfinite(pass_cv):
@@ -162,12 +186,18 @@ def passes_needed(pass_cv: float, target_rel_ci: float, confidence: float = 0.95
 
 
 def with_drift(
-    latency_s: float, low_s: float, high_s: float, drift_sd: float, confidence: float = 0.95
+    latency_s: float,
+    low_s: float,
+    high_s: float,
+    drift_sd: float,
+    confidence: float = stats.CONFIDENCE,
 ) -> tuple[float, float]:
-    """The interval [low_s, high_s] around `latency_s` widened by the machine's drift between
-    runs (the log standard deviation `drift_sd`, drift.Drift): each side's log half width
-    and z·drift_sd added in quadrature, z the normal quantile. A side without an interval
-    gets the drift alone."""
+    """Widens the interval [low_s, high_s] around `latency_s` by the machine's drift.
+
+    `drift_sd` is the drift's log standard deviation (drift.Drift). z is the normal quantile. On
+    each side, the log half width and z·drift_sd add in quadrature. A side without an interval
+    gets the drift alone. Returns the new (low, high), in seconds.
+    """
     from statistics import NormalDist
 
     d = NormalDist().inv_cdf(0.5 + confidence / 2) * drift_sd
@@ -180,18 +210,23 @@ def with_drift(
 
 
 def poisson_weights(n_indices: int, replicates: int, seed: int = 0) -> np.ndarray:
-    """(replicates, n_indices) Poisson(1) counts: how often each pass index counts in each
-    replicate (the same row for every point)."""
+    """Poisson(1) counts, (replicates, n_indices).
+
+    Each says how often a pass index counts in a replicate. The same row serves every point.
+    """
     return np.random.default_rng(seed).poisson(1.0, (replicates, n_indices)).astype(np.float64)
 
 
 def replicate_estimates(
     pass_values: list[np.ndarray], method: str, weights: np.ndarray, seed: int = 0
 ) -> np.ndarray:
-    """(R, points) estimates of each point in each replicate: point j's pass medians
-    `pass_values[j]` (pass i at index i) weighted by the replicate's counts for indices
-    0..len-1. A replicate that leaves a point none of its passes (all its counts 0, rare
-    from a few passes on) draws that point's counts again, from its own passes."""
+    """Estimates of each point in each replicate, (R, points).
+
+    Point j's pass medians are `pass_values[j]`, with pass i at index i. The replicate's counts
+    for indices 0..len-1 weigh them. A replicate may leave a point none of its passes: all its
+    counts are 0. That is rare from a few passes on. The point's counts are then drawn again,
+    from its own passes.
+    """
     rng = np.random.default_rng(seed + 1)
     out = np.empty((weights.shape[0], len(pass_values)))
     for j, v in enumerate(pass_values):
@@ -211,9 +246,12 @@ def slower_between_passes(
     baseline: np.ndarray, candidate: np.ndarray, alpha: float = 0.01
 ) -> tuple[bool, float]:
     """One-sided paired t test on log pass medians: is `candidate` slower than `baseline`?
-    Pass i of one point is paired with pass i of the other (the same round of the sweep, so
-    a slow spell that lasted through it slowed both); points with more passes than the other
-    keep the common ones. Returns (significant, p value); not significant below two pairs."""
+
+    Pass i of one point pairs with pass i of the other. Both ran in the same round of the sweep.
+    So a slow spell that lasted through the round slowed both. If one point has more passes,
+    only the common ones count. Returns (significant, p value). Below two pairs it is not
+    significant.
+    """
     n = min(len(baseline), len(candidate))
     if n < 2:
         return False, math.nan
@@ -228,10 +266,13 @@ def slower_between_passes(
 
 
 def modes_within_passes(pass_samples: list[np.ndarray]) -> list[dict[str, float]] | None:
-    """Two programs inside passes (stats.modes on each pass's own samples): reported when at
-    least half of the passes with enough samples to tell show them, as each mode's median
-    over those passes and its mean share. A shift between passes (a pass slower as a whole)
-    is no mode: it is the machine, in the row's `pass_cv`."""
+    """Two programs inside passes, from stats.modes on each pass's own samples.
+
+    Only passes with enough samples to tell take part. The modes are reported when at least half
+    of those passes show them. Each mode is its median over those passes and its mean share.
+    Otherwise the result is None. A shift between passes is no mode. A pass slower as a whole is
+    the machine: the row's `pass_cv` shows it.
+    """
     enough = [s for s in pass_samples if len(s) >= 2 * stats.MIN_MODE_SAMPLES]
     found = [m for m in (stats.modes(s) for s in enough) if m is not None]
     if not found or 2 * len(found) < len(enough):

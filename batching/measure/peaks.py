@@ -1,7 +1,12 @@
-"""A device's measured peaks, from the cache or measured once and cached: the square-matmul
-FLOP/s per dtype and precision, the stream and cache bandwidths, the dispatch floor and the
-kernel overhead; checked against a quick measurement before use; and the per-shape rates
-(GEMM, conv, lone op, attention) looked up or measured within a run's budget.
+"""A device's measured peaks, read from the cache or measured once and cached.
+
+- The square-matmul FLOP/s, per dtype and precision.
+- The stream and cache bandwidths.
+- The dispatch floor and the kernel overhead.
+
+A run checks the cached peaks against a quick measurement before it uses them. The module also
+looks up the per-shape rates: GEMM, conv, lone op, attention. What is missing is measured within
+a run's budget.
 """
 
 import dataclasses
@@ -18,7 +23,7 @@ from batching.measure import microbench, peaks_cache, shape_bench, timing
 
 @dataclasses.dataclass(frozen=True)
 class MeasuredPeaks:
-    """What the device reached in microbenchmarks (FLOP/s, bytes/s, seconds)."""
+    """What the device reached in microbenchmarks, in FLOP/s, bytes/s and seconds."""
 
     device_kind: str
     platform: str
@@ -31,7 +36,7 @@ class MeasuredPeaks:
     cache_bandwidth_bytes_per_s: float = 0.0
 
     def matmul(self, dtype: str, matmul_precision: str = "default") -> float:
-        """The square-matmul peak in FLOP/s of a dtype under a matmul precision."""
+        """The square-matmul peak in FLOP/s of `dtype` under `matmul_precision`."""
         return self.matmul_flops_per_s[peaks_cache.dtype_key(dtype, matmul_precision)]
 
 
@@ -43,9 +48,11 @@ def conv_flops(
     matmul_precision: str = "default",
     budget: peaks_cache.Budget | None = None,
 ) -> float | None:
-    """Measured FLOP/s of a conv shape (shape_bench.measure_conv_flops at
-    shape_bench.conv_measured_batch), cached; None when it is not cached and `budget` is
-    spent."""
+    """Measured FLOP/s of a conv shape, cached.
+
+    It runs shape_bench.measure_conv_flops at shape_bench.conv_measured_batch. It is None when
+    it is not cached and `budget` is spent.
+    """
     measured_shape = (shape_bench.conv_measured_batch(shape), *shape[1:])
     return peaks_cache.cached_measurement(
         device,
@@ -73,8 +80,10 @@ def lone_op_seconds(
     matmul_precision: str = "default",
     budget: peaks_cache.Budget | None = None,
 ) -> tuple[float, float] | None:
-    """shape_bench.measure_lone_op_seconds of one (kind, dtype, shape), cached with the
-    device's peaks; None when it is not cached and `budget` is spent."""
+    """shape_bench.measure_lone_op_seconds of one (kind, dtype, shape), cached.
+
+    It returns (one, many) seconds. It is None when it is not cached and `budget` is spent.
+    """
     found = peaks_cache.cached_measurement(
         device,
         cache_dir,
@@ -99,8 +108,10 @@ def attention_seconds(
     matmul_precision: str = "default",
     budget: peaks_cache.Budget | None = None,
 ) -> float | None:
-    """shape_bench.measure_attention_seconds of one (dtype, layout, shape), cached with the device's
-    peaks; None when it is not cached and `budget` is spent."""
+    """shape_bench.measure_attention_seconds of one (dtype, layout, shape), cached.
+
+    It is None when it is not cached and `budget` is spent.
+    """
     return peaks_cache.cached_measurement(
         device,
         cache_dir,
@@ -126,9 +137,12 @@ def measured_peaks(
     refresh: bool = False,
     matmul_precision: str = "default",
 ) -> MeasuredPeaks:
-    """Measured peaks for `device`, from the cache file unless missing, incomplete or `refresh`.
-    Matmul peaks are keyed by (dtype, precision) (peaks_cache.dtype_key) and measured under
-    that precision."""
+    """Measured peaks for `device`, from the cache file.
+
+    What the file lacks is measured and saved. `refresh` measures everything again. Matmul peaks
+    are keyed by (dtype, precision) (peaks_cache.dtype_key). Each is measured under its
+    precision.
+    """
     path = peaks_cache.cache_path(cache_dir)
     cache = peaks_cache._load(path)
     key = peaks_cache._device_key(device)
@@ -177,17 +191,21 @@ CHECK_TOLERANCE = 0.25
 def check_cached(
     device: jax.Device, cache_dir: str, dtype: str, matmul_precision: str = "default"
 ) -> dict[str, Any] | None:
-    """Checks the cached peaks a run is about to use against microbench.quick_peaks, measured now.
+    """Checks the cached peaks a run will use against microbench.quick_peaks, measured now.
 
-    A peak cached while the machine was busy (a first run beside other work) makes every
-    later prediction wrong: such a cache held 57 GFLOP/s where the quiet machine does ~143.
-    When a quick measurement now exceeds a cached value by more than CHECK_TOLERANCE, the
-    device's entry is measured again (its per-shape tables dropped, to be re-measured as
-    asked); when it falls short by as much, the cache is kept (the machine is busier now
-    than then) and the report says so. A reading beyond the tolerance is taken again and the
-    reading nearer the cache is the one that counts, so one stray reading changes nothing.
-    Returns what was compared and done; None when there is nothing cached yet
-    (measured_peaks measures it)."""
+    A peak cached while the machine was busy makes every later prediction wrong. A first run
+    beside other work can cache one. A quick reading may exceed a cached value by more than
+    CHECK_TOLERANCE. The device's entry is then measured again. Its per-shape tables are
+    dropped, to be measured again as asked. A reading short by as much keeps the cache. The
+    machine is then busier now than before, and the report says so. A reading beyond the
+    tolerance is taken a second time. The reading nearer the cache counts. So one stray reading
+    changes nothing. `experiments/results/cpu-2core-epyc/README.md` ("The peaks check") shows
+    the readings behind these rules.
+
+    Returns what was compared and done: `cached`, `now`, `tolerance`, `measured_at` and
+    `verdict`. With a second reading, `readings` holds both. It is None when nothing is cached
+    yet. measured_peaks measures it then.
+    """
     entry = peaks_cache.device_entry(device, cache_dir)
     key = peaks_cache.dtype_key(dtype, matmul_precision)
     if key not in entry.get("matmul_flops_per_s", {}) or "bandwidth" not in entry:
@@ -199,10 +217,10 @@ def check_cached(
     with timing.precision_context(matmul_precision):
         readings = [microbench.quick_peaks(device, dtype)]
         if _beyond_tolerance(readings[0], cached):
-            # Confirmed by a second reading before the cache is dropped or distrusted: one
-            # check read the stream at 35.8 GB/s against 26.9 cached on a host whose
-            # bandwidth wanders, re-measured everything, and the re-measurement read 25.5
-            # and GEMM rates at half their usual values (mlp_widths' median went to 0.78).
+            # A second reading confirms a disagreement before the cache is dropped or
+            # distrusted: on a host whose bandwidth wanders, one stray reading would re-measure
+            # everything at a bad moment ("The peaks check" in
+            # experiments/results/cpu-2core-epyc/README.md).
             readings.append(microbench.quick_peaks(device, dtype))
     now = {k: _confirmed([r[k] for r in readings], cached[k]) for k in cached}
     ratios = {k: now[k] / cached[k] for k in cached}
@@ -233,26 +251,33 @@ def check_cached(
 
 
 def _side(ratio: float) -> int:
-    """+1 where a reading now is more than CHECK_TOLERANCE above its cached value, −1 where
-    it is as far below, 0 within."""
+    """+1 where a reading now is more than CHECK_TOLERANCE above its cached value.
+
+    −1 where it is as far below, and 0 within.
+    """
     if ratio > 1 + CHECK_TOLERANCE:
         return 1
     return -1 if ratio < 1 / (1 + CHECK_TOLERANCE) else 0
 
 
 def _beyond_tolerance(now: dict[str, float], cached: dict[str, float]) -> bool:
-    """Whether any quick reading is more than CHECK_TOLERANCE above or below its cached value."""
+    """Whether any quick reading is beyond CHECK_TOLERANCE of its cached value."""
     return any(_side(now[k] / cached[k]) for k in cached)
 
 
 def _confirmed(readings: list[float], cached: float) -> float:
-    """The reading a check goes by: the one nearest the cached value (on a log scale), so a
-    disagreement counts only when every reading shows it."""
+    """The reading a check goes by: the one nearest the cached value, on a log scale.
+
+    So a disagreement counts only when every reading shows it.
+    """
     return min(readings, key=lambda r: abs(math.log(r / cached)))
 
 
 def peaks_of(entry: dict[str, Any], platform: str, device_kind: str) -> MeasuredPeaks:
-    """The MeasuredPeaks a cache entry (or a workdir's device_peaks.json entry) holds."""
+    """The MeasuredPeaks that a cache entry holds.
+
+    A workdir's device_peaks.json entry works too.
+    """
     bw = entry["bandwidth"]
     return MeasuredPeaks(
         device_kind=device_kind,
@@ -275,9 +300,11 @@ def ragged_flops(
     matmul_precision: str = "default",
     budget: peaks_cache.Budget | None = None,
 ) -> float | None:
-    """Measured FLOP/s of the rows routed through a grouped product (groups, m, k, n)
-    (shape_bench.measure_ragged_flops), warm or with cold weights, cached; None when it is
-    not cached and `budget` is spent."""
+    """Measured FLOP/s of the rows routed through a grouped product (groups, m, k, n), cached.
+
+    It runs shape_bench.measure_ragged_flops with warm or `cold` weights. It is None when it is
+    not cached and `budget` is spent.
+    """
     return peaks_cache.cached_measurement(
         device,
         cache_dir,
@@ -305,8 +332,11 @@ def gemm_flops(
     matmul_precision: str = "default",
     budget: peaks_cache.Budget | None = None,
 ) -> float | None:
-    """Measured FLOP/s of one GEMM shape (m, k, n), or of a batched one (batch, m, k, n),
-    warm or with cold weights, cached; None when it is not cached and `budget` is spent."""
+    """Measured FLOP/s of one GEMM shape, cached.
+
+    The shape is (m, k, n), or (batch, m, k, n) for a batched product. The weights are warm, or
+    cold with `cold`. It is None when it is not cached and `budget` is spent.
+    """
     return peaks_cache.cached_measurement(
         device,
         cache_dir,

@@ -1,6 +1,8 @@
-"""The peaks cache: one JSON file per cache folder, an entry per device (its peaks and its
-per-shape tables), written atomically under a lock; the keys the tables use, a per-run
-budget for measuring missing items, and interpolation between measured shapes.
+"""The peaks cache: one JSON file per cache folder, with an entry per device.
+
+An entry holds the device's peaks and its per-shape tables. Writes are atomic, under a lock. The
+module also holds the keys the tables use. It holds a per-run budget for measuring missing
+items. It interpolates between measured shapes too.
 """
 
 import fcntl
@@ -20,8 +22,11 @@ from batching.measure import shape_bench, timing
 
 
 class Budget:
-    """Seconds a run's per-shape microbenchmarks may spend; None: no limit. A shape asked
-    for once it is spent is not measured (cached_measurement returns None)."""
+    """Seconds a run's per-shape microbenchmarks may spend; None means no limit.
+
+    A shape asked for once the budget is spent is not measured. cached_measurement then returns
+    None. `refused` counts those shapes.
+    """
 
     def __init__(self, seconds: float | None = None):
         self.seconds = seconds
@@ -44,8 +49,11 @@ def _device_key(device: jax.Device) -> str:
 
 
 def dtype_key(dtype: str, matmul_precision: str = "default") -> str:
-    """How the cache names a dtype measured under a matmul precision: "float32" for XLA's
-    default, "float32@highest" otherwise (on a GPU, fp32 at default precision runs as TF32)."""
+    """How the cache names a dtype measured under a matmul precision.
+
+    It is "float32" for XLA's default and "float32@highest" otherwise. On a GPU, fp32 at default
+    precision runs as TF32.
+    """
     if matmul_precision in (None, "default"):
         return dtype
     return f"{dtype}@{matmul_precision}"
@@ -59,15 +67,19 @@ def gemm_key(dkey: str, shape: tuple[int, ...], cold: bool) -> str:
 
 
 def ragged_key(dkey: str, shape: tuple[int, ...], cold: bool = False) -> str:
-    """ "float32:8@512x64x128:warm": a grouped product of 8 groups, 512 rows in all, its
-    weights warm (":cold": read from DRAM)."""
+    """ "float32:8@512x64x128:warm": a grouped product of 8 groups, 512 rows in all.
+
+    Its weights are warm. ":cold" means they are read from DRAM.
+    """
     groups, m, k, n = shape
     return f"{dkey}:{groups}@{m}x{k}x{n}" + (":cold" if cold else ":warm")
 
 
 def conv_key(dkey: str, shape: tuple[int, ...]) -> str:
-    """ "float32:16x56x56x64x64x3x1": a conv at the batch it is measured at
-    (shape_bench.conv_measured_batch)."""
+    """ "float32:16x56x56x64x64x3x1": a conv at the batch it is measured at.
+
+    That batch is shape_bench.conv_measured_batch.
+    """
     return f"{dkey}:{_dims((shape_bench.conv_measured_batch(shape), *shape[1:]))}"
 
 
@@ -77,7 +89,7 @@ def attention_key(dkey: str, layout: str, shape: tuple[int, ...]) -> str:
 
 
 def lone_key(dkey: str, kind: str, shape: tuple[int, ...]) -> str:
-    """ "gemm:float32:2x64x64"."""
+    """ "gemm:float32:2x64x64": a lone op's kind, dtype key and shape."""
     return f"{kind}:{dkey}:{_dims(shape)}"
 
 
@@ -87,7 +99,7 @@ def _dims(shape: tuple[int, ...]) -> str:
 
 
 def device_entry(device: jax.Device, cache_dir: str) -> dict[str, Any]:
-    """What the peaks cache holds for `device` (a copy; empty if nothing)."""
+    """What the peaks cache holds for `device`, as a copy; empty if nothing."""
     return dict(_load(cache_path(cache_dir)).get(_device_key(device), {}))
 
 
@@ -101,11 +113,14 @@ def cached_measurement(
     matmul_precision: str = "default",
     budget: Budget | None = None,
 ) -> Any:
-    """Item `name` of the device's `table` in the peaks cache, `measure(entry)` (under
-    `matmul_precision`) only when it is missing (or `refresh`), then saved; `entry` is the
-    device's cached peaks (its dispatch floor and kernel overhead, which the per-shape
-    microbenchmarks take off). A missing item with `budget` spent is None, not measured; the
-    seconds a measurement takes are charged to `budget`."""
+    """Item `name` of the device's `table` in the peaks cache, measured only when missing.
+
+    `measure(entry)` runs when the item is missing, or with `refresh`. It runs under
+    `matmul_precision`, and its result is saved. `entry` is the device's cached peaks. The
+    per-shape microbenchmarks take its dispatch floor and kernel overhead off. Once `budget` is
+    spent, a missing item is None, not measured. The seconds a measurement takes are charged to
+    `budget`.
+    """
     entry = device_entry(device, cache_dir)
     values = dict(entry.get(table, {}))
     if refresh or name not in values:
@@ -135,10 +150,13 @@ _SWEPT = {
 
 
 def interpolate(entry: dict[str, Any], table: str, name: str) -> float | None:
-    """An unmeasured per-shape item from the measured items of the same family (the same key
-    but for the swept dimension x): the rate (x / seconds for attention) interpolated
-    linearly in log rate over log x between the nearest measured x on each side, and held at
-    the nearest measured one beyond them. None when the family has no measured item."""
+    """An unmeasured per-shape item, from measured items of the same family.
+
+    A family shares the key but for the swept dimension x. For attention the rate is x over its
+    seconds. The rate is interpolated linearly in log rate over log x. It uses the nearest
+    measured x on each side. Beyond them it is held at the nearest one. It is None when the
+    family has no measured item.
+    """
     pattern, is_rate = _SWEPT[table]
     match = re.fullmatch(pattern, name)
     if match is None:
@@ -159,7 +177,10 @@ def interpolate(entry: dict[str, Any], table: str, name: str) -> float | None:
 
 
 def _load(path: str) -> dict[str, Any]:
-    """The peaks cache; a corrupt or unreadable one reads as empty (re-measured) with a warning."""
+    """The peaks cache, as a dict.
+
+    A corrupt or unreadable file reads as empty, with a warning. Its peaks are measured again.
+    """
     if not os.path.exists(path):
         return {}
     try:
@@ -175,9 +196,10 @@ def _load(path: str) -> dict[str, Any]:
 
 
 def _save(path: str, cache: dict[str, Any], key: str, entry: dict[str, Any]) -> None:
-    """Merges `entry` into the cache on disk under a lock; written to a temp file, then renamed.
+    """Merges `entry` into the cache on disk, under a lock.
 
-    Two processes measuring at once both keep their entries and never leave half a file.
+    It writes a temp file, then renames it. Two processes measuring at once both keep their
+    entries. Neither leaves half a file.
     """
     del cache  # re-read under the lock: another process may have written since
     os.makedirs(os.path.dirname(path), exist_ok=True)

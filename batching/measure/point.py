@@ -1,8 +1,8 @@
 """One point of a sweep: compile the workload at a batch size, time it, and make its row.
 
-The sweep (batching.sweep) decides which points to visit, in which order and pass, and what
-happens when one fails; this module measures one visit and builds its row through the row
-schema (batching.rows).
+The sweep (batching.sweep) decides which points to visit, in which order and pass. It also
+decides what happens when one fails. This module measures one visit. It builds the visit's row
+through the row schema (batching.rows).
 """
 
 import dataclasses
@@ -24,7 +24,7 @@ from batching.workloads import collectives
 
 
 class OverBudget(Exception):
-    """A compiled point needs more memory than the budget; it is recorded, not run."""
+    """A compiled point needs more memory than the budget. It is recorded, not run."""
 
     def __init__(self, fields: dict[str, Any]):
         super().__init__("over the memory budget")
@@ -33,9 +33,14 @@ class OverBudget(Exception):
 
 @dataclasses.dataclass
 class PointContext:
-    """What every visit of a run's points shares: the run, its mesh and workload (None when
-    they could not be built), its fingerprint, how several processes agree (`share`) and
-    the cache flush of a cold run."""
+    """What every visit of a run's points shares.
+
+    - `run`: the run.
+    - `topo`, `wl`: its mesh and workload, None when they could not be built.
+    - `fingerprint`: the run's fingerprint.
+    - `share`: how several processes agree on a decision.
+    - `flush`: the cache flush of a cold run.
+    """
 
     run: runs.Run
     topo: Topology | None
@@ -82,7 +87,8 @@ class Program:
 @dataclasses.dataclass
 class PointState:
     """What a point carries from one pass to the next: its latest row, each earlier pass's
-    samples, and its compiled program (None until compiled in this process)."""
+    samples, and its compiled program. The program is None until compiled in this process.
+    """
 
     row: dict[str, Any] | None = None
     pass_samples: list[np.ndarray] = dataclasses.field(default_factory=list)
@@ -107,7 +113,10 @@ def why(e: BaseException) -> dict[str, str]:
 
 
 def memory_fields(compiled: timing.Compiled, dev: jax.Device) -> dict[str, Any]:
-    """What the program needs (arguments + outputs + temporaries - aliased, bytes) and has."""
+    """What the program needs and what the device has, in bytes.
+
+    The need is arguments + outputs + temporaries − aliased. It is None where XLA does not say.
+    """
     m = compiled.memory
     parts = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes")
     need = None
@@ -127,10 +136,10 @@ def memory_budget(cfg, device_bytes: int) -> float:
 def mesh_fields(ctx: PointContext, batch_size: int) -> dict[str, Any]:
     """Where a point runs: the mesh, and the batch as a global and a per-device size.
 
-    `batch_size` is the global batch (the swept size); each device holds batch_size over
-    the devices `batch` maps to (mesh.data, or data x expert under the MoE decoder's GShard
-    rules; topology.validate checked that it divides). A run whose mesh could not be built
-    (its rows are errors) reads the mesh from its config.
+    `batch_size` is the global batch, the swept size. Each device holds batch_size over the
+    devices that `batch` maps to. Those are mesh.data, or data x expert under the MoE decoder's
+    GShard rules. topology.validate checked that the batch divides. A run whose mesh could not
+    be built reads the mesh from its config. Its rows are errors.
     """
     if ctx.topo is not None:
         shape, shards, count = ctx.topo.shape, ctx.topo.axis_size("batch"), ctx.topo.num_devices
@@ -170,8 +179,11 @@ def status_row(ctx: PointContext, batch_size: int, status: str, **fields: Any) -
 
 
 def compile_point(ctx: PointContext, batch_size: int) -> tuple[Program, dict[str, Any]]:
-    """The point's flat call compiled under the run's precision, and its memory fields;
-    OverBudget when it needs more than the budget (process 0 decides for every process)."""
+    """The point's flat call compiled under the run's precision, and its memory fields.
+
+    It raises OverBudget when the point needs more than the budget. Process 0 decides that for
+    every process.
+    """
     # Flat arrays in and out: per call only jit's dispatch of a tuple of arrays runs.
     flat = workload.flat_call(ctx.wl, batch_size)
     # The timed calls run this executable: compiled once, under the run's precision.
@@ -188,10 +200,11 @@ def compile_point(ctx: PointContext, batch_size: int) -> tuple[Program, dict[str
 
 
 def measure_point(ctx: PointContext, batch_size: int) -> tuple[rows.Row, np.ndarray, Program]:
-    """A point's first visit: compiles and times the workload at one batch size; returns the
-    row, the pass's samples and the program later passes time again.
+    """A point's first visit: compiles and times the workload at one batch size.
 
-    With several processes (`ctx.share`) the memory-budget and timer decisions are process 0's.
+    Returns the row and the pass's samples. It also returns the program that later passes time
+    again. With several processes (`ctx.share`), process 0 makes the memory-budget and timer
+    decisions.
     """
     program, memory = compile_point(ctx, batch_size)
     flat = program.flat
@@ -216,7 +229,7 @@ def measure_point(ctx: PointContext, batch_size: int) -> tuple[rows.Row, np.ndar
 
 
 def time_pass(ctx: PointContext, call: Callable[..., Any], flat: workload.FlatCall):
-    """One pass of a point: the run's pass plan over `flat`'s arguments (consumed)."""
+    """One pass of a point: the run's pass plan over `flat`'s arguments, which it consumes."""
     m = timing.measure(
         call, flat.args, ctx.timing.pass_settings(), flat.next_args, ctx.share,
         before_call=ctx.flush,
@@ -240,8 +253,11 @@ def run_fields(ctx: PointContext, compiled: timing.Compiled) -> dict[str, Any]:
 
 
 def work_fields(ctx: PointContext, batch_size: int, compiled: timing.Compiled) -> dict[str, Any]:
-    """The call's work: XLA's count and the lab's (its ops), its examples, shapes and
-    collectives, and on a mesh the collectives XLA compiled in."""
+    """The call's work, as XLA counts it and as the lab counts it (its ops).
+
+    The fields also give its examples, shapes and collectives. On a mesh they add the
+    collectives that XLA compiled in.
+    """
     wl = ctx.wl
     cost = wl.cost(batch_size) if wl.cost else None
     calls = wl.collectives(batch_size) if wl.collectives else []
@@ -273,11 +289,17 @@ def work_fields(ctx: PointContext, batch_size: int, compiled: timing.Compiled) -
 def point_fields(
     row: dict[str, Any], samples_by_pass: list[np.ndarray], passes: list[Any], ctx: PointContext
 ) -> dict[str, Any]:
-    """A point's timing fields from every pass so far (`passes`: each pass's timing.Measurement
-    or its stored fields): the latency and its interval from the pass medians
-    (pass_stats.from_passes), whether that interval met the target, what the pooled samples
-    look like (a description, not the interval), two programs within passes, the passes' own
-    records, and what follows from the latency (throughput, achieved rates)."""
+    """A point's timing fields from every pass so far.
+
+    `passes` holds each pass's timing.Measurement, or its stored fields. The fields are these:
+
+    - The latency and its interval, from the pass medians (pass_stats.from_passes).
+    - Whether that interval met the target.
+    - What the pooled samples look like: a description, not the interval.
+    - Two programs within passes (`modes`).
+    - The passes' own records.
+    - What follows from the latency: throughput and achieved rates.
+    """
     settings = ctx.timing
     est = pass_stats.from_passes(samples_by_pass, settings.estimator, settings.confidence)
     pooled = np.concatenate(samples_by_pass)
@@ -327,8 +349,9 @@ DESCRIBED_ONLY = ("latency_s", "latency_ci_low_s", "latency_ci_high_s", "modes")
 
 
 def _pass_records(row: dict[str, Any], passes: list[Any]) -> dict[str, list]:
-    """Each pass's stop reason, wall seconds and host load: the earlier passes' from the
-    point's row, the new ones from their measurements."""
+    """Each pass's stop reason, wall seconds and host load. The earlier passes' come from the
+    point's row. The new ones come from their measurements.
+    """
     new = passes[len(row.get("pass_stop_reasons", [])) :]
     return {
         "pass_stop_reasons": [*row.get("pass_stop_reasons", []), *(m.stop_reason for m in new)],
@@ -340,8 +363,11 @@ def _pass_records(row: dict[str, Any], passes: list[Any]) -> dict[str, list]:
 def repeat_point(
     ctx: PointContext, batch_size: int, state: PointState
 ) -> tuple[rows.Row, np.ndarray]:
-    """A later pass over a point: its program timed again on fresh arguments (compiled again,
-    unrecorded, when the run resumed in a new process); the row over every pass."""
+    """A later pass over a point: its program timed again on fresh arguments.
+
+    When the run resumed in a new process, the program is compiled again, unrecorded. Returns
+    the row over every pass and this pass's samples.
+    """
     wl = ctx.wl
     if state.row is None:
         # Another process's point resumed here: this process writes no row, but keeps the

@@ -1,29 +1,32 @@
 """Traced per-op times: a profiler trace of a point, read back per lab op kind.
 
-After timing a point the sweep captures a `jax.profiler` trace of a few of its calls
-(`config.profile`; profile_point here). This module reads that trace with JAX's own reader
-(`jax.profiler.ProfileData`, the XSpace protobuf) and sums the time of every HLO instruction
-XLA ran, by the lab's op kind (batching.workloads.ops.KINDS), so the per-op prediction can
-stand next to what the hardware did.
+After timing a point, the sweep captures a `jax.profiler` trace of a few of its calls.
+`config.profile` asks for it, and profile_point here takes it. This module reads the trace with
+JAX's own reader, `jax.profiler.ProfileData` (the XSpace protobuf). It sums the time of every
+HLO instruction that XLA ran. It sums it by the lab's op kind (batching.workloads.ops.KINDS).
+The per-op prediction can then stand next to what the hardware did.
 
 Where the events are (XSpace conventions, tsl/profiler/utils/xplane_schema.h):
-- XLA:CPU: the thunk executor records one event per executed HLO instruction (thunk) on the
-  host plane "/host:CPU", on whichever thread ran it, with stats `hlo_op` (the instruction's
-  name), `hlo_module` (the program, e.g. "jit_forward") and `device_ordinal`; an
-  asynchronous thunk lasts until its "end: <op>" event (see ASYNC_END_PREFIX).
-- XLA:GPU: CUPTI records each kernel on the device plane "/device:GPU:<N>" (one line per
-  stream); XLA's launch annotation `#hlo_op=...,hlo_module=...#` becomes the same two stats on
-  the kernel event (tsl cupti_collector). Kernels replayed as a CUDA graph (XLA's command
-  buffers) carry the command buffer as `hlo_op` and the fused instruction as their name.
-  Tested on a trace from an H200 (tests/data) and on a synthetic XSpace.
-- The calls themselves: the sweep wraps each in `StepTraceAnnotation("batch_<B>")`, an event
-  on the host plane whose duration is the call's wall time as the timer sees it (dispatch,
-  run, block until ready).
 
-Which kind an instruction is comes from the compiled HLO text of that point
-(batching.measure.hlo_kinds). Instructions that are no op of the lab (copies, control
-flow bookkeeping) and the gaps between kernels (dispatch, argument handling, waiting) go
-in `OTHER`, so the kinds plus other add up to the traced wall time of a call.
+- XLA:CPU: the thunk executor records one event per executed HLO instruction (thunk). The event
+  lies on the host plane "/host:CPU", on whichever thread ran it. Its stats are `hlo_op`,
+  `hlo_module` and `device_ordinal`. `hlo_op` is the instruction's name. `hlo_module` is the
+  program, such as "jit_forward". An asynchronous thunk lasts until its "end: <op>" event (see
+  ASYNC_END_PREFIX).
+- XLA:GPU: CUPTI records each kernel on the device plane "/device:GPU:<N>". It uses one line per
+  stream. XLA's launch annotation `#hlo_op=...,hlo_module=...#` becomes the same two stats on
+  the kernel event (tsl cupti_collector). XLA may replay kernels as a CUDA graph (its command
+  buffers). Their `hlo_op` then names the command buffer. Their event name is the fused
+  instruction. This case is tested on a trace from an H200 (tests/data). A synthetic XSpace
+  tests it too.
+- The calls themselves: the sweep wraps each in `StepTraceAnnotation("batch_<B>")`. That is an
+  event on the host plane. Its duration is the call's wall time as the timer sees it. It covers
+  dispatch, run and the block until ready.
+
+The point's compiled HLO text says which kind an instruction is (batching.measure.hlo_kinds).
+Some instructions are no op of the lab, such as copies and control-flow bookkeeping. They go in
+`OTHER`. So do the gaps between kernels: dispatch, argument handling, waiting. So the kinds plus
+OTHER add up to the traced wall time of a call.
 """
 
 import contextlib
@@ -80,7 +83,7 @@ class _Event:
 def _kernel_events(
     profile: Any, module: str, kinds: dict[str, str]
 ) -> tuple[list[_Event], list[tuple[float, float]]]:
-    """The program's kernel events on its first device, and the traced calls' windows."""
+    """The program's kernel events on its first device, and the windows of the traced calls."""
     host = None
     device_planes = []
     for plane in profile.planes:
@@ -131,8 +134,11 @@ def _kernel_events(
 
 
 def _attribute(events: list[_Event], start: float, end: float) -> dict[str, float]:
-    """Nanoseconds per HLO instruction inside [start, end]; where kernels overlap (threads,
-    streams), each gets an equal share of the overlap, so they add up to the busy time."""
+    """Nanoseconds per HLO instruction inside [start, end].
+
+    Where kernels overlap (threads, streams), each gets an equal share of the overlap. So the
+    shares add up to the busy time.
+    """
     edges = sorted(
         (t, step, e.op)
         for e in events
@@ -154,19 +160,24 @@ def _attribute(events: list[_Event], start: float, end: float) -> dict[str, floa
 def traced_ops(profile: Any, hlo_text: str, lab_ops: list[tuple[str, str]] = ()) -> dict[str, Any]:
     """The median traced call of a point, by op kind.
 
-    Returns `traced_ops` {kind: {"seconds": in the call, "count": kernels in the call}}
-    (kinds of batching.workloads.ops.KINDS that ran, COLLECTIVE where any, and OTHER: every
-    second of the call that no op kernel covers), `traced_by_op` {lab op name: {"seconds", "count"}}
-    for the instructions `lab_op_names` maps to one of `lab_ops` ((name, kind) pairs; only
-    those that map), `traced_latency_s` (that call's wall time) and
-    `traced_steps` (the calls it is the median of: all but the first). The median call
-    (the lower middle one for an even count), like the timer's median, so that one call
-    the OS descheduled does not move it; its kinds add up to its wall time. Raises
+    Returns a dict of four fields:
+
+    - `traced_ops`: {kind: {"seconds": in the call, "count": kernels in the call}}. Its kinds
+      are the KINDS of batching.workloads.ops that ran, and COLLECTIVE where any ran. OTHER is
+      every second of the call that no op kernel covers.
+    - `traced_by_op`: {lab op name: {"seconds", "count"}}. It covers the instructions that
+      `lab_op_names` maps to one of `lab_ops`, given as (name, kind) pairs. Instructions that
+      map to none are left out.
+    - `traced_latency_s`: the median call's wall time.
+    - `traced_steps`: the calls it is the median of, all but the first.
+
+    The median is the lower middle call for an even count, like the timer's median. So one call
+    that the OS descheduled does not move it. Its kinds add up to its wall time. It raises
     TraceError when the trace holds no usable call.
     """
     kinds = instruction_kinds(hlo_text)
     events, steps = _kernel_events(profile, module_name(hlo_text), kinds)
-    # The first call after the profiler starts pays for its start (on a CPU, 2-3x the next).
+    # The first call after the profiler starts pays for that start: left out unless alone.
     steps = steps[1:] if len(steps) > 1 else steps
     calls = []
     for start, end in steps:
@@ -235,12 +246,13 @@ def trace_point(
     capture: bool = True,
     precision: str = "default",
 ) -> str:
-    """Captures a jax.profiler trace of `steps` calls, after the point was timed, never during;
-    returns the HLO text of the program it ran (what the trace's `hlo_op` names refer to).
+    """Captures a jax.profiler trace of `steps` calls, after the point was timed, never during.
 
-    The trace lands in <logdir>/plugins/profile/<time>/, where TensorBoard's
-    Profile tab (the `profile` extra, xprof) finds it. Without `capture` (a process
-    that does not write) the same calls run untraced, in step with process 0.
+    Returns the HLO text of the program it ran. The trace's `hlo_op` names refer to that text.
+
+    The trace lands in <logdir>/plugins/profile/<time>/. TensorBoard's Profile tab finds it
+    there (the `profile` extra, xprof). Without `capture` the same calls run untraced. They stay
+    in step with process 0. That is for a process that does not write.
     """
     flat = workload.flat_call(wl, batch_size)
     # The timed program (same function, arguments and precision: a compilation-cache hit).
@@ -250,9 +262,9 @@ def trace_point(
     if flat.next_args is not None:
         args = flat.next_args(args, out)
     del out
-    # Without the Python tracer: it hooks every Python call (flattening a model's parameter
-    # state took ~20x longer with it: 0.57 ms vs ~0.03 ms for a small ResNet), which a
-    # per-call comparison with the timed median cannot afford.
+    # Without the Python tracer: it hooks every Python call, so flattening a model's
+    # parameter state runs many times slower under it. A per-call comparison with the timed
+    # median cannot afford that.
     options = jax.profiler.ProfileOptions()
     options.python_tracer_level = 0
     tracing = jax.profiler.trace(logdir, profiler_options=options)
@@ -268,9 +280,11 @@ def trace_point(
 
 
 def profile_point(ctx: PointContext, row: rows.Row, logdir: str, capture: bool) -> dict[str, Any]:
-    """Traces an ok point and reads the trace back per op kind (batching.measure.profiling):
-    the row's `traced_*` fields, or `traced_ops_error` saying why there are none. A trace
-    that fails never fails the sweep."""
+    """Traces an ok point and reads the trace back per op kind.
+
+    Returns the row's `traced_*` fields. Where there are none, `traced_ops_error` says why. A
+    trace that fails never fails the sweep.
+    """
     batch_size = row["batch_size"]
     since = time.time()
     steps = ctx.config.profile.steps
@@ -297,8 +311,11 @@ def profile_point(ctx: PointContext, row: rows.Row, logdir: str, capture: bool) 
 
 
 def _own_folder(path: str, batch_size: int) -> str:
-    """The trace moved into its own folder per point: two traces within one second would
-    share a timestamp folder (and a file name) and the second would overwrite the first."""
+    """Moves the trace into its own folder per point, and returns its new path.
+
+    Two traces within one second would share a timestamp folder and a file name. The second
+    would then overwrite the first.
+    """
     folder = os.path.dirname(path)
     named = f"{folder}_batch{batch_size}"
     if not os.path.exists(named):

@@ -1,9 +1,11 @@
-"""Where an analysis takes a device's peaks and per-shape rates from: the peaks cache
-(measuring what is missing, within a run's budget) or a peaks file (measuring nothing).
+"""Where an analysis takes a device's peaks and per-shape rates from.
 
-The analysis (batching.predict) is handed a RateSource and never imports a microbenchmark:
-everything measured while a run is analysed is measured here, in its device-model stage
-(before any prediction, the sweep's ends first), and `freeze` makes the rest read-only.
+One source is the peaks cache. It measures what is missing, within a run's budget. The other is
+a peaks file, which measures nothing.
+
+The analysis (batching.predict) is handed a RateSource. It never imports a microbenchmark.
+Everything measured while a run is analysed is measured here, in its device-model stage. That
+stage runs after the sweep and before any prediction. `freeze` makes the rest read-only.
 """
 
 import dataclasses
@@ -20,13 +22,19 @@ from batching.measure import collectives, drift, microbench, peaks, peaks_cache,
 
 
 class NoPeaks(ValueError):
-    """A peaks file holds nothing for a run's device (or dtype): the run is not analysed."""
+    """A peaks file holds nothing for a run's device (or dtype).
+
+    The run is not analysed.
+    """
 
 
 @dataclasses.dataclass(frozen=True)
 class DeviceRef:
-    """A device known by its platform and kind only: the rows' device when a workdir measured
-    elsewhere is analysed here from a peaks file (nothing is measured on it)."""
+    """A device known by its platform and kind only.
+
+    It stands for the rows' device when a workdir measured elsewhere is analysed here. The peaks
+    then come from a peaks file. Nothing is measured on it.
+    """
 
     platform: str
     device_kind: str
@@ -45,7 +53,11 @@ def _drift_key(device_key: str, dtype: str, precision: str) -> str:
 
 
 def microbenchmark_budget(roofline_cfg: Any, platform: str) -> float | None:
-    """The run's budget for per-shape microbenchmarks in seconds (None: no limit)."""
+    """The run's budget for per-shape microbenchmarks, in seconds.
+
+    None means no limit. That is the default on a CPU. An accelerator defaults to
+    ACCELERATOR_BUDGET_S.
+    """
     budget = roofline_cfg.get("microbenchmark_budget_s")
     if budget is None:
         return None if platform == "cpu" else ACCELERATOR_BUDGET_S
@@ -55,12 +67,16 @@ def microbenchmark_budget(roofline_cfg: Any, platform: str) -> float | None:
 class RateSource:
     """Where a run's analysis takes the device's peaks and per-shape rates from.
 
-    From the peaks cache (`cache_dir`), measuring what is missing: the base peaks always, the
-    per-shape rates (GEMM, conv, attention, lone ops) within the run's budget (`start_run`).
-    Or from a peaks file (`peaks_file`, a workdir's device_peaks.json: rows measured on
-    another machine analysed here), measuring nothing. A per-shape rate that is neither
-    cached nor measured is interpolated from the measured shapes of its family
-    (peaks_cache.interpolate), else the op runs at the peak; `unmeasured` names them.
+    With `cache_dir` it reads the peaks cache and measures what is missing. The base peaks are
+    always measured. The per-shape rates (GEMM, conv, attention, lone ops) are measured within
+    the run's budget (`start_run`).
+
+    With `peaks_file` it reads a workdir's device_peaks.json and measures nothing. That serves
+    rows measured on another machine and analysed here.
+
+    A per-shape rate may be neither cached nor measured. It is then interpolated from the
+    measured shapes of its family (peaks_cache.interpolate). Failing that, the op runs at the
+    peak. `unmeasured` names these rates.
     """
 
     def __init__(
@@ -91,7 +107,10 @@ class RateSource:
         self.unmeasured = {}
 
     def freeze(self) -> None:
-        """Measure nothing more this run: what is not cached is interpolated or the peak."""
+        """Measures nothing more this run.
+
+        What is not cached is interpolated, or priced at the peak.
+        """
         self.budget.seconds = self.budget.spent_s
 
     def last_level_cache(self, device: Any) -> int:
@@ -101,9 +120,11 @@ class RateSource:
     def best_rate(
         self, device: Any, dtype: str, precision: str, min_flops: float
     ) -> tuple[float, str] | None:
-        """The highest per-shape GEMM or conv rate cached for the device in this dtype and
-        precision, among shapes of at least `min_flops` per kernel (a small kernel's rate rests
-        on subtracting a call's fixed costs); (FLOP/s, which), or None."""
+        """The highest per-shape GEMM or conv rate cached for this device, dtype and precision.
+
+        Only shapes of at least `min_flops` per kernel count. A small kernel's rate rests on
+        subtracting a call's fixed costs. Returns (FLOP/s, which microbenchmark), or None.
+        """
         dkey = peaks_cache.dtype_key(dtype, precision)
         entry, best = self.entry(device), None
         patterns = {
@@ -126,8 +147,10 @@ class RateSource:
         return best
 
     def measured_busbw(self, device: Any, mesh_shape: dict[str, int]) -> dict[str, dict]:
-        """{mesh axis: {collective: bus bytes/s}} measured on this mesh at the default payload
-        (collectives.measure_run during the sweep); axes of one device have none."""
+        """{mesh axis: {collective: bus bytes/s}} measured on this mesh at the default payload.
+
+        collectives.measure_run measures them during the sweep. Axes of one device have none.
+        """
         out: dict[str, dict] = {}
         for axis, n in mesh_shape.items():
             for kind in collectives.MEASURED:
@@ -139,12 +162,16 @@ class RateSource:
         return out
 
     def entry(self, device: Any) -> dict[str, Any]:
-        """The device's entry of the cache (or of the peaks file), a copy."""
+        """The device's entry of the cache (or of the peaks file), as a copy."""
         return peaks_cache.device_entry(device, self.cache_dir)
 
     def peaks(self, device: Any, dtype: str, precision: str = "default") -> peaks.MeasuredPeaks:
-        """The device's peaks in `dtype` at `precision`: the peaks file's (NoPeaks where it has
-        none), else the cache's, measured where missing or refreshed, checked once per device."""
+        """The device's peaks in `dtype` at `precision`.
+
+        With a peaks file they are the file's. NoPeaks is raised where it has none. Otherwise
+        they are the cache's, measured where missing or refreshed. They are checked once per
+        device.
+        """
         key = f"{device.platform}:{device.device_kind}"
         if self.peaks_file:
             entry = self.entry(device)
@@ -172,26 +199,33 @@ class RateSource:
         return peaks.measured_peaks(device, (dtype,), self.cache_dir, refresh, precision)
 
     def machine_drift(self, device: Any, dtype: str, precision: str = "default") -> Any:
-        """The device's drift between runs (drift.Drift) from the readings logged beside the
-        peaks cache; None with a peaks file (rows measured elsewhere) or too few readings."""
+        """The device's drift between runs (drift.Drift), from the log beside the peaks cache.
+
+        It is None with a peaks file: those rows were measured elsewhere. It is None with too
+        few readings too.
+        """
         if self.peaks_file:
             return None
         key = f"{device.platform}:{device.device_kind}"
         return drift.drift(self._log_dir, _drift_key(key, dtype, precision))
 
     def _measure_privately(self) -> None:
-        """From now on, read the cache from a private copy and save what is measured there:
-        rates measured while the device reads slower than when its peaks were cached would
-        skew every later run (on the 2-core CPU here, mlp_widths' prediction median went from
-        0.19 to 0.77 on a quiet machine once a busy run had cached its GEMM rates)."""
+        """From now on, reads the cache from a private copy, and saves what is measured there.
+
+        It runs when the device reads slower now than when its peaks were cached. Rates measured
+        now would skew every later run. `experiments/results/cpu-2core-epyc/README.md` ("The
+        peaks check") shows a busy run's GEMM rates doing so.
+        """
         if self._copy is None:
             self.cache_dir = self._private_copy(
                 peaks_cache.cache_path(self.cache_dir), "lab_peaks_busy_"
             )
 
     def _private_copy(self, cache_file: str, prefix: str) -> str:
-        """A temporary cache folder holding a copy of `cache_file` (none if it does not
-        exist), removed with this object: its name."""
+        """A temporary cache folder holding a copy of `cache_file`, removed with this object.
+
+        Returns the folder's name. Without `cache_file` the folder is empty.
+        """
         self._copy = tempfile.TemporaryDirectory(prefix=prefix)
         if os.path.exists(cache_file):
             shutil.copy(cache_file, peaks_cache.cache_path(self._copy.name))
@@ -206,8 +240,11 @@ class RateSource:
         return value
 
     def gemm(self, device: Any, dtype: str, cold: bool, precision: str = "default"):
-        """FLOP/s of a GEMM at its shape, (m, k, n) or (batch, m, k, n), warm or with `cold`
-        weights, cached; interpolated, or None, where not measured."""
+        """A function from a GEMM's shape to its FLOP/s, cached.
+
+        The shape is (m, k, n) or (batch, m, k, n). The weights are warm, or cold with `cold`.
+        An unmeasured rate is interpolated, or None.
+        """
 
         def rate(shape):
             name = peaks_cache.gemm_key(peaks_cache.dtype_key(dtype, precision), shape, cold)
@@ -219,8 +256,11 @@ class RateSource:
         return rate
 
     def ragged(self, device: Any, dtype: str, cold: bool, precision: str = "default"):
-        """FLOP/s of the rows routed through a grouped product at its shape (groups, m, k,
-        n), warm or with `cold` weights, cached; interpolated, or None, where not measured."""
+        """A function from a grouped product's shape (groups, m, k, n) to its FLOP/s, cached.
+
+        The FLOP/s are those of the rows routed through it. The weights are warm, or cold with
+        `cold`. An unmeasured rate is interpolated, or None.
+        """
 
         def rate(shape):
             name = peaks_cache.ragged_key(peaks_cache.dtype_key(dtype, precision), shape, cold)
@@ -232,8 +272,10 @@ class RateSource:
         return rate
 
     def conv(self, device: Any, dtype: str, precision: str = "default"):
-        """FLOP/s of a conv at its shape (ops.Op's conv shape), cached; interpolated, or None, where
-        not measured."""
+        """A function from a conv's shape (ops.Op's conv shape) to its FLOP/s, cached.
+
+        An unmeasured rate is interpolated, or None.
+        """
 
         def rate(shape):
             name = peaks_cache.conv_key(peaks_cache.dtype_key(dtype, precision), shape)
@@ -243,7 +285,11 @@ class RateSource:
         return rate
 
     def lone(self, device: Any, dtype: str, precision: str = "default"):
-        """Seconds of a call running one small op alone, beyond the dispatch floor, cached."""
+        """A function from a small op to its lone-op seconds (one, many), cached.
+
+        They are the seconds of a call running the op alone, beyond the dispatch floor. An
+        unmeasured op gives None.
+        """
 
         def seconds(op):
             shape = tuple(op.shape)
@@ -256,8 +302,11 @@ class RateSource:
         return seconds
 
     def attention(self, device: Any, attend: Callable[..., jax.Array], precision: str = "default"):
-        """Seconds of one attention shape (a row's `attention_shapes` entry), cached;
-        `attend` is the model's attention over its cache (the workload module's ATTEND)."""
+        """A function from an attention shape to its seconds, cached.
+
+        The shape is a row's `attention_shapes` entry. `attend` is the model's attention over
+        its cache (the workload module's ATTEND).
+        """
 
         def seconds(s: dict[str, Any]) -> float | None:
             shape = (s["batch"], s["kv_heads"], s["cache_len"], s["q_per_kv"], s["head_dim"])
@@ -279,7 +328,10 @@ class RateSource:
         return seconds
 
     def collective(self, device: Any) -> Callable[[dict[str, Any]], float | None]:
-        """The bus bandwidth (bytes/s) a row's collectives entry reaches at its own payload,
-        from the latency-bandwidth model of the cached microbenchmarks the sweep ran
-        (collectives.measure_run, collectives.effective_busbw); None where not measured."""
+        """A function from a row's collectives entry to its bus bandwidth (bytes/s).
+
+        The bandwidth is at the entry's own payload. It comes from the latency-bandwidth model
+        of the cached microbenchmarks the sweep ran (collectives.measure_run).
+        collectives.effective_busbw computes it. It is None where not measured.
+        """
         return lambda c: collectives.effective_busbw(device, c, self.cache_dir)

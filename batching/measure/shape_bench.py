@@ -1,6 +1,11 @@
-"""Microbenchmarks at an op's own shape: a GEMM (batched or not, warm or cold weights), a
-convolution with its epilogue, a small op run alone, and a decode step's attention over its
-cache, each timed as the model runs it with the call's fixed costs taken off.
+"""Microbenchmarks at an op's own shape.
+
+- A GEMM, batched or not, with warm or cold weights.
+- A convolution with its epilogue.
+- A small op run alone.
+- A decode step's attention over its cache.
+
+Each is timed as the model runs it. The call's fixed costs are taken off.
 """
 
 from collections.abc import Callable
@@ -12,7 +17,7 @@ import jax.numpy as jnp
 from batching.measure import microbench, timing
 from batching.workloads import ops
 
-# A sweep measures one GEMM shape per batch size: keep each short (cold start <= 25 s).
+# A sweep measures one GEMM shape per batch size: each is kept short, for a short cold start.
 GEMM_SETTINGS = timing.TimingSettings(
     warmup_runs=1, warmup_s=0.0, min_runs=5, max_runs=1000, budget_s=0.12
 )
@@ -21,7 +26,7 @@ GEMM_SETTINGS = timing.TimingSettings(
 # A warm GEMM microbenchmark repeats a small product in one call up to this many FLOPs.
 WARM_CALL_FLOPS = 1e8
 # A cold one overflows the last-level cache with weights, but stops at this many FLOPs per
-# call (a few tens of ms on a CPU): beyond it the weights' source no longer shows.
+# call: beyond it the product is compute-bound, and the weights' source no longer shows.
 COLD_CALL_FLOPS = 4e9
 
 
@@ -33,8 +38,11 @@ _WEIGHTS: dict[tuple[Any, ...], list[jax.Array]] = {}
 def _gemm_weights(
     device: jax.Device, dtype: str, shape: tuple[int, ...], copies: int
 ) -> list[jax.Array]:
-    """`copies` distinct weights of `shape` on `device` (the i-th filled with (i + 1) / k),
-    reused from the previous call for the same device, dtype and shape."""
+    """`copies` distinct weights of `shape` on `device`.
+
+    The i-th is filled with (i + 1) / k. They are reused from the previous call for the same
+    device, dtype and shape.
+    """
     key = (device.id, device.platform, dtype, shape)
     made = _WEIGHTS.get(key, [])
     if len(made) < copies:
@@ -51,17 +59,22 @@ def _gemm_weights(
 def _per_instance(
     t: float, copies: int, dispatch_floor_s: float, kernel_overhead_s: float = 0.0
 ) -> float:
-    """Seconds of one of `copies` instances of an op timed together in a call of `t` seconds:
-    the call's dispatch floor, then each instance's launch, taken off (never below 5%: a
-    floor measured on a noisier call must not leave nothing)."""
+    """Seconds of one of `copies` instances of an op timed together in a call of `t` seconds.
+
+    The call's dispatch floor comes off, then each instance's launch. Neither step leaves less
+    than 5%. A floor measured on a noisier call must not leave nothing.
+    """
     each = max(t - dispatch_floor_s, 0.05 * t) / copies
     return max(each - kernel_overhead_s, 0.05 * each)
 
 
 def _products(a: jax.Array, bs: tuple[jax.Array, ...], chain: bool):
-    """a @ b for every b: chained (each product feeding the next, as a stack of square layers
-    runs: independent products could overlap and look faster than they run), else each on
-    `a`, every output kept so none can be merged."""
+    """a @ b for every b in `bs`.
+
+    With `chain`, each product feeds the next, as a stack of square layers runs. Independent
+    products could overlap and look faster than they run. Without it, each product takes `a`.
+    Every output is kept, so none can be merged.
+    """
     if chain:
         y = a
         for b in bs:
@@ -82,19 +95,22 @@ def measure_gemm_flops(
     kernel_overhead_s: float = 0.0,
 ) -> float:
     """FLOP/s of one [m, k] × [k, n] product: what the device reaches at a model's real shape.
-    With `batch` > 1, of a batched product [batch, m, k] × [batch, k, n] in one kernel, as an
-    einsum over experts or routing groups runs (FLOPs counted over the whole batch).
 
-    Inside a model the product is one kernel among many: it pays no dispatch of its own, and
-    the roofline adds its launch (`kernel_overhead_s`) separately. So one call runs the product
-    against several distinct [k, n] weights (every output kept, none can be merged; chained,
-    each product feeding the next, where the shape allows), and the call's dispatch floor and
-    one launch per product are taken off. With `cold` there are
-    enough weights to overflow the last-level cache twice, so every weight comes from DRAM, as
-    in a model whose weights exceed the cache (fewer for a product so heavy that a call of them
-    would pass COLD_CALL_FLOPS: it is compute-bound wherever its weights are); warm, enough
-    to reach WARM_CALL_FLOPS (a tiny product alone would be all dispatch noise) while all of
-    them fit a quarter of the cache.
+    With `batch` > 1 it times a batched product [batch, m, k] × [batch, k, n] in one kernel. An
+    einsum over experts or routing groups runs that way. FLOPs count over the whole batch.
+
+    Inside a model the product is one kernel among many. It pays no dispatch of its own. The
+    roofline adds its launch (`kernel_overhead_s`) separately. So one call runs the product
+    against several distinct [k, n] weights, at most 64. Every output is kept, so none can be
+    merged. With warm weights and k == n the products are chained, each feeding the next. The
+    call's dispatch floor and one launch per product are taken off.
+
+    - With `cold`, there are enough weights to overflow the last-level cache twice. Every weight
+      then comes from DRAM, as in a model whose weights exceed the cache. A product heavy enough
+      to pass COLD_CALL_FLOPS per call gets fewer copies. It is compute-bound wherever its
+      weights are.
+    - Warm, there are enough copies to reach WARM_CALL_FLOPS. All of them fit a quarter of the
+      cache. A tiny product alone would be all dispatch noise.
     """
     item = jnp.dtype(dtype).itemsize
     weight_bytes = batch * k * n * item
@@ -125,15 +141,18 @@ def measure_ragged_flops(
     kernel_overhead_s: float = 0.0,
     cold: bool = False,
 ) -> float:
-    """FLOP/s of the rows routed through a grouped product (groups, m, k, n):
-    jax.lax.ragged_dot of m rows, split evenly over the groups, each group times its own
-    [k, n] weights, FLOPs counted as 2·m·k·n. What the backend really computes sets the
-    rate: XLA:CPU rewrites a ragged dot into dense dots over every group (cost analysis and
-    time both grow with the groups), a GPU runs a grouped GEMM. Several distinct weight sets
-    per call (every output kept), the call's fixed costs taken off; warm or `cold` as
-    measure_gemm_flops chooses them (cold: enough sets to overflow the last-level cache
-    twice, as a model whose experts exceed it reads every set from DRAM: on the 2-core CPU
-    here a [2, 512] × 8 × [512, 512] ragged dot takes 1.2 ms warm and 4.5 ms cold)."""
+    """FLOP/s of the rows routed through a grouped product of shape (groups, m, k, n).
+
+    It runs jax.lax.ragged_dot of m rows, split evenly over the groups. Each group multiplies
+    its own [k, n] weights. FLOPs count as 2·m·k·n. What the backend really computes sets the
+    rate. XLA:CPU rewrites a ragged dot into dense dots over every group. Its cost analysis and
+    time both grow with the groups. A GPU runs a grouped GEMM.
+
+    One call runs several distinct weight sets, at most 16. Every output is kept. The call's
+    fixed costs are taken off. Warm or `cold` weights are chosen as in measure_gemm_flops. Cold
+    means enough sets to overflow the last-level cache twice. A model whose experts exceed the
+    cache reads every set from DRAM in the same way.
+    """
     groups, m, k, n = shape
     item = jnp.dtype(dtype).itemsize
     llc = microbench.last_level_cache_bytes(device)
@@ -168,8 +187,10 @@ CONV_SETTINGS = timing.TimingSettings(
 
 
 def conv_flops_of(shape: tuple[int, ...]) -> float:
-    """2 FLOPs per multiply-accumulate of a conv at shape (B, H, W, Cin, Cout, k, stride)
-    with (k - 1) // 2 padding: models.resnet's count."""
+    """FLOPs of a conv at shape (B, H, W, Cin, Cout, k, stride), 2 per multiply-accumulate.
+
+    Padding is (k - 1) // 2. This is models.resnet's count.
+    """
     B, H, W, cin, cout, k, stride = shape
     pad = (k - 1) // 2
     ho, wo = (H + 2 * pad - k) // stride + 1, (W + 2 * pad - k) // stride + 1
@@ -177,8 +198,11 @@ def conv_flops_of(shape: tuple[int, ...]) -> float:
 
 
 def conv_measured_batch(shape: tuple[int, ...]) -> int:
-    """The batch a conv at `shape` is measured at: its own, or the smallest power of two whose
-    FLOPs reach CONV_SATURATION_FLOPS, whichever is smaller."""
+    """The batch a conv at `shape` is measured at.
+
+    It is the smallest power of two whose FLOPs reach CONV_SATURATION_FLOPS. The conv's own
+    batch is used where that is smaller.
+    """
     B = shape[0]
     per_example = conv_flops_of((1, *shape[1:]))
     b = 1
@@ -193,9 +217,11 @@ NHWC = ("NHWC", "HWIO", "NHWC")
 def _conv_program(
     device: jax.Device, dtype: str, shape: tuple[int, ...], copies: int
 ) -> tuple[Callable[..., Any], tuple[jax.Array, ...]]:
-    """`copies` convs at shape (B, H, W, Cin, Cout, k, stride), each with its BatchNorm
-    (inference: per-channel scale and shift) and ReLU, distinct weights, every output kept: the
-    function and its arguments, on `device`."""
+    """`copies` convs at shape (B, H, W, Cin, Cout, k, stride), with distinct weights.
+
+    Each has its BatchNorm (inference: a per-channel scale and shift) and ReLU. Every output is
+    kept. Returns the function and its arguments, on `device`.
+    """
     B, H, W, cin, cout, k, stride = shape
     dt = jnp.dtype(dtype)
     pad = (k - 1) // 2
@@ -226,21 +252,26 @@ def measure_conv_flops(
     dispatch_floor_s: float = 0.0,
     kernel_overhead_s: float = 0.0,
 ) -> float:
-    """FLOP/s of one NHWC convolution at shape (B, H, W, Cin, Cout, k, stride) with its
-    BatchNorm (inference: a per-channel scale and shift) and ReLU, as models.resnet runs it
-    (lax.conv_general_dilated, "HWIO" kernel, (k - 1) // 2 padding). The epilogue is timed with
-    the conv so its cost counts whether the backend fuses it or not. Weights stay warm between
-    calls; the roofline adds DRAM weight reads through the op's bytes. As for a warm GEMM, a
-    small conv runs several times in one call (distinct weights, every output kept) up to
-    WARM_CALL_FLOPS, and the dispatch floor and one launch per conv are taken off."""
+    """FLOP/s of one NHWC convolution at shape (B, H, W, Cin, Cout, k, stride).
+
+    The conv runs as models.resnet runs it. It is lax.conv_general_dilated with an "HWIO" kernel
+    and (k - 1) // 2 padding. Its BatchNorm (inference: a per-channel scale and shift) and ReLU
+    follow. This epilogue is timed with the conv. So its cost counts whether the backend fuses
+    it or not.
+
+    Weights stay warm between calls. The roofline adds DRAM weight reads through the op's bytes.
+    As for a warm GEMM, a small conv runs several times in one call. It runs up to
+    WARM_CALL_FLOPS, at most 16 times. Each copy has distinct weights, and every output is kept.
+    The dispatch floor and one launch per conv are taken off.
+    """
     copies = max(1, min(16, -(-int(WARM_CALL_FLOPS) // int(conv_flops_of(shape)))))
     fn, args = _conv_program(device, dtype, shape, copies)
     t = microbench._median_time(fn, args, CONV_SETTINGS)
     return conv_flops_of(shape) / _per_instance(t, copies, dispatch_floor_s, kernel_overhead_s)
 
 
-# A call that runs a small op alone: timed long enough for a stable median of a ~10-100 µs
-# call (hundreds of calls), whose distribution can be bimodal (a worker thread awake or not).
+# A call that runs a small op alone is short: it is timed over hundreds of calls for a stable
+# median, since its distribution can be bimodal (a worker thread awake or not).
 LONE_SETTINGS = timing.TimingSettings(
     warmup_runs=5, warmup_s=0.0, min_runs=30, max_runs=5000, target_rel_ci=0.02, budget_s=0.05
 )
@@ -249,9 +280,12 @@ LONE_SETTINGS = timing.TimingSettings(
 def _lone_program(
     device: jax.Device, dtype: str, kind: str, shape: tuple[int, ...], copies: int
 ) -> tuple[Callable[..., Any], tuple[jax.Array, ...]]:
-    """`copies` instances of an op in one program, one after another: chained (each feeding
-    the next, as layers do) where the op maps its output shape to its input shape, else on
-    the same input with distinct weights (a program this short runs its kernels in order)."""
+    """`copies` instances of an op in one program, one after another.
+
+    They are chained where the op maps its output shape to its input shape. Each then feeds the
+    next, as layers do. Otherwise each takes the same input with distinct weights. A program
+    this short runs its kernels in order. Returns the function and its arguments.
+    """
     if kind == "conv":
         B, H, W, cin, cout, k, stride = shape
         if cin != cout or stride != 1 or k % 2 == 0:  # the output keeps the input shape
@@ -279,19 +313,27 @@ def _lone_program(
 def measure_lone_op_seconds(
     device: jax.Device, dtype: str, kind: str, shape: tuple[int, ...], dispatch_floor_s: float
 ) -> list[float]:
-    """Seconds a jitted call running ONE instance of an op, and one running ops.LONE_COPIES
-    in a row, cost beyond the trivial call's dispatch floor: medians of back-to-back calls,
-    as the sweep times a point. [one, many].
+    """Seconds of a call running one instance of an op, and of one running ops.LONE_COPIES.
 
-    The chained microbenchmarks (measure_gemm_flops, measure_conv_flops) run many instances
-    in one call and divide, so what a call pays once whatever its kernels do (handing the
-    program to a worker thread, waking the intra-op thread pool that a library kernel such as
-    XLA:CPU's YNNPACK fusion forks onto) is spread thin there and vanishes. Here it stays:
-    (many − one) / (LONE_COPIES − 1) is what one more instance costs inside a call (with its
-    launch), and one minus that what the call paid once for it (pricing.call_extra). The
-    copies keep their weights in the cache, as a small model's layers do. Shapes: gemm and
-    moe_dispatch_combine (m, k, n) or (batch, m, k, n); conv (B, H, W, Cin, Cout, k, stride),
-    with its BatchNorm and ReLU as measure_conv_flops runs it.
+    Returns [one, many]. Each is the median of back-to-back jitted calls, as the sweep times a
+    point. The trivial call's dispatch floor is taken off both.
+
+    The chained microbenchmarks (measure_gemm_flops, measure_conv_flops) run many instances in
+    one call. They divide the call's time among them. Some costs a call pays once, whatever its
+    kernels do. It may hand the program to a worker thread. It may wake the intra-op thread
+    pool. A library kernel such as XLA:CPU's YNNPACK fusion forks onto that pool. Those costs
+    are spread thin there and vanish.
+
+    Here they stay. (many − one) / (LONE_COPIES − 1) is what one more instance costs in a call.
+    That includes its launch. One minus that is what the call paid once for it
+    (pricing.call_extra). The copies keep their weights in the cache, as a small model's layers
+    do.
+
+    Shapes:
+
+    - gemm and moe_dispatch_combine: (m, k, n) or (batch, m, k, n).
+    - conv: (B, H, W, Cin, Cout, k, stride). It runs with its BatchNorm and ReLU, as in
+      measure_conv_flops.
     """
     out = []
     for copies in (1, ops.LONE_COPIES):
@@ -308,16 +350,17 @@ def measure_attention_seconds(
     attend: Callable[..., jax.Array],
     dispatch_floor_s: float = 0.0,
 ) -> float:
-    """Seconds of one layer's decode attention at `shape` = (batch, kv_heads, cache_len,
-    q_per_kv, head_dim) over a cache in `layout` and `dtype`. `attend(q_BxKxGxH, k, v,
-    lengths_B, layout)` is the model's own attention, handed in by the workload (the decoder's
-    `models.kv_cache.attend_cache`), so the lab times what the model runs without importing it.
+    """Seconds of one layer's decode attention at `shape`, over a cache in `layout` and `dtype`.
 
-    Attention over a cache is neither a weight GEMM nor a plain streaming read (skinny
-    products, a softmax between them), so it is timed as it runs. The cache is cold, as in a
-    decode step where every layer's weights pass through the last-level cache between two
-    attentions: one call attends over enough distinct caches to overflow it twice, and the
-    time per cache is returned, the call's dispatch floor taken off.
+    `shape` is (batch, kv_heads, cache_len, q_per_kv, head_dim). `attend(q_BxKxGxH, k, v,
+    lengths_B, layout)` is the model's own attention. The workload hands it in (the decoder's
+    `models.kv_cache.attend_cache`). So the lab times what the model runs without importing it.
+
+    Attention over a cache is neither a weight GEMM nor a plain streaming read. It has skinny
+    products with a softmax between them. So it is timed as it runs. The cache is cold, as in a
+    decode step. There every layer's weights pass through the last-level cache between two
+    attentions. One call attends over enough distinct caches to overflow it twice. The time per
+    cache is returned, with the call's dispatch floor taken off.
     """
     B, K, S, G, H = shape
     dt = jnp.dtype(dtype)

@@ -1,7 +1,7 @@
-"""Statistics of timing samples: robust summaries and a distribution-free interval for the median.
+"""Statistics of timing samples: robust summaries and a distribution-free median interval.
 
-Timings on shared machines are skewed and have outliers, so everything here is
-based on order statistics rather than on a mean and a standard deviation.
+Timings on shared machines are skewed and have outliers. So the summaries here rest on order
+statistics, not on a mean and a standard deviation.
 """
 
 import functools
@@ -9,14 +9,16 @@ import math
 
 import numpy as np
 
+# The confidence of every interval the lab reports, unless timing.confidence says otherwise.
+CONFIDENCE = 0.95
 
-def median_interval(samples: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
-    """Distribution-free confidence interval for the median (seconds in, seconds out).
 
-    The number of samples below the true median is Binomial(n, 1/2), so the
-    order statistics x_(j) and x_(k) with j, k taken from that distribution
-    bracket the median with at least `confidence` probability, whatever the
-    shape of the timing distribution.
+def median_interval(samples: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Distribution-free confidence interval for the median, in seconds.
+
+    The number of samples below the true median is Binomial(n, 1/2). Order statistics x_(j) and
+    x_(k) are picked with j and k from that distribution. They bracket the median with at least
+    `confidence` probability. That holds whatever the shape of the timing distribution.
     """
     x = np.sort(np.asarray(samples, dtype=np.float64))
     n = x.size
@@ -33,11 +35,13 @@ def median_interval(samples: np.ndarray, confidence: float = 0.95) -> tuple[floa
 
 @functools.lru_cache(maxsize=8192)
 def binom_half_ppf(q: float, n: int) -> int:
-    """The q-quantile of Binomial(n, 1/2): the smallest k with P(X <= k) >= q (scipy's
-    binom.ppf, equal to it for q in (0, 0.5) and n <= 5000: tests/test_stats.py). The timer
-    asks after every call, so it is cached per n and leaves scipy.stats (0.8 s to import)
-    out of a run's start. The CDF sums the pmf from 12 standard deviations below the mean,
-    where the mass left out is below 1e-30."""
+    """The q-quantile of Binomial(n, 1/2): the smallest k with P(X <= k) >= q.
+
+    It equals scipy's binom.ppf for q in (0, 0.5) and n <= 5000 (tests/test_stats.py). The timer
+    asks after every call. So the result is cached per (q, n). A run's start does not import
+    scipy.stats, which is slow to import. The CDF sums the pmf from 12 standard deviations below
+    the mean. The mass left out there is below 1e-30.
+    """
     first = max(0, math.floor(n / 2 - 6 * math.sqrt(n)))
     pmf = math.exp(
         math.lgamma(n + 1) - math.lgamma(first + 1) - math.lgamma(n - first + 1) - n * math.log(2)
@@ -51,8 +55,11 @@ def binom_half_ppf(q: float, n: int) -> int:
     return n
 
 
-def summarize(samples: np.ndarray, confidence: float = 0.95) -> dict[str, float]:
-    """Median, spread and the median's interval for a set of latencies in seconds."""
+def summarize(samples: np.ndarray, confidence: float = CONFIDENCE) -> dict[str, float]:
+    """Median, spread and the median's interval for a set of latencies in seconds.
+
+    It also reports two modes where the samples show them (modes()).
+    """
     x = np.asarray(samples, dtype=np.float64)
     p10, p25, p50, p75, p90 = np.percentile(x, [10, 25, 50, 75, 90])
     lo, hi = median_interval(x, confidence)
@@ -70,8 +77,11 @@ def summarize(samples: np.ndarray, confidence: float = 0.95) -> dict[str, float]
     }
 
 
-def relative_halfwidth(samples: np.ndarray, confidence: float = 0.95) -> float:
-    """Half the width of the median's interval divided by the median (inf if undefined)."""
+def relative_halfwidth(samples: np.ndarray, confidence: float = CONFIDENCE) -> float:
+    """Half the width of the median's interval, divided by the median.
+
+    It is inf where the median is not positive or not finite.
+    """
     x = np.asarray(samples, dtype=np.float64)
     lo, hi = median_interval(x, confidence)
     med = float(np.median(x))
@@ -85,8 +95,8 @@ def slower_than(
 ) -> tuple[bool, float]:
     """One-sided Mann-Whitney U test: is `candidate` stochastically slower than `baseline`?
 
-    Returns (significant, p_value). Used for the free-batching boundary: a batch
-    size is free while its latencies are not significantly slower than batch 1's.
+    Returns (significant, p_value). The free-batching boundary uses it. A batch size is free
+    while its latencies are not significantly slower than batch 1's.
     """
     from scipy import stats as scipy_stats  # only the analysis asks; slow to import
 
@@ -104,17 +114,23 @@ MIN_SEPARATION = 3.0
 
 
 def modes(samples: np.ndarray) -> list[dict[str, float]] | None:
-    """The two modes of a point's latencies when they fall into two clearly separated groups
-    (a program that alternates between two paths, a worker thread awake or asleep), each as
-    {"median_s", "share"} in increasing latency; None when the samples are one group.
+    """The two modes of a point's latencies, when they fall into two clearly separated groups.
 
-    The split is Otsu's threshold on log latency (the cut that maximises the between-group
-    variance); the groups count as separate when Ashman's D, |m1 − m2| / sqrt((s1² + s2²) / 2)
-    with medians m and robust standard deviations s (1.4826 · MAD, floored at 0.5% of the
-    latency), is at least MIN_SEPARATION (D > 2 is the usual bound for a clean separation of
-    two normal components), both groups pass the share, count and ratio floors above, and the
-    samples thin out between the two medians (_has_valley: a long tail is not a mode).
-    The median of such a point describes neither group well: its row shows both.
+    A program may alternate between two paths. A worker thread may be awake or asleep. Each mode
+    is {"median_s", "share"}, in increasing latency. The result is None when the samples are one
+    group.
+
+    The split is Otsu's threshold on log latency. That is the cut that maximises the
+    between-group variance. The groups count as separate when all of these hold:
+
+    - Ashman's D is at least MIN_SEPARATION. D is |m1 − m2| / sqrt((s1² + s2²) / 2). The m are
+      the groups' medians. The s are robust standard deviations, 1.4826 · MAD. Each s is floored
+      at 0.5% of the latency. D > 2 is the usual bound for a clean separation of two normal
+      components.
+    - Both groups pass the share, count and ratio floors above.
+    - The samples thin out between the two medians (_has_valley). A long tail is not a mode.
+
+    The median of such a point describes neither group well. So its row shows both.
     """
     x = np.sort(np.log(np.asarray(samples, dtype=np.float64)))
     n = x.size
@@ -145,10 +161,13 @@ def modes(samples: np.ndarray) -> list[dict[str, float]] | None:
 
 
 def _has_valley(x_sorted: np.ndarray, m1: float, m2: float) -> bool:
-    """Whether the samples thin out between two medians (log latencies): the fullest of
-    the windows of width (m2 − m1) / 8 centred between them holds less than half of what
-    the emptier of the windows centred on m1 and m2 holds. A single mode with a long tail
-    (a latency spread that decays away from it) has no such valley."""
+    """Whether the samples thin out between two medians m1 and m2 (log latencies).
+
+    Windows of width w = (m2 − m1) / 8 are counted. Five of them lie between the medians. They
+    are centred at m1 + j·w, for j = 2..6. The emptiest of them must hold less than half of a
+    window on m1 or on m2, whichever holds less. A single mode with a long tail has no such
+    valley. Its spread decays away from it.
+    """
     w = (m2 - m1) / 8
 
     def count(c: float) -> int:
@@ -158,10 +177,15 @@ def _has_valley(x_sorted: np.ndarray, m1: float, m2: float) -> bool:
     return valley < 0.5 * min(count(m1), count(m2))
 
 
-def mean_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
-    """(mean, low, high): the mean of per-seed results and its Student-t interval, mean ±
-    t(confidence, n - 1)·s/√n (s the sample standard deviation). With one value the interval
-    is that value (no spread to estimate); NaN where there is no value."""
+def mean_interval(
+    values: list[float], confidence: float = CONFIDENCE
+) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of per-seed results and its Student-t interval.
+
+    The interval is mean ± t(confidence, n - 1)·s/√n. s is the sample standard deviation. None
+    values are left out. With one value the interval is that value: there is no spread to
+    estimate. All three are NaN where there is no value.
+    """
     x = np.asarray([v for v in values if v is not None], dtype=np.float64)
     if x.size == 0:
         return float("nan"), float("nan"), float("nan")

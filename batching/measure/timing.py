@@ -1,8 +1,8 @@
 """The one timer: compile separated from run, adaptive repetition, honest blocking.
 
-A measured call is `out = compiled(*args)` followed by blocking on every output
-leaf; the clock brackets exactly that. Inputs are already on the device, and
-nothing moves to the host inside the timed region.
+A measured call is `out = compiled(*args)`, then a block on every output leaf. The clock
+brackets exactly that. Inputs are already on the device. Nothing moves to the host inside the
+timed region.
 """
 
 import contextlib
@@ -21,16 +21,20 @@ from batching.measure import host, pass_stats, stats
 
 @dataclasses.dataclass(frozen=True)
 class TimingSettings:
-    """How one series of timed calls runs (seconds and fractions): its warm-up, at least
-    `min_runs` and at most `max_runs` calls, stopping once its own median's `confidence`
-    interval is within ±`target_rel_ci` or `budget_s` seconds of calls have gone."""
+    """How one series of timed calls runs, in seconds and fractions.
+
+    It warms up first, for `warmup_runs` calls and `warmup_s` seconds. Then it makes at least
+    `min_runs` and at most `max_runs` calls. It stops once its own median's `confidence`
+    interval is within ±`target_rel_ci`. It also stops once `budget_s` seconds of calls have
+    gone.
+    """
 
     warmup_runs: int = 3
     warmup_s: float = 0.05
     min_runs: int = 10
     max_runs: int = 5000
     target_rel_ci: float = 0.03
-    confidence: float = 0.95
+    confidence: float = stats.CONFIDENCE
     budget_s: float = 2.0
 
     def __post_init__(self):
@@ -54,19 +58,23 @@ CACHE_STATES = ("warm", "cold")
 
 @dataclasses.dataclass(frozen=True)
 class RunTiming:
-    """A run's `timing` section: the plan every pass of a point follows, how a point's passes
-    make its latency, and when a point is done.
+    """A run's `timing` section.
 
-    Every pass, first or later, follows one plan: `warmup_runs` calls and `warmup_s`
-    seconds of warm-up, then timed calls, at least `min_runs`, until its own median is known
-    to ±`target_rel_ci` or `pass_s` seconds have gone (at most `max_runs`). The point's
-    latency is `estimator` over its pass medians (batching.measure.pass_stats) and its
-    `confidence` interval comes from their spread; the point is converged once that interval
-    is within ±`target_rel_ci`. Passes beyond sweep.passes go to unconverged points until
-    the run has spent `run_budget_s` seconds. `cache`: "warm" times calls back to back;
-    "cold" evicts the last-level cache before each call, outside the clock. A point whose
-    passes differ by more than `max_pass_cv` (std / mean) is reported as timed on a noisy
-    machine.
+    It sets the plan that every pass of a point follows. It says how a point's passes make its
+    latency, and when a point is done.
+
+    - Every pass, first or later, follows one plan. It warms up for `warmup_runs` calls and
+      `warmup_s` seconds. Then it times calls, at least `min_runs` and at most `max_runs`. It
+      stops when its own median is known to ±`target_rel_ci`, or after `pass_s` seconds.
+    - The point's latency is `estimator` over its pass medians (batching.measure.pass_stats).
+      Its `confidence` interval comes from their spread.
+    - The point is converged once that interval is within ±`target_rel_ci`.
+    - Passes beyond sweep.passes go to unconverged points. They stop once the run has spent
+      `run_budget_s` seconds.
+    - `cache`: "warm" times calls back to back. "cold" evicts the last-level cache before each
+      call, outside the clock.
+    - A point whose passes differ by more than `max_pass_cv` (std / mean) is flagged. The report
+      says it was timed on a noisy machine.
     """
 
     warmup_runs: int = 1
@@ -75,7 +83,7 @@ class RunTiming:
     max_runs: int = 1000
     pass_s: float = 0.03
     target_rel_ci: float = 0.03
-    confidence: float = 0.95
+    confidence: float = stats.CONFIDENCE
     run_budget_s: float = 20.0
     estimator: str = "geomean"
     cache: str = "warm"
@@ -104,7 +112,7 @@ class RunTiming:
         return cls(**cfg.timing.to_dict())
 
     def pass_settings(self) -> TimingSettings:
-        """The timer's settings for one pass (the same for every pass of every point)."""
+        """The timer's settings for one pass, the same for every pass of every point."""
         return TimingSettings(
             warmup_runs=self.warmup_runs,
             warmup_s=self.warmup_s,
@@ -118,12 +126,17 @@ class RunTiming:
 
 @dataclasses.dataclass(frozen=True)
 class Compiled:
-    """An executable with what compiling it cost and what XLA says it does.
+    """An executable, with what compiling it cost and what XLA says it does.
 
-    `call` is the compiled executable itself (jax's AOT `Compiled`, with its C++ dispatch
-    path), never the `jax.jit` function it came from: jit's cache key includes the matmul
-    precision and other context, so calling the jit function outside the context it was
-    compiled in would compile (and time) another program. The executable cannot retrace.
+    - `call`: the compiled executable itself.
+    - `compile_s`, `lower_s`: the seconds each stage took.
+    - `flops`, `bytes_accessed`: XLA's cost analysis, None where it did not count.
+    - `memory`: XLA's memory analysis, in bytes per field.
+
+    `call` is jax's AOT `Compiled`, with its C++ dispatch path. It is never the `jax.jit`
+    function it came from. jit's cache key includes the matmul precision and other context.
+    Calling the jit function outside the context it was compiled in would compile another
+    program. The timer would time that one. The executable cannot retrace.
     """
 
     call: Callable[..., Any]
@@ -164,8 +177,7 @@ def compile_fn(
     matmul_precision: str = "default",
 ) -> Compiled:
     """Lowers and compiles `fn` for `args` under `matmul_precision`, timing each stage apart.
-
-    The returned `call` is that executable: the precision is held by every timed call.
+    The returned `call` is that executable, so every timed call runs under that precision.
     """
     jitted = jax.jit(fn, donate_argnums=donate_argnums)
     with precision_context(matmul_precision):
@@ -202,9 +214,10 @@ def compile_fn(
 
 
 def _blocker(out: Any) -> Callable[[Any], None]:
-    """How to wait for a call's outputs: one array blocks on itself; several (a flat tuple,
-    or any pytree) go through jax.block_until_ready, which waits for all of them in one C++
-    call."""
+    """How to wait for a call's outputs. One array blocks on itself. Several go through
+    jax.block_until_ready: a flat tuple, or any pytree. It waits for all of them in one C++
+    call.
+    """
     if isinstance(out, jax.Array):
         return lambda out: out.block_until_ready()
     return jax.block_until_ready
@@ -212,10 +225,15 @@ def _blocker(out: Any) -> Callable[[Any], None]:
 
 @dataclasses.dataclass(frozen=True)
 class Measurement:
-    """One series of timed calls (a sweep pass, a microbenchmark): the seconds of each call,
-    whether its own median reached the precision target, why the loop stopped, the wall
-    seconds of warm-up and timing, and the share of the host's CPU time other processes took
-    meanwhile (host.Window; None where unknown)."""
+    """One series of timed calls: a sweep pass or a microbenchmark.
+
+    - `samples_s`: the seconds of each call.
+    - `converged`: whether its own median reached the precision target.
+    - `stop_reason`: why the loop stopped.
+    - `wall_s`: the wall seconds of warm-up and timing.
+    - `host_busy`: the share of the host's CPU time that other processes took meanwhile
+      (host.Window). It is None where unknown.
+    """
 
     samples_s: np.ndarray
     converged: bool
@@ -230,9 +248,12 @@ STOP_REASONS = {1: "precision", 2: "budget"}
 
 @contextlib.contextmanager
 def no_garbage_collection():
-    """The young generations collected, then no collection until the block ends: a
-    collection inside the timed loop would land in one call's sample. (A full collection
-    walks every object JAX holds, tens of ms; the old generation waits until after.)"""
+    """Collects the young generations, then allows no collection until the block ends.
+
+    A collection inside the timed loop would land in one call's sample. A full collection walks
+    every object that JAX holds, which takes long. So the old generation waits until after the
+    block.
+    """
     gc.collect(1)
     enabled = gc.isenabled()
     gc.disable()
@@ -254,24 +275,26 @@ def measure(
 ) -> Measurement:
     """Times `call(*args)` until its median is known to `target_rel_ci` or the budget is spent.
 
-    The clock brackets the call and the wait for every output, nothing else. Only this
-    series' own samples decide when it stops. Around it:
+    The clock brackets the call and the wait for every output, nothing else. Only this series'
+    own samples decide when it stops. Around the clock:
 
-    - `next_args(args, out)` feeds a call's output back in (a donated KV cache, say); it runs
-      outside the clock, and what it returns is waited for before the clock starts again.
-    - `before_call()` runs before every call, outside the clock, and finishes before it
-      starts (a cache flush: timing.cache = "cold").
-    - The previous call's outputs are released before the next call (unless they are fed
-      back), so that call's outputs can take the same device buffers. On a GPU, XLA runs a
-      program as a CUDA graph ("command buffer"); outputs at new addresses make it update the
-      graph on every call (openxla/xla#35315), a cost of the harness, not of the model.
-      `keep_outputs` holds each call's outputs through the next call instead (what a loop
-      `out = f(x)` does), for measuring that difference.
-    - `share(tag, decision)` (several processes, batching.setup.distributed.share) replaces each
-      clock-dependent decision by process 0's, so every process makes the same number of
-      calls; it runs outside the clock, only where a decision is due (after warmup_runs,
-      then at the precision checks).
+    - `next_args(args, out)` feeds a call's output back in, such as a donated KV cache. It runs
+      outside the clock. What it returns is waited for before the clock starts again.
+    - `before_call()` runs before every call, outside the clock. It finishes before the call
+      starts. It is a cache flush (timing.cache = "cold").
+    - The previous call's outputs are released before the next call, unless they are fed back.
+      So that call's outputs can take the same device buffers. On a GPU, XLA runs a program as a
+      CUDA graph ("command buffer"). Outputs at new addresses make it update the graph on every
+      call (openxla/xla#35315). That is a cost of the harness, not of the model. `keep_outputs`
+      holds each call's outputs through the next call instead. A loop `out = f(x)` does that. It
+      serves to measure the difference.
+    - `share(tag, decision)` serves several processes (batching.setup.distributed.share). It
+      replaces each clock-dependent decision by process 0's. So every process makes the same
+      number of calls. It runs outside the clock, only where a decision is due. That is after
+      warmup_runs, then at the precision checks.
     - Python's garbage collector does not run inside the series (no_garbage_collection).
+
+    Returns the series' Measurement.
     """
     window = host.Window()
     with no_garbage_collection():
@@ -334,9 +357,11 @@ def _warm_up(
     keep_outputs: bool,
     before_call: Callable[[], None] | None = None,
 ) -> tuple[tuple[Any, ...], Callable[[Any], None], Any]:
-    """`warmup_runs` calls, then more until `warmup_s` (or the budget) has passed; returns the
-    next arguments, how to wait for an output, and what stays alive into the first timed
-    call (see _between_calls)."""
+    """`warmup_runs` calls, then more until `warmup_s` (or the budget) has passed.
+
+    Returns the next arguments and how to wait for an output. It also returns what stays alive
+    into the first timed call (see _between_calls).
+    """
     clock = time.perf_counter
     start = clock()
     runs, block, kept = 0, None, None
@@ -364,8 +389,9 @@ def _between_calls(
     next_args: Callable[[Sequence[Any], Any], Sequence[Any]] | None,
     keep_outputs: bool,
 ) -> tuple[tuple[Any, ...], Any]:
-    """The next call's arguments, ready, and what stays alive through it beside them (the
-    outputs with `keep_outputs`, else nothing)."""
+    """The next call's arguments, ready, and what stays alive through it beside them. That is
+    the outputs with `keep_outputs`, else nothing.
+    """
     if next_args is not None:
         args = tuple(next_args(args, out))
         jax.block_until_ready(args)

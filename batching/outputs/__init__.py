@@ -1,2 +1,5 @@
-"""Outputs, the top floor: the rows on disk, run summaries, TensorBoard, figures and the
-report, from what the floors below measured and predicted."""
+"""Outputs, the top floor of the package.
+
+It writes down what the floors below measured and predicted. That means the rows on disk,
+the run summaries, TensorBoard events, the figures and the report.
+"""

@@ -1,11 +1,15 @@
 """Measurements from other machines, kept in the repository, shown beside this run's.
 
-A lab run measures the device it runs on. Sweeps that ran on an accelerator once (a lent
-GPU, say) are committed under `experiments/results/<device>/<workdir>/` as the sweep wrote
-them: `results.jsonl.gz` (or `results.jsonl`), with `summary.json` where the analysis
-finished, and a README saying what ran where. The report of a later run of the same
-experiment on another machine (a laptop CPU) reads them back and shows them as what they
-are: measured there and then, not here (`config.report.archive_dir`; "" turns it off).
+A lab run measures only the device it runs on. Some sweeps ran once on an accelerator, such
+as a lent GPU. They are committed under `experiments/results/<device>/<workdir>/`. Each
+folder holds what its sweep wrote:
+
+- `results.jsonl.gz` or `results.jsonl`: the rows.
+- `summary.json`: the run summaries, where the analysis finished.
+
+Each device folder has a README saying what ran where. Later runs of the same experiment
+read them back, on a laptop CPU say. Their reports show them as measured there and then,
+not here. `config.report.archive_dir` names the archive; "" turns it off.
 """
 
 import dataclasses
@@ -21,7 +25,10 @@ from batching.outputs import results
 
 @dataclasses.dataclass(frozen=True)
 class Archived:
-    """One committed sweep of the experiment: where it is and its ok rows, latest per point."""
+    """One committed sweep of the experiment: its folder and its rows.
+
+    The rows are the ok ones, the latest per point.
+    """
 
     path: str  # the sweep's folder
     name: str  # the folder relative to the archive ("nvidia-h200/mlp_article")
@@ -36,8 +43,10 @@ class Archived:
 
     @property
     def versions(self) -> str:
-        """The JAX versions its rows ran under and the first day measured (UTC), e.g. "jax 0.4.35,
-        2025-01-31"."""
+        """The JAX versions its rows ran under and the first day measured (UTC).
+
+        The text reads like "jax 0.4.35, 2025-01-31".
+        """
         jax_versions = sorted({str(r.get("jax_version")) for r in self.rows if "jax_version" in r})
         utc = datetime.timezone.utc
         days = sorted(
@@ -60,10 +69,13 @@ def _read_rows(folder: str) -> list[dict[str, Any]]:
 def load(
     archive_dir: str, experiment: str, exclude_device_kind: str | None = None
 ) -> list[Archived]:
-    """Every committed sweep under `archive_dir` whose rows are of `experiment` (the rows'
-    `experiment` field, so a folder may be named for its variant), except those measured on
-    `exclude_device_kind` (this run's own device: its numbers are the run's own). Unreadable
-    folders are skipped: the archive is context for a report, never a reason to fail one."""
+    """Every committed sweep under `archive_dir` whose rows are of `experiment`.
+
+    The rows' `experiment` field decides, not the folder's name. So a folder may be named
+    for its variant. Sweeps measured on `exclude_device_kind` are left out. That is this
+    run's own device: the run has its own numbers there. Unreadable folders are skipped. The
+    archive is context for a report, never a reason to fail one.
+    """
     if not archive_dir or not os.path.isdir(archive_dir):
         return []
     out = []
@@ -90,7 +102,10 @@ def load(
 
 
 def relative_latency(rows: list[dict[str, Any]], run: str, n: int = 4) -> list[tuple[int, float]]:
-    """(batch, latency / latency at the smallest batch) for the first `n` batches of a run."""
+    """A run's first `n` batches and their latencies relative to the first.
+
+    Returns (batch, latency / latency at the smallest batch) pairs in batch order.
+    """
     rs = sorted((r for r in rows if r["run"] == run), key=lambda r: r["batch_size"])
     if not rs:
         return []

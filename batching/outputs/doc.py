@@ -1,5 +1,8 @@
-"""The report as a document: blocks rendered both as Markdown and as HTML, and what every
-section of it reads (batching.outputs.report lists the sections)."""
+"""The report as a document, and the data every section of it reads.
+
+A Doc holds blocks that render both as Markdown and as HTML. ReportData is what each section
+reads. batching.outputs.report lists the sections.
+"""
 
 import base64
 import dataclasses
@@ -13,8 +16,13 @@ from batching.text import fmt
 
 @dataclasses.dataclass
 class ReportData:
-    """What the report is written from: the experiment's run summaries and rows, the figures
-    saved, the committed sweeps of other machines, and the verdicts once judged."""
+    """What the report is written from.
+
+    - `summaries` and `rows`: the experiment's run summaries and rows.
+    - `plot_paths`: the saved figures' PNG files, by figure name.
+    - `archived`: the committed sweeps of other machines.
+    - `verdicts`: the claims' verdicts, by claim id, once judged.
+    """
 
     workdir: str
     experiment: str

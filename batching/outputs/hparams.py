@@ -1,6 +1,10 @@
-"""What TensorBoard shows per run beside its points: the run's hparams (every model and
-training field, and where it ran), its final numbers as the HParams tab's metrics, its
-figures, and the analysis' per-point curves (predicted, fitted, traced)."""
+"""What TensorBoard shows per run beside its points.
+
+- The run's hparams: every model and training field, and where it ran.
+- Its final numbers, as the HParams tab's metrics.
+- Its figures.
+- The analysis' per-point curves: predicted, fitted and traced.
+"""
 
 import math
 from typing import Any
@@ -18,8 +22,11 @@ def write_runs(
     analyzed_rows: list[dict[str, Any]],
     images: dict[str, np.ndarray],
 ) -> None:
-    """Each run's TensorBoard summary (config, hparams, metrics, its figures, the derived
-    per-point scalars), then the experiment's one HParams config."""
+    """Writes each run's TensorBoard summary, then the experiment's one HParams config.
+
+    A run's summary holds its config, hparams, metrics, figures and derived per-point
+    scalars. Per-run figures (fit, what-if, breakdown) go only to their own run.
+    """
     for run, s in zip(done, summaries, strict=True):
         per_run = ("fit", "whatif", "breakdown")
         others = {f"{kind}_{r.name}" for r in done if r is not run for kind in per_run}
@@ -81,15 +88,23 @@ METRICS = {
 
 
 def metrics(s: dict[str, Any]) -> dict[str, float]:
-    """The run's final numbers as hparams metrics (scalar tags the HParams tab reads)."""
+    """The run's final numbers as hparams metrics, by tag.
+
+    METRICS maps a summary field to its tag and scale. The HParams tab reads these tags.
+    Fields the summary lacks or holds as None are left out.
+    """
     return {
         tag: s[field] * scale for field, (tag, scale) in METRICS.items() if s.get(field) is not None
     }
 
 
 def derived_point_scalars(rows: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
-    """Per-point predicted and fitted latencies (ms), step = batch size; at profiled points
-    also the traced call and the traced and predicted ms per op kind."""
+    """Per-point curves from the analysed rows: {tag: {batch size: ms}}.
+
+    Points get their predicted and fitted latency and predicted comm time, where finite.
+    Profiled points add the traced call's latency. They also add the traced and predicted
+    ms per op kind. The step is the batch size.
+    """
     out = {}
     for field, tag in (
         ("predicted_latency_s", "latency/predicted_ms"),
@@ -118,7 +133,7 @@ def derived_point_scalars(rows: list[dict[str, Any]]) -> dict[str, dict[int, flo
 
 
 def hparams(run: runs.Run, s: dict[str, Any]) -> dict[str, Any]:
-    """Run-level hyperparameters: every model field plus where the run ran."""
+    """Run-level hyperparameters: every model and training field, and where the run ran."""
     hp = {f"model.{k}": v for k, v in run.config.model.to_dict().items()}
     if "train" in run.config:
         hp.update({f"train.{k}": v for k, v in run.config.train.to_dict().items()})

@@ -22,8 +22,11 @@ def finish(
     ncol: int = 1,
     linear: str = "",
 ) -> plt.Figure:
-    """The lab's figure style: log-log axes (`linear` names those that are not: "x", "y",
-    "xy"), labels, a light grid, a small legend."""
+    """Applies the lab's figure style to `ax` and returns `fig`.
+
+    The axes are log-log, with bases `xbase` and `ybase`. `linear` names the linear axes:
+    "x", "y" or "xy". The style adds labels, a light grid and a small legend.
+    """
     ax.set_xscale("linear") if "x" in linear else ax.set_xscale("log", base=xbase)
     ax.set_yscale("linear") if "y" in linear else ax.set_yscale("log", base=ybase)
     ax.set_xlabel(xlabel)
@@ -36,8 +39,11 @@ def finish(
 
 
 def mark_unconverged(ax: plt.Axes, rows: list[dict[str, Any]], y: np.ndarray, color) -> None:
-    """A hollow ring over each point whose interval missed the precision target (converged
-    false: the run's budget or passes ran out first), so a reader weighs it less."""
+    """Draws a hollow ring over each point whose interval missed the precision target.
+
+    Such a row has `converged` false: the run's budget or passes ran out first. The ring
+    asks a reader to weigh the point less. `y` holds the plotted values, one per row.
+    """
     idx = [i for i, r in enumerate(rows) if not r.get("converged", True)]
     if idx:
         b = np.array([rows[i]["batch_size"] for i in idx])
@@ -45,7 +51,7 @@ def mark_unconverged(ax: plt.Axes, rows: list[dict[str, Any]], y: np.ndarray, co
 
 
 def to_image(fig: plt.Figure) -> np.ndarray:
-    """The figure as an HxWx3 uint8 array (for TensorBoard)."""
+    """The figure's pixels as an HxWx3 uint8 RGB array, for TensorBoard."""
     fig.canvas.draw()
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
@@ -53,8 +59,9 @@ def to_image(fig: plt.Figure) -> np.ndarray:
 def save_all(figures: dict[str, plt.Figure], plots_dir: str) -> dict[str, np.ndarray]:
     """Saves each figure as <plots_dir>/<name>.png, closes it, returns the images by name.
 
-    Each figure is drawn once: the PNG is the same pixels as the TensorBoard image (savefig
-    would draw it a second time, ~0.1 s a figure, most of a cold start's plotting).
+    Each figure is drawn only once. The PNG holds the same pixels as the TensorBoard image.
+    savefig would draw each figure a second time. That second draw would be most of a cold
+    start's plotting time.
     """
     os.makedirs(plots_dir, exist_ok=True)
     images = {}

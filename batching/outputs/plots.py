@@ -1,4 +1,7 @@
-"""Figures of a sweep: every run of an experiment overlaid in one figure per quantity."""
+"""Figures of a sweep.
+
+Every run of an experiment is overlaid in one figure per quantity.
+"""
 
 from typing import Any
 
@@ -19,8 +22,11 @@ CURVES = {
 
 
 def curve_figure(rows: list[dict[str, Any]], name: str, title: str) -> plt.Figure:
-    """Figure `name` of CURVES against batch size, a line per run (latency with each point's
-    95% interval); hollow rings mark points whose interval missed the target."""
+    """Figure `name` of CURVES against batch size, with a line per run.
+
+    The latency figure adds each point's 95% interval as error bars. Hollow rings mark
+    points whose interval missed the precision target.
+    """
     field, ylabel, scale = CURVES[name]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     for run, rs in by_run(rows).items():
@@ -40,12 +46,24 @@ def curve_figure(rows: list[dict[str, Any]], name: str, title: str) -> plt.Figur
 
 
 def sweep_figures(rows: list[dict[str, Any]], experiment: str) -> dict[str, plt.Figure]:
-    """Every CURVES figure of the rows, by name, titled "<experiment>: <name>"."""
+    """Every CURVES figure of the rows, by name.
+
+    Each is titled "<experiment>: <name>".
+    """
     return {name: curve_figure(rows, name, f"{experiment}: {name}") for name in CURVES}
 
 
 def fit_figure(rows: list[dict[str, Any]], s: dict[str, Any]) -> plt.Figure:
-    """Measured latency with the a-priori prediction, the fit, the knee and the predicted B*."""
+    """One run's measured latency against batch size, with what explains it.
+
+    Beside the measurements it draws the following.
+
+    - The a-priori prediction, and the one at the square-matmul peak.
+    - The fitted three-limit model.
+    - The fitted knee and its interval, where the fit has a knee.
+    - The predicted critical batch B*.
+    - The memory wall, where the run hit one.
+    """
     rows = sorted(rows, key=lambda r: r["batch_size"])
     b = np.array([r["batch_size"] for r in rows])
     ms = lambda field: np.array([r[field] for r in rows]) * 1e3
@@ -80,7 +98,10 @@ def fit_figure(rows: list[dict[str, Any]], s: dict[str, Any]) -> plt.Figure:
 
 
 def draw_wall(ax: plt.Axes, s: dict[str, Any]) -> None:
-    """The memory wall: the first batch that hit OOM here, shaded from there on."""
+    """Marks the memory wall: the first batch that hit OOM here.
+
+    The region past it is shaded. A run without an OOM draws nothing.
+    """
     wall = s.get("first_oom_batch")
     if wall:
         ax.axvline(wall, color="C1", lw=2, label=f"memory wall (OOM at {wall})")
@@ -88,7 +109,11 @@ def draw_wall(ax: plt.Axes, s: dict[str, Any]) -> None:
 
 
 def memory_figure(rows: list[dict[str, Any]], summaries: list[dict[str, Any]]) -> plt.Figure:
-    """memory_bytes (XLA's need) against batch per run, the fitted line and the device's memory."""
+    """Each run's memory need against batch size, in MiB.
+
+    The points are memory_bytes, what XLA says the compiled program needs. Each run's
+    fitted line and memory wall are drawn too. A dashed line marks the device's memory.
+    """
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     for i, (run, rs) in enumerate(by_run(rows).items()):
         pts = sorted((r["batch_size"], r["memory_bytes"]) for r in rs if r.get("memory_bytes"))
@@ -107,7 +132,11 @@ def memory_figure(rows: list[dict[str, Any]], summaries: list[dict[str, Any]]) -
 
 
 def roofline_figure(rows: list[dict[str, Any]], summaries: list[dict[str, Any]]) -> plt.Figure:
-    """Achieved FLOP/s against arithmetic intensity, under the device's measured roofs."""
+    """Achieved FLOP/s against arithmetic intensity, under the device's measured roofs.
+
+    Intensity is the analytic FLOPs over the analytic bytes. The datasheet roofs are drawn
+    dashed where the spec table has the device.
+    """
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     for run, rs in by_run(rows).items():
         intensity = [r["analytic_flops"] / r["analytic_bytes"] for r in rs]
@@ -139,7 +168,11 @@ def roofline_figure(rows: list[dict[str, Any]], summaries: list[dict[str, Any]])
 
 
 def whatif_figure(rows: list[dict[str, Any]], s: dict[str, Any]) -> plt.Figure:
-    """This run measured here, and its roofline prediction on spec-table devices."""
+    """This run as measured here, beside its roofline prediction on spec-table devices.
+
+    The predictions are per-op lower bounds without overhead. A multi-GPU node adds its
+    global B* and the comm term.
+    """
     rows = sorted(rows, key=lambda r: r["batch_size"])
     b = np.array([r["batch_size"] for r in rows])
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
@@ -166,8 +199,11 @@ def whatif_figure(rows: list[dict[str, Any]], s: dict[str, Any]) -> plt.Figure:
 
 
 def archive_figure(rows: list[dict[str, Any]], archived: list[Any]) -> plt.Figure:
-    """This run's measured latencies (solid) beside the same experiment's committed sweeps
-    from other machines (dashed; batching.outputs.archive): measured there, not here."""
+    """This run's measured latencies beside the experiment's sweeps from other machines.
+
+    This run's lines are solid. The committed sweeps (batching.outputs.archive) are dashed.
+    Those were measured there, not here.
+    """
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     for run, rs in by_run(rows).items():
         b = [r["batch_size"] for r in rs]
@@ -202,9 +238,16 @@ def all_figures(
     summaries: list[dict[str, Any]],
     archived: list[Any],
 ) -> dict[str, plt.Figure]:
-    """Every figure the runs carry data for, by name: the sweep's curves, and where a run was
-    analysed its roofline, fit, what-if and breakdown; memory, routing and archive figures
-    where rows hold those fields."""
+    """Every figure the runs carry data for, by name.
+
+    - The sweep's curves, always.
+    - The roofline, where a run was analysed.
+    - Each analysed run's fit, what-if and breakdown.
+    - The plots_extra figures that the analysed runs have data for.
+    - The memory figure, where rows hold memory_bytes.
+    - The routing figures, where rows hold routing statistics.
+    - The archive figure, where other machines' sweeps are committed.
+    """
     figures = sweep_figures(analyzed_rows, experiment)
     analyzed = [s for s in summaries if "knee_batch_size" in s]
     if analyzed:

@@ -1,5 +1,10 @@
-"""Figures only some experiments have data for: where the predicted time goes, the knee
-against context, prefill, and the MoE router's statistics."""
+"""Figures that only some experiments have data for.
+
+- Where the predicted time goes, per op kind.
+- The knee against context length, for decode runs.
+- Prefill latency against prompt length.
+- The MoE router's statistics.
+"""
 
 from typing import Any
 
@@ -8,16 +13,26 @@ import numpy as np
 from batching.outputs.plot_style import finish, plt
 from batching.outputs.summary import by_run
 
+# The hatch of a breakdown segment marks the limit its op is at.
 LIMIT_HATCH = {"memory": "", "cache": "..", "compute": "//"}
 
 
 def breakdown_figure(s: dict[str, Any]) -> plt.Figure:
-    """Where the predicted time goes at the run's smallest and largest batch: one stacked bar
-    each, as shares of the predicted latency, by op kind (colour) and the limit each op is at
-    (hatch: plain memory/DRAM, dots cache, stripes compute), with the fixed overhead below.
-    A point with a profiler trace (`traced_breakdown`, any batch) gets a second bar beside it:
-    the traced time per kind as shares of the traced call, with what no kernel covers
-    ("other": dispatch, copies, gaps) below. Latencies are written over each pair."""
+    """Where the predicted time goes at the run's smallest and largest batch.
+
+    Each batch gets one stacked bar of shares of the predicted latency. The fixed overhead
+    sits at the bottom. Above it, the colour is the op kind and the hatch the op's limit.
+
+    - Plain: memory (DRAM).
+    - Dots: the cache.
+    - Stripes: compute.
+
+    A point with a profiler trace gets a second bar beside its predicted one. Such points
+    can be at any batch; they come from the summary's `traced_breakdown`. The second bar
+    holds the traced time per kind, as shares of the traced call. At its bottom is what no
+    kernel covers ("other": dispatch, copies, gaps). The latencies are written over each bar
+    or pair.
+    """
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     traced = {int(b): e for b, e in (s.get("traced_breakdown") or {}).items() if e.get("traced")}
     points = {int(b): e for b, e in s["breakdown"].items()}
@@ -44,8 +59,11 @@ def breakdown_figure(s: dict[str, Any]) -> plt.Figure:
 
 
 class _StackedBars:
-    """The breakdown's bars: each a stack of shares of one call, a colour per op kind, each
-    label in the legend once."""
+    """The breakdown figure's bars.
+
+    Each bar stacks the shares of one call. Each op kind has its own colour. Each label
+    enters the legend once.
+    """
 
     def __init__(self, ax: plt.Axes, kinds: list[str], width: float):
         self.ax, self.width, self.labelled = ax, width, set()
@@ -66,7 +84,10 @@ class _StackedBars:
         self.labelled.add(label)
 
     def predicted(self, x: float, e: dict[str, Any]) -> str:
-        """The predicted call's bar at `x`: overhead, then each kind by limit; its caption."""
+        """Draws the predicted call's bar at `x` and returns its caption.
+
+        The overhead comes first, then each kind's time by limit.
+        """
         total = e["predicted_s"]
         bottom = e["overhead_s"] / total
         self.segment(x, bottom, 0.0, "0.7", "overhead / other")
@@ -79,7 +100,10 @@ class _StackedBars:
         return f"pred. {total * 1e3:.3g} ms\nmeas. {e['measured_s'] * 1e3:.3g} ms"
 
     def traced(self, x: float, e: dict[str, Any]) -> str:
-        """The traced call's bar at `x`: what no kernel covers, then each kind; its caption."""
+        """Draws the traced call's bar at `x` and returns its caption.
+
+        What no kernel covers comes first, then each kind's traced time.
+        """
         t, wall = e["traced"], e["traced_s"]
         bottom = t["other"]["seconds"] / wall
         self.segment(x, bottom, 0.0, "0.7", "overhead / other")
@@ -92,14 +116,19 @@ class _StackedBars:
 
 
 def knee_vs_context_figure(summaries: list[dict[str, Any]]) -> plt.Figure:
-    """Decode runs: fitted knee (with interval) and a-priori knee against cache length."""
+    """For decode runs: the fitted and a-priori knees against cache length.
+
+    The fitted knee carries its 95% interval. The a-priori knee is where compute overtakes
+    memory, counting the weights and the KV cache. A context without a knee is marked at
+    the top of the axis. The weights-only B* is drawn for reference.
+    """
     decode = sorted(
         (s for s in summaries if s.get("phase") == "decode"), key=lambda s: s["cache_len"]
     )
     L = np.array([s["cache_len"] for s in decode])
     knee = np.array([s["knee_batch_size"] for s in decode])
-    # The full fit's knee can sit just outside its bootstrap percentiles, and a run with
-    # no knee has an infinite one: draw what is finite, never a negative error bar.
+    # The full fit's knee can sit just outside its bootstrap percentiles. A run with no
+    # knee has an infinite one. So draw what is finite, and never a negative error bar.
     lo = np.minimum([s["knee_low"] for s in decode], knee)
     hi = np.maximum([s["knee_high"] for s in decode], knee)
     ok = np.isfinite(knee) & np.isfinite(lo) & np.isfinite(hi)
@@ -177,7 +206,10 @@ def extra_figures(
 
 
 def _routing_curve(rows: list[dict[str, Any]], field: str, ylabel: str, title: str) -> plt.Figure:
-    """One routing statistic against batch size, every run overlaid; linear y (it can be 0)."""
+    """One routing statistic against batch size, with every run overlaid.
+
+    The y axis is linear, since the statistic can be 0.
+    """
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     for run, rs in by_run(rows).items():
         rs = [r for r in rs if r.get(field) is not None]
@@ -186,7 +218,10 @@ def _routing_curve(rows: list[dict[str, Any]], field: str, ylabel: str, title: s
 
 
 def tokens_per_expert_figure(rows: list[dict[str, Any]]) -> plt.Figure:
-    """First MoE layer's load per expert at each run's largest batch, sorted, over the mean."""
+    """The first MoE layer's load per expert, at each run's largest batch.
+
+    The loads are sorted, most loaded first, and divided by the mean load.
+    """
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     for run, rs in by_run(rows).items():
         last = [r for r in rs if r.get("tokens_per_expert") is not None][-1]
@@ -232,8 +267,11 @@ def loss_vs_load_cv_figure(summaries: list[dict[str, Any]]) -> plt.Figure:
 
 
 def moe_latency_figure(rows: list[dict[str, Any]]) -> plt.Figure:
-    """Latency vs batch; a run with num_experts == top_k (every token reaches every expert:
-    the dense model of the same active params) is drawn dashed."""
+    """Latency against batch size, a line per run.
+
+    A run with num_experts == top_k is drawn dashed. Every token there reaches every
+    expert. So it is the dense model with the same active params.
+    """
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     for run, rs in by_run(rows).items():
         dense = rs[0].get("num_experts") == rs[0].get("top_k")
@@ -252,9 +290,13 @@ def moe_latency_figure(rows: list[dict[str, Any]]) -> plt.Figure:
 def routing_figures(
     rows: list[dict[str, Any]], summaries: list[dict[str, Any]]
 ) -> dict[str, plt.Figure]:
-    """Router ablation figures, drawn only from what the runs carry: the per-batch ones when
-    rows hold routing statistics, loss vs load CV when at least one run was trained, the
-    MoE vs dense latency when one run is the dense model of the same active params."""
+    """The router ablation figures, drawn only from what the runs carry.
+
+    - Drop fraction and max/mean load per batch, when rows hold routing statistics.
+    - Tokens per expert, when rows hold that histogram.
+    - Loss against load CV, when at least one run was trained.
+    - MoE against dense latency, when one run is the dense model.
+    """
     routed = [r for r in rows if r.get("drop_fraction") is not None]
     if not routed:
         return {}

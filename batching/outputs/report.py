@@ -1,10 +1,12 @@
-"""<workdir>/report.md and report.html: the device, the runs, the plots and a verdict per claim.
+"""Writes <workdir>/report.md and report.html.
 
-The report is a list of sections (SECTIONS), each a function that reads the ReportData and
-adds its blocks to the document, or nothing when the runs carry no data for it. Every
-number comes from this workdir's rows and summaries, from the cited spec table, or from
-sweeps of other machines committed to the repository (batching.outputs.archive), which are
-labelled archived; the HTML embeds the plots so it opens offline.
+The report covers the device, the runs, the plots and a verdict per claim. It is a list of
+sections (SECTIONS). Each section is a function that reads the ReportData. It adds its
+blocks to the document; a section without data adds nothing. Every number has one of three
+sources. They are this workdir's rows and summaries, the cited spec table and archived
+sweeps. Archived sweeps are other machines' runs committed to the repository
+(batching.outputs.archive). The report labels them archived. The HTML embeds the plots,
+so it opens offline.
 """
 
 import math
@@ -29,8 +31,9 @@ from batching.text import fmt
 
 
 def post_corrections(doc: Doc, data: ReportData) -> None:
-    """The post's arithmetic corrected from the spec table, and, where this run's own data
-    shows it, the third limit that moves a knee past B*."""
+    """Corrects the post's T4 arithmetic from the spec table, in fp32 and fp16. This run's
+    data may show the third limit: the fixed cost per call. Then the section says how it
+    moves a knee past B*."""
     analyzed = data.analyzed
     t4 = specs.SPECS["T4"]
     post = specs.critical_batch_size(specs.POST_T4_FLOPS, specs.POST_T4_BANDWIDTH, 2)
@@ -67,7 +70,8 @@ def post_corrections(doc: Doc, data: ReportData) -> None:
 
 
 def runs_section(doc: Doc, data: ReportData) -> None:
-    """One line per run of what was measured, and how far the prediction and the fit are."""
+    """The runs table: one line per run of what was measured. Analysed runs add how far the
+    prediction and the fit are. Notes on unconverged points and cost flags follow."""
     summaries, rows, analyzed = data.summaries, data.rows, data.analyzed
     doc.heading("Runs")
     header = [
@@ -127,7 +131,8 @@ def runs_section(doc: Doc, data: ReportData) -> None:
 
 
 def cost_flags(doc: Doc, rows: list[dict[str, Any]]) -> None:
-    """The points where XLA's count and the lab's disagree, and why for ragged products."""
+    """Lists the points where XLA's cost count and the lab's disagree. For ragged products it
+    also says why."""
     flagged = [r for r in rows if r.get("cost_mismatch")]
     if flagged:
         doc.para(
@@ -152,7 +157,8 @@ def cost_flags(doc: Doc, rows: list[dict[str, Any]]) -> None:
 
 
 def knee_section(doc: Doc, data: ReportData) -> None:
-    """Per run: the knee as fitted, as predicted, and B* from the roofs, side by side."""
+    """The knee table, one row per analysed run. It sets the fitted and predicted knees
+    beside B* from the roofs."""
     analyzed = data.analyzed
     if not analyzed:
         return
@@ -208,8 +214,9 @@ def knee_section(doc: Doc, data: ReportData) -> None:
 
 
 def _fitted_term(value: float | None, regime: str) -> Any:
-    """A fitted parameter for the knee table; "none" where the fit put no point in its regime
-    (the parameter then only keeps its term below the others: 0 or ∞)."""
+    """A fitted parameter for the knee table, or why it has none. It is "none" where the fit
+    put no point in the parameter's regime. The parameter then only keeps its term below the
+    others, at 0 or ∞."""
     if value is None or not math.isfinite(value) or value == 0:
         return f"none: no point {regime}-bound"
     return value
@@ -222,7 +229,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def knee_reason(s: dict[str, Any]) -> str:
-    """One sentence on why the fitted knee and B* differ, from the run's own numbers."""
+    """Why the fitted knee and B* differ. It says so in one sentence from the run's numbers."""
     knee, b_star = s["knee_batch_size"], s["predicted_critical_batch"]
     crossing = s["predicted_knee_batch_size"]
     first = min(s["batch_sizes"])
@@ -261,8 +268,8 @@ def knee_reason(s: dict[str, Any]) -> str:
 
 
 def device_section(doc: Doc, data: ReportData) -> None:
-    """The device, its measured peaks and where they came from, and whether the runs are a
-    functional simulation."""
+    """The Device section: the device, its measured peaks and where they came from. It also
+    says whether the runs are a functional simulation on forced host devices."""
     if not data.summaries:
         return
     s0, analyzed = data.summaries[0], data.analyzed
@@ -291,7 +298,7 @@ def device_section(doc: Doc, data: ReportData) -> None:
 
 
 def whatif_section(doc: Doc, data: ReportData) -> None:
-    """The first analysed run's ops priced on the spec table's devices."""
+    """The first analysed run's ops, priced on the spec table's devices."""
     if not data.analyzed:
         return
     a = data.analyzed[0]
@@ -327,7 +334,8 @@ def plots_section(doc: Doc, data: ReportData) -> None:
 
 
 def claims_section(doc: Doc, data: ReportData) -> None:
-    """A verdict per claim the experiment judges, with the claim and its evidence."""
+    """A verdict per claim the experiment judges. Each comes with the claim and its evidence.
+    C2 adds an archived measurement, if any."""
     if not data.verdicts:
         return
     doc.heading("Claims of the post")
@@ -367,7 +375,7 @@ def write(
     plot_paths: dict[str, str],
     archived: list[archive.Archived] = (),
 ) -> dict[str, verdict.Verdict]:
-    """Writes report.md and report.html, section by section; returns the verdicts."""
+    """Writes report.md and report.html, section by section. Returns the verdicts by claim."""
     data = ReportData(workdir, experiment, claim_ids, summaries, rows, plot_paths, list(archived))
     data.verdicts = claims.verdicts(claim_ids, data.analyzed, rows)
     doc = Doc()

@@ -1,5 +1,10 @@
-"""The report's "Devices and interconnect" section: what a mesh changes (B* per device and
-global, the comm term, the measured bus bandwidths, the slowest expert device, a node what-if).
+"""The report's "Devices and interconnect" section: what a device mesh changes.
+
+- B* per device and global.
+- The comm term.
+- The measured bus bandwidths.
+- The slowest expert device.
+- A what-if on a multi-GPU node.
 """
 
 from typing import Any
@@ -15,9 +20,16 @@ def _mesh(shape: dict[str, int] | None) -> str:
 
 
 def mesh_section(doc: Doc, data: ReportData) -> None:
-    """Devices and interconnect: per-device vs global critical batch, the comm term, the
-    mesh's measured collective bandwidths next to the spec interconnect, the slowest expert
-    device, and the what-if on a multi-GPU node."""
+    """Writes the "Devices and interconnect" section, for analysed runs only.
+
+    Each part appears, in this order, where the runs have its data.
+
+    - A note when the runs are a functional simulation.
+    - B* per device and global, with the comm term (meshed runs).
+    - The measured collective bandwidths beside the spec interconnect.
+    - What the slowest expert device costs.
+    - The what-if on a multi-GPU node.
+    """
     analyzed = data.analyzed
     if not analyzed:
         return
@@ -45,7 +57,8 @@ def _simulation_note(doc: Doc, analyzed: list[dict[str, Any]]) -> None:
 
 
 def _critical_batch_table(doc: Doc, analyzed: list[dict[str, Any]]) -> None:
-    """Per run: B* per device and global, the comm bytes against XLA's, the comm share."""
+    """The B* table: per run, B* per device and global. It also sets the comm bytes against
+    XLA's, and gives the comm share."""
     doc.table(
         [
             "run",
@@ -91,7 +104,8 @@ def _critical_batch_table(doc: Doc, analyzed: list[dict[str, Any]]) -> None:
 
 
 def _busbw_table(doc: Doc, meshed: list[dict[str, Any]]) -> None:
-    """The mesh's measured bus bandwidth per axis and collective, beside the datasheet's."""
+    """The mesh's measured bus bandwidth per axis and collective. The datasheet's
+    interconnect bandwidth stands beside it."""
     measured = [
         [s["run"], axis, kind, bw / 1e9, _spec_gbps(s), s.get("spec_interconnect_source") or "–"]
         for s in meshed
@@ -122,7 +136,8 @@ def _busbw_table(doc: Doc, meshed: list[dict[str, Any]]) -> None:
 
 
 def _slowest_device_table(doc: Doc, analyzed: list[dict[str, Any]]) -> None:
-    """Expert parallelism: the load per expert and per device, and what the slowest costs."""
+    """For expert parallelism: the load per expert and per device. It also gives what the
+    slowest device costs."""
     ep = [s for s in analyzed if s.get("device_max_mean_load_first") is not None]
     if ep:
         doc.table(

@@ -1,5 +1,6 @@
-"""Report sections that some experiments have data for (the memory wall, the routers, where
-the time goes per op kind, sweeps of other machines), and where the peaks came from."""
+"""Report sections that only some experiments have data for. They are the memory wall, the
+routers, the time per op kind and archived sweeps. The module also says where the peaks came
+from."""
 
 import datetime
 import os
@@ -14,7 +15,7 @@ from batching.text import fmt
 
 
 def memory_wall(doc: Doc, data: ReportData) -> None:
-    """Where each run's memory wall is here, and where it would be on the spec devices."""
+    """Where each run's memory wall is here. It also gives the wall on the spec devices."""
     summaries = data.summaries
     doc.heading("Memory wall")
     doc.para(
@@ -89,8 +90,8 @@ ROUTER_COLUMNS = (
 
 
 def router_section(doc: Doc, data: ReportData) -> None:
-    """The router ablation as a table, one row per setting (its seeds' mean, with a 95%
-    interval where there are several), then (when the experiment judges C8) the C8 verdict."""
+    """The router ablation as a table, one row per setting. A row holds its seeds' mean, with
+    a 95% interval where there are several. When the experiment judges C8, its verdict follows."""
     moe = [s for s in data.summaries if s.get("router")]
     if not moe:
         return
@@ -147,8 +148,8 @@ def _router_row(st: seeds.Setting) -> list[Any]:
 
 
 def _max_vio(s: dict[str, Any], end: str) -> float | None:
-    """A run's MaxVio at the first or last batch; max/mean load - 1 for rows from before
-    MaxVio was recorded (the same number over the step's tokens)."""
+    """A run's MaxVio at its first or last batch (`end`). Summaries without MaxVio give
+    max/mean load - 1 instead. That is the same number over the step's tokens."""
     vio = s.get(f"max_vio_batch_{end}")
     load = s.get(f"max_mean_load_{end}")
     return vio if vio is not None else (load - 1.0 if load is not None else None)
@@ -157,10 +158,10 @@ def _max_vio(s: dict[str, Any], end: str) -> float | None:
 def _predicted_parts(
     by_kind: dict[str, dict[str, float]], kinds: dict[str, dict[str, Any]] | None = None
 ) -> list[str]:
-    """Per kind: predicted ms and the limit that set it; with `kinds` (a row's
-    predicted_kinds) also the bound its intensity puts it at, and, where the rate measured
-    at its shape leaves it slower than either roof, that rate: "gemm 2.08 (memory-bound by
-    intensity; 8.1 GFLOP/s measured at its shape, below both roofs)"."""
+    """Per kind: predicted ms and the limit that set it. `kinds` is a row's predicted_kinds.
+    With it, a part names the bound the kind's intensity puts it at. Its shape's measured
+    rate may leave it slower than either roof. Then the part adds that rate. For example:
+    "gemm <ms> (memory-bound by intensity; <r> GFLOP/s measured at its shape, below both roofs)"."""
     parts = []
     for kind, limits in sorted(by_kind.items()):
         detail = (kinds or {}).get(kind)
@@ -178,8 +179,8 @@ def _predicted_parts(
 
 
 def _traced_parts(e: dict[str, Any]) -> list[str]:
-    """Per kind: predicted ms (summed over limits) → traced ms and kernels per call; then what
-    the trace spent outside any op kernel next to the predicted fixed overhead."""
+    """Per kind: predicted ms (summed over limits) → traced ms and kernels per call. The last
+    part gives the time outside any op kernel. It stands against the predicted overhead."""
     traced = e["traced"]
     kinds = sorted(set(e["by_kind"]) | (set(traced) - {"other"}))
     parts = []
@@ -194,8 +195,8 @@ def _traced_parts(e: dict[str, Any]) -> list[str]:
 
 
 def where_time_goes(doc: Doc, data: ReportData) -> None:
-    """Per run, the predicted time per op kind at its smallest and largest batch, and at
-    every profiled point the traced time per kind beside it."""
+    """The predicted time per op kind at each run's smallest and largest batch. At every
+    profiled point, the traced time per kind stands beside it."""
     table = []
     for s in data.analyzed:
         traced = s.get("traced_breakdown") or {}
@@ -308,7 +309,7 @@ def archive_section(doc: Doc, data: ReportData) -> None:
 
 
 def archived_c2(archived: list[archive.Archived]) -> str | None:
-    """C2 measured on an archived accelerator: ResNet50's latency relative to batch 1."""
+    """C2 on an archived accelerator: ResNet50's latency relative to its smallest batch."""
     for a in archived:
         for run, rs in summary.by_run(a.rows).items():
             if rs[0].get("platform") in ("gpu", "tpu") and rs[0].get("depth") == 50:
@@ -356,7 +357,7 @@ def _check_sentence(check: dict[str, Any] | None) -> str:
 
 
 def peaks_provenance(analyzed: list[dict[str, Any]]) -> str:
-    """Where the peaks and per-shape rates came from, and what the budget left unmeasured."""
+    """Where the peaks and per-shape rates came from. It says what the budget left unmeasured."""
     a = analyzed[0]
     if a.get("peaks_file"):
         text = (

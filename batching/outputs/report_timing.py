@@ -1,6 +1,10 @@
-"""The report's account of how the points were timed: what a point's latency and interval are,
-the cache state the calls found, and what precision this machine allowed; and the Device
-line's warning when the machine was noisy."""
+"""The report's account of how the points were timed.
+
+- What a point's latency and interval are.
+- The cache state the calls found.
+- What precision this machine allowed.
+- The Device line's warning when the machine was noisy.
+"""
 
 import math
 from typing import Any
@@ -11,8 +15,11 @@ OLD_KIND = "pooled samples"
 
 
 def noisy_sentence(summaries: list[dict[str, Any]]) -> str:
-    """'' on a quiet machine; else how far a point's passes moved (over timing.max_pass_cv)
-    and how much of the host's CPU others took during passes."""
+    """The Device line's warning about a noisy machine; '' on a quiet one.
+
+    It counts the points whose passes moved more than timing.max_pass_cv. It also says how
+    much of the host's CPU other processes took during passes.
+    """
     noisy = [s for s in summaries if s.get("noisy_points")]
     if not noisy:
         return ""
@@ -34,7 +41,10 @@ def noisy_sentence(summaries: list[dict[str, Any]]) -> str:
 
 
 def timing_section(doc: Doc, data: ReportData) -> None:
-    """How a point is measured and what its interval means, then one line per run."""
+    """The Timing section: how a point is measured and what its interval means.
+
+    A table follows, one line per run. Then comes the machine's drift between runs.
+    """
     if not data.summaries:
         return
     doc.heading("Timing")
@@ -69,8 +79,11 @@ def timing_section(doc: Doc, data: ReportData) -> None:
 
 
 def drift_sentence(summaries: list[dict[str, Any]]) -> str:
-    """What the machine's drift between runs is and where it came from, or that it is
-    unknown here (rows of one run then hold the spread between its passes only)."""
+    """The machine's drift between runs, and where that reading came from.
+
+    Where the drift is unknown, the sentence says so. Each interval then holds only the
+    spread between one run's passes.
+    """
     known = [s for s in summaries if s.get("machine_drift_sd")]
     if not known:
         return (
@@ -123,7 +136,12 @@ def _pm(half: float | None) -> str:
 
 
 def precision_text(s: dict[str, Any]) -> str:
-    """'pass-to-pass spread 16%: ±3% needs ~110 passes; this run reached ±11%', or why not."""
+    """The precision this machine allowed a run. It is "–" without the numbers for it.
+
+    The text reads like "pass-to-pass spread 16%: ±3% needs ~110 passes". It adds the
+    precision the run reached and its most passes. Points that stopped on something other
+    than precision are counted in parentheses.
+    """
     cv, need, half = s.get("pass_cv_median"), s.get("passes_needed"), s.get("pass_halfwidth_median")
     target = s.get("target_rel_ci")
     if cv is None or need is None or target is None or not math.isfinite(need):

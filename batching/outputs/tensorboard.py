@@ -1,11 +1,16 @@
-"""TensorBoard output, the lab's one writer: one event directory per run under <workdir>/tb/<run>.
+"""TensorBoard output, the lab's one writer.
 
-Each kind of event has its own file in the run's directory, told apart by its suffix:
-point scalars (step = batch size, `.points`), rewritten in batch order as points are
-measured; run-level summaries (the config as text, hparams, plots, summary scalars,
-`.run_summary`), replaced on every rerun so a resumed sweep never shows them twice; and a
-workload's own curves through an `EventLog` (training, `.train`), whose earlier file moves
-to <workdir>/archive/ when a rerun starts a new one.
+Each run has its own event directory, <workdir>/tb/<run>. Each kind of event has its own
+file there, told apart by its suffix.
+
+- `.points`: the point scalars, with step = batch size. The file is rewritten in batch
+  order as points are measured.
+- `.run_summary`: the run-level summaries. They are the config as text, hparams, plots
+  and summary scalars. Every rerun replaces them, so a resumed sweep never shows them twice.
+- `.train`: a workload's own curves, such as training, written through an `EventLog`. When
+  a rerun starts a new file, the earlier one moves to <workdir>/archive/.
+
+The experiment's one HParams config lies in <workdir>/tb itself (`.hparams_experiment`).
 """
 
 import glob
@@ -59,10 +64,13 @@ OTHER_SUFFIXES = (RUN_SUMMARY_SUFFIX, TRAIN_SUFFIX)
 
 
 class EventLog:
-    """A run's own event file of one kind (`suffix`; training curves by default): scalars,
-    histograms and text. The file opens on the first write, so a run that fails validation
-    writes nothing; opening it moves an earlier file of the same kind to
-    <workdir>/archive/<time>/, so a rerun starts clean curves and nothing is deleted."""
+    """A run's own event file of one kind: scalars, histograms and text.
+
+    `suffix` names the kind; the default is training curves. The file opens on the first
+    write. So a run that fails validation writes nothing. Opening it moves an earlier file
+    of the same kind to <workdir>/archive/<time>/. So a rerun starts clean curves, and
+    nothing is deleted.
+    """
 
     def __init__(self, workdir: str, run: str, suffix: str = TRAIN_SUFFIX):
         self.workdir, self.logdir, self.suffix = workdir, run_dir(workdir, run), suffix
@@ -109,19 +117,22 @@ class EventLog:
 class PointWriter:
     """One run's per-point scalars (step = batch size), every point in batch order.
 
-    A sweep visits its batch sizes shuffled, but TensorBoard reads a step that goes back as
-    a restart and drops the points after it (a shuffled 10-point sweep showed 5 of them).
-    So each write replaces the run's points file with all of the run's measured points so
-    far, sorted by batch size: at any moment, after an interrupt, a resume or a run extended
-    with more batch sizes, the file holds every point in order. Older point files of the
-    folder (an earlier version streamed one file per run in visit order) are removed.
+    A sweep visits its batch sizes shuffled. But TensorBoard takes a step that goes back for
+    a restart. It then drops the points after it. So each write replaces the run's points
+    file. The new file holds every point measured so far, sorted by batch size. So at any
+    moment the file holds every point in order. This holds after an interrupt, a resume, or
+    a run extended with more batch sizes. The write removes the folder's other point files.
+    It leaves the run summary and the training curves alone.
     """
 
     def __init__(self, workdir: str, run: str):
         self.logdir = run_dir(workdir, run)
 
     def write(self, rows: list[dict[str, Any]]) -> None:
-        """Replaces the points file with `rows` (the run's ok rows), sorted by batch size."""
+        """Replaces the points file with `rows`, the run's ok rows, sorted by batch size.
+
+        The new file is written in a scratch folder, then moved in.
+        """
         os.makedirs(self.logdir, exist_ok=True)
         scratch = tempfile.mkdtemp(prefix=".points-", dir=self.logdir)
         try:
@@ -186,9 +197,10 @@ def write_run_summary(
 ) -> None:
     """Writes the run's config text, hparams, final metrics and images, replacing older ones.
 
-    The hparams summaries go into the run's own event file (not tensorboardX's
-    add_hparams, which makes a separate timestamped run): the HParams tab then
-    lists one row per run with `metrics` read from the scalars of the same tags.
+    The hparams summaries go into the run's own event file. tensorboardX's add_hparams
+    would make a separate timestamped run instead. So the HParams tab lists one row per
+    run. It reads `metrics` from the scalars of the same tags. `point_scalars` adds curves
+    as {tag: {step: value}}, and `histograms` adds histograms at step 0.
     """
     logdir = run_dir(workdir, run)
     for old in glob.glob(os.path.join(logdir, f"*{RUN_SUMMARY_SUFFIX}")):
@@ -226,9 +238,11 @@ def _finite(value: Any) -> bool:
 def hparam_infos(hparams_by_run: dict[str, dict[str, Any]]) -> list[api_pb2.HParamInfo]:
     """One HParamInfo per hparam, with its domain over the runs and whether it differs.
 
-    Strings, bools and numbers from the config (model.*, train.*: the ablated axes) get the
-    discrete set of values the runs took; other numbers (params, batch_min, ...) an interval.
-    A value that is not a bool, number or string counts as its JSON string.
+    - Strings and bools get the discrete set of values the runs took.
+    - Numbers from the config (model.*, train.*: the ablated axes) get that set too.
+    - Other numbers (params, batch_min, ...) get an interval.
+
+    Any other value counts as its JSON string.
     """
     infos = []
     for name in sorted({k for hp in hparams_by_run.values() for k in hp}):
@@ -257,9 +271,10 @@ def write_experiment_config(
 ) -> None:
     """Writes the experiment's one HParams config into <workdir>/tb, replacing an older one.
 
-    Each hparam carries its domain across `hparams_by_run` (see hparam_infos) and `differs`,
-    so the HParams tab offers a filter per value and lists the differing columns first; the
-    metrics are the run-level scalar tags write_run_summary writes (read per run).
+    Each hparam carries its domain across `hparams_by_run` and its `differs` flag (see
+    hparam_infos). So the HParams tab offers a filter per value. It also lists the differing
+    columns first. The metrics are the run-level scalar tags that write_run_summary writes.
+    TensorBoard reads them per run.
     """
     logdir = os.path.join(workdir, "tb")
     for old in glob.glob(os.path.join(logdir, f"*{EXPERIMENT_SUFFIX}")):

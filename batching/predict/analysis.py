@@ -1,15 +1,22 @@
 """Roofline analysis of a finished sweep: per-row predictions and fits, per-run summaries.
 
-Reads rows and samples; the device's peaks and per-shape rates come from a rate source
-(batching.measure.rates.RateSource, handed in: measured once, up front, for every shape the
-run's predictions need, or read from a cache or file). Returns rows augmented with
-`predicted_latency_s`, `regime`, `fitted_latency_s` and the XLA-vs-analytic cost check, plus
-the roofline fields of each run's summary (batching.predict.run_fields).
+It reads rows and samples. A rate source (batching.measure.rates.RateSource) is handed in.
+It gives the device's peaks and per-shape rates. It measures every shape the predictions
+need, once and up front. It may also read them from a cache or a file.
 
-On a mesh the prediction is the single-device one at ONE device's share of the work
-(roofline.per_device_work) plus, as a separate summand, the call's collectives at the
-mesh's measured bus bandwidth (roofline.comm_time, batching.workloads.collectives): the row's
-`predicted_comm_s`.
+Each row gains these fields.
+
+- `predicted_latency_s`: the a-priori prediction.
+- `regime`: the limit the point is at.
+- `fitted_latency_s`: the three-limit fit at the point.
+- The cost check: XLA's counts against the analytic ones.
+
+Each run's summary gains the roofline fields of batching.predict.run_fields.
+
+On a mesh the prediction has two summands. The first is the single-device prediction. It
+prices one device's share of the work (roofline.per_device_work). The second is the call's
+collectives at the mesh's measured bus bandwidth. roofline.comm_time prices them, using
+batching.workloads.collectives. The row keeps that term as `predicted_comm_s`.
 """
 
 import dataclasses
@@ -20,7 +27,7 @@ import jax
 import numpy as np
 
 from batching import rows as rows_lib
-from batching.measure import pass_stats
+from batching.measure import pass_stats, stats
 from batching.predict import knee, mesh, pricing, replicates, roofline, run_fields
 from batching.predict.device import DeviceModel
 from batching.workloads import ops as ops_lib
@@ -39,14 +46,18 @@ def analyze_run(
     roofline_cfg: Any,
     peak_source: Any,
     attend: Callable[..., Any] | None = None,
-    confidence: float = 0.95,
+    confidence: float = stats.CONFIDENCE,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Returns (rows with roofline fields, the run's roofline summary fields). `samples` are
-    each point's timing samples per sweep pass ({batch: [pass 0, pass 1, ...]});
-    `peak_source` a batching.measure.rates.RateSource; `attend` the workload's attention over
-    its KV cache (its module's ATTEND), for rows that carry attention shapes. Each row's
-    interval is widened by the machine's drift between runs where the rate source knows it
-    (drift_fields)."""
+    """Returns (rows with roofline fields, the run's roofline summary fields).
+
+    - `samples`: each point's timing samples per pass, {batch: [pass 0, pass 1, ...]}.
+    - `peak_source`: a batching.measure.rates.RateSource.
+    - `attend`: the workload's attention over its KV cache (its module's ATTEND). Rows that
+      carry attention shapes need it.
+
+    The rate source may know the machine's drift between runs. Each row's interval is then
+    widened by it (drift_fields).
+    """
     rows = sorted(rows, key=lambda r: r["batch_size"])
     # One device's share of each call (the rows themselves on a single device).
     device_rows = [roofline.per_device_work(r) for r in rows]
@@ -54,9 +65,9 @@ def analyze_run(
     peak_source.freeze()  # everything this run measures, it measured for its device model
     drift = peak_source.machine_drift(device, model.dtype, model.precision)
     rows = [rows_lib.extend(r, **drift_fields(r, drift, confidence)) for r in rows]
-    # The knee is fitted on the converged points (the others are drawn and predicted, not
-    # fitted), unless too few converged: then on every point, and the knee says so; its
-    # interval, drawn from whole passes, carries the noise.
+    # The knee is fitted on the converged points; the others are drawn and predicted. If too
+    # few converged, it is fitted on every point, and the knee says so. Its interval, drawn
+    # from whole passes, carries the noise.
     converged = [r for r in rows if r.get("converged", True)]
     fitted = converged if len(converged) >= knee.MIN_POINTS_TO_FIT else rows
     # One set of replicates (whole passes drawn) for every statistic of several points.
@@ -72,7 +83,7 @@ def analyze_run(
         "points_converged": len(converged),
         **run_fields.error_fields(out),
         "shape_aware": bool(roofline_cfg.shape_aware),
-        # How the calls were timed (timing.cache; rows before it: warm) and so how priced.
+        # How the calls were timed (timing.cache; warm if the row lacks it), so how priced.
         "cache_state": rows[0].get("cache_state") or "warm",
         "cold_weights": bool(model.cold),
         "machine_drift_sd": drift.sd if drift else rows[0].get("machine_drift_sd"),
@@ -85,9 +96,9 @@ def analyze_run(
             out, roofline.mesh_shape_of(rows[0]), device, model.comm_source, peak_source
         ),
     }
-    # Each data replica batches on its own: a device turns compute-bound at B* of its own
-    # share, so the global batch does at B* x data (the model and expert axes share one
-    # replica's batch, so they do not multiply it).
+    # Each data replica batches on its own. A device turns compute-bound at B* of its own
+    # share, so the global batch does at B* x data. The model and expert axes share one
+    # replica's batch, so they do not multiply it.
     split = roofline.mesh_shape_of(rows[0], "parallel_shape")
     for key in ("predicted_critical_batch", "spec_critical_batch"):
         per_device = summary[key]
@@ -98,10 +109,13 @@ def analyze_run(
 
 
 def drift_fields(r: dict[str, Any], drift: Any, confidence: float) -> dict[str, Any]:
-    """A row's interval as a rerun would see it: the passes' interval (`pass_ci_*`) widened by
-    the machine's drift between runs (pass_stats.with_drift) — this analysis's drift, else the
-    one the row was first analysed with (rows measured elsewhere keep their machine's).
-    Rows stored before passes were the unit keep their interval."""
+    """A row's interval as a rerun would see it.
+
+    The passes' interval (`pass_ci_*`) is widened by the machine's drift between runs.
+    pass_stats.with_drift does the widening. The drift is this analysis's, else the one
+    stored on the row. So rows measured elsewhere keep their own machine's drift. A row
+    without a passes' interval keeps its interval.
+    """
     if r.get("pass_ci_low_s") is None:
         return {}
     sd = drift.sd if drift is not None else r.get("machine_drift_sd")
@@ -112,20 +126,22 @@ def drift_fields(r: dict[str, Any], drift: Any, confidence: float) -> dict[str, 
 
 
 # Weights stay warm between calls only while they fill at most this share of the last-level
-# cache, the share the activations get too (pricing). Measured, not derived: the activations
-# and other ops' data share the cache, a library GEMM kernel may work on a packed copy of its
-# weights (XLA:CPU's YNNPACK fusion from 2 rows up), and an AMD L3 holds what the cores' L2s
-# evict. On the 2-core EPYC VM (32 MiB L3) a 2-layer SwiGLU with 25 MB of weights measured
-# 1.67-1.88 ms at batch 2 against 1.76 predicted from the cold microbenchmarks and 0.99 from
-# the warm ones (2.33-2.78 / 2.29 / 1.58 at batch 8); an 8-layer MLP with 8.4 MB ran at its
-# warm rates at batch 1 (269-282 µs, 286 predicted).
+# cache. The activations get the same share (pricing). The share is measured, not derived:
+# - the activations and other ops' data share the cache;
+# - a library GEMM kernel may work on a packed copy of its weights (XLA:CPU's YNNPACK fusion
+#   from 2 rows up);
+# - an AMD L3 holds what the cores' L2s evict.
+# The sweeps behind it are in experiments/results/cpu-2core-epyc/README.md (Warm and cold
+# weights).
 WARM_WEIGHTS_SHARE = 0.5
 
 
 def weights_cold(weight_bytes: float | None, llc_bytes: float, cache_state: str = "warm") -> bool:
-    """Whether a call's weights come from DRAM on every call: always when the cache was
-    evicted before each call (timing.cache = "cold"), else when they fill more than
-    WARM_WEIGHTS_SHARE of the last-level cache."""
+    """Whether a call's weights come from DRAM on every call.
+
+    They do when the cache was evicted before each call (timing.cache = "cold"). Else they
+    do when they fill over WARM_WEIGHTS_SHARE of the last-level cache.
+    """
     return cache_state == "cold" or (weight_bytes or 0) > WARM_WEIGHTS_SHARE * llc_bytes
 
 
@@ -137,9 +153,12 @@ def device_model(
     peak_source: Any,
     attend: Callable[..., Any] | None,
 ) -> DeviceModel:
-    """The run's peaks and per-op rates: every shape the run needs is measured (within the
-    budget; the sweep's ends first), then the compute roof is set to the best rate measured
-    for the dtype (ceiling), and the rates priced with it."""
+    """The run's peaks and per-op rates.
+
+    First every shape the run needs is measured, within the budget. The sweep's ends come
+    first. Then the compute roof is set to the dtype's best measured rate (compute_ceiling).
+    The rates get that roof as their peak.
+    """
     dtype = rows[0]["dtype"] or "float32"
     precision = rows[0].get("matmul_precision", "default")
     measured = peak_source.peaks(device, dtype, precision)
@@ -165,8 +184,8 @@ def device_model(
         gemm=peak_source.gemm(device, dtype, cold, precision) if shape_aware else None,
         conv=peak_source.conv(device, dtype, precision) if shape_aware else None,
         ragged=peak_source.ragged(device, dtype, cold, precision) if shape_aware else None,
-        # What a call pays once for handing a small op to XLA:CPU's worker threads; a GPU or
-        # TPU has no such hand-off, and measuring it there cost a GPU lease minutes.
+        # What a call pays once for handing a small op to XLA:CPU's worker threads. A GPU or
+        # TPU has no such hand-off, so the lone calls are not measured there.
         lone=(
             peak_source.lone(device, dtype, precision)
             if shape_aware and device.platform == "cpu"
@@ -174,9 +193,9 @@ def device_model(
         ),
         attention=(lambda op: attention(ops_lib.attention_shapes([op])[0])) if attention else None,
     )
-    # Measure every shape the run's predictions ask for, the sweep's ends first, then the
-    # middles: what a bounded budget cannot measure lies between measured shapes. With
-    # expert parallelism also each point at the mean load (predicted_balanced_latency_s).
+    # Measure every shape the predictions ask for: the sweep's ends, then the middles. What a
+    # bounded budget cannot measure then lies between measured shapes. With expert
+    # parallelism, also each point at the mean load (predicted_balanced_latency_s).
     expert_parallel = roofline.mesh_shape_of(rows[0], "parallel_shape")["expert"] > 1
     for i in spread_order(len(device_rows)):
         pricing.predict_call(roofline.row_ops(device_rows[i]), rates)
@@ -193,19 +212,25 @@ def device_model(
     )  # fmt: skip
 
 
-# Measurements of less work than this per kernel do not set the compute roof: their rate
-# rests on subtracting a call's fixed costs, which a small kernel does not dwarf.
+# Measurements of less work than this (FLOPs per kernel) do not set the compute roof. Their
+# rate rests on subtracting a call's fixed costs, which a small kernel does not dwarf.
 CEILING_MIN_FLOPS = 1e8
 
 
 def compute_ceiling(
     square_f: float, best_measured: tuple[float, str] | None, device_rows: list[dict[str, Any]]
 ) -> tuple[float, str]:
-    """The compute roof: the best FLOP rate this device was measured at in the dtype, so no
-    row or op sits above it. Candidates: the square-matmul microbenchmark, the best per-shape
-    GEMM or conv rate of at least CEILING_MIN_FLOPS per kernel (`best_measured`, from the
-    rate source), and the run's own points of at least that much work per call (one
-    device's share). Returns (FLOP/s, what set it)."""
+    """The compute roof: the best FLOP rate measured on this device in the dtype.
+
+    So no row or op sits above the roof. The candidates are these.
+
+    - The square-matmul microbenchmark.
+    - The best per-shape GEMM or conv rate with at least CEILING_MIN_FLOPS per kernel. The
+      rate source gives it as `best_measured`.
+    - The run's own points with at least that much work per call (one device's share).
+
+    Returns (FLOP/s, what set it).
+    """
     best, source = square_f, "square-matmul microbenchmark"
     if best_measured is not None and best_measured[0] > best:
         best, source = best_measured
@@ -224,8 +249,10 @@ def predicted_rows(
     peak_source: Any,
     roofline_cfg: Any,
 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """Each row with its prediction, regime, roof fractions, fit and cost check; and every
-    per-shape rate the run could not measure."""
+    """Each row with its prediction, regime, roof fractions, fit and cost check.
+
+    Also returns every per-shape rate the run could not measure.
+    """
     split = roofline.mesh_shape_of(rows[0], "parallel_shape")
     out, not_measured = [], {}
     for r, rd in zip(rows, device_rows, strict=True):
@@ -263,8 +290,10 @@ def predicted_rows(
 
 
 def predict_device(rd: dict[str, Any], model: DeviceModel) -> pricing.CallTime:
-    """The per-op predicted call of one device's share of a call, no communication; the
-    floor is the call's own (its arguments) where the sweep measured it."""
+    """The per-op prediction of one device's share of a call, without communication.
+
+    Where the sweep measured the call's own floor (its arguments), that floor is used.
+    """
     floor_s = rd.get("call_floor_s") or model.peaks.dispatch_floor_s
     rates = dataclasses.replace(model.rates, dispatch_floor_s=floor_s)
     return pricing.predict_call(roofline.row_ops(rd), rates)
@@ -282,9 +311,16 @@ def naive_prediction(rd: dict[str, Any], model: DeviceModel) -> float:
 def regime_fields(
     r: dict[str, Any], rd: dict[str, Any], call: pricing.CallTime, model: DeviceModel
 ) -> dict[str, Any]:
-    """Which limit a point is at, by the roofline: one device's FLOPs per byte against the
-    ridge of the measured roofs (compute or memory), or overhead where the predicted fixed
-    cost per call exceeds both roof times; and the achieved fraction of each roof."""
+    """Which limit a point is at, by the roofline, and its fraction of each roof.
+
+    The limit is the largest of three terms for one device's share of the call.
+
+    - overhead: the predicted fixed cost per call.
+    - memory: the bytes over the memory roof.
+    - compute: the FLOPs over the compute roof.
+
+    Between memory and compute, this compares intensity with the measured roofs' ridge.
+    """
     flops, bytes_moved = roofline.work(rd)
     terms = {
         "overhead": call.overhead_s,
@@ -316,7 +352,7 @@ def cost_check(r: dict[str, Any], tolerance: float) -> dict[str, Any]:
 
 
 def spread_order(n: int) -> list[int]:
-    """0..n-1 with the ends first, then each gap's middle, breadth first: 0, n-1, n/2, ..."""
+    """0..n-1, the ends first, then each gap's middle, breadth first: 0, n-1, n/2, ..."""
     if n <= 2:
         return list(range(n))
     order, gaps = [0, n - 1], [(0, n - 1)]

@@ -1,10 +1,10 @@
 """The post's claims and the verdict the data gives on each.
 
 The claims are those of Finbarr Timbers, "How does batching work on modern GPUs?"
-(https://www.artfintel.com/p/how-does-batching-work-on-modern). A verdict function
-(batching.predict.claims_mlp, claims_models) reads an experiment's run summaries and rows
-and returns {"verdict": ..., "evidence": ...}. The evidence quotes the numbers it used; a
-claim the data cannot decide says so instead of guessing.
+(https://www.artfintel.com/p/how-does-batching-work-on-modern). A verdict function reads
+an experiment's run summaries and rows. The functions live in batching.predict.claims_mlp
+and claims_models. Each returns {"verdict": ..., "evidence": ...}. The evidence quotes the
+numbers it used. A claim the data cannot decide says so instead of guessing.
 """
 
 from collections.abc import Callable
@@ -52,10 +52,11 @@ VERDICTS: dict[str, Callable[[list[dict[str, Any]], list[dict[str, Any]]], Verdi
 def verdicts(
     claim_ids: tuple[str, ...], summaries: list[dict[str, Any]], rows: list[dict[str, Any]]
 ) -> dict[str, Verdict]:
-    """A verdict per requested claim; a claim without a verdict function is 'not tested'.
+    """A verdict per requested claim.
 
-    A verdict fits trends within runs, so runs with fewer than MIN_POINTS ok batch sizes are
-    left out of what it reads (named in its evidence); with none left it is 'not enough points'.
+    A claim without a verdict function is 'not tested here'. A verdict fits trends within runs.
+    So it leaves out runs with fewer than MIN_POINTS ok batch sizes. Its evidence names
+    them. With no run left, the verdict is 'not enough points'.
     """
     out = {}
     enough = [s for s in summaries if s.get("points", 0) >= MIN_POINTS]

@@ -1,5 +1,9 @@
-"""Verdicts on the post's MLP claims: the knee against B* (C3), across widths (C4), and
-small networks bound by overhead (C5)."""
+"""Verdicts on the post's MLP claims.
+
+- C3: the knee against B*.
+- C4: the knee across widths.
+- C5: small networks bound by overhead.
+"""
 
 import math
 from typing import Any
@@ -22,8 +26,11 @@ from batching.setup import specs
 
 
 def t4_sentence(s: dict[str, Any]) -> str:
-    """The post's T4 under the roofline for this run's dtype: the datasheet peak that applies
-    (or says it has none), its B*, and the post's knee near 128 set against it."""
+    """The post's T4 under the roofline for this run's dtype.
+
+    The sentence gives the datasheet peak that applies, or says there is none. It gives the
+    B* of that peak. It sets the post's knee (POST_T4_KNEE) against that B*.
+    """
     t4 = specs.SPECS["T4"]
     f, note = specs.matmul_peak(t4, s["dtype"], s.get("matmul_precision", "default"))
     if f is None:
@@ -49,8 +56,11 @@ POST_T4_KNEE = 128
 
 
 def c3_mlp_knee(summaries: list[dict[str, Any]], rows: list[dict[str, Any]]) -> Verdict:
-    """C3 on the first run: its fitted knee against the B* of the measured roofs (confirmed within
-    1.5x), and its regimes below the knee (overhead-bound: partly confirmed)."""
+    """C3 on the first run: its fitted knee against the B* of the measured roofs.
+
+    A knee within verdict.AGREE (1.5x) of B* confirms the claim. Below the knee the claim
+    expects memory-bound points. If they are all overhead-bound, it is partly confirmed.
+    """
     s = summaries[0]
     if simulated(summaries):
         return {"verdict": SIMULATION, "evidence": f"Run {s['run']} ran on forced host devices."}
@@ -118,8 +128,11 @@ def c4_knee_across_widths(summaries: list[dict[str, Any]], rows: list[dict[str, 
 
 
 def c5_small_networks(summaries: list[dict[str, Any]], rows: list[dict[str, Any]]) -> Verdict:
-    """C5 on the run with fewest params: confirmed when its largest batch takes under twice its
-    smallest batch's latency, partly when latency grows under a tenth as fast as the work."""
+    """C5 on the run with the fewest params.
+
+    It is confirmed when the largest batch takes under twice the smallest batch's latency.
+    It is partly confirmed when latency grows under a tenth as fast as the work.
+    """
     s = min(summaries, key=lambda s: s["params"])
     small = run_rows(rows, s["run"])
     first, last = small[0], small[-1]
@@ -139,8 +152,8 @@ def c5_small_networks(summaries: list[dict[str, Any]], rows: list[dict[str, Any]
         f"{s['free_batching_limit']}."
     )
     # "Almost no scaling": the whole sweep costs less than doubling the smallest batch's time.
-    # Partly: time grows, but by less than a tenth of the work (overhead dominates). Each
-    # judged on the slowdown's interval where it has one: a side it reaches is not excluded.
+    # Partly: time grows, but by less than a tenth of the work (overhead dominates). Both are
+    # judged on the slowdown's interval where it has one. A side it reaches is not excluded.
     flat = against_band(slowdown, lo, hi, 0.0, 2.0)
     slow = against_band(slowdown, lo, hi, 0.0, 0.1 * work)
     if flat == "inside":

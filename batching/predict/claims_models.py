@@ -1,5 +1,5 @@
-"""Verdicts on the claims about other models: ResNet50 on a CPU and on an accelerator (C1,
-C2), convolutions against matmuls (C6), decoding with a KV cache (C7), MoE routers (C8)."""
+"""Verdicts on the claims about other models. C1 and C2 judge ResNet50 on a CPU and on an
+accelerator. C6 sets convolutions against matmuls. C7 judges KV-cache decoding, C8 MoE routers."""
 
 import math
 from typing import Any
@@ -26,11 +26,12 @@ from batching.predict.verdict import (
 
 # C2: a T4 curve is flat while the second batch costs under this factor of the first.
 FLAT_GROWTH = 1.2
+BALANCED_VIO = 0.05  # C8: MaxVio above it is an uneven spread over experts
 
 
 def c7_decode_like_mlp(summaries: list[dict[str, Any]], rows: list[dict[str, Any]]) -> Verdict:
-    """C7 over the decode runs, shortest cache to longest: a knee near the weights-only B* at short
-    context (like the MLP), and whether the KV cache breaks that at long context."""
+    """C7 over the decode runs, shortest cache to longest. At short context the knee should
+    lie near the weights-only B*, like the MLP's. At long context the KV cache may break it."""
     decode = sorted(
         (s for s in summaries if s.get("phase") == "decode"), key=lambda s: s["cache_len"]
     )
@@ -91,8 +92,8 @@ def c7_decode_like_mlp(summaries: list[dict[str, Any]], rows: list[dict[str, Any
 def c7_cache_reads(decode: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
     """Whether the KV-cache term above is the cache's bytes or the attention's implementation.
 
-    A layout that makes XLA transpose the cache before each product moves several times
-    the analytic bytes. The knee then moves in with the context for that reason alone.
+    Some layouts make XLA transpose the cache before each product. A step then moves several
+    times the analytic bytes. The knee then moves in with the context for that reason alone.
     The rows say how the attention that ran here reads the cache.
     """
     runs = {s["run"]: s for s in decode}
@@ -130,8 +131,8 @@ def c7_cache_reads(decode: list[dict[str, Any]], rows: list[dict[str, Any]]) -> 
 
 
 def c1_resnet_cpu_linear(summaries: list[dict[str, Any]], rows: list[dict[str, Any]]) -> Verdict:
-    """C1 on the CPU's ResNet50 run: confirmed when the log-log slope of latency against batch size
-    is at least 0.8."""
+    """C1 on the CPU's ResNet50 run. It is confirmed when latency's log-log slope against
+    batch size is at least 0.8."""
     s = resnet50(summaries, "cpu")
     if s is None:
         return {"verdict": "not tested here", "evidence": "no ResNet50 run on a CPU"}
@@ -161,8 +162,8 @@ def c1_resnet_cpu_linear(summaries: list[dict[str, Any]], rows: list[dict[str, A
 
 
 def c2_accelerator_flat(summaries: list[dict[str, Any]], rows: list[dict[str, Any]]) -> Verdict:
-    """C2 on a GPU or TPU ResNet50 run: confirmed when its free-batching limit is 2 or more; without
-    such a run, a prediction from the CPU run's T4 roofline what-if."""
+    """C2 on a GPU or TPU ResNet50 run. It is confirmed when the free-batching limit is 2 or
+    more. Without such a run, the CPU run's T4 roofline what-if gives a prediction."""
     for platform in ("gpu", "tpu"):
         s = resnet50(summaries, platform)
         if s is not None:
@@ -213,8 +214,8 @@ def c2_accelerator_flat(summaries: list[dict[str, Any]], rows: list[dict[str, An
 def c6_convolutions_reuse_weights(
     summaries: list[dict[str, Any]], rows: list[dict[str, Any]]
 ) -> Verdict:
-    """Controlled: a conv stack against dense stacks with the same weights per layer, one with
-    the same FLOPs (a token per output position) and one with a single token."""
+    """C6, controlled: a conv stack against dense stacks with the same weights per layer. One
+    stack has the same FLOPs (a token per output position). The other has a single token."""
     if simulated(summaries):
         return {"verdict": SIMULATION, "evidence": "The networks ran on forced host devices."}
     conv = next((s for s in summaries if s["model"] == "conv_stack"), None)
@@ -259,7 +260,7 @@ def c6_convolutions_reuse_weights(
 
 def _c6_resnet_only(summaries: list[dict[str, Any]], rows: list[dict[str, Any]]) -> Verdict:
     """Without the controlled stacks: ResNet's per-layer intensity against a dense layer's.
-    Not a controlled comparison (different sizes, different work): said so."""
+    Sizes and work differ, so this is no controlled comparison. The evidence says so."""
     convs = [s for s in summaries if s.get("intensity_b1")]
     conv = max(convs, key=lambda s: s["params"]) if convs else None
     if conv is None:
@@ -275,10 +276,9 @@ def _c6_resnet_only(summaries: list[dict[str, Any]], rows: list[dict[str, Any]])
 
 
 def c8_moe_routers(summaries: list[dict[str, Any]], rows: list[dict[str, Any]]) -> Verdict:
-    """Two to four sentences from the runs' numbers: how unevenly token-choice spread the
-    batch against expert-choice (MaxVio at the largest batch), how often another sequence's
-    token changed a sequence's output under each router (the cross-sequence probe), and what
-    the balancing settings did beyond the seed spread; the router table holds the rest."""
+    """C8 in two to four sentences; the router table holds the rest. They give each router's
+    MaxVio at the largest batch, the cross-sequence probe's leaks (another sequence's token
+    changing an output), and what balancing did beyond the seed spread."""
     del rows
     moe = [s for s in summaries if s.get("router")]
     tc = [s for s in moe if s["router"] == "token_choice"]
@@ -307,8 +307,8 @@ _NOT_PROBED = (
 
 
 def _max_vio(s: dict[str, Any]) -> float:
-    """A run's MaxVio at its largest batch (the decode step's tokens pooled), else its
-    max/mean load there minus 1 (rows written before MaxVio)."""
+    """A run's MaxVio at its largest batch, with the decode step's tokens pooled. A row
+    without MaxVio gives its max/mean load there minus 1."""
     vio = s.get("max_vio_batch_last")
     if vio is None and s.get("max_mean_load_last") is not None:
         vio = s["max_mean_load_last"] - 1.0
@@ -316,8 +316,8 @@ def _max_vio(s: dict[str, Any]) -> float:
 
 
 def _spread_sentence(tc: list[dict[str, Any]], ec: list[dict[str, Any]]) -> tuple[str, bool]:
-    """The spread of the batch over experts: the most uneven token-choice run and the most
-    dropping one, against expert-choice's MaxVio."""
+    """The spread of the batch over experts. It sets the most uneven token-choice run
+    against expert-choice's MaxVio. It also names the token-choice run that drops most."""
     uneven = max(tc, key=_max_vio)
     dropping = max(tc, key=lambda s: s.get("drop_fraction_last") or 0)
     ec_vio = max(_max_vio(s) for s in ec)
@@ -328,12 +328,12 @@ def _spread_sentence(tc: list[dict[str, Any]], ec: list[dict[str, Any]]) -> tupl
         f"({dropping['run']}) at batch {max(uneven['batch_sizes'])}, while expert-choice's "
         f"MaxVio is {fmt(ec_vio)} by construction."
     )
-    return text, _max_vio(uneven) > 0.05 and ec_vio < 0.05
+    return text, _max_vio(uneven) > BALANCED_VIO and ec_vio < BALANCED_VIO
 
 
 def _probe_sentence(tc: list[dict[str, Any]], ec: list[dict[str, Any]]) -> tuple[str, bool]:
-    """The cross-sequence probe by router: the share of trials in which changing the other
-    sequences' tokens changed a sequence's output; '' where no run was probed."""
+    """The cross-sequence probe by router. How often did other sequences' tokens change a
+    sequence's output? It is '' where no expert-choice run was probed."""
     probed = [s for s in (*tc, *ec) if s.get("cross_seq_leak_fraction_max") is not None]
     ec_probed = [s for s in probed if s["router"] == "expert_choice"]
     if not ec_probed:
@@ -361,10 +361,10 @@ def _probe_sentence(tc: list[dict[str, Any]], ec: list[dict[str, Any]]) -> tuple
 
 
 def balancing_comparison(tc: list[dict[str, Any]]) -> str:
-    """One sentence on the balancing settings (none, aux per group or over the batch, the
-    loss-free bias, bias + aux) among capacity-based token-choice settings of one router k
-    and capacity: held-out loss and global MaxVio as means with 95% intervals over seeds,
-    and which pairs differ beyond the seed spread; '' with fewer than two settings."""
+    """One sentence on balancing in capacity-based token-choice at one router k and capacity.
+    The settings are none, aux (per group or over the batch), loss-free bias, or both.
+    It gives held-out loss and global MaxVio as means with 95% intervals over seeds. It names
+    the pairs that differ beyond the seed spread. It is '' with fewer than two settings."""
     by_key: dict[tuple, dict[str, seeds_lib.Setting]] = {}
     for setting in seeds_lib.group([s for s in tc if s.get("capacity_factor")]):
         s = setting.first

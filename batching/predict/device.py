@@ -1,4 +1,4 @@
-"""What one run's analysis knows of its device: its roofs and per-op rates."""
+"""A run's device model: its roofs and per-op rates."""
 
 import dataclasses
 from typing import Any
@@ -8,8 +8,11 @@ from batching.predict import pricing
 
 @dataclasses.dataclass
 class DeviceModel:
-    """What one run's analysis knows of its device: the peaks it uses (the compute roof a
-    ceiling over every measurement of the dtype), the per-op rates, the interconnect."""
+    """What one run's analysis knows of its device.
+
+    It holds the peaks in use, the per-op rates and the interconnect. The compute
+    roof is a ceiling over every measurement of the dtype.
+    """
 
     device: Any
     dtype: str
@@ -27,7 +30,7 @@ class DeviceModel:
 
     @property
     def roof_bytes_per_s(self) -> float:
-        """The memory roof: DRAM, or the last-level cache when the weights stay in it."""
+        """The memory roof: DRAM, or the last-level cache if the weights stay there."""
         return self.bw if self.cold else (self.rates.cache_bytes_per_s or self.bw)
 
     @property

@@ -1,9 +1,10 @@
 """The three-limit model fitted to a run's measured latencies, and its knee.
 
-The same form as the roofline, t(B) = max(overhead, bytes(B)/BW, flops(B)/F), with free
-overhead, effective bandwidth and effective FLOP/s, fitted in log space. Its knee is the
-batch size where the compute term overtakes the others; its interval comes from replicates
-that draw whole passes (batching.predict.replicates), fitted all at once.
+The model has the roofline's form, t(B) = max(overhead, bytes(B)/BW, flops(B)/F). Its
+overhead, effective bandwidth and effective FLOP/s are free. They are fitted in log space.
+Its knee is the batch size where the compute term overtakes the others. The knee's interval
+comes from replicates that draw whole passes (batching.predict.replicates). All replicates
+are fitted at once.
 """
 
 import dataclasses
@@ -18,9 +19,9 @@ from batching.predict import replicates
 from batching.predict.roofline import work
 
 MIN_POINTS_TO_FIT = 4
-# A regime the fit assigns points to holds at least this many: one point alone would be
-# matched exactly by its own parameter (no residual), so any last point that rose a little
-# would read as compute-bound.
+# A regime the fit assigns points to holds at least this many. One point alone would be
+# matched exactly by its own parameter, with no residual. Any last point that rose a little
+# would then read as compute-bound.
 MIN_REGIME_POINTS = 2
 
 
@@ -29,7 +30,7 @@ MIN_REGIME_POINTS = 2
 
 @dataclasses.dataclass(frozen=True)
 class LinearCost:
-    """flops(B) = f0 + f1·B and bytes(B) = w + a·B, from a run's analytic rows."""
+    """flops(B) = f0 + f1·B and bytes(B) = w + a·B, fitted to a run's rows."""
 
     f0: float
     f1: float
@@ -38,8 +39,11 @@ class LinearCost:
 
     @classmethod
     def from_rows(cls, rows: list[dict[str, Any]]) -> "LinearCost":
-        """Lines fitted to the rows' FLOPs and bytes (roofline.work) against batch size, intercepts
-        and byte slope at least 0; one row gives FLOPs proportional to the batch, bytes fixed."""
+        """Lines fitted to the rows' FLOPs and bytes (roofline.work) against batch size.
+
+        The intercepts and the byte slope are at least 0. From one row, FLOPs are taken as
+        proportional to the batch. The bytes are then fixed.
+        """
         batch = np.array([r["batch_size"] for r in rows], dtype=float)
         flops, bytes_ = np.array([work(r) for r in rows], dtype=float).T
         if batch.size == 1:
@@ -64,13 +68,16 @@ def three_limits(params: np.ndarray, cost: LinearCost, b: np.ndarray) -> np.ndar
 
 
 def knee_of(params: np.ndarray, cost: LinearCost) -> float:
-    """Smallest batch size where the compute term is at least the overhead and memory terms."""
+    """Smallest batch size where the compute term reaches the other two terms."""
     return float(knees_of(np.asarray(params, dtype=float)[None, :], cost)[0])
 
 
 def knees_of(params: np.ndarray, cost: LinearCost) -> np.ndarray:
-    """knee_of for each row of `params` (R, 3); inf where compute never overtakes (F = inf:
-    no point was compute-bound, or compute grows no faster than memory)."""
+    """knee_of for each row of `params` (R, 3).
+
+    The knee is inf where compute never overtakes. F may be inf, as no point was
+    compute-bound. Or compute may grow no faster than memory.
+    """
     o, bw, f = np.exp(params).T
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         over_overhead = (o - cost.f0 / f) / (cost.f1 / f)
@@ -87,8 +94,8 @@ def fit_three_limits(b: np.ndarray, t: np.ndarray, cost: LinearCost) -> np.ndarr
     params = fit_many(b, t[None, :], cost)[0]
     if _monotone(cost):
         return params
-    # The regimes need not follow overhead, memory, compute along the batch: polish the best
-    # ordered split with a local search (max() has flat directions, so it needs the start).
+    # The regimes need not follow overhead, memory, compute along the batch. So polish the
+    # best ordered split with a local search. max() has flat directions, so it needs a start.
     log_t = np.log(t)
     with np.errstate(divide="ignore"):
         lb, lf = np.log(cost.bytes(b)), np.log(cost.flops(b))
@@ -103,22 +110,32 @@ def fit_three_limits(b: np.ndarray, t: np.ndarray, cost: LinearCost) -> np.ndarr
 
 
 def _monotone(cost: LinearCost) -> bool:
-    """Whether log flops − log bytes never falls with the batch (f1·w >= a·f0): then the
-    fitted regimes go overhead, memory, compute in batch order, and fit_many is exact."""
+    """Whether log flops − log bytes never falls with the batch (f1·w >= a·f0).
+
+    The fitted regimes then go overhead, memory, compute in batch order. So fit_many is
+    exact.
+    """
     return cost.f1 * cost.w >= cost.a * cost.f0
 
 
 def fit_many(b: np.ndarray, t: np.ndarray, cost: LinearCost) -> np.ndarray:
-    """The least-squares fit of log max(o, bytes/BW, flops/F) to each row of log `t` (R, n),
-    as log(o, BW, F) rows (R, 3), over batch sizes `b` in increasing order.
+    """The least-squares fit of log max(o, bytes/BW, flops/F) to each row of log `t`.
 
-    Exact, with no search: at the optimum every point sits in the regime whose term is the
-    max, and each parameter is the mean over its own points (where its squared residuals'
-    gradient vanishes). When the regimes follow batch order (_monotone) the groups are
-    contiguous (overhead below i, memory from i to j, compute from j): every split (i, j)
-    is tried with its closed-form parameters, and the lowest true loss wins. A regime with
-    no point gets the value that keeps its term out of the max (o = 0, BW or F = inf); one
-    with points has at least MIN_REGIME_POINTS.
+    `t` is (R, n) over batch sizes `b` in increasing order. The result is log(o, BW, F) per
+    row, (R, 3).
+
+    The fit is exact, with no search. At the optimum every point sits in the regime whose
+    term is the max. Each parameter is then the mean over its own points. There its squared
+    residuals' gradient vanishes. When the regimes follow batch order (_monotone), the
+    groups are contiguous.
+
+    - Overhead holds the points below i.
+    - Memory holds the points from i up to j.
+    - Compute holds the points from j on.
+
+    Every split (i, j) is tried with its closed-form parameters. The lowest true loss wins.
+    A regime with no point keeps its term out of the max. Its o is 0, or its BW or F is inf.
+    A regime with points has at least MIN_REGIME_POINTS.
     """
     y = np.log(t)
     with np.errstate(divide="ignore"):
@@ -146,9 +163,12 @@ def fit_many(b: np.ndarray, t: np.ndarray, cost: LinearCost) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class KneeFit:
-    """A run's three-limit fit: the knee and its bootstrap interval (batch sizes), the fitted
-    overhead (seconds), bandwidth (bytes/s) and FLOP/s, and the fitted latency per batch size (nan
-    without a fit)."""
+    """A run's three-limit fit.
+
+    - The knee and its bootstrap interval, in batch sizes.
+    - The fitted overhead (seconds), bandwidth (bytes/s) and FLOP/s.
+    - The fitted latency per batch size (nan without a fit).
+    """
 
     knee_batch_size: float
     knee_low: float
@@ -157,8 +177,8 @@ class KneeFit:
     effective_bytes_per_s: float
     effective_flops_per_s: float
     fitted_latency_s: dict[int, float]
-    # The interval says little: (nearly) zero width, or the knee at one of its ends (most
-    # replicates fitted the same boundary value).
+    # The interval says little: (nearly) zero width, or the knee at one of its ends. Most
+    # replicates then fitted the same boundary value.
     interval_degenerate: bool = False
     # "passes": replicates drew whole passes; "samples": samples within each point's one pass.
     interval_from: str | None = None
@@ -182,13 +202,18 @@ def fit_knee(
 ) -> KneeFit:
     """Fits the three-limit model to a run's point latencies and bootstraps the knee's interval.
 
-    `samples` are each point's timing samples, per sweep pass ({batch: [pass 0, pass 1, ...]})
-    or one pass ({batch: samples}). A replicate draws whole passes by pass index, the same
-    draw for every point (batching.predict.replicates), takes each point's latency from its
-    drawn passes with the estimator its row's latency came from, and is fitted like the
-    rows: the estimate and its interval are the same statistic of the same unit. With one
-    pass per point, replicates resample the samples within it. `draws` (made once for a
-    run's points) are used instead of drawing anew, each point's column times `scale[b]`."""
+    `samples` are each point's timing samples, per sweep pass or as one pass. The forms are
+    {batch: [pass 0, pass 1, ...]} and {batch: samples}.
+
+    A replicate draws whole passes by pass index (batching.predict.replicates). Every point
+    gets the same draw. Each point's latency comes from its drawn passes. It uses the
+    estimator that its row's latency came from. The replicate is then fitted like the rows.
+    So the estimate and its interval are the same statistic of the same unit. With one pass
+    per point, replicates resample the samples within it.
+
+    `draws`, made once for a run's points, are used instead of drawing anew. Each point's
+    column is multiplied by `scale[b]`.
+    """
     rows = sorted(rows, key=lambda r: r["batch_size"])
     b = np.array([r["batch_size"] for r in rows], dtype=float)
     t = np.array([r["latency_s"] for r in rows])
@@ -224,9 +249,11 @@ def fit_knee(
     )
 
 
-def percentiles(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
-    """The (1 − confidence)/2 and (1 + confidence)/2 order statistics of replicate values
-    (inf allowed: a replicate that never turns compute-bound)."""
+def percentiles(values: np.ndarray, confidence: float = stats.CONFIDENCE) -> tuple[float, float]:
+    """The (1 − confidence)/2 and (1 + confidence)/2 order statistics of replicate values.
+
+    A value may be inf: a replicate that never turns compute-bound.
+    """
     v = np.sort(np.asarray(values, dtype=float))
     tail = (1 - confidence) / 2
     lo = v[int(math.floor(tail * (v.size - 1)))]
@@ -235,9 +262,13 @@ def percentiles(values: np.ndarray, confidence: float = 0.95) -> tuple[float, fl
 
 
 def _degenerate(knee: float, lo: float, hi: float) -> bool:
-    """An interval that says little: zero width, the estimate at one of its ends (the
-    replicates piled onto one boundary value of the fit), or the estimate outside it (the
-    fits to single passes put the knee elsewhere than the fit to their pooled medians)."""
+    """Whether an interval says little. That holds in three cases.
+
+    - It has zero width.
+    - The estimate is at one of its ends. The replicates piled onto one boundary value.
+    - The estimate lies outside it. The fits to single passes then put the knee elsewhere
+      than the fit to their pooled medians.
+    """
     if not all(math.isfinite(x) for x in (knee, lo, hi)):
         return False
     tol = 1e-3 * max(abs(knee), 1e-12)
@@ -246,11 +277,16 @@ def _degenerate(knee: float, lo: float, hi: float) -> bool:
 
 
 def free_batching_limit(samples: dict[int, Any], alpha: float = 0.01) -> tuple[int, str]:
-    """Largest batch size such that it and every smaller one are not significantly slower
-    than the smallest batch, and the test that decided: "passes" (one-sided paired t on log
-    pass medians, pass_stats.slower_between_passes) when every point has two passes or more,
-    else "samples" (one-sided Mann-Whitney U on the samples of one pass, which holds only
-    what moves between calls)."""
+    """The free-batching limit, and the test that decided it.
+
+    The limit is the largest batch size not significantly slower than the smallest one.
+    Neither is any batch size below it. The test is one of two.
+
+    - "passes" when every point has two passes or more. This is a one-sided paired t on log
+      pass medians (pass_stats.slower_between_passes).
+    - "samples" otherwise. This is a one-sided Mann-Whitney U on the samples of one pass. It
+      holds only what moves between calls.
+    """
     passes = {b: p for b, p in replicates.pass_lists(samples).items() if p}
     sizes = sorted(passes)
     by_pass = all(len(p) >= 2 for p in passes.values())

@@ -1,5 +1,8 @@
-"""What a mesh adds to a run's analysis: the bandwidth its collectives are priced at, and
-the mesh facts the report shows (comm share, measured bus bandwidths, the slowest device)."""
+"""What a mesh adds to a run's analysis.
+
+It gives the bandwidth the collectives are priced at. It also gives the mesh facts the
+report shows. These are the comm share, the measured bus bandwidths and the slowest device.
+"""
 
 from collections.abc import Callable
 from typing import Any
@@ -13,9 +16,11 @@ from batching.setup import specs
 def comm_bandwidth(
     rows: list[dict[str, Any]], device: jax.Device, peak_source: Any
 ) -> tuple[float | Callable[[dict[str, Any]], float] | None, str | None]:
-    """What the comm term divides by, and where it comes from: the bus bandwidths measured on
-    this run's mesh (during the sweep), else the spec interconnect (per direction), else
-    nothing (no term)."""
+    """What the comm term divides by, and where it comes from.
+
+    The first choice is the bus bandwidths the sweep measured on this run's mesh. Else
+    it is the spec interconnect, per direction. Else there is nothing, and no comm term.
+    """
     calls = [c for r in rows for c in r.get("collectives") or []]
     if not calls:
         return None, None
@@ -35,9 +40,13 @@ def mesh_summary(
     comm_source: str | None,
     peak_source: Any,
 ) -> dict[str, Any]:
-    """The run's mesh facts for the report: the comm term's share of the predicted latency,
-    the mesh's measured collective bandwidths next to the spec interconnect, the slowest
-    expert device's cost, and whether the mesh is a functional simulation (host devices)."""
+    """The run's mesh facts for the report.
+
+    - The comm term's share of the predicted latency.
+    - The mesh's measured collective bandwidths next to the spec interconnect.
+    - What the slowest expert device costs.
+    - Whether the mesh is a functional simulation on host devices.
+    """
     spec = specs.detect(device.device_kind)
     num_devices = int(np.prod(list(mesh_shape.values())))
     comm = [r for r in rows if r.get("collectives")]
@@ -45,7 +54,7 @@ def mesh_summary(
     out = {
         "mesh_shape": mesh_shape,
         # Forced host devices share the same CPU cores: their timings say nothing about
-        # accelerators or interconnects (README, "functional simulation").
+        # accelerators or interconnects (docs/distributed.md).
         "functional_simulation": device.platform == "cpu" and num_devices > 1,
         "comm_bandwidth_source": comm_source,
         "collective_busbw_bytes_per_s": measured,

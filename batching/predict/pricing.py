@@ -1,33 +1,40 @@
 """The per-op roofline: a call's ops (batching.workloads.ops) priced one by one.
 
-The prediction (`predict_call`) is a sum over ops, because a call is a sequence of kernels,
-each at its own limit:
+A call is a sequence of kernels. Each kernel runs at its own limit. So the prediction
+(`predict_call`) is a sum over ops.
 
     t = dispatch floor + Σ_ops count·max(bytes / BW_op, flops / F(op)) + launches·kernel overhead
         + call extra
 
-- The dispatch floor is a trivial jitted call handed the call's own arguments (flattening a
-  model's parameter pytree is per-call Python work); each launch is the measured cost of one
-  more kernel in a program.
-- A small op (under SMALL_OP_S at its per-shape rates, where a per-call cost of tens of µs
-  is as large as the op) is priced from calls that run one and LONE_COPIES instances of it
-  alone at its shape (`lone_costs`): the slope between them per instance, and the call extra,
-  what a real program pays once per call beyond the trivial floor (a worker thread or thread
-  pool woken), is the median of one − slope over the call's small ops (`call_extra`).
-- F(op) is measured by a microbenchmark at the op's own shape where the lab has one (GEMMs,
-  batched or not, the MoE dispatch/combine einsums, convolutions, attention); other ops are
-  bandwidth-bound and priced on their bytes only.
-- BW_op is the DRAM bandwidth, or the measured last-level-cache bandwidth for bytes that stay
-  in that cache between calls or between ops: the weights when all of the call's weights fit
-  in half of the LLC (they stay warm between timed calls; analysis.WARM_WEIGHTS_SHARE), an
-  op's activations when they fit in half of it (produced by the op before, consumed straight
-  after).
-- Ops XLA fuses into the producer's epilogue (`fused`) move no bytes and cost no launch of
-  their own; their FLOPs stay in the totals. Fusion differs by backend: XLA on a CPU runs the
-  elementwise work after a product as a loop fusion of its own (a trace shows `ynn_fusion`
-  then `broadcast_maximum_fusion`), so workloads list it as an op (a launch, its bytes in the
-  cache); where it is not certain, the producer's microbenchmark runs the epilogue too
-  (shape_bench.measure_conv_flops times conv + BN + ReLU), so the time is measured either way.
+The terms are these.
+
+- The dispatch floor is a trivial jitted call given the call's own arguments. It includes
+  flattening the parameter pytree, Python work paid on every call.
+- A launch is the measured cost of one more kernel.
+- An op is small when its roofline time is under SMALL_OP_S. A per-call cost can then be
+  as large as the op. So a small op is priced from lone calls (`lone_costs`). One call
+  runs one instance at its shape, another LONE_COPIES instances. Each instance costs the
+  slope between them.
+- The call extra is what a real program pays once per call beyond that floor. Waking a
+  worker thread or a thread pool is such a cost. `call_extra` takes the median of the
+  small ops' `once` costs (`lone_costs`).
+- F(op) is measured at the op's own shape where the lab can. Microbenchmarks cover GEMMs
+  (batched or not), the MoE dispatch/combine einsums, convolutions and attention. Other
+  ops are bandwidth-bound. They are priced on their bytes only.
+- BW_op is the DRAM bandwidth by default. Some bytes stay in the last-level cache (LLC)
+  between calls or ops. They get the measured LLC bandwidth. The weights stay there when
+  they fit in half of the LLC (analysis.WARM_WEIGHTS_SHARE). They then stay warm between
+  timed calls. An op's activations stay there when they fit in half of it. The op before
+  produced them, and this op reads them straight after.
+- Ops that XLA fuses into the producer's epilogue (`fused`) move no bytes. They cost no
+  launch of their own. Their FLOPs stay in the totals.
+
+Fusion differs by backend. On a CPU, XLA runs the elementwise work after a product apart.
+It is a loop fusion of its own. A trace shows `ynn_fusion`, then `broadcast_maximum_fusion`.
+So the workloads list that work as an op. It has a launch, and its bytes are in the cache.
+Where fusion is not certain, the producer's microbenchmark runs the epilogue too. For
+example, shape_bench.measure_conv_flops times conv + BN + ReLU. Either way the time is
+measured.
 """
 
 import dataclasses
@@ -38,8 +45,8 @@ from typing import Any
 
 from batching.workloads.ops import GEMM_LIKE, LONE_COPIES, LONE_KINDS, Op, launches
 
-# An op whose roofline time is under this is small: a per-call cost of tens of µs (a worker
-# thread woken, see call_extra) is then as large as the op itself, so it is measured.
+# An op whose roofline time (seconds) is under this is small. A per-call cost, such as a
+# worker thread woken (call_extra), can then be as large as the op, so it is measured alone.
 SMALL_OP_S = 100e-6
 # A kernel traced this much slower than both its roofs is flagged `slower_than_roofs`.
 SLOWER_THAN_ROOFS = 1.2
@@ -47,10 +54,14 @@ SLOWER_THAN_ROOFS = 1.2
 
 @dataclasses.dataclass(frozen=True)
 class Rates:
-    """What a device offers each op. Rate functions return FLOP/s (seconds for attention) of
-    one instance at its shape, or None where that shape has no rate (not measured, nothing to
-    interpolate from); a function left None means the device has no microbenchmark for the
-    kind. Either way the op then runs at `peak_flops_per_s`, a lower bound on its time."""
+    """What a device offers each op.
+
+    A rate function gives the FLOP/s of one instance at its shape. The attention function
+    gives seconds instead. A function returns None where a shape has no rate. Such a shape
+    was not measured, and there is nothing to interpolate from. A function left None
+    means the kind has no microbenchmark on the device. Either way the op runs at
+    `peak_flops_per_s`. That gives a lower bound on its time.
+    """
 
     dram_bytes_per_s: float
     cache_bytes_per_s: float
@@ -74,8 +85,10 @@ class Rates:
 
 @dataclasses.dataclass(frozen=True)
 class OpTime:
-    """One op's predicted seconds (all `count` instances), the limit that set them, its FLOPs and
-    its roofline terms."""
+    """One op's prediction, summed over its `count` instances.
+
+    It holds the seconds and the limit that set them. It also holds FLOPs and roof terms.
+    """
 
     name: str
     kind: str
@@ -90,7 +103,7 @@ class OpTime:
 
 
 def _roofline_parts(op: Op, rates: Rates) -> tuple[float, float, str]:
-    """(memory_s, compute_s, memory limit) of one instance, from the per-shape rates."""
+    """(memory_s, compute_s, memory limit) of one instance at the per-shape rates."""
     activation_bytes = op.bytes - op.weight_bytes
     act_bw = (
         rates.cache_bytes_per_s
@@ -113,8 +126,11 @@ def _roofline_parts(op: Op, rates: Rates) -> tuple[float, float, str]:
 
 
 def _measured_compute_s(op: Op, rates: Rates) -> float | None:
-    """Seconds of an op's arithmetic at the rate measured (or interpolated) at its shape;
-    None where the device has no such rate for it (it is then priced at the peak)."""
+    """Seconds of one instance's arithmetic at the rate measured at its shape.
+
+    The rate may be interpolated between measured shapes. None means the device has no such
+    rate. The op is then priced at the peak.
+    """
     if op.kind == "attention" and op.layout and rates.attention is not None:
         return rates.attention(op)
     if op.kind in GEMM_LIKE and rates.gemm is not None and op.flops and len(op.shape) in (3, 4):
@@ -131,11 +147,18 @@ def _measured_compute_s(op: Op, rates: Rates) -> float | None:
 
 
 def lone_costs(op: Op, rates: Rates) -> tuple[float, float] | None:
-    """(each, once) of a small op, from calls running one and LONE_COPIES instances of it alone
-    (peaks.lone_op_seconds, seconds beyond the dispatch floor): what one more instance costs
-    in a call, (many − one) / (LONE_COPIES − 1) with its launch, and what the call paid once
-    for it, one − each. None for an op that is not small (roofline time per instance at its
-    per-shape rates `rates.small_op_s` or more) or not measurable."""
+    """(each, once) of a small op, in seconds.
+
+    Both come from lone calls (peaks.lone_op_seconds). One runs one instance of the op alone,
+    the other LONE_COPIES instances. Their seconds are beyond the dispatch floor.
+
+    - `each` is what one more instance costs in a call, launch included. It is
+      (many − one) / (LONE_COPIES − 1).
+    - `once` is what the call paid once for the op. It is one − each.
+
+    None for an op that is not measurable or not small. An op is small when its roofline
+    time per instance is under `rates.small_op_s`.
+    """
     if (
         rates.lone is None
         or op.fused
@@ -158,9 +181,9 @@ def lone_costs(op: Op, rates: Rates) -> tuple[float, float] | None:
 def op_time(op: Op, rates: Rates) -> OpTime:
     """max(bytes / BW_op, flops / F(op)) for each instance, times its count.
 
-    A small op (lone_costs) is priced from calls that run it alone instead: one more instance
-    in a call costs the slope between them (its launch taken off, as launches are counted
-    apart); what the call pays once for it is call_extra's.
+    A small op (lone_costs) is priced from its lone calls instead. One more instance in a
+    call costs the slope between them. Its launch is taken off, as launches are counted
+    apart. What the call pays once for it goes to call_extra.
     """
     if op.fused:
         return OpTime(op.name, op.kind, op.count, 0.0, "fused", op.flops * op.count)
@@ -177,8 +200,10 @@ def op_time(op: Op, rates: Rates) -> OpTime:
 
 @dataclasses.dataclass(frozen=True)
 class CallTime:
-    """A call's predicted seconds: its overhead (dispatch floor, launches, call extra) plus its ops'
-    times."""
+    """A call's predicted seconds: its overhead plus its ops' times.
+
+    The overhead is the dispatch floor, the launches and the call extra.
+    """
 
     seconds: float
     overhead_s: float  # dispatch floor + launches + call_extra_s
@@ -195,12 +220,14 @@ class CallTime:
         return out
 
     def kind_detail(self) -> dict[str, dict[str, Any]]:
-        """Per op kind: predicted seconds, FLOPs, the bound its intensity puts it at (memory
-        or compute: the larger of its roofline terms at the device's roofs), the FLOP rate
-        the prediction gives it, and whether that rate is its shape's measured one, below
-        both roofs (`slower_than_roofs`: a skinny GEMM that a microbenchmark clocks at a
-        fraction of either roof is memory-bound by intensity and still slower than its
-        bytes)."""
+        """Per op kind: predicted seconds, FLOPs, intensity bound and FLOP rate.
+
+        The bound is memory or compute, whichever roof term is larger. The FLOP rate is the
+        one the prediction gives the kind. `slower_than_roofs` flags a kind predicted over
+        SLOWER_THAN_ROOFS times its larger roof term. A skinny GEMM can be such a kind. Its
+        microbenchmark clocks it at a fraction of either roof. By intensity it is
+        memory-bound, yet it runs slower than its bytes allow.
+        """
         out: dict[str, dict[str, Any]] = {}
         for t in self.ops:
             if not t.seconds:
@@ -220,20 +247,23 @@ class CallTime:
 
 
 def call_extra(ops: list[Op], rates: Rates) -> float:
-    """What a call pays once, beyond its dispatch floor, that no chained microbenchmark sees.
+    """What a call pays once beyond its floor, unseen by chained microbenchmarks.
 
-    The per-shape microbenchmarks run many instances of an op in one call and divide, so a
-    cost paid once per call is spread thin there, and the dispatch floor is a trivial program
-    that runs inline. A real program can cost more per call: XLA:CPU's PjRt client hands a
-    program of 1000 FLOPs or more to a worker thread (`cheap_computation` in its cpu_client),
-    and a library kernel (the YNNPACK fusion XLA:CPU uses for a product from 2 rows up) forks
-    onto the intra-op thread pool, whose threads sleep between calls. For each small op the
-    calls running one and LONE_COPIES instances alone are measured (lone_costs); one minus the
-    slope per instance is what a call paid once for it. A call pays it once, not once per op:
-    on a quiet 2-core CPU the 2-layer and the 8-layer width-64 MLPs both measured ~80-100 µs
-    above the per-op sum from batch 2 up. Each small op of a call measures the same hand-off,
-    so the call pays the median of their estimates (one noisy lone call among many does not
-    set it).
+    The per-shape microbenchmarks run many instances of an op in one call and divide. A cost
+    paid once per call is spread thin there. The dispatch floor is a trivial program that
+    runs inline. On XLA:CPU a real program can cost more per call.
+
+    - The PjRt client hands a program of 1000 FLOPs or more to a thread. Its cpu_client
+      decides this in `cheap_computation`.
+    - A library kernel forks onto the intra-op thread pool. Its threads sleep between
+      calls. A product from 2 rows up runs as such a kernel, a YNNPACK fusion.
+
+    Each small op's lone calls are measured (lone_costs). The one-instance call's seconds
+    minus the slope is what a call paid once for that op. A call pays this once, not once
+    per op.
+    experiments/results/cpu-2core-epyc/README.md shows it on MLPs of different depths. Each
+    small op of a call measures the same hand-off. So the call pays the median of their
+    estimates. One noisy lone call among many does not set it.
     """
     extras = []
     for op in ops:
@@ -244,10 +274,13 @@ def call_extra(ops: list[Op], rates: Rates) -> float:
 
 
 def predict_call(ops: list[Op], rates: Rates) -> CallTime:
-    """Predicted seconds of one call: dispatch floor + Σ op times + kernel launches + the
-    call's measured once-per-call extra (call_extra). Which limit the call is at is the
-    roofline's to say (batching.predict.analysis.regime_fields), by intensity, not by which ops'
-    measured rates happen to be slow."""
+    """Predicted seconds of one call.
+
+    It sums the dispatch floor, the op times, the launches and the call extra. This does
+    not say which limit the call is at. The roofline says that, by intensity
+    (batching.predict.analysis.regime_fields). Which ops' measured rates happen to be slow
+    does not decide it.
+    """
     times = [op_time(o, rates) for o in ops]
     extra_s = call_extra(ops, rates)
     overhead_s = rates.dispatch_floor_s + launches(ops) * rates.kernel_overhead_s + extra_s

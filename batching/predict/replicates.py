@@ -1,12 +1,14 @@
-"""Replicates of a run's point latencies, for the interval of anything computed from several
-points (the knee, a log-log slope): whole passes drawn by pass index, the same draw for
-every point (batching.measure.pass_stats), so what a slow spell did to every point timed
-in it moves them together.
+"""Replicates of a run's point latencies.
 
-Rows with one pass per point (stored before passes were the unit, or sweep.passes = 1)
-have no spread between passes to draw from: their replicates resample samples within the
-pass (each point's median of a resample of its samples), which holds what moves between
-calls only, and say so (`kind` "samples").
+They give the interval of anything computed from several points. The knee and a log-log
+slope are examples. A replicate draws whole passes by pass index
+(batching.measure.pass_stats). Every point gets the same draw. A slow spell slowed every
+point timed in it. In a replicate those points then move together.
+
+Some rows have one pass per point, as with sweep.passes = 1. They have no spread between
+passes to draw from. Their replicates resample the samples within the pass instead. Each
+point's value is the median of a resample of its samples. That holds only what moves
+between calls, and the replicates say so (`kind` "samples").
 """
 
 import dataclasses
@@ -29,19 +31,24 @@ def pass_lists(samples: dict[int, Any]) -> dict[int, list[np.ndarray]]:
 
 @dataclasses.dataclass(frozen=True)
 class Replicates:
-    """`latency_s` (R, points): each replicate's latency of every point of `batch_sizes`;
-    `kind` "passes" (whole passes drawn) or "samples" (samples within each point's one pass
-    drawn); None when there was nothing to draw from. A column is nan where its point had
-    no samples."""
+    """A run's replicates of its point latencies.
+
+    - `latency_s` (R, points): each replicate's latency at every point of `batch_sizes`. A
+      column is nan where its point had no samples.
+    - `kind`: "passes" when whole passes were drawn. It is "samples" when samples within
+      each point's one pass were drawn. It is None when there was nothing to draw from.
+    """
 
     latency_s: np.ndarray | None
     kind: str | None
     batch_sizes: tuple[int, ...] = ()
 
     def at(self, sizes: list[int], scale: dict[int, float] | None = None) -> np.ndarray | None:
-        """The replicates of the points `sizes` (columns in that order), each multiplied by
-        `scale[b]`: every estimator here is scale-equivariant, so this is the draw of a curve
-        that is not the measured one with the measurement's spread."""
+        """The replicates of the points `sizes`, with columns in that order.
+
+        Each column is multiplied by `scale[b]`. Every estimator here is scale-equivariant. So
+        this draws a curve other than the measured one, with the measurement's spread.
+        """
         if self.latency_s is None:
             return None
         scale = scale or {}
@@ -49,28 +56,31 @@ class Replicates:
         return self.latency_s[:, cols] * np.array([scale.get(b, 1.0) for b in sizes])
 
 
-# Rows stored before passes were the unit: the median of every sample of the point pooled.
+# Rows that record no estimator: the median of every sample of the point, pooled.
 POOLED = "pooled"
 
 
 def estimator_of(rows: list[dict[str, Any]]) -> str:
-    """The estimator the rows' latencies were made with (timing.estimator), or POOLED for
-    rows stored before it was recorded."""
+    """The estimator the rows' latencies were made with (timing.estimator).
+
+    It is POOLED for rows that do not record one.
+    """
     return (rows[0].get("estimator") or POOLED) if rows else POOLED
 
 
-# Replicates drawn from the samples of one pass: a within-pass interval (the old kind,
-# labelled so) needs fewer than the pass bootstrap's stable tails, and costs a median of every
-# sample per replicate.
+# Replicates drawn from the samples of one pass. A within-pass interval, labelled so, needs
+# fewer than the pass bootstrap's stable tails. Each costs a median of every sample.
 SAMPLE_REPLICATES = 200
 
 
 def draw(
     batch_sizes: list[int], samples: dict[int, Any], estimator: str, replicates: int, seed: int = 0
 ) -> Replicates:
-    """R replicates of the points `batch_sizes` from their samples per pass (at most
-    SAMPLE_REPLICATES when each point has one pass). Points without samples keep no spread:
-    they are left out of the draw and their column is nan."""
+    """R replicates of the points `batch_sizes` from their samples per pass.
+
+    R is at most SAMPLE_REPLICATES when each point has one pass. Points without samples have
+    no spread. They are left out of the draw, and their column is nan.
+    """
     passes = pass_lists(samples)
     sizes = tuple(int(b) for b in batch_sizes)
     lists = [passes.get(b, []) for b in sizes]
@@ -104,8 +114,11 @@ CHUNK = 1 << 21  # samples drawn at once when resampling within a pass
 
 
 def _pooled_medians(passes: list[np.ndarray], weights: np.ndarray) -> np.ndarray:
-    """Each replicate's median of the point's samples pooled, every sample of pass i counted
-    weights[r, i] times (a replicate that draws none of the passes counts them all once)."""
+    """Each replicate's median of the point's samples, pooled.
+
+    Replicate r counts every sample of pass i weights[r, i] times. A replicate that draws
+    none of the passes counts them all once.
+    """
     values = np.concatenate(passes)
     index = np.concatenate([np.full(len(p), i) for i, p in enumerate(passes)])
     order = np.argsort(values)

@@ -1,14 +1,15 @@
-"""The roofline of a row: its work, one device's share of it on a mesh, and the naive
-whole-program prediction.
+"""The roofline of a row: its work, one device's share of it, and the naive prediction.
 
-Three limits (Williams, Waterman and Patterson, "Roofline", CACM 2009; with the fixed cost
-per call as the third): t(B) ≈ max(overhead, bytes(B)/BW, flops(B)/F).
+The model has three limits: t(B) ≈ max(overhead, bytes(B)/BW, flops(B)/F). Two come from
+Williams, Waterman and Patterson, "Roofline", CACM 2009. The third is the fixed cost per
+call.
 
-- The a-priori prediction is per op (batching.predict.pricing): a call is a list of
-  kernels, each at its own limit, priced with microbenchmarks of the device. This module
-  keeps the whole-program form, max(overhead, bytes/BW, flops/F) with the square-matmul
-  peak, as the naive baseline it is compared against.
-- The fit to the measured latencies is batching.predict.knee.
+- The a-priori prediction is per op (batching.predict.pricing). A call is a list of
+  kernels, each at its own limit. Microbenchmarks of the device price them.
+- This module keeps the whole-program form as the naive baseline. It is
+  max(overhead, bytes/BW, flops/F) with the square-matmul peak. The per-op prediction is
+  compared against it.
+- The fit to the measured latencies is in batching.predict.knee.
 """
 
 from collections.abc import Callable
@@ -45,12 +46,17 @@ def comm_time(
     collectives: list[dict[str, Any]] | None,
     bandwidth: float | Callable[[dict[str, Any]], float],
 ) -> float:
-    """Seconds a call spends in its collectives, one after another (none overlap compute).
+    """Seconds a call spends in its collectives, one after another.
 
-    Each collective sends bytes·count·factor per device (batching.workloads.collectives.bus_factor:
-    2(n−1)/n for an all-reduce, (n−1)/n for an all-to-all or all-gather) at `bandwidth`
-    bytes/s per device and direction: a spec's interconnect_bytes_per_s, or, called with the
-    collective's dict, a bus bandwidth measured on this mesh (batching.measure.collectives).
+    No collective overlaps compute. Each sends bytes·count·factor per device. The factor is
+    batching.workloads.collectives.bus_factor.
+
+    - All-reduce: 2(n−1)/n.
+    - All-to-all or all-gather: (n−1)/n.
+
+    `bandwidth` is in bytes/s per device and direction. It is a number, a spec's
+    interconnect_bytes_per_s. Or it is a function of the collective's dict. That gives a
+    bus bandwidth measured on this mesh (batching.measure.collectives).
     """
     if not collectives:
         return 0.0
@@ -59,28 +65,30 @@ def comm_time(
 
 
 def per_device_work(row: dict[str, Any]) -> dict[str, Any]:
-    """The row with its analytic work as one device of its mesh does it; the row itself on
-    one device. The split is the row's `parallel_shape` (axes holding only replicas count 1;
-    `mesh_shape` for rows written without it). How the global call's work is split (rows
-    carry the global call's cost):
+    """The row with its analytic work as one device of its mesh does it.
 
-    - data (DP): every device holds all the weights and 1/data of the batch: weight bytes
-      whole, the rest (activations, KV cache) and the FLOPs over data; the same as the cost
-      at per_device_batch_size, since the cost is linear in the batch.
-    - model (TP): heads, kv heads and the MLP hidden dim split over model: weights, FLOPs,
-      KV cache all over model (embedding and unembedding, replicated, are taken as split too:
-      an approximation that errs towards a faster device).
-    - expert (EP): experts split over expert, tokens over data·expert (GShard); the step
-      waits for the most-loaded device, so the FLOPs are the mean device's times
-      device_max_mean_load (1 when the row has no loads; Zhou et al. 2022, "Mixture-of-
-      Experts with Expert Choice Routing", §4.2, traces a GShard step's slowdown to its
-      most-loaded expert).
+    On one device it is the row itself. The split is the row's `parallel_shape`, or its
+    `mesh_shape` if it has none. Axes that hold only replicas count 1. Rows carry the global
+    call's cost, which is split as follows.
 
-    Ops (batching.workloads.ops, as dicts) are split the same way one by one (per_device_op). GEMM
-    shapes lose the split of their token dim (m over data·expert) and of their output
-    dim (n over model, the same FLOPs whichever dim Megatron splits); attention shapes their
-    batch over data·expert and kv heads over model. XLA's flops and bytes_accessed of an SPMD
-    program are per device already and are left as they are.
+    - data (DP): every device holds all the weights and 1/data of the batch. Weight bytes
+      stay whole. The rest (activations, KV cache) and the FLOPs split over data. That
+      equals the cost at per_device_batch_size, since the cost is linear in the batch.
+    - model (TP): heads, kv heads and the MLP hidden dim split over model. So weights,
+      FLOPs and KV cache all split over model. Embedding and unembedding are replicated,
+      but are taken as split too. This approximation errs towards a faster device.
+    - expert (EP): experts split over expert, tokens over data·expert (GShard). The step
+      waits for the most-loaded device. So the FLOPs are the mean device's times
+      device_max_mean_load. That load is 1 when the row has none. Zhou et al. 2022,
+      "Mixture-of-Experts with Expert Choice Routing", §4.2, traces a GShard step's
+      slowdown to its most-loaded expert.
+
+    Ops (batching.workloads.ops, as dicts) are split the same way, one by one
+    (per_device_op). A GEMM shape splits its token dim m over data·expert. It splits its
+    output dim n over model. Megatron may split k instead, but the FLOPs are the same. An
+    attention shape splits its batch over data·expert and its kv heads over model. XLA's
+    flops and bytes_accessed of an SPMD program are per device already. They stay as they
+    are.
     """
     mesh = row.get("parallel_shape") or row.get("mesh_shape") or {}
     d, e, m = (int(mesh.get(a) or 1) for a in ("data", "expert", "model"))
@@ -119,8 +127,8 @@ def overhead_time(
 ) -> float:
     """Seconds a call costs even with no work: one dispatch plus a launch per kernel.
 
-    The kernels are counted as the call's matrix products (XLA fuses the elementwise
-    work around them); a call without known GEMMs counts as one kernel.
+    The kernels are counted as the call's matrix products. XLA fuses the elementwise work
+    around them. A call without known GEMMs counts as one kernel.
     """
     kernels = sum(count for *_, count in gemm_shapes) if gemm_shapes else 1
     return dispatch_floor_s + kernels * kernel_overhead_s
@@ -129,11 +137,17 @@ def overhead_time(
 def per_device_op(
     op: dict[str, Any], tokens: int, model: int, weight_split: int, load: float
 ) -> dict[str, Any]:
-    """One op (batching.workloads.ops.Op as a dict) as one device of the mesh runs it, split as
-    per_device_work splits the whole call: its token or batch dim over `tokens` (data·expert),
-    its output features or kv heads over `model`, FLOPs over both (times the slowest expert
-    device's `load`), weight bytes over `weight_split` (expert·model) and the rest of its bytes
-    over tokens·model. The shape only picks the microbenchmark the op is priced at.
+    """One op (batching.workloads.ops.Op as a dict) as one device of the mesh runs it.
+
+    It is split as per_device_work splits the whole call.
+
+    - Its token or batch dim splits over `tokens` (data·expert).
+    - Its output features or kv heads split over `model`.
+    - Its FLOPs split over both, times the slowest expert device's `load`.
+    - Its weight bytes split over `weight_split` (expert·model).
+    - The rest of its bytes split over tokens·model.
+
+    The shape only picks the microbenchmark the op is priced at.
     """
     if tokens * model * weight_split == 1:
         return op
@@ -168,16 +182,20 @@ def per_device_op(
 
 
 def mesh_shape_of(row: dict[str, Any], key: str = "mesh_shape") -> dict[str, int]:
-    """The row's mesh (`mesh_shape`) or how many ways each axis splits its work
-    (`parallel_shape`, falling back to the mesh for rows written without it)."""
+    """The row's mesh (`mesh_shape`), or how many ways each axis splits its work.
+
+    The second is `parallel_shape`. A row written without it falls back to the mesh.
+    """
     mesh = row.get(key) or row.get("mesh_shape") or {}
     return {a: int(mesh.get(a) or 1) for a in AXES}
 
 
 def row_ops(r: dict[str, Any]) -> list[ops_lib.Op]:
-    """A row's call as ops: its `ops`, or for a row written without them (a workload that
-    describes none) its GEMM and attention shapes plus one op for the rest of its work,
-    priced at the peak FLOP rate and the DRAM bandwidth."""
+    """A row's call as ops: its `ops`, where the workload describes them.
+
+    Otherwise the ops are its GEMM and attention shapes. One more op holds the rest of its
+    work. That op is priced at the peak FLOP rate and the DRAM bandwidth.
+    """
     if r.get("ops"):
         return [ops_lib.Op.from_dict(o) for o in r["ops"]]
     flops, bytes_moved = work(r)

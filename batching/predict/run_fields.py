@@ -1,6 +1,11 @@
-"""A run's summary fields from its predicted rows: its roofs and where they came from, the
-fitted and predicted knees, the prediction's errors, B* from the roofs and the datasheet with
-the what-ifs, and where the predicted time goes at the sweep's ends and profiled points."""
+"""A run's summary fields from its predicted rows.
+
+- Its roofs, and where they came from.
+- The fitted and predicted knees.
+- The prediction's errors.
+- B* from the roofs and from the datasheet, with the what-ifs.
+- Where the predicted time goes at the sweep's ends and at profiled points.
+"""
 
 from typing import Any
 
@@ -56,9 +61,14 @@ def knee_fields(
     roofline_cfg: Any,
     draws: replicates.Replicates,
 ) -> dict[str, Any]:
-    """The fitted knee (converged points, interval across passes), the predicted curve's knee
-    read the same way, the a-priori crossing of the three limits, the free-batching limit,
-    and the intervals of the slope and slowdown; `draws` are the run's replicates (the knee's)."""
+    """The run's knees, its free-batching limit, and the intervals of slope and slowdown.
+
+    - The fitted knee, on the converged points, with its interval across passes.
+    - The predicted curve's knee, read the same way.
+    - The a-priori crossing of the three limits.
+
+    `draws` are the run's replicates, the ones the knee uses.
+    """
     predicted_fit = predicted_knee(out, draws)
     return {
         # Where the a-priori three limits cross, with this workload's own bytes per example
@@ -91,9 +101,11 @@ def knee_fields(
 def free_batching(
     out: list[dict[str, Any]], samples: dict[int, Any], alpha: float
 ) -> dict[str, Any]:
-    """The free-batching limit (knee.free_batching_limit) and the test behind it; None when
-    a point has no samples or the run has fewer than three points (a limit read off fewer
-    is the sweep's grid, not a finding)."""
+    """The free-batching limit (knee.free_batching_limit) and the test behind it.
+
+    Both are None when a point has no samples. They are None too when the run has fewer
+    than three points. A limit read off fewer is the sweep's grid, not a finding.
+    """
     if not (len(samples) == len(out) and len(out) >= 3):
         return {"free_batching_limit": None, "free_batching_test": None}
     limit, test = knee.free_batching_limit(samples, alpha)
@@ -101,9 +113,13 @@ def free_batching(
 
 
 def spread_fields(out: list[dict[str, Any]], draws: replicates.Replicates) -> dict[str, Any]:
-    """95% intervals, from the same replicates as the knee's (whole passes drawn), of the
-    comparisons the verdicts make between points: the log-log slope of latency against
-    batch size and the slowdown of the largest batch over the smallest. Nan without samples."""
+    """95% intervals of the comparisons the verdicts make between points.
+
+    - The log-log slope of latency against batch size.
+    - The slowdown of the largest batch over the smallest.
+
+    They use the knee's replicates, with whole passes drawn. They are nan without samples.
+    """
     rows = sorted(out, key=lambda r: r["batch_size"])
     sizes = [r["batch_size"] for r in rows]
     t = np.array([r["latency_s"] for r in rows])
@@ -180,18 +196,23 @@ def spec_fields(out: list[dict[str, Any]], model: DeviceModel, roofline_cfg: Any
 
 
 def predicted_knee(rows: list[dict[str, Any]], draws: replicates.Replicates) -> knee.KneeFit:
-    """knee.fit_knee on the predicted curve. Its interval carries the measurement's own
-    spread: the run's replicates scaled onto the prediction (predicted / measured per
-    point), so it says how well a knee on this grid can be located at this noise, as for
-    the fit."""
+    """knee.fit_knee on the predicted curve.
+
+    Its interval carries the measurement's own spread. The run's replicates are scaled onto
+    the prediction, by predicted / measured per point. So it says how well a knee on this
+    grid can be located at this noise. The fit's interval says the same.
+    """
     predicted = [{**r, "latency_s": r["predicted_latency_s"]} for r in rows]
     scale = {r["batch_size"]: r["predicted_latency_s"] / r["latency_s"] for r in rows}
     return knee.fit_knee(predicted, {}, draws=draws, scale=scale)
 
 
 def breakdown(rows: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    """Where the predicted time goes at the smallest and largest batch of a run: seconds per
-    op kind and limit, the fixed overhead, and the measured latency beside the prediction."""
+    """Where the predicted time goes at the smallest and largest batch of a run.
+
+    It gives seconds per op kind and limit and the fixed overhead. It puts the measured
+    latency beside the prediction.
+    """
     ends = [rows[0]] if len(rows) == 1 else [rows[0], rows[-1]]
     return {r["batch_size"]: _predicted_parts(r) for r in ends}
 
@@ -209,8 +230,12 @@ def _predicted_parts(r: dict[str, Any]) -> dict[str, Any]:
 
 
 def traced_breakdown(rows: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    """The points with a profiler trace: predicted seconds per op kind and limit next to the
-    traced seconds per kind (batching.measure.profiling), or why the trace could not be read."""
+    """The points with a profiler trace, predicted against traced.
+
+    Predicted seconds per op kind and limit sit next to the traced seconds per kind. The
+    traces come from batching.measure.profiling. A point whose trace could not be read says
+    why.
+    """
     return {
         r["batch_size"]: {
             **_predicted_parts(r),

@@ -1,9 +1,11 @@
-"""Runs of one setting over seeds (train.seeds): grouped, each number as a mean with a 95%
-interval over the seeds, and which settings differ beyond the seed spread.
+"""Runs of one setting over seeds (train.seeds).
 
-Two settings differ in a number when their intervals do not overlap; with one seed there is
-no spread to judge by, and nothing is said to differ. With two seeds a t-interval is wide
-(t = 12.7): "indistinguishable at this scale" is then the honest finding for most pairs.
+The runs are grouped by setting. Each number is a mean with a 95% interval over the seeds.
+The module also says which settings differ beyond the seed spread.
+
+Two settings differ in a number when their intervals do not overlap. With one seed there is
+no spread to judge by. Nothing is then said to differ. With two seeds a t-interval is wide
+(t = 12.7). "Indistinguishable at this scale" is then the honest finding for most pairs.
 """
 
 import dataclasses
@@ -35,8 +37,10 @@ class Setting:
         return stats.mean_interval([r.get(field) for r in self.runs])
 
     def text(self, field: str) -> str:
-        """The field's mean, with its interval where there are several seeds:
-        "1.93 [1.9, 1.96]"."""
+        """The field's mean, with its interval where there are several seeds.
+
+        An example is "1.93 [1.9, 1.96]".
+        """
         mean, lo, hi = self.interval(field)
         if self.seeds < 2 or mean != mean:
             return fmt(mean)
@@ -62,8 +66,11 @@ def differs(a: Setting, b: Setting, field: str) -> bool:
 
 
 def balancing(s: dict[str, Any]) -> str:
-    """How a token-choice run was balanced in training: an aux loss (per routing group, or
-    over the batch), the loss-free routing bias (Wang et al. 2024), both, or none."""
+    """How a token-choice run was balanced in training.
+
+    The answer is an aux loss, the loss-free routing bias (Wang et al. 2024), both, or none.
+    The aux loss is per routing group or over the batch.
+    """
     parts = []
     if s.get("router_bias_update_rate"):
         parts.append("loss-free bias")

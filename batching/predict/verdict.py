@@ -1,6 +1,9 @@
-"""What every verdict shares: the verdict type, how its prose writes numbers, and the tests
-of a run's summary that several claims read (is the knee inside the sweep, which points the
-fit rests on, how far a sweep must go)."""
+"""What every verdict shares.
+
+It holds the verdict type and how its prose writes numbers. It also holds the tests of a
+run's summary that several claims read. Is the knee inside the sweep? Which points does the
+fit rest on? How far must a sweep go?
+"""
 
 import math
 from typing import Any
@@ -12,22 +15,25 @@ from batching import text
 Verdict = dict[str, str]
 
 
-# Two figures agree (a knee and B*, a measured and a spec growth) within this factor.
+# Two figures agree within this factor: a knee and B*, or a measured and a spec growth.
 AGREE = 1.5
 # A quantity moves (a trend, a knee set against the post's) beyond this factor.
 MOVES = 1.25
 
 
 def fmt(x: Any, digits: int = 3) -> str:
-    """A number in a verdict's prose: batching.text.fmt, "none" where there is none (a knee
-    or crossing at infinity: it never comes)."""
+    """A number in a verdict's prose, by batching.text.fmt.
+
+    A missing value is "none". A knee or crossing at infinity is "none" too, since it never
+    comes.
+    """
     if isinstance(x, float) and x == math.inf:
         return "none"
     return text.fmt(x, digits, missing="none")
 
 
 def knee_inside(s: dict[str, Any]) -> bool:
-    """Whether the run's fitted knee lies strictly between its smallest and largest batch size."""
+    """Whether the run's fitted knee lies strictly between its smallest and largest batch."""
     sizes = s["batch_sizes"]
     knee = s.get("knee_batch_size")
     return knee is not None and math.isfinite(knee) and min(sizes) < knee < max(sizes)
@@ -45,8 +51,11 @@ def simulated(summaries: list[dict[str, Any]]) -> bool:
 
 
 def testing_batch(s: dict[str, Any]) -> int:
-    """A batch size a sweep must reach to see this run turn compute-bound: 4x the largest of
-    the measured B*, the predicted curve's knee and the a-priori crossing, as a power of 2."""
+    """A batch size a sweep must reach to see this run turn compute-bound.
+
+    It takes the largest of three marks. They are the measured B*, the predicted curve's
+    knee and the a-priori crossing. It returns 4x that, rounded up to a power of 2.
+    """
     marks = [
         s.get(k)
         for k in ("predicted_critical_batch", "predicted_curve_knee_batch_size",
@@ -58,8 +67,10 @@ def testing_batch(s: dict[str, Any]) -> int:
 
 
 def _spans(rows: list[dict[str, Any]], run: str, below: float) -> list[list[Any]]:
-    """[regime, first batch, last batch] of the run's points under `below`, in batch order,
-    neighbouring points of one regime merged."""
+    """[regime, first batch, last batch] of the run's points under `below`, in batch order.
+
+    Neighbouring points of one regime are merged.
+    """
     spans: list[list[Any]] = []
     for r in sorted((r for r in rows if r["run"] == run), key=lambda r: r["batch_size"]):
         if r["batch_size"] >= below:
@@ -77,15 +88,18 @@ def regimes_below(rows: list[dict[str, Any]], run: str, below: float) -> list[st
 
 
 def regime_spans(rows: list[dict[str, Any]], run: str, below: float) -> str:
-    """The run's regimes by intensity at batch sizes under `below`, in batch order with the
-    batches each covers: 'memory at B=1–8, compute at B=16' ('none' without such a point)."""
+    """The run's regimes by intensity at batch sizes under `below`, in batch order.
+
+    Each comes with the batches it covers: 'memory at B=1–8, compute at B=16'. It is 'none'
+    without such a point.
+    """
     spans = _spans(rows, run, below)
     parts = (f"{regime} at B={lo}" + (f"–{hi}" if hi != lo else "") for regime, lo, hi in spans)
     return ", ".join(parts) or "none"
 
 
-# A knee whose bootstrap interval (each point's pass drawn at random) leaves out the fit to the
-# pooled medians: single passes put the knee elsewhere.
+# A knee whose bootstrap interval leaves out the fit to the pooled medians. The bootstrap
+# draws each point's passes at random, and single passes put the knee elsewhere.
 OUTSIDE = (
     " (outside its interval: fits to single passes put the knee elsewhere, so this run "
     "does not determine it well)"
@@ -93,16 +107,21 @@ OUTSIDE = (
 
 
 def interval_text(knee: float, lo: float, hi: float) -> str:
-    """'22.7 [19.7, 26.3]' for a table ('–' where a value is missing), saying so when the
-    estimate lies outside its interval."""
+    """'22.7 [19.7, 26.3]' for a table, with '–' where a value is missing.
+
+    It says so when the estimate lies outside its interval.
+    """
     shown = f"{text.fmt(knee)} [{text.fmt(lo)}, {text.fmt(hi)}]"
     finite = all(x is not None and math.isfinite(x) for x in (knee, lo, hi))
     return shown + (OUTSIDE if finite and not lo <= knee <= hi else "")
 
 
 def knee_text(s: dict[str, Any]) -> str:
-    """'21.7 [21.2, 22.1] (±2% across passes), fitted on 10 converged of 10 points', or why
-    there is no knee or no interval."""
+    """The knee in prose, or why there is no knee or no interval.
+
+    For example: '21.7 [21.2, 22.1] (±2% across passes), fitted on 10 converged of 10
+    points'.
+    """
     knee = s.get("knee_batch_size")
     if knee is None or not math.isfinite(knee):
         return "none" + fit_points(s).replace(", fitted", " (fitted", 1) + ")"
@@ -115,8 +134,8 @@ def knee_text(s: dict[str, Any]) -> str:
     if lo is None or not math.isfinite(lo):
         return f"{fmt(knee)} (no interval: no timing samples kept)" + fit_points(s)
     if hi is None or not math.isfinite(hi):
-        # Samples were resampled (the low end exists), but in more than 2.5% of the
-        # resamples the fit never turns compute-bound: the interval has no upper end.
+        # Samples were resampled, so the low end exists. But in more than 2.5% of the
+        # resamples the fit never turns compute-bound, so the interval has no upper end.
         return (
             f"{fmt(knee)} [{fmt(lo)}, open] (in over 2.5% of resamples the fit never turns "
             "compute-bound)" + fit_points(s)
@@ -133,7 +152,7 @@ def knee_text(s: dict[str, Any]) -> str:
 
 
 def fit_points(s: dict[str, Any]) -> str:
-    """Which points the knee rests on: the converged ones, or all when too few converged."""
+    """Which points the knee rests on: the converged ones, else all of them."""
     fitted, converged = s.get("knee_fit_points"), s.get("points_converged", s["points"])
     if fitted is not None and fitted > converged:
         return f", fitted on all {fitted} points (only {converged} converged)"
@@ -143,10 +162,14 @@ def fit_points(s: dict[str, Any]) -> str:
 def against_band(
     estimate: float, low: float | None, high: float | None, band_low: float, band_high: float
 ) -> str:
-    """Where an estimate with its interval [low, high] stands against [band_low, band_high]:
-    "inside" (the estimate lies in it), "outside" (its whole interval lies out of it), or
-    "straddles" (the estimate lies out, its interval reaches in). Without an interval the
-    estimate alone decides."""
+    """Where an estimate with interval [low, high] stands against [band_low, band_high].
+
+    - "inside": the estimate lies in the band.
+    - "outside": its whole interval lies out of the band.
+    - "straddles": the estimate lies out, but its interval reaches in.
+
+    Without an interval the estimate alone decides.
+    """
     if band_low <= estimate <= band_high:
         return "inside"
     if low is None or high is None or not (math.isfinite(low) or math.isfinite(high)):
@@ -155,9 +178,11 @@ def against_band(
 
 
 def knee_trend(summaries: list[dict[str, Any]]) -> str:
-    """How the fitted knee moves from the first run to the last, judged on their intervals:
-    "rises" or "falls" only when the two intervals do not overlap ("moves out of reach":
-    no knee in the last run)."""
+    """How the fitted knee moves from the first run to the last, judged by intervals.
+
+    It "rises" or "falls" only when the two intervals do not overlap. It "moves out of
+    reach" when the last run has no knee.
+    """
     first, last = summaries[0], summaries[-1]
     k0, k1 = first.get("knee_batch_size"), last.get("knee_batch_size")
     finite = [k is not None and math.isfinite(k) for k in (k0, k1)]
@@ -175,7 +200,7 @@ def knee_trend(summaries: list[dict[str, Any]]) -> str:
 
 
 def trend(values: list[float]) -> str:
-    """How a quantity moves from the first to the last value ("none" counts as beyond)."""
+    """How a quantity moves from first to last value. An infinite one ("none") is beyond."""
     first, last = values[0], values[-1]
     if not math.isfinite(last) and math.isfinite(first):
         return "moves out of reach"
@@ -204,7 +229,7 @@ def run_rows(rows: list[dict[str, Any]], run: str) -> list[dict[str, Any]]:
 
 
 def throughput_gain(rows: list[dict[str, Any]], run: str, up_to: int) -> float:
-    """Best throughput at batch <= up_to over the smallest batch's: what batching bought."""
+    """What batching bought: best throughput at batch <= up_to over the smallest's."""
     rs = [r for r in run_rows(rows, run) if r["batch_size"] <= up_to]
     return max(r["throughput_per_s"] for r in rs) / rs[0]["throughput_per_s"]
 
@@ -214,7 +239,7 @@ def first_regime(rows: list[dict[str, Any]], run: str) -> str:
     return run_rows(rows, run)[0]["regime"]
 
 
-# A verdict fits a trend: fewer measured batch sizes in a run than this give none.
+# A verdict fits a trend. A run with fewer measured batch sizes than this gives none.
 MIN_POINTS = 3
 
 

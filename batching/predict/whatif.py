@@ -1,5 +1,8 @@
-"""Predictions on devices the run did not use: each spec-table device, and each multi-device
-node with the run's mesh laid on it. Lower bounds: the overhead there is unknown."""
+"""Predictions on devices the run did not use.
+
+They cover each spec-table device. They also cover each multi-device node, with the run's
+mesh laid on it. They are lower bounds, since the overhead there is unknown.
+"""
 
 from typing import Any
 
@@ -12,13 +15,17 @@ def whatif_nodes(
 ) -> dict[str, Any]:
     """Predicted latency per global batch on each multi-device node of the spec table.
 
-    The run's mesh is laid on the node as it is (same expert and model axes), and the node's
-    remaining devices become data replicas: data' = devices / (expert·model). Each point is
-    one device's share (roofline.per_device_work at data', or at the global batch where that
-    is smaller: an example is not split over replicas) under the node device's datasheet
-    memory and compute limits, plus the row's collectives at the node's interconnect
-    (per direction), their payloads scaled by data/data' (the tokens per device; capacity
-    rounding aside). Lower bounds, like `whatif`: the overhead there is unknown.
+    The run's mesh is laid on the node as it is. It keeps the same expert and model axes.
+    The node's other devices become data replicas: data' = devices / (expert·model).
+
+    Each point prices one device's share (roofline.per_device_work) at data'. Where the
+    global batch is smaller than data', it splits over that many replicas instead. A
+    single example is never split across replicas. The share runs under the node device's
+    datasheet memory and compute limits. The row's collectives are added at the node's
+    interconnect, per direction. Their payloads are scaled by data/data', the tokens per
+    device, capacity rounding aside.
+
+    Like `whatif`, these are lower bounds: the overhead there is unknown.
     """
     result = {}
     for name, node in specs.NODES.items():
@@ -69,11 +76,12 @@ def whatif(
     precision: str,
     bytes_per_param: float,
 ) -> dict[str, Any]:
-    """Predicted latency per batch size on spec-table devices: the same per-op model, each op
-    at max(bytes / spec bandwidth, FLOPs / spec peak).
+    """Predicted latency per batch size on spec-table devices.
 
-    No dispatch floor, no launches, no cache and every op at the datasheet peak: overhead
-    on a device we did not run on is unknown, so these curves are lower bounds.
+    It is the same per-op model. Each op costs max(bytes / spec bandwidth, FLOPs / spec
+    peak). There is no dispatch floor, no launch and no cache. Every op runs at the
+    datasheet peak. Overhead on a device we did not run on is unknown. So these curves are
+    lower bounds.
     """
     result = {}
     for name in devices:

@@ -1,2 +1,6 @@
-"""Run setup, the first floor: a config expanded into runs and checked, the device mesh each
-run shards over, the processes of a multi-host run, the datasheet table, and SIGTERM."""
+"""Run setup, the first floor.
+
+A config is expanded into runs and checked here. Each run gets the device mesh it shards
+over. A multi-host run gets its processes. The datasheet table and SIGTERM handling live
+here too.
+"""

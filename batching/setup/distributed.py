@@ -1,23 +1,24 @@
 """Many processes: JAX's distributed runtime from the config, who writes, and shared decisions.
 
-Every process (one per host, or per accelerator) runs the same command with the
-same config; `jax.distributed` connects them through process 0's coordinator and
-the mesh then spans every process's devices. The lab keeps them in lockstep:
+Every process runs the same command with the same config. There is one process per host,
+or per accelerator. `jax.distributed` connects them through process 0's coordinator. The
+mesh then spans every process's devices. The lab keeps the processes in lockstep.
 
-- `check_same_config`: every process measures what process 0 measures (same
-  fingerprints and points), else a one-line ConfigError on every process;
-- `share`: a decision that depends on a clock or a file (the adaptive timer's
-  stop, the memory budget, a point's outcome, what a resumed sweep still has
-  to measure) is taken by process 0 and handed to all, so every process makes
-  the same calls in the same order and no collective waits forever;
+- `check_same_config`: every process measures what process 0 measures. The fingerprints
+  and points must match. Otherwise every process raises a one-line ConfigError.
+- `share`: process 0 takes each decision that depends on a clock or a file. It hands the
+  result to all. Examples are the adaptive timer's stop and the memory budget. So are a
+  point's outcome and what a resumed sweep still has to measure. So every process makes
+  the same calls in the same order. No collective waits forever.
 - `is_writer`: only process 0 writes the workdir.
 
-A single process never reaches a collective here: `share` is None there and the
-callers keep today's path.
+A single process never reaches a collective here. `share` is None there. The callers then
+take their single-process path.
 
-Not covered: a call that fails on one process only while its program runs a collective
-(the others wait inside XLA's collective until the failed process exits or JAX's
-heartbeat gives up); SPMD programs fail alike on every process, so this is rare.
+One case is not covered. A call may fail on one process only, inside a collective. The
+others then wait inside XLA's collective. They wait until the failed process
+exits or JAX's heartbeat gives up. SPMD programs fail alike on every process, so this is
+rare.
 """
 
 import hashlib
@@ -33,12 +34,13 @@ from jax.experimental import multihost_utils
 
 from batching.setup.runs import ConfigError
 
-# config.distributed.coordinator_address = "auto": let JAX read the cluster's environment
-# (Slurm, Open MPI, Cloud TPU, Kubernetes: jax._src.clusters) for whatever is unset.
+# config.distributed.coordinator_address = "auto" lets JAX fill what is unset.
+# JAX reads it from the cluster's environment (jax._src.clusters).
+# Slurm, Open MPI, Cloud TPU and Kubernetes are covered.
 AUTO = "auto"
 FIELDS = ("coordinator_address", "num_processes", "process_id")
-# What each shared decision is about; a process that asks about something else has lost
-# step with the others (a collective matched against the wrong one), which is an error.
+# What each shared decision is about. A process asking about something else has lost
+# step with the others. Its collective is matched against the wrong one: an error.
 TAGS = {
     "prepare": 1,
     "config": 2,
@@ -57,14 +59,14 @@ SHUTDOWN_TIMEOUT_S = 3600
 
 
 class DistributedError(RuntimeError):
-    """The processes lost each other or their step; the message says which, in one line."""
+    """The processes lost each other or their step; the one-line message says which."""
 
 
 def settings(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
     """`jax.distributed.initialize` arguments from config.distributed; None: one process.
 
-    All three fields unset is a single process; coordinator_address "auto" hands the
-    unset ones to JAX's cluster auto-detection; otherwise all three must be set.
+    All three fields unset means a single process. With coordinator_address "auto", JAX's
+    cluster auto-detection fills the unset ones. Otherwise all three must be set.
     """
     d = config.get("distributed")
     if d is None:
@@ -99,10 +101,10 @@ def settings(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
             raise ConfigError(f"distributed.{field} must be a positive int, got {value!r}")
     kwargs["initialization_timeout"] = d.initialization_timeout_s
     kwargs["heartbeat_timeout_seconds"] = d.heartbeat_timeout_s
-    # At exit every process waits at JAX's shutdown barrier for the others: the other
-    # processes wait there while process 0 alone analyses and writes (peaks, plots,
-    # report), which can outlast JAX's 300 s default. A dead process still ends the wait
-    # at once (the coordinator or its heartbeat notices).
+    # At exit every process waits at JAX's shutdown barrier for the others. They wait there
+    # while process 0 alone analyses and writes peaks, plots and the report. That can
+    # outlast JAX's default timeout. A dead process still ends the wait at once. The
+    # coordinator or its heartbeat notices it.
     kwargs["shutdown_timeout_seconds"] = SHUTDOWN_TIMEOUT_S
     return kwargs
 
@@ -110,8 +112,8 @@ def settings(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
 def initialize(config: ml_collections.ConfigDict) -> None:
     """Joins the processes named by config.distributed; does nothing for a single process.
 
-    Must run before anything else touches JAX (listing devices starts the backend, and
-    `jax.distributed.initialize` refuses to run after that).
+    It must run before anything else touches JAX. Listing devices starts the backend.
+    `jax.distributed.initialize` refuses to run after that.
     """
     kwargs = settings(config)
     if kwargs is None or jax.distributed.is_initialized():
@@ -131,7 +133,10 @@ def is_multiprocess() -> bool:
 
 
 def is_writer() -> bool:
-    """Only process 0 writes results, samples, TensorBoard, plots, the report and the lock."""
+    """Whether this process writes: only process 0 does.
+
+    It writes the results, samples, TensorBoard events, plots, the report and the lock.
+    """
     return jax.process_index() == 0
 
 
@@ -168,7 +173,10 @@ def share(tag: str, value: int) -> int:
 
 
 def sharer() -> Share | None:
-    """`share` when there are several processes; None keeps one process free of collectives."""
+    """`share` when there are several processes, else None.
+
+    None keeps one process free of collectives.
+    """
     return share if is_multiprocess() else None
 
 
@@ -201,8 +209,8 @@ def _hash31(obj: Any) -> int:
 def check_same_config(parts: dict[str, Any]) -> None:
     """ConfigError on every process unless each of `parts` equals process 0's.
 
-    `parts` names what must agree (the runs' measurement fingerprints, the points to
-    measure, the rest of the config); the error names the parts that differ.
+    `parts` names what must agree. It holds the runs' measurement fingerprints, the
+    points to measure and the rest of the config. The error names the parts that differ.
     """
     if not is_multiprocess():
         return
@@ -221,8 +229,8 @@ def check_same_config(parts: dict[str, Any]) -> None:
 def agree_on_failure(error: BaseException | None) -> None:
     """Raises on every process if any process raised during setup (a collective).
 
-    A process whose own setup failed re-raises its error; the others raise a
-    ConfigError naming the process, so none goes on to wait for it.
+    A process whose own setup failed re-raises its error. The others raise a ConfigError
+    naming that process. So none goes on to wait for it.
     """
     if not is_multiprocess():
         if error is not None:

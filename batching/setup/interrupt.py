@@ -1,9 +1,9 @@
 """SIGTERM (preemption) as an interruption the sweep survives: finished points are kept.
 
-Set by the SIGTERM handler before it raises. A handler's exception can land inside library
-code that catches it and raises its own error instead (seen: JAX's pytree checks turned it
-into a ValueError); the sweep's handlers ask this flag first, so such an error still ends
-the sweep as a termination, and the interrupted point is left for a rerun, not recorded.
+The SIGTERM handler sets a flag before it raises. Its exception can land inside library
+code. That code may catch it and raise its own error instead. JAX's pytree checks, for one,
+turn it into a ValueError. The sweep's handlers ask the flag first. So such an error still
+ends the sweep as a termination. The interrupted point is left for a rerun, not recorded.
 """
 
 import threading

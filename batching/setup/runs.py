@@ -1,8 +1,8 @@
 """From a config to runs: expand `config.runs`, check the fields setup owns, fingerprint.
 
-Everything here runs before anything is written, so bad input leaves the workdir
-untouched. The fields other floors own (timing, claims, each model family's) are checked by
-the app (batching.app.validate), which calls these first.
+Everything here runs before anything is written. So bad input leaves the workdir untouched.
+Other floors own other fields: timing, claims and each model family's. The app checks those
+(batching.app.validate), after calling these checks.
 """
 
 import dataclasses
@@ -27,7 +27,8 @@ NOT_MEASUREMENT = (
     "roofline",
     "profile",
     "report",
-    # Which process this is and how to reach the others; the process count is in the view.
+    # Which process this is and how to reach the others.
+    # The process count is in the view.
     "distributed",
 )
 
@@ -41,7 +42,8 @@ class Run:
     """One run of a config: its name and its config with the run's overrides applied."""
 
     name: str
-    config: ml_collections.ConfigDict  # the base config with the run's overrides applied
+    # The base config with the run's overrides applied.
+    config: ml_collections.ConfigDict
     # The setting this run is one seed of (train.seeds > 1), else "": the run itself.
     setting: str = ""
 
@@ -52,8 +54,11 @@ class Run:
 
 
 def expand(config: ml_collections.ConfigDict) -> list[Run]:
-    """One Run per entry of `config.runs` (or one run named `config.name`), and per seed of a
-    run with train.seeds > 1."""
+    """One Run per entry of `config.runs`, and per seed of a run.
+
+    Without `config.runs`, there is one run named `config.name`. A run with train.seeds > 1
+    becomes one run per seed.
+    """
     return [seeded for run in _expand_runs(config) for seeded in _seeds(run)]
 
 
@@ -92,8 +97,8 @@ def _expand_runs(config: ml_collections.ConfigDict) -> list[Run]:
         with cfg.unlocked():
             model = override.get("model", {})
             if "name" in model and model["name"] != cfg.model.name:
-                # A run of another model family replaces the model section instead of
-                # inheriting fields that family does not have.
+                # A run of another model family replaces the model section.
+                # It must not inherit fields that family does not have.
                 cfg.model = ml_collections.ConfigDict(model)
                 override = {k: v for k, v in override.items() if k != "model"}
             cfg.update(override)
@@ -108,13 +113,19 @@ def _positive_int(value: Any) -> bool:
 
 
 def where(run: Run) -> str:
-    """What an error about a run of several appends: ` (run 'name')`; "" for the only run."""
+    """What an error about one run of several appends: ` (run 'name')`.
+
+    It is "" for the only run.
+    """
     return f" (run {run.name!r})" if run.name != run.config.name else ""
 
 
 def check_fields(run: Run) -> None:
-    """ConfigError on the first bad field setup owns (names, sweep, dtypes, memory, what-if
-    devices, profile), naming it and its value; normalizes `sweep.batch_sizes` to a tuple."""
+    """Raises a ConfigError on the first bad field that setup owns.
+
+    Those are names, sweep, dtypes, memory, what-if devices and profile. The error names the
+    field and its value. It also normalizes `sweep.batch_sizes` to a tuple.
+    """
     cfg = run.config
     where_ = where(run)
     if not run.name or not all(c.isalnum() or c in "-_.=" for c in run.name):
@@ -144,8 +155,11 @@ def check_fields(run: Run) -> None:
 
 
 def check_placement(run: Run) -> None:
-    """ConfigError when the run's platform is missing or its mesh does not fit the devices,
-    the batch sizes or the model."""
+    """Raises a ConfigError when the run cannot be placed.
+
+    Either its platform is missing, or its mesh does not fit. The mesh must fit the devices,
+    the batch sizes and the model.
+    """
     device(run.config)
     try:
         topology.validate(run.config)
@@ -197,7 +211,7 @@ def _check_memory(mem: ml_collections.ConfigDict | None) -> None:
 def device(cfg: ml_collections.ConfigDict) -> jax.Device:
     """The first device of the configured platform (JAX's default backend when unset).
 
-    Runs know their devices through batching.setup.topology.Topology; this is what it checks first.
+    Runs know their devices through batching.setup.topology.Topology. This is checked first.
     """
     try:
         return jax.devices(cfg.platform)[0] if cfg.platform else jax.devices()[0]
@@ -209,15 +223,16 @@ def measurement_view(run: Run) -> dict[str, Any]:
     """The part of a run's config (and the device) that decides its measurements."""
     view = {k: v for k, v in run.config.to_dict().items() if k not in NOT_MEASUREMENT}
     if sum(topology.mesh_shape(run.config).values()) == len(topology.MESH_AXES):
-        # A one-device mesh measures what runs before meshes did: their workdirs resume.
+        # A one-device mesh measures the same as no mesh section, so it is left out.
+        # Workdirs without a mesh section then resume.
         view.pop("mesh", None)
     if view.get("model", {}).get("tokens") == 1:
-        # One token per example measures what the MLP did before `tokens`: workdirs resume.
+        # One token per example measures the same as no `tokens` field, so it is left out.
         view["model"] = {k: v for k, v in view["model"].items() if k != "tokens"}
     dev = device(run.config)
     view["device"] = {"platform": dev.platform, "device_kind": dev.device_kind}
     view["jax_version"] = jax.__version__
     if jax.process_count() > 1:
-        # Absent for one process, so single-process fingerprints stay as they were.
+        # Absent for one process: it adds nothing to single-process fingerprints.
         view["process_count"] = jax.process_count()
     return view

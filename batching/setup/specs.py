@@ -1,9 +1,9 @@
 """Devices on paper: a cited spec table, detection from `device_kind`, the critical batch.
 
-The spec figures are dense (no 2:4 sparsity) peaks from the vendors' datasheets and the
-jax-ml scaling book ("How to Scale Your Model", its roofline, GPU and TPU chapters); each
-entry names its source. What a device reaches in microbenchmarks lives in
-`batching.measure.peaks`.
+The spec figures are dense peaks, without 2:4 sparsity. They come from the vendors'
+datasheets. Some come from the jax-ml scaling book, "How to Scale Your Model". Its roofline,
+GPU and TPU chapters give them. Each entry names its source. What a device reaches in
+microbenchmarks lives in `batching.measure.peaks`.
 """
 
 import dataclasses
@@ -25,15 +25,17 @@ class DeviceSpec:
     flops_per_s: dict[str, float]
     bandwidth_bytes_per_s: float
     source: str
-    kinds: tuple[str, ...]  # lower-case substrings of jax's device_kind that mean this device
+    kinds: tuple[str, ...]  # lower-case substrings of jax's device_kind for this device
     memory_bytes: float  # device memory per device
     memory_source: str
-    # Device-to-device bandwidth of one device, bytes/s PER DIRECTION (what one device can
-    # send while it receives as much), over all its links: NVLink, PCIe x16 or TPU ICI.
+    # Device-to-device bandwidth of one device, in bytes/s PER DIRECTION.
+    # That is what one device can send while it receives as much.
+    # It sums all its links: NVLink, PCIe x16 or TPU ICI.
     # Datasheets quote NVLink as the bidirectional total (H100: 900 GB/s = 2 x 450).
     interconnect_bytes_per_s: float
     interconnect_source: str
-    # The last-level cache (a GPU's L2): warm weights that fit it are read at cache speed.
+    # The last-level cache, a GPU's L2.
+    # Warm weights that fit it are read at cache speed.
     # None where no datasheet or whitepaper gives one here.
     cache_bytes: float | None = None
     cache_source: str = ""
@@ -43,8 +45,8 @@ NVIDIA_A100 = "NVIDIA A100 datasheet (2021), dense Tensor Core figures"
 NVIDIA_H100 = "NVIDIA H100 Tensor Core GPU datasheet (2023), dense (without sparsity)"
 A100_NVLINK = "NVIDIA A100 datasheet (2021): NVLink 3 600 GB/s total = 300 GB/s per direction"
 H100_NVLINK = "NVIDIA H100 datasheet (2023): SXM NVLink 4 900 GB/s total = 450 GB/s per direction"
-# PCIe x16, per direction: transfer rate x 16 lanes x 128/130 (line code) / 8 bits
-# (PCI-SIG base specs 3.0, 4.0, 5.0: 8, 16, 32 GT/s per lane).
+# PCIe x16, per direction: transfer rate x 16 lanes x 128/130 (line code) / 8 bits.
+# The PCI-SIG base specs 3.0, 4.0 and 5.0 give 8, 16 and 32 GT/s per lane.
 PCIE3_X16 = 8e9 * 16 * 128 / 130 / 8  # 15.75 GB/s
 PCIE4_X16 = 2 * PCIE3_X16  # 31.5 GB/s
 PCIE5_X16 = 4 * PCIE3_X16  # 63 GB/s
@@ -289,11 +291,9 @@ SPECS: dict[str, DeviceSpec] = {
 
 @dataclasses.dataclass(frozen=True)
 class NodeSpec:
-    """Several devices of one spec in one box, each with its own interconnect bandwidth.
-
-    Nothing is copied from the device entry: FLOP/s, memory bandwidth and interconnect
-    come from `device`; the node adds how many there are and what connects them.
-    """
+    """Several devices of one spec in one box, each with its own interconnect bandwidth. Nothing is
+    copied from the device entry. FLOP/s, memory bandwidth and interconnect come from `device`.
+    The node adds how many there are and what connects them."""
 
     name: str
     device: DeviceSpec
@@ -302,7 +302,8 @@ class NodeSpec:
 
     @property
     def interconnect_bytes_per_s(self) -> float:
-        """Per device and direction: behind an NVSwitch every GPU talks at its full NVLink rate."""
+        """Bytes/s per device and direction. Behind an NVSwitch every GPU talks at its full NVLink
+        rate."""
         return self.device.interconnect_bytes_per_s
 
 
@@ -321,7 +322,7 @@ NODES: dict[str, NodeSpec] = {
 
 
 def device_memory_bytes(device: Any) -> int:
-    """What the device can hold: JAX's reported `bytes_limit`, else physical RAM (a CPU)."""
+    """What the device can hold. That is JAX's reported `bytes_limit`, else physical RAM (a CPU)."""
     try:
         stats = device.memory_stats()
     except Exception:  # noqa: BLE001 - some backends raise instead of returning None
@@ -337,20 +338,17 @@ POST_T4_BANDWIDTH = 300 * GBPS
 
 
 def critical_batch_size(peak_flops: float, bandwidth: float, bytes_per_param: float) -> float:
-    """Batch size at which a dense layer turns from memory- to compute-bound.
-
-    A dense layer does 2 FLOPs per parameter per example and reads each parameter
-    (`bytes_per_param` bytes) once per call, so compute time 2·P·B/F equals
-    memory time P·bytes/BW at B* = F·bytes_per_param / (2·BW). The post's
-    "FLOPS / bandwidth" is this only for 2-byte weights.
-    """
+    """Batch size at which a dense layer turns from memory- to compute-bound. A dense layer does 2
+    FLOPs per parameter per example. It reads each parameter once per call, at `bytes_per_param`
+    bytes. Compute time is 2·P·B/F. Memory time is P·bytes/BW. They are equal at B* =
+    F·bytes_per_param / (2·BW). The post's "FLOPS / bandwidth" is this only for 2-byte weights."""
     if peak_flops <= 0 or bandwidth <= 0 or bytes_per_param <= 0:
         raise ValueError("critical_batch_size needs positive peak_flops, bandwidth and bytes")
     return peak_flops * bytes_per_param / (2.0 * bandwidth)
 
 
 def detect(device_kind: str) -> DeviceSpec | None:
-    """The spec entry whose name matches JAX's `device_kind`, most specific match first."""
+    """The spec entry whose name matches JAX's `device_kind`. The most specific match wins."""
     kind = device_kind.lower()
     best, best_len = None, 0
     for spec in SPECS.values():
@@ -361,7 +359,8 @@ def detect(device_kind: str) -> DeviceSpec | None:
 
 
 def spec_flops(spec: DeviceSpec, dtype: str, matmul_precision: str = "default") -> float | None:
-    """Peak FLOP/s for `dtype`; fp32 matmuls run as TF32 on GPUs that have it unless 'highest'."""
+    """Peak FLOP/s for `dtype`. fp32 matmuls run as TF32 on GPUs that have it, unless the precision
+    is 'highest'."""
     if dtype == "float32" and matmul_precision == "default" and "tf32" in spec.flops_per_s:
         return spec.flops_per_s["tf32"]
     return spec.flops_per_s.get(dtype)
@@ -370,11 +369,11 @@ def spec_flops(spec: DeviceSpec, dtype: str, matmul_precision: str = "default") 
 def matmul_peak(
     spec: DeviceSpec, dtype: str, matmul_precision: str = "default"
 ) -> tuple[float | None, str]:
-    """(FLOP/s, what stands in) for a dtype's matmuls on a spec device: spec_flops where the
-    datasheet lists the dtype; a bfloat16 matmul on a device with float16 units only (a T4)
-    at their float16 peak; a float32 one at default precision on a TPU (which has no float32
-    unit: XLA runs one bfloat16 pass) at the bfloat16 peak. Never an integer peak. None, with
-    why, where nothing stands in."""
+    """(FLOP/s, what stands in) for a dtype's matmuls on a spec device. Where the datasheet lists
+    the dtype, this is spec_flops. A T4 has float16 units only. So a bfloat16 matmul there takes
+    the float16 peak. A TPU has no float32 unit. XLA runs a default-precision float32 matmul as
+    one bfloat16 pass. So it takes the bfloat16 peak. An integer peak never stands in. Where
+    nothing stands in, it returns None, with why."""
     f = spec_flops(spec, dtype, matmul_precision)
     if f:
         return f, ""

@@ -1,11 +1,11 @@
 """A run's devices and mesh, known once: built from `config.mesh` and handed to the workload.
 
-The mesh has three axes, ("data", "expert", "model"), sized by `config.mesh.data`,
-`config.mesh.expert` and `config.mesh.model`; their product must equal the number of devices
-JAX sees across all processes. Parameters and activations carry logical axis names
-(`batch`, `embed`, `mlp`, `heads`, `experts`, ...); `config.mesh.axis_rules` maps each to a
-mesh axis or to None (replicated), as MaxText's `logical_axis_rules` do. A mesh of one device
-runs the same code path: every sharding is then the one device.
+The mesh has three axes: ("data", "expert", "model"). `config.mesh.data`,
+`config.mesh.expert` and `config.mesh.model` size them. Their product must equal the number
+of devices JAX sees across all processes. Parameters and activations carry logical axis
+names, such as `batch`, `embed`, `mlp`, `heads` and `experts`. `config.mesh.axis_rules` maps
+each to a mesh axis, or to None (replicated). MaxText's `logical_axis_rules` work the same
+way. A mesh of one device runs the same code path. Every sharding is then the one device.
 """
 
 import contextlib
@@ -30,11 +30,12 @@ class MeshError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Topology:
-    """The mesh a run shards over, its logical-axis rules, and the device peaks are taken on."""
+    """The mesh a run shards over, its logical-axis rules, and its peaks' device."""
 
     mesh: Mesh
     axis_rules: tuple[tuple[str, str | tuple[str, ...] | None], ...]
-    # The first addressable device: microbenchmarks, memory limits and row labels use it.
+    # The first addressable device.
+    # Microbenchmarks, memory limits and row labels use it.
     device: jax.Device
 
     @property
@@ -60,9 +61,9 @@ class Topology:
     def spec(self, logical: Sequence[str | None]) -> PartitionSpec:
         """The mesh PartitionSpec of an array whose dims carry these logical names.
 
-        Mesh axes of size 1 and trailing unsplit dims are left out: they split nothing, and
-        XLA reports a program's outputs without them, so an input placed with them would not
-        match the same array coming back (a recompile when a donated cache is fed back in).
+        Mesh axes of size 1 and trailing unsplit dims are left out. They split nothing. XLA
+        reports a program's outputs without them. An input placed with them would not match
+        the same array coming back. Feeding a donated cache back in would then recompile.
         """
         spec = nn.logical_to_mesh_axes(tuple(logical), self.axis_rules)
 
@@ -77,7 +78,10 @@ class Topology:
         return PartitionSpec(*dims)
 
     def sharding(self, logical: Sequence[str | None]) -> NamedSharding:
-        """The NamedSharding of an array whose dims carry these logical names (see `spec`)."""
+        """The NamedSharding of an array whose dims carry these logical names.
+
+        See `spec`.
+        """
         return NamedSharding(self.mesh, self.spec(logical))
 
     def put(self, x: Any, logical: Sequence[str | None]) -> jax.Array:
@@ -90,8 +94,10 @@ class Topology:
 
     @property
     def token_shards(self) -> int:
-        """Devices holding distinct tokens (what `groups` maps to, by default data x expert):
-        an MoE's routing groups per call."""
+        """Devices holding distinct tokens: an MoE's routing groups per call.
+
+        This is what `groups` maps to, by default data x expert.
+        """
         return self.axis_size("groups")
 
     @property
@@ -100,14 +106,16 @@ class Topology:
         return self.axis_size("experts")
 
     def parallel_shape(self, experts: bool, model: bool) -> dict[str, int]:
-        """How many ways each mesh axis really splits this workload; 1 where the axis only
-        holds replicas. `data`: what the batch maps to; `expert`: the expert axis where the
-        model has experts and the rules split them; `model`: the model axis where the model
-        names dims the rules map to it (heads, mlp). The roofline's per-device work and the
-        analytic collectives use this, not the mesh's size (a k-device run on a bigger mesh).
+        """How many ways each mesh axis really splits this workload.
+
+        An axis that only holds replicas gets 1. `data` is what the batch maps to. `expert`
+        counts where the model has experts and the rules split them. `model` counts where
+        the model names dims the rules map to it (heads, mlp). The roofline's per-device work
+        uses this, not the mesh's size. So do the analytic collectives. A k-device run can sit
+        on a bigger mesh.
         """
         expert = self.expert_shards if experts else 1
-        # Under GShard the batch may map to (data, expert): its split over the expert axis
+        # Under GShard the batch may map to (data, expert). Its split over the expert axis
         # is the expert parallelism itself, not extra data parallelism.
         on_experts = set(mesh_axes(self.axis_rules, "experts")) if experts else set()
         batch = [a for a in mesh_axes(self.axis_rules, "batch") if a not in on_experts]
@@ -118,11 +126,17 @@ class Topology:
         }
 
     def put_batch(self, x: Any) -> jax.Array:
-        """An input whose leading dim is the batch: split over `data`, the rest replicated."""
+        """An input whose leading dim is the batch, placed on the mesh.
+
+        The batch is split over `data`; the rest is replicated.
+        """
         return self.put(x, ("batch",) + (None,) * (np.ndim(x) - 1))
 
     def state_shardings(self, state: nnx.State) -> nnx.State:
-        """Each variable's NamedSharding from its logical axis names (no names: replicated)."""
+        """Each variable's NamedSharding, from its logical axis names.
+
+        A variable without names is replicated.
+        """
         specs = nnx.get_partition_spec(state)
         return jax.tree.map(
             lambda p: NamedSharding(self.mesh, self.spec(tuple(p))),
@@ -136,10 +150,11 @@ class Topology:
 
     @contextlib.contextmanager
     def activate(self) -> Iterator[None]:
-        """Mesh and rules while a workload traces (inside jit): logical constraints take effect.
+        """Mesh and rules while a workload traces inside jit.
 
-        Models call `flax.linen.with_logical_constraint`, which is a no-op outside this
-        context, so a model traced without a topology is the single-device program.
+        Logical constraints take effect here. Models call
+        `flax.linen.with_logical_constraint`, which is a no-op outside this context. So a
+        model traced without a topology is the single-device program.
         """
         with (
             jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh),
@@ -153,7 +168,10 @@ def _positive_int(value: Any) -> bool:
 
 
 def mesh_shape(run_cfg: ml_collections.ConfigDict) -> dict[str, int]:
-    """`config.mesh`'s axis sizes; MeshError naming the field if one is not a positive int."""
+    """`config.mesh`'s axis sizes.
+
+    A size that is not a positive int raises a MeshError naming the field.
+    """
     mesh_cfg = run_cfg.get("mesh")
     shape = {}
     for name in MESH_AXES:
@@ -167,7 +185,10 @@ def mesh_shape(run_cfg: ml_collections.ConfigDict) -> dict[str, int]:
 def axis_rules(
     run_cfg: ml_collections.ConfigDict,
 ) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
-    """`config.mesh.axis_rules` as (logical name, mesh axis, tuple of mesh axes, or None)."""
+    """`config.mesh.axis_rules` as (logical name, target) pairs.
+
+    A target is a mesh axis, a tuple of mesh axes, or None.
+    """
     mesh_cfg = run_cfg.get("mesh")
     rules = mesh_cfg.get("axis_rules", ()) if mesh_cfg is not None else ()
     out = []
@@ -187,12 +208,18 @@ def axis_rules(
 
 
 def devices(run_cfg: ml_collections.ConfigDict) -> list[jax.Device]:
-    """Every device of the configured platform across all processes (JAX's default if unset)."""
+    """Every device of the configured platform, across all processes.
+
+    An unset platform means JAX's default.
+    """
     return jax.devices(run_cfg.platform) if run_cfg.platform else jax.devices()
 
 
 def validate(run_cfg: ml_collections.ConfigDict) -> dict[str, int]:
-    """Checks the mesh fields against the devices, the batch sizes and the model; the shape."""
+    """Checks the mesh fields against the devices, the batch sizes and the model.
+
+    It returns the mesh's shape.
+    """
     shape = mesh_shape(run_cfg)
     rules = axis_rules(run_cfg)
     count = len(devices(run_cfg))
@@ -237,15 +264,20 @@ def validate(run_cfg: ml_collections.ConfigDict) -> dict[str, int]:
 
 
 def mesh_axes(rules, logical: str) -> tuple[str, ...]:
-    """The mesh axes the rules map a dim named `logical` to (the first rule for a name
-    wins, as in flax); () when it is replicated."""
+    """The mesh axes the rules map a dim named `logical` to.
+
+    The first rule for a name wins, as in flax. A replicated dim gets ().
+    """
     target = next((axes for name, axes in rules if name == logical), None)
     axes = target if isinstance(target, tuple) else (target,)
     return tuple(a for a in axes if a is not None)
 
 
 def split_size(shape: dict[str, int], rules, logical: str) -> int:
-    """How many ways the rules split a dim named `logical`: the product of its mesh axes."""
+    """How many ways the rules split a dim named `logical`.
+
+    It is the product of its mesh axes' sizes.
+    """
     return math.prod(shape[a] for a in mesh_axes(rules, logical))
 
 
@@ -253,8 +285,8 @@ def build(run_cfg: ml_collections.ConfigDict) -> Topology:
     """The run's Topology: its mesh over every device, validated first."""
     shape = validate(run_cfg)
     devs = devices(run_cfg)
-    # Auto axes: XLA's partitioner places the collectives (MaxText's default); explicit axes
-    # would make every op's sharding part of its type.
+    # Auto axes let XLA's partitioner place the collectives, MaxText's default.
+    # Explicit axes would make every op's sharding part of its type.
     mesh = jax.make_mesh(
         tuple(shape[a] for a in MESH_AXES),
         MESH_AXES,

@@ -1,3 +1,6 @@
-"""What the sweep times, the second floor: one module per model family binding a model to
-its inputs and its analytic cost (a list of ops, batching.workloads.ops), plus what some
-families need first (training, its text data and checkpoints)."""
+"""What the sweep times, the second floor.
+
+Each model family has one module. It binds a model to its inputs and its analytic cost. That
+cost is a list of ops (batching.workloads.ops). Some families need a step first. Training,
+its text data and its checkpoints live here too.
+"""

@@ -1,11 +1,11 @@
-"""What the sweep times: a model bound to its inputs, its costs and its run-level facts.
+"""What the sweep times: a model bound to its inputs, costs and run-level facts.
 
-Each model family has a module `batching/workloads/<model.name>.py` with
-`validate(model_cfg)` (raises ValueError naming the field) and
-`build(run_cfg, topo, workdir) -> Workload` (topo: the run's batching.setup.topology.Topology,
-whose mesh the workload places its parameters and inputs on; workdir: where a workload finds
-files an earlier step wrote, such as trained parameters). The sweep picks it by name, so adding a
-model touches no dispatcher.
+Each model family has a module `batching/workloads/<model.name>.py`. It defines two
+functions. `validate(model_cfg)` raises a ValueError naming the bad field.
+`build(run_cfg, topo, workdir)` returns a Workload. `topo` is the run's
+batching.setup.topology.Topology. The workload places its parameters and inputs on its mesh.
+`workdir` holds files an earlier step wrote, such as trained parameters. The sweep finds the
+module by name, so a new model touches no dispatcher.
 """
 
 import copy
@@ -41,42 +41,49 @@ class Cost:
 class Workload:
     """A pure function to time and everything the sweep needs to know about it.
 
-    `make_args(batch_size)` returns the call's arguments already on the mesh (inputs split
-    over `data`: batch_size is the global batch);
-    `carry` = {output index: argument index} feeds outputs back in (a donated cache) between
-    calls (the output must have the argument's structure);
-    `ops(batch_size)` describes one call as a list of ops (batching.workloads.ops.Op), the one
-    source of truth that `cost` (the analytic work), `gemm_shapes` (the call's matrix products as
-    (m, k, n, count)) and `attention_shapes` (a decode step's attention over its KV cache)
-    are derived from when a workload gives ops; `examples(batch_size)` is the
-    number of examples (or tokens) one call processes; `fields` are run-level
-    facts that go on every row and into the hparams.
+    Each field has its meaning in a comment above it. A workload that gives `ops` gets
+    `cost`, `gemm_shapes` and `attention_shapes` derived from them. So one list of ops is
+    the single source of truth for a call.
     """
 
+    # The pure function the sweep times.
     fn: Callable[..., Any]
+    # The call's arguments at a global batch size, already on the mesh.
+    # Inputs are split over the `data` axis.
     make_args: Callable[[int], Sequence[Any]]
+    # How many parameters the model has.
     params: int
+    # The parameters' size in bytes.
     param_bytes: int
+    # The analytic work of one call at a batch size.
     cost: Callable[[int], Cost] | None = None
+    # Arguments whose buffers the call may reuse for its outputs.
     donate_argnums: tuple[int, ...] = ()
+    # {output index: argument index}: outputs fed back in between calls, such as a cache.
+    # The output must have the argument's structure.
     carry: dict[int, int] = dataclasses.field(default_factory=dict)
+    # The call's matrix products as (m, k, n, count).
     gemm_shapes: Callable[[int], list[tuple[int, int, int, int]]] | None = None
-    # Attention over a KV cache, timed at its own shape by the roofline (peaks.attention_seconds).
+    # Attention over a KV cache, one dict per shape.
+    # The roofline times each at its own shape (peaks.attention_seconds).
     attention_shapes: Callable[[int], list[dict[str, Any]]] | None = None
-    # The call's collectives at a batch size, one dict per kind and axis: {"kind":
-    # "all_reduce"|"all_to_all"|"all_gather", "axis": mesh axis, "axis_size": devices on it,
-    # "bytes": payload per device of ONE collective, "count": how many per call}
-    # (batching.workloads.collectives); None or [] when the call communicates nothing.
+    # The call's collectives, one dict per kind and axis (batching.workloads.collectives).
+    # Keys: "kind" (all_reduce, all_to_all or all_gather), "axis" and "axis_size".
+    # "bytes" is one collective's payload per device; "count" is how many per call.
+    # None or [] when the call communicates nothing.
     collectives: Callable[[int], list[dict[str, Any]]] | None = None
     # Per-point facts measured after the timing, never inside it (MoE routing statistics).
     point_fields: Callable[[int], dict[str, Any]] | None = None
+    # How many examples (or tokens) one call processes.
     examples: Callable[[int], int] = lambda batch_size: batch_size
     # What `examples` counts; rows also get `<unit>_per_s` (tokens_per_s for a decoder).
     example_unit: str = "examples"
-    # How many ways each mesh axis splits this workload (Topology.parallel_shape); None: the
-    # mesh's own shape.
+    # How many ways each mesh axis splits this workload (Topology.parallel_shape).
+    # None means the mesh's own shape.
     parallel_shape: dict[str, int] | None = None
+    # Run-level facts for every row and the hparams.
     fields: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # One call as a list of ops (batching.workloads.ops.Op).
     ops: Callable[[int], list[ops_lib.Op]] | None = None
 
     def __post_init__(self):
@@ -90,17 +97,17 @@ class Workload:
 
 
 class FlatCall:
-    """A workload's call with its arguments as flat arrays in and flat arrays out: what the
-    sweep compiles and times.
+    """A workload's call taking flat arrays and returning flat arrays.
 
-    jit flattens every pytree argument on every call, and an nnx.State flattens in Python,
-    about 3 µs per Variable (vllm-project/tpu-inference measured ~2.3 µs per
-    `_variable_flatten` and moved to pre-flattened leaves): a small network timed over its
-    State measured the harness (an 8-layer, 64-wide MLP at batch 1: 137 µs against 20 µs).
-    Here the arguments are flattened once; `fn(*leaves)` rebuilds the pytrees (and the
-    module, in the workload's own fn) inside jit, where it is trace-time work, and returns
-    its outputs' leaves (one array as itself, several as a tuple). Per call only jit's C++
-    dispatch of a tuple of arrays remains.
+    This is what the sweep compiles and times. jit flattens every pytree argument on every
+    call. An nnx.State flattens in Python, one Variable at a time.
+    vllm-project/tpu-inference measured ~2.3 µs per `_variable_flatten` call. They moved to
+    pre-flattened leaves for that reason. Timed over its State, a small network's time is
+    mostly the harness. `experiments/harness_overhead.py` measures this. Here the arguments
+    are flattened once. `fn(*leaves)` rebuilds the pytrees inside jit, at trace time. The
+    workload's own fn rebuilds the module there too. It returns its outputs' leaves. One
+    array comes back as itself, several as a tuple. Per call, only jit's C++ dispatch of a
+    tuple of arrays remains.
     """
 
     def __init__(
@@ -131,17 +138,20 @@ class FlatCall:
             out_leaves, self._out_tree = jax.tree.flatten(fn(*structured))
             return out_leaves[0] if len(out_leaves) == 1 else tuple(out_leaves)
 
-        # Each leaf's parameter is named after its path in the pytree it came from, so the
-        # compiled program's entry parameters keep the Flax module path (the trace reader maps
-        # kernels to the lab's ops by it: "state__stages___0__0___conv1____kernel___value").
+        # Each leaf's parameter is named after its path in its pytree. So the compiled
+        # program's entry parameters keep the Flax module path. The trace reader maps
+        # kernels to the lab's ops by it: "state__stages___0__0___conv1____kernel___value".
         flat_fn.__signature__ = inspect.Signature(
             [inspect.Parameter(n, inspect.Parameter.POSITIONAL_ONLY) for n in names]
         )
         self.fn = flat_fn
 
     def rebind(self, args: Sequence[Any]) -> "FlatCall":
-        """The same call (function, structure, feedback) with new arguments of the same
-        structure: a point timed again runs the executable already compiled for it."""
+        """The same call with new arguments of the same structure.
+
+        Function, structure and feedback are kept. So a point timed again runs the
+        executable already compiled for it.
+        """
         flat = [jax.tree.flatten(a) for a in args]
         if [tree for _, tree in flat] != self._in_trees:
             raise ValueError("FlatCall.rebind: the arguments' structure changed")
@@ -151,9 +161,11 @@ class FlatCall:
 
     @property
     def next_args(self) -> Callable[[tuple, Any], tuple] | None:
-        """`next_args(args, out)`: the arguments with the carried outputs' leaves in place of
-        the arguments they feed (None without `carry`). A tuple rebuilt from indices fixed
-        once the function has been traced (lowered)."""
+        """`next_args(args, out)`: the arguments, with carried outputs in their places.
+
+        Each carried output's leaves replace the leaves of the argument it feeds. It is None
+        without `carry`. The tuple is rebuilt from indices fixed once the function is traced.
+        """
         if not self._carry:
             return None
         return self._next_args
@@ -184,8 +196,11 @@ class FlatCall:
 
 
 def _leaf_names(fn: Callable[..., Any], args: Sequence[Any]) -> list[str]:
-    """A distinct identifier per leaf of `args`: fn's argument name and the leaf's key path,
-    every other character as "_" (as XLA writes parameter names)."""
+    """A distinct identifier per leaf of `args`.
+
+    It joins fn's argument name and the leaf's key path. Every other character becomes "_",
+    as XLA writes parameter names.
+    """
     try:
         arg_names = list(inspect.signature(fn).parameters)
     except (TypeError, ValueError):
@@ -203,9 +218,11 @@ def _leaf_names(fn: Callable[..., Any], args: Sequence[Any]) -> list[str]:
 
 
 def normal_input(seed: int, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """Standard-normal input values made on the host with numpy: jax.random would compile
-    one program per input shape, 0.1-0.3 s each on a 2-core CPU (3 s of a cold 10-point
-    sweep), before the point's own program."""
+    """Standard-normal input values, made on the host with numpy.
+
+    jax.random would compile one program per input shape. That compile comes before the
+    point's own program, and adds up over a cold sweep.
+    """
     values = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
     return values.astype(dtype)
 
@@ -216,10 +233,12 @@ def flat_call(wl: "Workload", batch_size: int) -> FlatCall:
 
 
 def config_of(cls: type[T], model_cfg: Mapping[str, Any] | ml_collections.ConfigDict) -> T:
-    """`cls` (a model's config dataclass) from a config's `model` section: each of its fields
-    the section has, the others at the dataclass's defaults. Keys that are not fields of `cls`
-    (name, phase, tokens, ...) are the workload's own. Bad values raise the dataclass's
-    ValueError, which names model.<field>."""
+    """`cls`, a model's config dataclass, built from a config's `model` section.
+
+    Fields the section sets take its values. The others keep the dataclass's defaults. Keys
+    that are not fields of `cls` belong to the workload (name, phase, tokens, ...). A bad
+    value raises the dataclass's ValueError, which names model.<field>.
+    """
     names = [f.name for f in dataclasses.fields(cls)]
     return cls(**{name: model_cfg[name] for name in names if name in model_cfg})
 
@@ -247,8 +266,10 @@ def workload_module(name: str) -> types.ModuleType:
 
 
 class Bench:
-    """A run's workload family, found by name once, and its topology and workload, each built
-    once on first use: what the sweep times and the analysis reads, handed to both."""
+    """A run's workload family, topology and workload, handed to the sweep and the analysis.
+
+    The family is found by name once. The topology and workload are built on first use.
+    """
 
     def __init__(self, run: runs.Run):
         self.run = run
@@ -268,8 +289,10 @@ class Bench:
 
     @property
     def attend(self) -> Callable[..., Any] | None:
-        """The family's attention over its KV cache (`ATTEND`), which the roofline's attention
-        microbenchmark times; None for a family without one."""
+        """The family's attention over its KV cache (`ATTEND`), or None.
+
+        The roofline's attention microbenchmark times it.
+        """
         return getattr(self.module, "ATTEND", None)
 
     @property

@@ -1,5 +1,8 @@
-"""Trained decoder parameters on disk: one .npz of arrays keyed by their nnx path, with the
-model config they belong to in a .json beside it, each written then renamed."""
+"""Trained decoder parameters on disk.
+
+One .npz holds the arrays, keyed by their nnx path. A .json beside it holds the model config
+they belong to. Each file is written, then renamed.
+"""
 
 import dataclasses
 import json
@@ -35,8 +38,10 @@ def write_atomic(path: str, write: Callable) -> None:
 
 
 def save_params(path: str, params: nnx.State, cfg: decoder.DecoderConfig) -> None:
-    """Writes params to `path` (.npz) and cfg to the .json beside it, each written then
-    renamed, so a reader never sees a half-written file."""
+    """Writes params to `path` (.npz) and cfg to the .json beside it.
+
+    Each is written, then renamed, so a reader never sees a half-written file.
+    """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_atomic(path, lambda f: np.savez(f, **param_arrays(params)))
     sidecar = {"model": dataclasses.asdict(cfg), "num_params": decoder.num_params(cfg)}
@@ -47,13 +52,12 @@ def save_params(path: str, params: nnx.State, cfg: decoder.DecoderConfig) -> Non
 def load_params(
     path: str, model_cfg: decoder.DecoderConfig | Mapping | ml_collections.ConfigDict
 ) -> nnx.State:
-    """Params saved by `save_params`, as the nnx.State of Decoder(model_cfg)'s
-    decoder.WEIGHTS (its parameters and any routing biases).
+    """Params saved by `save_params`, as an nnx.State of Decoder(model_cfg).
 
-    Restore with `nnx.merge(graphdef, load_params(path, cfg))` or `nnx.update(model, ...)`.
-    Arrays are cast to model.param_dtype. Routing fields (router, top_k, capacity_factor,
-    group size) may differ from training's; a missing, extra or misshapen array raises
-    ValueError.
+    The state holds decoder.WEIGHTS: the parameters and any routing biases. Restore with
+    `nnx.merge(graphdef, load_params(path, cfg))` or `nnx.update(model, ...)`. Arrays are cast
+    to model.param_dtype. Routing fields may differ from training's. They are router, top_k,
+    capacity_factor and group size. A missing, extra or misshapen array raises ValueError.
     """
     cfg = (
         model_cfg

@@ -1,19 +1,19 @@
-"""A call's collectives as a workload describes them: their bytes on the wire, and what XLA
-compiled.
+"""A call's collectives as a workload describes them, and as XLA compiled them.
 
-A collective over a mesh axis of n devices, with a payload of S bytes per device (the
-buffer each device holds: the input of an all-reduce or all-to-all, the OUTPUT of an
-all-gather), moves per device, in each direction, over a ring or a switch:
+Take a collective over a mesh axis of n devices. Its payload is S bytes per device. That is
+the buffer each device holds. It is the input of an all-reduce or all-to-all. It is the
+OUTPUT of an all-gather. Per device and direction, over a ring or a switch, it moves this.
 
-- all-reduce: 2·(n−1)/n · S (reduce-scatter, then all-gather);
-- all-to-all: (n−1)/n · S (every device keeps 1/n of its buffer);
+- all-reduce: 2·(n−1)/n · S, a reduce-scatter then an all-gather.
+- all-to-all: (n−1)/n · S, as every device keeps 1/n of its buffer.
 - all-gather: (n−1)/n · S.
 
-These are the "bus bandwidth" factors of nccl-tests (doc/PERFORMANCE.md): busbw =
-algbw · factor with algbw = S / time. A bus bandwidth is comparable to one device's
-link bandwidth per direction (specs.DeviceSpec.interconnect_bytes_per_s), whatever n
-is, so a collective takes S · factor / busbw seconds (batching.predict.roofline.comm_time).
-`from_hlo` reads the collectives a compiled program holds, to check a workload's count.
+These are the "bus bandwidth" factors of nccl-tests (doc/PERFORMANCE.md). There busbw =
+algbw · factor, with algbw = S / time. A bus bandwidth compares to one device's link
+bandwidth per direction, whatever n is. That link bandwidth is
+specs.DeviceSpec.interconnect_bytes_per_s. So a collective takes S · factor / busbw seconds
+(batching.predict.roofline.comm_time). `from_hlo` reads the collectives a compiled program
+holds. It checks a workload's count.
 """
 
 import math
@@ -60,7 +60,10 @@ def entry(kind: str, axis: str, axis_size: int, payload_bytes: float, count: int
 
 
 def shards(total: int, parts: int, what: str) -> int:
-    """`total` split evenly over `parts` devices; ValueError naming `what` if it does not split."""
+    """`total` split evenly over `parts` devices.
+
+    It raises a ValueError naming `what` if `total` does not split.
+    """
     if total % parts:
         raise ValueError(f"{what} ({total}) must be divisible by its mesh axes ({parts} devices)")
     return total // parts
@@ -81,12 +84,13 @@ _HLO_BYTES.update({"s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "
 
 
 def from_hlo(text: str) -> dict[str, Any]:
-    """The collectives in a compiled program's HLO text: {"counts": {op: n}, "bytes": Σ per
-    device}, to check the analytic `collectives` against (like xla_flops_ratio for FLOPs).
+    """The collectives in a compiled program's HLO text.
 
-    Bytes are each op's result per device (an all-gather's output, an all-reduce's or
-    all-to-all's buffer; a combined op's tuple summed); an async `-start` op counts once, by
-    its largest array (its result; the tuple also holds the operand).
+    It returns {"counts": {op: n}, "bytes": Σ per device}. The analytic `collectives` are
+    checked against it, as xla_flops_ratio checks FLOPs. Bytes are each op's result per
+    device. That is an all-gather's output, or an all-reduce's or all-to-all's buffer. A
+    combined op's tuple is summed. An async `-start` op counts once, by its largest array.
+    That array is its result; the tuple also holds the operand.
     """
     counts: dict[str, int] = {}
     total = 0

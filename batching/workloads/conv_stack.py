@@ -1,5 +1,7 @@
-"""A stack of same-size convolutions as a workload: y = ConvStack(x) for x [batch, H, W, C]
-(claim C6's convolution side; its dense side is the MLP workload with `tokens`)."""
+"""A stack of same-size convolutions as a workload: y = ConvStack(x) for x [batch, H, W, C].
+
+This is claim C6's convolution side. Its dense side is the MLP workload with `tokens`.
+"""
 
 import ml_collections
 from flax import nnx
@@ -18,15 +20,20 @@ def model_config(model_cfg: ml_collections.ConfigDict) -> conv_stack.ConvStackCo
 
 
 def validate(model_cfg: ml_collections.ConfigDict) -> None:
-    """Checks the model section (ConvStackConfig); raises ValueError naming the bad model.*
-    field."""
+    """Checks the model section (ConvStackConfig).
+
+    A bad value raises a ValueError naming its model.* field.
+    """
     model_config(model_cfg)
 
 
 def ops(cfg: conv_stack.ConvStackConfig, batch_size: int) -> list[Op]:
-    """One forward pass as ops: each layer a conv (with its bias and ReLU, as the conv
-    microbenchmark runs its epilogue) of 2·k²·C² FLOPs per output position, reading its
-    weights and input and writing its output once."""
+    """One forward pass as ops, one conv per layer.
+
+    Each conv includes its bias and ReLU, as the conv microbenchmark runs that epilogue. It
+    does 2·k²·C² FLOPs per output position. It reads its weights and input once. It writes
+    its output once.
+    """
     B, H, C, k = batch_size, cfg.image_size, cfg.channels, cfg.kernel
     pb, ab = resolve_dtype(cfg.param_dtype).itemsize, resolve_dtype(cfg.dtype).itemsize
     weights = (k * k * C * C + C) * pb

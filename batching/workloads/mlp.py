@@ -1,7 +1,8 @@
 """The post's MLP as a workload: y = MLP(x) for x of shape [batch, width].
 
-On a mesh the batch is split over `data` (data parallelism) and the weights are placed by
-their logical axes (`embed`, `mlp`; replicated under the default rules unless mesh.model > 1).
+On a mesh the batch is split over `data`, which is data parallelism. The weights are placed
+by their logical axes, `embed` and `mlp`. The default rules replicate them unless
+mesh.model > 1.
 """
 
 import ml_collections
@@ -21,16 +22,21 @@ def model_config(model_cfg: ml_collections.ConfigDict) -> mlp.MLPConfig:
 
 
 def validate(model_cfg: ml_collections.ConfigDict) -> None:
-    """Checks the model section (MLPConfig and model.tokens); raises ValueError naming the bad
-    model.* field."""
+    """Checks the model section: MLPConfig and model.tokens.
+
+    A bad value raises a ValueError naming its model.* field.
+    """
     model_config(model_cfg)
     tokens_of(model_cfg)
 
 
 def tokens_of(model_cfg: ml_collections.ConfigDict) -> int:
-    """Vectors per example (`model.tokens`, default 1): an example of T tokens is T rows of
-    the product, so each weight is used T times per example, as a convolution uses each
-    weight at every output position (claim C6's dense side)."""
+    """Vectors per example (`model.tokens`, default 1).
+
+    An example of T tokens is T rows of the product. So each weight is used T times per
+    example. A convolution likewise uses each weight at every output position. This is claim
+    C6's dense side.
+    """
     tokens = model_cfg.get("tokens", 1)
     if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens <= 0:
         raise ValueError(f"model.tokens must be a positive integer, got {tokens!r}")
@@ -38,15 +44,15 @@ def tokens_of(model_cfg: ml_collections.ConfigDict) -> int:
 
 
 def ops(cfg: mlp.MLPConfig, batch_size: int) -> list[Op]:
-    """One forward pass as ops: `depth` dense layers of [B, W] × [W, W], each followed by its
-    bias add and activation (B: rows, the batch times the tokens per example).
+    """One forward pass as ops: `depth` dense layers of [B, W] × [W, W].
 
-    FLOPs: 2 per weight per example (multiply and add), plus the bias add, counted with the
-    product. Bytes: every weight read once, plus each layer's input read and output written
-    (activations in the compute dtype). XLA on a CPU runs the bias add and activation as a
-    loop fusion of its own after the product (a profiler trace shows `ynn_fusion` then
-    `broadcast_maximum_fusion`): a kernel launch, whose B·W activations are the product's
-    output still in the cache, so it adds no bytes to the count.
+    Each layer is followed by its bias add and activation. B is the rows: the batch times
+    the tokens per example. FLOPs are 2 per weight per example, a multiply and an add. The
+    bias add is counted with the product. Every weight is read once. Each layer's input is
+    read and its output written, in the compute dtype. On a CPU, XLA fuses the bias add and
+    activation into a loop of their own. A profiler trace shows `ynn_fusion` then
+    `broadcast_maximum_fusion`. That fusion is one more kernel launch. Its B·W activations are
+    the product's output, still in the cache. So it adds no bytes to the count.
     """
     w_bytes = resolve_dtype(cfg.param_dtype).itemsize
     a_bytes = resolve_dtype(cfg.dtype).itemsize
@@ -73,11 +79,11 @@ def cost(cfg: mlp.MLPConfig, batch_size: int) -> Cost:
 
 
 def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> Workload:
-    """The MLP, placed on the run's mesh, timed on random inputs of `tokens` rows per example."""
+    """The MLP on the run's mesh, timed on random inputs of `tokens` rows per example."""
     del workdir
     cfg = model_config(run_cfg.model)
     model = mlp.MLP(cfg, rngs=nnx.Rngs(run_cfg.seed))
-    # Split once: timing nnx.jit in graph mode would add ~250 µs of Python per call.
+    # Split once: nnx.jit in graph mode would add Python work to every timed call.
     graphdef, state = nnx.split(model)
     state = topo.put_state(state)
     dtype = resolve_dtype(cfg.dtype)

@@ -1,24 +1,32 @@
 """A call as a list of ops: the vocabulary every workload describes its call in.
 
-Each workload describes one call at a batch size as ops (`Op`): a GEMM, a convolution, an
-attention over a KV cache, an elementwise or normalisation pass, a reduction, a gather or
-scatter, an MoE dispatch or combine. The call's analytic totals (`cost`), its GEMM shapes
-and its attention shapes are all derived from that one list, so there is one source of
-truth for what a call does; the microbenchmarks, the trace reader and the per-op roofline
-(batching.predict.pricing) read the same ops.
+Each workload describes one call at a batch size as ops (`Op`). An op is a GEMM, a
+convolution, or an attention over a KV cache. It can be an elementwise or normalisation
+pass. It can be a reduction, a gather or a scatter. An MoE dispatch or combine is one too.
+The call's analytic totals (`cost`) are derived from that one list. So are its GEMM shapes
+and its attention shapes. That makes one source of truth for what a call does. The
+microbenchmarks, the trace reader and the per-op roofline read the same ops. The roofline is
+batching.predict.pricing.
 
-Shapes by kind (`Op.shape`):
-  gemm, moe_dispatch_combine: (m, k, n), one [m, k] × [k, n] product per instance, or
-    (batch, m, k, n), `batch` such products in one kernel (an einsum over experts or groups).
-  ragged_gemm: (groups, m, k, n), a grouped product (jax.lax.ragged_dot): m rows in all, each
-    group of rows times its own [k, n] (a dropless MoE's experts); FLOPs 2·m·k·n, the rows
-    actually routed, whatever the backend computes.
-  conv: (batch, height, width, c_in, c_out, kernel, stride), NHWC input, (kernel - 1) // 2
-    symmetric padding as models.resnet.
-  attention: over a KV cache (batch, kv_heads, cache_len, q_per_kv, head_dim) with the cache's
-    `layout` and `dtype`, timed by the model's own attention; without a layout (a prefill over
-    its own prompt) any shape, priced at the peak FLOP rate.
-  others: the shape of the tensor the op reads or writes.
+Shapes by kind (`Op.shape`) follow.
+
+gemm and moe_dispatch_combine take (m, k, n). Each instance is one [m, k] × [k, n] product.
+They may also take (batch, m, k, n): `batch` such products in one kernel. That is an einsum
+over experts or groups.
+
+ragged_gemm takes (groups, m, k, n): a grouped product (jax.lax.ragged_dot). It has m rows
+in all. Each group of rows meets its own [k, n]. A dropless MoE's experts run this way.
+Its FLOPs are 2·m·k·n over the rows actually routed. What the backend computes does not
+change that.
+
+conv takes (batch, height, width, c_in, c_out, kernel, stride) on an NHWC input. Its
+padding is (kernel - 1) // 2 on each side, as in models.resnet.
+
+attention over a KV cache takes (batch, kv_heads, cache_len, q_per_kv, head_dim). It has the
+cache's `layout` and `dtype`, and the model's own attention times it. Without a layout it is
+a prefill over its own prompt. Then any shape goes, priced at the peak FLOP rate.
+
+Other kinds take the shape of the tensor the op reads or writes.
 """
 
 import dataclasses
@@ -34,8 +42,8 @@ KINDS = (
     "moe_dispatch_combine",
     "ragged_gemm",
 )
-# Which limit an op is at: DRAM bytes, bytes from the last-level cache, its measured (or
-# peak) FLOP rate, or nothing of its own (fused into its producer).
+# Which limit an op is at. "memory": DRAM bytes. "cache": bytes from the last-level cache.
+# "compute": its measured (or peak) FLOP rate. "fused": none of its own, inside its producer.
 LIMITS = ("memory", "cache", "compute", "fused")
 # Ops whose FLOP rate is a GEMM's at their (m, k, n): a one-hot einsum is a real matmul.
 GEMM_LIKE = ("gemm", "moe_dispatch_combine")
@@ -43,8 +51,11 @@ GEMM_LIKE = ("gemm", "moe_dispatch_combine")
 
 @dataclasses.dataclass(frozen=True)
 class Op:
-    """One kernel of a call, `count` times. flops, bytes and weight_bytes are per instance;
-    bytes include weight_bytes (the part that is parameters, which can stay warm in a cache)."""
+    """One kernel of a call, run `count` times.
+
+    flops, bytes and weight_bytes are per instance. bytes include weight_bytes. That part is
+    parameters, which can stay warm in a cache.
+    """
 
     name: str
     kind: str
@@ -73,7 +84,7 @@ class Op:
 
 @dataclasses.dataclass(frozen=True)
 class Totals:
-    """A call's FLOPs, bytes and weight bytes, summed over its ops and their counts."""
+    """A call's FLOPs, bytes and weight bytes, summed over its ops."""
 
     flops: float
     bytes: float
@@ -90,8 +101,10 @@ def totals(ops: list[Op]) -> Totals:
 
 
 def gemm_shapes(ops: list[Op]) -> list[tuple[int, int, int, int]]:
-    """The call's weight matmuls as (m, k, n, count), in order (kind "gemm" only); a batched
-    product counts as `batch` products of its (m, k, n)."""
+    """The call's weight matmuls as (m, k, n, count), in order.
+
+    Only kind "gemm" counts. A batched product counts as `batch` products of its (m, k, n).
+    """
     out = []
     for o in ops:
         if o.kind == "gemm":
@@ -101,8 +114,10 @@ def gemm_shapes(ops: list[Op]) -> list[tuple[int, int, int, int]]:
 
 
 def attention_shapes(ops: list[Op]) -> list[dict[str, Any]]:
-    """The call's attentions over a KV cache (those with a cache `layout`) as dicts of their
-    shape, as peaks.attention_seconds is keyed."""
+    """The call's attentions over a KV cache, as dicts of their shape.
+
+    Only ops with a cache `layout` count. The dicts match peaks.attention_seconds's keys.
+    """
     out = []
     for o in ops:
         if o.kind != "attention" or not o.layout:
@@ -126,16 +141,16 @@ def attention_shapes(ops: list[Op]) -> list[dict[str, Any]]:
 
 
 def launches(ops: list[Op]) -> int:
-    """Kernels a call launches: every op that is not fused into another, times its count."""
+    """Kernels a call launches: its unfused ops, each times its count."""
     return sum(o.count for o in ops if not o.fused)
 
 
-# Kinds a lone-op microbenchmark runs (shape_bench.measure_lone_op_seconds), with the ranks of the
-# shapes it takes: gemm and moe_dispatch_combine (m, k, n) or (batch, m, k, n), conv 7 dims.
+# Kinds a lone-op microbenchmark runs (shape_bench.measure_lone_op_seconds).
+# Each maps to the ranks of the shapes it takes. gemm and moe_dispatch_combine take
+# (m, k, n) or (batch, m, k, n); conv takes 7 dims.
 LONE_KINDS = {"gemm": (3, 4), "moe_dispatch_combine": (3, 4), "conv": (7,)}
-# It times a call running one instance and one running LONE_COPIES in a row. The slope between
-# them is what one more instance costs: eight instances apart, a call's noise (a sleeping
-# worker thread woken or not, tens of µs on a small VM) is divided by eight, where one and
-# two instances apart it was not (width 64 at batch 1 read 14 µs per product from one and
-# two, and ~0.8 µs from the 8-layer MLP itself, on a 2-core CPU).
+# It times a call running one instance and one running LONE_COPIES in a row.
+# The slope between them is what one more instance costs. A call has its own noise: a
+# sleeping worker thread is woken or not. Eight instances apart, that noise is divided by
+# eight. One and two instances apart, it swamps a small product's time.
 LONE_COPIES = 9

@@ -18,17 +18,20 @@ def model_config(model_cfg: ml_collections.ConfigDict) -> resnet.ResNetConfig:
 
 
 def validate(model_cfg: ml_collections.ConfigDict) -> None:
-    """Checks the model section (ResNetConfig); raises ValueError naming the bad model.* field."""
+    """Checks the model section (ResNetConfig).
+
+    A bad value raises a ValueError naming its model.* field.
+    """
     model_config(model_cfg)
 
 
 def ops(cfg: resnet.ResNetConfig, batch_size: int) -> list[Op]:
     """One forward pass as ops, one per layer of models.resnet.layer_costs, in run order.
 
-    A conv op is the convolution with its BatchNorm and ReLU (the analytic count takes them as
-    fused into it, and the conv microbenchmark runs them too, so their time is measured
-    whether or not a backend fuses them); pools are bandwidth-bound reductions; the
-    classifier is a GEMM. The residual adds are not counted (as in layer_costs).
+    A conv op is the convolution with its BatchNorm and ReLU. The analytic count takes
+    those as fused into it. The conv microbenchmark runs them too. So their time is measured
+    whether or not a backend fuses them. Pools are bandwidth-bound reductions. The
+    classifier is a GEMM. The residual adds are not counted, as in layer_costs.
     """
     out = []
     for c in resnet.layer_costs(cfg, batch_size):
@@ -57,7 +60,7 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
     """The ResNet, placed on the run's mesh, timed on random images."""
     del workdir
     cfg = model_config(run_cfg.model)
-    # An rbg key: threefry's sampler compiles a program per kernel shape, ~5x slower on a CPU.
+    # An rbg key: threefry's sampler compiles a program per kernel shape, slow on a CPU.
     model = resnet.ResNet(cfg, rngs=nnx.Rngs(jax.random.key(run_cfg.seed, impl="rbg")))
     graphdef, state = nnx.split(model)
     state = topo.put_state(state)

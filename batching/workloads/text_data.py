@@ -1,11 +1,11 @@
 """Byte-level text every machine has: the Python standard library's own source files.
 
-Files are read as bytes (vocabulary 256) at run time, so nothing is downloaded or shipped.
-Each file goes wholly to train or to held-out by a stable hash of its path relative to the
-stdlib root, so the split does not depend on the machine's file order or on `max_bytes`, and
-no held-out window can overlap a training file. Files are read in an order fixed by another
-slice of the same hash until `max_bytes` are read, so a cap takes a spread of the library,
-not its alphabetical start.
+Files are read as bytes (vocabulary 256) at run time. So nothing is downloaded or shipped.
+Each file goes wholly to train or to held-out. A stable hash of its path decides which. The
+path is taken relative to the stdlib root. So the machine's file order does not change the
+split. Nor does `max_bytes`. And no held-out window can overlap a training file. Another
+slice of the same hash fixes the order files are read in. Reading stops once `max_bytes` are
+read. So a cap takes a spread of the library, not its alphabetical start.
 
 Letters in array names: B batch, L window length (tokens per example).
 """
@@ -41,9 +41,10 @@ def stdlib_root() -> str:
 
 
 def list_files(root: str) -> list[str]:
-    """Paths of the *.py files under `root`, relative to it with '/' separators, sorted.
+    """Paths of the *.py files under `root`, sorted.
 
-    Folders named in SKIP_DIRS are not entered; symlinked folders are not followed.
+    Paths are relative to `root`, with '/' separators. Folders named in SKIP_DIRS are not
+    entered; symlinked folders are not followed.
     """
     found = []
     for folder, dirs, files in os.walk(root):
@@ -71,13 +72,11 @@ def is_heldout(rel_path: str, heldout_fraction: float) -> bool:
     return _hash_fractions(rel_path)[0] < heldout_fraction
 
 
-def load_split(
-    max_bytes: int = 8_000_000, heldout_fraction: float = 0.05, root: str | None = None
-) -> TextSplit:
+def load_split(max_bytes: int, heldout_fraction: float, root: str | None = None) -> TextSplit:
     """Reads up to `max_bytes` bytes of *.py files under `root` (default: the stdlib).
 
-    Raises ValueError naming config.train.max_text_bytes / heldout_fraction for bad values,
-    and when no file is found or either side of the split comes out empty.
+    A bad value raises a ValueError naming config.train.max_text_bytes or heldout_fraction.
+    So does finding no file. So does an empty side of the split.
     """
     if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes <= 0:
         raise ValueError(
@@ -135,7 +134,7 @@ def sample_batch(
     """B random windows of L + 1 bytes -> (inputs_BxL, targets_BxL), int32.
 
     targets[b, t] = inputs[b, t + 1] within a window: the next byte. Window starts are drawn
-    uniformly from `rng`, so the same generator state gives the same batch.
+    uniformly from `rng`. So the same generator state gives the same batch.
     """
     for name, value in (("batch", batch), ("length", length)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

@@ -1,5 +1,7 @@
-"""The training section of a config, checked field by field before anything is written, and
-the decoder config it trains."""
+"""The training section of a config, and the decoder config it trains.
+
+The section is checked field by field before anything is written.
+"""
 
 from collections.abc import Mapping
 from typing import Any
@@ -13,9 +15,10 @@ from batching.workloads import text_data
 from models import decoder
 
 SCHEDULES = ("cosine", "constant")
-# train.aux_loss_scope -> the routing statistic that is the trained load-balancing loss:
-# "group" balances within each routing group (GShard/Switch/flaxformer/MaxText), "batch" over
-# the pooled global batch (Qwen 2025 "Demons in the Detail", OLMo-core). See routers.routing_stats.
+# train.aux_loss_scope -> the routing statistic trained as the load-balancing loss.
+# "group" balances within each routing group, as GShard, Switch, flaxformer and MaxText do.
+# "batch" balances over the pooled global batch.
+# Qwen 2025 ("Demons in the Detail") and OLMo-core do that. See routers.routing_stats.
 AUX_LOSS_STAT = {"group": "aux_loss", "batch": "aux_loss_batch"}
 
 
@@ -42,8 +45,11 @@ def _check_float(name: str, value: Any, positive: bool) -> None:
 
 
 def validate(config: ml_collections.ConfigDict) -> decoder.DecoderConfig:
-    """Checks the fields training reads; returns the model config. Raises ValueError naming
-    the bad field (config.train.*, config.name, config.seed or model.*)."""
+    """Checks the fields training reads, and returns the model config.
+
+    A bad field raises a ValueError naming it. The fields are config.train.*, config.name,
+    config.seed and model.*.
+    """
     t = config.get("train")
     if t is None:
         raise ValueError("config.train is missing: see configs/moe_decoder.py for its fields")

@@ -1,5 +1,7 @@
-"""Where training's curves go: a Log (the lab's TensorBoard writer hands training an
-batching.outputs.tensorboard.EventLog), and the routing statistics written to it."""
+"""Where training's curves go: a Log, and the routing statistics written to it.
+
+The lab's TensorBoard writer hands training a batching.outputs.tensorboard.EventLog.
+"""
 
 from typing import Any, Protocol
 
@@ -61,9 +63,12 @@ def write_routing(
     step: int,
     router: str,
 ) -> None:
-    """Scalars `<prefix>moe/<stat>` (mean over layers) and `<prefix>moe/layer_<i>/<stat>`;
-    histograms of tokens per expert (all layers, and per layer) and, for expert-choice,
-    experts per token."""
+    """Writes one step's routing statistics to the log.
+
+    Scalars go to `<prefix>moe/<stat>`, the mean over layers. Each layer's go to
+    `<prefix>moe/layer_<i>/<stat>`. Histograms hold tokens per expert, over all layers and
+    per layer. Expert choice also gets a histogram of experts per token.
+    """
     if not stats:
         return
     for key in SCALAR_STATS:
