@@ -42,10 +42,10 @@ flags.DEFINE_string("json_out", None, "Also write the JSON result to this file."
 def dpa_attend(implementation: str):
     """attend_cache's signature over a "bskh" cache, through jax.nn.dot_product_attention."""
 
-    def attend(q_BxKxGxH, k_BxSxKxH, v_BxSxKxH, lengths_B, layout):
+    def attend(q_BxKxQxH, k_BxSxKxH, v_BxSxKxH, lengths_B, layout):
         del layout
-        B, K, G, H = q_BxKxGxH.shape
-        q_Bx1xNxH = q_BxKxGxH.reshape(B, 1, K * G, H).astype(k_BxSxKxH.dtype)
+        B, K, Q, H = q_BxKxQxH.shape
+        q_Bx1xNxH = q_BxKxQxH.reshape(B, 1, K * Q, H).astype(k_BxSxKxH.dtype)
         out = jax.nn.dot_product_attention(
             q_Bx1xNxH,
             k_BxSxKxH,
@@ -53,7 +53,7 @@ def dpa_attend(implementation: str):
             key_value_seq_lengths=lengths_B,
             implementation=implementation,
         )
-        return out.reshape(B, K, G, H).astype(jnp.float32)
+        return out.reshape(B, K, Q, H).astype(jnp.float32)
 
     return attend
 

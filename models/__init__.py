@@ -1,6 +1,7 @@
 """Flax NNX models the lab times: MLP, SwiGLU, conv stack, ResNet, decoder, MoE.
 
-One letter means one thing in every array name here (`x_BxLxD` is [batch, length, d_model]):
+Each letter in an array name has one meaning in every module here. For example, `x_BxLxD`
+is [batch, length, d_model]. The key follows.
 
     B batch             L sequence length      S cache slots per sequence (max_len)
     D model dim         F hidden dim of an MLP or expert
@@ -14,5 +15,5 @@ One letter means one thing in every array name here (`x_BxLxD` is [batch, length
     I, J image height and width                 Z channels
     U a ResNet block's planes
 
-A module uses a subset and lists it at its top.
+Each module uses a subset and lists it at its top.
 """

@@ -1,12 +1,18 @@
-"""Grouped-query self-attention with rotary positions that owns its KV cache (MaxText
-style), and the projections the decoder builds from.
+"""Grouped-query self-attention with rotary positions that owns its KV cache (MaxText style).
 
-`cfg` is a models.decoder_config.DecoderConfig (any object with its fields: d_model, n_heads,
-n_kv_heads, head_dim, rope_theta, dtype, param_dtype); this module does not import it, so
-the decoder's config can name what the attention reads without a cycle.
+The module also holds the bias-free projections the decoder builds from.
 
-Letters in array names (models/__init__.py): B batch, L length, S cache slots per sequence,
-D model dim, K kv heads, Q query heads per kv head, N query heads (N = K·Q), H head dim.
+`cfg` is a models.decoder_config.DecoderConfig, or any object with the same fields. Attention
+reads d_model, n_heads, n_kv_heads, head_dim, rope_theta, dtype and param_dtype. Its cache
+also reads cache_layout and cache_update. This module does not import the config class. So
+the decoder's config can name what attention reads without an import cycle.
+
+Letters in array names (models/__init__.py):
+
+- B batch, L length, S cache slots per sequence.
+- D model dim, H head dim.
+- N query heads, K kv heads.
+- Q query heads per kv head, so N = K·Q.
 """
 
 import math
@@ -22,7 +28,11 @@ from models.kv_cache import KVCache
 
 
 def apply_rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
-    """Rotates the two halves of each head by angles position * theta^(-2i/H), in float32."""
+    """Rotary position embedding of x_BxLxNxH at positions_BxL.
+
+    Each head splits into two halves, and pair i (x1[i], x2[i]) turns by an angle. The angle
+    is position · theta^(-2i/H). The rotation runs in float32 and returns x's own dtype.
+    """
     H = x_BxLxNxH.shape[-1]
     inv_freq = theta ** (-jnp.arange(0, H, 2, dtype=jnp.float32) / H)  # H/2 frequencies
     angles = positions_BxL.astype(jnp.float32)[:, :, None, None] * inv_freq  # B x L x 1 x H/2
@@ -35,9 +45,11 @@ def apply_rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, theta: float) -> 
 def attend(
     q_BxLxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array, mask_BxLxS: jax.Array
 ) -> jax.Array:
-    """Grouped-query attention without repeating K/V: query head n reads kv head n // G.
+    """Grouped-query attention that never repeats the keys and values.
 
-    Scores and softmax are float32; masked positions get zero weight. Returns out_BxLxNxH.
+    Query head n reads kv head n // Q. `mask_BxLxS` is True where a query may attend.
+    Scores and softmax are float32, and masked positions get zero weight. Returns
+    out_BxLxNxH.
     """
     B, L, N, H = q_BxLxNxH.shape
     K = k_BxSxKxH.shape[2]
@@ -60,8 +72,11 @@ EMBED_INIT = nnx.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis
 
 
 def dense(cfg: Any, d_in: int, d_out: int, rngs: nnx.Rngs, axes: tuple[str, str]) -> nnx.Linear:
-    """A bias-free projection whose kernel [d_in, d_out] carries logical `axes` (Megatron
-    tensor parallelism: `heads`/`mlp` out of the column-parallel ones, into the row-parallel)."""
+    """A bias-free projection whose kernel [d_in, d_out] carries the logical `axes`.
+
+    The axes follow Megatron tensor parallelism. A column-parallel projection puts `heads` or
+    `mlp` on its output axis. A row-parallel one puts it on its input axis.
+    """
     return nnx.Linear(
         d_in,
         d_out,
@@ -74,7 +89,10 @@ def dense(cfg: Any, d_in: int, d_out: int, rngs: nnx.Rngs, axes: tuple[str, str]
 
 
 class Attention(nnx.Module):
-    """Self-attention with rotary positions and grouped-query heads; owns the KV cache."""
+    """Self-attention with rotary positions and grouped-query heads.
+
+    The layer owns its KV cache, which exists only after `init_cache`.
+    """
 
     def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -87,9 +105,10 @@ class Attention(nnx.Module):
         self.cache = nnx.data(None)
 
     def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> None:
-        """Gives the layer an empty KVCache for `batch` sequences of up to `max_len` tokens.
+        """Gives the layer an empty KVCache.
 
-        Its layout and update come from the config.
+        The cache holds `batch` sequences of up to `max_len` tokens, in `dtype`. Its layout
+        and update method come from the config.
         """
         cfg = self.cfg
         K, H = cfg.n_kv_heads, cfg.head_dim
@@ -110,7 +129,10 @@ class Attention(nnx.Module):
         return self.out(out_BxLxNxH.reshape(B, L, N * H))
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-        """Causal attention over the sequence itself; reads and writes no cache."""
+        """Causal attention over the sequence itself, x_BxLxD -> y_BxLxD.
+
+        It reads and writes no cache.
+        """
         B, L, _ = x_BxLxD.shape
         with jax.named_scope("attention"):
             positions_BxL = jnp.broadcast_to(jnp.arange(L), (B, L))
@@ -119,10 +141,11 @@ class Attention(nnx.Module):
             return self._output(attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_BxLxL))
 
     def prefill(self, x_BxLxD: jax.Array, lengths_B: jax.Array) -> jax.Array:
-        """Causal attention over a right-padded prompt that also writes its K/V to the cache.
+        """Causal attention over a right-padded prompt, x_BxLxD -> y_BxLxD.
 
-        Padding sits after each sequence's real tokens, so the causal mask alone keeps it out
-        of the real positions.
+        It also writes the prompt's keys and values to the cache. Padding sits after each
+        sequence's real tokens. So the causal mask alone keeps padding out of the real
+        positions.
         """
         B, L, _ = x_BxLxD.shape
         with jax.named_scope("attention"):
@@ -134,7 +157,11 @@ class Attention(nnx.Module):
             return self._output(attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, mask_BxLxL))
 
     def decode(self, x_BxD: jax.Array) -> jax.Array:
-        """One token per sequence at position lengths[b]; attends over the static cache."""
+        """Attention for one new token per sequence, x_BxD -> y_BxD.
+
+        Sequence b's token sits at position lengths[b]. Its keys and values are appended to
+        the cache. It then attends over the whole static cache under a length mask.
+        """
         with jax.named_scope("attention"):
             positions_Bx1 = self.cache.lengths[...][: x_BxD.shape[0], None]
             q_Bx1xNxH, k_Bx1xKxH, v_Bx1xKxH = self._project(x_BxD[:, None], positions_Bx1)

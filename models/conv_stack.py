@@ -1,13 +1,17 @@
-"""A stack of same-size 3×3 convolutions: the controlled comparison for claim C6.
+"""A stack of same-size convolutions (3×3 by default): the controlled comparison for claim C6.
 
-`depth` layers of a `kernel`×`kernel` convolution from `channels` to `channels` channels on an
-`image_size`×`image_size` NHWC input (stride 1, "SAME" padding, bias, ReLU between layers).
-A layer holds k²·C² weights and does 2·k²·C² FLOPs at each of the H·W output positions: every
-weight is used H·W times per example. A dense stack of width k·C has the same weights per
-layer; run over H·W tokens per example (models.mlp with the MLP workload's `tokens`) it does
-the same FLOPs too, and over one token H·W times fewer.
+The stack has `depth` layers. Each is a `kernel`×`kernel` convolution from `channels` to
+`channels` channels. The input is `image_size`×`image_size`, in NHWC order. Every layer has
+stride 1, "SAME" padding and a bias, with ReLU between layers.
 
-Letters in array names (models/__init__.py): B batch, I, J height and width, Z channels.
+Write k for `kernel` and Z for `channels`. A layer holds k²·Z² weights. It does 2·k²·Z²
+FLOPs at each of the I·J output positions. So every weight is used I·J times per example.
+
+A dense stack of width k·Z has the same weights per layer. That is models.mlp, run with the
+MLP workload's `tokens`. Over I·J tokens per example it does the same FLOPs too. Over one
+token it does I·J times fewer.
+
+Letters in array names (models/__init__.py): B batch, I and J height and width, Z channels.
 """
 
 import dataclasses
@@ -21,8 +25,12 @@ from models.dtypes import resolve_dtype
 
 @dataclasses.dataclass(frozen=True)
 class ConvStackConfig:
-    """The conv stack: `depth` `kernel`×`kernel` convolutions of `channels` channels on
-    `image_size`×`image_size` inputs; a bad field raises ValueError naming model.<field>."""
+    """The conv stack's sizes and dtypes.
+
+    The stack is `depth` convolutions of `kernel`×`kernel`, each from `channels` to `channels`
+    channels. Inputs are `image_size`×`image_size`. The kernel must be odd, for SAME padding.
+    A bad field raises ValueError naming model.<field>.
+    """
 
     channels: int = 64
     depth: int = 4
@@ -43,7 +51,7 @@ class ConvStackConfig:
 
 
 class ConvStack(nnx.Module):
-    """x_BxHxWxC -> y_BxHxWxC through `depth` convolutions, ReLU between them."""
+    """x_BxIxJxZ -> y_BxIxJxZ through `depth` convolutions, with ReLU between them."""
 
     def __init__(self, cfg: ConvStackConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -73,5 +81,5 @@ class ConvStack(nnx.Module):
 
 
 def num_params(cfg: ConvStackConfig) -> int:
-    """k²·C² kernel weights and C biases per layer."""
+    """Parameters: k²·Z² kernel weights and Z biases per layer, with k = `kernel`."""
     return cfg.depth * (cfg.kernel**2 * cfg.channels**2 + cfg.channels)

@@ -1,35 +1,45 @@
 """A decoder-only transformer with the KV cache inside attention (MaxText style).
 
-Blocks are pre-norm: RMSNorm -> grouped-query self-attention with rotary positions -> residual
--> RMSNorm -> SwiGLU MLP -> residual. Three modes share the weights:
+Blocks are pre-norm. A block runs RMSNorm, grouped-query self-attention with rotary
+positions, and a residual add. It then runs RMSNorm, a SwiGLU MLP, and a residual add.
 
-- full forward, `model(tokens_BxL) -> logits_BxLxV`: causal, no cache (training shape);
-- prefill, `model.prefill(tokens_BxL, lengths_B) -> logits_BxV`: a right-padded prompt batch
-  writes the cache and returns the logits at each sequence's last real token;
-- decode, `model.decode_step(tokens_B) -> logits_BxV`: one token per sequence, written at that
-  sequence's own position; attention runs over the whole static cache under a length mask,
-  in the cache's own layout (`cache_layout`, models.kv_cache.attend_cache).
+Three modes share the weights:
+
+- Full forward, `model(tokens_BxL) -> logits_BxLxV`. It is causal and uses no cache. This is
+  the training shape.
+- Prefill, `model.prefill(tokens_BxL, lengths_B) -> logits_BxV`. A right-padded prompt batch
+  writes the cache. It returns the logits at each sequence's last real token.
+- Decode, `model.decode_step(tokens_B) -> logits_BxV`. Each sequence gets one token, written
+  at that sequence's own position. Attention runs over the whole static cache under a length
+  mask. It reads the cache in its own layout (`cache_layout`, models.kv_cache.attend_cache).
 
 The cache exists only after `model.init_cache(batch, max_len)`. The harness jits the pure
-functions of models.decoding over `graphdef, params, cache = nnx.split(model, WEIGHTS,
-nnx.Cache)`.
+functions of models.decoding. They take the state split as `graphdef, params, cache =
+nnx.split(model, WEIGHTS, nnx.Cache)`.
 
-Mixture of experts: with `moe_every = n > 0`, block `layer` uses an MoE layer instead of SwiGLU
-when (layer + 1) % n == 0 (blocks n-1, 2n-1, ...). Each has `num_experts` SwiGLU experts of
-hidden dim `mlp_dim`. Its routing group, the tokens a router sees together, is:
+With `moe_every = n > 0`, some blocks use a mixture of experts instead of SwiGLU. Block `layer` is
+one when (layer + 1) % n == 0 (blocks n-1, 2n-1, ...). Each MoE layer has `num_experts` SwiGLU
+experts of hidden dim `mlp_dim`.
 
-- full forward and prefill of a [B, L] batch: the tokens flattened in order (sequence by
-  sequence) and cut into groups of `moe_group_size`; 0 means one group per sequence (L tokens),
-  so no sequence's routing depends on another's. Prefill's padding tokens route too, so they
-  can take expert capacity that real tokens of their group would otherwise get;
-- decode step: the B tokens of the step, one per sequence, whatever `moe_group_size`.
+A routing group is the set of tokens a router sees together. Each mode makes its own groups.
 
-Each mode takes `stats=True` to also return the routing statistics: one dict per MoE block
-(models.routers.routing_stats), in block order.
+- Full forward and prefill of a [B, L] batch flatten the tokens in order, sequence by
+  sequence. They cut them into groups of `moe_group_size`. The default 0 means one group per
+  sequence (L tokens). So no sequence's routing depends on another's.
+- Prefill's padding tokens route too. They can take expert capacity that real tokens of
+  their group would otherwise get.
+- A decode step routes its B tokens, one per sequence, whatever `moe_group_size`. They form
+  `decode_groups` groups of B / decode_groups tokens, one group by default.
 
-Letters in array names (models/__init__.py): B batch, L length, S cache slots per sequence
-(max_len), D model dim, K kv heads, Q query heads per kv head, N query heads (N = K·Q),
-H head dim, V vocab, F mlp dim.
+Each mode takes `stats=True` to also return the routing statistics. They come as one dict per
+MoE block (models.routers.routing_stats), in block order.
+
+Letters in array names (models/__init__.py):
+
+- B batch, L length, S cache slots per sequence (max_len).
+- D model dim, F MLP hidden dim, V vocab.
+- N query heads, K kv heads, H head dim.
+- Q query heads per kv head, so N = K·Q.
 """
 
 import jax
@@ -76,14 +86,18 @@ class SwiGLU(nnx.Module):
 
 
 class DecoderMoE(MoELayer):
-    """The MoE a decoder block uses: an MoELayer whose routing group the block picks per
-    call (L tokens of a sequence in a full forward, the B tokens of a decode step)."""
+    """The MoE layer of a decoder block: an MoELayer whose routing group the block picks.
+
+    A full forward or prefill routes groups of `moe_group_size` tokens. The default is one
+    sequence's L tokens. A decode step routes its B tokens in `decode_groups` groups.
+    """
 
 
 class Block(nnx.Module):
-    """Pre-norm block: x + attention(norm(x)), then x + mlp(norm(x)); x_BxLxD -> x_BxLxD.
+    """A pre-norm block, x_BxLxD -> x_BxLxD.
 
-    With `stats=True` each mode also returns the MoE layer's routing stats (None for SwiGLU).
+    It computes x + attention(norm(x)), then x + mlp(norm(x)). With `stats=True` each mode
+    also returns the MLP's routing stats. A SwiGLU block returns None for them.
     """
 
     def __init__(self, cfg: DecoderConfig, layer: int, *, rngs: nnx.Rngs):
@@ -94,9 +108,10 @@ class Block(nnx.Module):
         self.mlp = self.make_mlp(cfg, layer, rngs=rngs)
 
     def make_mlp(self, cfg: DecoderConfig, layer: int, *, rngs: nnx.Rngs) -> nnx.Module:
-        """The one place a block picks its MLP: any module mapping x_BxLxD -> y_BxLxD fits.
+        """The one place a block picks its MLP.
 
-        Blocks in `moe_layers(cfg)` get a mixture of experts, the others SwiGLU.
+        Any module mapping x_BxLxD -> y_BxLxD fits. Blocks in `moe_layers(cfg)` get a
+        mixture of experts, and the others get SwiGLU.
         """
         if layer in moe_layers(cfg):
             return DecoderMoE(cfg.moe_config(), rngs=rngs)
@@ -115,13 +130,16 @@ class Block(nnx.Module):
         return self.cfg.moe_group_size or length
 
     def __call__(self, x_BxLxD: jax.Array, *, stats: bool = False):
-        """Full forward: causal, no cache."""
+        """Full causal forward without a cache."""
         x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD))
         y, s = self._mlp(x_BxLxD, self._sequence_group(x_BxLxD.shape[1]))
         return (y, s) if stats else y
 
     def prefill(self, x_BxLxD: jax.Array, lengths_B: jax.Array, *, stats: bool = False):
-        """Prefill of a right-padded prompt; writes its K/V to the cache."""
+        """Prefill of a right-padded prompt.
+
+        It writes the prompt's keys and values to the cache.
+        """
         x_BxLxD = x_BxLxD + self.attn.prefill(self.attn_norm(x_BxLxD), lengths_B)
         y, s = self._mlp(x_BxLxD, self._sequence_group(x_BxLxD.shape[1]))
         return (y, s) if stats else y
@@ -135,7 +153,10 @@ class Block(nnx.Module):
 
 
 class Decoder(nnx.Module):
-    """tokens (int) -> logits (float32) over `vocab_size`; see the module docstring for modes."""
+    """Maps int tokens to float32 logits over `vocab_size`.
+
+    The module docstring describes its three modes.
+    """
 
     def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -192,8 +213,9 @@ class Decoder(nnx.Module):
     def __call__(self, tokens_BxL: jax.Array, *, stats: bool = False):
         """Full causal forward without a cache: tokens_BxL -> logits_BxLxV.
 
-        With `stats`, also one routing_stats dict per MoE block ([] if dense). Each MoE
-        routes groups of model.moe_group_size tokens (0: one group per sequence).
+        With `stats` it also returns one routing_stats dict per MoE block. The list is empty
+        for a dense model. Each MoE routes groups of model.moe_group_size tokens. The default
+        0 makes one group per sequence.
         """
         if tokens_BxL.ndim != 2:
             raise ValueError(f"tokens must be [batch, length], got shape {tokens_BxL.shape}")
@@ -214,10 +236,12 @@ class Decoder(nnx.Module):
         """Writes a right-padded prompt batch into the cache.
 
         Returns logits_BxV at each sequence's last real token, position lengths_B[b] - 1.
-        Each length must lie in [1, L]; inside jit that cannot be checked. Sequences go to
-        cache slots [0, B) and the prompt to positions [0, L): prefill starts sequences
-        afresh. With `stats`, also one routing_stats dict per MoE block. They count every
-        prompt position: padding routes like any token.
+        Each length must lie in [1, L]. Inside jit this cannot be checked. Sequences go to
+        cache slots [0, B), and the prompt goes to positions [0, L). So prefill starts every
+        sequence afresh.
+
+        With `stats` it also returns one routing_stats dict per MoE block. They count every
+        prompt position, since padding routes like any token.
         """
         if tokens_BxL.ndim != 2:
             raise ValueError(f"prompt must be [batch, length], got shape {tokens_BxL.shape}")
@@ -240,11 +264,12 @@ class Decoder(nnx.Module):
         return (logits, all_stats) if stats else logits
 
     def decode_step(self, tokens_B: jax.Array, *, stats: bool = False):
-        """Appends one token per sequence at its own position; returns the next logits_BxV.
+        """Appends one token per sequence, each at its own position.
 
-        The caller keeps every length below the cache's max_len (see KVCache). Each MoE
-        routes the step's B tokens as one group. Under expert-choice a sequence's next token
-        then depends on the other sequences. With `stats`, also the routing stats.
+        Returns the next logits_BxV. The caller keeps every length below the cache's max_len
+        (see KVCache). Each MoE routes the step's B tokens in cfg.decode_groups groups, one
+        by default. Under expert-choice a sequence's next token then depends on the other
+        sequences of its group. With `stats` it also returns the routing stats.
         """
         if tokens_B.ndim != 1:
             raise ValueError(f"decode tokens must be [batch], got shape {tokens_B.shape}")
@@ -261,6 +286,7 @@ class Decoder(nnx.Module):
         """Moves each MoE block's routing bias by its own step's loads.
 
         `stats` holds one dict per MoE block, in block order, as `stats=True` returns them.
+        Blocks without a routing bias are left alone.
         """
         layers = [b.mlp for b in self.blocks if isinstance(b.mlp, DecoderMoE)]
         if len(layers) != len(stats):

@@ -1,5 +1,9 @@
-"""The decoder's config, checked field by field, and the counts that are pure math on it
-(parameters, active parameters, MoE blocks). models.decoder builds the model from it."""
+"""The decoder's config, checked field by field.
+
+The module also holds the counts that are pure math on the config. They are parameters,
+active parameters and the MoE blocks. models.decoder builds the
+model from the config.
+"""
 
 import dataclasses
 
@@ -10,8 +14,10 @@ from models.moe import MoEConfig
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
-    """The decoder's sizes, dtypes, KV-cache layout and MoE blocks; a bad field raises ValueError
-    naming model.<field>."""
+    """The decoder's sizes, dtypes, KV-cache layout and MoE blocks.
+
+    A bad field raises ValueError naming model.<field>.
+    """
 
     vocab_size: int = 32000
     d_model: int = 2048
@@ -30,7 +36,7 @@ class DecoderConfig:
     cache_layout: str = "bksh"
     # How a decode step writes its new K/V: "scatter" or "loop" (models.kv_cache).
     cache_update: str = "scatter"
-    # Mixture of experts (see the module docstring); 0 keeps every block dense. The MoE fields
+    # Mixture of experts (see models.decoder's docstring); 0 keeps every block dense. The MoE fields
     # are checked even then, so a typo does not wait for moe_every to be set.
     moe_every: int = 0
     num_experts: int = 8
@@ -136,7 +142,8 @@ def _moe_stack(cfg: DecoderConfig) -> moe.MoEMLPConfig | None:
 def num_params(cfg: DecoderConfig) -> int:
     """Exact parameter count of Decoder(cfg), embedding and unembedding included.
 
-    An MoE block counts its router (D*E) and all E experts (3*D*F each) instead of SwiGLU.
+    An MoE block replaces a SwiGLU's count. It counts its router (D*E) and all E experts
+    (3*D*F each).
     """
     D, V = cfg.d_model, cfg.vocab_size
     attn = D * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
@@ -151,9 +158,12 @@ def num_params(cfg: DecoderConfig) -> int:
 
 
 def num_active_params(cfg: DecoderConfig) -> int:
-    """Parameters one token uses: num_params with each MoE block's experts counted only as
-    many as a token reaches (models.moe.num_active_params: top_k for token-choice, about
-    capacity_factor for expert-choice). Equals num_params for a dense decoder."""
+    """Parameters one token uses.
+
+    This is num_params with each MoE block's experts counted only as far as a token reaches them.
+    models.moe.num_active_params counts those experts. That is top_k experts for token-choice, and
+    about capacity_factor experts for expert-choice. It equals num_params for a dense decoder.
+    """
     stack = _moe_stack(cfg)
     if stack is None:
         return num_params(cfg)
@@ -161,6 +171,9 @@ def num_active_params(cfg: DecoderConfig) -> int:
 
 
 def num_non_embedding_params(cfg: DecoderConfig) -> int:
-    """Parameters outside the embedding and unembedding tables (P in the cost formulas)."""
+    """Parameters outside the embedding and unembedding tables.
+
+    The closed-form decoder costs charge 2 FLOPs per token for each of them.
+    """
     tables = 1 if cfg.tie_embeddings else 2
     return num_params(cfg) - tables * cfg.vocab_size * cfg.d_model

@@ -1,7 +1,8 @@
-"""A Decoder as pure functions over its split state, `graphdef, params, cache =
-nnx.split(model, models.decoder.WEIGHTS, nnx.Cache)`: what the harness and the train step
-jit. Each merges a copy of the model, runs one of its modes and returns the new cache beside
-the outputs.
+"""A Decoder as pure functions over its split state.
+
+The harness and the train step jit these functions. The state is split as `graphdef,
+params, cache = nnx.split(model, models.decoder.WEIGHTS, nnx.Cache)`. Each function merges a
+copy of the model and runs one of its modes. It returns the new cache beside the outputs.
 
 Letters in array names (models/__init__.py): B batch, L length, V vocab, O generated tokens.
 """
@@ -24,10 +25,10 @@ def forward(
     *rest: nnx.State,
     stats: bool = False,
 ):
-    """Decoder.__call__ as a pure function: logits_BxLxV (and stats).
+    """Decoder.__call__ as a pure function: logits_BxLxV, and the stats if asked.
 
-    Differentiable in params, stats["aux_loss"] and stats["z_loss"] included. The train
-    step splits the routing biases off the parameters and hands them in `rest`.
+    It is differentiable in params, stats["aux_loss"] and stats["z_loss"] included. The
+    train step splits the routing biases off the parameters and hands them in `rest`.
     """
     model = nnx.merge(graphdef, params, *rest, copy=True)
     return model(tokens_BxL, stats=stats)
@@ -42,7 +43,7 @@ def prefill(
     *,
     stats: bool = False,
 ):
-    """Decoder.prefill as a pure function: (logits_BxV, new cache) (and stats)."""
+    """Decoder.prefill as a pure function: (logits_BxV, new cache), then the stats if asked."""
     model = nnx.merge(graphdef, params, cache, copy=True)
     out = model.prefill(tokens_BxL, lengths_B, stats=stats)
     return _with_cache(out, model, stats)
@@ -56,7 +57,7 @@ def decode_step(
     *,
     stats: bool = False,
 ):
-    """Decoder.decode_step as a pure function: (logits_BxV, new cache) (and stats)."""
+    """Decoder.decode_step as a pure function: (logits_BxV, new cache), then any stats."""
     model = nnx.merge(graphdef, params, cache, copy=True)
     out = model.decode_step(tokens_B, stats=stats)
     return _with_cache(out, model, stats)
@@ -68,8 +69,10 @@ def _with_cache(out, model: nnx.Module, stats: bool) -> tuple:
 
 
 def make_prefill_fn(graphdef: nnx.GraphDef) -> Callable:
-    """jit of `prefill` with graphdef bound: fn(params, cache, tokens_BxL, lengths_B); the cache
-    argument is donated, so the caller must use the returned cache."""
+    """jit of `prefill` with graphdef bound: fn(params, cache, tokens_BxL, lengths_B).
+
+    The cache argument is donated. So the caller must use the returned cache.
+    """
 
     def fn(params: nnx.State, cache: nnx.State, tokens_BxL: jax.Array, lengths_B: jax.Array):
         return prefill(graphdef, params, cache, tokens_BxL, lengths_B)
@@ -78,7 +81,10 @@ def make_prefill_fn(graphdef: nnx.GraphDef) -> Callable:
 
 
 def make_decode_fn(graphdef: nnx.GraphDef) -> Callable:
-    """jit of `decode_step` with graphdef bound: fn(params, cache, tokens_B); cache donated."""
+    """jit of `decode_step` with graphdef bound: fn(params, cache, tokens_B).
+
+    The cache argument is donated, as in make_prefill_fn.
+    """
 
     def fn(params: nnx.State, cache: nnx.State, tokens_B: jax.Array):
         return decode_step(graphdef, params, cache, tokens_B)
@@ -96,9 +102,10 @@ def generate(
 ) -> tuple[jax.Array, nnx.State]:
     """Greedy decoding: prefill, then `steps - 1` decode steps inside one lax.scan.
 
-    Returns (tokens_BxO, cache) with O = steps: token 0 comes from the prefill logits, token
-    t from the decode step fed token t-1. The last token is returned but not written, so the
-    cache ends at lengths_B + steps - 1. `steps` is static; under jit mark it static.
+    Returns (tokens_BxO, cache) with O = steps. Token 0 comes from the prefill logits. Token
+    t comes from the decode step fed token t-1. The last token is returned but not written.
+    So the cache ends at lengths_B + steps - 1. `steps` sets shapes, so under jit mark it
+    static.
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
@@ -118,13 +125,16 @@ def generate(
         token_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
         return (cache, token_B), token_B
 
+    # [O - 1, B]: the tokens of the decode steps.
     (cache, _), tokens_OxB = jax.lax.scan(step, (cache, token_B), length=steps - 1)
-    return jnp.concatenate([token_B[:, None], tokens_OxB.O], axis=1), cache
+    return jnp.concatenate([token_B[:, None], tokens_OxB.T], axis=1), cache
 
 
 def make_generate_fn(graphdef: nnx.GraphDef, steps: int) -> Callable:
-    """jit of `generate` with graphdef and steps bound: fn(params, cache, prompt_BxL, lengths_B);
-    cache donated."""
+    """jit of `generate` with graphdef and steps bound.
+
+    It is fn(params, cache, prompt_BxL, lengths_B), and the cache argument is donated.
+    """
 
     def fn(params: nnx.State, cache: nnx.State, prompt_BxL: jax.Array, lengths_B: jax.Array):
         return generate(graphdef, params, cache, prompt_BxL, lengths_B, steps)

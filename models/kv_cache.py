@@ -1,26 +1,29 @@
-"""The KV cache an attention layer owns during inference (MaxText style), and decode attention
-over it.
+"""The KV cache an attention layer owns during inference (MaxText style).
 
-Letters in array names (models/__init__.py): B batch, S cache slots per sequence (max_len),
-L prompt length, K kv heads, Q query heads per kv head, H head dim, R rows of the merged
-B·K axis.
+The module also holds decode attention over that cache.
+
+Letters in array names (models/__init__.py):
+
+- B batch, L prompt length, S cache slots per sequence (max_len).
+- K kv heads, Q query heads per kv head, H head dim.
+- R rows of the merged B·K axis.
 
 The cache has two layouts. MaxText makes the axis order a knob too (`ar_cache_axis_order`).
 The layout decides whether decode attention streams the cache or copies it.
 
 - "bksh": [B, K, S, H], stored as [B·K, S, H]. Each (sequence, kv head) owns one
-  contiguous [S, H] slab. The scores K·qᵀ and the sum pᵀ·V are batched products over
+  contiguous [S, H] slab. The scores k·qᵀ and the sum pᵀ·v are batched products over
   (B, K). They read every slab once, in place.
 - "bskh": [B, S, K, H], the order the projections produce. The (B, K) batch axes are not
   leading. XLA then transposes the cache into a temporary before each product.
 
 `experiments/attention_layouts.py` times both layouts.
 
-Two ways to write a decode step's new K/V (`update`):
+`update` picks one of two ways to write a decode step's new keys and values.
 
 - "scatter": one vmapped `dynamic_update_slice`, one kernel.
 - "loop": a `fori_loop` of per-sequence slices. It also runs in place. XLA's cost analysis
-  then counts only the rows written, where a scatter's fusion counts the whole cache.
+  then counts only the rows written. For a scatter, the fusion counts the whole cache.
 """
 
 import math
@@ -53,8 +56,8 @@ def write_positions(
     """`cache` with new_BxKxH[b] written at position positions_B[b] of sequence b.
 
     `cache` is stored as KVCache stores `layout`. Only the first B sequences change. The
-    write runs in place on a donated buffer. `update` picks a scatter or a loop (module
-    docstring); both write the same values.
+    write runs in place on a donated buffer. `update` picks a scatter or a loop, as the
+    module docstring describes. Both write the same values.
     """
     batch, K, _ = new_BxKxH.shape
     if update == "loop" and batch > 1:
@@ -88,16 +91,17 @@ def attend_cache(
 ) -> jax.Array:
     """One query per sequence over its cache: slots s < lengths_B[b] are attended.
 
-    `k` and `v` hold the first B sequences as KVCache stores `layout` ("bksh": [B·K, S, H],
-    "bskh": [B, S, K, H]). Query head (k, g) reads kv head k (grouped-query attention without
-    repeating K/V). Scores and softmax are float32. Returns out_BxKxGxH (float32).
+    `k` and `v` hold the first B sequences as KVCache stores `layout`. That is [B·K, S, H]
+    for "bksh" and [B, S, K, H] for "bskh". The Q query heads q_BxKxQxH[:, k] all read kv
+    head k. So the keys and values are never repeated. Scores and softmax are float32.
+    Returns out_BxKxQxH (float32).
     """
     B, K, Q, H = q_BxKxQxH.shape
     q_BxKxQxH = (q_BxKxQxH / math.sqrt(H)).astype(k.dtype)
     S = k.shape[1]
     valid_BxS = jnp.arange(S) < lengths_B[:, None]
     if layout == "bksh":
-        # Scores as K·qᵀ, one [S, H] x [H, Q] product per (sequence, kv head) row block r: the
+        # Scores as k·qᵀ, one [S, H] x [H, Q] product per (sequence, kv head) row block r: the
         # cache is the left operand and each slab streams once.
         q_RxQxH = q_BxKxQxH.reshape(B * K, Q, H)
         scores_RxSxQ = jnp.einsum("rsh,rqh->rsq", k, q_RxQxH, preferred_element_type=jnp.float32)
@@ -126,16 +130,21 @@ CACHE_AXES = {"bksh": ("batch", None, None), "bskh": ("batch", None, "kv_heads",
 class KVCache(nnx.Module):
     """Keys and values of one attention layer for `batch` sequences of up to `max_len` tokens.
 
-    `k` and `v` are [batch, max_len, n_kv_heads, head_dim] ("bskh") or
-    [batch * n_kv_heads, max_len, head_dim] ("bksh": [B, K, S, H] in memory, with B and K
-    merged so that no axis has size 1 at batch 1: XLA drops a size-1 batch axis of a product
-    with a bitcast it cannot fuse in place, and then copies the cache every step), stored
-    before heads are repeated for grouped-query attention; `lengths[b]` (int32) counts the
-    positions of sequence b that hold real tokens. Shapes never change, so a jitted decode step
-    compiles once per (batch, max_len). A batch smaller than `batch` uses the first slots.
+    The layout sets the shape of `k` and `v`:
 
-    Positions at or past `max_len` cannot be written: inside jit a decode step cannot raise,
-    and `dynamic_update_slice` clamps the index, so the caller keeps `lengths < max_len`.
+    - "bskh": [batch, max_len, n_kv_heads, head_dim].
+    - "bksh": [batch * n_kv_heads, max_len, head_dim], which is [B, K, S, H] in memory. B
+      and K are merged so that no axis has size 1 at batch 1. XLA drops a size-1 batch axis
+      of a product, with a bitcast it cannot fuse in place. It then copies the cache every
+      step.
+
+    The cache stores the K kv heads, never repeated to the N query heads. `lengths[b]`
+    (int32) counts the positions of sequence b that hold real tokens. Shapes never change.
+    So a jitted decode step compiles once per (batch, max_len). A batch smaller than `batch`
+    uses the first slots.
+
+    Positions at or past `max_len` cannot be written. Inside jit a decode step cannot raise,
+    and `dynamic_update_slice` clamps the index. So the caller keeps `lengths < max_len`.
     """
 
     def __init__(
@@ -186,9 +195,10 @@ class KVCache(nnx.Module):
     def write_prompt(
         self, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.Array, lengths_B: jax.Array
     ) -> None:
-        """Writes a right-padded prompt batch at positions [0, L) and sets each sequence's length.
+        """Writes a right-padded prompt batch at positions [0, L).
 
-        Padding is written too: the length mask hides it and decode steps overwrite it.
+        It also sets each sequence's length from lengths_B. Padding is written too. The
+        length mask hides it, and decode steps overwrite it.
         """
         with jax.named_scope("kv_cache_update"):
             start = (0,) * self.k.ndim
@@ -203,10 +213,10 @@ class KVCache(nnx.Module):
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Writes one position per sequence, at that sequence's own length, and advances lengths.
 
-        The write touches B·K·H elements of the donated buffer, in place (write_positions; the
-        tests read the compiled program's aliasing). Returns the first B slots of the updated cache,
-        k and v in the cache's layout, and the new lengths_B (each sequence attends to
-        positions < its new length).
+        The write touches B·K·H elements of the donated buffer, in place (write_positions). The
+        tests read the compiled program's aliasing to check this. Returns k and v for the first B
+        sequences, in the cache's layout. It also returns the new lengths_B. Each sequence then
+        attends to the positions below its new length.
         """
         batch = k_BxKxH.shape[0]
         with jax.named_scope("kv_cache_update"):

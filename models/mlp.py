@@ -1,6 +1,6 @@
 """The post's MLP: `depth` square dense layers of size `width`.
 
-Letters in array names: B batch, D width.
+Letters in array names (models/__init__.py): B batch, D width.
 """
 
 import dataclasses
@@ -19,8 +19,10 @@ ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "tanh": jnp.tanh, "iden
 
 @dataclasses.dataclass(frozen=True)
 class MLPConfig:
-    """The MLP: `depth` dense layers of `width`, `activation` between them; a bad field raises
-    ValueError naming model.<field>."""
+    """The MLP: `depth` dense layers of `width`, with `activation` between them.
+
+    A bad field raises ValueError naming model.<field>.
+    """
 
     width: int = 1024
     depth: int = 8
@@ -43,7 +45,10 @@ class MLPConfig:
 
 
 class MLP(nnx.Module):
-    """x_BxD -> y_BxD through `depth` dense layers, activation between them (not after the last)."""
+    """x_BxD -> y_BxD through `depth` dense layers.
+
+    The activation runs between layers, not after the last one.
+    """
 
     def __init__(self, cfg: MLPConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -73,5 +78,5 @@ class MLP(nnx.Module):
 
 
 def num_params(cfg: MLPConfig) -> int:
-    """Weights and biases: W² + W per layer (W² without bias)."""
+    """Weights and biases: D² + D per layer with D = `width` (D² without bias)."""
     return cfg.depth * (cfg.width * cfg.width + (cfg.width if cfg.use_bias else 0))

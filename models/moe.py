@@ -1,27 +1,34 @@
 """Mixture-of-experts layer and an MoE MLP for sweeps.
 
-Two ways to run the experts. With a capacity (capacity_factor > 0): GShard-style
-capacity-padded einsums, E x C slots per routing group whatever the loads, the overflow
-dropped (token- or expert-choice). Dropless (capacity_factor = 0, token-choice): the tokens'
-assignments sorted by expert and the experts applied with `jax.lax.ragged_dot` (MaxText's
-sparse-matmul path; Megablocks), nothing dropped and nothing padded, so imbalance costs time
-instead of tokens where the backend's ragged product follows the group sizes.
+There are two ways to run the experts.
 
-Auxiliary-loss-free balancing (Wang et al. 2024, arXiv 2408.15664; DeepSeek-V3): with
-`router_bias` each layer holds a per-expert bias (a RouterBias variable, not a parameter: no
-optimizer touches it) added to the scores that pick the top-k only; `update_router_bias`
-moves it after a training step by rate * sign(mean load - load_e).
+- With a capacity (capacity_factor > 0), the experts run as capacity-padded einsums (GShard).
+  Each routing group has E x C slots whatever the loads. The overflow is dropped. This works
+  with token-choice and expert-choice routing.
+- Dropless (capacity_factor = 0) is token-choice only. The tokens' assignments are sorted by
+  expert. The experts then run as `jax.lax.ragged_dot` (MaxText's sparse-matmul path;
+  Megablocks). Nothing is dropped and nothing is padded. So imbalance costs time instead of
+  tokens. That holds where the backend's ragged product follows the group sizes.
 
-Routing stats come out of a call with `stats=True`, as a plain (y, stats) pair. They are not
-sown into the module. A pure function of (params, x) can then return them from `jax.jit`
-with no state to pop. Repeated calls in a timing loop do not grow an `nnx.Intermediate`
-tuple, which would change the state's structure and retrace. Only the small stats dict
-leaves the layer, not the [G, M, E, C] masks. Without `stats`, XLA drops their computation
-under jit.
+Auxiliary-loss-free balancing follows Wang et al. 2024 (arXiv 2408.15664), as DeepSeek-V3
+uses it. With `router_bias` each layer holds a per-expert bias. It is a RouterBias variable,
+not a parameter, so no optimizer touches it. It is added only to the scores that pick the
+top-k. After a training step, `update_router_bias` moves it by rate * sign(mean load -
+load_e).
 
-Letters in array names (models/__init__.py): B batch, L length, G routing groups, M tokens
-per group, E experts, C capacity, D model dim, F expert hidden dim, T tokens, A choices
-per token, P assignments.
+A call with `stats=True` returns the routing stats in a plain (y, stats) pair. They are not
+sown into the module. A pure function of (params, x) can then return them from `jax.jit`.
+Such a function has no state to pop. Repeated calls in a timing loop do not grow an
+`nnx.Intermediate` tuple. Growing it would change the state's structure and retrace. Only the
+small stats dict leaves the layer, not the [G, M, E, C] masks. Without `stats`, XLA drops
+their computation under jit.
+
+Letters in array names (models/__init__.py):
+
+- B batch, L length, D model dim, F expert hidden dim.
+- G routing groups, M tokens per group, T tokens (G·M).
+- E experts, C capacity (slots per expert per group).
+- A choices per token (top-k), P assignments (T·A).
 """
 
 import dataclasses
@@ -43,13 +50,19 @@ from models.routers import (
 
 
 class RouterBias(nnx.Variable):
-    """A per-expert routing bias [E]: state that training sets by a rule, not by gradients."""
+    """A per-expert routing bias [E].
+
+    It is state that training sets by a rule, not by gradients.
+    """
 
 
 @dataclasses.dataclass(frozen=True)
 class MoEConfig:
-    """One MoE layer. group_size is tokens per routing group; 0 puts all of a call's tokens in
-    one group."""
+    """One MoE layer's sizes, router and dtypes.
+
+    group_size is the number of tokens per routing group. The default 0 puts all of a call's
+    tokens in one group. A bad field raises ValueError naming model.<field>.
+    """
 
     d_model: int = 512
     mlp_dim: int = 1024
@@ -101,7 +114,7 @@ class MoELayer(nnx.Module):
     """x_...xD -> y_...xD: router (fp32) -> dispatch -> E SwiGLU experts -> combine.
 
     Tokens are flattened in order and cut into groups of `group_size`. A dropped token gets
-    zeros (the caller's residual carries it).
+    zeros. The caller's residual carries it.
     """
 
     def __init__(self, cfg: MoEConfig, *, rngs: nnx.Rngs):
@@ -135,9 +148,9 @@ class MoELayer(nnx.Module):
         """y for x of shape [..., D]; with `stats`, (y, routers.routing_stats).
 
         Tokens are flattened in order and cut into groups of `group_size`. None takes the
-        config's; 0 makes one group of all tokens. A decoder routes the L tokens of a
-        sequence, or the B tokens of a decode step, as one group. stats["aux_loss"] and
-        stats["z_loss"] are differentiable w.r.t. the router weights.
+        config's group size, and 0 makes one group of all tokens. A decoder passes its own
+        group size for each mode (models.decoder). stats["aux_loss"] and stats["z_loss"] are
+        differentiable w.r.t. the router weights.
         """
         y, s = self._route(x, group_size)
         return (y, s) if stats else y
@@ -184,9 +197,12 @@ class MoELayer(nnx.Module):
     def _dropless(
         self, x_GxMxD: jax.Array, logits_GxMxE: jax.Array, bias_E: jax.Array, shape: tuple
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Every token's k assignments, sorted by expert, through the experts as ragged
-        products (rows grouped by expert, each group with its expert's weights), then put
-        back in token order and summed with their gates. Nothing is dropped or padded."""
+        """Dropless experts: every token's A assignments run as ragged products.
+
+        The P = T·A assignments are sorted by expert. Each expert's rows then meet that
+        expert's weights in `jax.lax.ragged_dot`. The outputs go back in token order and are
+        summed with their gates. Nothing is dropped or padded.
+        """
         cfg = self.cfg
         G, M, D = x_GxMxD.shape
         E, A, dtype = cfg.num_experts, cfg.top_k, x_GxMxD.dtype
@@ -205,14 +221,17 @@ class MoELayer(nnx.Module):
         h_PxF = jax.nn.silu(gate_PxF) * up_PxF
         out_PxD = jax.lax.ragged_dot(h_PxF, self.w_down_ExFxD[...].astype(dtype), sizes_E)
         out_TxAxD = jnp.zeros_like(out_PxD).at[order_P].set(out_PxD).reshape(T, A, D)
-        gate_TxKx1 = routing.gate_GxMxA.reshape(T, A, 1).astype(dtype)
-        y_TxD = jnp.sum(gate_TxKx1 * out_TxAxD, axis=1)
+        gate_TxAx1 = routing.gate_GxMxA.reshape(T, A, 1).astype(dtype)
+        y_TxD = jnp.sum(gate_TxAx1 * out_TxAxD, axis=1)
         y_GxMxD = partitioning.constrain(y_TxD.reshape(G, M, D), "groups", None, "embed")
         return y_GxMxD.reshape(shape), dropless_stats(routing)
 
     def update_router_bias(self, stats: dict[str, jax.Array], rate: float) -> None:
-        """After a training step: each expert's bias moves by rate * sign(mean load - load_e),
-        the loads being this step's token assignments (Wang et al. 2024, Algorithm 1)."""
+        """After a training step, moves each expert's bias by rate * sign(mean load - load_e).
+
+        The loads are this step's wanted token assignments, before capacity (Wang et al.
+        2024, Algorithm 1).
+        """
         load_E = stats["tokens_per_expert_wanted"].astype(jnp.float32)
         self.router_bias[...] = self.router_bias[...] + rate * jnp.sign(jnp.mean(load_E) - load_E)
 
@@ -225,8 +244,8 @@ def _bias(bias_E: jax.Array) -> jax.Array | None:
 class MoEMLP(nnx.Module):
     """x_BxD -> y_BxD through `depth` MoE layers, each with a residual connection.
 
-    One example is one token, so the routing group is the whole batch unless group_size is set:
-    under expert-choice an example's output then depends on the rest of the batch.
+    One example is one token. So the routing group is the whole batch unless group_size is
+    set. Under expert-choice an example's output then depends on the rest of the batch.
     """
 
     def __init__(self, cfg: MoEMLPConfig, *, rngs: nnx.Rngs):
@@ -256,8 +275,9 @@ def num_params(cfg: MoEMLPConfig) -> int:
 def num_active_params(cfg: MoEMLPConfig) -> int:
     """Parameters one token uses: per layer the router and the experts it reaches.
 
-    Token-choice: top_k experts (fewer if dropped). Expert-choice: E·C/M experts on average,
-    which is capacity_factor up to the rounding of C; capacity_factor is used, rounded down.
+    Token-choice reaches top_k experts, or fewer if some are dropped. Expert-choice reaches
+    E·C/M experts on average. That is capacity_factor up to the rounding of C. The count
+    uses capacity_factor, capped at E, and the total is rounded down.
     """
     if cfg.router == "token_choice":
         experts = cfg.top_k
@@ -267,13 +287,13 @@ def num_active_params(cfg: MoEMLPConfig) -> int:
 
 
 def routing_shape(cfg: MoEConfig, tokens: int, group_size: int | None = None) -> tuple[int, ...]:
-    """(G groups, M tokens per group, C slots per expert) of one MoELayer call on `tokens`
-    tokens: what the layer computes, and what its cost (the lab's ops list) counts.
+    """(G groups, M tokens per group, C slots per expert) of one MoELayer call on `tokens`.
 
-    `group_size` None takes the config's; 0 (either) puts all tokens in one group. C is
-    routers.expert_capacity at the config's capacity factor, with top_k assignments per
-    token for token-choice and one for expert-choice (GShard, Lepikhin et al. 2020;
-    Expert Choice, Zhou et al. 2022).
+    The layer computes these shapes, and its cost (the lab's ops list) counts them.
+    `group_size` None takes the config's. A group size of 0, given or configured, puts all
+    tokens in one group. C is routers.expert_capacity at the config's capacity factor. It
+    counts top_k assignments per token for token-choice (GShard, Lepikhin et al. 2020). It
+    counts one for expert-choice (Expert Choice, Zhou et al. 2022).
     """
     M = (cfg.group_size if group_size is None else group_size) or tokens
     if tokens % M != 0:

@@ -1,12 +1,14 @@
 """ResNet v1.5 for inference, NHWC, with analytic parameter, FLOP and byte counts.
 
-The architecture follows torchvision's `resnet{18,34,50,101,152}` (He et al. 2016, with the
-"v1.5" placement of a bottleneck's stride on its 3x3 conv) and the Flax ImageNet example.
-BatchNorm always uses its running statistics, so one example's output never depends on the
-others in its batch: this is an inference model for latency measurements, not for training.
+The architecture is ResNet (He et al. 2016) as torchvision's `resnet{18,34,50,101,152}` and the Flax
+ImageNet example build it. It uses the "v1.5" placement of a bottleneck's stride, on its 3x3 conv.
+BatchNorm always uses its running statistics. So one example's output never depends on the others in
+its batch. This is an inference model for latency measurements, not for training.
 
-Letters in array names (models/__init__.py): B batch, I, J height and width, Z channels,
-U planes, V classes.
+Letters in array names (models/__init__.py):
+
+- B batch, V classes.
+- I, J height and width, Z channels, U planes.
 """
 
 import dataclasses
@@ -38,10 +40,12 @@ _CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 @dataclasses.dataclass(frozen=True)
 class ResNetConfig:
-    """A ResNet. Stage widths are width, 2*width, 4*width, 8*width (times 4 after a bottleneck).
+    """A ResNet's depth, classes, input size, width and dtypes.
 
-    `small_input` swaps the ImageNet stem (7x7 stride-2 conv, 3x3 stride-2 max pool) for the
-    CIFAR one (3x3 stride-1 conv, no pool), for 32x32 images.
+    Stage widths are width, 2*width, 4*width and 8*width, times 4 after a bottleneck.
+    `small_input` swaps the ImageNet stem for the CIFAR one, for 32x32 images. The ImageNet
+    stem is a 7x7 stride-2 conv and a 3x3 stride-2 max pool. The CIFAR stem is a 3x3 stride-1
+    conv with no pool. A bad field raises ValueError naming model.<field>.
     """
 
     depth: int = 50
@@ -106,7 +110,7 @@ def _bn(cfg: ResNetConfig, c: int, rngs: nnx.Rngs, *, zero_scale: bool = False) 
 
 
 class BasicBlock(nnx.Module):
-    """x_BxIxJxZ -> y_BxI'xJ'xU: 3x3 conv (stride s), 3x3 conv, plus the shortcut."""
+    """x_BxIxJxZ -> y_BxI'xJ'xU: a 3x3 conv of stride s, a 3x3 conv, plus the shortcut."""
 
     expansion = EXPANSION["basic"]
 
@@ -127,7 +131,10 @@ class BasicBlock(nnx.Module):
 
 
 class Bottleneck(nnx.Module):
-    """x_BxHxWxC -> y_BxH'xW'x4P: 1x1 conv to P, 3x3 conv (stride s), 1x1 conv to 4P, shortcut."""
+    """x_BxIxJxZ -> y_BxI'xJ'x4U through three convs plus the shortcut.
+
+    A 1x1 conv goes to U planes, then a 3x3 conv has stride s. A last 1x1 conv goes to 4U.
+    """
 
     expansion = EXPANSION["bottleneck"]
 
@@ -153,7 +160,10 @@ class Bottleneck(nnx.Module):
 def _projection(
     cfg: ResNetConfig, in_channels: int, out_channels: int, stride: int, rngs: nnx.Rngs
 ) -> tuple[nnx.Conv | None, nnx.BatchNorm | None]:
-    """A 1x1 conv + BN shortcut where the block changes shape; (None, None) for the identity."""
+    """A 1x1 conv + BN shortcut where the block changes shape.
+
+    Returns (None, None) where the shortcut is the identity.
+    """
     if stride == 1 and in_channels == out_channels:
         return None, None
     return _conv(cfg, in_channels, out_channels, 1, stride, rngs), _bn(cfg, out_channels, rngs)
@@ -166,7 +176,10 @@ def _shortcut(block: BasicBlock | Bottleneck, x_BxIxJxZ: jax.Array) -> jax.Array
 
 
 class ResNet(nnx.Module):
-    """images_BxHxWx3 -> logits_BxK, BatchNorm in inference mode. Logits come out in `dtype`."""
+    """Images [B, I, J, 3] -> logits_BxV, with BatchNorm in inference mode.
+
+    Logits come out in `dtype`.
+    """
 
     def __init__(self, cfg: ResNetConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -194,8 +207,8 @@ class ResNet(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(self, images_BxHxWx3: jax.Array) -> jax.Array:
-        x_BxIxJxZ = jax.nn.relu(self.stem_bn(self.stem_conv(images_BxHxWx3)))
+    def __call__(self, images_BxIxJx3: jax.Array) -> jax.Array:
+        x_BxIxJxZ = jax.nn.relu(self.stem_bn(self.stem_conv(images_BxIxJx3)))
         if not self.cfg.small_input:
             # Padding with -inf (what max_pool pads with) matches torchvision's MaxPool2d(3, 2, 1).
             x_BxIxJxZ = nnx.max_pool(x_BxIxJxZ, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -271,7 +284,10 @@ def _layers(cfg: ResNetConfig) -> Iterator[_Layer]:
 
 
 def _params(layer: _Layer) -> int:
-    """Trainable parameters: kernel + BN scale and bias for a conv; weight + bias for dense."""
+    """Trainable parameters of one layer.
+
+    A conv has its kernel plus the BN scale and bias. A dense layer has weight and bias.
+    """
     if layer.kind == "dense":
         return layer.cin * layer.cout + layer.cout
     if layer.kind.startswith("conv"):
@@ -287,23 +303,29 @@ def num_params(cfg: ResNetConfig) -> int:
 def layer_costs(cfg: ResNetConfig, batch: int) -> list[dict]:
     """Per-layer cost of one forward pass on `batch` images of cfg.image_size, in run order.
 
-    One entry per conv ("conv7x7", "conv3x3", "conv1x1"), pool ("maxpool", "avgpool") and the
-    classifier ("dense"). The BatchNorm, ReLU and residual add after a conv are taken as fused
-    into it, as XLA does: no entry of their own, no FLOPs counted for them (about 1% of the
-    total for ResNet50), and the BN's four per-channel arrays count in the conv's weight bytes.
+    There is one entry per conv ("conv7x7", "conv3x3", "conv1x1") and per pool ("maxpool",
+    "avgpool"). The classifier ("dense") gets one too. XLA fuses the BatchNorm, ReLU and
+    residual add after a conv into the conv. The counts do the same.
+
+    - They get no entry of their own.
+    - No FLOPs are counted for them, about 1% of the total for ResNet50.
+    - The BN's four per-channel arrays count in the conv's weight bytes.
 
     Each entry has:
-      name: the module path ("stages.2.0.proj_conv") or "maxpool" / "avgpool".
-      kind: as above.
-      flops: FLOPs, 2 per multiply-accumulate, padded taps included (the torchvision / fvcore
-        convention); a max pool counts one per window element compared, the average pool one
-        add per input element.
-      params: trainable parameters (kernel, BN scale and bias; dense weight and bias).
-      weight_bytes: bytes of the layer's state in memory: params in `param_dtype`, plus the BN
-        running mean and variance (always float32 in nnx.BatchNorm).
-      input_bytes, output_bytes: bytes of the activations read and written, in `dtype`.
-      out_shape: (batch, H, W, C) of the output; (batch, C) for avgpool and dense.
-      in_shape: (batch, H, W, C) of the input; window: (kernel, stride).
+
+    - name: the module path ("stages.2.0.proj_conv"), or "maxpool" / "avgpool".
+    - kind: one of the kinds above.
+    - flops: 2 per multiply-accumulate, padded taps included. That is the torchvision /
+      fvcore convention. A max pool counts one per window element compared. The average
+      pool counts one add per input element.
+    - params: trainable parameters (kernel, BN scale and bias; dense weight and bias).
+    - weight_bytes: bytes of the layer's state in memory. That is the params in
+      `param_dtype`, plus the BN running mean and variance. nnx.BatchNorm keeps those two
+      in float32.
+    - input_bytes, output_bytes: bytes of the activations read and written, in `dtype`.
+    - out_shape: (batch, I, J, Z) of the output. It is (batch, Z) for avgpool and dense.
+    - in_shape: (batch, I, J, Z) of the input.
+    - window: (kernel, stride).
     """
     if not isinstance(batch, int) or isinstance(batch, bool) or batch <= 0:
         raise ValueError(f"batch must be a positive integer, got {batch!r}")
@@ -342,8 +364,11 @@ def layer_costs(cfg: ResNetConfig, batch: int) -> list[dict]:
 
 
 def model_costs(cfg: ResNetConfig, batch: int) -> dict[str, int]:
-    """Totals of `layer_costs`: flops (FLOPs), and bytes (weights read once plus every layer's
-    activations in and out) split into weight_bytes and activation_bytes."""
+    """Totals of `layer_costs`: flops, bytes, weight_bytes and activation_bytes.
+
+    The bytes are the weights read once plus every layer's activations in and out. They
+    split into weight_bytes and activation_bytes.
+    """
     costs = layer_costs(cfg, batch)
     weight_bytes = sum(c["weight_bytes"] for c in costs)
     activation_bytes = sum(c["input_bytes"] + c["output_bytes"] for c in costs)
@@ -356,7 +381,10 @@ def model_costs(cfg: ResNetConfig, batch: int) -> dict[str, int]:
 
 
 def arithmetic_intensity_by_kind(cfg: ResNetConfig, batch: int = 1) -> dict[str, float]:
-    """FLOPs per byte (weights + activations in and out) of all layers of each kind together."""
+    """FLOPs per byte of all layers of each kind together.
+
+    The bytes are the weights plus the activations in and out.
+    """
     flops: dict[str, int] = {}
     nbytes: dict[str, int] = {}
     for c in layer_costs(cfg, batch):

@@ -1,12 +1,14 @@
 """MoE routers as pure functions of the router logits, and the load-balance statistics.
 
-Both routers return the same `RoutingResult`, so the MoE layer and `routing_stats` never ask
-which router ran. The rules and formulas are those of Switch (Fedus et al. 2021), GShard
-(Lepikhin et al. 2020), ST-MoE (Zoph et al. 2022), Expert Choice (Zhou et al. 2022) and
-flaxformer's `routing.py`; routing_stats cites each statistic's source.
+Both capacity routers return the same `RoutingResult`. So the MoE layer and `routing_stats`
+never ask which router ran. The rules and formulas follow Switch (Fedus et al. 2021), GShard
+(Lepikhin et al. 2020) and ST-MoE (Zoph et al. 2022). They also follow Expert Choice (Zhou
+et al. 2022) and flaxformer's `routing.py`. routing_stats cites each statistic's source.
 
-Letters in array names (models/__init__.py): G routing groups, M tokens per group,
-E experts, C slots per expert per group, A choices per token (top-k), T tokens (G·M).
+Letters in array names (models/__init__.py):
+
+- G routing groups, M tokens per group, T tokens (G·M).
+- E experts, C slots per expert per group, A choices per token (top-k).
 """
 
 import math
@@ -22,11 +24,12 @@ ROUTERS = ("token_choice", "expert_choice")
 class RoutingResult:
     """What a router decided for one call; a pytree of fp32 arrays.
 
-    dispatch_GxSxExC: 1 where token s of group g sits in slot c of expert e, else 0.
-    combine_GxSxExC: the weight that slot's expert output gets in token s's output.
-    probs_GxSxE, logits_GxSxE: router softmax and the fp32 logits it came from.
-    assigned_GxSxE: the assignments the router wanted before capacity (the top-k mask for
-      token-choice; for expert-choice the same as what was dispatched, as nothing is dropped).
+    - dispatch_GxMxExC: 1 where token m of group g sits in slot c of expert e, else 0.
+    - combine_GxMxExC: the weight that slot's expert output gets in token m's output.
+    - probs_GxMxE, logits_GxMxE: the router softmax and the fp32 logits it came from.
+    - assigned_GxMxE: the assignments the router wanted before capacity. For token-choice it
+      is the top-k mask. For expert-choice it equals what was dispatched, as nothing is
+      dropped.
     """
 
     dispatch_GxMxExC: jax.Array
@@ -39,10 +42,11 @@ class RoutingResult:
 def expert_capacity(
     group_size: int, num_experts: int, capacity_factor: float, top_k: int = 1
 ) -> int:
-    """Slots per expert per group: clamp(ceil(cf * S * k / E), 1, S).
+    """Slots per expert per group: clamp(ceil(cf * M * A / E), 1, M).
 
-    Expert-choice uses top_k=1. The 1e-9 keeps float noise (1.1 * 10 = 11.000000000000002)
-    from adding a slot.
+    Here M is `group_size`, A is `top_k`, E is `num_experts` and cf is `capacity_factor`.
+    Expert-choice uses top_k=1. The 1e-9 keeps float noise from adding a slot. An example
+    of such noise is 1.1 * 10 = 11.000000000000002.
     """
     wanted = capacity_factor * group_size * top_k / num_experts
     return min(max(math.ceil(wanted - 1e-9), 1), group_size)
@@ -51,8 +55,10 @@ def expert_capacity(
 def check_router_args(router: str, num_experts: int, top_k: int, capacity_factor: float) -> None:
     """Raises a ValueError naming the config field (model.*) and its bad value.
 
-    A capacity factor of 0 means dropless token-choice (no capacity, nothing dropped);
-    expert-choice has no dropless form (its capacity is what each expert takes)."""
+    A capacity factor of 0 means dropless token-choice, with no capacity and nothing
+    dropped. Expert-choice has no dropless form, since its capacity is what each expert
+    takes.
+    """
     if router not in ROUTERS:
         raise ValueError(f"model.router must be one of {list(ROUTERS)}, got {router!r}")
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
@@ -79,12 +85,13 @@ def _check_logits(logits_GxMxE: jax.Array) -> None:
 def top_k_choices(
     probs_GxMxE: jax.Array, top_k: int, renormalize: bool = False, bias_E: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array]:
-    """(gate_GxSxK, expert_GxSxK): each token's top-k experts and their combine weights.
+    """(gate_GxMxA, expert_GxMxA): each token's top-k experts and their combine weights.
 
-    With `bias_E` (auxiliary-loss-free balancing, Wang et al. 2024, arXiv 2408.15664, as
-    DeepSeek-V3 uses it) the experts are the top-k of probs + bias, while the gates stay the
-    unbiased probs of the chosen experts: the bias steers which experts a token reaches, never
-    how much their outputs weigh. `renormalize` divides the gates by their sum over the k.
+    `bias_E` is for auxiliary-loss-free balancing (Wang et al. 2024, arXiv 2408.15664), as
+    DeepSeek-V3 uses it. With it, the experts are the top-k of probs + bias. The gates stay
+    the unbiased probs of the chosen experts. So the bias steers which experts a token
+    reaches, never how much their outputs weigh. `renormalize` divides the gates by their
+    sum over the A choices.
     """
     if bias_E is None:
         gate_GxMxA, expert_GxMxA = jax.lax.top_k(probs_GxMxE, top_k)
@@ -105,14 +112,17 @@ def token_choice(
 ) -> RoutingResult:
     """Each token picks its top-k experts; an expert keeps the first C choices it gets.
 
-    Every token's first choice is ranked before any token's second choice (GShard / flaxformer
-    `TokensChooseMaskedRouter`), and within one rank tokens go in group order; a choice past
-    capacity is dropped. With k=1 a token's routing depends only on the tokens before it in the
-    group; with k>1 a later token's first choice can take the slot an earlier token's second
-    choice wanted, so only routing with no drops is causal.
-    The combine weight is the router prob, or with `renormalize` the prob divided by the sum of
-    the token's k chosen probs (dropped choices still count in that sum). `bias_E` steers the
-    choice only (top_k_choices).
+    Every token's first choice is ranked before any token's second choice. This is the order
+    of GShard and flaxformer's `TokensChooseMaskedRouter`. Within one rank, tokens go in
+    group order. A choice past capacity is dropped.
+
+    With A = 1 a token's routing depends only on the tokens before it in the group. With
+    A > 1 it can depend on later tokens too. A later token's first choice can take the slot
+    an earlier token's second choice wanted. So only routing with no drops is causal.
+
+    The combine weight is the router prob. With `renormalize` it is the prob divided by the
+    sum of the token's A chosen probs. Dropped choices still count in that sum. `bias_E`
+    steers the choice only (top_k_choices).
     """
     _check_logits(logits_GxMxE)
     _, M, E = logits_GxMxE.shape
@@ -124,8 +134,8 @@ def token_choice(
     gate_GxMxA, expert_GxMxA = top_k_choices(probs_GxMxE, top_k, renormalize, bias_E)
     choice_GxMxAxE = jax.nn.one_hot(expert_GxMxA, E, dtype=jnp.float32)
 
-    # Rank all first choices before all second choices: lay the choices out k-major, count
-    # down the group how many earlier choices each expert already took.
+    # Rank all first choices before all second choices: lay the choices out choice-major, and
+    # count down the group how many earlier choices each expert already took.
     choice_GxAxMxE = jnp.swapaxes(choice_GxMxAxE, 1, 2)
     flat_GxAMxE = choice_GxAxMxE.reshape(choice_GxAxMxE.shape[0], top_k * M, E)
     position_GxAMxE = jnp.cumsum(flat_GxAMxE, axis=1) * flat_GxAMxE - 1.0
@@ -133,7 +143,7 @@ def token_choice(
     # One-hot of a position >= C (or of -1 for "not chosen") is all zeros: that is the drop.
     slot_GxMxAxExC = jax.nn.one_hot(position_GxMxAxE.astype(jnp.int32), C, dtype=jnp.float32)
 
-    # A token's k choices are distinct experts, so summing over k keeps dispatch 0/1.
+    # A token's A choices are distinct experts, so summing over them keeps dispatch 0/1.
     dispatch_GxMxExC = jnp.sum(slot_GxMxAxExC, axis=2)
     # A broadcast product, not an einsum: matmul precision on TPU/GPU would round the gates.
     combine_GxMxExC = jnp.sum(gate_GxMxA[..., None, None] * slot_GxMxAxExC, axis=2)
@@ -149,8 +159,9 @@ def token_choice(
 def expert_choice(logits_GxMxE: jax.Array, capacity_factor: float) -> RoutingResult:
     """Each expert takes its top-C tokens of the group by router prob (Zhou et al. 2022).
 
-    A token may get 0..E experts; the combine weight is the prob. Slot c of an expert holds its
-    c-th most confident token. Not causal: a token's routing depends on the whole group.
+    A token may get 0..E experts, and the combine weight is the prob. Slot c of an expert
+    holds its c-th most confident token. This routing is not causal. A token's routing
+    depends on the whole group.
     """
     _check_logits(logits_GxMxE)
     _, M, E = logits_GxMxE.shape
@@ -179,10 +190,11 @@ def route(
     renormalize: bool = False,
     bias_E: jax.Array | None = None,
 ) -> RoutingResult:
-    """Runs the capacity router called `kind`; expert-choice ignores `top_k`, `renormalize`
-    and `bias_E` (a config check refuses a bias for it: it is balanced by construction).
+    """Runs the capacity router called `kind`.
 
-    `top_k` is still checked against E for both kinds, as it is one config for both.
+    Expert-choice ignores `top_k`, `renormalize` and `bias_E`. A config check refuses a bias
+    for it, since it is balanced by construction. `top_k` is still checked against E for
+    both kinds, as one config serves both.
     """
     _check_logits(logits_GxMxE)
     check_router_args(kind, logits_GxMxE.shape[-1], top_k, capacity_factor)
@@ -193,11 +205,11 @@ def route(
 
 @struct.dataclass
 class DroplessRouting:
-    """Dropless token-choice: every token keeps its k experts (no capacity, no slots).
+    """Dropless token-choice: every token keeps its A experts, with no capacity and no slots.
 
-    expert_GxSxK (int32) and gate_GxSxK: each token's chosen experts and their weights;
-    probs_GxSxE, logits_GxSxE and assigned_GxSxE (the choices as a 0/1 mask) as in
-    RoutingResult.
+    - expert_GxMxA (int32) and gate_GxMxA: each token's chosen experts and their weights.
+    - probs_GxMxE, logits_GxMxE and assigned_GxMxE: as in RoutingResult. assigned_GxMxE is
+      the choices as a 0/1 mask.
     """
 
     expert_GxMxA: jax.Array
@@ -213,8 +225,10 @@ def dropless_token_choice(
     renormalize: bool = False,
     bias_E: jax.Array | None = None,
 ) -> DroplessRouting:
-    """Each token's top-k experts, all of them kept (MaxText's sparse-matmul path, Megablocks):
-    a token's routing depends on its own logits alone, whatever the rest of the group."""
+    """Each token's top-k experts, all of them kept (MaxText's sparse-matmul path, Megablocks).
+
+    A token's routing depends on its own logits alone, whatever the rest of the group.
+    """
     _check_logits(logits_GxMxE)
     E = logits_GxMxE.shape[-1]
     check_router_args("token_choice", E, top_k, 0)
@@ -251,38 +265,50 @@ SCALAR_STATS = (
 def routing_stats(result: RoutingResult) -> dict[str, jax.Array]:
     """Load-balance statistics of one routing, from the result alone.
 
-    Loads are token counts. The number of wanted assignments per token k is read off the
-    result as sum(assigned) / T: top_k for token-choice, E·C/M for expert-choice. So:
-      aux_loss: the load-balancing loss per group, averaged over groups: E * sum_e f_ge * P_ge
-        with f and P taken within group g (Switch eq. 4-6, GShard, flaxformer
-        `_load_balancing_loss`, MaxText per sequence; k at perfect balance). Gradient flows
-        through P only. Constant for expert-choice, which has no aux loss.
-      aux_loss_batch: the global-batch load-balancing loss E * sum_e f_e * P_e with f and P
-        pooled over all groups first (Qwen team 2025, "Demons in the Detail"; OLMo-core).
-        Groups imbalanced in opposite directions cancel here; with one group it equals aux_loss.
-      z_loss: mean over tokens of logsumexp(z)^2 (ST-MoE).
-    The remaining statistics are pooled over all G groups (a count or fraction over all T
-    tokens), not averaged per group:
-      tokens_per_expert [E]: load after capacity; tokens_per_expert_wanted [E]: before.
-      load_cv: population std / mean of tokens_per_expert (after capacity).
-      max_mean_load: max_e wanted load / (T*k/E), on loads before capacity, so it is the
-        capacity factor that would drop nothing (after capacity it is capped near cf). Exactly
-        1 for expert-choice, whose assignments are its dispatch.
-      drop_fraction: 1 - sum(dispatched) / (T*k), the assignments lost to capacity; 0 for
-        expert-choice (no assignment is wanted and then dropped).
-      token_drop_fraction: fraction of tokens with no expert at all (flaxformer
-        `fraction_tokens_left_behind`); for expert-choice the tokens no expert picked.
-      expert_usage: slots filled / slots available (E*C*G).
-      router_confidence: sum(combine) / sum(dispatch), the mean weight of a dispatched slot.
-      router_entropy: mean over tokens of -sum_e p log p (nats).
-      max_vio_group, max_vio_batch: MaxVio (Wang et al. 2024, arXiv 2408.15664), max_e load_e /
-        mean_e load_e - 1 on the wanted loads (the router's choices, before capacity): within
-        each routing group, averaged over the groups; and over the call's tokens pooled
-        (max_mean_load - 1). Over a whole held-out set it is "global" MaxVio (the training's
-        held-out statistics).
-      experts_per_token [T]: experts each token reached, in token order.
-      f_e [E]: fraction of tokens whose wanted assignments include e (sums to k).
-      p_e [E]: mean router prob of e (sums to 1).
+    Loads are token counts. A is the number of wanted assignments per token. It is read off
+    the result as sum(assigned) / T. That is top_k for token-choice and E·C/M for
+    expert-choice. Below, f is the fraction of tokens that want an expert. That expert's
+    mean router prob is p.
+
+    The losses come first.
+
+    - aux_loss: the load-balancing loss per group, averaged over groups. It is
+      E * sum_e f_ge * p_ge, with f and p taken within group g. Sources are Switch eq. 4-6,
+      GShard, flaxformer `_load_balancing_loss` and MaxText per sequence. It is A at perfect
+      balance. The gradient flows through p only. It is constant for expert-choice, which
+      has no aux loss.
+    - aux_loss_batch: the global-batch load-balancing loss E * sum_e f_e * p_e. Here f and p
+      are pooled over all groups first. Sources are Qwen team 2025 ("Demons in the Detail")
+      and OLMo-core. Groups imbalanced in opposite directions cancel in it. With one group it
+      equals aux_loss.
+    - z_loss: the mean over tokens of logsumexp(z)^2, for router logits z (ST-MoE).
+
+    The remaining statistics are pooled over all G groups, not averaged per group. Each is a
+    count or fraction over all T tokens.
+
+    - tokens_per_expert [E]: the load after capacity.
+    - tokens_per_expert_wanted [E]: the load before capacity.
+    - load_cv: population std / mean of tokens_per_expert, after capacity.
+    - max_mean_load: max_e wanted load / (T*A/E), on loads before capacity. So it is the
+      capacity factor that would drop nothing. After capacity the same ratio is capped near
+      cf. It is exactly 1 for expert-choice, whose assignments are its dispatch.
+    - drop_fraction: 1 - sum(dispatched) / (T*A), the assignments lost to capacity. It is 0
+      for expert-choice, where no assignment is wanted and then dropped.
+    - token_drop_fraction: the fraction of tokens with no expert at all (flaxformer
+      `fraction_tokens_left_behind`). For expert-choice these are the tokens no expert
+      picked.
+    - expert_usage: slots filled / slots available (E*C*G).
+    - router_confidence: sum(combine) / sum(dispatch), the mean weight of a dispatched slot.
+    - router_entropy: the mean over tokens of -sum_e p log p, in nats.
+    - max_vio_group, max_vio_batch: MaxVio (Wang et al. 2024, arXiv 2408.15664). It is
+      max_e load_e / mean_e load_e - 1 on the wanted loads. Those are the router's choices,
+      before capacity. max_vio_group takes it within each routing group and averages over the
+      groups. max_vio_batch takes it over the call's tokens pooled (max_mean_load - 1).
+      Over a whole held-out set it is "global" MaxVio, as in the training's held-out
+      statistics.
+    - experts_per_token [T]: the experts each token reached, in token order.
+    - f_e [E]: the fraction of tokens whose wanted assignments include e (sums to A).
+    - p_e [E]: the mean router prob of e (sums to 1).
     """
     G, M, E, C = result.dispatch_GxMxExC.shape
     return _stats(
@@ -296,8 +322,11 @@ def routing_stats(result: RoutingResult) -> dict[str, jax.Array]:
 
 
 def dropless_stats(routing: DroplessRouting) -> dict[str, jax.Array]:
-    """routing_stats of a dropless routing: every assignment is computed, so what was
-    dispatched is what was wanted (no drops), and a slot is an assignment (usage 1)."""
+    """routing_stats of a dropless routing.
+
+    Every assignment is computed. So what was dispatched is what was wanted, with no drops.
+    A slot is an assignment, so expert_usage is 1.
+    """
     G, M, A = routing.expert_GxMxA.shape
     assigned_GxMxE = routing.assigned_GxMxE.astype(jnp.float32)
     return _stats(
@@ -318,8 +347,11 @@ def _stats(
     probs_GxMxE: jax.Array,
     logits_GxMxE: jax.Array,
 ) -> dict[str, jax.Array]:
-    """The statistics of routing_stats from what was wanted and dispatched per token and
-    expert, the sum of combine weights, and the slots the layer computes."""
+    """The statistics of routing_stats from the routing's parts.
+
+    The parts are the wanted and dispatched loads per token and expert. They also include
+    the sum of combine weights. The last part is the number of slots the layer computes.
+    """
     G, M, E = assigned_GxMxE.shape
     T = G * M
     logits_GxMxE = logits_GxMxE.astype(jnp.float32)

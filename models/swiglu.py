@@ -1,11 +1,14 @@
 """A dense stack of SwiGLU MLPs with residuals: an MoE MLP's dense counterpart.
 
-`depth` layers of y = x + W_down·(silu(W_gate·x) ⊙ W_up·x), d_model → mlp_dim → d_model, as
-each expert of models.moe computes. With mlp_dim = top_k × an MoE's expert mlp_dim it has the
-active parameters and FLOPs per token of that MoE (its router aside), with no routing:
-the baseline an MoE layer's routing and capacity cost are measured against.
+The stack has `depth` layers of y = x + W_down·(silu(W_gate·x) ⊙ W_up·x). Each goes
+d_model → mlp_dim → d_model, as each expert of models.moe computes.
 
-Letters in array names: B batch (one token per example), D d_model, F mlp_dim.
+Set mlp_dim = top_k × an MoE's expert mlp_dim. The stack then has that MoE's active parameters and
+FLOPs per token, without routing. Only the MoE's router is left out. It is the baseline an MoE
+layer's routing and capacity cost are measured against.
+
+Letters in array names (models/__init__.py): B batch, D d_model, F mlp_dim. Each example
+is one token.
 """
 
 import dataclasses
@@ -20,8 +23,10 @@ from models.dtypes import resolve_dtype
 
 @dataclasses.dataclass(frozen=True)
 class SwiGLUConfig:
-    """The SwiGLU stack: `depth` residual layers d_model → mlp_dim → d_model; a bad field raises
-    ValueError naming model.<field>."""
+    """The SwiGLU stack: `depth` residual layers d_model → mlp_dim → d_model.
+
+    A bad field raises ValueError naming model.<field>.
+    """
 
     d_model: int = 512
     mlp_dim: int = 2048

@@ -33,8 +33,8 @@ TOL = 1e-4
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _forward(graphdef: nnx.GraphDef, params: nnx.State, tokens_BxT) -> jax.Array:
-    return nnx.merge(graphdef, params)(tokens_BxT)
+def _forward(graphdef: nnx.GraphDef, params: nnx.State, tokens_BxL) -> jax.Array:
+    return nnx.merge(graphdef, params)(tokens_BxL)
 
 
 def _split_random_model(cfg: DecoderConfig, seed: int = 0):
@@ -74,22 +74,22 @@ def _setup_once(n_kv_heads: int, n_layers: int):
     graphdef, params = _split_random_model(cfg)
     cached_graphdef, _, _ = _with_cache(graphdef, params, len(LENGTHS), MAX_LEN)
     rng = np.random.default_rng(1)
-    tokens_BxT = rng.integers(0, cfg.vocab_size, (len(LENGTHS), TOTAL_LEN), dtype=np.int32)
+    tokens_BxL = rng.integers(0, cfg.vocab_size, (len(LENGTHS), TOTAL_LEN), dtype=np.int32)
     # Padding differs from the tokens that decode later writes at those positions.
     pad_BxL = rng.integers(0, cfg.vocab_size, (len(LENGTHS), PROMPT_LEN), dtype=np.int32)
     lengths_B = np.array(LENGTHS, np.int32)
     prompt_BxL = np.where(
-        np.arange(PROMPT_LEN) < lengths_B[:, None], tokens_BxT[:, :PROMPT_LEN], pad_BxL
+        np.arange(PROMPT_LEN) < lengths_B[:, None], tokens_BxL[:, :PROMPT_LEN], pad_BxL
     )
     return dict(
         graphdef=graphdef,
         params=params,
         prefill_fn=decoding.make_prefill_fn(cached_graphdef),
         decode_fn=decoding.make_decode_fn(cached_graphdef),
-        tokens_BxT=tokens_BxT,
+        tokens_BxL=tokens_BxL,
         prompt_BxL=prompt_BxL,
         lengths_B=lengths_B,
-        full_BxTxV=np.asarray(_forward(graphdef, params, tokens_BxT)),
+        full_BxLxV=np.asarray(_forward(graphdef, params, tokens_BxL)),
     )
 
 
@@ -98,14 +98,14 @@ def _run_cached(s, batch: int, cache_batch: int = len(LENGTHS)):
     _, params, cache = _with_cache(s["graphdef"], s["params"], cache_batch, MAX_LEN)
     lengths_B = s["lengths_B"][:batch]
     rows_B = np.arange(batch)
-    full_BxTxV = s["full_BxTxV"][:batch]
+    full_BxLxV = s["full_BxLxV"][:batch]
     logits_BxV, cache = s["prefill_fn"](params, cache, s["prompt_BxL"][:batch], lengths_B)
-    errors = [np.abs(np.asarray(logits_BxV) - full_BxTxV[rows_B, lengths_B - 1]).max()]
+    errors = [np.abs(np.asarray(logits_BxV) - full_BxLxV[rows_B, lengths_B - 1]).max()]
     for step in range(TOTAL_LEN - max(LENGTHS)):
         positions_B = lengths_B + step
-        token_B = s["tokens_BxT"][rows_B, positions_B]
+        token_B = s["tokens_BxL"][rows_B, positions_B]
         logits_BxV, cache = s["decode_fn"](params, cache, token_B)
-        errors.append(np.abs(np.asarray(logits_BxV) - full_BxTxV[rows_B, positions_B]).max())
+        errors.append(np.abs(np.asarray(logits_BxV) - full_BxLxV[rows_B, positions_B]).max())
     return errors, cache
 
 
@@ -135,7 +135,7 @@ def _layout_run(s, layout: str):
     logits = [np.asarray(logits_BxV)]
     rows_B = np.arange(len(LENGTHS))
     for step in range(TOTAL_LEN - max(LENGTHS)):
-        token_B = s["tokens_BxT"][rows_B, s["lengths_B"] + step]
+        token_B = s["tokens_BxL"][rows_B, s["lengths_B"] + step]
         logits_BxV, cache = decode_fn(params, cache, token_B)
         logits.append(np.asarray(logits_BxV))
     return np.stack(logits), cache
@@ -147,7 +147,7 @@ def test_decode_is_the_same_in_every_cache_layout():
     (logits_a, cache_a), (logits_b, cache_b) = runs["bskh"], runs["bksh"]
     # Same products summed in another order: equal to float32 rounding, not bit for bit.
     np.testing.assert_allclose(logits_a, logits_b, rtol=1e-5, atol=1e-5)
-    assert np.abs(logits_a - s["full_BxTxV"][0, 0]).max() > 1e-2  # the logits are not trivial
+    assert np.abs(logits_a - s["full_BxLxV"][0, 0]).max() > 1e-2  # the logits are not trivial
     for layer_a, layer_b in zip(
         cache_a["blocks"].values(), cache_b["blocks"].values(), strict=True
     ):
@@ -249,12 +249,12 @@ def test_smaller_batch_uses_the_first_cache_slots():
 def test_full_forward_is_causal():
     s = _setup()
     t = 6
-    tokens_BxT = s["tokens_BxT"].copy()
-    tokens_BxT[:, t] = (tokens_BxT[:, t] + 1) % CFG.vocab_size
-    perturbed_BxTxV = np.asarray(_forward(s["graphdef"], s["params"], tokens_BxT))
-    np.testing.assert_allclose(perturbed_BxTxV[:, :t], s["full_BxTxV"][:, :t], atol=1e-6)
-    changed_BxT = np.abs(perturbed_BxTxV - s["full_BxTxV"]).max(axis=-1)[:, t:] > 1e-3
-    assert changed_BxT.all()
+    tokens_BxL = s["tokens_BxL"].copy()
+    tokens_BxL[:, t] = (tokens_BxL[:, t] + 1) % CFG.vocab_size
+    perturbed_BxLxV = np.asarray(_forward(s["graphdef"], s["params"], tokens_BxL))
+    np.testing.assert_allclose(perturbed_BxLxV[:, :t], s["full_BxLxV"][:, :t], atol=1e-6)
+    changed_BxL = np.abs(perturbed_BxLxV - s["full_BxLxV"]).max(axis=-1)[:, t:] > 1e-3
+    assert changed_BxL.all()
 
 
 def test_cached_greedy_generation_matches_recomputing_the_full_forward():
@@ -262,20 +262,20 @@ def test_cached_greedy_generation_matches_recomputing_the_full_forward():
     steps = TOTAL_LEN - PROMPT_LEN
     graphdef, params, cache = _with_cache(s["graphdef"], s["params"], len(LENGTHS), MAX_LEN)
     generate_fn = decoding.make_generate_fn(graphdef, steps)
-    generated_BxS, cache = generate_fn(params, cache, s["prompt_BxL"], s["lengths_B"])
-    assert generated_BxS.shape == (len(LENGTHS), steps)
+    generated_BxO, cache = generate_fn(params, cache, s["prompt_BxL"], s["lengths_B"])
+    assert generated_BxO.shape == (len(LENGTHS), steps)
 
     rows_B = np.arange(len(LENGTHS))
-    tokens_BxT = np.zeros((len(LENGTHS), TOTAL_LEN), np.int32)
-    tokens_BxT[:, :PROMPT_LEN] = s["prompt_BxL"]
+    tokens_BxL = np.zeros((len(LENGTHS), TOTAL_LEN), np.int32)
+    tokens_BxL[:, :PROMPT_LEN] = s["prompt_BxL"]
     expected = []
     for step in range(steps):
         positions_B = s["lengths_B"] + step
-        logits_BxTxV = _forward(s["graphdef"], s["params"], tokens_BxT)
-        token_B = np.asarray(logits_BxTxV)[rows_B, positions_B - 1].argmax(axis=-1)
-        tokens_BxT[rows_B, positions_B] = token_B
+        logits_BxLxV = _forward(s["graphdef"], s["params"], tokens_BxL)
+        token_B = np.asarray(logits_BxLxV)[rows_B, positions_B - 1].argmax(axis=-1)
+        tokens_BxL[rows_B, positions_B] = token_B
         expected.append(token_B)
-    np.testing.assert_array_equal(generated_BxS, np.stack(expected, axis=1))
+    np.testing.assert_array_equal(generated_BxO, np.stack(expected, axis=1))
     np.testing.assert_array_equal(
         cache["blocks"][1]["attn"]["cache"]["lengths"][...], np.array(LENGTHS) + steps - 1
     )
@@ -298,7 +298,7 @@ def test_jitted_prefill_and_decode_donate_the_cache():
     _, params, cache = _with_cache(s["graphdef"], s["params"], len(LENGTHS), MAX_LEN)
     _, new_cache = s["prefill_fn"](params, cache, s["prompt_BxL"], s["lengths_B"])
     assert all(x.is_deleted() for x in jax.tree.leaves(cache))
-    _, newer_cache = s["decode_fn"](params, new_cache, s["tokens_BxT"][:, 0])
+    _, newer_cache = s["decode_fn"](params, new_cache, s["tokens_BxL"][:, 0])
     assert all(x.is_deleted() for x in jax.tree.leaves(new_cache))
     assert not any(x.is_deleted() for x in jax.tree.leaves(newer_cache))
     assert not any(x.is_deleted() for x in jax.tree.leaves(params))
@@ -324,7 +324,7 @@ def test_cache_exists_only_after_init_cache_and_stores_kv_heads(layout, shape):
 def test_named_scopes_appear_in_the_lowered_decode_step():
     s = _setup()
     _, params, cache = _with_cache(s["graphdef"], s["params"], len(LENGTHS), MAX_LEN)
-    text = s["decode_fn"].lower(params, cache, s["tokens_BxT"][:, 0]).as_text(debug_info=True)
+    text = s["decode_fn"].lower(params, cache, s["tokens_BxL"][:, 0]).as_text(debug_info=True)
     for scope in ("attention", "kv_cache_update", "mlp"):
         assert f"{scope}/" in text, scope
 

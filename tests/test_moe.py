@@ -22,8 +22,8 @@ routing_stats = jax.jit(routers.routing_stats)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
-def token_choice_stats(logits_GxSxE, top_k, capacity_factor):
-    return routers.routing_stats(routers.token_choice(logits_GxSxE, top_k, capacity_factor))
+def token_choice_stats(logits_GxMxE, top_k, capacity_factor):
+    return routers.routing_stats(routers.token_choice(logits_GxMxE, top_k, capacity_factor))
 
 
 def _jit_layer(layer: MoELayer, with_stats: bool = True):
@@ -150,14 +150,14 @@ def test_token_choice_drops_choice_past_capacity():
     # S=4, E=2, k=1, cf=1 -> C=2; tokens 0, 1, 2 want expert 0, token 3 wants expert 1.
     logits = _onehot_logits([0, 0, 0, 1], E=2)
     r = token_choice(logits, top_k=1, capacity_factor=1.0)
-    d = np.asarray(r.dispatch_GxSxExC[0])
+    d = np.asarray(r.dispatch_GxMxExC[0])
     assert d.shape == (4, 2, 2)
     want = np.zeros((4, 2, 2))
     want[0, 0, 0] = want[1, 0, 1] = want[3, 1, 0] = 1  # token 2 dropped: expert 0 is full
     np.testing.assert_array_equal(d, want)
-    np.testing.assert_array_equal(r.assigned_GxSxE[0], np.eye(2)[[0, 0, 0, 1]])
+    np.testing.assert_array_equal(r.assigned_GxMxE[0], np.eye(2)[[0, 0, 0, 1]])
     p_max = math.exp(3) / (math.exp(3) + 1)
-    np.testing.assert_allclose(r.combine_GxSxExC[0], want * p_max, rtol=1e-6)
+    np.testing.assert_allclose(r.combine_GxMxExC[0], want * p_max, rtol=1e-6)
 
     s = routing_stats(r)
     np.testing.assert_allclose(s["tokens_per_expert"], [2, 1])
@@ -176,14 +176,14 @@ def test_token_choice_ranks_first_choices_before_second_choices():
     # Token-major order would instead fill expert 1 with tokens 0, 1 and drop token 3.
     logits = _onehot_logits([0, 0, 0, 1], E=2, scale=1.0)
     r = token_choice(logits, top_k=2, capacity_factor=0.5)
-    d = np.asarray(r.dispatch_GxSxExC[0])
+    d = np.asarray(r.dispatch_GxMxExC[0])
     want = np.zeros((4, 2, 2))
     want[0, 0, 0] = want[1, 0, 1] = 1
     want[3, 1, 0] = want[0, 1, 1] = 1
     np.testing.assert_array_equal(d, want)
-    np.testing.assert_array_equal(r.assigned_GxSxE[0], np.ones((4, 2)))
+    np.testing.assert_array_equal(r.assigned_GxMxE[0], np.ones((4, 2)))
     p = _softmax(np.asarray(logits[0]))
-    np.testing.assert_allclose(r.combine_GxSxExC[0], want * p[:, :, None], rtol=1e-6)
+    np.testing.assert_allclose(r.combine_GxMxExC[0], want * p[:, :, None], rtol=1e-6)
     s = routing_stats(r)
     np.testing.assert_allclose(s["drop_fraction"], 1 - 4 / 8)
     np.testing.assert_allclose(s["token_drop_fraction"], 0.25)  # token 2 got nothing
@@ -194,24 +194,24 @@ def test_token_choice_renormalize():
     logits = _normal(0, (2, 8, 4))
     r = token_choice(logits, top_k=2, capacity_factor=2.0, renormalize=True)
     assert float(routing_stats(r)["drop_fraction"]) == 0.0
-    np.testing.assert_allclose(r.combine_GxSxExC.sum((2, 3)), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(r.combine_GxMxExC.sum((2, 3)), 1.0, rtol=1e-6)
     _, combine, _ = _np_token_choice(np.asarray(logits), 2, 2.0, renormalize=True)
-    np.testing.assert_allclose(r.combine_GxSxExC, combine, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(r.combine_GxMxExC, combine, rtol=1e-5, atol=1e-7)
 
 
 def test_expert_choice_takes_top_c_tokens_per_expert():
     # S=4, E=2, cf=1 -> C=2 per expert. Distinct probs, so no ties.
     logits = jnp.asarray([[[3.0, 0.0], [2.0, 0.0], [1.0, 0.0], [0.0, 0.5]]])
     r = expert_choice(logits, capacity_factor=1.0)
-    d = np.asarray(r.dispatch_GxSxExC[0])
+    d = np.asarray(r.dispatch_GxMxExC[0])
     # p(e0) falls with the token index: expert 0 takes tokens 0 then 1.
     # p(e1) is highest for token 3, then token 2: expert 1 takes tokens 3 then 2.
     want = np.zeros((4, 2, 2))
     want[0, 0, 0] = want[1, 0, 1] = want[3, 1, 0] = want[2, 1, 1] = 1
     np.testing.assert_array_equal(d, want)
     p = _softmax(np.asarray(logits[0]))
-    np.testing.assert_allclose(r.combine_GxSxExC[0], want * p[:, :, None], rtol=1e-6)
-    np.testing.assert_array_equal(r.assigned_GxSxE[0], want.sum(-1))
+    np.testing.assert_allclose(r.combine_GxMxExC[0], want * p[:, :, None], rtol=1e-6)
+    np.testing.assert_array_equal(r.assigned_GxMxE[0], want.sum(-1))
 
     # S=4, E=4 -> C=1: experts 0 and 1 both take token 0, experts 2 and 3 take tokens 1 and
     # 2, and no expert takes token 3.
@@ -231,9 +231,9 @@ def test_routers_match_numpy_rules(G, S, E, k, cf):
         (token_choice(logits, k, cf), _np_token_choice(np.asarray(logits), k, cf)),
         (expert_choice(logits, cf), _np_expert_choice(np.asarray(logits), cf)),
     ]:
-        np.testing.assert_array_equal(result.dispatch_GxSxExC, dispatch)
-        np.testing.assert_allclose(result.combine_GxSxExC, combine, rtol=1e-5, atol=1e-7)
-        np.testing.assert_array_equal(result.assigned_GxSxE, assigned)
+        np.testing.assert_array_equal(result.dispatch_GxMxExC, dispatch)
+        np.testing.assert_allclose(result.combine_GxMxExC, combine, rtol=1e-5, atol=1e-7)
+        np.testing.assert_array_equal(result.assigned_GxMxE, assigned)
 
 
 @pytest.mark.parametrize("kind", ["token_choice", "expert_choice"])
@@ -242,9 +242,9 @@ def test_masks_and_weights_sum_as_they_must(kind, cf):
     G, S, E, k = 3, 8, 4, 2
     logits = _normal(7, (G, S, E), scale=2.0)
     r = route(kind, logits, k, cf, False)
-    d = np.asarray(r.dispatch_GxSxExC)
-    comb = np.asarray(r.combine_GxSxExC)
-    p = np.asarray(r.probs_GxSxE)
+    d = np.asarray(r.dispatch_GxMxExC)
+    comb = np.asarray(r.combine_GxMxExC)
+    p = np.asarray(r.probs_GxMxE)
     C = d.shape[-1]
     assert set(np.unique(d)) <= {0.0, 1.0}
     np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-6)
@@ -256,13 +256,13 @@ def test_masks_and_weights_sum_as_they_must(kind, cf):
         assert C == expert_capacity(S, E, cf, k)
         assert (slot_fill <= 1).all()  # a slot holds at most one token
         assert (d.sum((2, 3)) <= k).all()  # a token is dispatched at most k times
-        assert (d.sum(-1) <= np.asarray(r.assigned_GxSxE)).all()  # only where it wanted
-        np.testing.assert_array_equal(r.assigned_GxSxE.sum(-1), k)
+        assert (d.sum(-1) <= np.asarray(r.assigned_GxMxE)).all()  # only where it wanted
+        np.testing.assert_array_equal(r.assigned_GxMxE.sum(-1), k)
         assert (np.diff(slot_fill, axis=-1) <= 0).all()  # slots fill from the front
     else:
         assert C == expert_capacity(S, E, cf)
         np.testing.assert_array_equal(slot_fill, 1)  # every expert holds exactly C tokens
-        np.testing.assert_array_equal(r.assigned_GxSxE, d.sum(-1))
+        np.testing.assert_array_equal(r.assigned_GxMxE, d.sum(-1))
 
 
 # ---- statistics -------------------------------------------------------------------------
@@ -379,13 +379,13 @@ def _dense_reference(layer: MoELayer, x):
         np.asarray(w[...], np.float64)
         for w in (layer.w_gate_ExDxF, layer.w_up_ExDxF, layer.w_down_ExFxD)
     )
-    logits_GxSxE = (x_TxD @ wr).reshape(T // S, S, cfg.num_experts)
+    logits_GxMxE = (x_TxD @ wr).reshape(T // S, S, cfg.num_experts)
     if cfg.router == "token_choice":
         _, combine, _ = _np_token_choice(
-            logits_GxSxE, cfg.top_k, cfg.capacity_factor, cfg.renormalize
+            logits_GxMxE, cfg.top_k, cfg.capacity_factor, cfg.renormalize
         )
     else:
-        _, combine, _ = _np_expert_choice(logits_GxSxE, cfg.capacity_factor)
+        _, combine, _ = _np_expert_choice(logits_GxMxE, cfg.capacity_factor)
     weight_TxE = combine.sum(-1).reshape(T, cfg.num_experts)
     y_TxD = np.zeros_like(x_TxD)
     for t in range(T):
@@ -487,8 +487,8 @@ def _two_group_aux(p_first: float) -> dict[str, jax.Array]:
     # Two groups of two tokens, E=2, k=1: group 0 routes (p, 1-p) for both tokens, group 1
     # (1-p, p). Each group sends all its tokens to one expert; pooled, the batch is balanced.
     p = jnp.array([p_first, 1.0 - p_first])
-    probs_GxSxE = jnp.stack([jnp.stack([p, p]), jnp.stack([p[::-1], p[::-1]])])
-    s = token_choice_stats(jnp.log(probs_GxSxE), 1, 2.0)
+    probs_GxMxE = jnp.stack([jnp.stack([p, p]), jnp.stack([p[::-1], p[::-1]])])
+    s = token_choice_stats(jnp.log(probs_GxMxE), 1, 2.0)
     return {"aux_loss": s["aux_loss"], "aux_loss_batch": s["aux_loss_batch"]}
 
 
@@ -505,8 +505,8 @@ def test_aux_loss_per_group_sees_what_pooling_hides():
 
 
 def test_aux_losses_agree_on_one_group():
-    logits_GxSxE = _normal(3, (1, 16, 4)) * 2.0
-    s = token_choice_stats(logits_GxSxE, 2, 1.0)
+    logits_GxMxE = _normal(3, (1, 16, 4)) * 2.0
+    s = token_choice_stats(logits_GxMxE, 2, 1.0)
     np.testing.assert_allclose(s["aux_loss"], s["aux_loss_batch"], rtol=1e-6)
     many = token_choice_stats(_normal(3, (8, 4, 4)) * 2.0, 2, 1.0)
     assert abs(float(many["aux_loss"]) - float(many["aux_loss_batch"])) > 1e-3
@@ -588,12 +588,12 @@ def test_router_bias_steers_the_choice_and_never_the_gates():
     logits = jnp.log(jnp.asarray([[[0.5, 0.3, 0.15, 0.05]]], jnp.float32))
     bias = jnp.asarray([0.0, 0.0, 0.2, 0.0])
     r = token_choice(logits, top_k=2, capacity_factor=2.0, bias_E=bias)
-    chosen = np.flatnonzero(np.asarray(r.assigned_GxSxE[0, 0]))
+    chosen = np.flatnonzero(np.asarray(r.assigned_GxMxE[0, 0]))
     assert chosen.tolist() == [0, 2]  # probs + bias: 0.5, 0.3, 0.35, 0.05
-    combine = np.asarray(r.combine_GxSxExC[0, 0]).sum(-1)
+    combine = np.asarray(r.combine_GxMxExC[0, 0]).sum(-1)
     np.testing.assert_allclose(combine, [0.5, 0.0, 0.15, 0.0], rtol=1e-6)  # unbiased probs
     dropless = routers.dropless_token_choice(logits, 2, bias_E=bias)
-    np.testing.assert_allclose(np.asarray(dropless.gate_GxSxK[0, 0]), [0.5, 0.15], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(dropless.gate_GxMxA[0, 0]), [0.5, 0.15], rtol=1e-6)
 
 
 def test_router_bias_update_follows_the_rule():

@@ -211,13 +211,13 @@ def test_full_forward_routes_one_group_per_sequence_by_default():
     """moe_group_size 0: under expert-choice a sequence's logits do not depend on the rest
     of the batch; one group spanning the batch couples them."""
     tokens_BxL = _tokens()
-    perturbed_BxT = tokens_BxL.copy()
-    perturbed_BxT[1:] = (perturbed_BxT[1:] + 7) % MOE.vocab_size
+    perturbed_BxL = tokens_BxL.copy()
+    perturbed_BxL[1:] = (perturbed_BxL[1:] + 7) % MOE.vocab_size
 
     def row0_change(cfg):
         graphdef, params = _random_model(cfg)
         a, _ = _forward(graphdef, params, tokens_BxL)
-        b, _ = _forward(graphdef, params, perturbed_BxT)
+        b, _ = _forward(graphdef, params, perturbed_BxL)
         return float(np.abs(np.asarray(a - b)[0]).max())
 
     per_sequence = dataclasses.replace(MOE, router="expert_choice", capacity_factor=1.0)

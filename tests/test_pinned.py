@@ -82,19 +82,19 @@ def decoder_outputs(name: str, cfg: DecoderConfig) -> dict[str, np.ndarray]:
 
 def router_outputs() -> dict[str, np.ndarray]:
     """Each router on fixed logits: dispatch and combine (or sorted choices), and losses."""
-    logits_GxSxE = jnp.asarray(np.random.default_rng(3).standard_normal((2, 8, 4)), jnp.float32)
+    logits_GxMxE = jnp.asarray(np.random.default_rng(3).standard_normal((2, 8, 4)), jnp.float32)
     out = {}
     settings = (("token_choice", 2, 1.0), ("token_choice", 1, 1.25), ("expert_choice", 1, 1.0))
     for kind, k, cap in settings:
-        result = routers.route(kind, logits_GxSxE, k, cap)
+        result = routers.route(kind, logits_GxMxE, k, cap)
         name = f"router/{kind}_k{k}"
-        out[f"{name}/dispatch"] = result.dispatch_GxSxExC
-        out[f"{name}/combine"] = result.combine_GxSxExC
+        out[f"{name}/dispatch"] = result.dispatch_GxMxExC
+        out[f"{name}/combine"] = result.combine_GxMxExC
         for key in STAT_KEYS:
             out[f"{name}/{key}"] = routers.routing_stats(result)[key]
-    dropless = routers.dropless_token_choice(logits_GxSxE, 2, False, None)
-    out["router/dropless/expert"] = dropless.expert_GxSxK
-    out["router/dropless/gate"] = dropless.gate_GxSxK
+    dropless = routers.dropless_token_choice(logits_GxMxE, 2, False, None)
+    out["router/dropless/expert"] = dropless.expert_GxMxA
+    out["router/dropless/gate"] = dropless.gate_GxMxA
     for key in STAT_KEYS:
         out[f"router/dropless/{key}"] = routers.dropless_stats(dropless)[key]
     return out

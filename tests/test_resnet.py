@@ -240,8 +240,8 @@ def test_fresh_block_is_the_identity(block_cls):
     channels = 4 * block_cls.expansion
     block = block_cls(cfg, channels, 4, 1, rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
     assert block.proj_conv is None
-    x_BxHxWxC = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 5, channels)), jnp.float32)
-    np.testing.assert_array_equal(block(x_BxHxWxC), jax.nn.relu(x_BxHxWxC))
+    x_BxIxJxZ = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 5, channels)), jnp.float32)
+    np.testing.assert_array_equal(block(x_BxIxJxZ), jax.nn.relu(x_BxIxJxZ))
 
 
 def _unpadded_flops(cfg: ResNetConfig, batch: int) -> int:

@@ -352,7 +352,7 @@ def measure_attention_seconds(
 ) -> float:
     """Seconds of one layer's decode attention at `shape`, over a cache in `layout` and `dtype`.
 
-    `shape` is (batch, kv_heads, cache_len, q_per_kv, head_dim). `attend(q_BxKxGxH, k, v,
+    `shape` is (batch, kv_heads, cache_len, q_per_kv, head_dim). `attend(q_BxKxQxH, k, v,
     lengths_B, layout)` is the model's own attention. The workload hands it in (the decoder's
     `models.kv_cache.attend_cache`). So the lab times what the model runs without importing it.
 

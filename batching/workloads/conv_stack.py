@@ -61,9 +61,9 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
     state = topo.put_state(state)
     dtype = resolve_dtype(cfg.dtype)
 
-    def forward(state, x_BxHxWxC):
+    def forward(state, x_BxIxJxZ):
         with topo.activate():
-            return nnx.merge(graphdef, state)(x_BxHxWxC)
+            return nnx.merge(graphdef, state)(x_BxIxJxZ)
 
     def make_args(batch_size: int):
         shape = (batch_size, cfg.image_size, cfg.image_size, cfg.channels)

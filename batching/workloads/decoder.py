@@ -1,13 +1,15 @@
 """The decoder as a workload: one decode step or one prefill, timed with the cache donated.
 
-- phase "decode": B sequences whose caches hold `cache_len` positions; one step writes
+- Phase "decode": B sequences whose caches hold `cache_len` positions. One step writes
   position cache_len-1 and attends over all cache_len slots. Between timed steps the
-  lengths are set back, so every step costs the same and the cache never overflows.
-- phase "prefill": B prompts of `prompt_len` tokens written into an empty cache.
+  lengths are set back. So every step costs the same, and the cache never overflows.
+- Phase "prefill": B prompts of `prompt_len` tokens are written into an empty cache.
 
 `model_config` is the one place the cache is resolved for a device. "auto" picks the
 platform's layout from DEFAULT_LAYOUT, or "bskh" under tensor parallelism. The write method
 follows the platform (CACHE_UPDATE). Rows carry the resolved `cache_layout`.
+
+Letters in array names (models/__init__.py): B batch, L prompt length, V vocab.
 """
 
 import jax
@@ -45,7 +47,8 @@ def model_config(
 ) -> decoder.DecoderConfig:
     """The model's config from the run's `model` section (base.config_of).
 
-    The cache is resolved for `topo`'s platform and mesh; None (validation) is one CPU.
+    The cache is resolved for `topo`'s platform and mesh. A `topo` of None, as in
+    validation, stands for one CPU.
     """
     platform = topo.device.platform if topo is not None else "cpu"
     layout = model_cfg.get("cache_layout", "auto")
@@ -62,13 +65,15 @@ def model_config(
 
 
 def validate(model_cfg: ml_collections.ConfigDict) -> None:
-    """Checks the model section (DecoderConfig, phase, cache_len or prompt_len); raises ValueError
-    naming the bad model.* field."""
+    """Checks the model section: DecoderConfig, phase, and cache_len or prompt_len.
+
+    A bad field raises ValueError naming it as model.<field>.
+    """
     check_phase(model_cfg, model_config(model_cfg))
 
 
 def check_phase(model_cfg: ml_collections.ConfigDict, cfg: decoder.DecoderConfig) -> None:
-    """The sweep fields every decoder workload shares: phase and its length."""
+    """Checks the sweep fields every decoder workload shares: phase and its length."""
     if model_cfg.phase not in PHASES:
         raise ValueError(f"model.phase must be one of {PHASES}, got {model_cfg.phase!r}")
     length = model_cfg.cache_len if model_cfg.phase == "decode" else model_cfg.prompt_len
@@ -90,17 +95,25 @@ def step_ops(
     cache_bytes: int,
     layout: str = "",
 ) -> list[Op]:
-    """One decode step (B tokens attending over `length` cache slots) or one prefill (B prompts
-    of `length` tokens) as ops: the source of the workload's cost and GEMM shapes.
+    """One decode step or one prefill as ops.
 
-    The count: 2 FLOPs per parameter per token (a multiply-add; an RMSNorm's scale counts as a
-    parameter), the unembedding at one token per sequence, QKᵀ and AV over the cache (decode)
-    or the L×L scores (prefill); bytes are the weights read once and the KV cache read
-    (decode) and written. Activations, the embedding rows and the logits are left out; the
-    embedding gather is a launch with no bytes. An MoE block's MLP is models.moe's
-    capacity-padded einsums (moe workload's layer_ops) with the step's tokens as one routing
-    group (a sequence's L tokens in prefill), so its FLOPs are the exact count of the padded
-    slots, not the dense-equivalent model's.
+    The ops are the source of the workload's cost and GEMM shapes. A decode step is B tokens
+    attending over `length` cache slots. A prefill is B prompts of `length` tokens. The
+    FLOPs count these parts.
+
+    - One multiply-add, 2 FLOPs, per parameter per token. An RMSNorm's scale counts as a
+      parameter.
+    - The unembedding, at one token per sequence.
+    - QKᵀ and AV, over the cache in decode and over the L×L scores in prefill.
+
+    The bytes are the weights, read once. Decode also reads the KV cache, and both phases
+    write it. Activations, the embedding rows and the logits are left out. The embedding
+    gather is a launch with no bytes.
+
+    An MoE block's MLP is models.moe's capacity-padded einsums (the moe workload's
+    layer_ops). Its routing group is the step's tokens in decode, and a sequence's L tokens
+    in prefill. So its FLOPs are the exact count of the padded slots. They are not the
+    dense-equivalent model's FLOPs.
     """
     D, N, K, H, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim
     layers, V = cfg.n_layers, cfg.vocab_size
@@ -148,9 +161,12 @@ def attention_op(
     cache_bytes: int,
     layout: str,
 ) -> Op:
-    """The layers' attention: a decode step's over the KV cache (QKᵀ and AV over `length`
-    slots, the cache read once), or a prefill's over the prompt's own L×L scores (no cache
-    read: priced at the peak FLOP rate)."""
+    """The layers' attention as one op.
+
+    A decode step's attention runs QKᵀ and AV over `length` cache slots. It reads the cache
+    once. A prefill's attention runs over the prompt's own L×L scores. It reads no cache, so
+    it is priced at the peak FLOP rate.
+    """
     N, K, H, layers = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_layers
     if decode:
         return Op(
@@ -177,12 +193,14 @@ def attention_op(
 def tensor_parallel_all_reduces(
     cfg: decoder.DecoderConfig, mesh_shape: dict[str, int], tokens_per_device: int
 ) -> list[dict]:
-    """The all-reduces of tensor parallelism over `model` (Megatron-LM, Shoeybi et al. 2019,
-    §3): with the heads and the MLP hidden dim split over `model`, the attention
-    out-projection and the MLP down-projection each leave a partial sum of the [tokens, D]
-    activations, summed by one all-reduce: 2 per layer, payload tokens·D in the compute dtype.
-    An MoE block's experts split their hidden dim the same way (logical `mlp` -> model), so
-    it also ends in one. None without a model axis.
+    """The all-reduces of tensor parallelism over `model` (Megatron-LM, Shoeybi et al. 2019, §3).
+
+    The heads and the MLP hidden dim are split over `model`. So two projections leave a
+    partial sum of the [tokens, D] activations. They are the attention out-projection and
+    the MLP down-projection. One
+    all-reduce sums each. That makes 2 per layer, with payload tokens·D in the compute
+    dtype. An MoE block's experts split their hidden dim the same way (logical `mlp` ->
+    model). So an MoE block also ends in one. There are none without a model axis.
     """
     n = mesh_shape["model"]
     if n == 1:
@@ -211,10 +229,12 @@ def expert_parallel_all_to_alls(
 def step_collectives(
     cfg: decoder.DecoderConfig, mesh_shape: dict[str, int], batch: int, length: int, decode: bool
 ) -> list[dict]:
-    """The collectives of one decode step (one token per sequence) or prefill (`length`
-    tokens per sequence) at global batch `batch`. Sequences are split over `data`, and over
-    `expert` too when the model has MoE blocks and an expert axis (GShard: the routing groups
-    are each device's own tokens). Data parallelism alone needs none for inference.
+    """The collectives of one decode step or prefill at global batch `batch`.
+
+    A decode step has one token per sequence, and a prefill has `length`. Sequences are split
+    over `data`. They are split over `expert` too when the model has MoE blocks and an
+    expert axis. The routing groups are then each device's own tokens (GShard). Data
+    parallelism alone needs no collectives for inference.
     """
     moe = mesh_shape["expert"] > 1 and bool(decoder.moe_layers(cfg))
     seqs = comm.shards(
@@ -235,7 +255,7 @@ def abstract_decoder(cfg: decoder.DecoderConfig) -> decoder.Decoder:
 
 
 def random_params(cfg: decoder.DecoderConfig, seed: int) -> nnx.State:
-    """Freshly initialised weights in one jitted program (eager init compiles per shape)."""
+    """Fresh weights from one jitted program; an eager init would compile per weight shape."""
     return jax.jit(lambda: nnx.state(decoder.Decoder(cfg, rngs=nnx.Rngs(seed)), decoder.WEIGHTS))()
 
 
@@ -250,8 +270,10 @@ def _with_lengths(cache: nnx.State, lengths_B: jax.Array) -> nnx.State:
 
 
 def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> Workload:
-    """A randomly initialised decoder's decode step or prefill (model.phase), placed on the run's
-    mesh, timed with its cache donated."""
+    """A randomly initialised decoder's decode step or prefill, as model.phase picks.
+
+    It is placed on the run's mesh and timed with its cache donated.
+    """
     del workdir
     return build_decoder(run_cfg, model_config(run_cfg.model, topo), topo)
 
@@ -263,8 +285,11 @@ def build_decoder(
     params: nnx.State | None = None,
     tokens: np.ndarray | None = None,
 ) -> Workload:
-    """The decode or prefill workload of Decoder(cfg); `params` replace the random init
-    (trained weights), and `tokens` (int32) are drawn for the inputs instead of zeros."""
+    """The decode or prefill workload of Decoder(cfg).
+
+    `params`, such as trained weights, replace the random init. The inputs are windows of
+    `tokens` (int32) when given, and zeros otherwise.
+    """
     m = run_cfg.model
     layout = cfg.cache_layout
     param_bytes = resolve_dtype(cfg.param_dtype).itemsize
@@ -301,8 +326,11 @@ def build_decoder(
 
 
 class DecoderCall:
-    """A decoder's decode step or prefill as the sweep times it: the pure function over
-    (params, cache, tokens, lengths) on the run's mesh, and its arguments at a batch size."""
+    """A decoder's decode step or prefill as the sweep times it.
+
+    It holds the pure function over (params, cache, tokens, lengths) on the run's mesh. It
+    also builds that function's arguments at a batch size.
+    """
 
     def __init__(self, cfg, topo, params, length, tokens, seed):
         self.topo, self.params, self.length, self.tokens = topo, params, length, tokens
@@ -327,14 +355,20 @@ class DecoderCall:
         return self.topo.put_state(cache)
 
     def keep_placement(self, cache: nnx.State) -> nnx.State:
-        """The new cache leaves as the old one came in (XLA would otherwise pick its own
-        placement), so feeding it back neither recompiles nor moves it."""
+        """Constrains the new cache to leave placed as the old one came in.
+
+        XLA would otherwise pick its own placement. With the constraint, feeding the cache
+        back neither recompiles nor moves it.
+        """
         return jax.lax.with_sharding_constraint(cache, self.topo.state_shardings(cache))
 
     def decode_fn(self, params, cache, tokens_B, lengths_B):
-        """One decode step. Every step starts from the same lengths (cache_len - 1): it writes
-        the same slot and attends over the same positions, so each timed step costs the same
-        and the cache it feeds back never overflows."""
+        """One decode step, starting from the given lengths.
+
+        Every step starts from the same lengths, cache_len - 1. It writes the same slot and
+        attends over the same positions. So each timed step costs the same. The cache it
+        feeds back never overflows.
+        """
         with self.topo.activate():
             cache = _with_lengths(cache, lengths_B)
             logits_BxV, cache = decoding.decode_step(self.graphdef, params, cache, tokens_B)

@@ -1,10 +1,18 @@
 """A Mixture-of-Experts MLP as a workload: y = MoEMLP(x) for x [batch, d_model].
 
-Each example is one token and, with `group_size` 0, the whole batch is one routing
-group; on a mesh whose data x expert axes hold several token shards, each device's shard
-is one group (GShard), and the experts are split over `expert` (expert parallelism).
-The timed call computes y only; the routing statistics of the same inputs are computed
-after the timing (untimed) and go on the row without the `moe/` prefix.
+Each example is one token. With `group_size` 0 the whole batch is one routing group. A mesh
+may hold several token shards on its data x expert axes. Each device's shard is then one
+group (GShard). The experts are then split over `expert`, which is expert parallelism.
+
+The timed call computes y only. The routing statistics of the same inputs are computed
+after the timing, untimed. They go on the row without the `moe/` prefix.
+
+Letters in array names and formulas (models/__init__.py):
+
+- B batch, T tokens, D model dim.
+- E experts, F expert hidden dim, C slots per expert.
+- G routing groups, M tokens per group.
+- A choices per token (top-k), P assignments (T·A).
 """
 
 import math
@@ -46,21 +54,28 @@ def layer_ops(
 ) -> list[Op]:
     """One MoELayer call on `tokens` tokens in groups of `group_size`, as its einsums.
 
-    GShard-style capacity-padded einsums (every one of the E·C slots of a group is computed,
-    full or empty; G, S and C from models.moe.routing_shape): router 2·T·D·E, dispatch and
-    combine 2·G·S·E·C·D each, experts 6·G·E·C·D·F. Dispatch and combine multiply by one-hot
-    [G, S, E, C] masks: real matmuls, batched over the G groups, [E·C, S] × [S, D] and
-    [S, E·C] × [E·C, D], priced at the measured rate of that batched product. The experts are
-    one einsum each, batched over E: [G·C, D] × [D, F] (gate, up) and [G·C, F] × [F, D]
-    (down). Routing (softmax, top-k, the masks) is left out of the FLOPs and bytes; it is one
-    kernel launch here. Weights are read once; the input and
-    output activations (`activation_bytes` per element; 0 leaves them out) are charged to the
-    router and the combine. A dropless layer (capacity_factor 0) is dropless_layer_ops.
+    These are GShard-style capacity-padded einsums. Every one of the E·C slots of a group is
+    computed, full or empty. G, M and C come from models.moe.routing_shape. The FLOPs are:
+
+    - router: 2·T·D·E.
+    - dispatch and combine: 2·G·M·E·C·D each.
+    - experts: 6·G·E·C·D·F.
+
+    Dispatch and combine multiply by one-hot [G, M, E, C] masks. They are real matmuls,
+    batched over the G groups. Dispatch is [E·C, M] × [M, D], and combine is [M, E·C] ×
+    [E·C, D]. Each is priced at the measured rate of that batched product. The experts are
+    one einsum each, batched over E. Gate and up are [G·C, D] × [D, F], and down is
+    [G·C, F] × [F, D].
+
+    Routing (softmax, top-k, the masks) is left out of the FLOPs and bytes. It is one kernel
+    launch here. Weights are read once. The input and output activations are charged to the
+    router and the combine. They cost `activation_bytes` per element, and 0 leaves them out.
+    A dropless layer (capacity_factor 0) goes to dropless_layer_ops.
     """
     if cfg.capacity_factor == 0:
         return dropless_layer_ops(cfg, tokens, param_bytes, activation_bytes, count, prefix)
     D, E, F = cfg.d_model, cfg.num_experts, cfg.mlp_dim
-    G, S, C = moe.routing_shape(cfg, tokens, group_size)
+    G, M, C = moe.routing_shape(cfg, tokens, group_size)
     act = tokens * D * activation_bytes
     dt = cfg.dtype
 
@@ -79,11 +94,11 @@ def layer_ops(
 
     return [
         gemm("router", (1, tokens, D, E), weights=D * E * param_bytes, extra=act),
-        Op(prefix + "routing", "elementwise", (G, S, E, C), 0, 0, count=count, dtype=dt),
-        gemm("dispatch", (G, E * C, S, D), kind="moe_dispatch_combine"),
+        Op(prefix + "routing", "elementwise", (G, M, E, C), 0, 0, count=count, dtype=dt),
+        gemm("dispatch", (G, E * C, M, D), kind="moe_dispatch_combine"),
         gemm("gate_up", (E, G * C, D, F), weights=E * D * F * param_bytes, copies=2),
         gemm("down", (E, G * C, F, D), weights=E * F * D * param_bytes),
-        gemm("combine", (G, S, E * C, D), extra=act, kind="moe_dispatch_combine"),
+        gemm("combine", (G, M, E * C, D), extra=act, kind="moe_dispatch_combine"),
     ]
 
 
@@ -95,22 +110,28 @@ def dropless_layer_ops(
     count: int = 1,
     prefix: str = "moe.",
 ) -> list[Op]:
-    """One dropless MoELayer call (models.moe, capacity_factor 0) as its kernels: the router
-    2·T·D·E; the N = T·k assignments sorted by expert and gathered (a launch); the experts as
-    grouped products over E groups of the N rows (`ragged_gemm`), gate and up [N, D] × [D, F]
-    and down [N, F] × [F, D], 6·N·D·F FLOPs: the rows routed, no slot padded; the outputs
-    scattered back and summed with their gates, 2·N·D. Weights are read once; the input and
-    output activations are charged to the router and the combine, the sorted copies assumed
-    to stay on chip, as the capacity-based layer's masks are."""
-    D, E, F, K = cfg.d_model, cfg.num_experts, cfg.mlp_dim, cfg.top_k
-    N = tokens * K
+    """One dropless MoELayer call (models.moe, capacity_factor 0) as its kernels.
+
+    - The router: 2·T·D·E FLOPs.
+    - The sort: the P = T·A assignments sorted by expert and gathered, one launch.
+    - The experts: grouped products over E groups of the P rows (`ragged_gemm`). Gate and up
+      are [P, D] × [D, F], and down is [P, F] × [F, D]. That is 6·P·D·F FLOPs, for the rows
+      routed, with no slot padded.
+    - The combine: the outputs scattered back and summed with their gates, 2·P·D FLOPs.
+
+    Weights are read once. The input and output activations are charged to the router and
+    the combine. The sorted copies are assumed to stay on chip, as the capacity-based
+    layer's masks are.
+    """
+    D, E, F, A = cfg.d_model, cfg.num_experts, cfg.mlp_dim, cfg.top_k
+    P = tokens * A
     act = tokens * D * activation_bytes
     dt = cfg.dtype
 
     def ragged(name, k, n, copies=1):
         weights = E * k * n * param_bytes
         return Op(
-            prefix + name, "ragged_gemm", (E, N, k, n), 2 * N * k * n, weights, weights,
+            prefix + name, "ragged_gemm", (E, P, k, n), 2 * P * k * n, weights, weights,
             count=copies * count, dtype=dt,
         )  # fmt: skip
 
@@ -119,16 +140,19 @@ def dropless_layer_ops(
         Op(prefix + "router", "gemm", (tokens, D, E), 2 * tokens * D * E, router_w + act,
            router_w, count=count, dtype=dt),
         Op(prefix + "routing", "elementwise", (tokens, E), 0, 0, count=count, dtype=dt),
-        Op(prefix + "sort", "gather_scatter", (N, D), 0, 0, count=count, dtype=dt),
+        Op(prefix + "sort", "gather_scatter", (P, D), 0, 0, count=count, dtype=dt),
         ragged("gate_up", D, F, copies=2),
         ragged("down", F, D),
-        Op(prefix + "combine", "elementwise", (N, D), 2 * N * D, act, count=count, dtype=dt),
+        Op(prefix + "combine", "elementwise", (P, D), 2 * P * D, act, count=count, dtype=dt),
     ]  # fmt: skip
 
 
 def device_loads(wanted_E: np.ndarray, expert_devices: int) -> np.ndarray:
-    """Tokens routed to each expert-axis device (its E / expert_devices experts), before
-    capacity: what a dropless layer would compute there."""
+    """Tokens routed to each expert-axis device, before capacity.
+
+    Each device holds E / expert_devices experts. Its load is what a dropless layer would
+    compute there.
+    """
     return np.asarray(wanted_E, np.float64).reshape(expert_devices, -1).sum(axis=1)
 
 
@@ -142,7 +166,7 @@ def mean_stats(stats: list[dict], expert_devices: int = 1) -> dict[str, float]:
     """Scalar routing statistics averaged over layers, plus per-layer values.
 
     `device_loads` is the layer-mean load of each of the `expert_devices` devices of the
-    expert axis, and `device_max_mean_load` its max over mean: under expert parallelism a
+    expert axis. `device_max_mean_load` is its max over its mean. Under expert parallelism a
     layer waits for its most-loaded device (GShard, Lepikhin et al. 2020; Zhou et al. 2022,
     §4.2).
     """
@@ -160,7 +184,10 @@ def mean_stats(stats: list[dict], expert_devices: int = 1) -> dict[str, float]:
 
 
 def group_size(cfg: moe.MoEMLPConfig, topo: Topology, batch_size: int) -> int:
-    """Tokens per routing group: the config's, else one group per device's token shard."""
+    """Tokens per routing group.
+
+    It is the config's group size, or else one group per device's token shard.
+    """
     return cfg.group_size or batch_size // topo.token_shards
 
 
@@ -172,22 +199,25 @@ def all_to_alls(
     moe_layers: int,
     act_bytes: int,
 ) -> list[dict]:
-    """Dispatch and combine over `expert` (GShard, Lepikhin et al. 2020, §2.2/§3.2): each
-    MoE layer moves this device's dispatched tokens [E, G, C, D] to the devices holding
-    their experts and the experts' outputs back: 2 all-to-alls per MoE layer, payload
-    G·E·C·D·act_bytes, its G groups of `group_size` tokens with C slots per expert
-    (models.moe.routing_shape); a dropless layer all-reduces its experts' partial results
-    instead (what XLA compiles). None without an expert axis.
+    """Dispatch and combine over `expert` (GShard, Lepikhin et al. 2020, §2.2/§3.2).
+
+    Each MoE layer sends this device's dispatched tokens [E, G, C, D] out. They go to the devices
+    holding their experts. It then moves the experts' outputs back. That is 2 all-to-alls per MoE
+    layer, with payload G·E·C·D·act_bytes. The device has G groups of `group_size` tokens, with C
+    slots per expert (models.moe.routing_shape).
+
+    A dropless layer all-reduces its experts' partial results instead, as XLA compiles it.
+    There are none without an expert axis.
     """
     n = mesh_shape["expert"]
     if n == 1 or not moe_layers:
         return []
     if cfg.capacity_factor == 0:
         # Dropless: what XLA's partitioner compiles for ragged products whose experts are
-        # split (jax 0.10, tests/test_mesh.py reads the program): every expert device runs
-        # all of its data replica's N = tokens·k assignments through its own experts, and the
-        # partial results are all-reduced, gate and up [N, 2F] then down [N, D]; no
-        # all-to-all (a ragged all-to-all would move N·D each way).
+        # split (jax 0.10, tests/test_mesh.py reads the program). Every expert device runs
+        # all of its data replica's P = T·A assignments through its own experts. The partial
+        # results are all-reduced: gate and up [P, 2F], then down [P, D]. There is no
+        # all-to-all; a ragged all-to-all would move P·D each way.
         rows = tokens_per_device * n * cfg.top_k
         F, D = cfg.mlp_dim, cfg.d_model
         return [
@@ -203,11 +233,12 @@ def all_to_alls(
 def layer_collectives(
     cfg: moe.MoEMLPConfig, mesh_shape: dict[str, int], batch_size: int
 ) -> list[dict]:
-    """The MoE MLP's collectives at global batch `batch_size`. Tokens are split over data and
-    expert (GShard: each device routes its own tokens, one group unless group_size is set).
-    With a model axis each layer's experts split their hidden dim (logical `mlp` -> model):
-    one all-reduce of the [tokens, D] output per layer (Megatron-LM's MLP). Data
-    parallelism alone communicates nothing in inference.
+    """The MoE MLP's collectives at global batch `batch_size`.
+
+    Tokens are split over data and expert. Each device routes its own tokens (GShard), as
+    one group unless group_size is set. With a model axis each layer's experts split their
+    hidden dim (logical `mlp` -> model). That costs one all-reduce of the [tokens, D] output
+    per layer (Megatron-LM's MLP). Data parallelism alone communicates nothing in inference.
     """
     tokens = comm.shards(batch_size, mesh_shape["data"] * mesh_shape["expert"], "batch_size")
     act_bytes = resolve_dtype(cfg.dtype).itemsize
@@ -219,8 +250,10 @@ def layer_collectives(
 
 
 def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> Workload:
-    """The MoE MLP, placed on the run's mesh, timed on random tokens; each point's routing
-    statistics are computed after, untimed."""
+    """The MoE MLP, placed on the run's mesh and timed on random tokens.
+
+    Each point's routing statistics are computed after the timing, untimed.
+    """
     del workdir
     cfg = model_config(run_cfg.model)
     model = moe.MoEMLP(cfg, rngs=nnx.Rngs(run_cfg.seed))
@@ -282,7 +315,7 @@ def moe_fields(cfg: moe.MoEMLPConfig) -> dict[str, Any]:
         "top_k": cfg.top_k,
         "capacity_factor": cfg.capacity_factor,
         "active_params": moe.num_active_params(cfg),
-        # An expert's weights are reused only by the ~k/E of the batch routed to it, so it
-        # takes E/k times the batch to reuse them as often as a dense layer's: B* grows by E/k.
+        # An expert's weights are reused only by the ~A/E of the batch routed to it, so it
+        # takes E/A times the batch to reuse them as often as a dense layer's: B* grows by E/A.
         "weight_uses_per_example": min(top_k / cfg.num_experts, 1.0),
     }

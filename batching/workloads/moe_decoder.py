@@ -1,13 +1,18 @@
 """The MoE decoder as a workload: trained on stdlib bytes first, then a decode step timed.
 
-`prepare` trains the run's model (batching/train.py) unless its parameters are
-already in <workdir>/params/<run>.npz, so an ablation run is one command and a
-rerun resumes without retraining. The timed call is the plain decode step; after
-its timing, the routing statistics of a decode step at that batch size are
-measured on held-out text (B held-out windows prefilled, then one step), so drop
-fraction and max/mean load are seen as functions of the batch size. Its collectives are
-the decoder's (batching.workloads.decoder.step_collectives): the tensor-parallel
-all-reduces and, on an expert axis, two all-to-alls per MoE block.
+`prepare` trains the run's model (batching/workloads/train.py). It skips training when the
+parameters are already in <workdir>/params/<run>.npz, beside the run's training summary. So an
+ablation run is one command, and a rerun resumes without retraining.
+
+The timed call is the plain decode step. After its timing, the workload measures the
+routing of a decode step at that batch size. It uses held-out text. B held-out windows are
+prefilled, then one step runs. So drop fraction and max/mean load are seen as functions of
+the batch size.
+
+Its collectives are the decoder's (batching.workloads.decoder.step_collectives). They are the
+tensor-parallel all-reduces and, on an expert axis, two all-to-alls per MoE block.
+
+Letters in array names (models/__init__.py): B batch, V vocab.
 """
 
 import dataclasses
@@ -41,14 +46,18 @@ def model_config(
 
 
 def validate(model_cfg: ml_collections.ConfigDict) -> None:
-    """Checks the model section (DecoderConfig, phase, cache_len or prompt_len); raises ValueError
-    naming the bad model.* field."""
+    """Checks the model section: DecoderConfig, phase, and cache_len or prompt_len.
+
+    A bad field raises ValueError naming it as model.<field>.
+    """
     decoder_workload.check_phase(model_cfg, model_config(model_cfg))
 
 
 def validate_run(run_cfg: ml_collections.ConfigDict) -> None:
-    """The training fields too (train.validate), before anything is written: a run trains
-    before it is timed."""
+    """Checks the training fields too (train.validate), before anything is written.
+
+    A run trains before it is timed. So a bad training field must fail first.
+    """
     train.validate(run_cfg)
 
 
@@ -59,8 +68,11 @@ def _summary_path(workdir: str, run: str) -> str:
 def prepare(
     run_cfg: ml_collections.ConfigDict, run: str, workdir: str, log: train_log.Log | None = None
 ) -> dict[str, Any]:
-    """Trains the run's model unless its parameters exist, its curves into `log`; returns the
-    training summary."""
+    """Trains the run's model unless its parameters and summary exist.
+
+    The training curves go into `log`. Returns the training summary, read from disk when
+    training is skipped.
+    """
     path = _summary_path(workdir, run)
     if os.path.exists(checkpoint.params_path(workdir, run)) and os.path.exists(path):
         with open(path) as f:
@@ -91,17 +103,25 @@ def cross_sequence_probe(
 ) -> dict[str, Any]:
     """Does a sequence's next-token output depend on the other sequences of its decode step?
 
-    `trials` times, one sequence is drawn at random and kept (its token and every cache
-    kept) while the other B - 1 get random next tokens; a trial leaks when the kept
-    sequence's logits change at all. Drawn, not always the first: capacity-based routing
-    fills an expert's slots in token order (GShard), so the first sequence's first choice is
-    never the one dropped and a probe of it alone would read 0 where later ones leak.
-    Returns the trials, the fraction that leaked and the largest change in a logit.
-    Dropless token-choice routes each token by its own logits alone, so it cannot leak;
-    capacity-based token-choice leaks when other tokens take the slots this one wanted (only
-    where its group drops); expert-choice, whose experts pick among the group's tokens, leaks
-    by construction (Zhou et al. 2022, §6: not for autoregressive decoding as it stands).
-    With one sequence there is nothing to change: None."""
+    The probe runs `trials` times. Each trial draws one sequence at random and keeps its
+    token. Every cache is kept too. The other B - 1 sequences get random next tokens. A
+    trial leaks when the kept sequence's logits change at all.
+
+    The kept sequence is drawn, not always the first. Capacity-based routing fills an
+    expert's slots in token order (GShard). So the first sequence's first choice is never
+    the one dropped. A probe of it alone would read 0 where later ones leak.
+
+    Returns the trials, the fraction that leaked and the largest change in a logit. With
+    one sequence there is nothing to change. The fraction and change are then None.
+
+    Each router behaves differently here.
+
+    - Dropless token-choice routes each token by its own logits alone, so it cannot leak.
+    - Capacity-based token-choice leaks when other tokens take the slots this one wanted.
+      That happens only where its group drops.
+    - Expert-choice leaks by construction, since its experts pick among the group's tokens.
+      Zhou et al. 2022 (§6) call it unfit for autoregressive decoding as it stands.
+    """
     batch = tokens_B.shape[0]
     if batch < 2:
         return {
@@ -124,8 +144,11 @@ def cross_sequence_probe(
 
 
 def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> Workload:
-    """The MoE decoder's decode step on the run's mesh, with the run's trained params (random where
-    none are saved); each point's routing is measured on held-out text, untimed."""
+    """The MoE decoder's decode step on the run's mesh, with the run's trained params.
+
+    The params are random where none are saved. Each point's routing is measured on
+    held-out text, untimed.
+    """
     # A decode step's routing groups are the devices' token shards (GShard); 1 on one device.
     cfg = dataclasses.replace(model_config(run_cfg.model, topo), decode_groups=topo.token_shards)
     path = checkpoint.params_path(workdir, run_cfg.run_name) if workdir else ""
@@ -146,8 +169,10 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
     step = jax.jit(decoding.decode_step)
 
     def point_fields(batch: int) -> dict[str, Any]:
-        """Routing of one decode step over `batch` held-out windows, prefilled first, and the
-        cross-sequence probe on that step (cross_sequence_probe)."""
+        """Routing of one decode step over `batch` held-out windows, prefilled first.
+
+        It also runs the cross-sequence probe on that step (cross_sequence_probe).
+        """
         model.init_cache(batch, length)
         graphdef, _, cache = nnx.split(model, decoder.WEIGHTS, nnx.Cache)
         starts = rng.integers(0, heldout.size - length, batch)

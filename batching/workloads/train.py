@@ -6,23 +6,31 @@
     config = moe_decoder.get_config("expert_choice")
     summary = train.run(config, "/tmp/moe", EventLog("/tmp/moe", config.name))
 
-Loss = mean cross-entropy + train.aux_loss_weight * (load-balancing loss averaged over MoE
-layers; train.aux_loss_scope picks the per-group or the global-batch one, AUX_LOSS_STAT)
-+ train.z_loss_weight * (z-loss averaged over MoE layers); adamw with a warmup and an
-optional cosine decay. The train step is a pure function of (params, opt_state, batch) over
-`nnx.split`, jitted with params and optimizer state donated.
+The loss is a sum of three terms.
 
-Outputs under workdir, and through `log` (the lab's TensorBoard writer hands training an
-`EventLog`: <workdir>/tb/<name>/, file suffix .train) the curves train/*, moe/*, eval/*:
-  params/<name>.npz     trained params, one array per nnx path joined by "/"
-  params/<name>.json    the model config they belong to (DecoderConfig fields)
-  train_summary.json    the dict `run` returns
+- The mean cross-entropy.
+- train.aux_loss_weight times the load-balancing loss, averaged over MoE layers.
+- train.z_loss_weight times the z-loss, averaged over MoE layers.
+
+train.aux_loss_scope picks the per-group or the global-batch load-balancing loss
+(AUX_LOSS_STAT). The optimizer is adamw with a warmup and an optional cosine decay. The train
+step is a pure function of (params, bias, opt_state, batch) over `nnx.split`. It is jitted
+with params, routing biases and optimizer state donated.
+
+The run writes three files under workdir.
+
+- params/<name>.npz: the trained params, one array per nnx path joined by "/".
+- params/<name>.json: the model config they belong to (DecoderConfig fields).
+- train_summary.json: the dict `run` returns.
+
+The curves train/*, moe/* and eval/* go through `log`. The lab's TensorBoard writer hands
+training an `EventLog`. It writes to <workdir>/tb/<name>/, with file suffix .train.
 
 Routing statistics (models.routers.routing_stats) are logged as `moe/<stat>`, the mean over
-MoE layers, and `moe/layer_<i>/<stat>` with i the block index. Held-out ones are means over
-a fixed set of held-out batches of each batch's statistic, under `eval/`.
+MoE layers. Each layer's value goes to `moe/layer_<i>/<stat>`, with i the block index.
+Held-out statistics go under `eval/moe/`. Each is a mean over a fixed set of held-out batches.
 
-Letters in array names: B batch, L length, V vocab.
+Letters in array names (models/__init__.py): B batch, L length, V vocab.
 """
 
 import contextlib
@@ -63,8 +71,12 @@ Stats = dict[str, Any]
 
 
 def make_optimizer(t: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Callable]:
-    """adamw (b2 0.95, decay on matrices only) after optional global-norm clipping; returns
-    (optimizer, learning-rate schedule of the step count)."""
+    """adamw (b2 0.95, weight decay on matrices only) after optional global-norm clipping.
+
+    With train.warmup_steps the learning rate first ramps up linearly. It then stays constant, or
+    with the "cosine" schedule decays to 0.1 of its peak. Returns (optimizer, learning-rate schedule
+    of the step count).
+    """
     lr, warmup = t.learning_rate, t.warmup_steps
     if t.schedule == "cosine":
         decay = optax.cosine_decay_schedule(lr, t.steps - warmup, alpha=0.1)
@@ -100,7 +112,9 @@ def loss_fn(
     """(total loss, (mean cross-entropy in nats per byte, routing stats per MoE layer)).
 
     The aux term is the routing statistic AUX_LOSS_STAT[aux_loss_scope]. `bias` holds the
-    routing biases (models.moe.RouterBias) of a graphdef split from them; no gradient."""
+    routing biases (models.moe.RouterBias) of a graphdef split from them. No gradient flows
+    into the biases.
+    """
     inputs_BxL, targets_BxL = batch
     rest = () if bias is None else (jax.lax.stop_gradient(bias),)
     logits_BxLxV, stats = decoding.forward(graphdef, params, inputs_BxL, *rest, stats=True)
@@ -118,10 +132,12 @@ def make_train_step(
     aux_loss_scope: str = "group",
     bias_update_rate: float = 0.0,
 ) -> Callable:
-    """jit of step(params, bias, opt_state, batch) -> (params, bias, opt_state, metrics,
-    stats); params, bias and opt_state are donated. The optimizer sees the parameters only;
-    with `bias_update_rate` the routing biases then move by that step's loads
-    (Decoder.update_router_bias)."""
+    """jit of step(params, bias, opt_state, batch) -> (params, bias, opt_state, metrics, stats).
+
+    params, bias and opt_state are donated. The optimizer sees the parameters only. With
+    `bias_update_rate` the routing biases then move by that step's loads
+    (Decoder.update_router_bias).
+    """
 
     def step(params: nnx.State, bias: nnx.State, opt_state: optax.OptState, batch: Batch):
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -153,10 +169,18 @@ def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
 def evaluate(
     eval_step: Callable, weights: tuple[nnx.State, nnx.State], batches: list[Batch]
 ) -> tuple[float, list[Stats]]:
-    """Held-out loss and per-layer stats over `batches` (`weights`: params and routing
-    biases): scalar stats are means over batches of each batch's value; tokens_per_expert is
-    summed and experts_per_token concatenated; max_vio_global is MaxVio over the whole set
-    (the wanted loads summed over the batches: Wang et al. 2024's global MaxVio)."""
+    """Held-out loss and per-layer stats over `batches`.
+
+    `weights` holds the params and the routing biases. The loss is the mean over batches.
+    Per layer the stats are built as follows.
+
+    - Each scalar stat: the mean over batches of each batch's value.
+    - tokens_per_expert: summed over batches.
+    - experts_per_token: concatenated over batches.
+    - max_vio_global: MaxVio over the whole set, on the wanted loads summed over the batches.
+
+    max_vio_global is Wang et al. 2024's global MaxVio.
+    """
     losses, per_batch = [], []
     for batch in batches:
         loss, stats = jax.device_get(eval_step(*weights, batch))
@@ -177,8 +201,11 @@ def evaluate(
 def heldout_batches(
     split: text_data.TextSplit, t: ml_collections.ConfigDict, seed: int
 ) -> list[Batch]:
-    """The fixed held-out batches every evaluation of a run uses: train.eval_batches batches
-    of train.batch_size x train.seq_len, drawn from a generator of their own."""
+    """The fixed held-out batches every evaluation of a run uses.
+
+    There are train.eval_batches batches of train.batch_size x train.seq_len. They are drawn
+    from a generator of their own.
+    """
     rng = np.random.default_rng([seed, 1])
     return [
         text_data.sample_batch(split.heldout, t.batch_size, t.seq_len, rng)
@@ -246,9 +273,12 @@ def make_trainer(config: ml_collections.ConfigDict, cfg: decoder.DecoderConfig):
 
 
 def train_loop(config: ml_collections.ConfigDict, trainer: Trainer, weights, opt_state, log: Log):
-    """train.steps steps, logging every train.log_every and evaluating every
-    train.eval_every (and at the last step); returns ((params, biases), last metrics,
-    held-out loss, held-out per-layer stats)."""
+    """Runs train.steps steps, logging every train.log_every steps.
+
+    It also logs at the first and last step. It evaluates every train.eval_every steps and at
+    the last step. Returns ((params, biases), last metrics, held-out loss, held-out
+    per-layer stats).
+    """
     t, cfg = config.train, trainer.cfg
     rng = np.random.default_rng(config.seed)
     precision = config.model.get("matmul_precision", "default")
@@ -276,13 +306,18 @@ def train_loop(config: ml_collections.ConfigDict, trainer: Trainer, weights, opt
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, log: Log | None = None) -> dict[str, Any]:
-    """Trains config.model on stdlib bytes per config.train, its curves into `log` (none by
-    default); returns the summary it also writes to <workdir>/train_summary.json.
+    """Trains config.model on stdlib bytes per config.train.
 
-    Summary: train_loss / train_ce_loss (last step), heldout_loss (nats per byte),
-    heldout_stats (each routing scalar averaged over MoE layers; tokens_per_expert a list of
-    per-layer lists of E counts summed over the held-out batches), heldout_stats_per_layer,
-    steps, seconds (whole run) and train_seconds (the step loop, compiles and evals included).
+    The curves go into `log`, which defaults to none. Returns the summary it also writes to
+    <workdir>/train_summary.json. Its fields include these.
+
+    - train_loss and train_ce_loss: from the last step.
+    - heldout_loss: in nats per byte.
+    - heldout_stats: each routing scalar averaged over MoE layers. Its tokens_per_expert is a
+      list of per-layer lists of E counts. Each count is summed over the held-out batches.
+    - heldout_stats_per_layer: the same per layer.
+    - steps, and seconds for the whole run.
+    - train_seconds: the step loop, compiles and evals included.
     """
     t0 = time.perf_counter()
     cfg = validate(config)
@@ -323,7 +358,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, log: Log | None = None)
 
 
 def heldout_summary(layers: tuple[int, ...], heldout: list[Stats]) -> dict[str, Any]:
-    """The last evaluation's routing: each statistic's mean over MoE layers, and per layer."""
+    """The last evaluation's routing: each statistic's mean over MoE layers, and per layer.
+
+    The list of MoE block indices goes in too, as moe_layers.
+    """
     per_layer = {
         f"layer_{i}": _layer_summary(layer) for i, layer in zip(layers, heldout, strict=True)
     }
