@@ -182,6 +182,8 @@ FIELDS: tuple[Field, ...] = (
             "the call as ops (name, kind, shape, flops, bytes, weight_bytes, count, fused, "
             "dtype, layout), per instance",
         ),
+        ("ops_source", "", "`ops` from `hand` (the family's list) or `program` (HLO)"),
+        ("program_ops", "", "a hand-listed call as read from its compiled program"),
         ("gemm_shapes", "", "the call's matmuls (m, k, n, count), derived from `ops`"),
         (
             "attention_shapes",
@@ -189,19 +191,9 @@ FIELDS: tuple[Field, ...] = (
             "decoder rows: the decode attention the roofline times (batch, kv_heads, "
             "cache_len, q_per_kv, head_dim, count, layout, dtype, bytes)",
         ),
-        (
-            "collectives",
-            "",
-            "the call's collectives (`kind`, `axis`, `axis_size`, `bytes` per device of one, "
-            "`count`)",
-        ),
+        ("collectives", "", "the call's collectives (kind, axis, axis_size, bytes, count)"),
         ("comm_bytes", "bytes", "Σ bytes·count of `collectives`, per device"),
-        (
-            "xla_collectives",
-            "",
-            "on a mesh: the collectives XLA compiled into the program (count per op), from "
-            "its HLO text",
-        ),
+        ("xla_collectives", "", "on a mesh: the collectives XLA compiled in, count per op"),
         ("xla_comm_bytes", "bytes", "their bytes per device"),
     ),
     *_fields(
@@ -232,6 +224,8 @@ FIELDS: tuple[Field, ...] = (
             "small ops' lone calls (0 without small ops or `roofline.shape_aware`)",
         ),
         ("predicted_by_kind", "s", "the prediction's seconds per op kind and limit"),
+        ("program_predicted_latency_s", "s", "the prediction priced from `program_ops`"),
+        ("program_predicted_by_kind", "s", "that prediction's seconds per op kind and limit"),
         (
             "predicted_kinds",
             "",
@@ -322,6 +316,7 @@ FIELDS: tuple[Field, ...] = (
     *_fields(
         "workload",
         ("width", "", "MLP and ResNet width"),
+        ("factory", "", "a model from outside the lab: its `model.factory` import path"),
         ("depth", "layers", "layers"),
         ("activation", "", "MLP activation"),
         ("tokens", "tokens", "MLP tokens per example"),

@@ -63,6 +63,7 @@ RUN_KINDS = {
     "image_size": "int", "intensity_b1": "map", "router": "str", "num_experts": "int",
     "top_k": "int", "capacity_factor": "num", "aux_loss_weight": "num",
     "aux_loss_scope": "str", "router_bias_update_rate": "num", "trained": "bool",
+    "factory": "str",
 }  # fmt: skip
 RUN_FIELDS = tuple(RUN_KINDS)
 # Routing row fields a summary keeps at both ends of the sweep, as <name>_first, <name>_last.
@@ -184,6 +185,13 @@ FIELDS: tuple[Field, ...] = (
         "prediction",
         ("prediction_error_median", "num", "", "median |predicted / measured - 1|, per op"),
         ("peak_prediction_error_median", "num", "", "the same, from the square peaks only"),
+        (
+            "program_prediction_error_median",
+            "num",
+            "",
+            "the same, priced from the compiled program's ops (families with a hand list)",
+        ),
+        ("ops_source", "str", "", "`hand` (the family's op list) or `program` (read from HLO)"),
         ("fit_error_median", "num", "", "the same, for the fitted three-limit model"),
         ("cost_mismatches", "int", "points", "points where XLA's count and the lab's differ"),
         ("breakdown", "map", "", "batch -> predicted seconds per op kind, at the ends"),

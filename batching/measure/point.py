@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from batching import rows
-from batching.measure import microbench, pass_stats, stats, timing
+from batching.measure import microbench, pass_stats, program_ops, stats, timing
 from batching.setup import distributed, runs, specs, topology
 from batching.setup.topology import Topology
 from batching.workloads import base as workload
@@ -219,6 +219,7 @@ def measure_point(ctx: PointContext, batch_size: int) -> tuple[rows.Row, np.ndar
         **run_fields(ctx, program.compiled),
         **memory,
         **work_fields(ctx, batch_size, program.compiled),
+        **program_ops.fields(ctx, program),
         "call_floor_s": call_floor_s,
         **ctx.wl.fields,
         "parallel_shape": ctx.wl.parallel_shape or ctx.topo.shape,

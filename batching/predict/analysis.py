@@ -198,7 +198,8 @@ def device_model(
     # parallelism, also each point at the mean load (predicted_balanced_latency_s).
     expert_parallel = roofline.mesh_shape_of(rows[0], "parallel_shape")["expert"] > 1
     for i in spread_order(len(device_rows)):
-        pricing.predict_call(roofline.row_ops(device_rows[i]), rates)
+        for listed in (roofline.row_ops(device_rows[i]), roofline.program_ops(device_rows[i])):
+            pricing.predict_call(listed, rates)
         if expert_parallel and rows[i].get("device_max_mean_load"):
             balanced = roofline.per_device_work({**rows[i], "device_max_mean_load": 1.0})
             pricing.predict_call(roofline.row_ops(balanced), rates)
@@ -268,6 +269,11 @@ def predicted_rows(
             extra["predicted_balanced_latency_s"] = (
                 predict_device(mean_load, model).seconds + comm_s
             )
+        if rd.get("program_ops"):
+            # The same call priced from its compiled program's ops, beside the hand list.
+            program = predict_device(rd, model, roofline.program_ops(rd))
+            extra["program_predicted_latency_s"] = program.seconds + comm_s
+            extra["program_predicted_by_kind"] = program.by_kind()
         fields = {
             "predicted_latency_s": call.seconds + comm_s,
             "predicted_overhead_s": call.overhead_s,
@@ -289,14 +295,17 @@ def predicted_rows(
     return out, not_measured
 
 
-def predict_device(rd: dict[str, Any], model: DeviceModel) -> pricing.CallTime:
+def predict_device(
+    rd: dict[str, Any], model: DeviceModel, ops: list[ops_lib.Op] | None = None
+) -> pricing.CallTime:
     """The per-op prediction of one device's share of a call, without communication.
 
-    Where the sweep measured the call's own floor (its arguments), that floor is used.
+    The ops are the row's own (roofline.row_ops) unless given. Where the sweep measured the
+    call's own floor (its arguments), that floor is used.
     """
     floor_s = rd.get("call_floor_s") or model.peaks.dispatch_floor_s
     rates = dataclasses.replace(model.rates, dispatch_floor_s=floor_s)
-    return pricing.predict_call(roofline.row_ops(rd), rates)
+    return pricing.predict_call(roofline.row_ops(rd) if ops is None else ops, rates)
 
 
 def naive_prediction(rd: dict[str, Any], model: DeviceModel) -> float:

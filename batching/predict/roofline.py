@@ -108,7 +108,7 @@ def per_device_work(row: dict[str, Any]) -> dict[str, Any]:
             [max(1, -(-mm // (d * e))), k, max(1, -(-n // m)), count]
             for mm, k, n, count in row["gemm_shapes"]
         ]
-    if row.get("ops"):
+    if row.get("ops") and row.get("ops_source") != "program":  # a program's are per device
         out["ops"] = [per_device_op(o, d * e, m, e * m, load) for o in row["ops"]]
     if row.get("attention_shapes"):
         out["attention_shapes"] = [
@@ -224,3 +224,8 @@ def row_ops(r: dict[str, Any]) -> list[ops_lib.Op]:
     if rest_flops or rest_bytes or not out:
         out.append(ops_lib.Op("rest", "gemm", (), rest_flops, rest_bytes))
     return out
+
+
+def program_ops(r: dict[str, Any]) -> list[ops_lib.Op]:
+    """A row's call as read from its compiled program (`program_ops`), one device's share."""
+    return [ops_lib.Op.from_dict(o) for o in r.get("program_ops") or []]

@@ -150,8 +150,14 @@ def error_fields(out: list[dict[str, Any]]) -> dict[str, Any]:
     def median_error(field: str) -> float:
         return float(np.median(np.abs(np.array([r[field] for r in out]) / measured - 1)))
 
+    program = all(r.get("program_predicted_latency_s") for r in out)
     return {
         "prediction_error_median": median_error("predicted_latency_s"),
+        # The same prediction priced from the compiled program's ops (hand-listed families).
+        "program_prediction_error_median": (
+            median_error("program_predicted_latency_s") if program else None
+        ),
+        "ops_source": out[0].get("ops_source") or "hand",
         "peak_prediction_error_median": median_error("predicted_peak_latency_s"),
         "fit_error_median": median_error("fitted_latency_s"),
         "cost_mismatches": sum(r["cost_mismatch"] for r in out),

@@ -1,0 +1,34 @@
+"""A point's op list read from its compiled program, as row fields."""
+
+from typing import Any
+
+from batching.measure import hlo_ops
+from batching.workloads import ops as ops_lib
+
+
+def fields(ctx: Any, program: Any) -> dict[str, Any]:
+    """The call's ops as read from its compiled program (batching.measure.hlo_ops).
+
+    A workload without a hand-written list takes them as its `ops`, and its analytic counts
+    from them, scaled from one device's share to the whole call. A family with a list keeps
+    the program's beside it (`program_ops`). Both are skipped with the roofline off.
+    """
+    if not ctx.config.roofline.enabled:
+        return {}
+    weights = program.flat.leaf_names(ctx.wl.weight_args)
+    text = program.compiled.executable.as_text()
+    ops = hlo_ops.program_ops(text, lambda name: name in weights)
+    listed = [o.to_dict() for o in ops]
+    if ctx.wl.ops is not None:
+        return {"ops_source": "hand", "program_ops": listed}
+    t = ops_lib.totals(ops)
+    shape = ctx.wl.parallel_shape or ctx.topo.shape
+    d, e, m = (int(shape.get(a) or 1) for a in ("data", "expert", "model"))
+    rest = t.bytes - t.weight_bytes
+    return {
+        "ops_source": "program",
+        "ops": listed,
+        "analytic_flops": t.flops * d * e * m,
+        "analytic_bytes": t.weight_bytes * e * m + rest * d * e * m,
+        "weight_bytes": t.weight_bytes * e * m,
+    }
