@@ -20,7 +20,7 @@ from batching.outputs import archive, hparams, plots, report, results, summary
 from batching.outputs.tensorboard import EventLog
 from batching.predict import analysis, claims
 from batching.setup import distributed, interrupt, runs
-from batching.workloads import base as workload
+from batching.workloads import registry as workload
 
 
 def prepare(
@@ -71,9 +71,9 @@ def validate(config: ml_collections.ConfigDict) -> list[workload.Bench]:
                     raise runs.ConfigError(f"report.claims has an unknown claim {claim!r}")
             try:
                 bench = workload.Bench(run)
-                bench.module.validate(run.config.model)
-                if hasattr(bench.module, "validate_run"):
-                    bench.module.validate_run(run.config)
+                bench.family.validate(run.config.model)
+                if bench.family.validate_run is not None:
+                    bench.family.validate_run(run.config)
             except (ValueError, TypeError) as e:
                 raise runs.ConfigError(f"{e}{runs.where(run)}") from None
             runs.check_placement(run)
@@ -211,7 +211,7 @@ def prepare_runs(benches: list[workload.Bench], workdir: str) -> dict[str, dict[
         if bench.prepares:
             logging.info("preparing run %s", bench.name)
             log = EventLog(workdir, bench.name)
-            done[bench.name] = bench.module.prepare(bench.config, bench.name, workdir, log)
+            done[bench.name] = bench.family.prepare(bench.config, bench.name, workdir, log)
     return done
 
 

@@ -35,7 +35,7 @@ from batching.outputs import results
 from batching.outputs.tensorboard import PointWriter
 from batching.setup import distributed, runs
 from batching.setup.interrupt import raise_if_terminated
-from batching.workloads.base import Bench
+from batching.workloads.registry import Bench
 
 # A row's status says what happened to the point. "ok": measured.
 # "skipped_memory": not run, as its program needs more than the memory budget.

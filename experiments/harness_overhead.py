@@ -48,6 +48,7 @@ from absl import app, flags
 from batching.measure import microbench, profiling, timing
 from batching.setup import runs
 from batching.workloads import base as workload
+from batching.workloads import registry
 from configs import decoder as decoder_config
 from configs import default
 from configs import resnet as resnet_config
@@ -146,7 +147,7 @@ class Case:
     """One workload at one batch size, ready to be called every way the benchmark compares."""
 
     def __init__(self, name: str, config: Any, batch: int):
-        wl = workload.Bench(runs.Run(name, config)).workload("")
+        wl = registry.Bench(runs.Run(name, config)).workload("")
         self.wl = wl
         self.name, self.batch = name, batch
         self.flat = workload.flat_call(wl, batch)

@@ -26,7 +26,7 @@ from batching import app as lab
 from batching.measure import rates
 from batching.outputs import results
 from batching.setup import runs
-from batching.workloads import base
+from batching.workloads import registry
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The workdir to analyse (its rows and config.json).")
@@ -74,7 +74,7 @@ def reanalyze(
     devices = {}
     for r in rows:
         devices.setdefault(r["run"], rates.DeviceRef(r["platform"], r["device_kind"]))
-    measured = [base.Bench(run) for run in all_runs if run.name in devices]
+    measured = [registry.Bench(run) for run in all_runs if run.name in devices]
     summaries = lab.finalize(config, measured, stored["fingerprints"], store, devices=devices)
     if zipped:
         plain = store.path(results.RESULTS)

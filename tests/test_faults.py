@@ -16,7 +16,7 @@ from batching import app, sweep
 from batching.measure import peaks_cache
 from batching.outputs import results
 from batching.predict import claims
-from batching.workloads import base
+from batching.workloads import registry
 from tests.conftest import ROOT, run_main, start_main, tiny
 from tests.test_sweep import _accumulator, read_rows
 
@@ -25,7 +25,7 @@ OOM_MESSAGE = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 109951
 
 def failing_build(monkeypatch, fails):
     """Wraps the real workload so that make_args raises `fails(batch_size)` when not None."""
-    real = base.Bench.workload
+    real = registry.Bench.workload
 
     def build(self, workdir):
         wl = real(self, workdir)
@@ -43,7 +43,7 @@ def failing_build(monkeypatch, fails):
         wl.make_args = make
         return wl
 
-    monkeypatch.setattr(base.Bench, "workload", build)
+    monkeypatch.setattr(registry.Bench, "workload", build)
 
 
 def statuses(workdir):

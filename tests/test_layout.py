@@ -48,9 +48,10 @@ ALLOWED = {
     "batching.rows": (),
     "batching.summaries": ("batching.rows",),
     "batching.text": (),
-    "configs": ("configs",),
+    # A config naming a model from outside the lab finds its family (configs/custom.py).
+    "configs": ("configs", "batching.workloads.family", "batching.workloads.registry"),
 }
-TOP = ("batching.app", "batching.sweep", "batching.cli", "batching")
+TOP = ("batching.app", "batching.sweep", "batching.cli", "batching.api", "batching")
 MAX_FUNCTION_LINES = 60
 MAX_FILE_LINES = 400
 

@@ -1,19 +1,16 @@
 """What the sweep times: a model bound to its inputs, costs and run-level facts.
 
-Each model family has a module `batching/workloads/<model.name>.py`. It defines two
-functions. `validate(model_cfg)` raises a ValueError naming the bad field.
-`build(run_cfg, topo, workdir)` returns a Workload. `topo` is the run's
-batching.setup.topology.Topology. The workload places its parameters and inputs on its mesh.
-`workdir` holds files an earlier step wrote, such as trained parameters. The sweep finds the
-module by name, so a new model touches no dispatcher.
+A model family (batching.workloads.family.Family) builds a Workload for a run:
+`build(run_cfg, topo, workdir)`. `topo` is the run's batching.setup.topology.Topology. The
+workload places its parameters and inputs on its mesh. `workdir` holds files an earlier
+step wrote, such as trained parameters. A workload without a hand-written op list gets one
+from its compiled program (batching.measure.hlo_ops).
 """
 
 import copy
 import dataclasses
-import importlib
 import inspect
 import re
-import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -21,8 +18,6 @@ import jax
 import ml_collections
 import numpy as np
 
-from batching.setup import runs, topology
-from batching.setup.topology import Topology
 from batching.workloads import ops as ops_lib
 
 T = TypeVar("T")
@@ -84,7 +79,10 @@ class Workload:
     # Run-level facts for every row and the hparams.
     fields: dict[str, Any] = dataclasses.field(default_factory=dict)
     # One call as a list of ops (batching.workloads.ops.Op).
+    # None: the ops are read from each point's compiled program (batching.measure.hlo_ops).
     ops: Callable[[int], list[ops_lib.Op]] | None = None
+    # The arguments that hold weights; their bytes are weight bytes in program-read ops.
+    weight_args: tuple[int, ...] = (0,)
 
     def __post_init__(self):
         if self.ops is None:
@@ -120,6 +118,7 @@ class FlatCall:
         flat = [jax.tree.flatten(a) for a in args]
         self._in_trees = [tree for _, tree in flat]
         names = _leaf_names(fn, args)
+        self.names = names
         sizes = [len(leaves) for leaves, _ in flat]
         self._offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
         self.args = tuple(leaf for leaves, _ in flat for leaf in leaves)
@@ -145,6 +144,15 @@ class FlatCall:
             [inspect.Parameter(n, inspect.Parameter.POSITIONAL_ONLY) for n in names]
         )
         self.fn = flat_fn
+
+    def leaf_names(self, argnums: Sequence[int]) -> set[str]:
+        """The names of the leaves of arguments `argnums`, as the program's parameters."""
+        return {
+            self.names[i]
+            for a in argnums
+            if a + 1 < len(self._offsets)
+            for i in range(self._offsets[a], self._offsets[a + 1])
+        }
 
     def rebind(self, args: Sequence[Any]) -> "FlatCall":
         """The same call with new arguments of the same structure.
@@ -247,67 +255,3 @@ def cost_of(ops: list[ops_lib.Op]) -> Cost:
     """A call's Cost: the totals of its ops."""
     t = ops_lib.totals(ops)
     return Cost(flops=t.flops, bytes=t.bytes, weight_bytes=t.weight_bytes)
-
-
-# Modules of this package that are not model families.
-NOT_FAMILIES = ("base", "ops", "collectives", "train", "text_data")
-
-
-def workload_module(name: str) -> types.ModuleType:
-    """The module that binds model family `name`; ValueError if there is none."""
-    if not isinstance(name, str) or not name.isidentifier() or name in NOT_FAMILIES:
-        raise ValueError(f"model.name is not a known model, got {name!r}")
-    try:
-        return importlib.import_module(f"batching.workloads.{name}")
-    except ModuleNotFoundError as e:
-        if e.name == f"batching.workloads.{name}":
-            raise ValueError(f"model.name is not a known model, got {name!r}") from None
-        raise
-
-
-class Bench:
-    """A run's workload family, topology and workload, handed to the sweep and the analysis.
-
-    The family is found by name once. The topology and workload are built on first use.
-    """
-
-    def __init__(self, run: runs.Run):
-        self.run = run
-        self.module = workload_module(run.config.model.name)
-        self._topo: Topology | None = None
-        self._workload: Workload | None = None
-
-    @property
-    def name(self) -> str:
-        """The run's name."""
-        return self.run.name
-
-    @property
-    def config(self) -> ml_collections.ConfigDict:
-        """The run's config."""
-        return self.run.config
-
-    @property
-    def attend(self) -> Callable[..., Any] | None:
-        """The family's attention over its KV cache (`ATTEND`), or None.
-
-        The roofline's attention microbenchmark times it.
-        """
-        return getattr(self.module, "ATTEND", None)
-
-    @property
-    def prepares(self) -> bool:
-        """Whether the family has a step before timing (`prepare`: training)."""
-        return hasattr(self.module, "prepare")
-
-    def topology(self) -> Topology:
-        """The run's mesh, built on first use."""
-        if self._topo is None:
-            self._topo = topology.build(self.run.config)
-        return self._topo
-
-    def workload(self, workdir: str) -> Workload:
-        """The run's workload on its mesh, built on first use."""
-        if self._workload is None:
-            self._workload = self.module.build(self.run.config, self.topology(), workdir)
-        return self._workload

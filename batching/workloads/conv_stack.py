@@ -9,6 +9,7 @@ from flax import nnx
 from batching.setup.topology import Topology
 from batching.workloads import base
 from batching.workloads.base import Workload
+from batching.workloads.family import Family
 from batching.workloads.ops import Op
 from models import conv_stack
 from models.dtypes import resolve_dtype
@@ -85,3 +86,6 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
             "weight_uses_per_example_position": cfg.image_size**2,
         },
     )
+
+
+FAMILY = Family("conv_stack", build=build, validate=validate)

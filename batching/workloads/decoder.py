@@ -23,6 +23,7 @@ from batching.workloads import base
 from batching.workloads import collectives as comm
 from batching.workloads import moe as moe_workload
 from batching.workloads.base import Workload
+from batching.workloads.family import Family
 from batching.workloads.ops import Op
 from models import decoder, decoding, kv_cache
 from models.dtypes import resolve_dtype
@@ -392,3 +393,6 @@ class DecoderCall:
         lengths = jnp.full((batch,), self.length, jnp.int32)
         prompt = self.input_tokens((batch, self.length))
         return self.params, self.empty_cache(batch), prompt, self.topo.put_batch(lengths)
+
+
+FAMILY = Family("decoder", build=build, validate=validate, attend=ATTEND)

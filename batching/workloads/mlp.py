@@ -11,6 +11,7 @@ from flax import nnx
 from batching.setup.topology import Topology
 from batching.workloads import base
 from batching.workloads.base import Cost, Workload, cost_of
+from batching.workloads.family import Family
 from batching.workloads.ops import Op
 from models import mlp
 from models.dtypes import resolve_dtype
@@ -115,3 +116,6 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
             "tokens": tokens,
         },
     )
+
+
+FAMILY = Family("mlp", build=build, validate=validate)

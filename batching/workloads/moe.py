@@ -27,6 +27,7 @@ from batching.setup.topology import Topology
 from batching.workloads import base
 from batching.workloads import collectives as comm
 from batching.workloads.base import Workload
+from batching.workloads.family import Family
 from batching.workloads.ops import Op
 from models import moe
 from models.dtypes import resolve_dtype
@@ -319,3 +320,6 @@ def moe_fields(cfg: moe.MoEMLPConfig) -> dict[str, Any]:
         # takes E/A times the batch to reuse them as often as a dense layer's: B* grows by E/A.
         "weight_uses_per_example": min(top_k / cfg.num_experts, 1.0),
     }
+
+
+FAMILY = Family("moe", build=build, validate=validate)

@@ -32,6 +32,7 @@ from batching.workloads import checkpoint, text_data, train, train_log
 from batching.workloads import decoder as decoder_workload
 from batching.workloads import moe as moe_workload
 from batching.workloads.base import Workload
+from batching.workloads.family import Family
 from models import decoder, decoding
 
 # Its decode step shares the dense decoder's attention over the cache.
@@ -203,3 +204,13 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
         active_params=decoder.num_active_params(cfg),
     )
     return wl
+
+
+FAMILY = Family(
+    "moe_decoder",
+    build=build,
+    validate=validate,
+    validate_run=validate_run,
+    prepare=prepare,
+    attend=ATTEND,
+)

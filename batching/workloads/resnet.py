@@ -7,6 +7,7 @@ from flax import nnx
 from batching.setup.topology import Topology
 from batching.workloads import base
 from batching.workloads.base import Workload
+from batching.workloads.family import Family
 from batching.workloads.ops import Op
 from models import resnet
 from models.dtypes import resolve_dtype
@@ -91,3 +92,6 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
             "intensity_b1": intensity,
         },
     )
+
+
+FAMILY = Family("resnet", build=build, validate=validate)

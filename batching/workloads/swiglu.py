@@ -10,6 +10,7 @@ from flax import nnx
 from batching.setup.topology import Topology
 from batching.workloads import base
 from batching.workloads.base import Workload
+from batching.workloads.family import Family
 from batching.workloads.ops import Op
 from models import swiglu
 from models.dtypes import resolve_dtype
@@ -79,3 +80,6 @@ def build(run_cfg: ml_collections.ConfigDict, topo: Topology, workdir: str) -> W
             "active_params": params,
         },  # fmt: skip
     )
+
+
+FAMILY = Family("swiglu", build=build, validate=validate)
