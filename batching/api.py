@@ -20,7 +20,7 @@ import jax
 import ml_collections
 
 from batching import app
-from batching.measure import hlo_ops, rates, timing
+from batching.measure import program_ops, rates, timing
 from batching.outputs import results
 from batching.predict import analysis, whatif
 from batching.setup import runs, specs, topology
@@ -168,8 +168,7 @@ def program_row(wl: base.Workload, batch_size: int, topo: topology.Topology) -> 
     """What the pricing reads of a point: its ops from the compiled program, and its dtype."""
     flat = base.flat_call(wl, batch_size)
     compiled = timing.compile_fn(flat.fn, flat.args, flat.donate_argnums)
-    weights = flat.leaf_names(wl.weight_args)
-    ops = hlo_ops.program_ops(compiled.executable.as_text(), lambda n: n in weights)
+    ops = program_ops.read(flat, compiled, wl.weight_args)
     dtype = wl.fields.get("dtype", "float32")
     return {
         "batch_size": batch_size, "ops": [o.to_dict() for o in ops], "ops_source": "program",

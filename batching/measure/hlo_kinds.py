@@ -69,13 +69,19 @@ _MODULE = re.compile(r"^HloModule\s+([\w.\-]+)", re.MULTILINE)
 
 
 @dataclasses.dataclass(frozen=True)
-class _Instruction:
+class Instruction:
+    """One HLO instruction as the readers of a program need it."""
+
+    name: str
+    type: str  # its result type, "f32[8,64]{1,0}" or a tuple of them
     opcode: str
     calls: tuple[str, ...]
     target: str
     op_name: str
     operands: tuple[str, ...]
     batched: bool  # a dot with batch dimensions (an einsum over batch or heads)
+    rest: str  # the text after "opcode(": operands, then attributes
+    root: bool  # its computation's ROOT
 
 
 def _operands(rest: str) -> tuple[str, ...]:
@@ -88,13 +94,13 @@ def _operands(rest: str) -> tuple[str, ...]:
     return ()
 
 
-def _parse(hlo_text: str) -> tuple[dict[str, dict[str, _Instruction]], str]:
+def parse(hlo_text: str) -> tuple[dict[str, dict[str, Instruction]], str]:
     """Parses HLO text into its computations.
 
     Returns {computation name: {instruction name: instruction}}. It also returns the entry
     computation's name.
     """
-    comps: dict[str, dict[str, _Instruction]] = {}
+    comps: dict[str, dict[str, Instruction]] = {}
     current, entry = None, ""
     for line in hlo_text.splitlines():
         m = _COMPUTATION.match(line)
@@ -112,13 +118,18 @@ def _parse(hlo_text: str) -> tuple[dict[str, dict[str, _Instruction]], str]:
             calls += [c.strip().lstrip("%") for c in group.split(",") if c.strip()]
         target = _TARGET.search(line)
         op_name = _OP_NAME.search(line)
-        current[m["name"]] = _Instruction(
+        rest = line[m.end() :]
+        current[m["name"]] = Instruction(
+            m["name"],
+            m["type"],
             m["op"],
             tuple(calls),
             target[1] if target else "",
             op_name[1] if op_name else "",
-            _operands(line[m.end() :]),
+            _operands(rest),
             "lhs_batch_dims={" in line,
+            rest,
+            line.lstrip().startswith("ROOT"),
         )
     return comps, entry
 
@@ -129,17 +140,19 @@ def module_name(hlo_text: str) -> str:
     return m[1] if m else ""
 
 
-def instruction_kinds(hlo_text: str) -> dict[str, str]:
+def instruction_kinds(
+    hlo_text: str, parsed: tuple[dict[str, dict[str, Instruction]], str] | None = None
+) -> dict[str, str]:
     """Maps every instruction of a compiled program to its kind.
 
     A kind is a lab op kind (batching.workloads.ops.KINDS), COLLECTIVE or OTHER. Control flow
     maps to "": while, conditional and call are not ops. A fusion holding several kinds takes
     the first in _PRIORITY.
     """
-    comps, _ = _parse(hlo_text)
+    comps, _ = parsed or parse(hlo_text)
     memo: dict[str, set[str]] = {}
 
-    def own_kind(ins: _Instruction) -> str:
+    def own_kind(ins: Instruction) -> str:
         op = ins.opcode
         if op == "custom-call":
             target = ins.target.lower()
@@ -171,7 +184,7 @@ def instruction_kinds(hlo_text: str) -> dict[str, str]:
             memo[comp] = kinds
         return memo[comp]
 
-    def kinds_of(ins: _Instruction) -> set[str]:
+    def kinds_of(ins: Instruction) -> set[str]:
         if ins.opcode == "fusion" or (ins.opcode == "custom-call" and ins.calls):
             inner = set().union(*(contents(c) for c in ins.calls)) if ins.calls else set()
             if ins.opcode == "custom-call":
@@ -211,7 +224,7 @@ def lab_op_names(hlo_text: str, lab_ops: list[tuple[str, str]]) -> dict[str, str
     its kind is the op's kind. Exactly one lab op's path must be among the parameters it reads.
     So a fusion of several convolutions maps to none.
     """
-    comps, entry = _parse(hlo_text)
+    comps, entry = parse(hlo_text)
     if not entry:
         return {}
     kinds = instruction_kinds(hlo_text)

@@ -51,10 +51,6 @@ _ARITHMETIC = {
     "sign", "tan",
 }  # fmt: skip
 _SLICES = {"dynamic-slice", "slice", "gather"}
-_LINE = re.compile(
-    r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<type>.+?)\s+(?P<op>[a-z][\w\-]*)\((?P<rest>.*)$"
-)
-_HEADER = re.compile(r"^(?P<entry>ENTRY\s+)?%?(?P<name>[\w.\-]+)\s+\(.*\{\s*$")
 _DIMS = re.compile(
     r"(lhs_batch_dims|lhs_contracting_dims|rhs_batch_dims|rhs_contracting_dims)=\{([\d,]*)\}"
 )
@@ -62,18 +58,6 @@ _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _WINDOW = re.compile(r"window=\{size=([\dx]+)")
 _LABELS = re.compile(r"dim_labels=(\w+)_(\w+)->(\w+)")
 _GROUPS = re.compile(r"feature_group_count=(\d+)")
-
-
-@dataclasses.dataclass
-class _Ins:
-    name: str
-    type: str
-    opcode: str
-    operands: list[str]
-    line: str
-    calls: list[str]
-    op_name: str
-    root: bool
 
 
 def arrays(type_text: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -90,30 +74,6 @@ def nbytes(type_text: str) -> int:
 def _elements(type_text: str) -> int:
     found = arrays(type_text)
     return math.prod(found[0][1]) if found else 0
-
-
-def _parse(hlo_text: str) -> tuple[dict[str, dict[str, _Ins]], str]:
-    comps: dict[str, dict[str, _Ins]] = {}
-    current, entry = None, ""
-    for line in hlo_text.splitlines():
-        head = _HEADER.match(line)
-        if head and "=" not in line.split("(", 1)[0]:
-            current = comps.setdefault(head["name"], {})
-            entry = head["name"] if head["entry"] else entry
-            continue
-        m = _LINE.match(line) if current is not None else None
-        if not m:
-            continue
-        rest = m["rest"]
-        calls = re.findall(r"(?:calls|to_apply|body)=%?([\w.\-]+)", rest)
-        for group in re.findall(r"branch_computations=\{([^}]*)\}", rest):
-            calls += [c.strip().lstrip("%") for c in group.split(",") if c.strip()]
-        op_name = re.search(r'op_name="([^"]*)"', rest)
-        current[m["name"]] = _Ins(
-            m["name"], m["type"], m["op"], list(hlo_kinds._operands(rest)), rest, calls,
-            op_name[1] if op_name else "", line.lstrip().startswith("ROOT"),
-        )  # fmt: skip
-    return comps, entry
 
 
 def _dims(line: str, key: str) -> tuple[int, ...]:
@@ -141,12 +101,12 @@ def _find_key(obj, key):
     return None
 
 
-def dot_shape(ins: _Ins, types: dict[str, str]) -> tuple[tuple[int, ...], float]:
+def dot_shape(ins: hlo_kinds.Instruction, types: dict[str, str]) -> tuple[tuple[int, ...], float]:
     """A dot's (batch, m, k, n) or (m, k, n) and its FLOPs, from its dimension numbers."""
     lhs = arrays(types.get(ins.operands[0], ""))[0][1] if ins.operands else ()
     rhs = arrays(types.get(ins.operands[1], ""))[0][1] if len(ins.operands) > 1 else ()
-    lb, lc = _dims(ins.line, "lhs_batch_dims"), _dims(ins.line, "lhs_contracting_dims")
-    rb, rc = _dims(ins.line, "rhs_batch_dims"), _dims(ins.line, "rhs_contracting_dims")
+    lb, lc = _dims(ins.rest, "lhs_batch_dims"), _dims(ins.rest, "lhs_contracting_dims")
+    rb, rc = _dims(ins.rest, "rhs_batch_dims"), _dims(ins.rest, "rhs_contracting_dims")
     batch = math.prod(lhs[i] for i in lb if i < len(lhs))
     k = math.prod(lhs[i] for i in lc if i < len(lhs))
     m = math.prod(d for i, d in enumerate(lhs) if i not in lb and i not in lc)
@@ -155,7 +115,7 @@ def dot_shape(ins: _Ins, types: dict[str, str]) -> tuple[tuple[int, ...], float]
     return shape, 2.0 * batch * m * k * n
 
 
-def conv_shape(ins: _Ins, types: dict[str, str]) -> tuple[tuple[int, ...], float]:
+def conv_shape(ins: hlo_kinds.Instruction, types: dict[str, str]) -> tuple[tuple[int, ...], float]:
     """A convolution's shape in the ops vocabulary and its FLOPs.
 
     A 2-D convolution with square windows, equal strides and one group gets the lab's conv
@@ -164,16 +124,16 @@ def conv_shape(ins: _Ins, types: dict[str, str]) -> tuple[tuple[int, ...], float
     """
     out = arrays(ins.type)[0][1]
     kernel = arrays(types.get(ins.operands[1], ""))[0][1] if len(ins.operands) > 1 else ()
-    labels = _LABELS.search(ins.line)
-    groups = int(g[1]) if (g := _GROUPS.search(ins.line)) else 1
+    labels = _LABELS.search(ins.rest)
+    groups = int(g[1]) if (g := _GROUPS.search(ins.rest)) else 1
     if not labels or not kernel:
         return out, 0.0
     lhs_l, k_l, out_l = labels.groups()
     window = math.prod(kernel[i] for i, c in enumerate(k_l) if c.isdigit())
     flops = 2.0 * math.prod(out) * window * kernel[k_l.index("i")]
-    size = _WINDOW.search(ins.line)
+    size = _WINDOW.search(ins.rest)
     sizes = [int(s) for s in size[1].split("x")] if size else []
-    stride = re.search(r"stride=([\dx]+)", ins.line)
+    stride = re.search(r"stride=([\dx]+)", ins.rest)
     strides = [int(s) for s in stride[1].split("x")] if stride else [1] * len(sizes)
     lhs = arrays(types.get(ins.operands[0], ""))[0][1]
     if len(sizes) == 2 and sizes[0] == sizes[1] and len(set(strides)) == 1 and groups == 1:
@@ -186,8 +146,9 @@ class _Program:
     """A parsed program and the walk that lists its kernels."""
 
     def __init__(self, hlo_text: str, is_weight: Callable[[str], bool]):
-        self.comps, self.entry = _parse(hlo_text)
-        self.kinds = hlo_kinds.instruction_kinds(hlo_text)
+        parsed = hlo_kinds.parse(hlo_text)
+        self.comps, self.entry = parsed
+        self.kinds = hlo_kinds.instruction_kinds(hlo_text, parsed)
         self.is_weight = is_weight
         self.ops: list[Op] = []
 
@@ -216,29 +177,35 @@ class _Program:
                 if kernel is not None:
                     self.ops.append(kernel)
 
-    def inner_weights(self, ins: _Ins, weights: set[str]) -> set[str]:
+    def inner_weights(self, ins: hlo_kinds.Instruction, weights: set[str]) -> set[str]:
         """The parameters of `ins`'s callee that receive weights."""
         callee = self.comps.get(ins.calls[0], {})
         given = {i for i, o in enumerate(ins.operands) if o in weights}
         return {n for n, p in callee.items() if p.opcode == "parameter" and _number(p) in given}
 
-    def walk_while(self, ins: _Ins, instructions: dict[str, _Ins], mult: int, weights: set[str]):
-        trip = _TRIP.search(ins.line)
+    def walk_while(
+        self,
+        ins: hlo_kinds.Instruction,
+        instructions: dict[str, hlo_kinds.Instruction],
+        mult: int,
+        weights: set[str],
+    ):
+        trip = _TRIP.search(ins.rest)
         n = int(trip[1]) if trip else 1
         init = instructions.get(ins.operands[0]) if ins.operands else None
         carried = {i for i, o in enumerate(init.operands) if o in weights} if init else set()
-        body = re.search(r"body=%?([\w.\-]+)", ins.line)
-        cond = re.search(r"condition=%?([\w.\-]+)", ins.line)
+        body = re.search(r"body=%?([\w.\-]+)", ins.rest)
+        cond = re.search(r"condition=%?([\w.\-]+)", ins.rest)
         for name in (body[1] if body else "", cond[1] if cond else ""):
             inside = set()
             for x in self.comps.get(name, {}).values():
-                if x.opcode == "get-tuple-element" and (i := re.search(r"index=(\d+)", x.line)):
+                if x.opcode == "get-tuple-element" and (i := re.search(r"index=(\d+)", x.rest)):
                     source = self.comps[name].get(x.operands[0])
                     if source is not None and source.opcode == "parameter" and int(i[1]) in carried:
                         inside.add(x.name)
             self.walk(name, mult * n, inside)
 
-    def walk_branches(self, ins: _Ins, mult: int, weights: set[str]):
+    def walk_branches(self, ins: hlo_kinds.Instruction, mult: int, weights: set[str]):
         best: list[Op] = []
         outer = self.ops
         for branch in ins.calls:
@@ -248,7 +215,14 @@ class _Program:
                 best = self.ops
         self.ops = outer + best
 
-    def kernel(self, ins: _Ins, comp: str, types: dict[str, str], weights: set[str], mult: int):
+    def kernel(
+        self,
+        ins: hlo_kinds.Instruction,
+        comp: str,
+        types: dict[str, str],
+        weights: set[str],
+        mult: int,
+    ):
         """One kernel as an Op, or None for one that is no lab op (a collective)."""
         kind = self.kinds.get(ins.name, "")
         if kind in ("", hlo_kinds.COLLECTIVE) or (kind == hlo_kinds.OTHER and ins.opcode != "copy"):
@@ -266,16 +240,21 @@ class _Program:
         name = re.sub(r"^jit\([^)]*\)/", "", ins.op_name) or ins.name
         return Op(name[-80:], kind, shape, flops, read + written, weight, count=mult, dtype=dtype)
 
-    def work(self, ins: _Ins, types: dict[str, str], inner: dict[str, _Ins]):
+    def work(
+        self,
+        ins: hlo_kinds.Instruction,
+        types: dict[str, str],
+        inner: dict[str, hlo_kinds.Instruction],
+    ):
         """(FLOPs, shape, dtype) of a kernel. A product names the shape and dtype."""
         body = inner or {ins.name: ins}
         body_types = {n: i.type for n, i in inner.items()} if inner else types
         flops, main, main_flops = 0.0, None, -1.0
         for x in body.values():
             f, shape = 0.0, None
-            if x.opcode == "dot" or (x.opcode == "custom-call" and "gemm" in x.line.lower()):
+            if x.opcode == "dot" or (x.opcode == "custom-call" and "gemm" in x.rest.lower()):
                 shape, f = dot_shape(x, body_types)
-            elif x.opcode == "convolution" or (x.opcode == "custom-call" and "conv" in x.line):
+            elif x.opcode == "convolution" or (x.opcode == "custom-call" and "conv" in x.rest):
                 shape, f = conv_shape(x, body_types)
             elif x.opcode in _ARITHMETIC:
                 f = float(_elements(x.type))
@@ -327,9 +306,9 @@ class _Program:
         return float(nbytes(ins.type))
 
 
-def _number(ins: _Ins) -> int:
+def _number(ins: hlo_kinds.Instruction) -> int:
     """A parameter instruction's number: parameter(3) is 3."""
-    m = re.match(r"\s*(\d+)\s*\)", ins.line)
+    m = re.match(r"\s*(\d+)\s*\)", ins.rest)
     return int(m[1]) if m else -1
 
 

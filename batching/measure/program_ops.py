@@ -4,6 +4,13 @@ from typing import Any
 
 from batching.measure import hlo_ops
 from batching.workloads import ops as ops_lib
+from batching.workloads.ops import Op
+
+
+def read(flat: Any, compiled: Any, weight_args: tuple[int, ...]) -> list[Op]:
+    """The ops of a compiled flat call; the leaves of `weight_args` hold its weights."""
+    weights = flat.leaf_names(weight_args)
+    return hlo_ops.program_ops(compiled.executable.as_text(), weights.__contains__)
 
 
 def fields(ctx: Any, program: Any) -> dict[str, Any]:
@@ -15,9 +22,7 @@ def fields(ctx: Any, program: Any) -> dict[str, Any]:
     """
     if not ctx.config.roofline.enabled:
         return {}
-    weights = program.flat.leaf_names(ctx.wl.weight_args)
-    text = program.compiled.executable.as_text()
-    ops = hlo_ops.program_ops(text, lambda name: name in weights)
+    ops = read(program.flat, program.compiled, ctx.wl.weight_args)
     listed = [o.to_dict() for o in ops]
     if ctx.wl.ops is not None:
         return {"ops_source": "hand", "program_ops": listed}

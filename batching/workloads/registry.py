@@ -48,7 +48,7 @@ def of(model_cfg: ml_collections.ConfigDict) -> family_lib.Family:
 class Bench:
     """A run's workload family, topology and workload, handed to the sweep and the analysis.
 
-    The family is found once (batching.workloads.family.of). The topology and workload are
+    The family is found once (`of`). The topology and workload are
     built on first use.
     """
 
