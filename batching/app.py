@@ -93,7 +93,9 @@ class PointsFailed(RuntimeError):
 
 
 def _terminate(signum, frame):
+    """The SIGTERM handler: the process ends within interrupt.GRACE_S, whatever it is doing."""
     del signum, frame
+    interrupt.exit_after()
     interrupt.request_termination()
 
 

@@ -5,6 +5,8 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -16,8 +18,9 @@ from batching import app, sweep
 from batching.measure import peaks_cache
 from batching.outputs import results
 from batching.predict import claims
+from batching.setup import interrupt
 from batching.workloads import registry
-from tests.conftest import ROOT, run_main, start_main, tiny
+from tests.conftest import ROOT, main_env, run_main, start_main, tiny
 from tests.test_sweep import _accumulator, read_rows
 
 OOM_MESSAGE = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1099511627776 bytes."
@@ -254,6 +257,37 @@ def test_sigterm_keeps_points_exits_143_and_resumes(tmp_path):
     assert sorted(r["batch_size"] for r in read_rows(tmp_path)) == list(range(1, 13))
 
 
+HANGS_AFTER_SIGTERM = """
+import os, signal, time
+from batching import app
+from batching.setup import interrupt
+interrupt.GRACE_S = 1.0
+signal.signal(signal.SIGTERM, app._terminate)
+while True:  # code that swallows every interrupt
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+    except KeyboardInterrupt:
+        pass
+"""
+
+
+def test_a_process_that_hangs_after_sigterm_still_exits_143_with_its_stacks():
+    done = subprocess.run(
+        [sys.executable, "-c", HANGS_AFTER_SIGTERM],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=main_env(),
+        timeout=60,
+    )
+    assert done.returncode == 143, done.stderr[-2000:]
+    assert "still running 1 s after SIGTERM" in done.stderr
+    # one timer however many signals came, and the main thread's stack in the dump
+    assert done.stderr.count("most recent call first") == 2, done.stderr[-2000:]
+    assert 'File "<string>"' in done.stderr
+
+
 def test_sigterm_that_a_library_turns_into_another_error_still_terminates(tmp_path, monkeypatch):
     # Seen once in CI: the handler's exception landed inside JAX's pytree code, which raised
     # a ValueError instead; the sweep recorded an error row and ran on (exit 1, not 143).
@@ -262,7 +296,7 @@ def test_sigterm_that_a_library_turns_into_another_error_still_terminates(tmp_pa
     def swallowing(ctx, batch_size, *args):
         if batch_size == 4:
             try:
-                app._terminate(signal.SIGTERM, None)
+                interrupt.request_termination()
             except KeyboardInterrupt as e:
                 raise ValueError("Exception raised while checking equality of metadata") from e
         return measure(ctx, batch_size, *args)

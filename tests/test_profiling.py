@@ -14,10 +14,11 @@ from batching.workloads import ops
 from tests.conftest import tiny
 from tests.test_resnet_workload import tiny_resnet
 
-# Tracing adds its own cost, and this machine is shared: the traced call only has to be
-# the same order of magnitude as the timed median (a loaded CI run traced the tiny MLP's
-# 8-row call at 6.6x its median).
-FACTOR = 10.0
+# The traced call against the timed median catches a unit slip (ms for s is 1e3), not a
+# timing: tracing adds its own cost and this machine is shared (loaded CI runs put the tiny
+# MLP's 8-row trace at 6.6x and at 0.062x its median). How close the two come on a quiet
+# machine is an experiment's number, not a test's.
+FACTOR = 100.0
 
 
 def _rows(workdir) -> list[dict]:

@@ -4,9 +4,19 @@ The SIGTERM handler sets a flag before it raises. Its exception can land inside 
 code. That code may catch it and raise its own error instead. JAX's pytree checks, for one,
 turn it into a ValueError. The sweep's handlers ask the flag first. So such an error still
 ends the sweep as a termination. The interrupted point is left for a rerun, not recorded.
+
+A process that has not ended GRACE_S after the signal is ended at once. First it prints
+every thread's stack. Preemption gives about 30 s before the kill: Compute Engine's notice
+for spot VMs, Kubernetes' default terminationGracePeriodSeconds. Rows are appended one line
+at a time, and a torn last line is read past, so a hard exit loses only the point in flight.
 """
 
+import faulthandler
+import os
+import sys
 import threading
+
+GRACE_S = 20.0
 
 
 class Terminated(KeyboardInterrupt):
@@ -20,6 +30,30 @@ def request_termination() -> None:
     """What the SIGTERM handler calls: sets the flag, then raises Terminated."""
     _TERMINATION.set()
     raise Terminated()
+
+
+_HARD_EXIT: list[threading.Timer] = []
+
+
+def exit_after(grace_s: float | None = None, code: int = 143) -> threading.Timer:
+    """A daemon timer that prints every thread's stack to stderr, then exits with `code`.
+
+    The wait is grace_s, GRACE_S when None. A second signal keeps the first timer.
+    """
+    if _HARD_EXIT:
+        return _HARD_EXIT[0]
+    grace_s = GRACE_S if grace_s is None else grace_s
+
+    def hard_exit():
+        print(f"still running {grace_s:g} s after SIGTERM; exiting now", file=sys.stderr)
+        faulthandler.dump_traceback(all_threads=True)
+        os._exit(code)
+
+    timer = threading.Timer(grace_s, hard_exit)
+    timer.daemon = True
+    timer.start()
+    _HARD_EXIT.append(timer)
+    return timer
 
 
 def raise_if_terminated() -> None:
