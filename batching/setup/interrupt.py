@@ -6,9 +6,10 @@ turn it into a ValueError. The sweep's handlers ask the flag first. So such an e
 ends the sweep as a termination. The interrupted point is left for a rerun, not recorded.
 
 A process that has not ended GRACE_S after the signal is ended at once. First it prints
-every thread's stack. Preemption gives about 30 s before the kill: Compute Engine's notice
-for spot VMs, Kubernetes' default terminationGracePeriodSeconds. Rows are appended one line
-at a time, and a torn last line is read past, so a hard exit loses only the point in flight.
+every thread's stack. GRACE_S stays under the notice before a preemption's kill: Compute
+Engine's for spot VMs, Kubernetes' default terminationGracePeriodSeconds. Rows are appended
+one line at a time, and a torn last line is read past. So a hard exit loses only the point
+in flight.
 """
 
 import faulthandler
