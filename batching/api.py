@@ -173,7 +173,7 @@ def program_row(wl: base.Workload, batch_size: int, topo: topology.Topology) -> 
     return {
         "batch_size": batch_size, "ops": [o.to_dict() for o in ops], "ops_source": "program",
         "dtype": dtype, "matmul_precision": "default", "cache_state": "warm",
-        "weight_bytes": sum(o.weight_bytes * o.count for o in ops),
+        "weight_bytes": float(flat.leaf_bytes(wl.weight_args)),
         "parallel_shape": topo.shape, "mesh_shape": topo.shape,
         "analytic_flops": sum(o.flops * o.count for o in ops), "flops": compiled.flops,
     }  # fmt: skip

@@ -118,9 +118,9 @@ def dot_shape(ins: hlo_kinds.Instruction, types: dict[str, str]) -> tuple[tuple[
 def conv_shape(ins: hlo_kinds.Instruction, types: dict[str, str]) -> tuple[tuple[int, ...], float]:
     """A convolution's shape in the ops vocabulary and its FLOPs.
 
-    A 2-D convolution with square windows, equal strides and one group gets the lab's conv
-    shape (batch, height, width, c_in, c_out, kernel, stride). Any other gets its output's
-    shape, and is priced at the peak.
+    A 2-D convolution with square windows and equal strides gets the lab's conv shape
+    (batch, height, width, c_in, c_out, kernel, stride), with its feature groups appended
+    when there are several. Any other gets its output's shape, and is priced at the peak.
     """
     out = arrays(ins.type)[0][1]
     kernel = arrays(types.get(ins.operands[1], ""))[0][1] if len(ins.operands) > 1 else ()
@@ -136,9 +136,10 @@ def conv_shape(ins: hlo_kinds.Instruction, types: dict[str, str]) -> tuple[tuple
     stride = re.search(r"stride=([\dx]+)", ins.rest)
     strides = [int(s) for s in stride[1].split("x")] if stride else [1] * len(sizes)
     lhs = arrays(types.get(ins.operands[0], ""))[0][1]
-    if len(sizes) == 2 and sizes[0] == sizes[1] and len(set(strides)) == 1 and groups == 1:
+    if len(sizes) == 2 and sizes[0] == sizes[1] and len(set(strides)) == 1:
         b, h, w = (lhs[lhs_l.index(c)] for c in "b01")
-        return (b, h, w, lhs[lhs_l.index("f")], out[out_l.index("f")], sizes[0], strides[0]), flops
+        shape = (b, h, w, lhs[lhs_l.index("f")], out[out_l.index("f")], sizes[0], strides[0])
+        return (*shape, groups) if groups > 1 else shape, flops
     return out, flops
 
 
@@ -172,10 +173,49 @@ class _Program:
                 self.walk_branches(ins, mult, weights)
             elif op in ("call", "async-start") and ins.calls:
                 self.walk(ins.calls[0], mult, self.inner_weights(ins, weights))
+            elif len(self.products(ins)) > 1:
+                self.ops.extend(self.split(ins, weights, mult))
             else:
                 kernel = self.kernel(ins, comp, types, weights, mult)
                 if kernel is not None:
                     self.ops.append(kernel)
+
+    def products(self, ins: hlo_kinds.Instruction) -> list[hlo_kinds.Instruction]:
+        """The dots and convolutions inside a library fusion (kind=kCustom), in order."""
+        if ins.opcode != "fusion" or "kind=kCustom" not in ins.rest or not ins.calls:
+            return []
+        inner = self.comps.get(ins.calls[0], {}).values()
+        return [x for x in inner if x.opcode in ("dot", "convolution")]
+
+    def split(self, ins: hlo_kinds.Instruction, weights: set[str], mult: int) -> list[Op]:
+        """A library fusion of several products, one op per product.
+
+        XLA:CPU hands a whole network to YNNPACK as one fusion. The library runs its products
+        one by one, each reading its operands and writing its output. The elementwise work
+        between them rides in their epilogues: one fused op holds its FLOPs.
+        """
+        inner = self.comps[ins.calls[0]]
+        types = {n: x.type for n, x in inner.items()}
+        given = {i for i, o in enumerate(ins.operands) if o in weights}
+        held = {n for n, x in inner.items() if x.opcode == "parameter" and _number(x) in given}
+        for x in inner.values():
+            if x.opcode in ("bitcast", "copy", "reshape", "transpose") and x.operands[0] in held:
+                held.add(x.name)
+        out, rest = [], self.work(ins, types, inner)[0]
+        for x in self.products(ins):
+            shape, flops = (dot_shape if x.opcode == "dot" else conv_shape)(x, types)
+            read = [float(nbytes(types.get(o, ""))) for o in x.operands]
+            weight = sum(b for o, b in zip(x.operands, read, strict=True) if o in held)
+            kind = "gemm" if x.opcode == "dot" else "conv"
+            name = re.sub(r"^jit\([^)]*\)/", "", x.op_name) or x.name
+            dtype = _dtype(arrays(types.get(x.operands[0], "")))
+            written = float(nbytes(x.type))
+            out.append(Op(name[-80:], kind, shape, flops, sum(read) + written, weight, mult,
+                          dtype=dtype))  # fmt: skip
+            rest -= flops
+        name = re.sub(r"^jit\([^)]*\)/", "", ins.op_name) or ins.name
+        out.append(Op(name[-80:], "elementwise", (), max(rest, 0.0), 0.0, 0.0, mult, fused=True))
+        return out
 
     def inner_weights(self, ins: hlo_kinds.Instruction, weights: set[str]) -> set[str]:
         """The parameters of `ins`'s callee that receive weights."""

@@ -17,8 +17,10 @@ def fields(ctx: Any, program: Any) -> dict[str, Any]:
     """The call's ops as read from its compiled program (batching.measure.hlo_ops).
 
     A workload without a hand-written list takes them as its `ops`, and its analytic counts
-    from them, scaled from one device's share to the whole call. A family with a list keeps
-    the program's beside it (`program_ops`). Both are skipped with the roofline off.
+    from them, scaled from one device's share to the whole call. Its `weight_bytes` are its
+    weight arguments' bytes, each array once: a loop that reads a weight at every step keeps
+    one copy in the cache. A family with a list keeps the program's beside it
+    (`program_ops`). Both are skipped with the roofline off.
     """
     if not ctx.config.roofline.enabled:
         return {}
@@ -35,5 +37,5 @@ def fields(ctx: Any, program: Any) -> dict[str, Any]:
         "ops": listed,
         "analytic_flops": t.flops * d * e * m,
         "analytic_bytes": t.weight_bytes * e * m + rest * d * e * m,
-        "weight_bytes": t.weight_bytes * e * m,
+        "weight_bytes": float(program.flat.leaf_bytes(ctx.wl.weight_args)),
     }

@@ -186,15 +186,21 @@ CONV_SETTINGS = timing.TimingSettings(
 )
 
 
-def conv_flops_of(shape: tuple[int, ...]) -> float:
-    """FLOPs of a conv at shape (B, H, W, Cin, Cout, k, stride), 2 per multiply-accumulate.
+def conv_dims(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """(B, H, W, Cin, Cout, k, stride, groups) of a conv shape; groups is 1 when left out."""
+    return (*shape, 1) if len(shape) == 7 else tuple(shape)
 
-    Padding is (k - 1) // 2. This is models.resnet's count.
+
+def conv_flops_of(shape: tuple[int, ...]) -> float:
+    """FLOPs of a conv at shape (B, H, W, Cin, Cout, k, stride[, groups]), 2 per MAC.
+
+    Padding is (k - 1) // 2. This is models.resnet's count. Each output feature of a
+    grouped conv reads Cin / groups input features.
     """
-    B, H, W, cin, cout, k, stride = shape
+    B, H, W, cin, cout, k, stride, groups = conv_dims(shape)
     pad = (k - 1) // 2
     ho, wo = (H + 2 * pad - k) // stride + 1, (W + 2 * pad - k) // stride + 1
-    return 2.0 * B * ho * wo * cout * k * k * cin
+    return 2.0 * B * ho * wo * cout * k * k * (cin // groups)
 
 
 def conv_measured_batch(shape: tuple[int, ...]) -> int:
@@ -217,17 +223,17 @@ NHWC = ("NHWC", "HWIO", "NHWC")
 def _conv_program(
     device: jax.Device, dtype: str, shape: tuple[int, ...], copies: int
 ) -> tuple[Callable[..., Any], tuple[jax.Array, ...]]:
-    """`copies` convs at shape (B, H, W, Cin, Cout, k, stride), with distinct weights.
+    """`copies` convs at shape (B, H, W, Cin, Cout, k, stride[, groups]), distinct weights.
 
     Each has its BatchNorm (inference: a per-channel scale and shift) and ReLU. Every output is
     kept. Returns the function and its arguments, on `device`.
     """
-    B, H, W, cin, cout, k, stride = shape
+    B, H, W, cin, cout, k, stride, groups = conv_dims(shape)
     dt = jnp.dtype(dtype)
     pad = (k - 1) // 2
     x = jax.device_put(jnp.ones((B, H, W, cin), dt), device)
     ws = [
-        jax.device_put(jnp.full((k, k, cin, cout), 0.01 * (i + 1), dt), device)
+        jax.device_put(jnp.full((k, k, cin // groups, cout), 0.01 * (i + 1), dt), device)
         for i in range(copies)
     ]
     scale = jax.device_put(jnp.ones((cout,), dt), device)
@@ -237,8 +243,9 @@ def _conv_program(
         outs = []
         for w in ws:
             y = jax.lax.conv_general_dilated(
-                x, w, (stride, stride), ((pad, pad),) * 2, dimension_numbers=NHWC
-            )
+                x, w, (stride, stride), ((pad, pad),) * 2, dimension_numbers=NHWC,
+                feature_group_count=groups,
+            )  # fmt: skip
             outs.append(jax.nn.relu(y * scale + shift))
         return tuple(outs)
 
@@ -287,7 +294,7 @@ def _lone_program(
     this short runs its kernels in order. Returns the function and its arguments.
     """
     if kind == "conv":
-        B, H, W, cin, cout, k, stride = shape
+        B, H, W, cin, cout, k, stride, groups = conv_dims(shape)
         if cin != cout or stride != 1 or k % 2 == 0:  # the output keeps the input shape
             return _conv_program(device, dtype, shape, copies)
         fn, args = _conv_program(device, dtype, shape, 1)
@@ -332,8 +339,8 @@ def measure_lone_op_seconds(
     Shapes:
 
     - gemm and moe_dispatch_combine: (m, k, n) or (batch, m, k, n).
-    - conv: (B, H, W, Cin, Cout, k, stride). It runs with its BatchNorm and ReLU, as in
-      measure_conv_flops.
+    - conv: (B, H, W, Cin, Cout, k, stride[, groups]). It runs with its BatchNorm and ReLU,
+      as in measure_conv_flops.
     """
     out = []
     for copies in (1, ops.LONE_COPIES):

@@ -140,7 +140,7 @@ def _measured_compute_s(op: Op, rates: Rates) -> float | None:
     if op.kind == "ragged_gemm" and rates.ragged is not None and op.flops:
         rate = rates.ragged(op.shape)
         return op.flops / rate if rate else None
-    if op.kind == "conv" and rates.conv is not None and op.flops and len(op.shape) == 7:
+    if op.kind == "conv" and rates.conv is not None and op.flops and len(op.shape) in (7, 8):
         rate = rates.conv(op.shape)
         return op.flops / rate if rate else None
     return None

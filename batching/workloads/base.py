@@ -122,6 +122,7 @@ class FlatCall:
         sizes = [len(leaves) for leaves, _ in flat]
         self._offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
         self.args = tuple(leaf for leaves, _ in flat for leaf in leaves)
+        self._nbytes = [int(getattr(leaf, "nbytes", 0)) for leaf in self.args]
         self.donate_argnums = tuple(
             i for a in donate_argnums for i in range(self._offsets[a], self._offsets[a + 1])
         )
@@ -153,6 +154,15 @@ class FlatCall:
             if a + 1 < len(self._offsets)
             for i in range(self._offsets[a], self._offsets[a + 1])
         }
+
+    def leaf_bytes(self, argnums: Sequence[int]) -> int:
+        """Bytes of the leaves of arguments `argnums`, each array once."""
+        return sum(
+            self._nbytes[i]
+            for a in argnums
+            if a + 1 < len(self._offsets)
+            for i in range(self._offsets[a], self._offsets[a + 1])
+        )
 
     def rebind(self, args: Sequence[Any]) -> "FlatCall":
         """The same call with new arguments of the same structure.

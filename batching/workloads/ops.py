@@ -19,8 +19,9 @@ in all. Each group of rows meets its own [k, n]. A dropless MoE's experts run th
 Its FLOPs are 2·m·k·n over the rows actually routed. What the backend computes does not
 change that.
 
-conv takes (batch, height, width, c_in, c_out, kernel, stride) on an NHWC input. Its
-padding is (kernel - 1) // 2 on each side, as in models.resnet.
+conv takes (batch, height, width, c_in, c_out, kernel, stride) on an NHWC input, and its
+feature groups after them when it has several. Its padding is (kernel - 1) // 2 on each
+side, as in models.resnet.
 
 attention over a KV cache takes (batch, kv_heads, cache_len, q_per_kv, head_dim). It has the
 cache's `layout` and `dtype`, and the model's own attention times it. Without a layout it is
@@ -147,8 +148,8 @@ def launches(ops: list[Op]) -> int:
 
 # Kinds a lone-op microbenchmark runs (shape_bench.measure_lone_op_seconds).
 # Each maps to the ranks of the shapes it takes. gemm and moe_dispatch_combine take
-# (m, k, n) or (batch, m, k, n); conv takes 7 dims.
-LONE_KINDS = {"gemm": (3, 4), "moe_dispatch_combine": (3, 4), "conv": (7,)}
+# (m, k, n) or (batch, m, k, n); conv takes 7 dims, 8 for a grouped one.
+LONE_KINDS = {"gemm": (3, 4), "moe_dispatch_combine": (3, 4), "conv": (7, 8)}
 # It times a call running one instance and one running LONE_COPIES in a row.
 # The slope between them is what one more instance costs. A call has its own noise: a
 # sleeping worker thread is woken or not. Eight instances apart, that noise is divided by
