@@ -184,6 +184,8 @@ FIELDS: tuple[Field, ...] = (
         ),
         ("ops_source", "", "`ops` from `hand` (the family's list) or `program` (HLO)"),
         ("program_ops", "", "a hand-listed call as read from its compiled program"),
+        ("xla_estimated_latency_s", "s", "XLA's own estimate (GPU; docs/your_model.md)"),
+        ("xla_estimated_by_kind", "s", "that estimate's seconds per op kind"),
         ("gemm_shapes", "", "the call's matmuls (m, k, n, count), derived from `ops`"),
         (
             "attention_shapes",

@@ -7,13 +7,18 @@ program's extra bytes and FLOPs sit in the kinds the hand lists leave out or lum
 elementwise passes, reductions, gathers, intermediates between kernels.
 """
 
+import json
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from batching.measure import hlo_ops, shape_bench, timing
+from batching import app
+from batching.measure import hlo_ops, shape_bench, timing, xla_estimates
+from batching.predict import pricing
 from batching.setup import topology
 from batching.workloads import base, ops, registry, user
 from batching.workloads import family as family_lib
@@ -153,3 +158,53 @@ def test_a_loop_reads_its_weights_every_step_but_keeps_one_copy():
     )
     assert _sum(listed, "weight_bytes") == 9 * 32 * 32 * 4  # read at every step
     assert flat.leaf_bytes(wl.weight_args) == 32 * 32 * 4  # what the cache must hold
+
+
+# XLA's GPU cost models write their estimates into backend configs (a fusion's, or the
+# instruction's list); a loop's body runs its trip count times.
+ESTIMATED = (pathlib.Path(__file__).parent / "data" / "xla_estimates.hlo").read_text()
+
+
+def test_xlas_own_estimates_are_read_per_kind_with_loops_counted():
+    by_kind = xla_estimates.estimates(ESTIMATED)
+    assert by_kind == pytest.approx({"gemm": 10e-6, "elementwise": 3 * 2.5e-6})
+    assert xla_estimates.estimates(TWO_PRODUCTS) is None  # a program without them
+
+
+def test_the_report_sets_both_lists_side_by_side_per_kind(tmp_path):
+    config = tiny(width=32, depth=2)
+    config.sweep.batch_sizes = (1, 4)
+    app.run(config, str(tmp_path))
+    rows = [
+        json.loads(line) for line in (tmp_path / "results.jsonl").read_text().split("\n") if line
+    ]
+    assert all(r["ops_source"] == "hand" and r["program_predicted_latency_s"] > 0 for r in rows)
+    report = (tmp_path / "report.md").read_text()
+    section = report.split("## Hand-written and program op lists")[1].split("\n## ")[0]
+    assert "| tiny | 2 |" in section and "tiny at batch 4:" in section
+    gemm = next(line for line in section.splitlines() if line.startswith("| gemm |"))
+    cells = [c.strip() for c in gemm.strip("|").split("|")]
+    hand_gflop, program_gflop = float(cells[1]), float(cells[2])
+    assert program_gflop == pytest.approx(hand_gflop, rel=PRODUCT_TOLERANCE)
+
+
+def test_attentions_products_in_a_program_are_priced_as_batched_gemms():
+    seen = []
+    rates = pricing.Rates(
+        dram_bytes_per_s=1e10, cache_bytes_per_s=1e11, cache_bytes=1e6, peak_flops_per_s=1e12,
+        dispatch_floor_s=1e-5, kernel_overhead_s=1e-6, weights_warm=False,
+        gemm=lambda shape: seen.append(shape) or 1e9, attention=lambda op: 2e-4,
+    )  # fmt: skip
+    scores = ops.Op(
+        "attention/dot_general", "attention", (8, 4096, 64, 3), 2 * 8 * 4096 * 64 * 3, 1e3
+    )
+    assert ops.dot_shaped(scores)
+    assert pricing.op_time(scores, rates).seconds == pytest.approx(scores.flops / 1e9)
+    assert seen == [(8, 4096, 64, 3)]
+    # the lab's own attention ops keep their pricing: over a cache, and a prefill's at the peak
+    cached = ops.Op("attention", "attention", (2, 4, 128, 3, 64), 1e6, 1e3, layout="bksh")
+    prefill = ops.Op("attention", "attention", (2, 4, 16, 16, 64), 1e6, 0.0)
+    fused = ops.Op("fmha", "attention", (2, 16, 4, 64), 0.0, 1e3)  # a cuDNN call, no FLOPs here
+    assert not any(ops.dot_shaped(o) for o in (cached, prefill, fused))
+    assert pricing.op_time(cached, rates).seconds == pytest.approx(2e-4)
+    assert pricing.op_time(prefill, rates).seconds == pytest.approx(1e6 / 1e12)

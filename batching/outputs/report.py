@@ -16,6 +16,7 @@ from typing import Any
 from batching.outputs import archive
 from batching.outputs.doc import Doc, ReportData
 from batching.outputs.report_mesh import mesh_section
+from batching.outputs.report_ops import ops_section
 from batching.outputs.report_sections import (
     archive_section,
     archived_c2,
@@ -355,6 +356,7 @@ SECTIONS = (
     timing_section,
     knee_section,
     where_time_goes,
+    ops_section,
     whatif_section,
     mesh_section,
     memory_wall,

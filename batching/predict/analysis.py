@@ -237,7 +237,8 @@ def compute_ceiling(
         best, source = best_measured
     for r in device_rows:
         flops = r.get("analytic_flops") or 0.0
-        if flops >= CEILING_MIN_FLOPS and flops / r["latency_s"] > best:
+        # predict_model's points are not timed: they set no ceiling
+        if flops >= CEILING_MIN_FLOPS and r.get("latency_s") and flops / r["latency_s"] > best:
             best, source = flops / r["latency_s"], f"measured point batch {r['batch_size']}"
     return best, source
 

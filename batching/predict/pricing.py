@@ -19,8 +19,9 @@ The terms are these.
   worker thread or a thread pool is such a cost. `call_extra` takes the median of the
   small ops' `once` costs (`lone_costs`).
 - F(op) is measured at the op's own shape where the lab can. Microbenchmarks cover GEMMs
-  (batched or not), the MoE dispatch/combine einsums, convolutions and attention. Other
-  ops are bandwidth-bound. They are priced on their bytes only.
+  (batched or not, attention's products in a program's list among them: ops.dot_shaped),
+  the MoE dispatch/combine einsums, convolutions and attention. Other ops are
+  bandwidth-bound. They are priced on their bytes only.
 - BW_op is the DRAM bandwidth by default. Some bytes stay in the last-level cache (LLC)
   between calls or ops. They get the measured LLC bandwidth. The weights stay there when
   they fit in half of the LLC (analysis.WARM_WEIGHTS_SHARE). They then stay warm between
@@ -43,7 +44,7 @@ import statistics
 from collections.abc import Callable
 from typing import Any
 
-from batching.workloads.ops import GEMM_LIKE, LONE_COPIES, LONE_KINDS, Op, launches
+from batching.workloads.ops import GEMM_LIKE, LONE_COPIES, LONE_KINDS, Op, dot_shaped, launches
 
 # An op whose roofline time (seconds) is under this is small. A per-call cost, such as a
 # worker thread woken (call_extra), can then be as large as the op, so it is measured alone.
@@ -133,7 +134,7 @@ def _measured_compute_s(op: Op, rates: Rates) -> float | None:
     """
     if op.kind == "attention" and op.layout and rates.attention is not None:
         return rates.attention(op)
-    if op.kind in GEMM_LIKE and rates.gemm is not None and op.flops and len(op.shape) in (3, 4):
+    if rates.gemm is not None and dot_shaped(op):
         rate = rates.gemm(op.shape)
         # Epilogue FLOPs beyond the product (a bias add) ride along at no extra time.
         return 2.0 * math.prod(op.shape) / rate if rate else None

@@ -25,12 +25,15 @@ side, as in models.resnet.
 
 attention over a KV cache takes (batch, kv_heads, cache_len, q_per_kv, head_dim). It has the
 cache's `layout` and `dtype`, and the model's own attention times it. Without a layout it is
-a prefill over its own prompt. Then any shape goes, priced at the peak FLOP rate.
+a prefill over its own prompt. Then any shape goes, priced at the peak FLOP rate. A program's
+list (batching.measure.hlo_ops) has each of attention's products apart: a batched dot of
+shape (batch, m, k, n), 2·batch·m·k·n FLOPs, priced as a batched GEMM (`dot_shaped`).
 
 Other kinds take the shape of the tensor the op reads or writes.
 """
 
 import dataclasses
+import math
 from typing import Any
 
 KINDS = (
@@ -48,6 +51,20 @@ KINDS = (
 LIMITS = ("memory", "cache", "compute", "fused")
 # Ops whose FLOP rate is a GEMM's at their (m, k, n): a one-hot einsum is a real matmul.
 GEMM_LIKE = ("gemm", "moe_dispatch_combine")
+
+
+def dot_shaped(op: "Op") -> bool:
+    """Whether an op is one product of shape (m, k, n) or (batch, m, k, n), by its FLOPs.
+
+    GEMMs are. So are attention's products as a compiled program lists them.
+    """
+    return (
+        op.kind in (*GEMM_LIKE, "attention")
+        and not op.layout
+        and len(op.shape) in (3, 4)
+        and bool(op.flops)
+        and (op.kind != "attention" or op.flops == 2 * math.prod(op.shape))
+    )
 
 
 @dataclasses.dataclass(frozen=True)
