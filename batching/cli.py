@@ -181,6 +181,11 @@ def check_overrides(args: list[str], config: config_dict.ConfigDict) -> str | No
             if name not in node:
                 close = difflib.get_close_matches(name, list(node.keys()), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
+                if names[:depth] == ["model"]:  # a family's own fields, the factory's included
+                    return (
+                        f"{flag}: no model field {name!r}{hint}; model "
+                        f"{node.get('name')!r} has {', '.join(sorted(node.keys()))}"
+                    )
                 return (
                     f"{flag}: no config field {name!r}{hint}; every field is listed in "
                     "configs/default.py"

@@ -29,7 +29,18 @@ TINY = [
         ),
         (
             [f"--config={MLP}", "--workdir=w", "--config.model.widht=2048"],
-            "--config.model.widht: no config field 'widht' (did you mean 'width'?)",
+            "--config.model.widht: no model field 'widht' (did you mean 'width'?); model 'mlp' has",
+        ),
+        (
+            # A factory's fields are its family's (examples/vit.py), not configs/default.py's.
+            [
+                f"--config={os.path.join(ROOT, 'configs', 'custom.py')}",
+                "--config.model.factory=examples.vit:FAMILY",
+                "--workdir=w",
+                "--config.model.dpeth=2",
+            ],
+            "--config.model.dpeth: no model field 'dpeth' (did you mean 'depth'?); model 'vit' "
+            "has classes, depth, dim, factory, heads, image, name, patch",
         ),
         (
             [f"--config={MLP}:width=2048", "--workdir=w"],

@@ -12,6 +12,7 @@ The workload has no hand-written op list. Its ops are read from each point's com
 program (batching.measure.hlo_ops).
 """
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -167,15 +168,23 @@ def family(
 ) -> Family:
     """A Family from `make(model_cfg) -> (model, inputs)`, owning `fields` at their defaults.
 
-    Its check builds the model once and checks its inputs and outputs, before any timing.
+    Its check builds the model and checks its inputs and outputs, before any timing. The
+    run's build reuses that model when its fields are the same: `make` runs once per run.
     """
     label = name or getattr(make, "__name__", "model")
+    last: dict[str, Any] = {}
 
     def made(model_cfg):
+        key = json.dumps(model_cfg.to_dict(), sort_keys=True, default=repr)
+        if key in last:
+            return last[key]
         try:
-            return make(model_cfg)
+            result = make(model_cfg)
         except Exception as e:  # noqa: BLE001 - a user's factory may raise anything
             raise ValueError(f"model.factory raised {type(e).__name__}: {e}") from None
+        last.clear()
+        last[key] = result
+        return result
 
     def validate(model_cfg):
         result = made(model_cfg)
