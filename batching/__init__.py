@@ -7,11 +7,13 @@ line. They load JAX on first use, so the command line checks its flags before JA
 
 from batching.setup.specs import critical_batch_size
 
-__all__ = ["critical_batch_size", "family", "predict_model", "sweep_model", "Family"]
+__all__ = [
+    "critical_batch_size", "family", "predict_model", "sweep_model", "Family", "SweepResult",
+]  # fmt: skip
 
 
 def __getattr__(name: str):
-    if name in ("sweep_model", "predict_model"):
+    if name in ("sweep_model", "predict_model", "SweepResult"):
         from batching import api
 
         return getattr(api, name)

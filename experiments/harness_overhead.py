@@ -1,7 +1,7 @@
 """Benchmark: what the lab's timer adds to a model's call, against a bare loop over the same
 jitted function with the workload's own arguments.
 
-    python -m experiments.harness_overhead                      # the five CPU workloads
+    python -m experiments.harness_overhead                      # the six CPU workloads
     python -m experiments.harness_overhead --cases=mlp_d8_w64 --rounds=3
     python -m experiments.harness_overhead --suite=accelerator  # the GPU overhead study
 
@@ -49,8 +49,8 @@ from batching.measure import microbench, profiling, timing
 from batching.setup import runs
 from batching.workloads import base as workload
 from batching.workloads import registry
+from configs import custom, default
 from configs import decoder as decoder_config
-from configs import default
 from configs import resnet as resnet_config
 
 FLAGS = flags.FLAGS
@@ -77,6 +77,12 @@ def _resnet(depth: int, width: int, image_size: int):
     return config
 
 
+def _vit(depth: int):
+    config = custom.get_config("examples.vit:FAMILY")  # a user's model, as sweep_model runs it
+    config.model.depth = depth
+    return config
+
+
 def _decoder():
     config = default.get_config()
     config.model = decoder_config.model("decode")
@@ -91,6 +97,8 @@ CASES: dict[str, tuple[Callable[[], Any], int]] = {
     "resnet18_w8_32": (lambda: _resnet(18, 8, 32), 1),
     "resnet50_224": (lambda: _resnet(50, 64, 224), 1),
     "decoder_decode": (_decoder, 1),
+    # A model from outside the lab (examples/vit.py, 104 parameter arrays), as the API runs it.
+    "vit_d6": (lambda: _vit(6), 1),
     # The accelerator study: the post's MLP, and a bf16 one wide enough to leave the floor.
     "mlp_d8_w1024_b8": (lambda: _mlp(1024, 8), 8),
     "mlp_d8_w1024_b512": (lambda: _mlp(1024, 8), 512),
@@ -98,7 +106,14 @@ CASES: dict[str, tuple[Callable[[], Any], int]] = {
     "mlp_d8_w8192_bf16_b512": (lambda: _mlp(8192, 8, "bfloat16"), 512),
 }
 SUITES = {
-    "cpu": ["mlp_d8_w64", "mlp_d8_w1024", "resnet18_w8_32", "resnet50_224", "decoder_decode"],
+    "cpu": [
+        "mlp_d8_w64",
+        "mlp_d8_w1024",
+        "resnet18_w8_32",
+        "resnet50_224",
+        "decoder_decode",
+        "vit_d6",
+    ],  # fmt: skip
     "accelerator": [
         "mlp_d8_w1024",
         "mlp_d8_w1024_b8",
