@@ -92,6 +92,24 @@ def check_mlp() -> dict:
     }
 
 
+def check_user_model() -> dict:
+    """A user's module on a 4x2 data-model mesh: without logical axes it splits no weight."""
+    from batching.workloads import user
+
+    cfg = config(default.get_config().model, (8,), data=4, tp=2)
+    topo = topology.build(cfg)
+    plain = nnx.Linear(16, 16, rngs=nnx.Rngs(0))
+    split = nnx.with_partitioning(
+        nnx.initializers.lecun_normal(), ("embed", "mlp"), eager_sharding=False
+    )
+    named = nnx.Linear(16, 16, kernel_init=split, rngs=nnx.Rngs(0))
+    inputs = lambda b: (np.ones((b, 16), np.float32),)  # noqa: E731
+    return {
+        "user_plain_parallel_shape": user.build(plain, inputs, topo).parallel_shape,
+        "user_named_parallel_shape": user.build(named, inputs, topo).parallel_shape,
+    }
+
+
 def check_moe() -> dict:
     result = {}
     for router in ("token_choice", "expert_choice"):
@@ -269,6 +287,7 @@ if __name__ == "__main__":
         "moe_dropless": check_moe_dropless,
         "decoder": check_decoder,
         "moe_decoder": check_moe_decoder,
+        "user_model": check_user_model,
     }
     for name in sys.argv[1:] or checks:
         print(json.dumps(checks[name]()), flush=True)

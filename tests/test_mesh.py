@@ -55,6 +55,11 @@ def test_sharded_outputs_equal_one_device(checks):
             assert checks[key] <= RTOL, (key, checks[key])
 
 
+def test_a_user_model_is_model_parallel_only_where_its_weights_are_split(checks):
+    assert checks["user_plain_parallel_shape"] == {"data": 4, "expert": 1, "model": 1}
+    assert checks["user_named_parallel_shape"] == {"data": 4, "expert": 1, "model": 2}
+
+
 def test_dropless_moe_on_expert_devices_equals_one_device(checks):
     for name in ("ep", "dp_ep"):
         key = f"moe_dropless_{name}"

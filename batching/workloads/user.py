@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from batching.setup.topology import Topology
+from batching.setup.topology import Topology, mesh_axes
 from batching.workloads.base import Workload
 from batching.workloads.family import Family
 
@@ -108,8 +108,9 @@ def build(
 
         weights: list[Any] = [state]
         lead: tuple = (state,)
+        split_model = splits_model(state, topo)
     elif callable(model):
-        forward, lead, weights = model, (), []
+        forward, lead, weights, split_model = model, (), [], False
     else:
         raise ValueError(f"model must be an nnx.Module or a function, got {type(model).__name__}")
 
@@ -131,13 +132,28 @@ def build(
         param_bytes=int(sum(np.size(x) * np.dtype(x.dtype).itemsize for x in leaves)),
         weight_args=tuple(range(offset))
         + tuple(offset + i for i, a in enumerate(axes) if a is None),
-        parallel_shape=topo.parallel_shape(experts=False, model=True),
+        parallel_shape=topo.parallel_shape(experts=False, model=split_model),
         fields={
             "dtype": float_dtype(leaves or first),
             "param_dtype": float_dtype(leaves),
             **(fields or {}),
         },  # fmt: skip
     )
+
+
+def splits_model(state: Any, topo: Topology) -> bool:
+    """Whether any placed weight is split over the mesh axes that `mlp` or `heads` map to.
+
+    A module whose Variables name no such logical axes holds a full copy on every device.
+    The mesh's model axis then only replicates it.
+    """
+    axes = set(mesh_axes(topo.axis_rules, "mlp")) | set(mesh_axes(topo.axis_rules, "heads"))
+    for leaf in jax.tree.leaves(state):
+        for entry in getattr(getattr(leaf, "sharding", None), "spec", ()) or ():
+            names = entry if isinstance(entry, tuple) else (entry,)
+            if axes.intersection(n for n in names if n is not None):
+                return True
+    return False
 
 
 def float_dtype(tree: Any) -> str | None:
