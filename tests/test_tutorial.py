@@ -35,7 +35,9 @@ def test_the_tutorials_python_block_sweeps_and_predicts_the_vit(tmp_path, monkey
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         exec(compile(code, DOC, "exec"), {})  # noqa: S102 - the doc's own example
-    rows = [json.loads(line) for line in (tmp_path / "vit" / "results.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (tmp_path / "vit" / "results.jsonl").read_text().splitlines()
+    ]
     assert sorted(r["batch_size"] for r in rows) == [1, 4, 16, 64]
     assert all(r["ops_source"] == "program" and r["predicted_latency_s"] > 0 for r in rows)
     assert str(tmp_path / "vit" / "report.md") in printed.getvalue()
