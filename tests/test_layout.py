@@ -45,6 +45,16 @@ ALLOWED = {
         "batching.setup",
         *GROUND,
     ),
+    # Serving runs a decoder under load; outputs will show it.
+    "batching.serve": (
+        "batching.serve",
+        "batching.predict",
+        "batching.measure",
+        "batching.workloads",
+        "batching.setup",
+        "models",
+        *GROUND,
+    ),
     "batching.rows": (),
     "batching.summaries": ("batching.rows",),
     "batching.text": (),

@@ -1,0 +1,98 @@
+"""A decoder behind fixed slots: prefill one request, insert it, step every slot at once.
+
+JetStream's shape (AI-Hypercomputer/JetStream: prefill, insert into a decode slot, then
+generate over all slots). The engine holds a cache of `slots` sequences of `max_len`
+positions. Its three jitted functions compile once per run.
+
+- `prefill(prompt)`: one request's prompt into a one-slot cache; its first token (greedy).
+- `insert(slot)`: that cache into the slot of the running batch's cache.
+- `step(tokens, active)`: one decode step over all slots; the next token of each. An
+  inactive slot computes like the rest (the step's shape never changes), and its length
+  goes back to 0, so it never runs past `max_len`.
+
+Prompts are padded to a power of two, at most `max_len`. The request's own length masks
+the padding. So prefills compile at most log2(max_len) times.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models import decoder, decoding
+
+
+def _lengths_to(cache: nnx.State, fn) -> nnx.State:
+    """`cache` with every layer's lengths replaced by fn(lengths)."""
+
+    def put(path, leaf):
+        names = {getattr(p, "key", getattr(p, "name", None)) for p in path}
+        return fn(leaf) if "lengths" in names else leaf
+
+    return jax.tree_util.tree_map_with_path(put, cache)
+
+
+class Engine:
+    """A decoder's weights and its slot cache, with the loop's three compiled calls."""
+
+    def __init__(self, model: decoder.Decoder, slots: int, max_len: int):
+        model.init_cache(slots, max_len)
+        self.graphdef, self.params, self.cache = nnx.split(model, decoder.WEIGHTS, nnx.Cache)
+        model.init_cache(1, max_len)
+        self.one_slot = nnx.state(model, nnx.Cache)
+        model.init_cache(1, 1)  # the module keeps no big buffers
+        self.slots, self.max_len = slots, max_len
+        self.vocab = model.cfg.vocab_size
+        graphdef = self.graphdef
+
+        def prefill(params, cache, tokens_1xL, lengths_1):
+            logits_1xV, cache = decoding.prefill(graphdef, params, cache, tokens_1xL, lengths_1)
+            return jnp.argmax(logits_1xV, axis=-1).astype(jnp.int32), cache
+
+        def insert(cache, one, slot):
+            def put(big, small):
+                start = (slot * small.shape[0],) + (0,) * (big.ndim - 1)
+                return jax.lax.dynamic_update_slice(big, small, start)
+
+            return jax.tree.map(put, cache, one)
+
+        def step(params, cache, tokens_B, active_B):
+            logits_BxV, cache = decoding.decode_step(graphdef, params, cache, tokens_B)
+            cache = _lengths_to(cache, lambda lengths: jnp.where(active_B, lengths, 0))
+            return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32), cache
+
+        self._prefill = jax.jit(prefill, donate_argnums=1)
+        self._insert = jax.jit(insert, donate_argnums=0)
+        self._step = jax.jit(step, donate_argnums=1)
+
+    def bucket(self, prompt_len: int) -> int:
+        """The padded length a prompt is prefilled at."""
+        return min(1 << max(prompt_len - 1, 0).bit_length(), self.max_len)
+
+    def prefill(self, prompt: np.ndarray) -> int:
+        """Prefills one prompt into the one-slot cache; returns its first token.
+
+        Prefill starts its sequence afresh, so the one-slot cache is reused request after
+        request (donated, and replaced by the prefilled one).
+        """
+        padded = np.zeros((1, self.bucket(len(prompt))), np.int32)
+        padded[0, : len(prompt)] = prompt
+        lengths = np.array([len(prompt)], np.int32)
+        token, self.one_slot = self._prefill(self.params, self.one_slot, padded, lengths)
+        return int(token[0])
+
+    def insert(self, slot: int) -> None:
+        """Copies the last prefilled request into `slot` of the running cache."""
+        self.cache = self._insert(self.cache, self.one_slot, np.int32(slot))
+
+    def step(self, tokens_B: np.ndarray, active_B: np.ndarray) -> np.ndarray:
+        """One decode step over every slot: each slot's next token (host array)."""
+        out, self.cache = self._step(self.params, self.cache, tokens_B, active_B)
+        return np.asarray(out)
+
+    def warm_up(self, prompt_lens: list[int]) -> None:
+        """Compiles every call the loop will make, outside the served clock."""
+        for length in sorted({self.bucket(n) for n in prompt_lens}):
+            self.prefill(np.zeros(length, np.int32))
+            self.insert(0)
+        self.step(np.zeros(self.slots, np.int32), np.zeros(self.slots, bool))

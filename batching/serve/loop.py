@@ -1,0 +1,106 @@
+"""The serving loop: requests arrive on the host clock, take free slots, leave at their length.
+
+Each iteration admits what the policy lets in, then runs one decode step over all slots.
+
+- `continuous`: at every step boundary, each free slot takes the oldest arrived request
+  (prefilled, then inserted; Orca's iteration-level scheduling, vLLM's default).
+- `static`: a batch is gathered only when every slot is free, then run until its last
+  request ends; requests arriving meanwhile wait.
+
+A request is prefilled alone. Its first token is the prefill's; each decode step gives the
+next. Tokens are greedy, so a request's tokens do not depend on what else is in the batch
+(tests/test_serve.py). A request whose prompt and output cannot fit `max_len` is rejected
+with the reason, and the run goes on. Every token's time is read on the host clock after
+the device has produced it (batching.serve.metrics turns the records into vLLM's metrics).
+"""
+
+import collections
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from batching.serve.engine import Engine
+from batching.serve.load import Request
+from batching.serve.metrics import Record
+
+POLICIES = ("static", "continuous")
+
+
+def prompt_tokens(request: Request, vocab: int, seed: int = 0) -> np.ndarray:
+    """The request's prompt: tokens drawn from its id, the same in every run."""
+    rng = np.random.default_rng((seed, request.id))
+    return rng.integers(0, vocab, size=request.prompt_len).astype(np.int32)
+
+
+class Loop:
+    """One serving run over an engine: the slots' state and the requests' records."""
+
+    def __init__(self, engine: Engine, policy: str, clock: Callable[[], float] = time.perf_counter):
+        if policy not in POLICIES:
+            raise ValueError(f"serve.policy must be one of {POLICIES}, got {policy!r}")
+        self.engine, self.policy, self.clock = engine, policy, clock
+        self.slot_record: list[Record | None] = [None] * engine.slots
+        self.tokens = np.zeros(engine.slots, np.int32)
+        self.occupancy: list[int] = []  # active slots at each decode step
+
+    def fits(self, r: Request) -> str:
+        """Why a request cannot be served ("" when it can)."""
+        need = r.prompt_len + r.output_len - 1
+        if need > self.engine.max_len:
+            return (
+                f"prompt {r.prompt_len} + output {r.output_len} - 1 > max_len {self.engine.max_len}"
+            )
+        return ""
+
+    def admit(self, r: Request, slot: int, t0: float, record: Record) -> None:
+        """Prefills `r`; its first token, then its slot unless one token was all it asked."""
+        record.admitted_s = self.clock() - t0
+        first = self.engine.prefill(prompt_tokens(r, self.engine.vocab))
+        record.token_s.append(self.clock() - t0)
+        record.tokens.append(first)
+        if r.output_len > 1:
+            self.engine.insert(slot)
+            self.slot_record[slot], self.tokens[slot] = record, first
+
+    def free_slots(self) -> list[int]:
+        """Slots the policy lets take a request now."""
+        free = [s for s, r in enumerate(self.slot_record) if r is None]
+        return free if self.policy == "continuous" or len(free) == self.engine.slots else []
+
+    def step(self, t0: float) -> None:
+        """One decode step; each active slot's token, and the slots whose requests ended."""
+        active = np.array([r is not None for r in self.slot_record])
+        self.occupancy.append(int(active.sum()))
+        out = self.engine.step(self.tokens, active)
+        now = self.clock() - t0
+        for s, record in enumerate(self.slot_record):
+            if record is None:
+                continue
+            record.token_s.append(now)
+            record.tokens.append(int(out[s]))
+            self.tokens[s] = out[s]
+            if len(record.token_s) == record.output_len:
+                self.slot_record[s] = None
+
+    def run(self, requests: Sequence[Request]) -> tuple[list[Record], float]:
+        """Serves every request; returns their records and the run's duration (s)."""
+        records = {r.id: Record(r.id, r.arrival_s, r.prompt_len, r.output_len) for r in requests}
+        pending = collections.deque(sorted(requests, key=lambda r: r.arrival_s))
+        t0 = self.clock()
+        while pending or any(r is not None for r in self.slot_record):
+            now = self.clock() - t0
+            for slot in self.free_slots():
+                if not pending or pending[0].arrival_s > now:
+                    break
+                r = pending.popleft()
+                reason = self.fits(r)
+                if reason:
+                    records[r.id].error = reason
+                    continue
+                self.admit(r, slot, t0, records[r.id])
+            if any(r is not None for r in self.slot_record):
+                self.step(t0)
+            elif pending and pending[0].arrival_s > now:
+                time.sleep(min(pending[0].arrival_s - now, 0.05))
+        return [records[r.id] for r in requests], self.clock() - t0

@@ -1,0 +1,144 @@
+"""The serving loop, its load and vLLM's metrics: a hand-made trace with known answers,
+arrivals as vLLM draws them, and greedy tokens that do not depend on the batch."""
+
+import functools
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from batching.serve import load, metrics
+from batching.serve.engine import Engine
+from batching.serve.loop import Loop, prompt_tokens
+from models import decoding
+from models.decoder import Decoder, DecoderConfig
+
+CFG = DecoderConfig(
+    vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=48,
+    max_seq_len=64,
+)  # fmt: skip
+MAX_LEN = 32
+
+
+def _record(id_, arrival, tokens, prompt_len=4, admitted=None):
+    r = metrics.Record(id_, arrival, prompt_len, len(tokens), list(tokens))
+    r.admitted_s = arrival if admitted is None else admitted
+    return r
+
+
+def test_metrics_on_a_hand_made_trace_are_vllms():
+    records = [
+        _record(0, 0.0, [1.0, 1.5, 2.0, 3.0]),  # TTFT 1, E2E 3, TPOT (3-1)/3, ITL .5 .5 1
+        _record(1, 1.0, [1.5], admitted=1.2),  # one token: TTFT .5, no TPOT, no ITL
+        _record(2, 2.0, [4.0, 5.0]),  # TTFT 2, E2E 3, TPOT 1, ITL 1
+    ]
+    records.append(metrics.Record(3, 2.5, 4, 3, error="too long"))
+    m = metrics.summarize(records, duration_s=5.0, slo_ttft_s=1.0, slo_tpot_s=0.9)
+    assert (m["completed"], m["failed"]) == (3, 1)
+    assert m["request_throughput_per_s"] == pytest.approx(3 / 5)
+    assert m["output_throughput_per_s"] == pytest.approx(7 / 5)
+    assert m["total_token_throughput_per_s"] == pytest.approx((7 + 12) / 5)
+    assert m["ttft_mean_s"] == pytest.approx((1 + 0.5 + 2) / 3)
+    assert m["ttft_median_s"] == pytest.approx(1.0)
+    assert m["ttft_p90_s"] == pytest.approx(np.percentile([1, 0.5, 2], 90))
+    assert m["tpot_mean_s"] == pytest.approx((2 / 3 + 1) / 2)  # the one-token request is out
+    assert m["itl_mean_s"] == pytest.approx((0.5 + 0.5 + 1 + 1) / 4)  # pooled over requests
+    assert m["e2e_p99_s"] == pytest.approx(np.percentile([3, 0.5, 3], 99))
+    assert m["tpot_std_s"] == pytest.approx(np.std([2 / 3, 1]))  # population std, as vLLM
+    # good: request 0 (TTFT 1 <= 1, TPOT .67) and 1 (TPOT counts 0); not 2 (TTFT 2)
+    assert m["goodput_per_s"] == pytest.approx(2 / 5)
+    assert m["queueing_delay_mean_s"] == pytest.approx(0.2 / 3)
+
+
+def test_arrivals_are_gamma_gaps_at_the_rate_scaled_to_end_at_n_over_rate():
+    times = load.arrivals(20000, rate=4.0, seed=1)
+    gaps = np.diff(times)
+    assert times[-1] == pytest.approx(20000 / 4.0)
+    assert np.all(gaps >= 0) and np.std(gaps) / np.mean(gaps) == pytest.approx(1.0, rel=0.05)
+    bursty = np.diff(load.arrivals(20000, rate=4.0, burstiness=0.25, seed=1))
+    assert np.std(bursty) / np.mean(bursty) == pytest.approx(2.0, rel=0.05)  # CV = 1/sqrt(k)
+    assert np.all(load.arrivals(5, math.inf) == 0)
+    for bad in (0.0, -1.0, math.nan):
+        with pytest.raises(ValueError, match="serve.request_rate must be > 0"):
+            load.arrivals(3, bad)
+
+
+def test_lengths_and_traces_are_read_or_refused_with_the_field(tmp_path):
+    reqs = load.open_loop(50, 10.0, prompt_len=(2, 5), output_len=3, seed=3)
+    assert {r.output_len for r in reqs} == {3} and {r.prompt_len for r in reqs} <= {2, 3, 4, 5}
+    assert reqs == load.open_loop(50, 10.0, prompt_len=(2, 5), output_len=3, seed=3)
+    with pytest.raises(ValueError, match="serve.output_len must be >= 1"):
+        load.open_loop(2, 1.0, 4, 0)
+    trace = tmp_path / "trace.jsonl"
+    lines = [{"arrival_s": 0.5, "prompt_len": 3, "output_len": 2},
+             {"arrival_s": 0.1, "prompt_len": 4, "output_len": 1}]  # fmt: skip
+    trace.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    assert [(r.id, r.arrival_s, r.prompt_len) for r in load.from_trace(str(trace))] == [
+        (0, 0.1, 4), (1, 0.5, 3),
+    ]  # fmt: skip
+    trace.write_text('{"arrival_s": 0.5, "prompt_len": 3}\n')
+    with pytest.raises(ValueError, match="line 1"):
+        load.from_trace(str(trace))
+
+
+@functools.cache
+def _model_params():
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(CFG, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(0)
+
+    def draw(x):
+        if x.ndim == 1:
+            return (1 + 0.1 * rng.standard_normal(x.shape)).astype(x.dtype)
+        return (rng.standard_normal(x.shape) / np.sqrt(x.shape[0])).astype(x.dtype)
+
+    return graphdef, jax.device_put(jax.tree.map(draw, abstract))
+
+
+def _model() -> Decoder:
+    graphdef, params = _model_params()
+    return nnx.merge(graphdef, params, copy=True)
+
+
+def _alone(request: load.Request) -> list[int]:
+    """decoding.generate on the request's prompt, batch 1: the reference tokens."""
+    model = _model()
+    model.init_cache(1, MAX_LEN)
+    graphdef, params, cache = nnx.split(model, nnx.Param, nnx.Cache)
+    prompt = prompt_tokens(request, CFG.vocab_size)[None]
+    lengths = np.array([request.prompt_len], np.int32)
+    out, _ = decoding.generate(graphdef, params, cache, prompt, lengths, request.output_len)
+    return [int(t) for t in np.asarray(out)[0]]
+
+
+def test_continuous_batching_serves_each_request_its_own_greedy_tokens():
+    # Five requests on two slots: staggered lengths retire at different steps and their
+    # slots are reused; one asks more than max_len and is refused with the reason.
+    requests = [
+        load.Request(0, 0.0, 5, 7), load.Request(1, 0.0, 3, 2), load.Request(2, 0.0, 8, 1),
+        load.Request(3, 0.0, 30, 10), load.Request(4, 0.0, 6, 5),
+    ]  # fmt: skip
+    engine = Engine(_model(), slots=2, max_len=MAX_LEN)
+    engine.warm_up([r.prompt_len for r in requests])
+    loop = Loop(engine, "continuous")
+    records, duration = loop.run(requests)
+    assert records[3].error.startswith("prompt 30 + output 10 - 1 > max_len 32")
+    for r, rec in zip(requests, records, strict=True):
+        if r.id != 3:
+            assert rec.ok and rec.tokens == _alone(r), r
+            assert np.all(np.diff([rec.admitted_s, *rec.token_s]) >= 0)
+    assert max(loop.occupancy) == 2 and duration >= records[0].token_s[-1]
+    # static: the second batch starts only when the first has ended
+    static = Loop(engine, "static").run([load.Request(0, 0.0, 4, 6), load.Request(1, 0.0, 4, 2),
+                                         load.Request(2, 0.0, 4, 2)])[0]  # fmt: skip
+    assert static[2].admitted_s >= static[0].token_s[-1]
+    assert [rec.tokens for rec in static] == [
+        _alone(r)
+        for r in (
+            load.Request(0, 0.0, 4, 6),
+            load.Request(1, 0.0, 4, 2),
+            load.Request(2, 0.0, 4, 2),
+        )
+    ]
