@@ -3,15 +3,19 @@
     python -m experiments.serving_loop                       # a small decoder, 4 slots
     python -m experiments.serving_loop --rates=2,8,inf --policy=static --requests=64
 
-For each request rate (requests/s; inf sends all at once) it serves `--requests` open-loop
-Poisson requests of fixed prompt and output lengths (batching.serve) and prints vLLM's
-serving metrics: throughputs, goodput under the SLOs, TTFT, TPOT and E2E percentiles,
-queueing delay and mean slot occupancy. It then times the engine's bare decode step at
-batch `--slots` (batching.measure.timing, the sweep's timer) and sets the saturated run's
-output tokens/s against what that step time allows, slots / step: the loop's own cost
-(scheduling, prefill, insert, host transfers). The last line is JSON.
+First a saturated calibration run of the loop gives the engine's costs as the loop pays
+them: a decode step over all slots, an insert, a prefill (batching.serve.simulate). The
+policy's capacity under the p90 SLOs is bisected on the simulator. Then come shares of
+that capacity (`--of_capacity`) and `--rates` (requests/s; inf: all at once). At each,
+`--requests` open-loop Poisson requests of fixed lengths go through the real loop, and
+the same requests through the simulator. It prints vLLM's serving metrics and the
+simulated / measured ratio of p50 and p90 TTFT and TPOT. Last it times the engine's bare
+decode step at batch `--slots` with the sweep's timer. The saturated run's output tokens/s
+stand against slots / step: the gap is the loop's own cost (scheduling, prefill, insert,
+host transfers). The last line is JSON.
 """
 
+import dataclasses
 import json
 import math
 
@@ -20,22 +24,24 @@ from absl import app, flags
 from flax import nnx
 
 from batching.measure import timing
-from batching.serve import load, metrics
+from batching.serve import capacity, load, metrics, simulate
 from batching.serve.engine import Engine
 from batching.serve.loop import POLICIES, Loop
 from batching.workloads import decoder as decoder_workload
 from configs import decoder as decoder_config
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("rates", ["1", "4", "inf"], "Request rates (requests/s); inf: all at once.")
+flags.DEFINE_list("rates", ["inf"], "Request rates (requests/s); inf: all at once.")
+flags.DEFINE_list("of_capacity", ["0.2", "0.4", "0.6", "0.9"], "Rates as shares of the "
+                  "simulated capacity, served before --rates.")  # fmt: skip
 flags.DEFINE_enum("policy", "continuous", list(POLICIES), "Which requests a step admits.")
 flags.DEFINE_integer("slots", 4, "Decode slots: the largest batch.")
 flags.DEFINE_integer("max_len", 128, "Cache positions per slot.")
 flags.DEFINE_integer("requests", 32, "Requests per rate.")
 flags.DEFINE_integer("prompt_len", 32, "Prompt tokens per request.")
 flags.DEFINE_integer("output_len", 32, "Output tokens per request.")
-flags.DEFINE_float("slo_ttft_s", 1.0, "Time-to-first-token SLO (s), for goodput.")
-flags.DEFINE_float("slo_tpot_s", 0.1, "Time-per-output-token SLO (s), for goodput.")
+flags.DEFINE_float("slo_ttft_s", 0.25, "p90 time-to-first-token SLO (s): goodput, capacity.")
+flags.DEFINE_float("slo_tpot_s", 0.05, "p90 time-per-output-token SLO (s).")
 flags.DEFINE_integer("d_model", 256, "Decoder width (configs/decoder.py for the rest).")
 flags.DEFINE_integer("n_layers", 4, "Decoder layers.")
 flags.DEFINE_string("json_out", None, "Also write the JSON result to this file.")
@@ -68,26 +74,89 @@ def bare_step_s(engine: Engine) -> float:
     return float(np.median(result.samples_s))
 
 
+# The simulated metrics set beside the loop's, per rate.
+COMPARED = ("ttft_median_s", "ttft_p90_s", "tpot_median_s", "tpot_p90_s")
+
+
+def serve_rate(engine: Engine, costs: simulate.Costs, rate: float) -> dict:
+    """One rate served by the loop and by the simulator on the same requests."""
+    requests = load.open_loop(FLAGS.requests, rate, FLAGS.prompt_len, FLAGS.output_len)
+    loop = Loop(engine, FLAGS.policy)
+    records, duration = loop.run(requests)
+    m = metrics.summarize(records, duration, FLAGS.slo_ttft_s, FLAGS.slo_tpot_s)
+    m["mean_occupancy"] = float(np.mean(loop.occupancy)) if loop.occupancy else 0.0
+    sim, sim_s, _ = simulate.simulate(requests, costs, FLAGS.slots, FLAGS.max_len, FLAGS.policy)
+    s = metrics.summarize(sim, sim_s, FLAGS.slo_ttft_s, FLAGS.slo_tpot_s)
+    m.update({f"simulated_{k}": s[k] for k in COMPARED})
+    m.update({f"simulated_over_measured_{k}": s[k] / m[k] for k in COMPARED if m[k]})
+    return m
+
+
+# A capacity run lasts this long at the rate it tries: a short run hides an overload, as its
+# queue has too few requests to build.
+CAPACITY_RUN_S = 60.0
+
+
+def simulated_capacity(costs: simulate.Costs) -> dict:
+    """The policy's capacity under the SLOs, bisected on the simulator.
+
+    The bisection starts from the rate the slots sustain at best: every slot busy, each
+    request its prefill, its insert and a step per further token.
+    """
+    per_request_s = costs.prefill(FLAGS.prompt_len) + costs.insert_s
+    best = FLAGS.slots / (per_request_s * FLAGS.slots + costs.step_s * (FLAGS.output_len - 1))
+
+    def run(rate):
+        n = max(FLAGS.requests, int(rate * CAPACITY_RUN_S))
+        requests = load.open_loop(n, rate, FLAGS.prompt_len, FLAGS.output_len)
+        sim, sim_s, _ = simulate.simulate(requests, costs, FLAGS.slots, FLAGS.max_len,
+                                          FLAGS.policy)  # fmt: skip
+        return metrics.summarize(sim, sim_s)
+
+    return capacity.capacity(run, FLAGS.slo_ttft_s, FLAGS.slo_tpot_s, low=best / 100, high=2 * best)
+
+
+def print_rate(rate: float, m: dict) -> None:
+    ratios = " ".join(f"{m.get('simulated_over_measured_' + k, math.nan):6.3f}" for k in COMPARED)
+    ttft = f"{m['ttft_median_s'] * 1e3:.4g}/{m['ttft_p90_s'] * 1e3:.4g}"
+    tpot = f"{m['tpot_median_s'] * 1e3:.4g}/{m['tpot_p90_s'] * 1e3:.4g}"
+    print(f"{rate:8.4g} {m['output_throughput_per_s']:8.4g} {m['goodput_per_s']:7.3g} {ttft:>15} "
+          f"{tpot:>13} {m['mean_occupancy']:6.3g}  {ratios}")  # fmt: skip
+
+
 def main(argv):
     del argv
-    rates = [float(r) for r in FLAGS.rates]
     engine = Engine(small_decoder(FLAGS.d_model, FLAGS.n_layers), FLAGS.slots, FLAGS.max_len)
     engine.warm_up([FLAGS.prompt_len])
-    out = {"policy": FLAGS.policy, "slots": FLAGS.slots, "rates": {}}
-    print(f"{'rate/s':>7} {'req/s':>7} {'tok/s':>8} {'good/s':>7} {'TTFT p50/p90 ms':>17} "
-          f"{'TPOT p50/p90 ms':>17} {'queue ms':>9} {'occupancy':>9}")  # fmt: skip
+    # The costs: a calibration run of the real loop, saturated (all requests at once).
+    calibration = Loop(engine, FLAGS.policy)
+    calibration.run(load.open_loop(FLAGS.requests, math.inf, FLAGS.prompt_len, FLAGS.output_len))
+    costs = simulate.costs_from_loop(calibration.calls)
+    alone = simulate.measure_costs(engine, [FLAGS.prompt_len])
+    cap = simulated_capacity(costs)
+    rates = [float(r) for r in FLAGS.rates]
+    if FLAGS.of_capacity:
+        rates = [float(f) * cap["capacity_per_s"] for f in FLAGS.of_capacity] + rates
+    out = {
+        "policy": FLAGS.policy, "slots": FLAGS.slots, "costs": dataclasses.asdict(costs),
+        "costs_alone": dataclasses.asdict(alone), "simulated_capacity": cap, "rates": {},
+    }  # fmt: skip
+    print(
+        f"engine called alone: step {alone.step_s * 1e3:.4g} ms, insert "
+        f"{alone.insert_s * 1e3:.4g} ms, prefill "
+        f"{ ({b: round(t * 1e3, 3) for b, t in alone.prefill_s.items()}) } ms"
+    )
+    print(f"costs in the loop: step {costs.step_s * 1e3:.4g} ms, "
+          f"insert {costs.insert_s * 1e3:.4g} ms, "
+          f"prefill {({b: round(t * 1e3, 3) for b, t in costs.prefill_s.items()})} ms; "
+          f"simulated capacity {cap['capacity_per_s']:.4g} req/s (fails at "
+          f"{cap['upper_per_s']:.4g}) under p90 TTFT <= {FLAGS.slo_ttft_s} s, "
+          f"TPOT <= {FLAGS.slo_tpot_s} s")  # fmt: skip
+    print(f"{'rate/s':>8} {'tok/s':>8} {'good/s':>7} {'TTFT p50/p90':>15} {'TPOT p50/p90':>13} "
+          f"{'occup':>6}  simulated / measured: TTFT p50 p90, TPOT p50 p90")  # fmt: skip
     for rate in rates:
-        requests = load.open_loop(FLAGS.requests, rate, FLAGS.prompt_len, FLAGS.output_len)
-        loop = Loop(engine, FLAGS.policy)
-        records, duration = loop.run(requests)
-        m = metrics.summarize(records, duration, FLAGS.slo_ttft_s, FLAGS.slo_tpot_s)
-        m["mean_occupancy"] = float(np.mean(loop.occupancy)) if loop.occupancy else 0.0
-        out["rates"][str(rate)] = m
-        ttft = f"{m['ttft_median_s'] * 1e3:.4g}/{m['ttft_p90_s'] * 1e3:.4g}"
-        tpot = f"{m['tpot_median_s'] * 1e3:.4g}/{m['tpot_p90_s'] * 1e3:.4g}"
-        print(f"{rate:7g} {m['request_throughput_per_s']:7.3g} {m['output_throughput_per_s']:8.4g} "
-              f"{m['goodput_per_s']:7.3g} {ttft:>17} {tpot:>17} "
-              f"{m['queueing_delay_mean_s'] * 1e3:9.4g} {m['mean_occupancy']:9.3g}")  # fmt: skip
+        out["rates"][str(rate)] = m = serve_rate(engine, costs, rate)
+        print_rate(rate, m)
     step_s = bare_step_s(engine)
     out["bare_step_s"] = step_s
     saturated = out["rates"].get(str(math.inf))

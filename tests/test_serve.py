@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from batching.serve import load, metrics
+from batching.serve import capacity, load, metrics, simulate
 from batching.serve.engine import Engine
 from batching.serve.loop import Loop, prompt_tokens
 from models import decoding
@@ -142,3 +142,52 @@ def test_continuous_batching_serves_each_request_its_own_greedy_tokens():
             load.Request(2, 0.0, 4, 2),
         )
     ]
+
+
+def test_the_simulator_runs_the_loops_policies_on_its_costs():
+    costs = simulate.Costs(step_s=0.01, insert_s=0.002, prefill_s={8: 0.05})
+    # one slot, requests far apart: each waits for nothing
+    apart = [load.Request(i, 10.0 * i, 8, 4) for i in range(3)]
+    records, duration, _ = simulate.simulate(apart, costs, slots=1, max_len=32, policy="static")
+    for r in records:
+        assert r.ttft_s == pytest.approx(0.05)  # its prefill
+        assert r.tpot_s == pytest.approx(0.002 / 3 + 0.01)  # the insert, then one step a token
+    assert duration == pytest.approx(20.0 + 0.05 + 0.002 + 3 * 0.01)
+    # two at once on one slot: the second waits for the first's prefill, insert and steps
+    both = [load.Request(0, 0.0, 8, 4), load.Request(1, 0.0, 8, 4)]
+    records, _, occupancy = simulate.simulate(both, costs, 1, 32, "continuous")
+    assert records[1].admitted_s == pytest.approx(0.05 + 0.002 + 3 * 0.01)
+    assert records[1].ttft_s == pytest.approx(0.05 + 0.002 + 3 * 0.01 + 0.05)
+    assert occupancy == [1] * 6
+    # an unmeasured prompt length is scaled from the nearest measured one
+    assert costs.prefill(16) == pytest.approx(0.1)
+
+
+def test_capacity_bisects_to_the_rate_where_p90_ttft_meets_the_slo():
+    def queue(rate):  # p90 TTFT of a queue that saturates at 10 requests/s
+        ttft = 0.1 / (1 - rate / 10) if rate < 10 else math.inf
+        return {"completed": 1, "ttft_p90_s": ttft, "tpot_p90_s": 0.01}
+
+    found = capacity.capacity(queue, slo_ttft_s=1.0, slo_tpot_s=0.05, low=1.0, high=20.0)
+    assert 9.0 / 1.05 <= found["capacity_per_s"] <= 9.0 < found["upper_per_s"]
+    assert found["upper_per_s"] / found["capacity_per_s"] - 1 <= capacity.REL_TOL
+    assert all(v == (r <= 9.0) for r, v in found["tried"])
+    assert capacity.capacity(queue, 1.0, 0.05, 12.0, 20.0)["capacity_per_s"] == 0.0
+    with pytest.raises(ValueError, match="0 < low < high"):
+        capacity.capacity(queue, 1.0, 0.05, 5.0, 5.0)
+
+
+def test_measured_costs_drive_a_simulation_of_the_real_engine():
+    engine = Engine(_model(), slots=2, max_len=MAX_LEN)
+    costs = simulate.measure_costs(engine, [5])
+    assert costs.step_s > 0 and costs.insert_s > 0 and set(costs.prefill_s) == {8}
+    requests = [load.Request(0, 0.0, 5, 6), load.Request(1, 0.0, 5, 3)]
+    records, _, occupancy = simulate.simulate(requests, costs, 2, MAX_LEN, "continuous")
+    assert occupancy == [2, 2, 1, 1, 1] and all(r.ok for r in records)
+    # costs fitted to a real run: one sample per engine call the loop made
+    loop = Loop(engine, "continuous")
+    loop.run(requests)
+    assert {k: len(v) for k, v in loop.calls.items()} == {"prefill:8": 2, "insert": 2, "step": 5}
+    fitted = simulate.costs_from_loop(loop.calls)
+    assert fitted.step_s == pytest.approx(np.mean(loop.calls["step"]))
+    assert set(fitted.prefill_s) == {8}

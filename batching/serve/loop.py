@@ -36,13 +36,28 @@ def prompt_tokens(request: Request, vocab: int, seed: int = 0) -> np.ndarray:
 class Loop:
     """One serving run over an engine: the slots' state and the requests' records."""
 
-    def __init__(self, engine: Engine, policy: str, clock: Callable[[], float] = time.perf_counter):
+    def __init__(
+        self,
+        engine: Engine,
+        policy: str,
+        clock: Callable[[], float] = time.perf_counter,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        """`clock` and `sleep` are the host's; the simulator hands in a virtual pair."""
         if policy not in POLICIES:
             raise ValueError(f"serve.policy must be one of {POLICIES}, got {policy!r}")
-        self.engine, self.policy, self.clock = engine, policy, clock
+        self.engine, self.policy, self.clock, self.sleep = engine, policy, clock, sleep
         self.slot_record: list[Record | None] = [None] * engine.slots
         self.tokens = np.zeros(engine.slots, np.int32)
         self.occupancy: list[int] = []  # active slots at each decode step
+        # Host seconds of each engine call, by call ("prefill:<bucket>" per padded length).
+        self.calls: dict[str, list[float]] = collections.defaultdict(list)
+
+    def _timed(self, name: str, fn, *args):
+        t0 = self.clock()
+        out = fn(*args)
+        self.calls[name].append(self.clock() - t0)
+        return out
 
     def fits(self, r: Request) -> str:
         """Why a request cannot be served ("" when it can)."""
@@ -56,11 +71,14 @@ class Loop:
     def admit(self, r: Request, slot: int, t0: float, record: Record) -> None:
         """Prefills `r`; its first token, then its slot unless one token was all it asked."""
         record.admitted_s = self.clock() - t0
-        first = self.engine.prefill(prompt_tokens(r, self.engine.vocab))
+        prompt = prompt_tokens(r, self.engine.vocab)
+        first = self._timed(
+            f"prefill:{self.engine.bucket(len(prompt))}", self.engine.prefill, prompt
+        )
         record.token_s.append(self.clock() - t0)
         record.tokens.append(first)
         if r.output_len > 1:
-            self.engine.insert(slot)
+            self._timed("insert", self.engine.insert, slot)
             self.slot_record[slot], self.tokens[slot] = record, first
 
     def free_slots(self) -> list[int]:
@@ -72,7 +90,7 @@ class Loop:
         """One decode step; each active slot's token, and the slots whose requests ended."""
         active = np.array([r is not None for r in self.slot_record])
         self.occupancy.append(int(active.sum()))
-        out = self.engine.step(self.tokens, active)
+        out = self._timed("step", self.engine.step, self.tokens, active)
         now = self.clock() - t0
         for s, record in enumerate(self.slot_record):
             if record is None:
@@ -102,5 +120,5 @@ class Loop:
             if any(r is not None for r in self.slot_record):
                 self.step(t0)
             elif pending and pending[0].arrival_s > now:
-                time.sleep(min(pending[0].arrival_s - now, 0.05))
+                self.sleep(min(pending[0].arrival_s - now, 0.05))
         return [records[r.id] for r in requests], self.clock() - t0

@@ -1,0 +1,133 @@
+"""A discrete-event simulator of the serving loop, driven by the engine's measured costs.
+
+It runs the loop's own policies (batching.serve.loop.Loop) on a virtual clock. Its engine
+computes nothing: a prefill, an insert and a decode step each move the clock by their
+cost. So simulation and loop differ only where the costs do. The costs are the engine's as
+the loop calls it. They are a decode step over every slot (its tokens copied to the host),
+an insert, and a prefill per padded prompt length. They come from a real run's own calls
+(`costs_from_loop`), or from the engine called alone (`measure_costs`). Called alone, a
+step runs faster than between a loop's prefills and inserts. The step attends the whole
+static cache. So its cost depends on the slots and `max_len`, not on how many slots are
+busy or how full their sequences are.
+"""
+
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from batching.serve.engine import Engine
+from batching.serve.load import Request
+from batching.serve.loop import Loop
+from batching.serve.metrics import Record
+
+# Each cost is the median of this many calls of the engine, after WARM_CALLS more.
+COST_CALLS = 60
+WARM_CALLS = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class Costs:
+    """Seconds of the loop's device calls: a decode step, an insert, a prefill per bucket."""
+
+    step_s: float
+    insert_s: float
+    prefill_s: dict[int, float]
+
+    def prefill(self, bucket: int) -> float:
+        """A prefill at a padded length; an unmeasured one is scaled from the nearest."""
+        if bucket in self.prefill_s:
+            return self.prefill_s[bucket]
+        near = min(self.prefill_s, key=lambda b: abs(np.log(b / bucket)))
+        return self.prefill_s[near] * bucket / near
+
+
+class Clock:
+    """A virtual clock: `now` seconds, moved on by the costs and by sleeps."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        """Waiting moves the clock on."""
+        self.now += max(seconds, 0.0)
+
+
+class SimEngine:
+    """The engine's interface over a virtual clock: every call costs its measured seconds."""
+
+    def __init__(self, costs: Costs, slots: int, max_len: int, clock: Clock, vocab: int = 2):
+        self.costs, self.slots, self.max_len, self.clock, self.vocab = (
+            costs, slots, max_len, clock, vocab,
+        )  # fmt: skip
+
+    bucket = Engine.bucket
+
+    def prefill(self, prompt: np.ndarray) -> int:
+        """The prefill's cost; token 0."""
+        self.clock.sleep(self.costs.prefill(self.bucket(len(prompt))))
+        return 0
+
+    def insert(self, slot: int) -> None:
+        """The insert's cost."""
+        del slot
+        self.clock.sleep(self.costs.insert_s)
+
+    def step(self, tokens_B: np.ndarray, active_B: np.ndarray) -> np.ndarray:
+        """The decode step's cost, whatever the slots hold; tokens 0."""
+        del active_B
+        self.clock.sleep(self.costs.step_s)
+        return np.zeros_like(tokens_B)
+
+
+def _median_s(fn, calls: int = COST_CALLS) -> float:
+    for _ in range(WARM_CALLS):
+        fn()
+    samples = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return float(np.median(samples))
+
+
+def measure_costs(engine: Engine, prompt_lens: Sequence[int]) -> Costs:
+    """The engine's costs as the loop pays them: each call, then its results on the host."""
+    tokens, active = np.zeros(engine.slots, np.int32), np.ones(engine.slots, bool)
+    step_s = _median_s(lambda: engine.step(tokens, active))
+    prefill_s = {}
+    for bucket in sorted({engine.bucket(n) for n in prompt_lens}):
+        prefill_s[bucket] = _median_s(lambda b=bucket: engine.prefill(np.zeros(b, np.int32)))
+
+    def insert():
+        engine.insert(0)
+        jax.block_until_ready(engine.cache)
+
+    return Costs(step_s, _median_s(insert), prefill_s)
+
+
+def costs_from_loop(calls: dict[str, list[float]]) -> Costs:
+    """Costs fitted to a real run: the mean host seconds of each of its engine calls.
+
+    It takes the mean, as a request's TPOT is a mean over its steps. A step after a prefill
+    or an insert runs slower. The insert's work runs on while the host goes on, and the
+    next step waits for it. The mean holds such steps at the calibration run's share.
+    """
+    prefill = {int(k.split(":")[1]): float(np.mean(v)) for k, v in calls.items()
+               if k.startswith("prefill:")}  # fmt: skip
+    return Costs(float(np.mean(calls["step"])), float(np.mean(calls["insert"])), prefill)
+
+
+def simulate(
+    requests: Sequence[Request], costs: Costs, slots: int, max_len: int, policy: str
+) -> tuple[list[Record], float, list[int]]:
+    """The loop's records and duration for `requests`, and its occupancy per step."""
+    clock = Clock()
+    loop = Loop(SimEngine(costs, slots, max_len, clock), policy, clock=clock, sleep=clock.sleep)
+    records, duration = loop.run(requests)
+    return records, duration, loop.occupancy
