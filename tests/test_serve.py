@@ -191,3 +191,19 @@ def test_measured_costs_drive_a_simulation_of_the_real_engine():
     fitted = simulate.costs_from_loop(loop.calls)
     assert fitted.step_s == pytest.approx(np.mean(loop.calls["step"]))
     assert set(fitted.prefill_s) == {8}
+
+
+def test_a_closed_loop_user_sends_its_next_request_when_its_last_one_ends():
+    costs = simulate.Costs(step_s=0.01, insert_s=0.002, prefill_s={8: 0.05})
+    clock = simulate.Clock()
+    engine = simulate.SimEngine(costs, slots=1, max_len=32, clock=clock)
+    users = load.closed_loop(users=2, per_user=3, prompt_len=8, output_len=4)
+    records, _ = Loop(engine, "continuous", clock=clock, sleep=clock.sleep).run_closed(users)
+    assert [r.id for r in records] == list(range(6)) and all(r.ok for r in records)
+    for queue in users:
+        mine = [records[r.id] for r in queue]
+        assert mine[0].arrival_s == 0.0
+        for last, nxt in zip(mine, mine[1:], strict=False):
+            assert nxt.arrival_s == pytest.approx(last.token_s[-1])  # one in flight per user
+    # one slot, taken in arrival order: user 1's first request waits for user 0's
+    assert records[3].admitted_s == pytest.approx(records[0].token_s[-1])

@@ -7,14 +7,17 @@ Each iteration admits what the policy lets in, then runs one decode step over al
 - `static`: a batch is gathered only when every slot is free, then run until its last
   request ends; requests arriving meanwhile wait.
 
-A request is prefilled alone. Its first token is the prefill's; each decode step gives the
-next. Tokens are greedy, so a request's tokens do not depend on what else is in the batch
-(tests/test_serve.py). A request whose prompt and output cannot fit `max_len` is rejected
-with the reason, and the run goes on. Every token's time is read on the host clock after
-the device has produced it (batching.serve.metrics turns the records into vLLM's metrics).
+Closed-loop users (load.closed_loop) each send their next request when the last one ends
+(`run_closed`). A request is prefilled alone. Its first token is the prefill's; each
+decode step gives the next. Tokens are greedy, so a request's tokens do not depend on what
+else is in the batch (tests/test_serve.py). A request whose prompt and output cannot fit
+`max_len` is rejected with the reason, and the run goes on. Every token's time is read on
+the host clock after the device has produced it (batching.serve.metrics turns the records
+into vLLM's metrics).
 """
 
 import collections
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 
@@ -52,6 +55,7 @@ class Loop:
         self.occupancy: list[int] = []  # active slots at each decode step
         # Host seconds of each engine call, by call ("prefill:<bucket>" per padded length).
         self.calls: dict[str, list[float]] = collections.defaultdict(list)
+        self.finished: list[Record] = []  # served or refused, not yet followed up
 
     def _timed(self, name: str, fn, *args):
         t0 = self.clock()
@@ -77,7 +81,9 @@ class Loop:
         )
         record.token_s.append(self.clock() - t0)
         record.tokens.append(first)
-        if r.output_len > 1:
+        if r.output_len == 1:
+            self.finished.append(record)
+        else:
             self._timed("insert", self.engine.insert, slot)
             self.slot_record[slot], self.tokens[slot] = record, first
 
@@ -100,9 +106,17 @@ class Loop:
             self.tokens[s] = out[s]
             if len(record.token_s) == record.output_len:
                 self.slot_record[s] = None
+                self.finished.append(record)
 
-    def run(self, requests: Sequence[Request]) -> tuple[list[Record], float]:
-        """Serves every request; returns their records and the run's duration (s)."""
+    def run(
+        self, requests: Sequence[Request], follow: dict[int, Request] | None = None
+    ) -> tuple[list[Record], float]:
+        """Serves every request; returns their records by id and the run's duration (s).
+
+        `follow` maps a request's id to the one its user sends when it ends (closed loop):
+        that one arrives then.
+        """
+        follow = follow or {}
         records = {r.id: Record(r.id, r.arrival_s, r.prompt_len, r.output_len) for r in requests}
         pending = collections.deque(sorted(requests, key=lambda r: r.arrival_s))
         t0 = self.clock()
@@ -112,13 +126,26 @@ class Loop:
                 if not pending or pending[0].arrival_s > now:
                     break
                 r = pending.popleft()
-                reason = self.fits(r)
-                if reason:
-                    records[r.id].error = reason
+                records[r.id].error = self.fits(r)
+                if records[r.id].error:
+                    self.finished.append(records[r.id])
                     continue
                 self.admit(r, slot, t0, records[r.id])
             if any(r is not None for r in self.slot_record):
                 self.step(t0)
             elif pending and pending[0].arrival_s > now:
                 self.sleep(min(pending[0].arrival_s - now, 0.05))
-        return [records[r.id] for r in requests], self.clock() - t0
+            for done in self.finished:
+                if done.id in follow:
+                    ended = done.token_s[-1] if done.token_s else self.clock() - t0
+                    nxt = dataclasses.replace(follow[done.id], arrival_s=ended)
+                    records[nxt.id] = Record(nxt.id, ended, nxt.prompt_len, nxt.output_len)
+                    pending.append(nxt)
+            self.finished.clear()
+        return [records[i] for i in sorted(records)], self.clock() - t0
+
+    def run_closed(self, users: Sequence[Sequence[Request]]) -> tuple[list[Record], float]:
+        """Closed loop: each user sends its first request at 0, each next one as the last ends."""
+        first = [dataclasses.replace(queue[0], arrival_s=0.0) for queue in users if queue]
+        follow = {q[i].id: q[i + 1] for q in users for i in range(len(q) - 1)}
+        return self.run(first, follow)
