@@ -29,6 +29,7 @@ from batching.serve.engine import Engine
 from batching.serve.loop import POLICIES, Loop
 from batching.workloads import decoder as decoder_workload
 from configs import decoder as decoder_config
+from configs import moe_decoder as moe_decoder_config
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("rates", ["inf"], "Request rates (requests/s); inf: all at once.")
@@ -44,12 +45,21 @@ flags.DEFINE_float("slo_ttft_s", 0.25, "p90 time-to-first-token SLO (s): goodput
 flags.DEFINE_float("slo_tpot_s", 0.05, "p90 time-per-output-token SLO (s).")
 flags.DEFINE_integer("d_model", 256, "Decoder width (configs/decoder.py for the rest).")
 flags.DEFINE_integer("n_layers", 4, "Decoder layers.")
+flags.DEFINE_enum("model", "decoder", ["decoder", "moe_decoder"], "Dense, or MoE blocks.")
+flags.DEFINE_enum("router", "token_choice", ["token_choice", "expert_choice"], "MoE router.")
+flags.DEFINE_integer("batchmates", 16, "Requests served alone and batched, tokens compared.")
 flags.DEFINE_string("json_out", None, "Also write the JSON result to this file.")
 
 
-def small_decoder(d_model: int, n_layers: int):
-    """The lab's decoder (configs/decoder.py) at this width and depth, random weights."""
-    model_cfg = decoder_config.model("decode")
+def small_decoder(d_model: int, n_layers: int, model: str = "decoder", router: str = ""):
+    """The lab's decoder at this width and depth, random weights.
+
+    `model` "moe_decoder" takes configs/moe_decoder.py's MoE blocks and `router`.
+    """
+    if model == "moe_decoder":
+        model_cfg = moe_decoder_config.model(router or "token_choice")
+    else:
+        model_cfg = decoder_config.model("decode")
     model_cfg.update(d_model=d_model, n_layers=n_layers, mlp_dim=4 * d_model, vocab_size=4096,
                      n_heads=4, n_kv_heads=2, head_dim=d_model // 4)  # fmt: skip
     cfg = decoder_workload.model_config(model_cfg)
@@ -116,6 +126,29 @@ def simulated_capacity(costs: simulate.Costs) -> dict:
     return capacity.capacity(run, FLAGS.slo_ttft_s, FLAGS.slo_tpot_s, low=best / 100, high=2 * best)
 
 
+def batchmate_effect(model, n: int) -> dict:
+    """How often a request's greedy tokens change with the requests batched beside it.
+
+    The same `n` requests are served all at once on `--slots` slots, then each alone on one.
+    A dense decoder's tokens never change; an MoE's routing groups are the step's batch.
+    """
+    requests = load.open_loop(n, math.inf, FLAGS.prompt_len, FLAGS.output_len)
+    batched = Engine(model, FLAGS.slots, FLAGS.max_len)
+    together = {r.id: r.tokens for r in Loop(batched, "continuous").run(requests)[0]}
+    single = Engine(model, 1, FLAGS.max_len)
+    first_change = []
+    for r in requests:
+        alone = Loop(single, "continuous").run([r])[0][0].tokens
+        diff = [i for i, (a, b) in enumerate(zip(alone, together[r.id], strict=True)) if a != b]
+        if diff:
+            first_change.append(diff[0])
+    return {
+        "requests": n,
+        "changed_share": len(first_change) / n,
+        "first_changed_token_mean": float(np.mean(first_change)) if first_change else None,
+    }
+
+
 def print_rate(rate: float, m: dict) -> None:
     ratios = " ".join(f"{m.get('simulated_over_measured_' + k, math.nan):6.3f}" for k in COMPARED)
     ttft = f"{m['ttft_median_s'] * 1e3:.4g}/{m['ttft_p90_s'] * 1e3:.4g}"
@@ -126,7 +159,13 @@ def print_rate(rate: float, m: dict) -> None:
 
 def main(argv):
     del argv
-    engine = Engine(small_decoder(FLAGS.d_model, FLAGS.n_layers), FLAGS.slots, FLAGS.max_len)
+    model = small_decoder(FLAGS.d_model, FLAGS.n_layers, FLAGS.model, FLAGS.router)
+    if FLAGS.batchmates:
+        effect = batchmate_effect(model, FLAGS.batchmates)
+        print(f"tokens changed by batch-mates: {effect['changed_share']:.3f} of "
+              f"{effect['requests']} requests (first changed token, mean: "
+              f"{effect['first_changed_token_mean']})")  # fmt: skip
+    engine = Engine(model, FLAGS.slots, FLAGS.max_len)
     engine.warm_up([FLAGS.prompt_len])
     # The costs: a calibration run of the real loop, saturated (all requests at once).
     calibration = Loop(engine, FLAGS.policy)
@@ -140,6 +179,8 @@ def main(argv):
     out = {
         "policy": FLAGS.policy, "slots": FLAGS.slots, "costs": dataclasses.asdict(costs),
         "costs_alone": dataclasses.asdict(alone), "simulated_capacity": cap, "rates": {},
+        "model": FLAGS.model, "router": FLAGS.router if FLAGS.model == "moe_decoder" else None,
+        "batchmates": effect if FLAGS.batchmates else None,
     }  # fmt: skip
     print(
         f"engine called alone: step {alone.step_s * 1e3:.4g} ms, insert "
