@@ -11,8 +11,9 @@ that capacity (`--of_capacity`) and `--rates` (requests/s; inf: all at once). At
 the same requests through the simulator. It prints vLLM's serving metrics and the
 simulated / measured ratio of p50 and p90 TTFT and TPOT. Last it times the engine's bare
 decode step at batch `--slots` with the sweep's timer. The saturated run's output tokens/s
-stand against slots / step: the gap is the loop's own cost (scheduling, prefill, insert,
-host transfers). The last line is JSON.
+stand against slots / step, and the run less its prefills against its steps at the bare
+step's time: the loop's own cost (scheduling, inserts, masking, host transfers). The last
+line is JSON.
 """
 
 import dataclasses
@@ -95,6 +96,8 @@ def serve_rate(engine: Engine, costs: simulate.Costs, rate: float) -> dict:
     records, duration = loop.run(requests)
     m = metrics.summarize(records, duration, FLAGS.slo_ttft_s, FLAGS.slo_tpot_s)
     m["mean_occupancy"] = float(np.mean(loop.occupancy)) if loop.occupancy else 0.0
+    m["steps"] = len(loop.occupancy)
+    m["engine_call_s"] = {k: float(sum(v)) for k, v in loop.calls.items()}
     sim, sim_s, _ = simulate.simulate(requests, costs, FLAGS.slots, FLAGS.max_len, FLAGS.policy)
     s = metrics.summarize(sim, sim_s, FLAGS.slo_ttft_s, FLAGS.slo_tpot_s)
     m.update({f"simulated_{k}": s[k] for k in COMPARED})
@@ -203,9 +206,16 @@ def main(argv):
     saturated = out["rates"].get(str(math.inf))
     if saturated:
         out["loop_over_step_bound"] = saturated["output_throughput_per_s"] / (FLAGS.slots / step_s)
+        # Without its prefills: the steps' bare time over the loop's time between prefills.
+        calls = saturated["engine_call_s"]
+        prefill_s = sum(t for k, t in calls.items() if k.startswith("prefill:"))
+        decoding_s = saturated["duration_s"] - prefill_s
+        out["decode_phase_efficiency"] = saturated["steps"] * step_s / decoding_s
         print(f"bare decode step at batch {FLAGS.slots}: {step_s * 1e3:.4g} ms; saturated loop "
               f"{saturated['output_throughput_per_s']:.4g} tok/s = "
-              f"{out['loop_over_step_bound']:.3f} of slots / step")  # fmt: skip
+              f"{out['loop_over_step_bound']:.3f} of slots / step; its decoding (the run less "
+              f"its prefills, {prefill_s:.3g} s) runs its {saturated['steps']} steps at "
+              f"{out['decode_phase_efficiency']:.3f} of the bare step's speed")  # fmt: skip
     line = json.dumps(out)
     print(line)
     if FLAGS.json_out:
