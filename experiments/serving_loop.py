@@ -160,6 +160,23 @@ def print_rate(rate: float, m: dict) -> None:
           f"{tpot:>13} {m['mean_occupancy']:6.3g}  {ratios}")  # fmt: skip
 
 
+def report_saturated(out: dict, step_s: float) -> None:
+    """The saturated run against the bare step: with its prefills, and without them."""
+    saturated = out["rates"].get(str(math.inf))
+    if saturated:
+        out["loop_over_step_bound"] = saturated["output_throughput_per_s"] / (FLAGS.slots / step_s)
+        # Without its prefills: the steps' bare time over the loop's time between prefills.
+        calls = saturated["engine_call_s"]
+        prefill_s = sum(t for k, t in calls.items() if k.startswith("prefill:"))
+        decoding_s = saturated["duration_s"] - prefill_s
+        out["decode_phase_efficiency"] = saturated["steps"] * step_s / decoding_s
+        print(f"bare decode step at batch {FLAGS.slots}: {step_s * 1e3:.4g} ms; saturated loop "
+              f"{saturated['output_throughput_per_s']:.4g} tok/s = "
+              f"{out['loop_over_step_bound']:.3f} of slots / step; its decoding (the run less "
+              f"its prefills, {prefill_s:.3g} s) runs its {saturated['steps']} steps at "
+              f"{out['decode_phase_efficiency']:.3f} of the bare step's speed")  # fmt: skip
+
+
 def main(argv):
     del argv
     model = small_decoder(FLAGS.d_model, FLAGS.n_layers, FLAGS.model, FLAGS.router)
@@ -203,19 +220,7 @@ def main(argv):
         print_rate(rate, m)
     step_s = bare_step_s(engine)
     out["bare_step_s"] = step_s
-    saturated = out["rates"].get(str(math.inf))
-    if saturated:
-        out["loop_over_step_bound"] = saturated["output_throughput_per_s"] / (FLAGS.slots / step_s)
-        # Without its prefills: the steps' bare time over the loop's time between prefills.
-        calls = saturated["engine_call_s"]
-        prefill_s = sum(t for k, t in calls.items() if k.startswith("prefill:"))
-        decoding_s = saturated["duration_s"] - prefill_s
-        out["decode_phase_efficiency"] = saturated["steps"] * step_s / decoding_s
-        print(f"bare decode step at batch {FLAGS.slots}: {step_s * 1e3:.4g} ms; saturated loop "
-              f"{saturated['output_throughput_per_s']:.4g} tok/s = "
-              f"{out['loop_over_step_bound']:.3f} of slots / step; its decoding (the run less "
-              f"its prefills, {prefill_s:.3g} s) runs its {saturated['steps']} steps at "
-              f"{out['decode_phase_efficiency']:.3f} of the bare step's speed")  # fmt: skip
+    report_saturated(out, step_s)
     line = json.dumps(out)
     print(line)
     if FLAGS.json_out:
