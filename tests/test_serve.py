@@ -207,3 +207,24 @@ def test_a_closed_loop_user_sends_its_next_request_when_its_last_one_ends():
             assert nxt.arrival_s == pytest.approx(last.token_s[-1])  # one in flight per user
     # one slot, taken in arrival order: user 1's first request waits for user 0's
     assert records[3].admitted_s == pytest.approx(records[0].token_s[-1])
+
+
+def test_a_quantile_interval_is_the_labs_median_interval_at_one_half():
+    from batching.measure import stats
+
+    rng = np.random.default_rng(0)
+    for n in (5, 32, 101):
+        x = rng.lognormal(size=n)
+        assert metrics.quantile_interval(x, 0.5) == stats.median_interval(x)
+    x = np.arange(1.0, 101.0)
+    low, high = metrics.quantile_interval(x, 0.9)
+    assert low < np.percentile(x, 90) < high and {low, high} <= set(x)
+    # coverage: the interval holds the true p90 of an exponential about 95% of the time
+    true_p90 = -np.log(0.1)
+    hits = [
+        (lambda lo_hi: lo_hi[0] <= true_p90 <= lo_hi[1])(
+            metrics.quantile_interval(rng.exponential(size=60), 0.9)
+        )
+        for _ in range(400)
+    ]
+    assert 0.92 <= np.mean(hits) <= 0.995

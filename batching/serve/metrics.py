@@ -15,19 +15,47 @@ The run's `duration_s` runs from its start to the last completion. Over it:
 - request and output-token throughput: completed requests and their tokens per second.
 - goodput: requests meeting every SLO (value <= SLO), per second. A one-token request's
   TPOT counts as 0 there.
-- statistics: numpy's default (linear) percentiles; mean, median, population std.
+- statistics: numpy's default (linear) percentiles; mean, median, population std. The
+  p90s of TTFT and TPOT also carry a 95% interval (`quantile_interval`).
 
 Failed (rejected) requests are left out of every latency and of goodput, but the run's
 duration still counts their time, as vLLM's does.
 """
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 PERCENTILES = (50, 90, 99)
+# The p90s that decide capacity carry a distribution-free interval at this confidence.
+CONFIDENCE = 0.95
+
+
+def quantile_interval(values: Sequence[float], q: float, confidence: float = CONFIDENCE):
+    """Distribution-free interval for the q-quantile: two order statistics of `values`.
+
+    The count of values below the true q-quantile is Binomial(n, q). The ranks are picked
+    from that distribution, as batching.measure.stats.median_interval does at q = 1/2. With
+    few values a bound can be the smallest or largest value itself: the data allow no more.
+    """
+    x = np.sort(np.asarray(values, float))
+    n, alpha = x.size, 1.0 - confidence
+    if n == 0:
+        raise ValueError("quantile_interval needs at least one value")
+    k = np.arange(n + 1)
+    log_pmf = (
+        np.array([math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) for i in k])
+        + k * math.log(q) + (n - k) * math.log1p(-q)
+    )  # fmt: skip
+    cdf = np.cumsum(np.exp(log_pmf))
+    # lower rank: the largest r with P(B <= r - 1) <= alpha / 2; upper: the smallest r with
+    # P(B <= r - 1) >= 1 - alpha / 2 (1-based ranks, clipped to the data).
+    low = int(np.searchsorted(cdf, alpha / 2, side="right"))
+    high = int(np.searchsorted(cdf, 1 - alpha / 2, side="left")) + 1
+    return float(x[max(low, 1) - 1]), float(x[min(high, n) - 1])
 
 
 @dataclasses.dataclass
@@ -111,8 +139,13 @@ def summarize(
             np.mean([r.admitted_s - r.arrival_s for r in done]) if done else 0.0
         ),
     }
-    out.update(_stats("ttft", [r.ttft_s for r in done]))
-    out.update(_stats("tpot", [r.tpot_s for r in done if r.tpot_s is not None]))
+    ttft, tpot = [r.ttft_s for r in done], [r.tpot_s for r in done if r.tpot_s is not None]
+    out.update(_stats("ttft", ttft))
+    out.update(_stats("tpot", tpot))
+    for name, values in (("ttft", ttft), ("tpot", tpot)):
+        if values:
+            low, high = quantile_interval(values, 0.9)
+            out[f"{name}_p90_low_s"], out[f"{name}_p90_high_s"] = low, high
     out.update(_stats("itl", [g for r in done for g in r.itl_s]))
     out.update(_stats("e2e", [r.e2e_s for r in done]))
     return out
