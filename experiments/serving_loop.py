@@ -49,6 +49,8 @@ flags.DEFINE_integer("n_layers", 4, "Decoder layers.")
 flags.DEFINE_enum("model", "decoder", ["decoder", "moe_decoder"], "Dense, or MoE blocks.")
 flags.DEFINE_enum("router", "token_choice", ["token_choice", "expert_choice"], "MoE router.")
 flags.DEFINE_integer("batchmates", 16, "Requests served alone and batched, tokens compared.")
+flags.DEFINE_list("whatif", ["H100 SXM"], "Spec devices whose simulated capacity to print "
+                  "(datasheet peaks, no overhead: upper bounds).")  # fmt: skip
 flags.DEFINE_string("json_out", None, "Also write the JSON result to this file.")
 
 
@@ -108,6 +110,8 @@ def serve_rate(engine: Engine, costs: simulate.Costs, rate: float) -> dict:
 # A capacity run lasts this long at the rate it tries: a short run hides an overload, as its
 # queue has too few requests to build.
 CAPACITY_RUN_S = 60.0
+# ... or this many requests, whichever is fewer (a fast device's minute is millions).
+CAPACITY_MAX_REQUESTS = 5000
 
 
 def simulated_capacity(costs: simulate.Costs) -> dict:
@@ -120,7 +124,7 @@ def simulated_capacity(costs: simulate.Costs) -> dict:
     best = FLAGS.slots / (per_request_s * FLAGS.slots + costs.step_s * (FLAGS.output_len - 1))
 
     def run(rate):
-        n = max(FLAGS.requests, int(rate * CAPACITY_RUN_S))
+        n = max(FLAGS.requests, min(int(rate * CAPACITY_RUN_S), CAPACITY_MAX_REQUESTS))
         requests = load.open_loop(n, rate, FLAGS.prompt_len, FLAGS.output_len)
         sim, sim_s, _ = simulate.simulate(requests, costs, FLAGS.slots, FLAGS.max_len,
                                           FLAGS.policy)  # fmt: skip
@@ -158,6 +162,19 @@ def print_rate(rate: float, m: dict) -> None:
     tpot = f"{m['tpot_median_s'] * 1e3:.4g}/{m['tpot_p90_s'] * 1e3:.4g}"
     print(f"{rate:8.4g} {m['output_throughput_per_s']:8.4g} {m['goodput_per_s']:7.3g} {ttft:>15} "
           f"{tpot:>13} {m['mean_occupancy']:6.3g}  {ratios}")  # fmt: skip
+
+
+def whatif_capacities(model) -> dict:
+    """The simulated capacity on each --whatif device, from its datasheet costs."""
+    out = {}
+    for device in FLAGS.whatif:
+        buckets = [min(1 << max(FLAGS.prompt_len - 1, 0).bit_length(), FLAGS.max_len)]
+        costs = simulate.spec_costs(model.cfg, FLAGS.slots, FLAGS.max_len, buckets, device)
+        out[device] = {"costs": dataclasses.asdict(costs), **simulated_capacity(costs)}
+        print(f"what-if {device}: step {costs.step_s * 1e6:.4g} µs, prefill "
+              f"{costs.prefill_s[buckets[0]] * 1e6:.4g} µs at its datasheet peaks; simulated "
+              f"capacity at most {out[device]['capacity_per_s']:.4g} req/s")  # fmt: skip
+    return out
 
 
 def report_saturated(out: dict, step_s: float) -> None:
@@ -221,6 +238,7 @@ def main(argv):
     step_s = bare_step_s(engine)
     out["bare_step_s"] = step_s
     report_saturated(out, step_s)
+    out["whatif"] = whatif_capacities(model)
     line = json.dumps(out)
     print(line)
     if FLAGS.json_out:

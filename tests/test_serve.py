@@ -228,3 +228,21 @@ def test_a_quantile_interval_is_the_labs_median_interval_at_one_half():
         for _ in range(400)
     ]
     assert 0.92 <= np.mean(hits) <= 0.995
+
+
+def test_spec_costs_price_the_decoders_op_lists_at_datasheet_peaks():
+    from batching.predict import whatif
+    from batching.setup import specs
+    from batching.workloads import decoder as decoder_workload
+
+    h100 = simulate.spec_costs(CFG, slots=4, max_len=MAX_LEN, buckets=[8, 16], device="H100 SXM")
+    t4 = simulate.spec_costs(CFG, slots=4, max_len=MAX_LEN, buckets=[8, 16], device="T4")
+    ops = decoder_workload.step_ops(CFG, 4, MAX_LEN, "decode", 4, 4, CFG.cache_layout)
+    rows = [{"batch_size": 4, "ops": [o.to_dict() for o in ops]}]
+    assert (
+        h100.step_s
+        == whatif.whatif(rows, ("H100 SXM",), "float32", "default", 4)["H100 SXM"]["latency_s"][4]
+    )
+    kv = 2 * CFG.n_layers * MAX_LEN * CFG.n_kv_heads * CFG.head_dim * 4
+    assert h100.insert_s == pytest.approx(2 * kv / specs.SPECS["H100 SXM"].bandwidth_bytes_per_s)
+    assert h100.prefill_s[8] < h100.prefill_s[16] and t4.step_s > h100.step_s

@@ -18,10 +18,15 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from batching.predict import whatif
 from batching.serve.engine import Engine
 from batching.serve.load import Request
 from batching.serve.loop import Loop
 from batching.serve.metrics import Record
+from batching.setup import specs
+from batching.workloads import decoder as decoder_workload
+from models import decoder
+from models.dtypes import resolve_dtype
 
 # Each cost is the median of this many calls of the engine, after WARM_CALLS more.
 COST_CALLS = 60
@@ -121,6 +126,33 @@ def costs_from_loop(calls: dict[str, list[float]]) -> Costs:
     prefill = {int(k.split(":")[1]): float(np.mean(v)) for k, v in calls.items()
                if k.startswith("prefill:")}  # fmt: skip
     return Costs(float(np.mean(calls["step"])), float(np.mean(calls["insert"])), prefill)
+
+
+def spec_costs(
+    cfg: decoder.DecoderConfig, slots: int, max_len: int, buckets: Sequence[int], device: str
+) -> Costs:
+    """Costs on a spec-table device, from the decoder's op lists at its datasheet peaks.
+
+    The step is `slots` tokens over a `max_len` cache, a prefill one prompt of each padded
+    length (batching.workloads.decoder.step_ops, priced by batching.predict.whatif), an
+    insert one slot's keys and values read and written at the device's bandwidth. No
+    dispatch or launch is charged: the costs are lower bounds, the capacity an upper one.
+    """
+    param_bytes = resolve_dtype(cfg.param_dtype).itemsize
+    cache_bytes = resolve_dtype(cfg.cache_dtype).itemsize
+
+    def seconds(batch: int, length: int, phase: str) -> float:
+        listed = decoder_workload.step_ops(
+            cfg, batch, length, phase, param_bytes, cache_bytes, cfg.cache_layout
+        )
+        rows = [{"batch_size": batch, "ops": [o.to_dict() for o in listed]}]
+        curve = whatif.whatif(rows, (device,), cfg.dtype, "default", param_bytes)[device]
+        return curve["latency_s"][batch]
+
+    kv = 2 * cfg.n_layers * max_len * cfg.n_kv_heads * cfg.head_dim * cache_bytes
+    insert_s = 2 * kv / specs.SPECS[device].bandwidth_bytes_per_s
+    prefill = {b: seconds(1, b, "prefill") for b in sorted(set(buckets))}
+    return Costs(seconds(slots, max_len, "decode"), insert_s, prefill)
 
 
 def simulate(
