@@ -28,6 +28,7 @@ from batching.measure import timing
 from batching.serve import capacity, load, metrics, simulate
 from batching.serve.engine import Engine
 from batching.serve.loop import POLICIES, Loop
+from batching.setup import specs
 from batching.workloads import decoder as decoder_workload
 from configs import decoder as decoder_config
 from configs import moe_decoder as moe_decoder_config
@@ -194,8 +195,37 @@ def report_saturated(out: dict, step_s: float) -> None:
               f"{out['decode_phase_efficiency']:.3f} of the bare step's speed")  # fmt: skip
 
 
+def check_flags() -> None:
+    """Bad flags stop the run before anything compiles, one line naming the flag."""
+    for name in ("rates", "of_capacity"):
+        for value in getattr(FLAGS, name):
+            try:
+                ok = float(value) > 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise app.UsageError(f"--{name} must hold numbers > 0 (inf allowed), got {value!r}")
+    for name in ("slots", "max_len", "requests", "prompt_len", "output_len"):
+        if getattr(FLAGS, name) < 1:
+            raise app.UsageError(f"--{name} must be >= 1, got {getattr(FLAGS, name)}")
+    for name in ("slo_ttft_s", "slo_tpot_s"):
+        if not getattr(FLAGS, name) > 0:
+            raise app.UsageError(f"--{name} must be > 0, got {getattr(FLAGS, name)}")
+    if FLAGS.prompt_len + FLAGS.output_len - 1 > FLAGS.max_len:
+        raise app.UsageError(
+            f"--prompt_len {FLAGS.prompt_len} + --output_len {FLAGS.output_len} - 1 does not fit "
+            f"--max_len {FLAGS.max_len}"
+        )
+    unknown = [d for d in FLAGS.whatif if d not in specs.SPECS]
+    if unknown:
+        raise app.UsageError(
+            f"--whatif has unknown devices {unknown}; known: {sorted(specs.SPECS)}"
+        )
+
+
 def main(argv):
     del argv
+    check_flags()
     model = small_decoder(FLAGS.d_model, FLAGS.n_layers, FLAGS.model, FLAGS.router)
     if FLAGS.batchmates:
         effect = batchmate_effect(model, FLAGS.batchmates)
