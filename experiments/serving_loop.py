@@ -17,7 +17,6 @@ line is JSON.
 """
 
 import dataclasses
-import json
 import math
 
 import numpy as np
@@ -26,12 +25,13 @@ from flax import nnx
 
 from batching.measure import timing
 from batching.serve import capacity, load, metrics, simulate
-from batching.serve.engine import Engine
+from batching.serve.engine import Engine, bucket
 from batching.serve.loop import POLICIES, Loop
 from batching.setup import specs
 from batching.workloads import decoder as decoder_workload
 from configs import decoder as decoder_config
 from configs import moe_decoder as moe_decoder_config
+from experiments import print_json
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("rates", ["inf"], "Request rates (requests/s); inf: all at once.")
@@ -169,7 +169,7 @@ def whatif_capacities(model) -> dict:
     """The simulated capacity on each --whatif device, from its datasheet costs."""
     out = {}
     for device in FLAGS.whatif:
-        buckets = [min(1 << max(FLAGS.prompt_len - 1, 0).bit_length(), FLAGS.max_len)]
+        buckets = [bucket(FLAGS.prompt_len, FLAGS.max_len)]
         costs = simulate.spec_costs(model.cfg, FLAGS.slots, FLAGS.max_len, buckets, device)
         out[device] = {"costs": dataclasses.asdict(costs), **simulated_capacity(costs)}
         print(f"what-if {device}: step {costs.step_s * 1e6:.4g} µs, prefill "
@@ -269,11 +269,7 @@ def main(argv):
     out["bare_step_s"] = step_s
     report_saturated(out, step_s)
     out["whatif"] = whatif_capacities(model)
-    line = json.dumps(out)
-    print(line)
-    if FLAGS.json_out:
-        with open(FLAGS.json_out, "w") as f:
-            f.write(line + "\n")
+    print_json(out, FLAGS.json_out)
 
 
 if __name__ == "__main__":

@@ -207,13 +207,13 @@ class _Program:
             read = [float(nbytes(types.get(o, ""))) for o in x.operands]
             weight = sum(b for o, b in zip(x.operands, read, strict=True) if o in held)
             kind = "gemm" if x.opcode == "dot" else "conv"
-            name = re.sub(r"^jit\([^)]*\)/", "", x.op_name) or x.name
+            name = _jax_name(x)
             dtype = _dtype(arrays(types.get(x.operands[0], "")))
             written = float(nbytes(x.type))
             out.append(Op(name[-80:], kind, shape, flops, sum(read) + written, weight, mult,
                           dtype=dtype))  # fmt: skip
             rest -= flops
-        name = re.sub(r"^jit\([^)]*\)/", "", ins.op_name) or ins.name
+        name = _jax_name(ins)
         out.append(Op(name[-80:], "elementwise", (), max(rest, 0.0), 0.0, 0.0, mult, fused=True))
         return out
 
@@ -277,7 +277,7 @@ class _Program:
             read += b
             weight += b if operand in weights else 0.0
         written = self.written_bytes(ins, types, inner)
-        name = re.sub(r"^jit\([^)]*\)/", "", ins.op_name) or ins.name
+        name = _jax_name(ins)
         return Op(name[-80:], kind, shape, flops, read + written, weight, count=mult, dtype=dtype)
 
     def work(
@@ -344,6 +344,11 @@ class _Program:
             )
             return float(nbytes(body_types.get(update, "")))
         return float(nbytes(ins.type))
+
+
+def _jax_name(ins: hlo_kinds.Instruction) -> str:
+    """An instruction's jax name, its jit(...) prefix dropped; else its HLO name."""
+    return re.sub(r"^jit\([^)]*\)/", "", ins.op_name) or ins.name
 
 
 def _number(ins: hlo_kinds.Instruction) -> int:

@@ -19,17 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from batching.workloads import decoder as decoder_workload
 from models import decoder, decoding
 
 
-def _lengths_to(cache: nnx.State, fn) -> nnx.State:
-    """`cache` with every layer's lengths replaced by fn(lengths)."""
-
-    def put(path, leaf):
-        names = {getattr(p, "key", getattr(p, "name", None)) for p in path}
-        return fn(leaf) if "lengths" in names else leaf
-
-    return jax.tree_util.tree_map_with_path(put, cache)
+def bucket(prompt_len: int, max_len: int) -> int:
+    """The padded length a prompt is prefilled at: a power of two, at most `max_len`."""
+    return min(1 << max(prompt_len - 1, 0).bit_length(), max_len)
 
 
 class Engine:
@@ -58,7 +54,7 @@ class Engine:
 
         def step(params, cache, tokens_B, active_B):
             logits_BxV, cache = decoding.decode_step(graphdef, params, cache, tokens_B)
-            cache = _lengths_to(cache, lambda lengths: jnp.where(active_B, lengths, 0))
+            cache = decoder_workload.map_lengths(cache, lambda n: jnp.where(active_B, n, 0))
             return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32), cache
 
         self._prefill = jax.jit(prefill, donate_argnums=1)
@@ -67,7 +63,7 @@ class Engine:
 
     def bucket(self, prompt_len: int) -> int:
         """The padded length a prompt is prefilled at."""
-        return min(1 << max(prompt_len - 1, 0).bit_length(), self.max_len)
+        return bucket(prompt_len, self.max_len)
 
     def prefill(self, prompt: np.ndarray) -> int:
         """Prefills one prompt into the one-slot cache; returns its first token.

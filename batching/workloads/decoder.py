@@ -12,6 +12,8 @@ follows the platform (CACHE_UPDATE). Rows carry the resolved `cache_layout`.
 Letters in array names (models/__init__.py): B batch, L prompt length, V vocab.
 """
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -260,12 +262,12 @@ def random_params(cfg: decoder.DecoderConfig, seed: int) -> nnx.State:
     return jax.jit(lambda: nnx.state(decoder.Decoder(cfg, rngs=nnx.Rngs(seed)), decoder.WEIGHTS))()
 
 
-def _with_lengths(cache: nnx.State, lengths_B: jax.Array) -> nnx.State:
-    """`cache` with every layer's lengths replaced by lengths_B (inside the jitted step)."""
+def map_lengths(cache: nnx.State, fn: Callable[[jax.Array], jax.Array]) -> nnx.State:
+    """`cache` with every layer's lengths replaced by fn(lengths) (inside a jitted step)."""
 
     def put(path, leaf):
         names = {getattr(p, "key", getattr(p, "name", None)) for p in path}
-        return lengths_B if "lengths" in names else leaf
+        return fn(leaf) if "lengths" in names else leaf
 
     return jax.tree_util.tree_map_with_path(put, cache)
 
@@ -371,7 +373,7 @@ class DecoderCall:
         feeds back never overflows.
         """
         with self.topo.activate():
-            cache = _with_lengths(cache, lengths_B)
+            cache = map_lengths(cache, lambda _: lengths_B)
             logits_BxV, cache = decoding.decode_step(self.graphdef, params, cache, tokens_B)
         return logits_BxV, self.keep_placement(cache)
 
