@@ -20,13 +20,12 @@ The table gives µs per layer and the GB/s the cache is read at; the last line i
 the layout that was fastest at most shapes per dtype.
 """
 
-import json
-
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
 from batching.measure import microbench, shape_bench
+from experiments import print_json
 from models import kv_cache
 
 FLAGS = flags.FLAGS
@@ -154,10 +153,7 @@ def main(argv):
     )
     print(f"{result['device_kind']} ({result['platform']}), jax {result['jax_version']}")
     print(table(result))
-    if FLAGS.json_out:
-        with open(FLAGS.json_out, "w") as f:
-            json.dump(result, f, indent=2)
-    print(json.dumps(result))
+    print_json(result, FLAGS.json_out)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ arguments), flat and as pytrees. The table gives µs per
 call (median over rounds of each round's median) and lab / bare; the last line is JSON.
 """
 
-import json
 import math
 import os
 import random
@@ -52,6 +51,7 @@ from batching.workloads import registry
 from configs import custom, default
 from configs import decoder as decoder_config
 from configs import resnet as resnet_config
+from experiments import print_json
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("suite", "cpu", ["cpu", "accelerator"], "Which cases (CPU targets or GPU study).")
@@ -339,10 +339,7 @@ def main(argv):
     print(f"{result['device_kind']} ({result['platform']}), jax {result['jax_version']}, "
           f"XLA_FLAGS={result['xla_flags']!r}")  # fmt: skip
     print(table(result))
-    if FLAGS.json_out:
-        with open(FLAGS.json_out, "w") as f:
-            json.dump(result, f, indent=2)
-    print(json.dumps(result))
+    print_json(result, FLAGS.json_out)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ own. The sweep prices every point from the ops read off its compiled program
 largest |predicted / measured - 1| over its points; the last line is JSON.
 """
 
-import json
 import os
 
 import jax
@@ -22,6 +21,7 @@ from absl import app, flags
 from flax import nnx
 
 import batching
+from experiments import print_json
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Where each model's sweep goes (one folder per model).")
@@ -171,11 +171,7 @@ def main(argv):
     for name, o in out.items():
         print(f"{name}: median |pred/meas - 1| {o['median_abs_error']:.3f}, "
               f"max {o['max_abs_error']:.3f}, failed {o['failed']}")  # fmt: skip
-    line = json.dumps(out)
-    print(line)
-    if FLAGS.json_out:
-        with open(FLAGS.json_out, "w") as f:
-            f.write(line + "\n")
+    print_json(out, FLAGS.json_out)
 
 
 if __name__ == "__main__":
