@@ -4,7 +4,6 @@ It validates the config and prepares the workdir. Then it sweeps and writes ever
 """
 
 import collections
-import fcntl
 import os
 import signal
 from typing import Any
@@ -99,33 +98,16 @@ def _terminate(signum, frame):
     interrupt.request_termination()
 
 
-def lock_workdir(workdir: str):
-    """An OS-level lock on the workdir, released when the process dies.
-
-    A held lock raises a WorkdirError.
-    """
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, ".lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise results.WorkdirError(
-            f"workdir {workdir!r} is in use by process {holder}; wait or use another workdir"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
-    return fd
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]:
     """Runs the experiment described by `config` into `workdir`; returns the run summaries.
 
     With several processes (config.distributed), every process calls this with the same
     config. Process 0 writes. The others only take part in the measurements.
     """
+    if "serve" in config:
+        from batching import serving  # a serving run (configs/serve.py): one process
+
+        return serving.run(config, workdir, validate(config))
     distributed.initialize(config)  # before anything else touches JAX
     writer = distributed.is_writer()
     error, lock = None, None
@@ -138,7 +120,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict[str, Any]]
     distributed.check_same_config(agreement(config, [b.run for b in benches], fingerprints))
     if writer:
         try:
-            lock = lock_workdir(workdir)
+            lock = results.lock_workdir(workdir)
         except results.WorkdirError as e:
             error = e
     distributed.agree_on_failure(error)

@@ -1,16 +1,17 @@
 """One row of results.jsonl: every field a row may carry, with its group, unit and meaning.
 
-A row is one (run, batch size) point, and it stands alone. It says what ran, and where.
-It says how it was timed and what the analysis made of it. So rows from several machines
-can be concatenated and archived. The sweep builds rows through `make`. The analysis extends
-them through `extend`. Both refuse a field this table does not list. The table in
-docs/results.md is `markdown_table()`, and a test keeps them equal. A row may lack any
-field outside the point group. So readers use `.get` for those.
+A sweep row is one (run, batch size) point; a serving row (batching.rows_serving) one (run,
+policy, request rate). A row stands alone, so rows of several machines can be concatenated.
+Rows are built by `make` and extended by `extend`; both refuse a field this table does not
+list. docs/results.md shows `markdown_table()` (a test keeps them equal). A row may lack any
+field outside the point group, so readers use `.get` for those.
 """
 
 import dataclasses
 import re
 from typing import Any
+
+from batching import rows_serving
 
 Row = dict[str, Any]
 
@@ -36,6 +37,7 @@ GROUPS = {
     "routing": "MoE rows: how the tokens spread over experts and devices",
     "router": "MoE rows: the router's statistics (models.routers.routing_stats), mean over layers",
     "workload": "the workload's own fields",
+    "serving": rows_serving.DESCRIPTION,
 }
 
 
@@ -350,6 +352,7 @@ FIELDS: tuple[Field, ...] = (
         ("cache_dtype", "", "the KV cache's dtype"),
         ("cache_layout", "", "the resolved KV-cache layout"),
     ),
+    *_fields("serving", *rows_serving.ENTRIES),
 )
 
 BY_NAME = {f.name: f for f in FIELDS}
@@ -388,10 +391,10 @@ def names(group: str) -> tuple[str, ...]:
     return tuple(f.name for f in FIELDS if f.group == group)
 
 
-def markdown_table() -> str:
-    """The field table of docs/results.md: one line per field, grouped."""
+def markdown_table(groups: tuple[str, ...] = tuple(GROUPS)) -> str:
+    """The field table of `groups` (docs/results.md, docs/serving.md): a line per field."""
     lines = ["| field | group | unit | meaning |", "|---|---|---|---|"]
-    for f in FIELDS:
+    for f in (f for f in FIELDS if f.group in groups):
         unit = f.unit or "–"
         lines.append(f"| `{f.name}` | {f.group} | {unit} | {f.meaning} |")
     return "\n".join(lines)

@@ -316,7 +316,7 @@ def test_sigterm_that_a_library_turns_into_another_error_still_terminates(tmp_pa
 
 def test_second_run_into_a_busy_workdir_is_refused(tmp_path):
     # This process holds the workdir's OS lock, as a running sweep does.
-    lock = app.lock_workdir(str(tmp_path))
+    lock = results.lock_workdir(str(tmp_path))
     try:
         listing = sorted(os.listdir(tmp_path))
         second = run_main(*FAST, MANY, f"--workdir={tmp_path}")
@@ -327,7 +327,7 @@ def test_second_run_into_a_busy_workdir_is_refused(tmp_path):
     assert len(errors) == 1 and f"in use by process {os.getpid()}" in errors[0], second.stderr
     assert sorted(os.listdir(tmp_path)) == listing
     # Closing the descriptor (or dying) frees it: no stale lock.
-    os.close(app.lock_workdir(str(tmp_path)))
+    os.close(results.lock_workdir(str(tmp_path)))
 
 
 def test_sigkill_at_random_moments_loses_and_repeats_nothing(tmp_path):

@@ -13,7 +13,7 @@ from tests.conftest import ROOT
 # The flow: config -> run setup -> workloads -> measure -> predict -> outputs, and the run
 # (app, sweep, cli) above them. A floor may import itself and the floors listed; `rows` and
 # `text` (the row schema, number formatting) are the ground every floor stands on.
-GROUND = ("batching.rows", "batching.summaries", "batching.text")
+GROUND = ("batching.rows", "batching.rows_serving", "batching.summaries", "batching.text")
 ALLOWED = {
     "models": ("models",),
     "batching.setup": ("batching.setup", "models", *GROUND),
@@ -45,7 +45,7 @@ ALLOWED = {
         "batching.setup",
         *GROUND,
     ),
-    # Serving runs a decoder under load; outputs will show it.
+    # Serving runs a decoder under load; batching.serving writes its rows through outputs.
     "batching.serve": (
         "batching.serve",
         "batching.predict",
@@ -55,13 +55,21 @@ ALLOWED = {
         "models",
         *GROUND,
     ),
-    "batching.rows": (),
+    "batching.rows": ("batching.rows_serving",),
+    "batching.rows_serving": (),
     "batching.summaries": ("batching.rows",),
     "batching.text": (),
     # A config naming a model from outside the lab finds its family (configs/custom.py).
     "configs": ("configs", "batching.workloads.family", "batching.workloads.registry"),
 }
-TOP = ("batching.app", "batching.sweep", "batching.cli", "batching.api", "batching")
+TOP = (
+    "batching.app",
+    "batching.sweep",
+    "batching.cli",
+    "batching.api",
+    "batching.serving",
+    "batching",
+)
 MAX_FUNCTION_LINES = 60
 MAX_FILE_LINES = 400
 

@@ -16,15 +16,21 @@ from batching.outputs import results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMA_PAGE = os.path.join(ROOT, "docs", "results.md")
+# The serving rows' group is shown on the serving page; results.md shows the others.
+SERVING_PAGE = os.path.join(ROOT, "docs", "serving.md")
+SERVING = ("serving",)
+SWEEP = tuple(g for g in rows.GROUPS if g not in SERVING)
 BEGIN = "<!-- schema: generated from batching/rows.py by `python -m tests.test_rows` -->"
 END = "<!-- end of schema -->"
 
 
-def schema_block(schema=rows, source: str = "batching/rows.py") -> str:
+def schema_block(schema=rows, source: str = "batching/rows.py", groups=None) -> str:
     """The groups (`- group: meaning`) and the field table, between their markers."""
-    groups = "\n".join(f"- {group}: {meaning}" for group, meaning in schema.GROUPS.items())
+    shown = groups or tuple(schema.GROUPS)
+    listed = "\n".join(f"- {g}: {schema.GROUPS[g]}" for g in shown)
+    table = schema.markdown_table(shown) if groups else schema.markdown_table()
     begin = BEGIN.replace("batching/rows.py", source)
-    return f"{begin}\n{groups}\n\n{schema.markdown_table()}\n{END}"
+    return f"{begin}\n{listed}\n\n{table}\n{END}"
 
 
 def page_block(text: str, source: str = "batching/rows.py") -> str:
@@ -36,11 +42,12 @@ def page_block(text: str, source: str = "batching/rows.py") -> str:
 def test_results_page_field_table_is_the_schema():
     with open(SCHEMA_PAGE) as f:
         page = f.read()
-    assert page_block(page) == schema_block(), "run `python -m tests.test_rows`"
-    assert rows.markdown_table() in page
-    # Every group is described, every field has a group the page lists.
-    assert all(f"- {group}: {meaning}" in page for group, meaning in rows.GROUPS.items())
-    assert {f.group for f in rows.FIELDS} == set(rows.GROUPS)
+    assert page_block(page) == schema_block(groups=SWEEP), "run `python -m tests.test_rows`"
+    with open(SERVING_PAGE) as f:
+        serving = f.read()
+    assert page_block(serving) == schema_block(groups=SERVING), "run `python -m tests.test_rows`"
+    # Every group is described on one of the pages, and every field has a group.
+    assert {f.group for f in rows.FIELDS} == set(rows.GROUPS) == {*SWEEP, *SERVING}
 
 
 def test_the_schema_refuses_a_field_it_does_not_list():
@@ -91,7 +98,9 @@ def test_committed_results_carry_only_schema_fields():
         assert not unknown, (path, unknown)
 
 
-def write_schema_page(page: str = SCHEMA_PAGE, schema=rows, source="batching/rows.py") -> None:
+def write_schema_page(
+    page: str = SCHEMA_PAGE, schema=rows, source="batching/rows.py", groups=SWEEP
+) -> None:
     """Rewrites a page's schema block from its schema module."""
     with open(page) as f:
         text = f.read()
@@ -99,7 +108,7 @@ def write_schema_page(page: str = SCHEMA_PAGE, schema=rows, source="batching/row
     if not old:
         raise SystemExit(f"{page}: no schema block generated from {source}")
     with open(page, "w") as f:
-        f.write(text.replace(old, schema_block(schema, source)))
+        f.write(text.replace(old, schema_block(schema, source, groups)))
 
 
 if __name__ == "__main__":
@@ -107,4 +116,5 @@ if __name__ == "__main__":
     from tests import test_summaries
 
     write_schema_page()
-    write_schema_page(test_summaries.SCHEMA_PAGE, summaries, test_summaries.SOURCE)
+    write_schema_page(SERVING_PAGE, groups=SERVING)
+    write_schema_page(test_summaries.SCHEMA_PAGE, summaries, test_summaries.SOURCE, None)

@@ -11,6 +11,7 @@ point it finished. A rerun resumes where the sweep stopped. It skips a point who
 batch size and fingerprint are in results.jsonl already.
 """
 
+import fcntl
 import hashlib
 import json
 import math
@@ -33,7 +34,11 @@ SUMMARY = "summary.json"
 # accelerator can be analysed anywhere with them (roofline.peaks_file).
 PEAKS = "device_peaks.json"
 # Files and folders a run writes; `overwrite` moves them to archive/<time>/.
-OUTPUTS = (CONFIG, RESULTS, SAMPLES, SUMMARY, PEAKS, "plots", "tb", "report.md", "report.html")
+# A serving run's per-request records, and each policy's calibration (batching.serving).
+REQUESTS = "requests.jsonl"
+CALIBRATION = "serving_calibration.json"
+OUTPUTS = (CONFIG, RESULTS, SAMPLES, SUMMARY, PEAKS, REQUESTS, CALIBRATION, "plots", "tb",
+           "report.md", "report.html")  # fmt: skip
 
 
 def _finite_or_null(obj: Any) -> Any:
@@ -89,6 +94,27 @@ def check_writable(workdir: str) -> None:
     except OSError as e:
         raise WorkdirError(f"workdir cannot be created: {workdir!r} ({e.strerror})") from None
     shutil.rmtree(first, ignore_errors=True)
+
+
+def lock_workdir(workdir: str):
+    """An OS-level lock on the workdir, released when the process dies.
+
+    A held lock raises a WorkdirError.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, ".lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise WorkdirError(
+            f"workdir {workdir!r} is in use by process {holder}; wait or use another workdir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
 
 
 def _read_jsonl(path: str) -> list[dict[str, Any]]:
@@ -172,7 +198,7 @@ class Store:
                 old = json.load(f).get("fingerprints", {})
         # Keep the fingerprints of runs this config no longer lists: their rows stay valid.
         merged = {**old, **fingerprints}
-        self._write_json(CONFIG, {"config": config, "fingerprints": merged})
+        self.write_json(CONFIG, {"config": config, "fingerprints": merged})
 
     def rows(self) -> list[dict[str, Any]]:
         """Every row of results.jsonl, in the order written. A torn last line is left out."""
@@ -239,11 +265,28 @@ class Store:
             sample_record["samples_s"] = [float(s) for s in samples_s]
             records.insert(0, (SAMPLES, sample_record))
         for name, record in records:
-            _drop_torn_tail(self.path(name))
-            with open(self.path(name), "a") as f:
-                f.write(json.dumps(record) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            self.append_lines(name, [record])
+
+    def append_lines(self, name: str, records: Iterable[dict[str, Any]]) -> None:
+        """Appends JSON lines to `name`, after any torn last line is cut; then fsyncs."""
+        os.makedirs(self.workdir, exist_ok=True)
+        _drop_torn_tail(self.path(name))
+        with open(self.path(name), "a") as f:
+            for record in records:
+                f.write(json.dumps(_finite_or_null(record)) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_lines(self, name: str) -> list[dict[str, Any]]:
+        """The JSON lines of `name`; a torn last one is left out."""
+        return _read_jsonl(self.path(name))
+
+    def read_json(self, name: str) -> Any:
+        """The JSON file `name` of the workdir, None where there is none."""
+        if not os.path.exists(self.path(name)):
+            return None
+        with open(self.path(name)) as f:
+            return json.load(f)
 
     def rewrite_rows(self, rows: list[dict[str, Any]]) -> None:
         """Replaces results.jsonl atomically. Analysis fields are recomputed on every run."""
@@ -263,14 +306,14 @@ class Store:
         summary = _finite_or_null(summary)
         for s in summary:
             summaries.check(s)
-        self._write_json(SUMMARY, summary)
+        self.write_json(SUMMARY, summary)
 
     def write_peaks(self, entries: dict[str, dict[str, Any]]) -> None:
         """device_peaks.json: {"<platform>:<device_kind>": the peaks cache's entry}."""
-        self._write_json(PEAKS, entries)
+        self.write_json(PEAKS, entries)
 
-    def _write_json(self, name: str, obj: Any) -> None:
-        # Write then rename, so a reader never sees half a file.
+    def write_json(self, name: str, obj: Any) -> None:
+        """Writes `name` as JSON: written, then renamed, so a reader never sees half a file."""
         tmp = self.path(name + ".tmp")
         with open(tmp, "w") as f:
             json.dump(_finite_or_null(obj), f, indent=2, sort_keys=True, default=str)

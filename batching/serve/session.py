@@ -1,0 +1,141 @@
+"""One serving run's measurements: calibrate a policy, bisect its capacity, serve rates.
+
+It builds the decoder from `config.model` with random weights (the seed's). Per policy a
+saturated calibration run of the real loop gives the engine's costs as the loop pays them
+(batching.serve.simulate). The capacity is bisected on the simulator over those costs. Each
+rate is then served by the loop and by the simulator on the same requests. Its row fields
+(batching.rows_serving) and per-request records come back; batching.serving writes them.
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from batching import rows_serving
+from batching.serve import capacity, load, metrics, simulate
+from batching.serve.engine import Engine, bucket
+from batching.serve.loop import Loop
+from batching.serve.settings import Settings
+from batching.workloads import decoder as decoder_workload
+
+# A capacity trial lasts this long at the rate it tries: a short run hides an overload, as
+# its queue has too few requests to build. It holds at most this many requests.
+CAPACITY_MAX_REQUESTS = 5000
+
+
+def build_decoder(model_cfg: Any, seed: int):
+    """The lab's decoder (or MoE decoder) of `model_cfg`, random weights of `seed`."""
+    cfg = decoder_workload.model_config(model_cfg)
+    graphdef, _ = nnx.split(decoder_workload.abstract_decoder(cfg))
+    return nnx.merge(graphdef, decoder_workload.random_params(cfg, seed))
+
+
+def requests_at(s: Settings, rate: float, n: int | None = None, seed: int = 0) -> list:
+    """The requests a rate serves: the trace's, or `n` (`serve.requests`) drawn open loop."""
+    if s.trace:
+        return load.from_trace(s.trace)
+    n = n or s.requests
+    return load.open_loop(n, rate, s.prompt_len, s.output_len, s.burstiness, seed)
+
+
+def prompt_lengths(s: Settings) -> list[int]:
+    """Every prompt length the run's requests can have (the engine compiles their buckets)."""
+    if s.trace:
+        return sorted({r.prompt_len for r in load.from_trace(s.trace)})
+    if isinstance(s.prompt_len, int):
+        return [s.prompt_len]
+    return list(range(s.prompt_len[0], s.prompt_len[1] + 1))
+
+
+def simulated_capacity(s: Settings, costs: simulate.Costs, policy: str) -> dict[str, Any]:
+    """The policy's capacity under the p90 SLOs, bisected on the simulator over `costs`.
+
+    It starts from the rate the slots sustain at best: every slot busy, each request its
+    prefill, its insert and a step per further token.
+    """
+    out_len = s.output_len if isinstance(s.output_len, int) else sum(s.output_len) / 2
+    per_request_s = costs.prefill(bucket(s.longest_prompt, s.max_len)) + costs.insert_s
+    best = s.slots / (per_request_s * s.slots + costs.step_s * max(out_len - 1, 1))
+
+    def run(rate):
+        n = max(s.requests, min(int(rate * s.capacity_run_s), CAPACITY_MAX_REQUESTS))
+        requests = load.open_loop(n, rate, s.prompt_len, s.output_len, s.burstiness)
+        sim, sim_s, _ = simulate.simulate(requests, costs, s.slots, s.max_len, policy)
+        return metrics.summarize(sim, sim_s)
+
+    return capacity.capacity(run, s.slo_ttft_s, s.slo_tpot_s, low=best / 100, high=2 * best)
+
+
+def calibrate(engine: Engine, s: Settings, policy: str) -> dict[str, Any]:
+    """The policy's costs from a saturated run of the loop, and its simulated capacity."""
+    loop = Loop(engine, policy)
+    loop.run(requests_at(s, math.inf, s.calibration_requests, seed=1))
+    costs = simulate.costs_from_loop(loop.calls)
+    cap = simulated_capacity(s, costs, policy)
+    return {"costs": dataclasses.asdict(costs), **cap, "rel_tol": capacity.REL_TOL}
+
+
+def costs_of(calibration: dict[str, Any]) -> simulate.Costs:
+    """The Costs a calibration (read back from JSON) holds."""
+    c = calibration["costs"]
+    return simulate.Costs(
+        c["step_s"], c["insert_s"], {int(k): v for k, v in c["prefill_s"].items()}
+    )
+
+
+# The metrics a serving row holds, by vLLM's names in batching.serve.metrics.summarize.
+RENAMED = {"median": "p50"}
+METRIC_NAMES = ("ttft", "tpot", "itl", "e2e")
+
+
+def row_metrics(m: dict[str, Any]) -> dict[str, Any]:
+    """A summary's metrics under the row schema's names (p50 for the median)."""
+    out = {}
+    for name in METRIC_NAMES:
+        for p in ("median", "p90", "p99"):
+            out[f"{name}_{RENAMED.get(p, p)}_s"] = m[f"{name}_{p}_s"]
+    keep = ("request_throughput_per_s", "output_throughput_per_s", "goodput_per_s",
+            "queueing_delay_mean_s", "completed", "failed", "duration_s", "ttft_p90_low_s",
+            "ttft_p90_high_s", "tpot_p90_low_s", "tpot_p90_high_s")  # fmt: skip
+    out.update({k: m[k] for k in keep if k in m})
+    return out
+
+
+def serve_rate(
+    engine: Engine, s: Settings, policy: str, rate: float, calibration: dict[str, Any]
+) -> tuple[dict[str, Any], list[metrics.Record]]:
+    """One rate through the loop and the simulator: the row's fields, the loop's records."""
+    requests = requests_at(s, rate)
+    loop = Loop(engine, policy)
+    records, duration = loop.run(requests)
+    m = row_metrics(metrics.summarize(records, duration, s.slo_ttft_s, s.slo_tpot_s))
+    m["mean_occupancy"] = float(np.mean(loop.occupancy)) if loop.occupancy else 0.0
+    m["steps"] = len(loop.occupancy)
+    sim, sim_s, occupancy = simulate.simulate(
+        requests, costs_of(calibration), s.slots, s.max_len, policy
+    )
+    simulated = row_metrics(metrics.summarize(sim, sim_s, s.slo_ttft_s, s.slo_tpot_s))
+    simulated["mean_occupancy"] = float(np.mean(occupancy)) if occupancy else 0.0
+    compared = [k for k in simulated if k in SIMULATED]
+    m.update({f"simulated_{k}": simulated[k] for k in compared})
+    m["n_requests"] = len(requests)
+    m["meets_slo"] = bool(
+        m["completed"] > 0 and m["ttft_p90_s"] <= s.slo_ttft_s and m["tpot_p90_s"] <= s.slo_tpot_s
+    )
+    return m, records
+
+
+# The metrics the simulator's values stand beside (rows_serving: simulated_<name>).
+SIMULATED = tuple(name for name, _, _ in rows_serving.METRICS)
+
+
+def record_line(r: metrics.Record) -> dict[str, Any]:
+    """A request's record as one JSON line of requests.jsonl."""
+    return {
+        "id": r.id, "arrival_s": r.arrival_s, "admitted_s": r.admitted_s,
+        "prompt_len": r.prompt_len, "output_len": r.output_len, "token_s": r.token_s,
+        "tokens": r.tokens, "error": r.error,
+    }  # fmt: skip
