@@ -172,3 +172,23 @@ class Attention(nnx.Module):
             q_BxKxQxH = q_Bx1xNxH.reshape(B, K, N // K, H)
             out_BxKxQxH = kv_cache.attend_cache(q_BxKxQxH, k, v, lengths_B, self.cache.layout)
             return self._output(out_BxKxQxH.astype(q_Bx1xNxH.dtype).reshape(B, 1, N, H))[:, 0]
+
+    def extend(self, x_BxCxD: jax.Array, counts_B: jax.Array) -> jax.Array:
+        """Attention for the next C tokens of each sequence (a prompt's chunk), x_BxCxD -> y.
+
+        Sequence b's chunk starts at position lengths[b], its first counts_B[b] tokens real.
+        Their keys and values are written to the cache. Each attends every earlier position
+        and itself (models.kv_cache.KVCache.write_chunk).
+        """
+        B, C, _ = x_BxCxD.shape
+        with jax.named_scope("attention"):
+            positions_BxC = self.cache.lengths[...][:B, None] + jnp.arange(C)
+            q_BxCxNxH, k_BxCxKxH, v_BxCxKxH = self._project(x_BxCxD, positions_BxC)
+        k, v, _ = self.cache.write_chunk(k_BxCxKxH, v_BxCxKxH, counts_B)
+        with jax.named_scope("attention"):
+            S, K, H = self.cache.max_len, self.cfg.n_kv_heads, self.cfg.head_dim
+            if self.cache.layout == "bksh":  # [B·K, S, H] -> [B, S, K, H]
+                k = k.reshape(B, K, S, H).transpose(0, 2, 1, 3)
+                v = v.reshape(B, K, S, H).transpose(0, 2, 1, 3)
+            mask_BxCxS = jnp.arange(S)[None, None, :] <= positions_BxC[:, :, None]
+            return self._output(attend(q_BxCxNxH, k, v, mask_BxCxS))

@@ -144,6 +144,12 @@ class Block(nnx.Module):
         y, s = self._mlp(x_BxLxD, self._sequence_group(x_BxLxD.shape[1]))
         return (y, s) if stats else y
 
+    def extend(self, x_BxCxD: jax.Array, counts_B: jax.Array, *, stats: bool = False):
+        """The next C tokens of each sequence after its cached ones (a prompt's chunk)."""
+        x_BxCxD = x_BxCxD + self.attn.extend(self.attn_norm(x_BxCxD), counts_B)
+        y, s = self._mlp(x_BxCxD, self._sequence_group(x_BxCxD.shape[1]))
+        return (y, s) if stats else y
+
     def decode(self, x_BxD: jax.Array, *, stats: bool = False):
         """One token per sequence. The MoE routes the B tokens in cfg.decode_groups groups."""
         x_BxD = x_BxD + self.attn.decode(self.attn_norm(x_BxD))
@@ -260,6 +266,27 @@ class Decoder(nnx.Module):
             _collect(all_stats, s)
         last_B = jnp.clip(lengths_B - 1, 0, length - 1)
         x_BxD = jnp.take_along_axis(x_BxLxD, last_B[:, None, None], axis=1)[:, 0]
+        logits = self._logits(x_BxD)
+        return (logits, all_stats) if stats else logits
+
+    def extend(self, tokens_BxC: jax.Array, counts_B: jax.Array, *, stats: bool = False):
+        """Appends a chunk of C tokens per sequence after its cached ones (chunked prefill).
+
+        Sequence b's first counts_B[b] tokens are real, the rest padding. Returns logits_BxV at
+        its last real token. A prompt prefilled in chunks (prefill, then extend) gives the
+        logits and cache of prefilling it at once (tests/test_chunked_prefill.py). The caller keeps
+        every length + C within max_len. An MoE block routes each chunk as one group.
+        """
+        if tokens_BxC.ndim != 2:
+            raise ValueError(f"chunk must be [batch, length], got shape {tokens_BxC.shape}")
+        self._check_batch(tokens_BxC.shape[0])
+        x_BxCxD = self.embed(tokens_BxC)
+        all_stats = []
+        for block in self.blocks:
+            x_BxCxD, s = block.extend(x_BxCxD, counts_B, stats=True)
+            _collect(all_stats, s)
+        last_B = jnp.clip(counts_B - 1, 0, tokens_BxC.shape[1] - 1)
+        x_BxD = jnp.take_along_axis(x_BxCxD, last_B[:, None, None], axis=1)[:, 0]
         logits = self._logits(x_BxD)
         return (logits, all_stats) if stats else logits
 

@@ -49,6 +49,21 @@ def prefill(
     return _with_cache(out, model, stats)
 
 
+def extend(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    cache: nnx.State,
+    tokens_BxC: jax.Array,
+    counts_B: jax.Array,
+    *,
+    stats: bool = False,
+):
+    """Decoder.extend as a pure function: (logits_BxV, new cache), then any stats."""
+    model = nnx.merge(graphdef, params, cache, copy=True)
+    out = model.extend(tokens_BxC, counts_B, stats=stats)
+    return _with_cache(out, model, stats)
+
+
 def decode_step(
     graphdef: nnx.GraphDef,
     params: nnx.State,

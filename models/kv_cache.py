@@ -208,6 +208,40 @@ class KVCache(nnx.Module):
                 self.lengths[...], lengths_B.astype(jnp.int32), (0,)
             )
 
+    def write_chunk(
+        self, k_BxCxKxH: jax.Array, v_BxCxKxH: jax.Array, counts_B: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Writes C positions per sequence from its own length; lengths advance by counts_B.
+
+        A chunk's padding (positions past counts_B[b]) is written too: the length mask hides
+        it, and the next chunk or decode step overwrites it. The caller keeps every length + C
+        within max_len, as `dynamic_update_slice` clamps. Returns the whole k and v of the
+        first B sequences, in the cache's layout, and each sequence's first chunk position.
+        """
+        batch, C, K, H = k_BxCxKxH.shape
+        with jax.named_scope("kv_cache_update"):
+            starts_B = self.lengths[...][:batch]
+
+            def write(cache, new_BxCxKxH):
+                new = self._stored(new_BxCxKxH)
+                if self.layout == "bksh":  # [B·K, S, H] as [B, K, S, H]
+                    S = cache.shape[1]
+                    slabs = cache[: batch * K].reshape(batch, K, S, H)
+                    put = lambda c, n, p: jax.lax.dynamic_update_slice(c, n, (0, p, 0))  # noqa: E731
+                    done = jax.vmap(put)(slabs, new.reshape(batch, K, C, H), starts_B)
+                    done = done.reshape(batch * K, S, H)
+                else:
+                    put = lambda c, n, p: jax.lax.dynamic_update_slice(c, n, (p, 0, 0))  # noqa: E731
+                    done = jax.vmap(put)(cache[:batch], new, starts_B)
+                return jax.lax.dynamic_update_slice(cache, done, (0,) * cache.ndim)
+
+            self.k[...] = write(self.k[...], k_BxCxKxH)
+            self.v[...] = write(self.v[...], v_BxCxKxH)
+            lengths_B = starts_B + counts_B.astype(jnp.int32)
+            self.lengths[...] = jax.lax.dynamic_update_slice(self.lengths[...], lengths_B, (0,))
+        rows = batch * K if self.layout == "bksh" else batch
+        return self.k[...][:rows], self.v[...][:rows], starts_B
+
     def append(
         self, k_BxKxH: jax.Array, v_BxKxH: jax.Array
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
