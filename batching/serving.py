@@ -83,7 +83,7 @@ def calibrate(engine, model, s: Settings, policy: str) -> dict[str, Any]:
     calibration["whatif"] = {}
     buckets = [bucket(s.longest_prompt, s.max_len)]
     for device in s.whatif_devices:
-        costs = simulate.spec_costs(model.cfg, s.slots, s.max_len, buckets, device)
+        costs = simulate.spec_costs(model.cfg, s.slots, s.max_len, buckets, device, s.chunk_tokens)
         cap = session.simulated_capacity(s, costs, policy)
         calibration["whatif"][device] = {"costs": dataclasses.asdict(costs), **cap}
     logging.info("calibrated %s: capacity %.4g req/s", policy, calibration["capacity_per_s"])
@@ -93,7 +93,7 @@ def calibrate(engine, model, s: Settings, policy: str) -> dict[str, Any]:
 def serve_all(bench, s: Settings, store: results.Store, fp: str) -> dict[str, dict[str, Any]]:
     """Calibrates each policy and serves its rates; rows and records are appended as they end."""
     model = session.build_decoder(bench.config.model, bench.config.seed)
-    engine = Engine(model, s.slots, s.max_len)
+    engine = Engine(model, s.slots, s.max_len, s.chunk_tokens)
     engine.warm_up(session.prompt_lengths(s))
     saved = store.read_json(results.CALIBRATION) or {}
     calibrations = saved.get("policies", {}) if saved.get("fingerprint") == fp else {}

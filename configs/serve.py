@@ -20,9 +20,11 @@ def serve() -> config_dict.ConfigDict:
     # Decode slots (the largest batch) and KV-cache positions per slot.
     s.slots = 4
     s.max_len = 128
-    # "static" (gather a batch, run it to its last request) and "continuous" (admit at every
-    # step boundary): batching.serve.loop.
-    s.policies = ("static", "continuous")
+    # "static" (gather a batch, run it to its last request), "continuous" (admit at every
+    # step boundary) and "chunked" (prefill chunk_tokens of a prompt between decode steps,
+    # Sarathi-Serve): batching.serve.loop. chunk_tokens divides max_len.
+    s.policies = ("static", "continuous", "chunked")
+    s.chunk_tokens = 16
     # Rates to serve: shares of each policy's capacity, then fixed rates (requests/s).
     s.of_capacity = (0.2, 0.4, 0.6, 0.9, 1.2)
     s.rates = ()

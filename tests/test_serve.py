@@ -246,3 +246,27 @@ def test_spec_costs_price_the_decoders_op_lists_at_datasheet_peaks():
     kv = 2 * CFG.n_layers * MAX_LEN * CFG.n_kv_heads * CFG.head_dim * 4
     assert h100.insert_s == pytest.approx(2 * kv / specs.SPECS["H100 SXM"].bandwidth_bytes_per_s)
     assert h100.prefill_s[8] < h100.prefill_s[16] and t4.step_s > h100.step_s
+
+
+def test_chunked_prefill_serves_the_same_greedy_tokens_and_never_stalls_a_step():
+    # Prompts of 3..21 tokens in chunks of 8 between decode steps: each request gets the
+    # tokens it gets alone, and a running request's tokens are never more than one chunk
+    # (and one insert) apart.
+    requests = [load.Request(0, 0.0, 5, 6), load.Request(1, 0.0, 21, 4),
+                load.Request(2, 0.0, 3, 3), load.Request(3, 0.0, 17, 1)]  # fmt: skip
+    engine = Engine(_model(), slots=2, max_len=MAX_LEN, chunk=8)
+    engine.warm_up([r.prompt_len for r in requests])
+    loop = Loop(engine, "chunked")
+    records, _ = loop.run(requests)
+    for r, rec in zip(requests, records, strict=True):
+        assert rec.ok and rec.tokens == _alone(r), r
+    # Request 1's 21 tokens took three chunks; one request filled at a time.
+    assert len(loop.calls["chunk"]) == sum(-(-r.prompt_len // 8) for r in requests)
+    with pytest.raises(ValueError, match="needs serve.chunk_tokens"):
+        Loop(Engine(_model(), slots=1, max_len=MAX_LEN), "chunked")
+    with pytest.raises(ValueError, match="must divide serve.max_len"):
+        Engine(_model(), slots=1, max_len=MAX_LEN, chunk=12)
+    costs = simulate.Costs(1e-3, 1e-4, {8: 2e-3}, chunk_s=5e-4)
+    sim, _, _ = simulate.simulate(requests, costs, 2, MAX_LEN, "chunked", chunk=8)
+    # The simulator runs the same policy: request 1 waits three chunks for its first token.
+    assert sim[1].ttft_s >= 3 * 5e-4 + sim[0].ttft_s

@@ -9,6 +9,9 @@ positions. Its three jitted functions compile once per run.
 - `step(tokens, active)`: one decode step over all slots; the next token of each. An
   inactive slot computes like the rest (the step's shape never changes), and its length
   goes back to 0, so it never runs past `max_len`.
+- `prefill_chunk(tokens, first)`: with `chunk` > 0, the next `chunk` tokens of a prompt into
+  the one-slot cache (a prefill for the first, Decoder.extend after it): Sarathi-Serve's
+  chunked prefill, run between decode steps rather than fused into them.
 
 Prompts are padded to a power of two, at most `max_len`. The request's own length masks
 the padding. So prefills compile at most log2(max_len) times.
@@ -31,13 +34,15 @@ def bucket(prompt_len: int, max_len: int) -> int:
 class Engine:
     """A decoder's weights and its slot cache, with the loop's three compiled calls."""
 
-    def __init__(self, model: decoder.Decoder, slots: int, max_len: int):
+    def __init__(self, model: decoder.Decoder, slots: int, max_len: int, chunk: int = 0):
         model.init_cache(slots, max_len)
         self.graphdef, self.params, self.cache = nnx.split(model, decoder.WEIGHTS, nnx.Cache)
         model.init_cache(1, max_len)
         self.one_slot = nnx.state(model, nnx.Cache)
         model.init_cache(1, 1)  # the module keeps no big buffers
-        self.slots, self.max_len = slots, max_len
+        if chunk and max_len % chunk:
+            raise ValueError(f"serve.chunk_tokens {chunk} must divide serve.max_len {max_len}")
+        self.slots, self.max_len, self.chunk = slots, max_len, chunk
         self.vocab = model.cfg.vocab_size
         graphdef = self.graphdef
 
@@ -57,7 +62,12 @@ class Engine:
             cache = decoder_workload.map_lengths(cache, lambda n: jnp.where(active_B, n, 0))
             return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32), cache
 
+        def extend(params, cache, tokens_1xC, counts_1):
+            logits_1xV, cache = decoding.extend(graphdef, params, cache, tokens_1xC, counts_1)
+            return jnp.argmax(logits_1xV, axis=-1).astype(jnp.int32), cache
+
         self._prefill = jax.jit(prefill, donate_argnums=1)
+        self._extend = jax.jit(extend, donate_argnums=1)
         self._insert = jax.jit(insert, donate_argnums=0)
         self._step = jax.jit(step, donate_argnums=1)
 
@@ -77,6 +87,19 @@ class Engine:
         token, self.one_slot = self._prefill(self.params, self.one_slot, padded, lengths)
         return int(token[0])
 
+    def prefill_chunk(self, part: np.ndarray, first: bool) -> int:
+        """The next chunk of a prompt into the one-slot cache; the greedy token after it.
+
+        The first chunk starts the sequence afresh. A chunk shorter than `chunk` is padded.
+        Chunks start at multiples of `chunk`, which divides max_len, so none runs past it.
+        """
+        padded = np.zeros((1, self.chunk), np.int32)
+        padded[0, : len(part)] = part
+        count = np.array([len(part)], np.int32)
+        fn = self._prefill if first else self._extend
+        token, self.one_slot = fn(self.params, self.one_slot, padded, count)
+        return int(token[0])
+
     def insert(self, slot: int) -> None:
         """Copies the last prefilled request into `slot` of the running cache."""
         self.cache = self._insert(self.cache, self.one_slot, np.int32(slot))
@@ -91,4 +114,7 @@ class Engine:
         for length in sorted({self.bucket(n) for n in prompt_lens}):
             self.prefill(np.zeros(length, np.int32))
             self.insert(0)
+        if self.chunk:
+            self.prefill_chunk(np.zeros(self.chunk, np.int32), first=True)
+            self.prefill_chunk(np.zeros(self.chunk, np.int32), first=False)
         self.step(np.zeros(self.slots, np.int32), np.zeros(self.slots, bool))

@@ -6,6 +6,9 @@ Each iteration admits what the policy lets in, then runs one decode step over al
   (prefilled, then inserted; Orca's iteration-level scheduling, vLLM's default).
 - `static`: a batch is gathered only when every slot is free, then run until its last
   request ends; requests arriving meanwhile wait.
+- `chunked`: a free slot's request is prefilled one chunk of the engine's `chunk` tokens
+  per iteration, between decode steps (Sarathi-Serve's token budget), so a long prompt never
+  stalls the running requests for more than one chunk. One request fills at a time.
 
 Closed-loop users (load.closed_loop) each send their next request when the last one ends
 (`run_closed`). A request is prefilled alone. Its first token is the prefill's; each
@@ -27,7 +30,7 @@ from batching.serve.engine import Engine
 from batching.serve.load import Request
 from batching.serve.metrics import Record
 
-POLICIES = ("static", "continuous")
+POLICIES = ("static", "continuous", "chunked")
 
 
 def prompt_tokens(request: Request, vocab: int, seed: int = 0) -> np.ndarray:
@@ -56,6 +59,10 @@ class Loop:
         # Host seconds of each engine call, by call ("prefill:<bucket>" per padded length).
         self.calls: dict[str, list[float]] = collections.defaultdict(list)
         self.finished: list[Record] = []  # served or refused, not yet followed up
+        # chunked: the request being prefilled, its record, slot, prompt and next position.
+        self.filling: list | None = None
+        if policy == "chunked" and not getattr(engine, "chunk", 0):
+            raise ValueError("serve.policies 'chunked' needs serve.chunk_tokens > 0")
 
     def _timed(self, name: str, fn, *args):
         t0 = self.clock()
@@ -86,6 +93,49 @@ class Loop:
         else:
             self._timed("insert", self.engine.insert, slot)
             self.slot_record[slot], self.tokens[slot] = record, first
+
+    def admit_chunk(self, pending: collections.deque, now: float, t0: float, records) -> None:
+        """chunked: one chunk of the filling request's prompt, taking a new one if none fills."""
+        free = [s for s, r in enumerate(self.slot_record) if r is None]
+        while self.filling is None and free and pending and pending[0].arrival_s <= now:
+            r = pending.popleft()
+            record = records[r.id]
+            record.error = self.fits(r)
+            if record.error:
+                self.finished.append(record)
+                continue
+            record.admitted_s = now
+            self.filling = [r, record, free[0], prompt_tokens(r, self.engine.vocab), 0]
+        if self.filling is None:
+            return
+        r, record, slot, prompt, start = self.filling
+        chunk = self.engine.chunk
+        token = self._timed(
+            "chunk", self.engine.prefill_chunk, prompt[start : start + chunk], start == 0
+        )
+        if start + chunk < len(prompt):
+            self.filling[4] = start + chunk
+            return
+        self.filling = None
+        record.token_s.append(self.clock() - t0)
+        record.tokens.append(token)
+        if r.output_len == 1:
+            self.finished.append(record)
+        else:
+            self._timed("insert", self.engine.insert, slot)
+            self.slot_record[slot], self.tokens[slot] = record, token
+
+    def admit_arrived(self, pending: collections.deque, now: float, t0: float, records) -> None:
+        """static and continuous: each free slot the policy opens takes the oldest arrival."""
+        for slot in self.free_slots():
+            if not pending or pending[0].arrival_s > now:
+                break
+            r = pending.popleft()
+            records[r.id].error = self.fits(r)
+            if records[r.id].error:
+                self.finished.append(records[r.id])
+                continue
+            self.admit(r, slot, t0, records[r.id])
 
     def free_slots(self) -> list[int]:
         """Slots the policy lets take a request now."""
@@ -120,20 +170,13 @@ class Loop:
         records = {r.id: Record(r.id, r.arrival_s, r.prompt_len, r.output_len) for r in requests}
         pending = collections.deque(sorted(requests, key=lambda r: r.arrival_s))
         t0 = self.clock()
-        while pending or any(r is not None for r in self.slot_record):
+        admit = self.admit_chunk if self.policy == "chunked" else self.admit_arrived
+        while pending or self.filling or any(r is not None for r in self.slot_record):
             now = self.clock() - t0
-            for slot in self.free_slots():
-                if not pending or pending[0].arrival_s > now:
-                    break
-                r = pending.popleft()
-                records[r.id].error = self.fits(r)
-                if records[r.id].error:
-                    self.finished.append(records[r.id])
-                    continue
-                self.admit(r, slot, t0, records[r.id])
+            admit(pending, now, t0, records)
             if any(r is not None for r in self.slot_record):
                 self.step(t0)
-            elif pending and pending[0].arrival_s > now:
+            elif not self.filling and pending and pending[0].arrival_s > now:
                 self.sleep(min(pending[0].arrival_s - now, 0.05))
             for done in self.finished:
                 if done.id in follow:

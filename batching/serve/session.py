@@ -16,7 +16,7 @@ from flax import nnx
 
 from batching import rows_serving
 from batching.serve import capacity, load, metrics, simulate
-from batching.serve.engine import Engine, bucket
+from batching.serve.engine import Engine
 from batching.serve.loop import Loop
 from batching.serve.settings import Settings
 from batching.workloads import decoder as decoder_workload
@@ -57,13 +57,15 @@ def simulated_capacity(s: Settings, costs: simulate.Costs, policy: str) -> dict[
     prefill, its insert and a step per further token.
     """
     out_len = s.output_len if isinstance(s.output_len, int) else sum(s.output_len) / 2
-    per_request_s = costs.prefill(bucket(s.longest_prompt, s.max_len)) + costs.insert_s
+    per_request_s = costs.admit(s.longest_prompt, s.max_len, s.chunk_tokens)
     best = s.slots / (per_request_s * s.slots + costs.step_s * max(out_len - 1, 1))
 
     def run(rate):
         n = max(s.requests, min(int(rate * s.capacity_run_s), CAPACITY_MAX_REQUESTS))
         requests = load.open_loop(n, rate, s.prompt_len, s.output_len, s.burstiness)
-        sim, sim_s, _ = simulate.simulate(requests, costs, s.slots, s.max_len, policy)
+        sim, sim_s, _ = simulate.simulate(
+            requests, costs, s.slots, s.max_len, policy, s.chunk_tokens
+        )
         return metrics.summarize(sim, sim_s)
 
     return capacity.capacity(run, s.slo_ttft_s, s.slo_tpot_s, low=best / 100, high=2 * best)
@@ -81,9 +83,8 @@ def calibrate(engine: Engine, s: Settings, policy: str) -> dict[str, Any]:
 def costs_of(calibration: dict[str, Any]) -> simulate.Costs:
     """The Costs a calibration (read back from JSON) holds."""
     c = calibration["costs"]
-    return simulate.Costs(
-        c["step_s"], c["insert_s"], {int(k): v for k, v in c["prefill_s"].items()}
-    )
+    prefill = {int(k): v for k, v in c["prefill_s"].items()}
+    return simulate.Costs(c["step_s"], c["insert_s"], prefill, c.get("chunk_s", 0.0))
 
 
 # The metrics a serving row holds, by vLLM's names in batching.serve.metrics.summarize.
@@ -115,7 +116,7 @@ def serve_rate(
     m["mean_occupancy"] = float(np.mean(loop.occupancy)) if loop.occupancy else 0.0
     m["steps"] = len(loop.occupancy)
     sim, sim_s, occupancy = simulate.simulate(
-        requests, costs_of(calibration), s.slots, s.max_len, policy
+        requests, costs_of(calibration), s.slots, s.max_len, policy, s.chunk_tokens
     )
     simulated = row_metrics(metrics.summarize(sim, sim_s, s.slo_ttft_s, s.slo_tpot_s))
     simulated["mean_occupancy"] = float(np.mean(occupancy)) if occupancy else 0.0

@@ -33,6 +33,7 @@ class Settings:
     capacity_run_s: float
     whatif_devices: tuple[str, ...]
     decode_sweep_workdir: str
+    chunk_tokens: int = 0
 
     @classmethod
     def from_config(cls, serve: Any) -> "Settings":
@@ -56,8 +57,13 @@ class Settings:
             capacity_run_s=_rate(serve.capacity_run_s, "serve.capacity_run_s", finite=True),
             whatif_devices=tuple(serve.whatif_devices),
             decode_sweep_workdir=str(serve.decode_sweep_workdir),
+            chunk_tokens=_count(serve.chunk_tokens, "serve.chunk_tokens"),
         )
         s.check_fit()
+        if s.max_len % s.chunk_tokens:
+            raise ValueError(
+                f"serve.chunk_tokens {s.chunk_tokens} must divide serve.max_len {s.max_len}"
+            )
         for name in s.whatif_devices:
             if name not in specs.SPECS:
                 raise ValueError(

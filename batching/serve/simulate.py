@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from batching.predict import whatif
-from batching.serve.engine import Engine
+from batching.serve.engine import Engine, bucket
 from batching.serve.load import Request
 from batching.serve.loop import Loop
 from batching.serve.metrics import Record
@@ -35,18 +35,26 @@ WARM_CALLS = 5
 
 @dataclasses.dataclass(frozen=True)
 class Costs:
-    """Seconds of the loop's device calls: a decode step, an insert, a prefill per bucket."""
+    """Seconds of the loop's device calls: a decode step, an insert, a prefill per bucket,
+    and a prefill chunk."""
 
     step_s: float
     insert_s: float
     prefill_s: dict[int, float]
+    chunk_s: float = 0.0  # one chunk of a chunked prefill (0: the run has none)
 
-    def prefill(self, bucket: int) -> float:
+    def prefill(self, padded: int) -> float:
         """A prefill at a padded length; an unmeasured one is scaled from the nearest."""
-        if bucket in self.prefill_s:
-            return self.prefill_s[bucket]
-        near = min(self.prefill_s, key=lambda b: abs(np.log(b / bucket)))
-        return self.prefill_s[near] * bucket / near
+        if padded in self.prefill_s:
+            return self.prefill_s[padded]
+        near = min(self.prefill_s, key=lambda b: abs(np.log(b / padded)))
+        return self.prefill_s[near] * padded / near
+
+    def admit(self, prompt_len: int, max_len: int, chunk: int = 0) -> float:
+        """Bringing a prompt into a slot: its prefill (or its chunks), then the insert."""
+        if chunk:
+            return -(-prompt_len // chunk) * self.chunk_s + self.insert_s
+        return self.prefill(bucket(prompt_len, max_len)) + self.insert_s
 
 
 class Clock:
@@ -66,16 +74,25 @@ class Clock:
 class SimEngine:
     """The engine's interface over a virtual clock: every call costs its measured seconds."""
 
-    def __init__(self, costs: Costs, slots: int, max_len: int, clock: Clock, vocab: int = 2):
+    def __init__(
+        self, costs: Costs, slots: int, max_len: int, clock: Clock, vocab: int = 2, chunk: int = 0
+    ):
         self.costs, self.slots, self.max_len, self.clock, self.vocab = (
             costs, slots, max_len, clock, vocab,
         )  # fmt: skip
+        self.chunk = chunk
 
     bucket = Engine.bucket
 
     def prefill(self, prompt: np.ndarray) -> int:
         """The prefill's cost; token 0."""
         self.clock.sleep(self.costs.prefill(self.bucket(len(prompt))))
+        return 0
+
+    def prefill_chunk(self, part: np.ndarray, first: bool) -> int:
+        """A chunk's cost; token 0."""
+        del part, first
+        self.clock.sleep(self.costs.chunk_s)
         return 0
 
     def insert(self, slot: int) -> None:
@@ -106,14 +123,18 @@ def measure_costs(engine: Engine, prompt_lens: Sequence[int]) -> Costs:
     tokens, active = np.zeros(engine.slots, np.int32), np.ones(engine.slots, bool)
     step_s = _median_s(lambda: engine.step(tokens, active))
     prefill_s = {}
-    for bucket in sorted({engine.bucket(n) for n in prompt_lens}):
-        prefill_s[bucket] = _median_s(lambda b=bucket: engine.prefill(np.zeros(b, np.int32)))
+    for padded in sorted({engine.bucket(n) for n in prompt_lens}):
+        prefill_s[padded] = _median_s(lambda b=padded: engine.prefill(np.zeros(b, np.int32)))
 
     def insert():
         engine.insert(0)
         jax.block_until_ready(engine.cache)
 
-    return Costs(step_s, _median_s(insert), prefill_s)
+    chunk_s = 0.0
+    if engine.chunk:
+        part = np.zeros(engine.chunk, np.int32)
+        chunk_s = _median_s(lambda: engine.prefill_chunk(part, first=False))
+    return Costs(step_s, _median_s(insert), prefill_s, chunk_s)
 
 
 def costs_from_loop(calls: dict[str, list[float]]) -> Costs:
@@ -125,11 +146,17 @@ def costs_from_loop(calls: dict[str, list[float]]) -> Costs:
     """
     prefill = {int(k.split(":")[1]): float(np.mean(v)) for k, v in calls.items()
                if k.startswith("prefill:")}  # fmt: skip
-    return Costs(float(np.mean(calls["step"])), float(np.mean(calls["insert"])), prefill)
+    chunk = float(np.mean(calls["chunk"])) if calls.get("chunk") else 0.0
+    return Costs(float(np.mean(calls["step"])), float(np.mean(calls["insert"])), prefill, chunk)
 
 
 def spec_costs(
-    cfg: decoder.DecoderConfig, slots: int, max_len: int, buckets: Sequence[int], device: str
+    cfg: decoder.DecoderConfig,
+    slots: int,
+    max_len: int,
+    buckets: Sequence[int],
+    device: str,
+    chunk: int = 0,
 ) -> Costs:
     """Costs on a spec-table device, from the decoder's op lists at its datasheet peaks.
 
@@ -137,6 +164,7 @@ def spec_costs(
     length (batching.workloads.decoder.step_ops, priced by batching.predict.whatif), an
     insert one slot's keys and values read and written at the device's bandwidth. No
     dispatch or launch is charged: the costs are lower bounds, the capacity an upper one.
+    A chunk is priced as a prompt of `chunk` tokens, without the cache it attends.
     """
     param_bytes = resolve_dtype(cfg.param_dtype).itemsize
     cache_bytes = resolve_dtype(cfg.cache_dtype).itemsize
@@ -152,14 +180,21 @@ def spec_costs(
     kv = 2 * cfg.n_layers * max_len * cfg.n_kv_heads * cfg.head_dim * cache_bytes
     insert_s = 2 * kv / specs.SPECS[device].bandwidth_bytes_per_s
     prefill = {b: seconds(1, b, "prefill") for b in sorted(set(buckets))}
-    return Costs(seconds(slots, max_len, "decode"), insert_s, prefill)
+    chunk_s = seconds(1, chunk, "prefill") if chunk else 0.0
+    return Costs(seconds(slots, max_len, "decode"), insert_s, prefill, chunk_s)
 
 
 def simulate(
-    requests: Sequence[Request], costs: Costs, slots: int, max_len: int, policy: str
+    requests: Sequence[Request],
+    costs: Costs,
+    slots: int,
+    max_len: int,
+    policy: str,
+    chunk: int = 0,
 ) -> tuple[list[Record], float, list[int]]:
     """The loop's records and duration for `requests`, and its occupancy per step."""
     clock = Clock()
-    loop = Loop(SimEngine(costs, slots, max_len, clock), policy, clock=clock, sleep=clock.sleep)
+    engine = SimEngine(costs, slots, max_len, clock, chunk=chunk)
+    loop = Loop(engine, policy, clock=clock, sleep=clock.sleep)
     records, duration = loop.run(requests)
     return records, duration, loop.occupancy
