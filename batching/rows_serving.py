@@ -3,7 +3,8 @@
 A serving run (configs/serve.py, batching/serve/) writes these rows. They share the
 point group with the sweep's rows and carry `row_kind` "serving". The latencies follow
 `vllm bench serve` (batching.serve.metrics). `simulated_<field>` is the simulator's value
-of the same metric at the same rate.
+of the same metric at the same rate, over the calibration's costs; `replayed_<field>` is
+its value over the costs the rate's own loop paid.
 """
 
 DESCRIPTION = "serving rows: a decoder under load at one request rate (docs/serving.md)"
@@ -62,7 +63,15 @@ ENTRIES = (
     ("prefill_cost_s", "s", "the calibration's prefill per padded prompt length"),
     ("drop_fraction_mean", "", "MoE rows: per request, routed assignments dropped, mean"),
     ("drop_fraction_max", "", "MoE rows: the largest request's drop fraction"),
-    *((f"simulated_{name}", unit, f"the simulator's `{name}`") for name, unit, _ in METRICS),
+    ("step_paid_s", "s", "the decode step as this rate's loop paid it, mean"),
+    *(
+        (f"simulated_{name}", unit, f"the simulator's `{name}` over the calibration's costs")
+        for name, unit, _ in METRICS
+    ),  # fmt: skip
+    *(
+        (f"replayed_{name}", unit, f"the simulator's `{name}` over this rate's paid costs")
+        for name, unit, _ in METRICS
+    ),  # fmt: skip
 )
 
 # What every serving row carries (batching.rows.check_serving).

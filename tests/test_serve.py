@@ -12,7 +12,7 @@ from flax import nnx
 
 from batching.serve import capacity, load, metrics, simulate
 from batching.serve.engine import Engine
-from batching.serve.loop import Loop, prompt_tokens
+from batching.serve.loop import IDLE, Loop, prompt_tokens
 from models import decoding
 from models.decoder import Decoder, DecoderConfig
 
@@ -184,13 +184,31 @@ def test_measured_costs_drive_a_simulation_of_the_real_engine():
     requests = [load.Request(0, 0.0, 5, 6), load.Request(1, 0.0, 5, 3)]
     records, _, occupancy = simulate.simulate(requests, costs, 2, MAX_LEN, "continuous")
     assert occupancy == [2, 2, 1, 1, 1] and all(r.ok for r in records)
-    # costs fitted to a real run: one sample per engine call the loop made
+    # costs fitted to a real run: one sample per engine call the loop made, and its own time
+    # per iteration; a call after the loop slept is filed apart
     loop = Loop(engine, "continuous")
-    loop.run(requests)
-    assert {k: len(v) for k, v in loop.calls.items()} == {"prefill:8": 2, "insert": 2, "step": 5}
+    loop.run([*requests, load.Request(2, 0.3, 5, 2)])
+    calls = {k: len(v) for k, v in loop.calls.items()}
+    assert calls.pop("host") >= 6 and min(loop.calls["host"]) >= 0
+    assert calls == {"prefill:8": 2, "prefill:8" + IDLE: 1, "insert": 3, "step": 6}
     fitted = simulate.costs_from_loop(loop.calls)
     assert fitted.step_s == pytest.approx(np.mean(loop.calls["step"]))
-    assert set(fitted.prefill_s) == {8}
+    assert set(fitted.prefill_s) == {8} and fitted.samples["step"] == tuple(loop.calls["step"])
+
+
+def test_the_simulator_draws_each_call_from_its_samples_and_after_idle_from_those():
+    samples = {"step": (0.01, 0.03), "prefill:8": (0.05,), "prefill:8" + IDLE: (0.2,)}
+    costs = simulate.Costs(0.02, 0.0, {8: 0.05}, samples=samples)
+    # the first arrives at once; the second after the loop slept: its prefill is the idle one
+    apart = [load.Request(0, 0.0, 8, 1), load.Request(1, 10.0, 8, 1)]
+    records, _, _ = simulate.simulate(apart, costs, 1, 32, "continuous")
+    assert [r.ttft_s for r in records] == pytest.approx([0.05, 0.2])
+    # steps draw both of their samples, the seed fixing which
+    many = [load.Request(0, 0.0, 8, 200)]
+    runs = [simulate.simulate(many, costs, 1, 256, "continuous", seed=s)[0][0] for s in (0, 0, 1)]
+    gaps = np.diff(runs[0].token_s)
+    assert set(np.round(gaps, 6)) == {0.01, 0.03}
+    assert runs[0].token_s == runs[1].token_s != runs[2].token_s
 
 
 def test_a_closed_loop_user_sends_its_next_request_when_its_last_one_ends():

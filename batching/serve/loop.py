@@ -31,6 +31,7 @@ from batching.serve.load import Request
 from batching.serve.metrics import Record
 
 POLICIES = ("static", "continuous", "chunked")
+IDLE = "@idle"  # suffix of a call's name in Loop.calls when it came right after a sleep
 
 
 def prompt_tokens(request: Request, vocab: int, seed: int = 0) -> np.ndarray:
@@ -52,12 +53,15 @@ class Loop:
         """`clock` and `sleep` are the host's; the simulator hands in a virtual pair."""
         if policy not in POLICIES:
             raise ValueError(f"serve.policy must be one of {POLICIES}, got {policy!r}")
-        self.engine, self.policy, self.clock, self.sleep = engine, policy, clock, sleep
+        self.engine, self.policy, self.clock, self._sleep = engine, policy, clock, sleep
         self.slot_record: list[Record | None] = [None] * engine.slots
         self.tokens = np.zeros(engine.slots, np.int32)
         self.occupancy: list[int] = []  # active slots at each decode step
-        # Host seconds of each engine call, by call ("prefill:<bucket>" per padded length).
+        # Host seconds of each engine call, by call ("prefill:<bucket>" per padded length). A
+        # call right after the loop slept is filed under its name + IDLE. "host" is the loop's
+        # own seconds per iteration: its wall time less its calls and sleeps.
         self.calls: dict[str, list[float]] = collections.defaultdict(list)
+        self._idle, self._paid = False, 0.0
         self.finished: list[Record] = []  # served or refused, not yet followed up
         # chunked: the request being prefilled, its record, slot, prompt and next position.
         self.filling: list | None = None
@@ -67,8 +71,16 @@ class Loop:
     def _timed(self, name: str, fn, *args):
         t0 = self.clock()
         out = fn(*args)
-        self.calls[name].append(self.clock() - t0)
+        spent = self.clock() - t0
+        self.calls[name + IDLE if self._idle else name].append(spent)
+        self._idle, self._paid = False, self._paid + spent
         return out
+
+    def sleep(self, seconds: float) -> None:
+        """Waits for the next arrival; the next engine call is filed as after idle."""
+        t0 = self.clock()
+        self._sleep(seconds)
+        self._idle, self._paid = True, self._paid + self.clock() - t0
 
     def fits(self, r: Request) -> str:
         """Why a request cannot be served ("" when it can)."""
@@ -172,7 +184,7 @@ class Loop:
         t0 = self.clock()
         admit = self.admit_chunk if self.policy == "chunked" else self.admit_arrived
         while pending or self.filling or any(r is not None for r in self.slot_record):
-            now = self.clock() - t0
+            now, self._paid = self.clock() - t0, 0.0
             admit(pending, now, t0, records)
             if any(r is not None for r in self.slot_record):
                 self.step(t0)
@@ -185,6 +197,7 @@ class Loop:
                     records[nxt.id] = Record(nxt.id, ended, nxt.prompt_len, nxt.output_len)
                     pending.append(nxt)
             self.finished.clear()
+            self.calls["host"].append(self.clock() - t0 - now - self._paid)
         return [records[i] for i in sorted(records)], self.clock() - t0
 
     def run_closed(self, users: Sequence[Sequence[Request]]) -> tuple[list[Record], float]:

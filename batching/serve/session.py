@@ -9,6 +9,7 @@ rate is then served by the loop and by the simulator on the same requests. Its r
 
 import dataclasses
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -16,14 +17,18 @@ from flax import nnx
 
 from batching import rows_serving
 from batching.serve import capacity, load, metrics, simulate
-from batching.serve.engine import Engine
-from batching.serve.loop import Loop
+from batching.serve.engine import Engine, bucket
+from batching.serve.loop import IDLE, Loop
 from batching.serve.settings import Settings
 from batching.workloads import decoder as decoder_workload
 
 # A capacity trial lasts this long at the rate it tries: a short run hides an overload, as
 # its queue has too few requests to build. It holds at most this many requests.
 CAPACITY_MAX_REQUESTS = 5000
+# The idle probe's gaps: IDLE_GAPS geometric between IDLE_RANGE_S, each timed IDLE_REPEATS times.
+IDLE_GAPS, IDLE_RANGE_S, IDLE_REPEATS = 6, (1e-3, 0.2), 5
+# A rate's simulated metrics are medians over this many draws of the sampled costs.
+SIM_SEEDS = 5
 
 
 def build_decoder(model_cfg: Any, seed: int):
@@ -71,10 +76,31 @@ def simulated_capacity(s: Settings, costs: simulate.Costs, policy: str) -> dict[
     return capacity.capacity(run, s.slo_ttft_s, s.slo_tpot_s, low=best / 100, high=2 * best)
 
 
+def idle_probe(engine: Engine, s: Settings, policy: str, calls: dict[str, list]) -> None:
+    """A light load's first call after the host idled, timed after gaps in IDLE_RANGE_S.
+
+    The loop idles only with every slot free, so the call is an arrival's prefill (its first
+    chunk under `chunked`). Its seconds go to `calls` under the call's name + IDLE.
+    """
+    if policy == "chunked":
+        name, part = "chunk", np.zeros(s.chunk_tokens, np.int32)
+        call = lambda: engine.prefill_chunk(part, first=True)  # noqa: E731
+    else:
+        padded = bucket(s.longest_prompt, s.max_len)
+        name, prompt = f"prefill:{padded}", np.zeros(padded, np.int32)
+        call = lambda: engine.prefill(prompt)  # noqa: E731
+    for gap in np.geomspace(*IDLE_RANGE_S, IDLE_GAPS).repeat(IDLE_REPEATS):
+        time.sleep(gap)
+        t0 = time.perf_counter()
+        call()
+        calls[name + IDLE].append(time.perf_counter() - t0)
+
+
 def calibrate(engine: Engine, s: Settings, policy: str) -> dict[str, Any]:
-    """The policy's costs from a saturated run of the loop, and its simulated capacity."""
+    """The policy's costs from a saturated run of the loop and an idle probe; its capacity."""
     loop = Loop(engine, policy)
     loop.run(requests_at(s, math.inf, s.calibration_requests, seed=1))
+    idle_probe(engine, s, policy, loop.calls)
     costs = simulate.costs_from_loop(loop.calls)
     cap = simulated_capacity(s, costs, policy)
     return {"costs": dataclasses.asdict(costs), **cap, "rel_tol": capacity.REL_TOL}
@@ -84,7 +110,8 @@ def costs_of(calibration: dict[str, Any]) -> simulate.Costs:
     """The Costs a calibration (read back from JSON) holds."""
     c = calibration["costs"]
     prefill = {int(k): v for k, v in c["prefill_s"].items()}
-    return simulate.Costs(c["step_s"], c["insert_s"], prefill, c.get("chunk_s", 0.0))
+    samples = {k: tuple(v) for k, v in c.get("samples", {}).items()}
+    return simulate.Costs(c["step_s"], c["insert_s"], prefill, c.get("chunk_s", 0.0), samples)
 
 
 # The metrics a serving row holds, by vLLM's names in batching.serve.metrics.summarize.
@@ -105,23 +132,42 @@ def row_metrics(m: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def simulated_metrics(
+    requests, costs: simulate.Costs, s: Settings, policy: str, seeds: int = SIM_SEEDS
+) -> dict[str, Any]:
+    """The simulator's row metrics over `costs`: each the median over `seeds` cost draws."""
+    runs = []
+    for seed in range(seeds):
+        sim, sim_s, occupancy = simulate.simulate(
+            requests, costs, s.slots, s.max_len, policy, s.chunk_tokens, seed
+        )
+        m = row_metrics(metrics.summarize(sim, sim_s, s.slo_ttft_s, s.slo_tpot_s))
+        m["mean_occupancy"] = float(np.mean(occupancy)) if occupancy else 0.0
+        runs.append(m)
+    return {k: float(np.median([m[k] for m in runs])) for k in SIMULATED}
+
+
 def serve_rate(
     engine: Engine, s: Settings, policy: str, rate: float, calibration: dict[str, Any]
 ) -> tuple[dict[str, Any], list[metrics.Record]]:
-    """One rate through the loop and the simulator: the row's fields, the loop's records."""
+    """One rate through the loop and the simulator: the row's fields, the loop's records.
+
+    The simulator runs twice on the same requests: over the calibration's costs (a
+    prediction, `simulated_`) and over the costs this rate's loop paid (`replayed_`: the
+    policy's model alone, without the machine's drift since the calibration).
+    """
     requests = requests_at(s, rate)
     loop = Loop(engine, policy)
     records, duration = loop.run(requests)
     m = row_metrics(metrics.summarize(records, duration, s.slo_ttft_s, s.slo_tpot_s))
     m["mean_occupancy"] = float(np.mean(loop.occupancy)) if loop.occupancy else 0.0
     m["steps"] = len(loop.occupancy)
-    sim, sim_s, occupancy = simulate.simulate(
-        requests, costs_of(calibration), s.slots, s.max_len, policy, s.chunk_tokens
-    )
-    simulated = row_metrics(metrics.summarize(sim, sim_s, s.slo_ttft_s, s.slo_tpot_s))
-    simulated["mean_occupancy"] = float(np.mean(occupancy)) if occupancy else 0.0
-    compared = [k for k in simulated if k in SIMULATED]
-    m.update({f"simulated_{k}": simulated[k] for k in compared})
+    paid = simulate.costs_from_loop(loop.calls)
+    m["step_paid_s"] = paid.step_s
+    predicted = simulated_metrics(requests, costs_of(calibration), s, policy)
+    replayed = simulated_metrics(requests, paid, s, policy)
+    m.update({f"simulated_{k}": v for k, v in predicted.items()})
+    m.update({f"replayed_{k}": v for k, v in replayed.items()})
     m["n_requests"] = len(requests)
     m["meets_slo"] = bool(
         m["completed"] > 0 and m["ttft_p90_s"] <= s.slo_ttft_s and m["tpot_p90_s"] <= s.slo_tpot_s

@@ -21,7 +21,7 @@ import numpy as np
 from batching.predict import whatif
 from batching.serve.engine import Engine, bucket
 from batching.serve.load import Request
-from batching.serve.loop import Loop
+from batching.serve.loop import IDLE, Loop
 from batching.serve.metrics import Record
 from batching.setup import specs
 from batching.workloads import decoder as decoder_workload
@@ -36,12 +36,18 @@ WARM_CALLS = 5
 @dataclasses.dataclass(frozen=True)
 class Costs:
     """Seconds of the loop's device calls: a decode step, an insert, a prefill per bucket,
-    and a prefill chunk."""
+    and a prefill chunk.
+
+    With `samples` (calls' seconds by their names in Loop.calls), each simulated call draws
+    one of its own, so the costs' spread reaches the tails. A call after idle draws from its
+    IDLE samples when there are some. "host" samples are the loop's own time per step.
+    """
 
     step_s: float
     insert_s: float
     prefill_s: dict[int, float]
     chunk_s: float = 0.0  # one chunk of a chunked prefill (0: the run has none)
+    samples: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
 
     def prefill(self, padded: int) -> float:
         """A prefill at a padded length; an unmeasured one is scaled from the nearest."""
@@ -56,54 +62,83 @@ class Costs:
             return -(-prompt_len // chunk) * self.chunk_s + self.insert_s
         return self.prefill(bucket(prompt_len, max_len)) + self.insert_s
 
+    def mean(self, name: str) -> float:
+        """A call's cost by its name in Loop.calls."""
+        if name.startswith("prefill:"):
+            return self.prefill(int(name.split(":")[1]))
+        return {"step": self.step_s, "insert": self.insert_s, "chunk": self.chunk_s}.get(name, 0.0)
+
+    def draw(self, name: str, rng: np.random.Generator, idle: bool = False) -> float:
+        """One call's cost: a sample of its own (after idle, of those), else its mean."""
+        pool = (idle and self.samples.get(name + IDLE)) or self.samples.get(name)
+        return float(pool[rng.integers(len(pool))]) if pool else self.mean(name)
+
 
 class Clock:
-    """A virtual clock: `now` seconds, moved on by the costs and by sleeps."""
+    """A virtual clock: `now` seconds, moved on by the costs and by the loop's sleeps."""
 
     def __init__(self):
         self.now = 0.0
+        self.idle = False  # the loop slept since the last call
 
     def __call__(self) -> float:
         return self.now
 
     def sleep(self, seconds: float) -> None:
-        """Waiting moves the clock on."""
+        """The loop waiting moves the clock on."""
         self.now += max(seconds, 0.0)
+        self.idle = True
+
+    def pay(self, seconds: float) -> None:
+        """An engine call moves the clock on."""
+        self.now += seconds
+        self.idle = False
 
 
 class SimEngine:
     """The engine's interface over a virtual clock: every call costs its measured seconds."""
 
     def __init__(
-        self, costs: Costs, slots: int, max_len: int, clock: Clock, vocab: int = 2, chunk: int = 0
+        self,
+        costs: Costs,
+        slots: int,
+        max_len: int,
+        clock: Clock,
+        vocab: int = 2,
+        chunk: int = 0,
+        seed: int = 0,
     ):
         self.costs, self.slots, self.max_len, self.clock, self.vocab = (
             costs, slots, max_len, clock, vocab,
         )  # fmt: skip
-        self.chunk = chunk
+        self.chunk, self.rng = chunk, np.random.default_rng(seed)
 
     bucket = Engine.bucket
 
+    def _pay(self, name: str) -> None:
+        self.clock.pay(self.costs.draw(name, self.rng, self.clock.idle))
+
     def prefill(self, prompt: np.ndarray) -> int:
         """The prefill's cost; token 0."""
-        self.clock.sleep(self.costs.prefill(self.bucket(len(prompt))))
+        self._pay(f"prefill:{self.bucket(len(prompt))}")
         return 0
 
     def prefill_chunk(self, part: np.ndarray, first: bool) -> int:
         """A chunk's cost; token 0."""
         del part, first
-        self.clock.sleep(self.costs.chunk_s)
+        self._pay("chunk")
         return 0
 
     def insert(self, slot: int) -> None:
         """The insert's cost."""
         del slot
-        self.clock.sleep(self.costs.insert_s)
+        self._pay("insert")
 
     def step(self, tokens_B: np.ndarray, active_B: np.ndarray) -> np.ndarray:
-        """The decode step's cost, whatever the slots hold; tokens 0."""
+        """The decode step's cost and the loop's own time around it; tokens 0."""
         del active_B
-        self.clock.sleep(self.costs.step_s)
+        self._pay("step")
+        self.clock.pay(self.costs.draw("host", self.rng))
         return np.zeros_like(tokens_B)
 
 
@@ -138,16 +173,21 @@ def measure_costs(engine: Engine, prompt_lens: Sequence[int]) -> Costs:
 
 
 def costs_from_loop(calls: dict[str, list[float]]) -> Costs:
-    """Costs fitted to a real run: the mean host seconds of each of its engine calls.
+    """Costs fitted to a real run: its engine calls' samples, and their means.
 
-    It takes the mean, as a request's TPOT is a mean over its steps. A step after a prefill
-    or an insert runs slower. The insert's work runs on while the host goes on, and the
-    next step waits for it. The mean holds such steps at the calibration run's share.
+    A step after a prefill or an insert runs slower. The insert's work runs on while the
+    host goes on, and the next step waits for it. The samples hold such steps at the run's
+    share. A call after idle (IDLE) is kept apart: the machine wakes slower.
     """
-    prefill = {int(k.split(":")[1]): float(np.mean(v)) for k, v in calls.items()
-               if k.startswith("prefill:")}  # fmt: skip
-    chunk = float(np.mean(calls["chunk"])) if calls.get("chunk") else 0.0
-    return Costs(float(np.mean(calls["step"])), float(np.mean(calls["insert"])), prefill, chunk)
+
+    def mean(name: str) -> float:
+        got = calls.get(name) or calls.get(name + IDLE)
+        return float(np.mean(got)) if got else 0.0
+
+    buckets = {int(k.split(":")[1].removesuffix(IDLE)) for k in calls if k.startswith("prefill:")}
+    prefill = {b: mean(f"prefill:{b}") for b in sorted(buckets)}
+    samples = {k: tuple(float(x) for x in v) for k, v in calls.items() if v}
+    return Costs(mean("step"), mean("insert"), prefill, mean("chunk"), samples)
 
 
 def spec_costs(
@@ -191,10 +231,14 @@ def simulate(
     max_len: int,
     policy: str,
     chunk: int = 0,
+    seed: int = 0,
 ) -> tuple[list[Record], float, list[int]]:
-    """The loop's records and duration for `requests`, and its occupancy per step."""
+    """The loop's records and duration for `requests`, and its occupancy per step.
+
+    `seed` picks the costs drawn from their samples.
+    """
     clock = Clock()
-    engine = SimEngine(costs, slots, max_len, clock, chunk=chunk)
+    engine = SimEngine(costs, slots, max_len, clock, chunk=chunk, seed=seed)
     loop = Loop(engine, policy, clock=clock, sleep=clock.sleep)
     records, duration = loop.run(requests)
     return records, duration, loop.occupancy
