@@ -61,8 +61,18 @@ ENTRIES = (
     ("step_cost_s", "s", "the calibration's decode step over every slot, as the loop paid it"),
     ("insert_cost_s", "s", "the calibration's insert"),
     ("prefill_cost_s", "s", "the calibration's prefill per padded prompt length"),
-    ("drop_fraction_mean", "", "MoE rows: per request, routed assignments dropped, mean"),
+    (
+        "drop_fraction_mean",
+        "",
+        "MoE rows: per request, its decode steps' routing lost (token-choice: assignments "
+        "dropped; expert-choice: tokens no expert picked), mean (batching.serve.session)",
+    ),
     ("drop_fraction_max", "", "MoE rows: the largest request's drop fraction"),
+    (
+        "batchmates_changed",
+        "requests",
+        "served requests whose greedy tokens differ from the same request served alone",
+    ),
     ("step_paid_s", "s", "the decode step as this rate's loop paid it, mean"),
     *(
         (f"simulated_{name}", unit, f"the simulator's `{name}` over the calibration's costs")

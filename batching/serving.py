@@ -95,6 +95,7 @@ def serve_all(bench, s: Settings, store: results.Store, fp: str) -> dict[str, di
     model = session.build_decoder(bench.config.model, bench.config.seed)
     engine = Engine(model, s.slots, s.max_len, s.chunk_tokens)
     engine.warm_up(session.prompt_lengths(s))
+    alone = session.Alone(model, s)
     saved = store.read_json(results.CALIBRATION) or {}
     calibrations = saved.get("policies", {}) if saved.get("fingerprint") == fp else {}
     done = {rate_key(r["policy"], r["request_rate"]) for r in current_rows(store, fp)}
@@ -106,7 +107,7 @@ def serve_all(bench, s: Settings, store: results.Store, fp: str) -> dict[str, di
         for rate, share in rates_of(s, cal):
             if rate_key(policy, rate) in done:
                 continue
-            fields, records = session.serve_rate(engine, s, policy, rate, cal)
+            fields, records = session.serve_rate(engine, s, policy, rate, cal, alone)
             row = rows.make(
                 **point_fields(bench, fp), **fields, policy=policy, request_rate=rate,
                 rate_share=share, slots=s.slots, max_len=s.max_len, slo_ttft_s=s.slo_ttft_s,

@@ -1,6 +1,7 @@
 """The serving loop, its load and vLLM's metrics: a hand-made trace with known answers,
 arrivals as vLLM draws them, and greedy tokens that do not depend on the batch."""
 
+import dataclasses
 import functools
 import json
 import math
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from batching.serve import capacity, load, metrics, simulate
+from batching.serve import capacity, load, metrics, session, simulate
 from batching.serve.engine import Engine
 from batching.serve.loop import IDLE, Loop, prompt_tokens
 from models import decoding
@@ -288,3 +289,23 @@ def test_chunked_prefill_serves_the_same_greedy_tokens_and_never_stalls_a_step()
     sim, _, _ = simulate.simulate(requests, costs, 2, MAX_LEN, "chunked", chunk=8)
     # The simulator runs the same policy: request 1 waits three chunks for its first token.
     assert sim[1].ttft_s >= 3 * 5e-4 + sim[0].ttft_s
+
+
+def test_an_moe_engine_gives_each_slots_experts_and_each_request_its_drop_fraction():
+    cfg = dataclasses.replace(CFG, moe_every=1, num_experts=4, top_k=1, capacity_factor=1.0)
+    engine = Engine(Decoder(cfg, rngs=nnx.Rngs(0)), slots=4, max_len=MAX_LEN)
+    assert engine.routing == ("token_choice", 1)
+    records, _ = Loop(engine, "continuous").run([load.Request(i, 0.0, 4, 5) for i in range(4)])
+    for r in records:  # a row per decode step (the first token is the prefill's), one per block
+        assert np.shape(r.experts) == (4, 2) and set(np.ravel(r.experts)) <= {0.0, 1.0}
+    drops = session.drop_fractions(records, engine.routing)
+    assert drops == pytest.approx([1 - np.mean(r.experts) for r in records])
+    # by hand: top-2 token-choice loses the assignments short of 2; expert-choice counts the
+    # (token, block) pairs no expert picked
+    hand = _record(0, 0.0, [1, 2, 3])
+    hand.experts = [[2, 0], [1, 1]]
+    assert session.drop_fractions([hand], ("token_choice", 2)) == [pytest.approx(0.5)]
+    assert session.drop_fractions([hand], ("expert_choice", 2)) == [pytest.approx(0.25)]
+    dense = Engine(_model(), slots=2, max_len=MAX_LEN)
+    assert dense.routing is None
+    assert all(not r.experts for r in Loop(dense, "static").run([load.Request(0, 0.0, 4, 3)])[0])

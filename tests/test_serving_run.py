@@ -57,6 +57,8 @@ def test_a_serving_run_writes_its_rows_records_report_and_resumes(tmp_path, monk
         assert row["completed"] == 6 and row["capacity_per_s"] > 0
         assert row["ttft_p90_low_s"] <= row["ttft_p90_s"] <= row["ttft_p90_high_s"]
         assert row["simulated_tpot_p90_s"] > 0 and 0 < row["mean_occupancy"] <= 4
+        assert row["replayed_tpot_p90_s"] > 0 and row["step_paid_s"] > 0
+        assert row["batchmates_changed"] == 0  # a dense decoder's tokens are its own
     records = lines(os.path.join(workdir, results.REQUESTS))
     assert len(records) == 12 and all(len(r["tokens"]) == r["output_len"] for r in records)
     with open(os.path.join(workdir, "report.md")) as f:

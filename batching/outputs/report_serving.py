@@ -135,6 +135,27 @@ def rates_table(doc: Doc, rows: list[dict[str, Any]]) -> None:
                "busy slots"], table)  # fmt: skip
 
 
+def batchmates(doc: Doc, rows: list[dict[str, Any]]) -> None:
+    """Per rate: the requests whose tokens their batch-mates changed, and MoE drop fractions."""
+    counted = [r for r in rows if r.get("batchmates_changed") is not None]
+    if not counted:
+        return
+    doc.heading("Batch-mates")
+    doc.para(
+        "Each served request against the same request served alone on one slot: how many "
+        "came out with other tokens. A dense decoder's tokens are its own; an MoE's decode "
+        "step routes every slot's token in one group, masked slots included, so batch-mates "
+        "can take an expert's capacity. Drop fractions are over a request's decode steps."
+    )
+    table = [
+        [r["policy"], r["request_rate"], r["mean_occupancy"],
+         f"{r['batchmates_changed']} of {r['completed']}", r.get("drop_fraction_mean"),
+         r.get("drop_fraction_max")]
+        for r in counted
+    ]  # fmt: skip
+    doc.table(["policy", "req/s", "busy slots", "tokens changed", "drop mean", "drop max"], table)
+
+
 def write(workdir: str, title: str, context: str, rows, calibrations, plot_paths, knee_dir):
     """Writes report.md and report.html for a serving run."""
     doc = Doc()
@@ -163,6 +184,7 @@ def write(workdir: str, title: str, context: str, rows, calibrations, plot_paths
     doc.heading("Rates")
     rates_table(doc, rows)
     simulator_table(doc, rows)
+    batchmates(doc, rows)
     for name, path in plot_paths.items():
         doc.image(path, name)
     with open(os.path.join(workdir, "report.md"), "w") as f:

@@ -8,7 +8,9 @@ positions. Its three jitted functions compile once per run.
 - `insert(slot)`: that cache into the slot of the running batch's cache.
 - `step(tokens, active)`: one decode step over all slots; the next token of each. An
   inactive slot computes like the rest (the step's shape never changes), and its length
-  goes back to 0, so it never runs past `max_len`.
+  goes back to 0, so it never runs past `max_len`. For an MoE decoder it also keeps
+  `reached`, the experts each slot's token reached in each MoE block ([blocks, slots]),
+  from the routing's own statistics (models.routers.routing_stats `experts_per_token`).
 - `prefill_chunk(tokens, first)`: with `chunk` > 0, the next `chunk` tokens of a prompt into
   the one-slot cache (a prefill for the first, Decoder.extend after it): Sarathi-Serve's
   chunked prefill, run between decode steps rather than fused into them.
@@ -44,7 +46,13 @@ class Engine:
             raise ValueError(f"serve.chunk_tokens {chunk} must divide serve.max_len {max_len}")
         self.slots, self.max_len, self.chunk = slots, max_len, chunk
         self.vocab = model.cfg.vocab_size
-        graphdef = self.graphdef
+        self.moe = bool(decoder.moe_layers(model.cfg))
+        # An MoE's (router, top_k): what a token's routing wants (batching.serve.session).
+        self.routing = (
+            (model.cfg.moe_config().router, model.cfg.moe_config().top_k) if self.moe else None
+        )
+        self.reached: np.ndarray | None = None  # after an MoE step: [blocks, slots]
+        graphdef, moe = self.graphdef, self.moe
 
         def prefill(params, cache, tokens_1xL, lengths_1):
             logits_1xV, cache = decoding.prefill(graphdef, params, cache, tokens_1xL, lengths_1)
@@ -58,9 +66,14 @@ class Engine:
             return jax.tree.map(put, cache, one)
 
         def step(params, cache, tokens_B, active_B):
-            logits_BxV, cache = decoding.decode_step(graphdef, params, cache, tokens_B)
+            logits_BxV, cache, *stats = decoding.decode_step(
+                graphdef, params, cache, tokens_B, stats=moe
+            )
             cache = decoder_workload.map_lengths(cache, lambda n: jnp.where(active_B, n, 0))
-            return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32), cache
+            tokens = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+            if not moe:
+                return tokens, cache
+            return (tokens, jnp.stack([s["experts_per_token"] for s in stats[0]])), cache
 
         def extend(params, cache, tokens_1xC, counts_1):
             logits_1xV, cache = decoding.extend(graphdef, params, cache, tokens_1xC, counts_1)
@@ -107,6 +120,9 @@ class Engine:
     def step(self, tokens_B: np.ndarray, active_B: np.ndarray) -> np.ndarray:
         """One decode step over every slot: each slot's next token (host array)."""
         out, self.cache = self._step(self.params, self.cache, tokens_B, active_B)
+        if self.moe:
+            out, reached = out
+            self.reached = np.asarray(reached)
         return np.asarray(out)
 
     def warm_up(self, prompt_lens: list[int]) -> None:

@@ -165,6 +165,8 @@ class Loop:
                 continue
             record.token_s.append(now)
             record.tokens.append(int(out[s]))
+            if self.engine.reached is not None:
+                record.experts.append(self.engine.reached[:, s].tolist())
             self.tokens[s] = out[s]
             if len(record.token_s) == record.output_len:
                 self.slot_record[s] = None

@@ -71,6 +71,8 @@ class Record:
     # When a slot took it (prefill started): its queueing delay is admitted_s - arrival_s.
     admitted_s: float | None = None
     error: str = ""  # why it was rejected ("" when served)
+    # MoE: per decode step, the experts its token reached in each MoE block.
+    experts: list[list[float]] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:

@@ -147,14 +147,77 @@ def simulated_metrics(
     return {k: float(np.median([m[k] for m in runs])) for k in SIMULATED}
 
 
+def drop_fractions(records: list[metrics.Record], routing: tuple[str, int]) -> list[float]:
+    """Per served request of an MoE decoder: the share of its decode steps' routing lost.
+
+    Token-choice (and dropless) wants top_k experts per token and block: the share lost is
+    1 - reached / top_k (routers.routing_stats `drop_fraction`). Expert-choice wants none
+    per token: the share is its (token, block) pairs no expert picked (`token_drop_fraction`).
+    """
+    router, top_k = routing
+    out = []
+    for r in records:
+        if not r.ok or not r.experts:
+            continue
+        reached = np.asarray(r.experts, float)
+        out.append(float(np.mean(reached == 0) if router == "expert_choice"
+                         else 1.0 - reached.mean() / top_k))  # fmt: skip
+    return out
+
+
+class Alone:
+    """Each request's greedy tokens served alone, on an engine of one slot (kept by request)."""
+
+    def __init__(self, model, s: Settings):
+        self.engine = Engine(model, 1, s.max_len, s.chunk_tokens)
+        self.engine.warm_up(prompt_lengths(s))
+        self.seen: dict[tuple, list[int]] = {}
+
+    def tokens(self, r: load.Request, policy: str) -> list[int]:
+        """The request's tokens with no batch-mates (its prompt is drawn from its id).
+
+        A chunked policy's request is prefilled in chunks alone too: only batch-mates differ.
+        """
+        alone_policy = "chunked" if policy == "chunked" else "continuous"
+        key = (r.id, r.prompt_len, r.output_len, alone_policy)
+        if key not in self.seen:
+            alone = dataclasses.replace(r, arrival_s=0.0)
+            self.seen[key] = Loop(self.engine, alone_policy).run([alone])[0][0].tokens
+        return self.seen[key]
+
+    def changed(self, records: list[metrics.Record], requests, policy: str) -> int:
+        """How many served requests' tokens differ from the same request served alone."""
+        by_id = {r.id: r for r in requests}
+        return sum(rec.tokens != self.tokens(by_id[rec.id], policy) for rec in records if rec.ok)
+
+
+def batchmate_fields(
+    engine: Engine, records: list[metrics.Record], requests, policy: str, alone: "Alone | None"
+) -> dict[str, Any]:
+    """The row's MoE drop fractions and batch-mate count, where they apply."""
+    out: dict[str, Any] = {}
+    if alone is not None:
+        out["batchmates_changed"] = alone.changed(records, requests, policy)
+    drops = drop_fractions(records, engine.routing) if engine.routing else []
+    if drops:
+        out.update(drop_fraction_mean=float(np.mean(drops)), drop_fraction_max=max(drops))
+    return out
+
+
 def serve_rate(
-    engine: Engine, s: Settings, policy: str, rate: float, calibration: dict[str, Any]
+    engine: Engine,
+    s: Settings,
+    policy: str,
+    rate: float,
+    calibration: dict[str, Any],
+    alone: Alone | None = None,
 ) -> tuple[dict[str, Any], list[metrics.Record]]:
     """One rate through the loop and the simulator: the row's fields, the loop's records.
 
     The simulator runs twice on the same requests: over the calibration's costs (a
     prediction, `simulated_`) and over the costs this rate's loop paid (`replayed_`: the
-    policy's model alone, without the machine's drift since the calibration).
+    policy's model alone, without the machine's drift since the calibration). With `alone`,
+    the row counts the requests whose tokens their batch-mates changed.
     """
     requests = requests_at(s, rate)
     loop = Loop(engine, policy)
@@ -169,6 +232,7 @@ def serve_rate(
     m.update({f"simulated_{k}": v for k, v in predicted.items()})
     m.update({f"replayed_{k}": v for k, v in replayed.items()})
     m["n_requests"] = len(requests)
+    m.update(batchmate_fields(engine, records, requests, policy, alone))
     m["meets_slo"] = bool(
         m["completed"] > 0 and m["ttft_p90_s"] <= s.slo_ttft_s and m["tpot_p90_s"] <= s.slo_tpot_s
     )

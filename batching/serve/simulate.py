@@ -112,6 +112,7 @@ class SimEngine:
             costs, slots, max_len, clock, vocab,
         )  # fmt: skip
         self.chunk, self.rng = chunk, np.random.default_rng(seed)
+        self.reached = None  # it routes nothing
 
     bucket = Engine.bucket
 
