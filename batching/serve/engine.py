@@ -38,10 +38,15 @@ class Engine:
 
     def __init__(self, model: decoder.Decoder, slots: int, max_len: int, chunk: int = 0):
         model.init_cache(slots, max_len)
-        self.graphdef, self.params, self.cache = nnx.split(model, decoder.WEIGHTS, nnx.Cache)
+        self.graphdef, params, cache = nnx.split(model, decoder.WEIGHTS, nnx.Cache)
         model.init_cache(1, max_len)
-        self.one_slot = nnx.state(model, nnx.Cache)
+        one_slot = nnx.state(model, nnx.Cache)
         model.init_cache(1, 1)  # the module keeps no big buffers
+        # Weights and caches are held as flat lists of arrays: a call passes plain lists, not
+        # nnx.State trees, whose flattening on every decode step costs host time.
+        params_tree, cache_tree = jax.tree.structure(params), jax.tree.structure(cache)
+        self.params, self.cache = jax.tree.leaves(params), jax.tree.leaves(cache)
+        self.one_slot = jax.tree.leaves(one_slot)
         if chunk and max_len % chunk:
             raise ValueError(f"serve.chunk_tokens {chunk} must divide serve.max_len {max_len}")
         self.slots, self.max_len, self.chunk = slots, max_len, chunk
@@ -53,6 +58,16 @@ class Engine:
         )
         self.reached: np.ndarray | None = None  # after an MoE step: [blocks, slots]
         graphdef, moe = self.graphdef, self.moe
+
+        def flat(fn):
+            """fn(params, cache, *rest) -> (out, cache) over the flat lists."""
+
+            def call(params_leaves, cache_leaves, *rest):
+                params = jax.tree.unflatten(params_tree, params_leaves)
+                out, cache = fn(params, jax.tree.unflatten(cache_tree, cache_leaves), *rest)
+                return out, jax.tree.leaves(cache)
+
+            return call
 
         def prefill(params, cache, tokens_1xL, lengths_1):
             logits_1xV, cache = decoding.prefill(graphdef, params, cache, tokens_1xL, lengths_1)
@@ -79,10 +94,10 @@ class Engine:
             logits_1xV, cache = decoding.extend(graphdef, params, cache, tokens_1xC, counts_1)
             return jnp.argmax(logits_1xV, axis=-1).astype(jnp.int32), cache
 
-        self._prefill = jax.jit(prefill, donate_argnums=1)
-        self._extend = jax.jit(extend, donate_argnums=1)
+        self._prefill = jax.jit(flat(prefill), donate_argnums=1)
+        self._extend = jax.jit(flat(extend), donate_argnums=1)
         self._insert = jax.jit(insert, donate_argnums=0)
-        self._step = jax.jit(step, donate_argnums=1)
+        self._step = jax.jit(flat(step), donate_argnums=1)
 
     def bucket(self, prompt_len: int) -> int:
         """The padded length a prompt is prefilled at."""
