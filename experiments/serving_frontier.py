@@ -48,10 +48,10 @@ flags.DEFINE_list("dense_policies", list(POLICIES), "Policies the dense decoder 
 flags.DEFINE_list("moe_policies", ["continuous"], "Policies an MoE decoder is served by.")
 flags.DEFINE_list("of_capacity", ["0.2", "0.4", "0.6", "0.9", "1.2"], "Rates as shares of "
                   "each policy's simulated capacity.")  # fmt: skip
-flags.DEFINE_integer("requests", 64, "Requests per rate.")
+flags.DEFINE_integer("requests", 48, "Requests per rate.")
 flags.DEFINE_bool("rerun", True, "Serve each policy again at the first run's rates: its own "
                   "calibration and capacity, and the loop's rerun spread.")  # fmt: skip
-flags.DEFINE_integer("loop_capacity_requests", 64, "Requests per trial of the capacity "
+flags.DEFINE_integer("loop_capacity_requests", 48, "Requests per trial of the capacity "
                      "bisected on the real loop (0: skip).")  # fmt: skip
 flags.DEFINE_integer("saturated_requests", 64, "Requests of the saturated run.")
 flags.DEFINE_float("sweep_budget_s", 3.0, "The decode sweep's timing budget per point (s).")
