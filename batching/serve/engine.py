@@ -33,8 +33,57 @@ def bucket(prompt_len: int, max_len: int) -> int:
     return min(1 << max(prompt_len - 1, 0).bit_length(), max_len)
 
 
+def _programs(graphdef: nnx.GraphDef, moe: bool, params_tree, cache_tree) -> tuple:
+    """The engine's jitted prefill, extend, insert and step, over flat lists of arrays.
+
+    Each cache argument is donated. An MoE's step also returns its experts per slot.
+    """
+
+    def flat(fn):
+        """fn(params, cache, *rest) -> (out, cache) over the flat lists."""
+
+        def call(params_leaves, cache_leaves, *rest):
+            params = jax.tree.unflatten(params_tree, params_leaves)
+            out, cache = fn(params, jax.tree.unflatten(cache_tree, cache_leaves), *rest)
+            return out, jax.tree.leaves(cache)
+
+        return call
+
+    def prefill(params, cache, tokens_1xL, lengths_1):
+        logits_1xV, cache = decoding.prefill(graphdef, params, cache, tokens_1xL, lengths_1)
+        return jnp.argmax(logits_1xV, axis=-1).astype(jnp.int32), cache
+
+    def insert(cache, one, slot):
+        def put(big, small):
+            start = (slot * small.shape[0],) + (0,) * (big.ndim - 1)
+            return jax.lax.dynamic_update_slice(big, small, start)
+
+        return jax.tree.map(put, cache, one)
+
+    def step(params, cache, tokens_B, active_B):
+        logits_BxV, cache, *stats = decoding.decode_step(
+            graphdef, params, cache, tokens_B, stats=moe
+        )
+        cache = decoder_workload.map_lengths(cache, lambda n: jnp.where(active_B, n, 0))
+        tokens = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+        if not moe:
+            return tokens, cache
+        return (tokens, jnp.stack([s["experts_per_token"] for s in stats[0]])), cache
+
+    def extend(params, cache, tokens_1xC, counts_1):
+        logits_1xV, cache = decoding.extend(graphdef, params, cache, tokens_1xC, counts_1)
+        return jnp.argmax(logits_1xV, axis=-1).astype(jnp.int32), cache
+
+    return (
+        jax.jit(flat(prefill), donate_argnums=1),
+        jax.jit(flat(extend), donate_argnums=1),
+        jax.jit(insert, donate_argnums=0),
+        jax.jit(flat(step), donate_argnums=1),
+    )
+
+
 class Engine:
-    """A decoder's weights and its slot cache, with the loop's three compiled calls."""
+    """A decoder's weights and its slot cache, with the loop's compiled calls."""
 
     def __init__(self, model: decoder.Decoder, slots: int, max_len: int, chunk: int = 0):
         model.init_cache(slots, max_len)
@@ -57,47 +106,9 @@ class Engine:
             (model.cfg.moe_config().router, model.cfg.moe_config().top_k) if self.moe else None
         )
         self.reached: np.ndarray | None = None  # after an MoE step: [blocks, slots]
-        graphdef, moe = self.graphdef, self.moe
-
-        def flat(fn):
-            """fn(params, cache, *rest) -> (out, cache) over the flat lists."""
-
-            def call(params_leaves, cache_leaves, *rest):
-                params = jax.tree.unflatten(params_tree, params_leaves)
-                out, cache = fn(params, jax.tree.unflatten(cache_tree, cache_leaves), *rest)
-                return out, jax.tree.leaves(cache)
-
-            return call
-
-        def prefill(params, cache, tokens_1xL, lengths_1):
-            logits_1xV, cache = decoding.prefill(graphdef, params, cache, tokens_1xL, lengths_1)
-            return jnp.argmax(logits_1xV, axis=-1).astype(jnp.int32), cache
-
-        def insert(cache, one, slot):
-            def put(big, small):
-                start = (slot * small.shape[0],) + (0,) * (big.ndim - 1)
-                return jax.lax.dynamic_update_slice(big, small, start)
-
-            return jax.tree.map(put, cache, one)
-
-        def step(params, cache, tokens_B, active_B):
-            logits_BxV, cache, *stats = decoding.decode_step(
-                graphdef, params, cache, tokens_B, stats=moe
-            )
-            cache = decoder_workload.map_lengths(cache, lambda n: jnp.where(active_B, n, 0))
-            tokens = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-            if not moe:
-                return tokens, cache
-            return (tokens, jnp.stack([s["experts_per_token"] for s in stats[0]])), cache
-
-        def extend(params, cache, tokens_1xC, counts_1):
-            logits_1xV, cache = decoding.extend(graphdef, params, cache, tokens_1xC, counts_1)
-            return jnp.argmax(logits_1xV, axis=-1).astype(jnp.int32), cache
-
-        self._prefill = jax.jit(flat(prefill), donate_argnums=1)
-        self._extend = jax.jit(flat(extend), donate_argnums=1)
-        self._insert = jax.jit(insert, donate_argnums=0)
-        self._step = jax.jit(flat(step), donate_argnums=1)
+        self._prefill, self._extend, self._insert, self._step = _programs(
+            self.graphdef, self.moe, params_tree, cache_tree
+        )
 
     def bucket(self, prompt_len: int) -> int:
         """The padded length a prompt is prefilled at."""
