@@ -1,6 +1,8 @@
 """The models' outputs on fixed inputs, pinned: decoder logits (forward, prefill, decode, both
 cache layouts), the MoE decoder's logits and routing losses, the routers' dispatch, combine and
-aux losses. A refactor of a model must leave them unchanged to PINNED_TOL.
+aux losses. A refactor of a model must leave them unchanged to PINNED_TOL of each output's
+scale (its largest magnitude). XLA:CPU's code differs between CPUs, so float32 sums
+re-associate: a pin holds across machines only to some ulps of its scale.
 
     python -m tests.test_pinned    # rewrites tests/data/pinned_outputs.npz (only on purpose)
 """
@@ -18,7 +20,7 @@ from models.decoder import Decoder, DecoderConfig
 from models.moe import MoEConfig, MoELayer
 
 PINNED = os.path.join(os.path.dirname(__file__), "data", "pinned_outputs.npz")
-PINNED_TOL = 1e-6
+PINNED_TOL = 1e-5  # of each output's scale
 
 DENSE = DecoderConfig(
     vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=48,
@@ -124,8 +126,10 @@ def test_model_outputs_are_pinned():
     now = all_outputs()
     assert sorted(now) == sorted(pinned.files)
     for key in pinned.files:
-        tol = {"rtol": PINNED_TOL, "atol": PINNED_TOL}
-        np.testing.assert_allclose(now[key], pinned[key], **tol, err_msg=key)
+        scale = max(float(np.abs(pinned[key]).max(initial=0.0)), 1.0)
+        np.testing.assert_allclose(
+            now[key], pinned[key], rtol=0, atol=PINNED_TOL * scale, err_msg=key
+        )
 
 
 if __name__ == "__main__":
