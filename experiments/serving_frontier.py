@@ -31,7 +31,7 @@ from absl import app, flags
 
 from batching import app as lab
 from batching.measure import timing
-from batching.outputs import results
+from batching.outputs import report_serving, results
 from batching.serve import capacity, metrics, session, simulate
 from batching.serve.engine import Engine
 from batching.serve.loop import POLICIES, Loop
@@ -56,10 +56,6 @@ flags.DEFINE_integer("loop_capacity_requests", 48, "Requests per trial of the ca
 flags.DEFINE_integer("saturated_requests", 64, "Requests of the saturated run.")
 flags.DEFINE_float("sweep_budget_s", 3.0, "The decode sweep's timing budget per point (s).")
 flags.DEFINE_string("json_out", None, "Also write the JSON result to this file.")
-
-# The simulator is judged at these shares of capacity (the issue's 20% to 90%).
-JUDGED = (0.2, 0.9)
-METRICS = ("ttft_p50_s", "ttft_p90_s", "tpot_p50_s", "tpot_p90_s")
 
 
 def decode_sweep(workdir: str, slots: int, max_len: int) -> dict[str, Any]:
@@ -93,26 +89,6 @@ def serve_config_for(model: str, sweep_dir: str, policy: str = "", rates=()):
     config.serve.decode_sweep_workdir = sweep_dir
     config.output.progress_bar = False
     return config
-
-
-def errors(first: list[dict[str, Any]], rerun: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per metric at the judged shares: predicted, replayed and rerun |x / measured - 1|.
-
-    `first` is one policy's rows; `rerun` the same policy at the same rates, served again.
-    """
-    again = {r["request_rate"]: r for r in rerun}
-    judged = [r for r in first if JUDGED[0] <= (r.get("rate_share") or 0) <= JUDGED[1]]
-    out = {}
-    for m in METRICS:
-        got = {"predicted": [], "replayed": [], "rerun": []}
-        for r in judged:
-            got["predicted"].append(abs(r[f"simulated_{m}"] / r[m] - 1))
-            got["replayed"].append(abs(r[f"replayed_{m}"] / r[m] - 1))
-            if r["request_rate"] in again:
-                got["rerun"].append(abs(again[r["request_rate"]][m] / r[m] - 1))
-        out[m] = {name: {"median": float(np.median(v)), "max": max(v)} if v else None
-                  for name, v in got.items()}  # fmt: skip
-    return out
 
 
 def loop_capacity(engine: Engine, s: Settings, policy: str, cal: dict[str, Any]) -> dict:
@@ -203,7 +179,7 @@ def model_checks(model: str, sweep: dict[str, Any]) -> dict[str, Any]:
         c = [x["capacity_per_s"] for x in caps]
         entry = {"capacities_per_s": c, "rel_tol": caps[0]["rel_tol"],
                  "reproduced": len(c) > 1 and abs(c[1] / c[0] - 1) <= caps[0]["rel_tol"],
-                 "errors": errors(mine, rerun)}  # fmt: skip
+                 "errors": report_serving.error_summary(mine, rerun)}  # fmt: skip
         if FLAGS.loop_capacity_requests:
             entry["bisected"] = loop_capacity(engine, s, policy, caps[0])
         out["policies"][policy] = entry

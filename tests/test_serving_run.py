@@ -8,6 +8,7 @@ import pytest
 
 from batching import app, rows_serving
 from batching.outputs import report_serving, results
+from batching.outputs.serving import COMPARED
 from batching.serve import session
 from batching.serve.settings import Settings
 from configs import serve as serve_config
@@ -123,3 +124,19 @@ def test_the_report_ranks_capacities_only_beyond_the_bisections_tolerance():
     apart = {"a": {"capacity_per_s": 10.0, "upper_per_s": 10.4},
              "b": {"capacity_per_s": 20.0, "upper_per_s": 20.8}}  # fmt: skip
     assert report_serving.capacity_sentences(apart)[0].startswith("b serves more than a")
+
+
+def test_simulator_and_rerun_errors_are_judged_at_20_to_90_percent_of_capacity_only():
+    def served(rate, share, measured, simulated=0.0, replayed=0.0):
+        r = {"request_rate": rate, "rate_share": share}
+        for m in COMPARED:  # every metric the same numbers
+            r.update({m: measured, f"simulated_{m}": simulated, f"replayed_{m}": replayed})
+        return r
+
+    first = [served(1.0, 0.2, 0.010, 0.012, 0.011), served(4.0, 0.9, 0.020, 0.018, 0.021),
+             served(6.0, 1.2, 0.100, 0.500, 0.500)]  # fmt: skip
+    rerun = [served(1.0, None, 0.015), served(6.0, None, 1.0)]
+    for got in report_serving.error_summary(first, rerun).values():
+        assert got["predicted"] == {"median": pytest.approx(0.15), "max": pytest.approx(0.2)}
+        assert got["replayed"] == {"median": pytest.approx(0.075), "max": pytest.approx(0.1)}
+        assert got["rerun"] == {"median": pytest.approx(0.5), "max": pytest.approx(0.5)}

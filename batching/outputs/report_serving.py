@@ -93,15 +93,40 @@ def errors(rows: list[dict[str, Any]], prefix: str, name: str) -> list[float]:
             if r.get(prefix + name) is not None and r.get(name)]  # fmt: skip
 
 
+def judged(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows whose rate is a share of capacity within JUDGED_SHARES."""
+    lo, hi = JUDGED_SHARES
+    return [r for r in rows if r.get("rate_share") is not None and lo <= r["rate_share"] <= hi]
+
+
+def error_summary(first: list[dict[str, Any]], rerun=()) -> dict[str, Any]:
+    """Per compared metric at the judged shares: the median and max |x / measured - 1|.
+
+    x is the simulator over the calibration's costs (predicted), over the rate's paid costs
+    (replayed), and `rerun`'s row at the same rate (the same policy served again).
+    """
+    rows, again = judged(first), {r["request_rate"]: r for r in rerun}
+    out = {}
+    for name in COMPARED:
+        got = {
+            "predicted": errors(rows, "simulated_", name),
+            "replayed": errors(rows, "replayed_", name),
+            "rerun": [abs(again[r["request_rate"]][name] / r[name] - 1)
+                      for r in rows if r["request_rate"] in again and r.get(name)],
+        }  # fmt: skip
+        out[name] = {k: {"median": float(np.median(v)), "max": max(v)} if v else None
+                     for k, v in got.items()}  # fmt: skip
+    return out
+
+
 def simulator_table(doc: Doc, rows: list[dict[str, Any]]) -> None:
     """Per policy and metric: the median and largest |simulated / measured - 1|, predicted
     from the calibration and replayed over the rate's own costs."""
     lo, hi = JUDGED_SHARES
     table = []
     for policy, rs in by_policy(rows).items():
-        judged = [r for r in rs if r.get("rate_share") is not None and lo <= r["rate_share"] <= hi]
         for name in COMPARED:
-            sim, rep = errors(judged, "simulated_", name), errors(judged, "replayed_", name)
+            sim, rep = errors(judged(rs), "simulated_", name), errors(judged(rs), "replayed_", name)
             if sim:
                 rep_median = float(np.median(rep)) if rep else None
                 table.append([policy, name, len(sim), float(np.median(sim)), max(sim),
