@@ -65,7 +65,7 @@ class Loop:
         self.finished: list[Record] = []  # served or refused, not yet followed up
         # chunked: the request being prefilled, its record, slot, prompt and next position.
         self.filling: list | None = None
-        if policy == "chunked" and not getattr(engine, "chunk", 0):
+        if policy == "chunked" and not engine.chunk:
             raise ValueError("serve.policies 'chunked' needs serve.chunk_tokens > 0")
 
     def _timed(self, name: str, fn, *args):
