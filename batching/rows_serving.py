@@ -3,8 +3,9 @@
 A serving run (configs/serve.py, batching/serve/) writes these rows. They share the
 point group with the sweep's rows and carry `row_kind` "serving". The latencies follow
 `vllm bench serve` (batching.serve.metrics). `simulated_<field>` is the simulator's value
-of the same metric at the same rate, over the calibration's costs; `replayed_<field>` is
-its value over the costs the rate's own loop paid.
+of the same metric at the same rate, over the costs known before the rate (the
+calibration's, refreshed by `serve.refresh_requests`); `replayed_<field>` is its value over
+the costs the rate's own loop paid.
 """
 
 DESCRIPTION = "serving rows: a decoder under load at one request rate (docs/serving.md)"
@@ -74,8 +75,14 @@ ENTRIES = (
         "served requests whose greedy tokens differ from the same request served alone",
     ),
     ("step_paid_s", "s", "the decode step as this rate's loop paid it, mean"),
+    (
+        "step_refreshed_s",
+        "s",
+        "the decode step the simulator's prediction took: the calibration's, or a saturated "
+        "run's of `serve.refresh_requests` just before the rate",
+    ),
     *(
-        (f"simulated_{name}", unit, f"the simulator's `{name}` over the calibration's costs")
+        (f"simulated_{name}", unit, f"the simulator's `{name}` over the costs before the rate")
         for name, unit, _ in METRICS
     ),  # fmt: skip
     *(

@@ -42,6 +42,9 @@ def serve() -> config_dict.ConfigDict:
     s.slo_tpot_s = 0.05
     # The saturated calibration run's requests, and how long a simulated capacity trial lasts.
     s.calibration_requests = 32
+    # Before each rate, a saturated run of this many requests refreshes the simulator's costs
+    # (the machine's step time drifts between the calibration and the rate); 0: none.
+    s.refresh_requests = 8
     s.capacity_run_s = 60.0
     # Spec-table devices whose simulated capacity the report gives as an upper bound.
     s.whatif_devices = ("H100 SXM",)

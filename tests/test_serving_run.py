@@ -96,6 +96,7 @@ def test_settings_refuse_each_bad_field_by_name():
         ("rates", (float("inf"),), "serve.rates must be a finite number > 0"),
         ("prompt_len", (40, 20), "serve.prompt_len must be a length"),
         ("whatif_devices", ("Z9",), "serve.whatif_devices has an unknown device 'Z9'"),
+        ("refresh_requests", -1, "serve.refresh_requests must be an integer >= 0, got -1"),
         ("trace", "/no/such.jsonl", "serve.trace '/no/such.jsonl' is not a file"),
     ]:
         bad = serve_config.serve()

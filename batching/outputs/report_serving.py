@@ -102,8 +102,8 @@ def judged(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def error_summary(first: list[dict[str, Any]], rerun=()) -> dict[str, Any]:
     """Per compared metric at the judged shares: the median and max |x / measured - 1|.
 
-    x is the simulator over the calibration's costs (predicted), over the rate's paid costs
-    (replayed), and `rerun`'s row at the same rate (the same policy served again).
+    x is the simulator over the costs known before the rate (predicted), over the rate's paid
+    costs (replayed), and `rerun`'s row at the same rate (the same policy served again).
     """
     rows, again = judged(first), {r["request_rate"]: r for r in rerun}
     out = {}
@@ -134,9 +134,10 @@ def simulator_table(doc: Doc, rows: list[dict[str, Any]]) -> None:
     if table:
         doc.para(
             f"The simulator against the loop at the rates between {lo:.0%} and {hi:.0%} of "
-            "capacity, metric by metric (never only end to end). Predicted: over the "
-            "calibration's costs. Replayed: over the costs each rate's loop paid, so the "
-            "machine's drift since the calibration is left out."
+            "capacity, metric by metric (never only end to end). Predicted: over the costs "
+            "known before the rate (the calibration's, refreshed by a short saturated run "
+            "where serve.refresh_requests is set). Replayed: over the costs each rate's loop "
+            "paid, so the machine's drift is left out."
         )
         doc.table(["policy", "metric", "rates", "predicted median |sim/meas − 1|", "max",
                    "replayed median", "max"], table)  # fmt: skip

@@ -106,6 +106,22 @@ def calibrate(engine: Engine, s: Settings, policy: str) -> dict[str, Any]:
     return {"costs": dataclasses.asdict(costs), **cap, "rel_tol": capacity.REL_TOL}
 
 
+def refreshed(engine: Engine, s: Settings, policy: str, costs: simulate.Costs) -> simulate.Costs:
+    """`costs` with a short saturated run's own (`serve.refresh_requests`) in their place.
+
+    The calls it made replace the calibration's. Those it did not make (a prefill after
+    idle, another prompt length) stay the calibration's.
+    """
+    loop = Loop(engine, policy)
+    loop.run(requests_at(s, math.inf, s.refresh_requests, seed=2))
+    fresh = simulate.costs_from_loop(loop.calls)
+    return dataclasses.replace(
+        fresh,
+        prefill_s={**costs.prefill_s, **fresh.prefill_s},
+        samples={**costs.samples, **fresh.samples},
+    )
+
+
 def costs_of(calibration: dict[str, Any]) -> simulate.Costs:
     """The Costs a calibration (read back from JSON) holds."""
     c = calibration["costs"]
@@ -214,12 +230,15 @@ def serve_rate(
 ) -> tuple[dict[str, Any], list[metrics.Record]]:
     """One rate through the loop and the simulator: the row's fields, the loop's records.
 
-    The simulator runs twice on the same requests: over the calibration's costs (a
-    prediction, `simulated_`) and over the costs this rate's loop paid (`replayed_`: the
-    policy's model alone, without the machine's drift since the calibration). With `alone`,
-    the row counts the requests whose tokens their batch-mates changed.
+    The simulator runs twice on the same requests. `simulated_` is a prediction over the costs
+    known before the rate: the calibration's, refreshed by a short saturated run. `replayed_`
+    is over the costs this rate's loop paid: the policy's model alone.
+    With `alone`, the row counts the requests whose tokens their batch-mates changed.
     """
     requests = requests_at(s, rate)
+    costs = costs_of(calibration)
+    if s.refresh_requests:
+        costs = refreshed(engine, s, policy, costs)
     loop = Loop(engine, policy)
     records, duration = loop.run(requests)
     m = row_metrics(metrics.summarize(records, duration, s.slo_ttft_s, s.slo_tpot_s))
@@ -227,7 +246,8 @@ def serve_rate(
     m["steps"] = len(loop.occupancy)
     paid = simulate.costs_from_loop(loop.calls)
     m["step_paid_s"] = paid.step_s
-    predicted = simulated_metrics(requests, costs_of(calibration), s, policy)
+    predicted = simulated_metrics(requests, costs, s, policy)
+    m["step_refreshed_s"] = costs.step_s
     replayed = simulated_metrics(requests, paid, s, policy)
     m.update({f"simulated_{k}": v for k, v in predicted.items()})
     m.update({f"replayed_{k}": v for k, v in replayed.items()})

@@ -34,6 +34,7 @@ class Settings:
     whatif_devices: tuple[str, ...]
     decode_sweep_workdir: str
     chunk_tokens: int = 0
+    refresh_requests: int = 0
 
     @classmethod
     def from_config(cls, serve: Any) -> "Settings":
@@ -58,6 +59,7 @@ class Settings:
             whatif_devices=tuple(serve.whatif_devices),
             decode_sweep_workdir=str(serve.decode_sweep_workdir),
             chunk_tokens=_count(serve.chunk_tokens, "serve.chunk_tokens"),
+            refresh_requests=_count(serve.refresh_requests, "serve.refresh_requests", least=0),
         )
         s.check_fit()
         if s.max_len % s.chunk_tokens:
@@ -92,9 +94,9 @@ class Settings:
         return self.prompt_len if isinstance(self.prompt_len, int) else self.prompt_len[1]
 
 
-def _count(value: Any, field: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{field} must be an integer >= 1, got {value!r}")
+def _count(value: Any, field: str, least: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise ValueError(f"{field} must be an integer >= {least}, got {value!r}")
     return value
 
 
