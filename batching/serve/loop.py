@@ -92,12 +92,16 @@ class Loop:
         return ""
 
     def admit(self, r: Request, slot: int, t0: float, record: Record) -> None:
-        """Prefills `r`; its first token, then its slot unless one token was all it asked."""
+        """Prefills `r` and seats it (its first token, then its slot)."""
         record.admitted_s = self.clock() - t0
         prompt = prompt_tokens(r, self.engine.vocab)
         first = self._timed(
             f"prefill:{self.engine.bucket(len(prompt))}", self.engine.prefill, prompt
         )
+        self.seat(r, record, slot, first, t0)
+
+    def seat(self, r: Request, record: Record, slot: int, first: int, t0: float) -> None:
+        """A prefilled request's first token; then its slot, unless that token was all."""
         record.token_s.append(self.clock() - t0)
         record.tokens.append(first)
         if r.output_len == 1:
@@ -129,13 +133,7 @@ class Loop:
             self.filling[4] = start + chunk
             return
         self.filling = None
-        record.token_s.append(self.clock() - t0)
-        record.tokens.append(token)
-        if r.output_len == 1:
-            self.finished.append(record)
-        else:
-            self._timed("insert", self.engine.insert, slot)
-            self.slot_record[slot], self.tokens[slot] = record, token
+        self.seat(r, record, slot, token, t0)
 
     def admit_arrived(self, pending: collections.deque, now: float, t0: float, records) -> None:
         """static and continuous: each free slot the policy opens takes the oldest arrival."""
