@@ -76,6 +76,13 @@ def simulated_capacity(s: Settings, costs: simulate.Costs, policy: str) -> dict[
     return capacity.capacity(run, s.slo_ttft_s, s.slo_tpot_s, low=best / 100, high=2 * best)
 
 
+def saturated_calls(engine: Engine, s: Settings, policy: str, n: int, seed: int) -> dict:
+    """The engine calls' seconds (Loop.calls) of `n` requests served all at once."""
+    loop = Loop(engine, policy)
+    loop.run(requests_at(s, math.inf, n, seed=seed))
+    return loop.calls
+
+
 def idle_probe(engine: Engine, s: Settings, policy: str, calls: dict[str, list]) -> None:
     """A light load's first call after the host idled, timed after gaps in IDLE_RANGE_S.
 
@@ -98,10 +105,9 @@ def idle_probe(engine: Engine, s: Settings, policy: str, calls: dict[str, list])
 
 def calibrate(engine: Engine, s: Settings, policy: str) -> dict[str, Any]:
     """The policy's costs from a saturated run of the loop and an idle probe; its capacity."""
-    loop = Loop(engine, policy)
-    loop.run(requests_at(s, math.inf, s.calibration_requests, seed=1))
-    idle_probe(engine, s, policy, loop.calls)
-    costs = simulate.costs_from_loop(loop.calls)
+    calls = saturated_calls(engine, s, policy, s.calibration_requests, seed=1)
+    idle_probe(engine, s, policy, calls)
+    costs = simulate.costs_from_loop(calls)
     cap = simulated_capacity(s, costs, policy)
     return {"costs": dataclasses.asdict(costs), **cap, "rel_tol": capacity.REL_TOL}
 
@@ -112,9 +118,7 @@ def refreshed(engine: Engine, s: Settings, policy: str, costs: simulate.Costs) -
     The calls it made replace the calibration's. Those it did not make (a prefill after
     idle, another prompt length) stay the calibration's.
     """
-    loop = Loop(engine, policy)
-    loop.run(requests_at(s, math.inf, s.refresh_requests, seed=2))
-    fresh = simulate.costs_from_loop(loop.calls)
+    fresh = simulate.costs_from_loop(saturated_calls(engine, s, policy, s.refresh_requests, seed=2))
     return dataclasses.replace(
         fresh,
         prefill_s={**costs.prefill_s, **fresh.prefill_s},
